@@ -1,0 +1,66 @@
+// LoRA op family: OpKernel glue. Checks inputs, allocates outputs, calls the functors of lora.h.
+
+#define EIGEN_USE_THREADS
+
+#include "core/kernels/lora.h"
+#include "tensorflow/core/framework/op_kernel.h"
+#include "tensorflow/core/framework/tensor.h"
+#include "tensorflow/core/framework/tensor_shape.h"
+
+namespace tf_lora {
+
+using ::tensorflow::errors::InvalidArgument;
+using ::tensorflow::OpKernel;
+using ::tensorflow::OpKernelConstruction;
+using ::tensorflow::OpKernelContext;
+using ::tensorflow::Tensor;
+using ::tensorflow::TensorShapeUtils;
+using CPUDevice = Eigen::ThreadPoolDevice;
+
+template <typename Device, typename T>
+class LoraMergeOp : public OpKernel {
+ public:
+  explicit LoraMergeOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& w = ctx->input(0);
+    const Tensor& a = ctx->input(1);
+    const Tensor& b = ctx->input(2);
+    const Tensor& scale = ctx->input(3);
+    const auto received = [&] {
+      return absl::StrCat("; got w ", w.shape().DebugString(), ", a ", a.shape().DebugString(),
+                          ", b ", b.shape().DebugString(), ", scale ",
+                          scale.shape().DebugString());
+    };
+    OP_REQUIRES(ctx,
+                TensorShapeUtils::IsMatrix(w.shape()) && TensorShapeUtils::IsMatrix(a.shape()) &&
+                    TensorShapeUtils::IsMatrix(b.shape()) &&
+                    TensorShapeUtils::IsScalar(scale.shape()),
+                InvalidArgument("LoraMerge: expected w [in, out], a [in, r], b [r, out] and a "
+                                "scalar scale",
+                                received()));
+    const int64_t in = w.dim_size(0), out = w.dim_size(1), r = a.dim_size(1);
+    OP_REQUIRES(ctx, a.dim_size(0) == in && b.dim_size(0) == r && b.dim_size(1) == out,
+                InvalidArgument("LoraMerge: expected a [", in, ", r] and b [r, ", out,
+                                "] to match w [in, out] and each other", received()));
+
+    Tensor* merged = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({0}, 0, w.shape(), &merged));
+    functor::LoraMerge<Device, T>()(ctx->eigen_device<Device>(), in, out, r, w.flat<T>().data(),
+                                    a.flat<T>().data(), b.flat<T>().data(), scale.scalar<T>()(),
+                                    merged->flat<T>().data());
+  }
+};
+
+#define TF_LORA_REGISTER_CPU(T)                                                     \
+  REGISTER_KERNEL_BUILDER(                                                          \
+      Name("TfLora>LoraMerge").Device(::tensorflow::DEVICE_CPU).TypeConstraint<T>("T"), \
+      LoraMergeOp<CPUDevice, T>)
+
+TF_LORA_REGISTER_CPU(float);
+TF_LORA_REGISTER_CPU(double);
+TF_LORA_REGISTER_CPU(Eigen::half);
+TF_LORA_REGISTER_CPU(Eigen::bfloat16);
+#undef TF_LORA_REGISTER_CPU
+
+}  // namespace tf_lora

@@ -1,0 +1,17 @@
+"""tf_lora: LoRA adapters and huge sparse embeddings for TensorFlow, as custom ops.
+
+>>> import tf_lora
+>>> merged = tf_lora.lora_merge(w, a, b, scale=alpha / rank)
+"""
+
+from tf_lora._ensure_tf import ensure_tensorflow as _ensure_tensorflow
+
+_ensure_tensorflow()
+
+from tf_lora.python.ops.lora_ops import lora_merge  # noqa: E402
+from tf_lora.version import __version__  # noqa: E402
+
+__all__ = [
+    "__version__",
+    "lora_merge",
+]
