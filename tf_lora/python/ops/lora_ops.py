@@ -28,7 +28,9 @@ def lora_merge(w, a, b, scale, name=None) -> tf.Tensor:
     Raises:
       ValueError: when shapes known at graph construction do not fit (in graph mode).
       tf.errors.InvalidArgumentError: when shapes do not fit at run time.
-      TypeError: when `a`, `b` or `scale` do not have `w`'s dtype.
+      TypeError: (graph mode) when `a`, `b` or `scale` do not have `w`'s dtype, or the dtype is not
+        supported.
+      tf.errors.InvalidArgumentError: (eager) the same dtype errors.
 
     >>> w = tf.zeros([2, 3])
     >>> a = tf.constant([[1.0], [2.0]])

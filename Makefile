@@ -1,0 +1,56 @@
+# tf_lora: every set-up step, safe to repeat (each reuses what is already there).
+#
+#   make demo    set up, build, install the wheel into .venv and run the main example
+#   make test    set up, build, install the wheel, then `bazel test //...` and pytest over tests/
+#   make wheel   leave the wheel in dist/
+#
+# Set-up: Debian's bazel-bootstrap (Bazel 4, offline) if bazel is missing, and .venv with the pinned
+# requirements.txt. Builds use .bazelrc (offline, optimised) and .bazelrc.user (tools/configure.py).
+
+SHELL := /bin/bash
+PYTHON ?= python3
+BAZEL ?= bazel
+VENV := $(CURDIR)/.venv
+PY := $(VENV)/bin/python
+DIST := $(CURDIR)/dist
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+
+.PHONY: demo test wheel install build configure deps system-deps clean
+
+demo: install
+	$(PY) examples/merge_adapter.py
+
+test: install
+	$(BAZEL) test //...
+	TF_LORA_WHEEL_DIR=$(DIST) $(VENV)/bin/pytest tests
+
+wheel: build
+	rm -f $(DIST)/tf_lora-*.whl
+	bazel-bin/pip_package/build_pip_package $(DIST)
+
+install: wheel
+	$(PY) -m pip install --quiet --no-deps --force-reinstall $(DIST)/tf_lora-*.whl
+
+build: configure
+	$(BAZEL) build //...
+
+configure: deps
+	$(PY) tools/configure.py --python $(PY)
+
+deps: system-deps $(VENV)/.requirements-installed
+
+system-deps:
+	@command -v $(BAZEL) >/dev/null 2>&1 || { \
+	  echo "Installing Debian's bazel-bootstrap (Bazel 4, works offline)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bazel-bootstrap; }
+	@command -v g++ >/dev/null 2>&1 || { \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++; }
+
+$(VENV)/.requirements-installed: requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	touch $@
+
+clean:
+	$(BAZEL) clean
+	rm -rf $(DIST)
