@@ -7,6 +7,7 @@
 
 #define EIGEN_USE_THREADS
 
+#include <algorithm>
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -68,77 +69,120 @@ TF_LORA_ALWAYS_INLINE void StoreVec(T* p, typename Simd<Acc>::Vec v) {
   }
 }
 
+// Register tile: kRows rows x kVecs vectors of columns. 4 x 2 keeps 8 accumulators, 2 vectors of b and a
+// broadcast in 11 of the 16 AVX2 registers, and each vector of b loaded serves 4 rows.
+constexpr int kRows = 4;
+constexpr int kVecs = 2;
+
 template <typename T>
 struct MergeArgs {
   using Acc = typename Accum<T>::type;
+  static constexpr int64_t kTile = kVecs * Simd<Acc>::kLanes;  // columns per register tile
+
   int64_t in, out, r;
   const T* w;
   const T* a;
-  const Acc* b;  // [r, out], already in the accumulation type.
+  // b packed tile-major, [ceil(out / kTile), r, kTile], in the accumulation type and zero-padded past
+  // `out`. Walking b down a column directly would step `out` elements per k: at out = 4096 every row of
+  // b lands in the same L1 set and thrashes it; packed, a tile's r rows are contiguous.
+  const Acc* packed_b;
+  int64_t panel_tiles;  // tiles per column panel: r * panel stays in L2 while row blocks sweep it
   Acc scale;
   T* merged;
 };
 
-// Register tile: kRows rows x kVecs vectors of columns. 4 x 2 keeps 8 accumulators, 2 rows of b and a
-// broadcast in 11 of the 16 AVX2 registers, and each b vector loaded serves 4 rows.
-constexpr int kRows = 4;
-constexpr int kVecs = 2;
-
-// merged[i .. i+R, :] from sa = scale * a[i .. i+R, :] (R x r, row-major).
-template <int R, typename T>
-TF_LORA_ALWAYS_INLINE void MergeRowBlock(const MergeArgs<T>& p, int64_t i,
-                                         const typename MergeArgs<T>::Acc* sa) {
-  using Acc = typename MergeArgs<T>::Acc;
-  using Vec = typename Simd<Acc>::Vec;
-  constexpr int L = Simd<Acc>::kLanes;
-  constexpr int64_t kTile = kVecs * L;
-  const int64_t out = p.out, r = p.r;
-  int64_t j = 0;
-  for (; j + kTile <= out; j += kTile) {
-    Vec acc[R][kVecs];
-    for (int rr = 0; rr < R; ++rr) {
-      for (int v = 0; v < kVecs; ++v) acc[rr][v] = LoadVec<Acc>(p.w + (i + rr) * out + j + v * L);
-    }
-    const Acc* bk = p.b + j;
-    for (int64_t k = 0; k < r; ++k, bk += out) {
-      Vec bv[kVecs];
-      for (int v = 0; v < kVecs; ++v) bv[v] = LoadVec<Acc>(bk + v * L);
-      for (int rr = 0; rr < R; ++rr) {
-        const Acc s = sa[rr * r + k];
-        for (int v = 0; v < kVecs; ++v) acc[rr][v] += s * bv[v];
-      }
-    }
-    for (int rr = 0; rr < R; ++rr) {
-      for (int v = 0; v < kVecs; ++v) StoreVec<Acc>(p.merged + (i + rr) * out + j + v * L, acc[rr][v]);
-    }
-  }
-  for (; j < out; ++j) {  // Column tail, narrower than a tile.
-    for (int rr = 0; rr < R; ++rr) {
-      Acc acc = static_cast<Acc>(p.w[(i + rr) * out + j]);
-      for (int64_t k = 0; k < r; ++k) acc += sa[rr * r + k] * p.b[k * out + j];
-      p.merged[(i + rr) * out + j] = static_cast<T>(acc);
+template <typename T>
+void PackB(const T* b, int64_t r, int64_t out, typename Accum<T>::type* packed) {
+  using Acc = typename Accum<T>::type;
+  constexpr int64_t kTile = MergeArgs<T>::kTile;
+  const int64_t tiles = (out + kTile - 1) / kTile;
+  for (int64_t t = 0; t < tiles; ++t) {
+    const int64_t j0 = t * kTile, width = std::min(kTile, out - j0);
+    for (int64_t k = 0; k < r; ++k) {
+      Acc* dst = packed + (t * r + k) * kTile;
+      for (int64_t c = 0; c < width; ++c) dst[c] = static_cast<Acc>(b[k * out + j0 + c]);
+      for (int64_t c = width; c < kTile; ++c) dst[c] = Acc(0);
     }
   }
 }
 
-// Row blocks [block_begin, block_end) of kRows rows each; the last block may be short.
+// merged[i .. i+R, tile t] from sa = scale * a[i .. i+R, :] (R x r, row-major). A tile cut short by the
+// end of the row goes through a zero-padded copy, so every tile runs the same vector code.
+template <int R, typename T>
+TF_LORA_ALWAYS_INLINE void MergeTile(const MergeArgs<T>& p, int64_t i, int64_t t,
+                                     const typename MergeArgs<T>::Acc* sa) {
+  using Acc = typename MergeArgs<T>::Acc;
+  using Vec = typename Simd<Acc>::Vec;
+  constexpr int L = Simd<Acc>::kLanes;
+  constexpr int64_t kTile = MergeArgs<T>::kTile;
+  const int64_t out = p.out, r = p.r, j0 = t * kTile, width = std::min(kTile, out - j0);
+  const bool full = width == kTile;
+
+  Vec acc[R][kVecs];
+#pragma GCC unroll 8
+  for (int rr = 0; rr < R; ++rr) {
+    const T* w_row = p.w + (i + rr) * out + j0;
+    if (full) {
+#pragma GCC unroll 4
+      for (int v = 0; v < kVecs; ++v) acc[rr][v] = LoadVec<Acc>(w_row + v * L);
+    } else {
+      Acc pad[kTile] = {};
+      for (int64_t c = 0; c < width; ++c) pad[c] = static_cast<Acc>(w_row[c]);
+      for (int v = 0; v < kVecs; ++v) acc[rr][v] = LoadVec<Acc>(pad + v * L);
+    }
+  }
+  const Acc* bk = p.packed_b + t * r * kTile;
+  for (int64_t k = 0; k < r; ++k, bk += kTile) {
+    Vec bv[kVecs];
+#pragma GCC unroll 4
+    for (int v = 0; v < kVecs; ++v) bv[v] = LoadVec<Acc>(bk + v * L);
+#pragma GCC unroll 8
+    for (int rr = 0; rr < R; ++rr) {
+      const Acc s = sa[rr * r + k];
+#pragma GCC unroll 4
+      for (int v = 0; v < kVecs; ++v) acc[rr][v] += s * bv[v];
+    }
+  }
+#pragma GCC unroll 8
+  for (int rr = 0; rr < R; ++rr) {
+    T* m_row = p.merged + (i + rr) * out + j0;
+    if (full) {
+#pragma GCC unroll 4
+      for (int v = 0; v < kVecs; ++v) StoreVec<Acc>(m_row + v * L, acc[rr][v]);
+    } else {
+      Acc pad[kTile];
+      for (int v = 0; v < kVecs; ++v) StoreVec<Acc>(pad + v * L, acc[rr][v]);
+      for (int64_t c = 0; c < width; ++c) m_row[c] = static_cast<T>(pad[c]);
+    }
+  }
+}
+
+// Row blocks [block_begin, block_end) of kRows rows each (the last block of the matrix may be short),
+// one L2-sized column panel of packed b at a time.
 template <typename T>
 TF_LORA_ALWAYS_INLINE void MergeRowBlocks(const MergeArgs<T>& p, int64_t block_begin,
                                           int64_t block_end) {
   using Acc = typename MergeArgs<T>::Acc;
+  constexpr int64_t kTile = MergeArgs<T>::kTile;
+  const int64_t tiles = (p.out + kTile - 1) / kTile;
   std::vector<Acc> sa(kRows * p.r);
-  for (int64_t blk = block_begin; blk < block_end; ++blk) {
-    const int64_t i = blk * kRows;
-    const int64_t rows = std::min<int64_t>(kRows, p.in - i);
-    for (int64_t rr = 0; rr < rows; ++rr) {
-      for (int64_t k = 0; k < p.r; ++k) {
-        sa[rr * p.r + k] = p.scale * static_cast<Acc>(p.a[(i + rr) * p.r + k]);
+  for (int64_t t0 = 0; t0 < tiles; t0 += p.panel_tiles) {
+    const int64_t t1 = std::min(tiles, t0 + p.panel_tiles);
+    for (int64_t blk = block_begin; blk < block_end; ++blk) {
+      const int64_t i = blk * kRows;
+      const int64_t rows = std::min<int64_t>(kRows, p.in - i);
+      for (int64_t rr = 0; rr < rows; ++rr) {
+        for (int64_t k = 0; k < p.r; ++k) {
+          sa[rr * p.r + k] = p.scale * static_cast<Acc>(p.a[(i + rr) * p.r + k]);
+        }
       }
-    }
-    if (rows == kRows) {
-      MergeRowBlock<kRows>(p, i, sa.data());
-    } else {
-      for (int64_t rr = 0; rr < rows; ++rr) MergeRowBlock<1>(p, i + rr, sa.data() + rr * p.r);
+      for (int64_t t = t0; t < t1; ++t) {
+        if (rows == kRows) {
+          MergeTile<kRows>(p, i, t, sa.data());
+        } else {
+          for (int64_t rr = 0; rr < rows; ++rr) MergeTile<1>(p, i + rr, t, sa.data() + rr * p.r);
+        }
+      }
     }
   }
 }
@@ -169,16 +213,16 @@ void LoraMerge<Eigen::ThreadPoolDevice, T>::operator()(const Eigen::ThreadPoolDe
                                                        const T* w, const T* a, const T* b, T scale,
                                                        T* merged) const {
   using Acc = typename Accum<T>::type;
+  constexpr int64_t kTile = MergeArgs<T>::kTile;
+  constexpr int64_t kPanelBytes = 128 << 10;  // of packed b, with room in L2 for rows of w
   if (in == 0 || out == 0) return;
-  MergeArgs<T> p{in, out, r, w, a, nullptr, static_cast<Acc>(scale), merged};
-  std::vector<Acc> b_acc;  // [r, out]: b in the accumulation type when T is a half type.
-  if constexpr (std::is_same_v<T, Acc>) {
-    p.b = b;
-  } else {
-    b_acc.resize(r * out);
-    for (int64_t e = 0; e < r * out; ++e) b_acc[e] = static_cast<Acc>(b[e]);
-    p.b = b_acc.data();
-  }
+  const int64_t tiles = (out + kTile - 1) / kTile;
+  std::vector<Acc> packed_b(tiles * r * kTile);  // [r, out] rounded up to tiles: small beside w
+  PackB(b, r, out, packed_b.data());
+  const int64_t panel_tiles =
+      std::max<int64_t>(1, kPanelBytes / (std::max<int64_t>(r, 1) * kTile * sizeof(Acc)));
+  const MergeArgs<T> p{in,  out, r, w, a, packed_b.data(), panel_tiles, static_cast<Acc>(scale),
+                       merged};
 
   auto* rows = &MergeRowBlocksBaseline<T>;
 #if defined(__x86_64__) && defined(__GNUC__)
