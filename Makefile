@@ -1,8 +1,9 @@
 # tf_lora: every set-up step, safe to repeat (each reuses what is already there).
 #
 #   make demo    set up, build, install the wheel into .venv and run the main example
-#   make test    set up, build, install the wheel, then `bazel test //...` and pytest over tests/
+#   make test    set up, lint, build, install the wheel, then `bazel test //...` and pytest over tests/
 #   make wheel   leave the wheel in dist/
+#   make format  ruff format (Python) and clang-format (C++, needs Debian's clang-format)
 #
 # Set-up: Debian's bazel-bootstrap (Bazel 4, offline) if bazel is missing, and .venv with the pinned
 # requirements.txt. Builds use .bazelrc (offline, optimised) and .bazelrc.user (tools/configure.py).
@@ -15,14 +16,23 @@ PY := $(VENV)/bin/python
 DIST := $(CURDIR)/dist
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: demo test wheel install build configure deps system-deps clean
+.PHONY: demo test lint format wheel install build configure deps system-deps clean
 
 demo: install
 	$(PY) examples/merge_adapter.py
 
-test: install
+test: lint install
 	$(BAZEL) test //...
 	TF_LORA_WHEEL_DIR=$(DIST) $(VENV)/bin/pytest tests
+
+lint: deps
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: deps
+	$(VENV)/bin/ruff format .
+	clang-format -i core/*/*.cc core/*/*.h
+	clang-format -i --assume-filename=x.cc core/*/*.inc
 
 wheel: build
 	rm -f $(DIST)/tf_lora-*.whl

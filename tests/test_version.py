@@ -14,7 +14,14 @@ def test_pin_is_one_minor():
 
 @pytest.mark.parametrize(
     "tf_version,supported",
-    [("2.21.0", True), ("2.21.3", True), ("2.21.0rc1", True), ("2.20.1", False), ("2.22.0", False), ("3.0.0", False)],
+    [
+        ("2.21.0", True),
+        ("2.21.3", True),
+        ("2.21.0rc1", True),
+        ("2.20.1", False),
+        ("2.22.0", False),
+        ("3.0.0", False),
+    ],
 )
 def test_tf_version_supported(tf_version, supported):
     assert version.tf_version_supported(tf_version) is supported

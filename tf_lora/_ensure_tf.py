@@ -8,7 +8,9 @@ def ensure_tensorflow():
     try:
         import tensorflow as tf
     except ImportError as e:
-        raise ImportError(f"tf_lora needs TensorFlow ({TF_REQUIREMENT}): pip install '{TF_REQUIREMENT}'") from e
+        raise ImportError(
+            f"tf_lora needs TensorFlow ({TF_REQUIREMENT}): pip install '{TF_REQUIREMENT}'"
+        ) from e
     if not tf_version_supported(tf.__version__):
         raise ImportError(
             f"tf_lora {__version__} needs {TF_REQUIREMENT}, found TensorFlow {tf.__version__}. "

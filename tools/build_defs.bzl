@@ -34,28 +34,35 @@ def tf_lora_copts():
     })
 
 def _gpu_library(name, gpu_srcs, hdrs):
-    """Compiles gpu_srcs with nvcc into a static library (flags as in ../shared/BUILD_NOTES.md)."""
+    """Compiles gpu_srcs with nvcc into an always-linked static library (../shared/BUILD_NOTES.md).
+
+    No cudart is linked: libtensorflow_framework.so.2 exports the CUDA runtime entry points and forwards
+    them to TensorFlow's own CUDA 12 runtime. `.lo` tells Bazel to link the archive whole (alwayslink).
+    """
     objs = [src.replace("/", "_").replace(":", "_") + ".o" for src in gpu_srcs]
     native.genrule(
         name = name + "_nvcc",
         srcs = gpu_srcs + hdrs,
-        outs = [name + ".a"],
+        outs = [name + ".lo"],
         cmd = " && ".join([
             "NVCC=$${NVCC:-nvcc}",
             "INC=$$(dirname $(location @local_config_tf//:tf_version.txt))/include",
+            "OBJ=$$(mktemp -d)",
         ] + [
-            ("$$NVCC -x cu -c $(location %s) -o $(@D)/%s -DGOOGLE_CUDA=1 -DNDEBUG -O3 " +
+            ("$$NVCC -x cu -c $(location %s) -o $$OBJ/%s -DGOOGLE_CUDA=1 -DNDEBUG -O3 " +
              "--expt-relaxed-constexpr -Xcompiler -fPIC -I. -I$(GENDIR) -isystem $$INC " +
              "-isystem $$INC/third_party/gpus/cuda/include %s") % (src, obj, " ".join(TF_COPTS))
             for src, obj in zip(gpu_srcs, objs)
         ] + [
-            "ar rcs $@ " + " ".join(["$(@D)/" + obj for obj in objs]),
+            "ar rcs $@ " + " ".join(["$$OBJ/" + obj for obj in objs]),
+            "rm -rf $$OBJ",
         ]),
         tools = ["@local_config_tf//:tf_version.txt"],
+        message = "Compiling CUDA sources of " + name,
     )
     native.cc_library(
         name = name,
-        srcs = [name + ".a"],
+        srcs = [name + ".lo"],
         alwayslink = 1,
     )
 

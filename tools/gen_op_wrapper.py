@@ -26,7 +26,8 @@ try:
 except ImportError as e:  # pragma: no cover - only on a TensorFlow that moved its private modules.
     sys.exit(
         f"gen_op_wrapper: TensorFlow {tf.__version__} lacks the private modules this generator uses "
-        f"(tensorflow.python.client.pywrap_tf_session, tensorflow.python.framework._pywrap_python_op_gen): {e}"
+        "(tensorflow.python.client.pywrap_tf_session, "
+        f"tensorflow.python.framework._pywrap_python_op_gen): {e}"
     )
 
 OP_PREFIX = "TfLora>"

@@ -1,9 +1,10 @@
 // LoRA op family: CPU functors.
 //
-// Plain C++ over raw pointers plus Eigen's ThreadPoolDevice for threading, so lora_cpu_test.cc can test
-// it without an OpKernel. The vector code (lora_cpu_simd.inc, 256-bit GCC vector extensions) is compiled
-// twice: for AVX2+FMA+F16C, picked at run time when the CPU has them, and for the baseline ISA, so the
-// wheel needs no more of the CPU than TensorFlow itself does.
+// Plain C++ over raw pointers plus Eigen's ThreadPoolDevice for threading, so
+// lora_cpu_test.cc can test it without an OpKernel. The vector code
+// (lora_cpu_simd.inc, 256-bit GCC vector extensions) is compiled twice: for
+// AVX2+FMA+F16C, picked at run time when the CPU has them, and for the baseline
+// ISA, so the wheel needs no more of the CPU than TensorFlow itself does.
 
 #define EIGEN_USE_THREADS
 
@@ -42,22 +43,26 @@ constexpr int kRows = 4;
 template <typename T>
 struct MergeArgs {
   using Acc = typename Accum<T>::type;
-  static constexpr int64_t kTile = 64 / sizeof(Acc);  // columns per register tile: 64 bytes
+  static constexpr int64_t kTile =
+      64 / sizeof(Acc);  // columns per register tile: 64 bytes
 
   int64_t in, out, r;
   const T* w;
   const T* a;
-  // b packed tile-major, [ceil(out / kTile), r, kTile], in the accumulation type and zero-padded past
-  // `out`. Walking b down a column directly would step `out` elements per k: at out = 4096 every row of
-  // b lands in the same L1 set and thrashes it; packed, a tile's r rows are contiguous.
+  // b packed tile-major, [ceil(out / kTile), r, kTile], in the accumulation
+  // type and zero-padded past `out`. Walking b down a column directly would
+  // step `out` elements per k: at out = 4096 every row of b lands in the same
+  // L1 set and thrashes it; packed, a tile's r rows are contiguous.
   const Acc* packed_b;
-  int64_t panel_tiles;  // tiles per column panel: r * panel stays in L2 while row blocks sweep it
+  int64_t panel_tiles;  // tiles per column panel: r * panel stays in L2 while
+                        // row blocks sweep it
   Acc scale;
   T* merged;
 };
 
 template <typename T>
-void PackB(const T* b, int64_t r, int64_t out, typename Accum<T>::type* packed) {
+void PackB(const T* b, int64_t r, int64_t out,
+           typename Accum<T>::type* packed) {
   using Acc = typename Accum<T>::type;
   constexpr int64_t kTile = MergeArgs<T>::kTile;
   const int64_t tiles = (out + kTile - 1) / kTile;
@@ -65,7 +70,8 @@ void PackB(const T* b, int64_t r, int64_t out, typename Accum<T>::type* packed) 
     const int64_t j0 = t * kTile, width = std::min(kTile, out - j0);
     for (int64_t k = 0; k < r; ++k) {
       Acc* dst = packed + (t * r + k) * kTile;
-      for (int64_t c = 0; c < width; ++c) dst[c] = static_cast<Acc>(b[k * out + j0 + c]);
+      for (int64_t c = 0; c < width; ++c)
+        dst[c] = static_cast<Acc>(b[k * out + j0 + c]);
       for (int64_t c = width; c < kTile; ++c) dst[c] = Acc(0);
     }
   }
@@ -81,8 +87,8 @@ namespace avx2 {
 }  // namespace avx2
 #pragma GCC pop_options
 
-// TF_LORA_CPU_ISA=baseline forces the baseline code (to test it, or to compare), like oneDNN's
-// ONEDNN_MAX_CPU_ISA.
+// TF_LORA_CPU_ISA=baseline forces the baseline code (to test it, or to
+// compare), like oneDNN's ONEDNN_MAX_CPU_ISA.
 bool UseAvx2() {
   static const bool use = [] {
     const char* isa = std::getenv("TF_LORA_CPU_ISA");
@@ -103,20 +109,24 @@ namespace baseline {
 }  // namespace
 
 template <typename T>
-void LoraMerge<Eigen::ThreadPoolDevice, T>::operator()(const Eigen::ThreadPoolDevice& d,
-                                                       int64_t in, int64_t out, int64_t r,
-                                                       const T* w, const T* a, const T* b, T scale,
-                                                       T* merged) const {
+void LoraMerge<Eigen::ThreadPoolDevice, T>::operator()(
+    const Eigen::ThreadPoolDevice& d, int64_t in, int64_t out, int64_t r,
+    const T* w, const T* a, const T* b, T scale, T* merged) const {
   using Acc = typename Accum<T>::type;
   constexpr int64_t kTile = MergeArgs<T>::kTile;
-  constexpr int64_t kPanelBytes = 128 << 10;  // of packed b, with room in L2 for rows of w
+  constexpr int64_t kPanelBytes =
+      128 << 10;  // of packed b, with room in L2 for rows of w
   if (in == 0 || out == 0) return;
   const int64_t tiles = (out + kTile - 1) / kTile;
-  std::vector<Acc> packed_b(tiles * r * kTile);  // [r, out] rounded up to tiles: small beside w
+  std::vector<Acc> packed_b(
+      tiles * r * kTile);  // [r, out] rounded up to tiles: small beside w
   PackB(b, r, out, packed_b.data());
-  const int64_t panel_tiles =
-      std::max<int64_t>(1, kPanelBytes / (std::max<int64_t>(r, 1) * kTile * sizeof(Acc)));
-  const MergeArgs<T> p{in, out, r, w, a, packed_b.data(), panel_tiles, static_cast<Acc>(scale),
+  const int64_t panel_tiles = std::max<int64_t>(
+      1, kPanelBytes / (std::max<int64_t>(r, 1) * kTile * sizeof(Acc)));
+  const MergeArgs<T> p{in,          out,
+                       r,           w,
+                       a,           packed_b.data(),
+                       panel_tiles, static_cast<Acc>(scale),
                        merged};
 
   auto* rows = &baseline::MergeRowBlocks<T>;
@@ -125,7 +135,8 @@ void LoraMerge<Eigen::ThreadPoolDevice, T>::operator()(const Eigen::ThreadPoolDe
 #endif
   const int64_t blocks = (in + kRows - 1) / kRows;
   const double row_bytes = static_cast<double>(out * sizeof(T));
-  const Eigen::TensorOpCost cost(kRows * (row_bytes + r * sizeof(T)), kRows * row_bytes,
+  const Eigen::TensorOpCost cost(kRows * (row_bytes + r * sizeof(T)),
+                                 kRows * row_bytes,
                                  kRows * static_cast<double>(out) * r);
   d.parallelFor(blocks, cost, [&p, rows](Eigen::Index begin, Eigen::Index end) {
     rows(p, begin, end);

@@ -1,12 +1,13 @@
-// Tests of the CPU functors of lora.h against a naive double-precision reference.
-// Self-contained (no gtest offline): prints one line per case and exits non-zero on any failure.
+// Tests of the CPU functors of lora.h against a naive double-precision
+// reference. Self-contained (no gtest offline): prints one line per case and
+// exits non-zero on any failure.
 
 #define EIGEN_USE_THREADS
 
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <cstdio>
 #include <random>
 #include <string>
 #include <vector>
@@ -32,8 +33,8 @@ Buffer<T> Random(int64_t n, std::mt19937* rng) {
 }
 
 template <typename T>
-void CheckMerge(const Eigen::ThreadPoolDevice& d, const char* type, int64_t in, int64_t out,
-                int64_t r, bool in_place, double tol) {
+void CheckMerge(const Eigen::ThreadPoolDevice& d, const char* type, int64_t in,
+                int64_t out, int64_t r, bool in_place, double tol) {
   std::mt19937 rng(in * 1000003 + out * 101 + r);
   Buffer<T> w = Random<T>(in * out, &rng), a = Random<T>(in * r, &rng),
             b = Random<T>(r * out, &rng);
@@ -41,8 +42,8 @@ void CheckMerge(const Eigen::ThreadPoolDevice& d, const char* type, int64_t in, 
   const Buffer<T> w0 = w;
   Buffer<T> merged(in * out, static_cast<T>(-7.f));
   T* result = in_place ? w.data() : merged.data();
-  functor::LoraMerge<Eigen::ThreadPoolDevice, T>()(d, in, out, r, w.data(), a.data(), b.data(),
-                                                   scale, result);
+  functor::LoraMerge<Eigen::ThreadPoolDevice, T>()(
+      d, in, out, r, w.data(), a.data(), b.data(), scale, result);
   double max_err = 0;
   for (int64_t i = 0; i < in; ++i) {
     for (int64_t j = 0; j < out; ++j) {
@@ -51,41 +52,52 @@ void CheckMerge(const Eigen::ThreadPoolDevice& d, const char* type, int64_t in, 
         ref += static_cast<double>(scale) * static_cast<double>(a[i * r + k]) *
                static_cast<double>(b[k * out + j]);
       }
-      // Relative to the value: the output's own rounding dominates for half types.
-      const double err = std::abs(static_cast<double>(result[i * out + j]) - ref) / (1 + std::abs(ref));
+      // Relative to the value: the output's own rounding dominates for half
+      // types.
+      const double err =
+          std::abs(static_cast<double>(result[i * out + j]) - ref) /
+          (1 + std::abs(ref));
       if (!(err <= max_err)) max_err = err;  // NaN propagates into max_err.
     }
   }
   const bool ok = max_err <= tol;
   failures += !ok;
-  std::printf("%s LoraMerge<%s> in=%lld out=%lld r=%lld%s max_err=%.3g\n", ok ? "PASS" : "FAIL",
-              type, static_cast<long long>(in), static_cast<long long>(out),
-              static_cast<long long>(r), in_place ? " in-place" : "", max_err);
+  std::printf("%s LoraMerge<%s> in=%lld out=%lld r=%lld%s max_err=%.3g\n",
+              ok ? "PASS" : "FAIL", type, static_cast<long long>(in),
+              static_cast<long long>(out), static_cast<long long>(r),
+              in_place ? " in-place" : "", max_err);
 }
 
 template <typename T>
-void CheckAllShapes(const Eigen::ThreadPoolDevice& d, const char* type, double tol) {
-  // Covers full 4-row blocks and the short last block, full column tiles and the column tail,
-  // r = 0 (plain copy), and shapes big enough to be split across threads.
-  const int64_t shapes[][3] = {{1, 1, 1},   {3, 5, 2},     {4, 16, 1},    {7, 33, 3},
-                               {64, 64, 8}, {130, 70, 16}, {257, 300, 4}, {9, 40, 0},
-                               {0, 8, 2},   {8, 0, 2},     {513, 129, 33}, {1025, 2048, 16}};
+void CheckAllShapes(const Eigen::ThreadPoolDevice& d, const char* type,
+                    double tol) {
+  // Covers full 4-row blocks and the short last block, full column tiles and
+  // the column tail, r = 0 (plain copy), and shapes big enough to be split
+  // across threads.
+  const int64_t shapes[][3] = {{1, 1, 1},     {3, 5, 2},      {4, 16, 1},
+                               {7, 33, 3},    {64, 64, 8},    {130, 70, 16},
+                               {257, 300, 4}, {9, 40, 0},     {0, 8, 2},
+                               {8, 0, 2},     {513, 129, 33}, {1025, 2048, 16}};
   for (const auto& s : shapes) {
     CheckMerge<T>(d, type, s[0], s[1], s[2], /*in_place=*/false, tol);
     CheckMerge<T>(d, type, s[0], s[1], s[2], /*in_place=*/true, tol);
   }
 }
 
-// Rounding to T must be bit-exact with static_cast<T> (Eigen's round-to-nearest-even, NaN kept), for
-// the vector conversions as for the scalar ones. With r = 1, a = 1 and scale = 1 the float32 result is
-// w + b computed once, so the reference is static_cast<T>(float(w) + float(b)) exactly.
+// Rounding to T must be bit-exact with static_cast<T> (Eigen's
+// round-to-nearest-even, NaN kept), for the vector conversions as for the
+// scalar ones. With r = 1, a = 1 and scale = 1 the float32 result is w + b
+// computed once, so the reference is static_cast<T>(float(w) + float(b))
+// exactly.
 template <typename T>
-void CheckRoundingMatchesEigen(const Eigen::ThreadPoolDevice& d, const char* type) {
+void CheckRoundingMatchesEigen(const Eigen::ThreadPoolDevice& d,
+                               const char* type) {
   std::mt19937 rng(7);
   const int64_t out = 1 << 16;
   Buffer<T> w(out), b(out), merged(out);
-  const uint16_t specials[] = {0x0000, 0x8000, 0x0001, 0x8001, 0x7F80, 0xFF80, 0x7C00, 0xFC00,
-                               0x7FC0, 0x7E00, 0x3F80, 0x3C00, 0x0080, 0x0400, 0x7F7F, 0x7BFF};
+  const uint16_t specials[] = {0x0000, 0x8000, 0x0001, 0x8001, 0x7F80, 0xFF80,
+                               0x7C00, 0xFC00, 0x7FC0, 0x7E00, 0x3F80, 0x3C00,
+                               0x0080, 0x0400, 0x7F7F, 0x7BFF};
   for (int64_t j = 0; j < out; ++j) {
     uint16_t wb = j < 256 ? specials[j % 16] : static_cast<uint16_t>(rng());
     uint16_t bb = j < 256 ? specials[j / 16] : static_cast<uint16_t>(rng());
@@ -93,11 +105,12 @@ void CheckRoundingMatchesEigen(const Eigen::ThreadPoolDevice& d, const char* typ
     std::memcpy(static_cast<void*>(&b[j]), &bb, 2);
   }
   const T one = static_cast<T>(1.f);
-  functor::LoraMerge<Eigen::ThreadPoolDevice, T>()(d, 1, out, 1, w.data(), &one, b.data(), one,
-                                                   merged.data());
+  functor::LoraMerge<Eigen::ThreadPoolDevice, T>()(
+      d, 1, out, 1, w.data(), &one, b.data(), one, merged.data());
   int64_t mismatches = 0;
   for (int64_t j = 0; j < out; ++j) {
-    const T ref = static_cast<T>(static_cast<float>(w[j]) + static_cast<float>(b[j]));
+    const T ref =
+        static_cast<T>(static_cast<float>(w[j]) + static_cast<float>(b[j]));
     const bool ref_nan = std::isnan(static_cast<float>(ref));
     const bool got_nan = std::isnan(static_cast<float>(merged[j]));
     uint16_t rb, gb;
@@ -106,20 +119,25 @@ void CheckRoundingMatchesEigen(const Eigen::ThreadPoolDevice& d, const char* typ
     mismatches += ref_nan ? !got_nan : rb != gb;
   }
   failures += mismatches != 0;
-  std::printf("%s rounding to %s matches static_cast on %lld values (%lld mismatches)\n",
-              mismatches ? "FAIL" : "PASS", type, static_cast<long long>(out),
-              static_cast<long long>(mismatches));
+  std::printf(
+      "%s rounding to %s matches static_cast on %lld values (%lld "
+      "mismatches)\n",
+      mismatches ? "FAIL" : "PASS", type, static_cast<long long>(out),
+      static_cast<long long>(mismatches));
 }
 
 }  // namespace
 }  // namespace tf_lora
 
-// --baseline runs the baseline-ISA code instead of the AVX2 code the CPU may have.
+// --baseline runs the baseline-ISA code instead of the AVX2 code the CPU may
+// have.
 int main(int argc, char** argv) {
-  if (argc > 1 && std::strcmp(argv[1], "--baseline") == 0) setenv("TF_LORA_CPU_ISA", "baseline", 1);
+  if (argc > 1 && std::strcmp(argv[1], "--baseline") == 0)
+    setenv("TF_LORA_CPU_ISA", "baseline", 1);
   Eigen::ThreadPool pool(4);
   Eigen::ThreadPoolDevice device(&pool, 4);
-  // Half types: one rounding of the float32 result (2^-11 and 2^-8 relative), plus float32 sums.
+  // Half types: one rounding of the float32 result (2^-11 and 2^-8 relative),
+  // plus float32 sums.
   tf_lora::CheckAllShapes<float>(device, "float", 1e-6);
   tf_lora::CheckAllShapes<double>(device, "double", 1e-14);
   tf_lora::CheckAllShapes<Eigen::half>(device, "half", 1e-3);

@@ -1,4 +1,5 @@
-// LoRA op family: OpKernel glue. Checks inputs, allocates outputs, calls the functors of lora.h.
+// LoRA op family: OpKernel glue. Checks inputs, allocates outputs, calls the
+// functors of lora.h.
 
 #define EIGEN_USE_THREADS
 
@@ -9,7 +10,6 @@
 
 namespace tf_lora {
 
-using ::tensorflow::errors::InvalidArgument;
 using ::tensorflow::OpKernel;
 using ::tensorflow::OpKernelConstruction;
 using ::tensorflow::OpKernelContext;
@@ -28,34 +28,43 @@ class LoraMergeOp : public OpKernel {
     const Tensor& b = ctx->input(2);
     const Tensor& scale = ctx->input(3);
     const auto received = [&] {
-      return absl::StrCat("; got w ", w.shape().DebugString(), ", a ", a.shape().DebugString(),
-                          ", b ", b.shape().DebugString(), ", scale ",
+      return absl::StrCat("; got w ", w.shape().DebugString(), ", a ",
+                          a.shape().DebugString(), ", b ",
+                          b.shape().DebugString(), ", scale ",
                           scale.shape().DebugString());
     };
-    OP_REQUIRES(ctx,
-                TensorShapeUtils::IsMatrix(w.shape()) && TensorShapeUtils::IsMatrix(a.shape()) &&
-                    TensorShapeUtils::IsMatrix(b.shape()) &&
-                    TensorShapeUtils::IsScalar(scale.shape()),
-                InvalidArgument("LoraMerge: expected w [in, out], a [in, r], b [r, out] and a "
-                                "scalar scale",
-                                received()));
+    OP_REQUIRES(
+        ctx,
+        TensorShapeUtils::IsMatrix(w.shape()) &&
+            TensorShapeUtils::IsMatrix(a.shape()) &&
+            TensorShapeUtils::IsMatrix(b.shape()) &&
+            TensorShapeUtils::IsScalar(scale.shape()),
+        absl::InvalidArgumentError(absl::StrCat(
+            "LoraMerge: expected w [in, out], a [in, r], b [r, out] and a "
+            "scalar scale",
+            received())));
     const int64_t in = w.dim_size(0), out = w.dim_size(1), r = a.dim_size(1);
-    OP_REQUIRES(ctx, a.dim_size(0) == in && b.dim_size(0) == r && b.dim_size(1) == out,
-                InvalidArgument("LoraMerge: expected a [", in, ", r] and b [r, ", out,
-                                "] to match w [in, out] and each other", received()));
+    OP_REQUIRES(
+        ctx, a.dim_size(0) == in && b.dim_size(0) == r && b.dim_size(1) == out,
+        absl::InvalidArgumentError(
+            absl::StrCat("LoraMerge: expected a [", in, ", r] and b [r, ", out,
+                         "] to match w [in, out] and each other", received())));
 
     Tensor* merged = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({0}, 0, w.shape(), &merged));
-    functor::LoraMerge<Device, T>()(ctx->eigen_device<Device>(), in, out, r, w.flat<T>().data(),
-                                    a.flat<T>().data(), b.flat<T>().data(), scale.scalar<T>()(),
+    OP_REQUIRES_OK(
+        ctx, ctx->forward_input_or_allocate_output({0}, 0, w.shape(), &merged));
+    functor::LoraMerge<Device, T>()(ctx->eigen_device<Device>(), in, out, r,
+                                    w.flat<T>().data(), a.flat<T>().data(),
+                                    b.flat<T>().data(), scale.scalar<T>()(),
                                     merged->flat<T>().data());
   }
 };
 
-#define TF_LORA_REGISTER_CPU(T)                                                     \
-  REGISTER_KERNEL_BUILDER(                                                          \
-      Name("TfLora>LoraMerge").Device(::tensorflow::DEVICE_CPU).TypeConstraint<T>("T"), \
-      LoraMergeOp<CPUDevice, T>)
+#define TF_LORA_REGISTER_CPU(T)                                 \
+  REGISTER_KERNEL_BUILDER(Name("TfLora>LoraMerge")              \
+                              .Device(::tensorflow::DEVICE_CPU) \
+                              .TypeConstraint<T>("T"),          \
+                          LoraMergeOp<CPUDevice, T>)
 
 TF_LORA_REGISTER_CPU(float);
 TF_LORA_REGISTER_CPU(double);

@@ -1,6 +1,7 @@
 // LoRA op family: op contracts and shape functions.
 //
-// Op names are namespaced (`TfLora>`) so they can never clash with an op core TensorFlow adds later.
+// Op names are namespaced (`TfLora>`) so they can never clash with an op core
+// TensorFlow adds later.
 
 #include "tensorflow/core/framework/common_shape_fns.h"
 #include "tensorflow/core/framework/op.h"
@@ -13,35 +14,40 @@ using ::tensorflow::shape_inference::DimensionHandle;
 using ::tensorflow::shape_inference::InferenceContext;
 using ::tensorflow::shape_inference::ShapeHandle;
 
-// Merges two dimensions that the op's contract says are equal; on a mismatch the error names the op,
-// the contract and every input shape, not only the two numbers.
-absl::Status MergeDims(InferenceContext* c, const char* op, const char* contract, const char* what,
-                       DimensionHandle d0, DimensionHandle d1, DimensionHandle* out) {
+// Merges two dimensions that the op's contract says are equal; on a mismatch
+// the error names the op, the contract and every input shape, not only the two
+// numbers.
+absl::Status MergeDims(InferenceContext* c, const char* op,
+                       const char* contract, const char* what,
+                       DimensionHandle d0, DimensionHandle d1,
+                       DimensionHandle* out) {
   absl::Status s = c->Merge(d0, d1, out);
   if (s.ok()) return s;
   std::string shapes;
   for (int i = 0; i < c->num_inputs(); ++i) {
     shapes += (i ? ", " : "") + c->DebugString(c->input(i));
   }
-  return absl::InvalidArgumentError(absl::StrCat(op, ": ", what, " differ (", c->DebugString(d0),
-                                                " vs ", c->DebugString(d1), "); expected ",
-                                                contract, ", got ", shapes));
+  return absl::InvalidArgumentError(absl::StrCat(
+      op, ": ", what, " differ (", c->DebugString(d0), " vs ",
+      c->DebugString(d1), "); expected ", contract, ", got ", shapes));
 }
 
 absl::Status LoraMergeShape(InferenceContext* c) {
   static constexpr char kOp[] = "LoraMerge";
-  static constexpr char kContract[] = "w [in, out], a [in, r], b [r, out], scale []";
+  static constexpr char kContract[] =
+      "w [in, out], a [in, r], b [r, out], scale []";
   ShapeHandle w, a, b, scale;
   TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 2, &w));
   TF_RETURN_IF_ERROR(c->WithRank(c->input(1), 2, &a));
   TF_RETURN_IF_ERROR(c->WithRank(c->input(2), 2, &b));
   TF_RETURN_IF_ERROR(c->WithRank(c->input(3), 0, &scale));
   DimensionHandle in, r, out;
-  TF_RETURN_IF_ERROR(MergeDims(c, kOp, kContract, "in (w.shape[0], a.shape[0])", c->Dim(w, 0),
-                               c->Dim(a, 0), &in));
-  TF_RETURN_IF_ERROR(MergeDims(c, kOp, kContract, "r (a.shape[1], b.shape[0])", c->Dim(a, 1),
-                               c->Dim(b, 0), &r));
-  TF_RETURN_IF_ERROR(MergeDims(c, kOp, kContract, "out (w.shape[1], b.shape[1])", c->Dim(w, 1),
+  TF_RETURN_IF_ERROR(MergeDims(c, kOp, kContract, "in (w.shape[0], a.shape[0])",
+                               c->Dim(w, 0), c->Dim(a, 0), &in));
+  TF_RETURN_IF_ERROR(MergeDims(c, kOp, kContract, "r (a.shape[1], b.shape[0])",
+                               c->Dim(a, 1), c->Dim(b, 0), &r));
+  TF_RETURN_IF_ERROR(MergeDims(c, kOp, kContract,
+                               "out (w.shape[1], b.shape[1])", c->Dim(w, 1),
                                c->Dim(b, 1), &out));
   c->set_output(0, c->Matrix(in, out));
   return absl::OkStatus();

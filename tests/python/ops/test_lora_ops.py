@@ -108,7 +108,9 @@ def test_empty_dims(mode):
 
 
 def test_static_shape_inference():
-    @tf.function(input_signature=[tf.TensorSpec([None, 7]), tf.TensorSpec([5, None]), tf.TensorSpec([3, None])])
+    @tf.function(
+        input_signature=[tf.TensorSpec([None, 7]), tf.TensorSpec([5, None]), tf.TensorSpec([3, None])]
+    )
     def merged_shape(w, a, b):
         out = tf_lora.lora_merge(w, a, b, 1.0)
         assert out.shape.as_list() == [5, 7], out.shape
@@ -131,7 +133,7 @@ def test_gradient_numeric_float64(shape):
         tf.constant(0.7, tf.float64),
     ]
     theoretical, numerical = tf.test.compute_gradient(tf_lora.lora_merge, args)
-    for t, n in zip(theoretical, numerical):
+    for t, n in zip(theoretical, numerical, strict=True):
         np.testing.assert_allclose(t, n, rtol=1e-7, atol=1e-7)
 
 
