@@ -8,10 +8,12 @@ from tf_lora._ensure_tf import ensure_tensorflow as _ensure_tensorflow
 
 _ensure_tensorflow()
 
-from tf_lora.python.ops.lora_ops import lora_merge  # noqa: E402
+from tf_lora.python.ops.lora_ops import lora_apply, lora_matmul, lora_merge  # noqa: E402
 from tf_lora.version import __version__  # noqa: E402
 
 __all__ = [
     "__version__",
+    "lora_apply",
+    "lora_matmul",
     "lora_merge",
 ]

@@ -37,12 +37,30 @@ struct LoraMerge<Eigen::ThreadPoolDevice, T> {
                   T* merged) const;
 };
 
+// y_out[n, j] = y[n, j] + scale * sum_k (x @ a)[n, k] * b[k, j]
+//   y, y_out: [n, out]; x: [n, in]; a: [in, r]; b: [r, out]. y_out may alias
+//   y. x @ a ([n, r]) is kept in the accumulation type; y is read and written
+//   once, with no [n, out] temporary.
+template <typename Device, typename T>
+struct LoraApply;
+
+template <typename T>
+struct LoraApply<Eigen::ThreadPoolDevice, T> {
+  void operator()(const Eigen::ThreadPoolDevice& d, int64_t n, int64_t in,
+                  int64_t out, int64_t r, const T* y, const T* x, const T* a,
+                  const T* b, T scale, T* y_out) const;
+};
+
 // Instantiated in lora_cpu.cc for float, double, Eigen::half and
 // Eigen::bfloat16.
-extern template struct LoraMerge<Eigen::ThreadPoolDevice, float>;
-extern template struct LoraMerge<Eigen::ThreadPoolDevice, double>;
-extern template struct LoraMerge<Eigen::ThreadPoolDevice, Eigen::half>;
-extern template struct LoraMerge<Eigen::ThreadPoolDevice, Eigen::bfloat16>;
+#define TF_LORA_DECLARE_CPU(T)                                  \
+  extern template struct LoraMerge<Eigen::ThreadPoolDevice, T>; \
+  extern template struct LoraApply<Eigen::ThreadPoolDevice, T>;
+TF_LORA_DECLARE_CPU(float)
+TF_LORA_DECLARE_CPU(double)
+TF_LORA_DECLARE_CPU(Eigen::half)
+TF_LORA_DECLARE_CPU(Eigen::bfloat16)
+#undef TF_LORA_DECLARE_CPU
 
 }  // namespace functor
 }  // namespace tf_lora

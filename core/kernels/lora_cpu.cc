@@ -1,10 +1,13 @@
 // LoRA op family: CPU functors.
 //
 // Plain C++ over raw pointers plus Eigen's ThreadPoolDevice for threading, so
-// lora_cpu_test.cc can test it without an OpKernel. The vector code
-// (lora_cpu_simd.inc, 256-bit GCC vector extensions) is compiled twice: for
-// AVX2+FMA+F16C, picked at run time when the CPU has them, and for the baseline
-// ISA, so the wheel needs no more of the CPU than TensorFlow itself does.
+// lora_cpu_test.cc can test it without an OpKernel. Two kernels do the work:
+//   RowUpdate  c_out[rows, cols] = c_in + scale * A[rows, k] @ B[k, cols]
+//              (LoraMerge: c = w, A = a; LoraApply: c = y, A = x @ a)
+//   XaProduct  xa[rows, r] = x[rows, in] @ a[in, r]
+// Their vector code (lora_cpu_simd.inc, GCC vector extensions) is compiled
+// twice: for AVX2+FMA+F16C, picked at run time when the CPU has them, and for
+// the baseline ISA, so the wheel needs no more of the CPU than TensorFlow does.
 
 #define EIGEN_USE_THREADS
 
@@ -37,45 +40,64 @@ struct Accum<double> {
   using type = double;
 };
 
-// Rows per parallel block (each ISA's register tile divides it).
+// Rows per parallel block (each ISA's register tile height divides it).
 constexpr int kRows = 4;
 
-template <typename T>
-struct MergeArgs {
-  using Acc = typename Accum<T>::type;
-  static constexpr int64_t kTile =
-      64 / sizeof(Acc);  // columns per register tile: 64 bytes
+// Columns per register tile: 64 bytes of the accumulation type.
+template <typename Acc>
+constexpr int64_t kTile = 64 / sizeof(Acc);
 
-  int64_t in, out, r;
-  const T* w;
-  const T* a;
-  // b packed tile-major, [ceil(out / kTile), r, kTile], in the accumulation
-  // type and zero-padded past `out`. Walking b down a column directly would
-  // step `out` elements per k: at out = 4096 every row of b lands in the same
-  // L1 set and thrashes it; packed, a tile's r rows are contiguous.
-  const Acc* packed_b;
-  int64_t panel_tiles;  // tiles per column panel: r * panel stays in L2 while
-                        // row blocks sweep it
-  Acc scale;
-  T* merged;
-};
+template <typename Acc>
+int64_t NumTiles(int64_t cols) {
+  return (cols + kTile<Acc> - 1) / kTile<Acc>;
+}
 
-template <typename T>
-void PackB(const T* b, int64_t r, int64_t out,
-           typename Accum<T>::type* packed) {
-  using Acc = typename Accum<T>::type;
-  constexpr int64_t kTile = MergeArgs<T>::kTile;
-  const int64_t tiles = (out + kTile - 1) / kTile;
-  for (int64_t t = 0; t < tiles; ++t) {
-    const int64_t j0 = t * kTile, width = std::min(kTile, out - j0);
-    for (int64_t k = 0; k < r; ++k) {
-      Acc* dst = packed + (t * r + k) * kTile;
-      for (int64_t c = 0; c < width; ++c)
-        dst[c] = static_cast<Acc>(b[k * out + j0 + c]);
-      for (int64_t c = width; c < kTile; ++c) dst[c] = Acc(0);
+// Packs src [k, cols] (row-major) into [NumTiles(cols), k, kTile] of Acc,
+// zero-padded past `cols`, so a tile's k rows are contiguous. Walking src down
+// a column directly steps `cols` elements per k: at cols = 4096 every row
+// lands in the same L1 set and thrashes it.
+template <typename Acc, typename T>
+std::vector<Acc> PackTiles(const T* src, int64_t k, int64_t cols) {
+  std::vector<Acc> packed(NumTiles<Acc>(cols) * k * kTile<Acc>);
+  for (int64_t t = 0; t < NumTiles<Acc>(cols); ++t) {
+    const int64_t j0 = t * kTile<Acc>;
+    const int64_t width = std::min(kTile<Acc>, cols - j0);
+    for (int64_t kk = 0; kk < k; ++kk) {
+      Acc* dst = packed.data() + (t * k + kk) * kTile<Acc>;
+      for (int64_t c = 0; c < width; ++c) {
+        dst[c] = static_cast<Acc>(src[kk * cols + j0 + c]);
+      }
+      std::fill(dst + width, dst + kTile<Acc>, Acc(0));
     }
   }
+  return packed;
 }
+
+// c_out[rows, cols] = c_in + scale * A[rows, k] @ B[k, cols]; c_out may alias
+// c_in. TA is T (merge: A = a) or the accumulation type (apply: A = x @ a).
+template <typename T, typename TA>
+struct RowUpdateArgs {
+  using Acc = typename Accum<T>::type;
+  int64_t rows, cols, k;
+  const T* c_in;
+  const TA* a;
+  int64_t lda;          // row stride of A
+  const Acc* packed_b;  // PackTiles(B)
+  int64_t panel_tiles;  // tiles per column panel: k * panel fits in L2
+  Acc scale;
+  T* c_out;
+};
+
+// xa[rows, NumTiles(r) * kTile] = x[rows, in] @ a[in, r] in the accumulation
+// type (padding columns are zero).
+template <typename T>
+struct XaArgs {
+  using Acc = typename Accum<T>::type;
+  int64_t rows, in, r;
+  const T* x;
+  const Acc* packed_a;  // PackTiles(a)
+  Acc* xa;
+};
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #pragma GCC push_options
@@ -98,6 +120,8 @@ bool UseAvx2() {
   }();
   return use;
 }
+#else
+bool UseAvx2() { return false; }
 #endif
 
 namespace baseline {
@@ -106,47 +130,95 @@ namespace baseline {
 #undef TF_LORA_SIMD_AVX2
 }  // namespace baseline
 
+#if !(defined(__x86_64__) && defined(__GNUC__))
+namespace avx2 = baseline;  // UseAvx2() is false: never taken
+#endif
+
+// The AVX2 or the baseline build of a kernel over row blocks.
+template <typename Args>
+using BlockKernel = void (*)(const Args&, int64_t, int64_t);
+
+template <typename Args>
+BlockKernel<Args> Pick(BlockKernel<Args> avx2_kernel,
+                       BlockKernel<Args> baseline_kernel) {
+  return UseAvx2() ? avx2_kernel : baseline_kernel;
+}
+
+// Runs RowUpdate over all rows on the device's threads.
+template <typename T, typename TA>
+void RowUpdate(const Eigen::ThreadPoolDevice& d, int64_t rows, int64_t cols,
+               int64_t k, const T* c_in, const TA* a, int64_t lda, const T* b,
+               T scale, T* c_out) {
+  using Acc = typename Accum<T>::type;
+  constexpr int64_t kPanelBytes = 128 << 10;  // leaves L2 room for c's rows
+  if (rows == 0 || cols == 0) return;
+  const std::vector<Acc> packed_b = PackTiles<Acc>(b, k, cols);
+  const int64_t panel_tiles = std::max<int64_t>(
+      1, kPanelBytes / (std::max<int64_t>(k, 1) * kTile<Acc> * sizeof(Acc)));
+  const RowUpdateArgs<T, TA> p{rows,
+                               cols,
+                               k,
+                               c_in,
+                               a,
+                               lda,
+                               packed_b.data(),
+                               panel_tiles,
+                               static_cast<Acc>(scale),
+                               c_out};
+  const auto kernel = Pick<RowUpdateArgs<T, TA>>(
+      &avx2::RowUpdateBlocks<T, TA>, &baseline::RowUpdateBlocks<T, TA>);
+  const double row_bytes = static_cast<double>(cols * sizeof(T));
+  const Eigen::TensorOpCost cost(kRows * (row_bytes + k * sizeof(TA)),
+                                 kRows * row_bytes,
+                                 kRows * static_cast<double>(cols) * k);
+  d.parallelFor((rows + kRows - 1) / kRows, cost,
+                [&p, kernel](Eigen::Index begin, Eigen::Index end) {
+                  kernel(p, begin, end);
+                });
+}
+
 }  // namespace
 
 template <typename T>
 void LoraMerge<Eigen::ThreadPoolDevice, T>::operator()(
     const Eigen::ThreadPoolDevice& d, int64_t in, int64_t out, int64_t r,
     const T* w, const T* a, const T* b, T scale, T* merged) const {
-  using Acc = typename Accum<T>::type;
-  constexpr int64_t kTile = MergeArgs<T>::kTile;
-  constexpr int64_t kPanelBytes =
-      128 << 10;  // of packed b, with room in L2 for rows of w
-  if (in == 0 || out == 0) return;
-  const int64_t tiles = (out + kTile - 1) / kTile;
-  std::vector<Acc> packed_b(
-      tiles * r * kTile);  // [r, out] rounded up to tiles: small beside w
-  PackB(b, r, out, packed_b.data());
-  const int64_t panel_tiles = std::max<int64_t>(
-      1, kPanelBytes / (std::max<int64_t>(r, 1) * kTile * sizeof(Acc)));
-  const MergeArgs<T> p{in,          out,
-                       r,           w,
-                       a,           packed_b.data(),
-                       panel_tiles, static_cast<Acc>(scale),
-                       merged};
-
-  auto* rows = &baseline::MergeRowBlocks<T>;
-#if defined(__x86_64__) && defined(__GNUC__)
-  if (UseAvx2()) rows = &avx2::MergeRowBlocks<T>;
-#endif
-  const int64_t blocks = (in + kRows - 1) / kRows;
-  const double row_bytes = static_cast<double>(out * sizeof(T));
-  const Eigen::TensorOpCost cost(kRows * (row_bytes + r * sizeof(T)),
-                                 kRows * row_bytes,
-                                 kRows * static_cast<double>(out) * r);
-  d.parallelFor(blocks, cost, [&p, rows](Eigen::Index begin, Eigen::Index end) {
-    rows(p, begin, end);
-  });
+  RowUpdate(d, in, out, r, w, a, /*lda=*/r, b, scale, merged);
 }
 
-template struct LoraMerge<Eigen::ThreadPoolDevice, float>;
-template struct LoraMerge<Eigen::ThreadPoolDevice, double>;
-template struct LoraMerge<Eigen::ThreadPoolDevice, Eigen::half>;
-template struct LoraMerge<Eigen::ThreadPoolDevice, Eigen::bfloat16>;
+template <typename T>
+void LoraApply<Eigen::ThreadPoolDevice, T>::operator()(
+    const Eigen::ThreadPoolDevice& d, int64_t n, int64_t in, int64_t out,
+    int64_t r, const T* y, const T* x, const T* a, const T* b, T scale,
+    T* y_out) const {
+  using Acc = typename Accum<T>::type;
+  if (n == 0 || out == 0) return;
+  // Phase 1: xa = x @ a, [n, r] in the accumulation type (small beside x).
+  const std::vector<Acc> packed_a = PackTiles<Acc>(a, in, r);
+  const int64_t lda = NumTiles<Acc>(r) * kTile<Acc>;
+  std::vector<Acc> xa(n * lda);
+  const XaArgs<T> p{n, in, r, x, packed_a.data(), xa.data()};
+  const auto kernel =
+      Pick<XaArgs<T>>(&avx2::XaRowBlocks<T>, &baseline::XaRowBlocks<T>);
+  const Eigen::TensorOpCost cost(kRows * in * sizeof(T),
+                                 kRows * lda * sizeof(Acc),
+                                 kRows * static_cast<double>(in) * lda);
+  d.parallelFor((n + kRows - 1) / kRows, cost,
+                [&p, kernel](Eigen::Index begin, Eigen::Index end) {
+                  kernel(p, begin, end);
+                });
+  // Phase 2: y_out = y + scale * xa @ b, one pass over y.
+  RowUpdate(d, n, out, r, y, xa.data(), lda, b, scale, y_out);
+}
+
+#define TF_LORA_INSTANTIATE(T)                           \
+  template struct LoraMerge<Eigen::ThreadPoolDevice, T>; \
+  template struct LoraApply<Eigen::ThreadPoolDevice, T>;
+TF_LORA_INSTANTIATE(float)
+TF_LORA_INSTANTIATE(double)
+TF_LORA_INSTANTIATE(Eigen::half)
+TF_LORA_INSTANTIATE(Eigen::bfloat16)
+#undef TF_LORA_INSTANTIATE
 
 }  // namespace functor
 }  // namespace tf_lora

@@ -84,6 +84,96 @@ void CheckAllShapes(const Eigen::ThreadPoolDevice& d, const char* type,
   }
 }
 
+template <typename T>
+void CheckApply(const Eigen::ThreadPoolDevice& d, const char* type, int64_t n,
+                int64_t in, int64_t out, int64_t r, bool in_place, double tol) {
+  std::mt19937 rng(n * 7919 + in * 1000003 + out * 101 + r);
+  Buffer<T> y = Random<T>(n * out, &rng), x = Random<T>(n * in, &rng),
+            a = Random<T>(in * r, &rng), b = Random<T>(r * out, &rng);
+  const T scale = static_cast<T>(-1.25f);
+  const Buffer<T> y0 = y;
+  Buffer<T> y_out(n * out, static_cast<T>(-7.f));
+  T* result = in_place ? y.data() : y_out.data();
+  functor::LoraApply<Eigen::ThreadPoolDevice, T>()(
+      d, n, in, out, r, y.data(), x.data(), a.data(), b.data(), scale, result);
+  double max_err = 0;
+  std::vector<double> xa(r);
+  for (int64_t i = 0; i < n; ++i) {
+    for (int64_t k = 0; k < r; ++k) {
+      xa[k] = 0;
+      for (int64_t c = 0; c < in; ++c) {
+        xa[k] += static_cast<double>(x[i * in + c]) *
+                 static_cast<double>(a[c * r + k]);
+      }
+    }
+    for (int64_t j = 0; j < out; ++j) {
+      double ref = static_cast<double>(y0[i * out + j]);
+      for (int64_t k = 0; k < r; ++k) {
+        ref += static_cast<double>(scale) * xa[k] *
+               static_cast<double>(b[k * out + j]);
+      }
+      // Relative to the size of the terms summed (in * r products).
+      const double err =
+          std::abs(static_cast<double>(result[i * out + j]) - ref) /
+          (1 + std::abs(ref) + 0.05 * std::sqrt(double(in * r)));
+      if (!(err <= max_err)) max_err = err;
+    }
+  }
+  const bool ok = max_err <= tol;
+  failures += !ok;
+  std::printf(
+      "%s LoraApply<%s> n=%lld in=%lld out=%lld r=%lld%s max_err=%.3g\n",
+      ok ? "PASS" : "FAIL", type, static_cast<long long>(n),
+      static_cast<long long>(in), static_cast<long long>(out),
+      static_cast<long long>(r), in_place ? " in-place" : "", max_err);
+}
+
+template <typename T>
+void CheckApplyShapes(const Eigen::ThreadPoolDevice& d, const char* type,
+                      double tol) {
+  // (n, in, out, r): row and column tails, r above one tile (17, 40), r = 0,
+  // in = 0, n = 0, out = 0, and a decode-sized single row.
+  const int64_t shapes[][4] = {
+      {1, 1, 1, 1},      {3, 5, 7, 2},     {4, 16, 16, 16},   {9, 33, 70, 17},
+      {130, 64, 96, 40}, {1, 300, 257, 8}, {6, 10, 12, 0},    {6, 0, 12, 3},
+      {0, 10, 12, 3},    {6, 10, 0, 3},    {67, 129, 131, 16}};
+  for (const auto& s : shapes) {
+    for (bool in_place : {false, true}) {
+      CheckApply<T>(d, type, s[0], s[1], s[2], s[3], in_place, tol);
+    }
+  }
+}
+
+// Every output element is computed by the same code on the same inputs
+// whatever the sharding, so results must not depend on the thread count.
+void CheckThreadIndependence() {
+  std::mt19937 rng(11);
+  const int64_t n = 203, in = 77, out = 301, r = 12;
+  Buffer<float> y = Random<float>(n * out, &rng),
+                x = Random<float>(n * in, &rng),
+                a = Random<float>(in * r, &rng),
+                b = Random<float>(r * out, &rng);
+  Buffer<float> one(n * out), many(n * out), m1(in * out), m3(in * out);
+  Buffer<float> w = Random<float>(in * out, &rng),
+                aw = Random<float>(in * r, &rng);
+  Eigen::ThreadPool pool1(1), pool3(3);
+  Eigen::ThreadPoolDevice d1(&pool1, 1), d3(&pool3, 3);
+  functor::LoraApply<Eigen::ThreadPoolDevice, float>()(
+      d1, n, in, out, r, y.data(), x.data(), a.data(), b.data(), 0.5f,
+      one.data());
+  functor::LoraApply<Eigen::ThreadPoolDevice, float>()(
+      d3, n, in, out, r, y.data(), x.data(), a.data(), b.data(), 0.5f,
+      many.data());
+  functor::LoraMerge<Eigen::ThreadPoolDevice, float>()(
+      d1, in, out, r, w.data(), aw.data(), b.data(), 0.5f, m1.data());
+  functor::LoraMerge<Eigen::ThreadPoolDevice, float>()(
+      d3, in, out, r, w.data(), aw.data(), b.data(), 0.5f, m3.data());
+  const bool ok = one == many && m1 == m3;
+  failures += !ok;
+  std::printf("%s results identical on 1 and 3 threads\n",
+              ok ? "PASS" : "FAIL");
+}
+
 // Rounding to T must be bit-exact with static_cast<T> (Eigen's
 // round-to-nearest-even, NaN kept), for the vector conversions as for the
 // scalar ones. With r = 1, a = 1 and scale = 1 the float32 result is w + b
@@ -142,6 +232,11 @@ int main(int argc, char** argv) {
   tf_lora::CheckAllShapes<double>(device, "double", 1e-14);
   tf_lora::CheckAllShapes<Eigen::half>(device, "half", 1e-3);
   tf_lora::CheckAllShapes<Eigen::bfloat16>(device, "bfloat16", 4e-3);
+  tf_lora::CheckApplyShapes<float>(device, "float", 1e-5);
+  tf_lora::CheckApplyShapes<double>(device, "double", 1e-14);
+  tf_lora::CheckApplyShapes<Eigen::half>(device, "half", 1e-3);
+  tf_lora::CheckApplyShapes<Eigen::bfloat16>(device, "bfloat16", 4e-3);
+  tf_lora::CheckThreadIndependence();
   tf_lora::CheckRoundingMatchesEigen<Eigen::half>(device, "half");
   tf_lora::CheckRoundingMatchesEigen<Eigen::bfloat16>(device, "bfloat16");
   std::printf("%d failed\n", tf_lora::failures);

@@ -60,11 +60,61 @@ class LoraMergeOp : public OpKernel {
   }
 };
 
+template <typename Device, typename T>
+class LoraApplyOp : public OpKernel {
+ public:
+  explicit LoraApplyOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& y = ctx->input(0);
+    const Tensor& x = ctx->input(1);
+    const Tensor& a = ctx->input(2);
+    const Tensor& b = ctx->input(3);
+    const Tensor& scale = ctx->input(4);
+    const auto received = [&] {
+      return absl::StrCat(
+          "; got y ", y.shape().DebugString(), ", x ", x.shape().DebugString(),
+          ", a ", a.shape().DebugString(), ", b ", b.shape().DebugString(),
+          ", scale ", scale.shape().DebugString());
+    };
+    OP_REQUIRES(ctx,
+                TensorShapeUtils::IsMatrix(y.shape()) &&
+                    TensorShapeUtils::IsMatrix(x.shape()) &&
+                    TensorShapeUtils::IsMatrix(a.shape()) &&
+                    TensorShapeUtils::IsMatrix(b.shape()) &&
+                    TensorShapeUtils::IsScalar(scale.shape()),
+                absl::InvalidArgumentError(absl::StrCat(
+                    "LoraApply: expected y [N, out], x [N, in], a [in, r], "
+                    "b [r, out] and a scalar scale",
+                    received())));
+    const int64_t n = y.dim_size(0), out = y.dim_size(1), in = x.dim_size(1),
+                  r = a.dim_size(1);
+    OP_REQUIRES(ctx,
+                x.dim_size(0) == n && a.dim_size(0) == in &&
+                    b.dim_size(0) == r && b.dim_size(1) == out,
+                absl::InvalidArgumentError(absl::StrCat(
+                    "LoraApply: expected x [", n, ", in], a [in, r] and b [r, ",
+                    out, "] to match y [N, out] and each other", received())));
+
+    Tensor* y_out = nullptr;
+    OP_REQUIRES_OK(
+        ctx, ctx->forward_input_or_allocate_output({0}, 0, y.shape(), &y_out));
+    functor::LoraApply<Device, T>()(
+        ctx->eigen_device<Device>(), n, in, out, r, y.flat<T>().data(),
+        x.flat<T>().data(), a.flat<T>().data(), b.flat<T>().data(),
+        scale.scalar<T>()(), y_out->flat<T>().data());
+  }
+};
+
 #define TF_LORA_REGISTER_CPU(T)                                 \
   REGISTER_KERNEL_BUILDER(Name("TfLora>LoraMerge")              \
                               .Device(::tensorflow::DEVICE_CPU) \
                               .TypeConstraint<T>("T"),          \
-                          LoraMergeOp<CPUDevice, T>)
+                          LoraMergeOp<CPUDevice, T>);           \
+  REGISTER_KERNEL_BUILDER(Name("TfLora>LoraApply")              \
+                              .Device(::tensorflow::DEVICE_CPU) \
+                              .TypeConstraint<T>("T"),          \
+                          LoraApplyOp<CPUDevice, T>)
 
 TF_LORA_REGISTER_CPU(float);
 TF_LORA_REGISTER_CPU(double);

@@ -53,6 +53,30 @@ absl::Status LoraMergeShape(InferenceContext* c) {
   return absl::OkStatus();
 }
 
+absl::Status LoraApplyShape(InferenceContext* c) {
+  static constexpr char kOp[] = "LoraApply";
+  static constexpr char kContract[] =
+      "y [N, out], x [N, in], a [in, r], b [r, out], scale []";
+  ShapeHandle y, x, a, b, scale;
+  TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 2, &y));
+  TF_RETURN_IF_ERROR(c->WithRank(c->input(1), 2, &x));
+  TF_RETURN_IF_ERROR(c->WithRank(c->input(2), 2, &a));
+  TF_RETURN_IF_ERROR(c->WithRank(c->input(3), 2, &b));
+  TF_RETURN_IF_ERROR(c->WithRank(c->input(4), 0, &scale));
+  DimensionHandle n, in, r, out;
+  TF_RETURN_IF_ERROR(MergeDims(c, kOp, kContract, "N (y.shape[0], x.shape[0])",
+                               c->Dim(y, 0), c->Dim(x, 0), &n));
+  TF_RETURN_IF_ERROR(MergeDims(c, kOp, kContract, "in (x.shape[1], a.shape[0])",
+                               c->Dim(x, 1), c->Dim(a, 0), &in));
+  TF_RETURN_IF_ERROR(MergeDims(c, kOp, kContract, "r (a.shape[1], b.shape[0])",
+                               c->Dim(a, 1), c->Dim(b, 0), &r));
+  TF_RETURN_IF_ERROR(MergeDims(c, kOp, kContract,
+                               "out (y.shape[1], b.shape[1])", c->Dim(y, 1),
+                               c->Dim(b, 1), &out));
+  c->set_output(0, c->Matrix(n, out));
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 REGISTER_OP("TfLora>LoraMerge")
@@ -74,6 +98,30 @@ a: The adapter's down projection, [in, r].
 b: The adapter's up projection, [r, out].
 scale: Scalar multiplier of the update, usually alpha / r.
 merged: w + scale * (a @ b), [in, out].
+)doc");
+
+REGISTER_OP("TfLora>LoraApply")
+    .Input("y: T")
+    .Input("x: T")
+    .Input("a: T")
+    .Input("b: T")
+    .Input("scale: T")
+    .Output("y_out: T")
+    .Attr("T: {float, double, half, bfloat16}")
+    .SetShapeFn(LoraApplyShape)
+    .Doc(R"doc(
+Applies a LoRA adapter to a layer's output: y_out = y + scale * (x @ a) @ b.
+
+The op computes x @ a ([N, r], kept in float32 for half types), then makes one
+pass that reads and writes y, with no [N, out] temporary (y's buffer is reused when TensorFlow
+allows). With y = x @ w this is a LoRA layer: see tf_lora.lora_matmul.
+
+y: The base layer's output, [N, out].
+x: The layer's input, [N, in].
+a: The adapter's down projection, [in, r].
+b: The adapter's up projection, [r, out].
+scale: Scalar multiplier of the update, usually alpha / r.
+y_out: y + scale * (x @ a) @ b, [N, out].
 )doc");
 
 }  // namespace tf_lora

@@ -3,16 +3,9 @@
 import numpy as np
 import pytest
 import tensorflow as tf
+from lora_test_util import RTOL, assert_close, random, run
 
 import tf_lora
-
-# Relative tolerances: float32/float64 sums, and one rounding of the float32 result for half types.
-DTYPES = {
-    tf.float32: 1e-5,
-    tf.float64: 1e-12,
-    tf.float16: 2e-3,
-    tf.bfloat16: 1e-2,
-}
 
 SHAPES = [  # (in, out, r): full and partial row blocks and column tiles, r = 1, large r.
     (1, 1, 1),
@@ -24,17 +17,8 @@ SHAPES = [  # (in, out, r): full and partial row blocks and column tiles, r = 1,
 ]
 
 
-def _random(shape, dtype, rng):
-    """Values exactly representable in `dtype`, as (tensor, float64 numpy array)."""
-    values = rng.uniform(-1, 1, size=shape)
-    tensor = tf.constant(values, dtype=dtype)
-    return tensor, tensor.numpy().astype(np.float64)
-
-
 def _merge(mode, *args):
-    if mode == "eager":
-        return tf_lora.lora_merge(*args)
-    return tf.function(tf_lora.lora_merge)(*args)
+    return run(mode, tf_lora.lora_merge, *args)
 
 
 def _reference(w, a, b, scale):
@@ -42,28 +26,26 @@ def _reference(w, a, b, scale):
 
 
 @pytest.mark.parametrize("mode", ["eager", "function"])
-@pytest.mark.parametrize("dtype", list(DTYPES), ids=lambda d: d.name)
+@pytest.mark.parametrize("dtype", list(RTOL), ids=lambda d: d.name)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_matches_numpy(shape, dtype, mode):
     rng = np.random.default_rng(sum(shape))
     n_in, n_out, r = shape
-    w, w_np = _random((n_in, n_out), dtype, rng)
-    a, a_np = _random((n_in, r), dtype, rng)
-    b, b_np = _random((r, n_out), dtype, rng)
+    w, w_np = random((n_in, n_out), dtype, rng)
+    a, a_np = random((n_in, r), dtype, rng)
+    b, b_np = random((r, n_out), dtype, rng)
     scale = 0.625  # exact in every dtype
     merged = _merge(mode, w, a, b, scale)
     assert merged.dtype == dtype
     assert merged.shape == (n_in, n_out)
-    expected = _reference(w_np, a_np, b_np, scale)
-    got = merged.numpy().astype(np.float64)
-    np.testing.assert_array_less(np.abs(got - expected) / (1 + np.abs(expected)), DTYPES[dtype])
+    assert_close(merged.numpy(), _reference(w_np, a_np, b_np, scale), dtype)
 
 
 def test_large_multithreaded_float32():
     rng = np.random.default_rng(1)
-    w, w_np = _random((1031, 2053), tf.float32, rng)
-    a, a_np = _random((1031, 16), tf.float32, rng)
-    b, b_np = _random((16, 2053), tf.float32, rng)
+    w, w_np = random((1031, 2053), tf.float32, rng)
+    a, a_np = random((1031, 16), tf.float32, rng)
+    b, b_np = random((16, 2053), tf.float32, rng)
     np.testing.assert_allclose(
         tf_lora.lora_merge(w, a, b, -1.5).numpy(), _reference(w_np, a_np, b_np, -1.5), rtol=1e-5, atol=1e-5
     )
@@ -162,9 +144,9 @@ def test_gradient_formulas_float32(mode):
 @pytest.mark.parametrize("dtype", [tf.float16, tf.bfloat16], ids=lambda d: d.name)
 def test_gradient_half_types(dtype):
     rng = np.random.default_rng(5)
-    w, w_np = _random((4, 6), dtype, rng)
-    a, a_np = _random((4, 2), dtype, rng)
-    b, b_np = _random((2, 6), dtype, rng)
+    w, w_np = random((4, 6), dtype, rng)
+    a, a_np = random((4, 2), dtype, rng)
+    b, b_np = random((2, 6), dtype, rng)
     scale = tf.constant(0.5, dtype)
     with tf.GradientTape() as tape:
         tape.watch([w, a, b, scale])

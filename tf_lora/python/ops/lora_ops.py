@@ -52,9 +52,103 @@ def _lora_merge_grad(op, grad):
     a_t_grad = tf.matmul(a, grad, transpose_a=True)  # [r, out]
     da = scale * tf.matmul(grad, b, transpose_b=True)
     db = scale * a_t_grad
-    if grad.dtype in _HALF_TYPES:
-        dscale = tf.reduce_sum(tf.cast(a_t_grad, tf.float32) * tf.cast(b, tf.float32))
-        dscale = tf.cast(dscale, grad.dtype)
-    else:
-        dscale = tf.reduce_sum(a_t_grad * b)
-    return [grad, da, db, dscale]
+    return [grad, da, db, _sum_of_products(a_t_grad, b)]
+
+
+def lora_apply(y, x, a, b, scale, name=None) -> tf.Tensor:
+    """Adds a LoRA adapter's output to a layer's output: `y + scale * (x @ a) @ b`.
+
+    Fused: `x @ a` (`[N, r]`, float32 for half types) then a single pass that reads and writes `y`, with no
+    `[N, out]` temporary; `y`'s buffer is reused when TensorFlow can forward it (as when `y` comes straight
+    from a MatMul, see `lora_matmul`). Differentiable with respect to every input.
+
+    Args:
+      y: The base layer's output, `[N, out]`, float32, float64, float16 or bfloat16.
+      x: The layer's input, `[N, in]`, same dtype.
+      a: The adapter's down projection, `[in, r]`, same dtype.
+      b: The adapter's up projection, `[r, out]`, same dtype.
+      scale: Scalar multiplier of the update (usually `alpha / r`), a Python number or a scalar tensor.
+      name: Optional name of the op.
+
+    Returns:
+      `y + scale * (x @ a) @ b`, `[N, out]`.
+
+    Raises:
+      ValueError: (graph construction) shapes that cannot fit.
+      tf.errors.InvalidArgumentError: shapes that do not fit at run time, and (eager) dtype errors.
+      TypeError: (graph mode) inputs whose dtypes differ, or an unsupported dtype.
+
+    >>> x = tf.constant([[1.0, 2.0]])
+    >>> y = tf.zeros([1, 3])
+    >>> a = tf.constant([[1.0], [1.0]])
+    >>> b = tf.constant([[1.0, 0.0, -1.0]])
+    >>> tf_lora.lora_apply(y, x, a, b, 2.0).numpy()
+    array([[ 6.,  0., -6.]], dtype=float32)
+    """
+    return gen_lora_ops.tf_lora_lora_apply(y, x, a, b, scale, name=name)
+
+
+def lora_matmul(x, w, a, b, scale, bias=None, name=None) -> tf.Tensor:
+    """A LoRA layer: `x @ w (+ bias) + scale * (x @ a) @ b`.
+
+    TensorFlow's own MatMul (oneDNN on CPU) computes `x @ w`, then `lora_apply` adds the adapter in place
+    on its output, so the adapter costs one extra pass over the output instead of extra ops and `[N, out]`
+    temporaries. `x` may have leading batch dimensions.
+
+    Args:
+      x: The input, `[..., in]`.
+      w: The frozen base weight, `[in, out]`, `x`'s dtype.
+      a: The adapter's down projection, `[in, r]`.
+      b: The adapter's up projection, `[r, out]`.
+      scale: Scalar multiplier of the update (usually `alpha / r`).
+      bias: Optional bias, `[out]`, added before the adapter.
+      name: Optional name scope.
+
+    Returns:
+      `[..., out]`, `x`'s dtype.
+
+    >>> x = tf.ones([2, 5, 8])
+    >>> w, a, b = tf.ones([8, 4]), tf.ones([8, 2]), tf.zeros([2, 4])
+    >>> tf_lora.lora_matmul(x, w, a, b, 1.0).shape
+    TensorShape([2, 5, 4])
+    """
+    with tf.name_scope(name or "lora_matmul"):
+        x = tf.convert_to_tensor(x, name="x")
+        w = tf.convert_to_tensor(w, dtype_hint=x.dtype, name="w")
+        if x.shape.rank == 2:
+            x2 = x
+        else:
+            x2 = tf.reshape(x, [-1, tf.shape(x)[-1]])
+        y = tf.matmul(x2, w)
+        if bias is not None:
+            y = tf.nn.bias_add(y, tf.convert_to_tensor(bias, dtype_hint=x.dtype, name="bias"))
+        y = lora_apply(y, x2, a, b, scale)
+        if x.shape.rank == 2:
+            return y
+        out = tf.reshape(y, tf.concat([tf.shape(x)[:-1], tf.shape(y)[-1:]], axis=0))
+        out.set_shape(x.shape[:-1].concatenate(y.shape[-1:]))
+        return out
+
+
+@tf.RegisterGradient("TfLora>LoraApply")
+def _lora_apply_grad(op, grad):
+    """dy = g; dx = s (g b^T) a^T; da = s x^T (g b^T); db = s (x a)^T g; dscale = sum((x a) * (g b^T)).
+
+    Every product goes through an [N, r] factor with the scale folded into it, so the backward pass makes
+    no [N, out] or [N, in] temporary besides dx itself.
+    """
+    _, x, a, b, scale = op.inputs
+    g_bt = tf.matmul(grad, b, transpose_b=True)  # [N, r]
+    xa = tf.matmul(x, a)  # [N, r]
+    scaled_g_bt = scale * g_bt
+    dx = tf.matmul(scaled_g_bt, a, transpose_b=True)
+    da = tf.matmul(x, scaled_g_bt, transpose_a=True)
+    db = tf.matmul(scale * xa, grad, transpose_a=True)
+    return [grad, dx, da, db, _sum_of_products(xa, g_bt)]
+
+
+def _sum_of_products(p, q):
+    """sum(p * q), accumulated in float32 for half types."""
+    if p.dtype in _HALF_TYPES:
+        return tf.cast(tf.reduce_sum(tf.cast(p, tf.float32) * tf.cast(q, tf.float32)), p.dtype)
+    return tf.reduce_sum(p * q)
