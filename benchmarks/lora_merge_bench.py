@@ -5,28 +5,15 @@ memory-bandwidth bound of a merge, and reports the fraction of it each merge rea
 
     .venv/bin/python benchmarks/lora_merge_bench.py [--allocator bfc] [--shapes 4096x4096x16 ...]
 
---allocator: TensorFlow's default CPU allocator takes every large output from fresh pages; on a VM the
-page faults for a 64 MiB output cost more than the merge itself (measured here: 28 of the 33 ms of a
-4096x4096 float32 streaming pass). `bfc` sets TF_CPU_ALLOCATOR_USE_BFC=true, TensorFlow's pooling
-allocator, so the timings show the kernels rather than the kernel's page faults. Both modes time TF
-and tf_lora alike; report both.
+--allocator bfc: TensorFlow's pooling CPU allocator instead of its default one (see bench_util.py).
 """
 
-import argparse
-import os
-import platform
-import statistics
-import sys
-import time
+import bench_util  # noqa: I001 - before TensorFlow: picks the allocator
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-if "--allocator=bfc" in sys.argv or "bfc" in sys.argv[sys.argv.index("--allocator") + 1 :][:1]:
-    os.environ["TF_CPU_ALLOCATOR_USE_BFC"] = "true"  # must be set before TensorFlow starts
+import numpy as np
+import tensorflow as tf
 
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-
-import tf_lora  # noqa: E402
+import tf_lora
 
 
 @tf.function(jit_compile=False)
@@ -44,17 +31,6 @@ def stream_copy(w, zero):
     return w + zero
 
 
-def _time(fn, args, iters):
-    fn(*args)  # trace and warm up
-    fn(*args)
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        fn(*args)  # CPU: the call returns when the result is computed
-        times.append(time.perf_counter() - start)
-    return times
-
-
 def bench(n_in, n_out, rank, dtype, iters, rounds):
     rng = np.random.default_rng(0)
     w = tf.constant(rng.standard_normal((n_in, n_out)), dtype)
@@ -69,12 +45,15 @@ def bench(n_in, n_out, rank, dtype, iters, rounds):
     got = tf_lora_merge(w, a, b, scale).numpy().astype(np.float64)
     rel_tol = {tf.float16: 2e-3, tf.bfloat16: 1e-2}.get(dtype, 1e-5)
     assert np.max(np.abs(got - reference) / (1 + np.abs(reference))) < rel_tol
-    samples = {"tf": [], "tf_lora": [], "copy": []}
-    for _ in range(rounds):  # interleaved, so drift hits all three alike
-        samples["tf"] += _time(tf_composition, (w, a, b, scale), iters)
-        samples["tf_lora"] += _time(tf_lora_merge, (w, a, b, scale), iters)
-        samples["copy"] += _time(stream_copy, (w, zero), iters)
-    med = {k: statistics.median(v) for k, v in samples.items()}
+    med = bench_util.compare(
+        {
+            "tf": (tf_composition, (w, a, b, scale)),
+            "tf_lora": (tf_lora_merge, (w, a, b, scale)),
+            "copy": (stream_copy, (w, zero)),
+        },
+        iters,
+        rounds,
+    )
     traffic = 2 * n_in * n_out * dtype.size  # read w, write the result
     print(
         f"{n_in}x{n_out} r={rank} {dtype.name:8s}  tf {med['tf'] * 1e3:7.2f} ms   "
@@ -85,18 +64,11 @@ def bench(n_in, n_out, rank, dtype, iters, rounds):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = bench_util.parser(__doc__.splitlines()[0])
     parser.add_argument("--shapes", nargs="+", default=["4096x4096x16", "4096x4096x64", "1024x1024x16"])
     parser.add_argument("--dtype", nargs="+", default=["float32"])
-    parser.add_argument("--iters", type=int, default=10)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--allocator", choices=["default", "bfc"], default="default")
     args = parser.parse_args()
-    print(
-        f"tf_lora {tf_lora.__version__}, TensorFlow {tf.__version__}, {platform.machine()}, "
-        f"{os.cpu_count()} CPUs, {args.allocator} CPU allocator; median of {args.iters * args.rounds} "
-        "calls in tf.function"
-    )
+    bench_util.header(args)
     for dtype in args.dtype:
         for shape in args.shapes:
             n_in, n_out, rank = map(int, shape.split("x"))

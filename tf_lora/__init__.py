@@ -8,7 +8,13 @@ from tf_lora._ensure_tf import ensure_tensorflow as _ensure_tensorflow
 
 _ensure_tensorflow()
 
-from tf_lora.python.ops.lora_ops import lora_apply, lora_matmul, lora_merge  # noqa: E402
+from tf_lora.python.ops.lora_ops import (  # noqa: E402
+    lora_apply,
+    lora_matmul,
+    lora_merge,
+    merge_into_variable,
+    unmerge_from_variable,
+)
 from tf_lora.version import __version__  # noqa: E402
 
 __all__ = [
@@ -16,4 +22,6 @@ __all__ = [
     "lora_apply",
     "lora_matmul",
     "lora_merge",
+    "merge_into_variable",
+    "unmerge_from_variable",
 ]

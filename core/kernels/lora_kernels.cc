@@ -5,6 +5,8 @@
 
 #include "core/kernels/lora.h"
 #include "tensorflow/core/framework/op_kernel.h"
+#include "tensorflow/core/framework/resource_mgr.h"
+#include "tensorflow/core/framework/resource_var.h"
 #include "tensorflow/core/framework/tensor.h"
 #include "tensorflow/core/framework/tensor_shape.h"
 
@@ -106,6 +108,74 @@ class LoraApplyOp : public OpKernel {
   }
 };
 
+template <typename Device, typename T>
+class ResourceLoraMergeOp : public OpKernel {
+ public:
+  explicit ResourceLoraMergeOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& a = ctx->input(1);
+    const Tensor& b = ctx->input(2);
+    const Tensor& scale = ctx->input(3);
+    tensorflow::core::RefCountPtr<tensorflow::Var> var;
+    const absl::Status lookup = tensorflow::LookupResource(
+        ctx, tensorflow::HandleFromInput(ctx, 0), &var);
+    OP_REQUIRES(ctx, lookup.ok(),
+                absl::InvalidArgumentError(absl::StrCat(
+                    "ResourceLoraMerge: var must be the handle of a resource "
+                    "variable: ",
+                    lookup.message())));
+    tensorflow::mutex_lock lock(*var->mu());
+    Tensor* w = var->tensor();
+    OP_REQUIRES(ctx, var->is_initialized,
+                absl::FailedPreconditionError(
+                    "ResourceLoraMerge: the variable is not initialized"));
+    OP_REQUIRES(
+        ctx, w->dtype() == tensorflow::DataTypeToEnum<T>::v(),
+        absl::InvalidArgumentError(absl::StrCat(
+            "ResourceLoraMerge: the variable has dtype ",
+            tensorflow::DataTypeString(w->dtype()),
+            " but a, b and scale have dtype ",
+            tensorflow::DataTypeString(tensorflow::DataTypeToEnum<T>::v()))));
+    const auto received = [&] {
+      return absl::StrCat("; got var ", w->shape().DebugString(), ", a ",
+                          a.shape().DebugString(), ", b ",
+                          b.shape().DebugString(), ", scale ",
+                          scale.shape().DebugString());
+    };
+    OP_REQUIRES(ctx,
+                TensorShapeUtils::IsMatrix(w->shape()) &&
+                    TensorShapeUtils::IsMatrix(a.shape()) &&
+                    TensorShapeUtils::IsMatrix(b.shape()) &&
+                    TensorShapeUtils::IsScalar(scale.shape()),
+                absl::InvalidArgumentError(absl::StrCat(
+                    "ResourceLoraMerge: expected var [in, out], a [in, r], "
+                    "b [r, out] and a scalar scale",
+                    received())));
+    const int64_t in = w->dim_size(0), out = w->dim_size(1), r = a.dim_size(1);
+    OP_REQUIRES(
+        ctx, a.dim_size(0) == in && b.dim_size(0) == r && b.dim_size(1) == out,
+        absl::InvalidArgumentError(absl::StrCat(
+            "ResourceLoraMerge: expected a [", in, ", r] and b [r, ", out,
+            "] to match var [in, out] and each other", received())));
+
+    // As TensorFlow's ResourceApply* ops: while a read still shares the
+    // variable's buffer (or reads copy on read), write the result to a new
+    // buffer, in the same single pass, and swap it in.
+    Tensor* target = w;
+    Tensor fresh;
+    if (var->copy_on_read_mode.load() || !w->RefCountIsOne()) {
+      OP_REQUIRES_OK(ctx, ctx->allocate_temp(w->dtype(), w->shape(), &fresh));
+      target = &fresh;
+    }
+    functor::LoraMerge<Device, T>()(ctx->eigen_device<Device>(), in, out, r,
+                                    w->flat<T>().data(), a.flat<T>().data(),
+                                    b.flat<T>().data(), scale.scalar<T>()(),
+                                    target->flat<T>().data());
+    if (target == &fresh) *w = fresh;
+  }
+};
+
 #define TF_LORA_REGISTER_CPU(T)                                 \
   REGISTER_KERNEL_BUILDER(Name("TfLora>LoraMerge")              \
                               .Device(::tensorflow::DEVICE_CPU) \
@@ -114,7 +184,11 @@ class LoraApplyOp : public OpKernel {
   REGISTER_KERNEL_BUILDER(Name("TfLora>LoraApply")              \
                               .Device(::tensorflow::DEVICE_CPU) \
                               .TypeConstraint<T>("T"),          \
-                          LoraApplyOp<CPUDevice, T>)
+                          LoraApplyOp<CPUDevice, T>);           \
+  REGISTER_KERNEL_BUILDER(Name("TfLora>ResourceLoraMerge")      \
+                              .Device(::tensorflow::DEVICE_CPU) \
+                              .TypeConstraint<T>("T"),          \
+                          ResourceLoraMergeOp<CPUDevice, T>)
 
 TF_LORA_REGISTER_CPU(float);
 TF_LORA_REGISTER_CPU(double);

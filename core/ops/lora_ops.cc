@@ -6,6 +6,7 @@
 #include "tensorflow/core/framework/common_shape_fns.h"
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/shape_inference.h"
+#include "tensorflow/core/framework/types.h"
 
 namespace tf_lora {
 namespace {
@@ -77,6 +78,42 @@ absl::Status LoraApplyShape(InferenceContext* c) {
   return absl::OkStatus();
 }
 
+absl::Status ResourceLoraMergeShape(InferenceContext* c) {
+  static constexpr char kOp[] = "ResourceLoraMerge";
+  static constexpr char kContract[] =
+      "var [in, out], a [in, r], b [r, out], scale []";
+  ShapeHandle a, b, scale;
+  TF_RETURN_IF_ERROR(c->WithRank(c->input(1), 2, &a));
+  TF_RETURN_IF_ERROR(c->WithRank(c->input(2), 2, &b));
+  TF_RETURN_IF_ERROR(c->WithRank(c->input(3), 0, &scale));
+  DimensionHandle in, r, out;
+  TF_RETURN_IF_ERROR(MergeDims(c, kOp, kContract, "r (a.shape[1], b.shape[0])",
+                               c->Dim(a, 1), c->Dim(b, 0), &r));
+  // The variable's shape and dtype, when the handle carries them.
+  const auto* handle_data = c->input_handle_shapes_and_types(0);
+  if (handle_data != nullptr && !handle_data->empty()) {
+    const auto& var = handle_data->front();
+    tensorflow::DataType dtype;
+    TF_RETURN_IF_ERROR(c->GetAttr("T", &dtype));
+    if (var.dtype != dtype) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(kOp, ": the variable has dtype ",
+                       tensorflow::DataTypeString(var.dtype),
+                       " but a, b and scale have dtype ",
+                       tensorflow::DataTypeString(dtype)));
+    }
+    ShapeHandle w;
+    TF_RETURN_IF_ERROR(c->WithRank(var.shape, 2, &w));
+    TF_RETURN_IF_ERROR(MergeDims(c, kOp, kContract,
+                                 "in (var.shape[0], a.shape[0])", c->Dim(w, 0),
+                                 c->Dim(a, 0), &in));
+    TF_RETURN_IF_ERROR(MergeDims(c, kOp, kContract,
+                                 "out (var.shape[1], b.shape[1])", c->Dim(w, 1),
+                                 c->Dim(b, 1), &out));
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 REGISTER_OP("TfLora>LoraMerge")
@@ -122,6 +159,29 @@ a: The adapter's down projection, [in, r].
 b: The adapter's up projection, [r, out].
 scale: Scalar multiplier of the update, usually alpha / r.
 y_out: y + scale * (x @ a) @ b, [N, out].
+)doc");
+
+REGISTER_OP("TfLora>ResourceLoraMerge")
+    .Input("var: resource")
+    .Input("a: T")
+    .Input("b: T")
+    .Input("scale: T")
+    .Attr("T: {float, double, half, bfloat16}")
+    .SetIsStateful()
+    .SetShapeFn(ResourceLoraMergeShape)
+    .Doc(R"doc(
+Merges a LoRA adapter into a resource variable in place: var += scale * (a @ b).
+
+This is how a server hot-swaps adapters without reallocating the base weight; a
+negative scale unmerges. The update writes the variable's own buffer, unless a
+read of the variable still shares it (then, as TensorFlow's ResourceApply* ops
+do, the result goes to a new buffer in the same single pass). On any error the
+variable is left as it was.
+
+var: A resource variable holding the base weight, [in, out].
+a: The adapter's down projection, [in, r].
+b: The adapter's up projection, [r, out].
+scale: Scalar multiplier of the update, usually alpha / r (negative to unmerge).
 )doc");
 
 }  // namespace tf_lora

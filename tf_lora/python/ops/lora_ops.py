@@ -152,3 +152,63 @@ def _sum_of_products(p, q):
     if p.dtype in _HALF_TYPES:
         return tf.cast(tf.reduce_sum(tf.cast(p, tf.float32) * tf.cast(q, tf.float32)), p.dtype)
     return tf.reduce_sum(p * q)
+
+
+def merge_into_variable(var, a, b, scale, name=None):
+    """Merges a LoRA adapter into a variable in place: `var += scale * a @ b`.
+
+    The update writes the variable's own buffer in one pass (no `[in, out]` tensor is allocated), which is
+    how a server hot-swaps adapters on a base weight it keeps. If a value read from the variable is still
+    alive and shares its buffer, that value is left untouched: the result goes to a new buffer in the same
+    single pass, as TensorFlow's own `ResourceApply*` ops do. On any error the variable is unchanged.
+
+    Args:
+      var: A resource variable (`tf.Variable`) holding the base weight, `[in, out]`.
+      a: The adapter's down projection, `[in, r]`, `var`'s dtype.
+      b: The adapter's up projection, `[r, out]`, `var`'s dtype.
+      scale: Scalar multiplier of the update (usually `alpha / r`).
+      name: Optional name of the op.
+
+    Returns:
+      None; the update op when building a TF1-style graph (outside `tf.function`), to run in a session.
+
+    Raises:
+      TypeError: `var` is not a resource variable.
+      tf.errors.InvalidArgumentError: shapes or dtypes that do not fit (the variable is unchanged).
+
+    >>> w = tf.Variable(tf.zeros([2, 3]))
+    >>> tf_lora.merge_into_variable(w, tf.ones([2, 1]), tf.ones([1, 3]), 0.5)
+    >>> w.numpy()
+    array([[0.5, 0.5, 0.5],
+           [0.5, 0.5, 0.5]], dtype=float32)
+    """
+    op = gen_lora_ops.tf_lora_resource_lora_merge(_variable_handle(var), a, b, scale, name=name)
+    return None if tf.inside_function() else op
+
+
+def unmerge_from_variable(var, a, b, scale, name=None):
+    """Removes a merged LoRA adapter from a variable in place: `var -= scale * a @ b`.
+
+    The inverse of `merge_into_variable(var, a, b, scale)`: merging then unmerging restores the weight to
+    within floating-point rounding. Same arguments, errors and guarantees.
+
+    >>> w = tf.Variable(tf.ones([2, 2]))
+    >>> a, b = tf.ones([2, 1]), tf.ones([1, 2])
+    >>> tf_lora.merge_into_variable(w, a, b, 0.5)
+    >>> tf_lora.unmerge_from_variable(w, a, b, 0.5)
+    >>> w.numpy()
+    array([[1., 1.],
+           [1., 1.]], dtype=float32)
+    """
+    with tf.name_scope(name or "unmerge_from_variable"):
+        return merge_into_variable(var, a, b, -tf.convert_to_tensor(scale, dtype=var.dtype))
+
+
+def _variable_handle(var):
+    handle = getattr(var, "handle", None)
+    if not isinstance(var, tf.Variable) or handle is None or handle.dtype != tf.resource:
+        raise TypeError(f"expected a resource variable (tf.Variable), got {type(var).__name__}")
+    return handle
+
+
+tf.no_gradient("TfLora>ResourceLoraMerge")

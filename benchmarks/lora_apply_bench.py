@@ -1,0 +1,139 @@
+"""Benchmark: tf_lora's LoRA layer ops against TensorFlow compositions of the same math, same run.
+
+decode   lora_matmul(x, w, a, b, s) and x @ w + s * (x @ a) @ b, each against plain tf.matmul(x, w)
+apply    lora_apply(y, x, a, b, s) against y + s * tf.matmul(tf.matmul(x, a), b), with the fraction of
+         the memory-traffic bound (read x and y, write y; bandwidth from a streaming pass measured here)
+fwd+bwd  lora_apply forward and gradients for x, a, b, against autodiff through the composition
+
+  .venv/bin/python benchmarks/lora_apply_bench.py [--allocator bfc] [--in 4096 --out 4096 --rank 16]
+"""
+
+import bench_util  # noqa: I001 - before TensorFlow: picks the allocator
+
+import numpy as np
+import tensorflow as tf
+
+import tf_lora
+
+
+@tf.function(jit_compile=False)
+def plain_matmul(x, w):
+    return tf.matmul(x, w)
+
+
+@tf.function(jit_compile=False)
+def lora_matmul(x, w, a, b, s):
+    return tf_lora.lora_matmul(x, w, a, b, s)
+
+
+@tf.function(jit_compile=False)
+def composed_matmul(x, w, a, b, s):
+    return tf.matmul(x, w) + s * tf.matmul(tf.matmul(x, a), b)
+
+
+@tf.function(jit_compile=False)
+def lora_apply(y, x, a, b, s):
+    return tf_lora.lora_apply(y, x, a, b, s)
+
+
+@tf.function(jit_compile=False)
+def composed_apply(y, x, a, b, s):
+    return y + s * tf.matmul(tf.matmul(x, a), b)
+
+
+@tf.function(jit_compile=False)
+def stream_copy(y, zero):
+    return y + zero
+
+
+def _fwd_bwd(apply):
+    @tf.function(jit_compile=False)
+    def step(y, x, a, b, s, g):
+        with tf.GradientTape() as tape:
+            tape.watch([x, a, b])
+            out = apply(y, x, a, b, s)
+        return tape.gradient(out, [x, a, b], output_gradients=g)
+
+    return step
+
+
+def _tensors(rng, dtype, *shapes):
+    return [tf.constant(rng.standard_normal(s) * 0.1, dtype) for s in shapes]
+
+
+def decode(n, n_in, n_out, rank, args):
+    rng = np.random.default_rng(n)
+    x, w, a, b = _tensors(rng, tf.float32, (n, n_in), (n_in, n_out), (n_in, rank), (rank, n_out))
+    s = tf.constant(2.0)
+    np.testing.assert_allclose(
+        lora_matmul(x, w, a, b, s), composed_matmul(x, w, a, b, s), rtol=1e-4, atol=1e-4
+    )
+    med = bench_util.compare(
+        {
+            "matmul": (plain_matmul, (x, w)),
+            "tf_lora": (lora_matmul, (x, w, a, b, s)),
+            "composed": (composed_matmul, (x, w, a, b, s)),
+        },
+        args.iters * 3,
+        args.rounds,
+    )
+    print(
+        f"decode  N={n:<5d} tf.matmul {med['matmul'] * 1e3:6.3f} ms   lora_matmul {med['tf_lora'] * 1e3:6.3f} ms "
+        f"({med['tf_lora'] / med['matmul']:.3f}x matmul)   composition {med['composed'] * 1e3:6.3f} ms "
+        f"({med['composed'] / med['matmul']:.3f}x matmul)"
+    )
+
+
+def apply(n, n_in, n_out, rank, args):
+    rng = np.random.default_rng(1)
+    y, x, a, b, g = _tensors(rng, tf.float32, (n, n_out), (n, n_in), (n_in, rank), (rank, n_out), (n, n_out))
+    s = tf.constant(2.0)
+    np.testing.assert_allclose(lora_apply(y, x, a, b, s), composed_apply(y, x, a, b, s), rtol=1e-4, atol=1e-4)
+    med = bench_util.compare(
+        {
+            "tf": (composed_apply, (y, x, a, b, s)),
+            "tf_lora": (lora_apply, (y, x, a, b, s)),
+            "copy": (stream_copy, (y, tf.constant(0.0))),
+        },
+        args.iters,
+        args.rounds,
+    )
+    bandwidth = 2 * n * n_out * 4 / med["copy"]  # bytes/s of a read + write streaming pass
+    bound = (n * n_in + 2 * n * n_out) * 4 / bandwidth  # read x, read y, write y
+    flops = 2 * 2 * n * rank * (n_in + n_out)
+    print(
+        f"apply   N={n:<5d} composition {med['tf'] * 1e3:7.2f} ms   lora_apply {med['tf_lora'] * 1e3:7.2f} ms   "
+        f"speedup {med['tf'] / med['tf_lora']:.2f}x   traffic bound {bound * 1e3:.2f} ms "
+        f"({bandwidth / 1e9:.1f} GB/s): {bound / med['tf_lora']:.0%} of it; {flops / med['tf_lora'] / 1e9:.0f} GFLOP/s"
+    )
+
+    ours, theirs = _fwd_bwd(tf_lora.lora_apply), _fwd_bwd(lambda y, x, a, b, s: y + s * (x @ a) @ b)
+    for got, expected in zip(ours(y, x, a, b, s, g), theirs(y, x, a, b, s, g), strict=True):
+        np.testing.assert_allclose(got, expected, rtol=2e-3, atol=2e-3)
+    med = bench_util.compare(
+        {"tf": (theirs, (y, x, a, b, s, g)), "tf_lora": (ours, (y, x, a, b, s, g))}, args.iters, args.rounds
+    )
+    print(
+        f"fwd+bwd N={n:<5d} autodiff {med['tf'] * 1e3:7.2f} ms   lora_apply {med['tf_lora'] * 1e3:7.2f} ms   "
+        f"speedup {med['tf'] / med['tf_lora']:.2f}x"
+    )
+
+
+def main():
+    parser = bench_util.parser(__doc__.splitlines()[0])
+    parser.add_argument("--in", dest="n_in", type=int, default=4096)
+    parser.add_argument("--out", dest="n_out", type=int, default=4096)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--decode", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--batch", type=int, nargs="+", default=[4096])
+    args = parser.parse_args()
+    bench_util.header(args)
+    print(f"in={args.n_in} out={args.n_out} r={args.rank} float32")
+    for n in args.decode:
+        decode(n, args.n_in, args.n_out, args.rank, args)
+    for n in args.batch:
+        apply(n, args.n_in, args.n_out, args.rank, args)
+
+
+if __name__ == "__main__":
+    main()
