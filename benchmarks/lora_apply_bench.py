@@ -47,12 +47,17 @@ def stream_copy(y, zero):
 
 
 def _fwd_bwd(apply):
+    """A training step's share of the layer: forward, a loss on its output, gradients for x, a and b.
+
+    The loss keeps the forward op alive: with only gradients returned, TensorFlow prunes a forward whose
+    output the gradient does not read (LoraApply's gradient needs only its inputs)."""
+
     @tf.function(jit_compile=False)
     def step(y, x, a, b, s, g):
         with tf.GradientTape() as tape:
             tape.watch([x, a, b])
-            out = apply(y, x, a, b, s)
-        return tape.gradient(out, [x, a, b], output_gradients=g)
+            loss = tf.reduce_sum(apply(y, x, a, b, s) * g)
+        return [loss] + tape.gradient(loss, [x, a, b])
 
     return step
 
@@ -124,8 +129,8 @@ def main():
     parser.add_argument("--in", dest="n_in", type=int, default=4096)
     parser.add_argument("--out", dest="n_out", type=int, default=4096)
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--decode", type=int, nargs="+", default=[1, 16])
-    parser.add_argument("--batch", type=int, nargs="+", default=[4096])
+    parser.add_argument("--decode", type=int, nargs="*", default=[1, 16])
+    parser.add_argument("--batch", type=int, nargs="*", default=[4096])
     args = parser.parse_args()
     bench_util.header(args)
     print(f"in={args.n_in} out={args.n_out} r={args.rank} float32")

@@ -51,11 +51,29 @@ struct LoraApply<Eigen::ThreadPoolDevice, T> {
                   const T* b, T scale, T* y_out) const;
 };
 
+// Gradients of LoraApply for the upstream gradient g ([n, out]):
+//   dx = scale * (g @ b^T) @ a^T          [n, in]
+//   da = scale * x^T @ (g @ b^T)          [in, r]
+//   db = scale * (x @ a)^T @ g            [r, out]
+//   dscale = sum((x @ a) * (g @ b^T))     []  (= sum(g * (x @ a) @ b))
+// (dy = g needs no kernel.) One pass over g and x; only [n, r]-sized
+// intermediates; results do not depend on the number of threads.
+template <typename Device, typename T>
+struct LoraApplyGrad;
+
+template <typename T>
+struct LoraApplyGrad<Eigen::ThreadPoolDevice, T> {
+  void operator()(const Eigen::ThreadPoolDevice& d, int64_t n, int64_t in,
+                  int64_t out, int64_t r, const T* g, const T* x, const T* a,
+                  const T* b, T scale, T* dx, T* da, T* db, T* dscale) const;
+};
+
 // Instantiated in lora_cpu.cc for float, double, Eigen::half and
 // Eigen::bfloat16.
 #define TF_LORA_DECLARE_CPU(T)                                  \
   extern template struct LoraMerge<Eigen::ThreadPoolDevice, T>; \
-  extern template struct LoraApply<Eigen::ThreadPoolDevice, T>;
+  extern template struct LoraApply<Eigen::ThreadPoolDevice, T>; \
+  extern template struct LoraApplyGrad<Eigen::ThreadPoolDevice, T>;
 TF_LORA_DECLARE_CPU(float)
 TF_LORA_DECLARE_CPU(double)
 TF_LORA_DECLARE_CPU(Eigen::half)

@@ -52,12 +52,15 @@ int64_t NumTiles(int64_t cols) {
   return (cols + kTile<Acc> - 1) / kTile<Acc>;
 }
 
-// Packs src [k, cols] (row-major) into [NumTiles(cols), k, kTile] of Acc,
-// zero-padded past `cols`, so a tile's k rows are contiguous. Walking src down
-// a column directly steps `cols` elements per k: at cols = 4096 every row
-// lands in the same L1 set and thrashes it.
+// Packs the [k, cols] matrix whose element (kk, c) is src[kk * k_stride + c *
+// col_stride] (row-major: col_stride 1; a transpose: k_stride 1) into
+// [NumTiles(cols), k, kTile] of Acc, zero-padded past `cols`, so a tile's k
+// rows are contiguous. Walking a row-major matrix down a column directly steps
+// `cols` elements per k: at cols = 4096 every row lands in the same L1 set and
+// thrashes it.
 template <typename Acc, typename T>
-std::vector<Acc> PackTiles(const T* src, int64_t k, int64_t cols) {
+std::vector<Acc> PackTiles(const T* src, int64_t k, int64_t cols,
+                           int64_t k_stride, int64_t col_stride) {
   std::vector<Acc> packed(NumTiles<Acc>(cols) * k * kTile<Acc>);
   for (int64_t t = 0; t < NumTiles<Acc>(cols); ++t) {
     const int64_t j0 = t * kTile<Acc>;
@@ -65,12 +68,17 @@ std::vector<Acc> PackTiles(const T* src, int64_t k, int64_t cols) {
     for (int64_t kk = 0; kk < k; ++kk) {
       Acc* dst = packed.data() + (t * k + kk) * kTile<Acc>;
       for (int64_t c = 0; c < width; ++c) {
-        dst[c] = static_cast<Acc>(src[kk * cols + j0 + c]);
+        dst[c] = static_cast<Acc>(src[kk * k_stride + (j0 + c) * col_stride]);
       }
       std::fill(dst + width, dst + kTile<Acc>, Acc(0));
     }
   }
   return packed;
+}
+
+template <typename Acc, typename T>
+std::vector<Acc> PackTiles(const T* src, int64_t k, int64_t cols) {
+  return PackTiles<Acc>(src, k, cols, /*k_stride=*/cols, /*col_stride=*/1);
 }
 
 // c_out[rows, cols] = c_in + scale * A[rows, k] @ B[k, cols]; c_out may alias
@@ -97,6 +105,30 @@ struct XaArgs {
   const T* x;
   const Acc* packed_a;  // PackTiles(a)
   Acc* xa;
+};
+
+// dx, da, db, dscale of LoraApply for upstream gradient g ([n, out]), in one
+// pass over row blocks of g and x. Shards of rows (their number depends on n
+// only, so results do not depend on the thread count) accumulate partial da^T
+// [shards, r, ld_in], db [shards, r, ld_out] and dscale [shards], summed in
+// shard order after (ld_*: whole tiles).
+constexpr int64_t kGradBlockRows = 64;  // rows per super-block
+
+template <typename T>
+struct LoraGradArgs {
+  using Acc = typename Accum<T>::type;
+  int64_t n, in, out, r, lda;  // lda: r rounded up to whole tiles
+  const T* g;
+  const T* x;
+  const Acc* packed_a;   // PackTiles(a), tiles over r: x @ a
+  const Acc* packed_bt;  // PackTiles(b^T), tiles over r: g @ b^T
+  const Acc* packed_at;  // PackTiles(a^T), tiles over in: (g b^T) @ a^T
+  Acc scale;
+  T* dx;
+  int64_t shard_rows, ld_in, ld_out;
+  Acc* da_t_parts;
+  Acc* db_parts;
+  Acc* dscale_parts;
 };
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -211,9 +243,92 @@ void LoraApply<Eigen::ThreadPoolDevice, T>::operator()(
   RowUpdate(d, n, out, r, y, xa.data(), lda, b, scale, y_out);
 }
 
+template <typename T>
+void LoraApplyGrad<Eigen::ThreadPoolDevice, T>::operator()(
+    const Eigen::ThreadPoolDevice& d, int64_t n, int64_t in, int64_t out,
+    int64_t r, const T* g, const T* x, const T* a, const T* b, T scale, T* dx,
+    T* da, T* db, T* dscale) const {
+  using Acc = typename Accum<T>::type;
+  // One shard per kShardRows rows (up to kMaxShards): each shard's partials
+  // (r * (in + out) values) are zeroed, filled and summed once per call, so
+  // shards must be big; the count depends on n alone.
+  constexpr int64_t kShardRows = 1024, kMaxShards = 16;
+  const int64_t lda = NumTiles<Acc>(r) * kTile<Acc>;
+  const int64_t shards = std::max<int64_t>(
+      1, std::min(kMaxShards, (n + kShardRows - 1) / kShardRows));
+  const int64_t shard_rows = (n + shards - 1) / shards;
+  const std::vector<Acc> packed_a = PackTiles<Acc>(a, in, r);
+  const std::vector<Acc> packed_bt =
+      PackTiles<Acc>(b, out, r, /*k_stride=*/1, /*col_stride=*/out);
+  const std::vector<Acc> packed_at =
+      PackTiles<Acc>(a, r, in, /*k_stride=*/1, /*col_stride=*/r);
+  const int64_t ld_in = NumTiles<Acc>(in) * kTile<Acc>;
+  const int64_t ld_out = NumTiles<Acc>(out) * kTile<Acc>;
+  std::vector<Acc> da_t_parts(shards * r * ld_in),
+      db_parts(shards * r * ld_out), dscale_parts(shards);
+  const LoraGradArgs<T> p{n,
+                          in,
+                          out,
+                          r,
+                          lda,
+                          g,
+                          x,
+                          packed_a.data(),
+                          packed_bt.data(),
+                          packed_at.data(),
+                          static_cast<Acc>(scale),
+                          dx,
+                          shard_rows,
+                          ld_in,
+                          ld_out,
+                          da_t_parts.data(),
+                          db_parts.data(),
+                          dscale_parts.data()};
+  if (n > 0) {
+    const auto kernel = Pick<LoraGradArgs<T>>(&avx2::LoraGradShards<T>,
+                                              &baseline::LoraGradShards<T>);
+    const double flops = 5.0 * shard_rows * r * (in + out);
+    d.parallelFor(shards,
+                  Eigen::TensorOpCost(shard_rows * (in + out) * sizeof(T),
+                                      shard_rows * in * sizeof(T), flops),
+                  [&p, kernel](Eigen::Index begin, Eigen::Index end) {
+                    kernel(p, begin, end);
+                  });
+  }
+  // Sum the shards' partials in shard order: db[k, j], and da[i, k] from the
+  // transposed partials.
+  const auto sum_shards = [&](const std::vector<Acc>& parts, int64_t ld,
+                              int64_t cols, auto&& store) {
+    d.parallelFor(r,
+                  Eigen::TensorOpCost(shards * cols * sizeof(Acc),
+                                      cols * sizeof(T), shards * cols),
+                  [&](Eigen::Index begin, Eigen::Index end) {
+                    std::vector<Acc> sum(cols);
+                    for (Eigen::Index k = begin; k < end; ++k) {
+                      std::fill(sum.begin(), sum.end(), Acc(0));
+                      for (int64_t s = 0; s < shards; ++s) {
+                        const Acc* part = parts.data() + (s * r + k) * ld;
+                        for (int64_t c = 0; c < cols; ++c) sum[c] += part[c];
+                      }
+                      for (int64_t c = 0; c < cols; ++c) store(k, c, sum[c]);
+                    }
+                  });
+  };
+  sum_shards(db_parts, ld_out, out, [db, out](int64_t k, int64_t j, Acc v) {
+    db[k * out + j] = static_cast<T>(v);
+  });
+  sum_shards(da_t_parts, ld_in, in, [da, r](int64_t k, int64_t i, Acc v) {
+    da[i * r + k] = static_cast<T>(v);
+  });
+  Acc total = 0;
+  for (const Acc part : dscale_parts) total += part;
+  *dscale = static_cast<T>(total);
+}
+
 #define TF_LORA_INSTANTIATE(T)                           \
   template struct LoraMerge<Eigen::ThreadPoolDevice, T>; \
-  template struct LoraApply<Eigen::ThreadPoolDevice, T>;
+  template struct LoraApply<Eigen::ThreadPoolDevice, T>; \
+  template struct LoraApplyGrad<Eigen::ThreadPoolDevice, T>;
 TF_LORA_INSTANTIATE(float)
 TF_LORA_INSTANTIATE(double)
 TF_LORA_INSTANTIATE(Eigen::half)

@@ -144,6 +144,87 @@ void CheckApplyShapes(const Eigen::ThreadPoolDevice& d, const char* type,
   }
 }
 
+template <typename T>
+void CheckApplyGrad(const Eigen::ThreadPoolDevice& d, const char* type,
+                    int64_t n, int64_t in, int64_t out, int64_t r, double tol) {
+  std::mt19937 rng(n * 31 + in * 1009 + out * 17 + r);
+  Buffer<T> g = Random<T>(n * out, &rng), x = Random<T>(n * in, &rng),
+            a = Random<T>(in * r, &rng), b = Random<T>(r * out, &rng);
+  const double s = 0.75;
+  Buffer<T> dx(n * in, static_cast<T>(-7.f)), da(in * r), db(r * out);
+  T dscale;
+  functor::LoraApplyGrad<Eigen::ThreadPoolDevice, T>()(
+      d, n, in, out, r, g.data(), x.data(), a.data(), b.data(),
+      static_cast<T>(s), dx.data(), da.data(), db.data(), &dscale);
+  const auto at = [](const Buffer<T>& m, int64_t i) {
+    return static_cast<double>(m[i]);
+  };
+  // Double references of the [n, r] factors, then of each gradient.
+  std::vector<double> xa(n * r, 0), gbt(n * r, 0);
+  for (int64_t i = 0; i < n; ++i) {
+    for (int64_t k = 0; k < r; ++k) {
+      for (int64_t c = 0; c < in; ++c)
+        xa[i * r + k] += at(x, i * in + c) * at(a, c * r + k);
+      for (int64_t j = 0; j < out; ++j)
+        gbt[i * r + k] += at(g, i * out + j) * at(b, k * out + j);
+    }
+  }
+  double err = 0, ref_dscale = 0;
+  const auto check = [&](double got, double ref, double terms) {
+    const double e =
+        std::abs(got - ref) / (1 + std::abs(ref) + 0.05 * std::sqrt(terms));
+    if (!(e <= err)) err = e;
+  };
+  for (int64_t i = 0; i < n; ++i) {
+    for (int64_t c = 0; c < in; ++c) {
+      double ref = 0;
+      for (int64_t k = 0; k < r; ++k)
+        ref += s * gbt[i * r + k] * at(a, c * r + k);
+      check(at(dx, i * in + c), ref, double(out) * r);
+    }
+    for (int64_t k = 0; k < r; ++k)
+      ref_dscale += xa[i * r + k] * gbt[i * r + k];
+  }
+  for (int64_t c = 0; c < in; ++c) {
+    for (int64_t k = 0; k < r; ++k) {
+      double ref = 0;
+      for (int64_t i = 0; i < n; ++i)
+        ref += s * at(x, i * in + c) * gbt[i * r + k];
+      check(at(da, c * r + k), ref, double(n) * out);
+    }
+  }
+  for (int64_t k = 0; k < r; ++k) {
+    for (int64_t j = 0; j < out; ++j) {
+      double ref = 0;
+      for (int64_t i = 0; i < n; ++i)
+        ref += s * xa[i * r + k] * at(g, i * out + j);
+      check(at(db, k * out + j), ref, double(n) * in);
+    }
+  }
+  check(static_cast<double>(dscale), ref_dscale, double(n) * r * (in + out));
+  const bool ok = err <= tol;
+  failures += !ok;
+  std::printf(
+      "%s LoraApplyGrad<%s> n=%lld in=%lld out=%lld r=%lld max_err=%.3g\n",
+      ok ? "PASS" : "FAIL", type, static_cast<long long>(n),
+      static_cast<long long>(in), static_cast<long long>(out),
+      static_cast<long long>(r), err);
+}
+
+template <typename T>
+void CheckApplyGradShapes(const Eigen::ThreadPoolDevice& d, const char* type,
+                          double tol) {
+  // (n, in, out, r): tails of every blocking (4-row tiles, 64-row blocks, 4-row
+  // groups of da/db, column tiles), several shards, r over one tile, empties.
+  const int64_t shapes[][4] = {
+      {1, 1, 1, 1},    {3, 5, 7, 2},     {5, 17, 33, 3},  {70, 24, 40, 16},
+      {9, 33, 70, 17}, {300, 19, 21, 5}, {0, 8, 8, 2},    {6, 10, 12, 0},
+      {6, 0, 12, 3},   {6, 10, 0, 3},    {2100, 8, 12, 4}};
+  for (const auto& s : shapes) {
+    CheckApplyGrad<T>(d, type, s[0], s[1], s[2], s[3], tol);
+  }
+}
+
 // Every output element is computed by the same code on the same inputs
 // whatever the sharding, so results must not depend on the thread count.
 void CheckThreadIndependence() {
@@ -168,7 +249,18 @@ void CheckThreadIndependence() {
       d1, in, out, r, w.data(), aw.data(), b.data(), 0.5f, m1.data());
   functor::LoraMerge<Eigen::ThreadPoolDevice, float>()(
       d3, in, out, r, w.data(), aw.data(), b.data(), 0.5f, m3.data());
-  const bool ok = one == many && m1 == m3;
+  Buffer<float> g = Random<float>(n * out, &rng);
+  Buffer<float> dx1(n * in), dx3(n * in), da1(in * r), da3(in * r),
+      db1(r * out), db3(r * out);
+  float ds1, ds3;
+  functor::LoraApplyGrad<Eigen::ThreadPoolDevice, float>()(
+      d1, n, in, out, r, g.data(), x.data(), a.data(), b.data(), 0.5f,
+      dx1.data(), da1.data(), db1.data(), &ds1);
+  functor::LoraApplyGrad<Eigen::ThreadPoolDevice, float>()(
+      d3, n, in, out, r, g.data(), x.data(), a.data(), b.data(), 0.5f,
+      dx3.data(), da3.data(), db3.data(), &ds3);
+  const bool ok = one == many && m1 == m3 && dx1 == dx3 && da1 == da3 &&
+                  db1 == db3 && ds1 == ds3;
   failures += !ok;
   std::printf("%s results identical on 1 and 3 threads\n",
               ok ? "PASS" : "FAIL");
@@ -236,6 +328,10 @@ int main(int argc, char** argv) {
   tf_lora::CheckApplyShapes<double>(device, "double", 1e-14);
   tf_lora::CheckApplyShapes<Eigen::half>(device, "half", 1e-3);
   tf_lora::CheckApplyShapes<Eigen::bfloat16>(device, "bfloat16", 4e-3);
+  tf_lora::CheckApplyGradShapes<float>(device, "float", 1e-5);
+  tf_lora::CheckApplyGradShapes<double>(device, "double", 1e-13);
+  tf_lora::CheckApplyGradShapes<Eigen::half>(device, "half", 2e-3);
+  tf_lora::CheckApplyGradShapes<Eigen::bfloat16>(device, "bfloat16", 8e-3);
   tf_lora::CheckThreadIndependence();
   tf_lora::CheckRoundingMatchesEigen<Eigen::half>(device, "half");
   tf_lora::CheckRoundingMatchesEigen<Eigen::bfloat16>(device, "bfloat16");

@@ -109,6 +109,55 @@ class LoraApplyOp : public OpKernel {
 };
 
 template <typename Device, typename T>
+class LoraApplyGradOp : public OpKernel {
+ public:
+  explicit LoraApplyGradOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& g = ctx->input(0);
+    const Tensor& x = ctx->input(1);
+    const Tensor& a = ctx->input(2);
+    const Tensor& b = ctx->input(3);
+    const Tensor& scale = ctx->input(4);
+    const auto received = [&] {
+      return absl::StrCat(
+          "; got grad ", g.shape().DebugString(), ", x ",
+          x.shape().DebugString(), ", a ", a.shape().DebugString(), ", b ",
+          b.shape().DebugString(), ", scale ", scale.shape().DebugString());
+    };
+    OP_REQUIRES(ctx,
+                TensorShapeUtils::IsMatrix(g.shape()) &&
+                    TensorShapeUtils::IsMatrix(x.shape()) &&
+                    TensorShapeUtils::IsMatrix(a.shape()) &&
+                    TensorShapeUtils::IsMatrix(b.shape()) &&
+                    TensorShapeUtils::IsScalar(scale.shape()),
+                absl::InvalidArgumentError(absl::StrCat(
+                    "LoraApplyGrad: expected grad [N, out], x [N, in], "
+                    "a [in, r], b [r, out] and a scalar scale",
+                    received())));
+    const int64_t n = g.dim_size(0), out = g.dim_size(1), in = x.dim_size(1),
+                  r = a.dim_size(1);
+    OP_REQUIRES(
+        ctx,
+        x.dim_size(0) == n && a.dim_size(0) == in && b.dim_size(0) == r &&
+            b.dim_size(1) == out,
+        absl::InvalidArgumentError(absl::StrCat(
+            "LoraApplyGrad: expected x [", n, ", in], a [in, r] and b [r, ",
+            out, "] to match grad [N, out] and each other", received())));
+    Tensor *dx, *da, *db, *dscale;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, x.shape(), &dx));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, a.shape(), &da));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(2, b.shape(), &db));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(3, scale.shape(), &dscale));
+    functor::LoraApplyGrad<Device, T>()(
+        ctx->eigen_device<Device>(), n, in, out, r, g.flat<T>().data(),
+        x.flat<T>().data(), a.flat<T>().data(), b.flat<T>().data(),
+        scale.scalar<T>()(), dx->flat<T>().data(), da->flat<T>().data(),
+        db->flat<T>().data(), dscale->flat<T>().data());
+  }
+};
+
+template <typename Device, typename T>
 class ResourceLoraMergeOp : public OpKernel {
  public:
   explicit ResourceLoraMergeOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
@@ -185,6 +234,10 @@ class ResourceLoraMergeOp : public OpKernel {
                               .Device(::tensorflow::DEVICE_CPU) \
                               .TypeConstraint<T>("T"),          \
                           LoraApplyOp<CPUDevice, T>);           \
+  REGISTER_KERNEL_BUILDER(Name("TfLora>LoraApplyGrad")          \
+                              .Device(::tensorflow::DEVICE_CPU) \
+                              .TypeConstraint<T>("T"),          \
+                          LoraApplyGradOp<CPUDevice, T>);       \
   REGISTER_KERNEL_BUILDER(Name("TfLora>ResourceLoraMerge")      \
                               .Device(::tensorflow::DEVICE_CPU) \
                               .TypeConstraint<T>("T"),          \

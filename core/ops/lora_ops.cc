@@ -78,6 +78,34 @@ absl::Status LoraApplyShape(InferenceContext* c) {
   return absl::OkStatus();
 }
 
+absl::Status LoraApplyGradShape(InferenceContext* c) {
+  static constexpr char kOp[] = "LoraApplyGrad";
+  static constexpr char kContract[] =
+      "grad [N, out], x [N, in], a [in, r], b [r, out], scale []";
+  ShapeHandle g, x, a, b, scale;
+  TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 2, &g));
+  TF_RETURN_IF_ERROR(c->WithRank(c->input(1), 2, &x));
+  TF_RETURN_IF_ERROR(c->WithRank(c->input(2), 2, &a));
+  TF_RETURN_IF_ERROR(c->WithRank(c->input(3), 2, &b));
+  TF_RETURN_IF_ERROR(c->WithRank(c->input(4), 0, &scale));
+  DimensionHandle n, in, r, out;
+  TF_RETURN_IF_ERROR(MergeDims(c, kOp, kContract,
+                               "N (grad.shape[0], x.shape[0])", c->Dim(g, 0),
+                               c->Dim(x, 0), &n));
+  TF_RETURN_IF_ERROR(MergeDims(c, kOp, kContract, "in (x.shape[1], a.shape[0])",
+                               c->Dim(x, 1), c->Dim(a, 0), &in));
+  TF_RETURN_IF_ERROR(MergeDims(c, kOp, kContract, "r (a.shape[1], b.shape[0])",
+                               c->Dim(a, 1), c->Dim(b, 0), &r));
+  TF_RETURN_IF_ERROR(MergeDims(c, kOp, kContract,
+                               "out (grad.shape[1], b.shape[1])", c->Dim(g, 1),
+                               c->Dim(b, 1), &out));
+  c->set_output(0, c->Matrix(n, in));
+  c->set_output(1, c->Matrix(in, r));
+  c->set_output(2, c->Matrix(r, out));
+  c->set_output(3, c->Scalar());
+  return absl::OkStatus();
+}
+
 absl::Status ResourceLoraMergeShape(InferenceContext* c) {
   static constexpr char kOp[] = "ResourceLoraMerge";
   static constexpr char kContract[] =
@@ -182,6 +210,38 @@ var: A resource variable holding the base weight, [in, out].
 a: The adapter's down projection, [in, r].
 b: The adapter's up projection, [r, out].
 scale: Scalar multiplier of the update, usually alpha / r (negative to unmerge).
+)doc");
+
+REGISTER_OP("TfLora>LoraApplyGrad")
+    .Input("grad: T")
+    .Input("x: T")
+    .Input("a: T")
+    .Input("b: T")
+    .Input("scale: T")
+    .Output("dx: T")
+    .Output("da: T")
+    .Output("db: T")
+    .Output("dscale: T")
+    .Attr("T: {float, double, half, bfloat16}")
+    .SetShapeFn(LoraApplyGradShape)
+    .Doc(R"doc(
+The gradients of LoraApply for its upstream gradient (the gradient for y is
+grad itself).
+
+One pass over grad and x with only [N, r] intermediates: the rows of dx are
+written as they are computed and da, db, dscale are accumulated per shard of
+rows, shards that depend on N only, so results do not depend on the number of
+threads. half and bfloat16 accumulate in float32.
+
+grad: The gradient for LoraApply's output, [N, out].
+x: The layer's input, [N, in].
+a: The adapter's down projection, [in, r].
+b: The adapter's up projection, [r, out].
+scale: The scale LoraApply ran with.
+dx: scale * (grad @ b^T) @ a^T, [N, in].
+da: scale * x^T @ (grad @ b^T), [in, r].
+db: scale * (x @ a)^T @ grad, [r, out].
+dscale: sum((x @ a) * (grad @ b^T)), [].
 )doc");
 
 }  // namespace tf_lora

@@ -187,3 +187,37 @@ def test_apply_wrong_ranks_and_dtypes():
         tf.function(tf_lora.lora_apply)(
             *[tf.zeros(s, tf.int32) for s in ([2, 4], [2, 5], [5, 1], [1, 4])], tf.constant(1)
         )
+
+
+def test_apply_second_order_gradient_numeric_float64():
+    """The registered gradient of LoraApplyGrad, through a loss built on first-order gradients."""
+    (y, _), (x, _), (a, _), (b, _) = _inputs((5, 4, 3, 2), tf.float64, seed=11)
+    scale = tf.constant(0.9, tf.float64)
+
+    def penalty(x, a, b, scale):
+        with tf.GradientTape() as tape:
+            tape.watch([x, a, b, scale])
+            loss = tf.reduce_sum(tf.sin(tf_lora.lora_apply(y, x, a, b, scale)))
+        dx, da, db, dscale = tape.gradient(loss, [x, a, b, scale])
+        return tf.reduce_sum(dx * dx) + tf.reduce_sum(tf.cos(da)) + tf.reduce_sum(db**3) + dscale**2
+
+    theoretical, numerical = tf.test.compute_gradient(penalty, [x, a, b, scale])
+    for t, n in zip(theoretical, numerical, strict=True):
+        # Central differences (step 1e-3) of cubic terms are good to about 1e-6 here; a wrong second
+        # derivative is off by O(1).
+        np.testing.assert_allclose(t, n, rtol=1e-5, atol=1e-5)
+
+
+def test_apply_grad_op_checks_its_inputs():
+    from tf_lora.python.ops import gen_lora_ops
+
+    with pytest.raises(
+        tf.errors.InvalidArgumentError, match=r"LoraApplyGrad: expected x \[5, in\].*got grad \[5,7\]"
+    ):
+        gen_lora_ops.tf_lora_lora_apply_grad(
+            tf.zeros([5, 7]), tf.zeros([4, 3]), tf.zeros([3, 2]), tf.zeros([2, 7]), 1.0
+        )
+    with pytest.raises(ValueError, match=r"LoraApplyGrad: out \(grad.shape\[1\], b.shape\[1\]\)"):
+        tf.function(gen_lora_ops.tf_lora_lora_apply_grad).get_concrete_function(
+            tf.zeros([5, 7]), tf.zeros([5, 3]), tf.zeros([3, 2]), tf.zeros([2, 6]), tf.constant(1.0)
+        )

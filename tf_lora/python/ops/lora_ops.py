@@ -132,19 +132,29 @@ def lora_matmul(x, w, a, b, scale, bias=None, name=None) -> tf.Tensor:
 
 @tf.RegisterGradient("TfLora>LoraApply")
 def _lora_apply_grad(op, grad):
-    """dy = g; dx = s (g b^T) a^T; da = s x^T (g b^T); db = s (x a)^T g; dscale = sum((x a) * (g b^T)).
-
-    Every product goes through an [N, r] factor with the scale folded into it, so the backward pass makes
-    no [N, out] or [N, in] temporary besides dx itself.
-    """
+    """dy = grad; dx, da, db, dscale from the fused TfLora>LoraApplyGrad kernel (one pass, [N, r] scratch)."""
     _, x, a, b, scale = op.inputs
-    g_bt = tf.matmul(grad, b, transpose_b=True)  # [N, r]
-    xa = tf.matmul(x, a)  # [N, r]
-    scaled_g_bt = scale * g_bt
-    dx = tf.matmul(scaled_g_bt, a, transpose_b=True)
-    da = tf.matmul(x, scaled_g_bt, transpose_a=True)
-    db = tf.matmul(scale * xa, grad, transpose_a=True)
-    return [grad, dx, da, db, _sum_of_products(xa, g_bt)]
+    dx, da, db, dscale = gen_lora_ops.tf_lora_lora_apply_grad(grad, x, a, b, scale)
+    return [grad, dx, da, db, dscale]
+
+
+@tf.RegisterGradient("TfLora>LoraApplyGrad")
+def _lora_apply_grad_grad(op, *grads):
+    """Second derivatives, for Hessian-vector products and gradient penalties: LoraApplyGrad is linear in
+    grad, in x and in each of a, b, scale, so this differentiates the same products written with
+    tf.matmul."""
+    g, x, a, b, scale = op.inputs
+    with tf.GradientTape() as tape:
+        tape.watch([g, x, a, b, scale])
+        g_bt = tf.matmul(g, b, transpose_b=True)
+        xa = tf.matmul(x, a)
+        outputs = [
+            scale * tf.matmul(g_bt, a, transpose_b=True),
+            scale * tf.matmul(x, g_bt, transpose_a=True),
+            scale * tf.matmul(xa, g, transpose_a=True),
+            tf.reduce_sum(xa * g_bt),
+        ]
+    return tape.gradient(outputs, [g, x, a, b, scale], output_gradients=list(grads))
 
 
 def _sum_of_products(p, q):
