@@ -82,9 +82,10 @@ def decode(n, n_in, n_out, rank, args):
         args.iters * 3,
         args.rounds,
     )
+    ms = {k: v * 1e3 for k, v in med.items()}
     print(
-        f"decode  N={n:<5d} tf.matmul {med['matmul'] * 1e3:6.3f} ms   lora_matmul {med['tf_lora'] * 1e3:6.3f} ms "
-        f"({med['tf_lora'] / med['matmul']:.3f}x matmul)   composition {med['composed'] * 1e3:6.3f} ms "
+        f"decode  N={n:<5d} tf.matmul {ms['matmul']:6.3f} ms   lora_matmul {ms['tf_lora']:6.3f} ms "
+        f"({med['tf_lora'] / med['matmul']:.3f}x matmul)   composition {ms['composed']:6.3f} ms "
         f"({med['composed'] / med['matmul']:.3f}x matmul)"
     )
 
@@ -106,10 +107,12 @@ def apply(n, n_in, n_out, rank, args):
     bandwidth = 2 * n * n_out * 4 / med["copy"]  # bytes/s of a read + write streaming pass
     bound = (n * n_in + 2 * n * n_out) * 4 / bandwidth  # read x, read y, write y
     flops = 2 * 2 * n * rank * (n_in + n_out)
+    ms = {k: v * 1e3 for k, v in med.items()}
     print(
-        f"apply   N={n:<5d} composition {med['tf'] * 1e3:7.2f} ms   lora_apply {med['tf_lora'] * 1e3:7.2f} ms   "
+        f"apply   N={n:<5d} composition {ms['tf']:7.2f} ms   lora_apply {ms['tf_lora']:7.2f} ms   "
         f"speedup {med['tf'] / med['tf_lora']:.2f}x   traffic bound {bound * 1e3:.2f} ms "
-        f"({bandwidth / 1e9:.1f} GB/s): {bound / med['tf_lora']:.0%} of it; {flops / med['tf_lora'] / 1e9:.0f} GFLOP/s"
+        f"({bandwidth / 1e9:.1f} GB/s): {bound / med['tf_lora']:.0%} of it; "
+        f"{flops / med['tf_lora'] / 1e9:.0f} GFLOP/s"
     )
 
     ours, theirs = _fwd_bwd(tf_lora.lora_apply), _fwd_bwd(lambda y, x, a, b, s: y + s * (x @ a) @ b)
