@@ -9,6 +9,8 @@ from tf_lora._ensure_tf import ensure_tensorflow as _ensure_tensorflow
 _ensure_tensorflow()
 
 from tf_lora.python.ops.lora_ops import (  # noqa: E402
+    batched_lora_apply,
+    batched_lora_matmul,
     lora_apply,
     lora_matmul,
     lora_merge,
@@ -19,6 +21,8 @@ from tf_lora.version import __version__  # noqa: E402
 
 __all__ = [
     "__version__",
+    "batched_lora_apply",
+    "batched_lora_matmul",
     "lora_apply",
     "lora_matmul",
     "lora_merge",

@@ -68,12 +68,45 @@ struct LoraApplyGrad<Eigen::ThreadPoolDevice, T> {
                   const T* b, T scale, T* dx, T* da, T* db, T* dscale) const;
 };
 
+// Multi-adapter LoraApply: row i uses adapter ids[i] of `adapters` stacked
+// ones (a_stack [adapters, in, r], b_stack [adapters, r, out], scales
+// [adapters]); id -1 passes the row through. ids must lie in [-1, adapters)
+// (the caller checks). Rows are grouped by adapter internally; y_out may alias
+// y; no [n, out] temporary.
+template <typename Device, typename T>
+struct BatchedLoraApply;
+
+template <typename T>
+struct BatchedLoraApply<Eigen::ThreadPoolDevice, T> {
+  void operator()(const Eigen::ThreadPoolDevice& d, int64_t n, int64_t in,
+                  int64_t out, int64_t r, int64_t adapters, const T* y,
+                  const T* x, const T* a_stack, const T* b_stack,
+                  const int32_t* ids, const T* scales, T* y_out) const;
+};
+
+// Gradients of BatchedLoraApply for upstream gradient g: for each adapter k,
+// LoraApplyGrad over the rows with id k gives da_stack[k], db_stack[k],
+// dscales[k] and those rows of dx; rows with id -1 get dx = 0.
+template <typename Device, typename T>
+struct BatchedLoraApplyGrad;
+
+template <typename T>
+struct BatchedLoraApplyGrad<Eigen::ThreadPoolDevice, T> {
+  void operator()(const Eigen::ThreadPoolDevice& d, int64_t n, int64_t in,
+                  int64_t out, int64_t r, int64_t adapters, const T* g,
+                  const T* x, const T* a_stack, const T* b_stack,
+                  const int32_t* ids, const T* scales, T* dx, T* da_stack,
+                  T* db_stack, T* dscales) const;
+};
+
 // Instantiated in lora_cpu.cc for float, double, Eigen::half and
 // Eigen::bfloat16.
-#define TF_LORA_DECLARE_CPU(T)                                  \
-  extern template struct LoraMerge<Eigen::ThreadPoolDevice, T>; \
-  extern template struct LoraApply<Eigen::ThreadPoolDevice, T>; \
-  extern template struct LoraApplyGrad<Eigen::ThreadPoolDevice, T>;
+#define TF_LORA_DECLARE_CPU(T)                                         \
+  extern template struct LoraMerge<Eigen::ThreadPoolDevice, T>;        \
+  extern template struct LoraApply<Eigen::ThreadPoolDevice, T>;        \
+  extern template struct LoraApplyGrad<Eigen::ThreadPoolDevice, T>;    \
+  extern template struct BatchedLoraApply<Eigen::ThreadPoolDevice, T>; \
+  extern template struct BatchedLoraApplyGrad<Eigen::ThreadPoolDevice, T>;
 TF_LORA_DECLARE_CPU(float)
 TF_LORA_DECLARE_CPU(double)
 TF_LORA_DECLARE_CPU(Eigen::half)

@@ -83,6 +83,7 @@ std::vector<Acc> PackTiles(const T* src, int64_t k, int64_t cols) {
 
 // c_out[rows, cols] = c_in + scale * A[rows, k] @ B[k, cols]; c_out may alias
 // c_in. TA is T (merge: A = a) or the accumulation type (apply: A = x @ a).
+// With rows_map, row i of A updates row rows_map[i] of c_in and c_out.
 template <typename T, typename TA>
 struct RowUpdateArgs {
   using Acc = typename Accum<T>::type;
@@ -94,6 +95,9 @@ struct RowUpdateArgs {
   int64_t panel_tiles;  // tiles per column panel: k * panel fits in L2
   Acc scale;
   T* c_out;
+  const int64_t* rows_map = nullptr;  // rows of c_in/c_out (null: i -> i)
+
+  int64_t Row(int64_t i) const { return rows_map != nullptr ? rows_map[i] : i; }
 };
 
 // xa[rows, NumTiles(r) * kTile] = x[rows, in] @ a[in, r] in the accumulation
@@ -105,6 +109,7 @@ struct XaArgs {
   const T* x;
   const Acc* packed_a;  // PackTiles(a)
   Acc* xa;
+  const int64_t* rows_map = nullptr;  // row i of xa from row rows_map[i] of x
 };
 
 // dx, da, db, dscale of LoraApply for upstream gradient g ([n, out]), in one
@@ -129,6 +134,7 @@ struct LoraGradArgs {
   Acc* da_t_parts;
   Acc* db_parts;
   Acc* dscale_parts;
+  const int64_t* rows_map = nullptr;  // rows of g, x, dx (null: i -> i)
 };
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -180,7 +186,7 @@ BlockKernel<Args> Pick(BlockKernel<Args> avx2_kernel,
 template <typename T, typename TA>
 void RowUpdate(const Eigen::ThreadPoolDevice& d, int64_t rows, int64_t cols,
                int64_t k, const T* c_in, const TA* a, int64_t lda, const T* b,
-               T scale, T* c_out) {
+               T scale, T* c_out, const int64_t* rows_map = nullptr) {
   using Acc = typename Accum<T>::type;
   constexpr int64_t kPanelBytes = 128 << 10;  // leaves L2 room for c's rows
   if (rows == 0 || cols == 0) return;
@@ -196,7 +202,8 @@ void RowUpdate(const Eigen::ThreadPoolDevice& d, int64_t rows, int64_t cols,
                                packed_b.data(),
                                panel_tiles,
                                static_cast<Acc>(scale),
-                               c_out};
+                               c_out,
+                               rows_map};
   const auto kernel = Pick<RowUpdateArgs<T, TA>>(
       &avx2::RowUpdateBlocks<T, TA>, &baseline::RowUpdateBlocks<T, TA>);
   const double row_bytes = static_cast<double>(cols * sizeof(T));
@@ -207,6 +214,49 @@ void RowUpdate(const Eigen::ThreadPoolDevice& d, int64_t rows, int64_t cols,
                 [&p, kernel](Eigen::Index begin, Eigen::Index end) {
                   kernel(p, begin, end);
                 });
+}
+
+// Groups rows by adapter id (stable counting sort), so that each adapter runs
+// the single-adapter kernels over its rows through a row map. Group g holds
+// the rows with id g - 1 (g = 0: id -1, no adapter), at
+// order[start[g] .. start[g + 1]).
+void GroupRowsByAdapter(int64_t n, int64_t adapters, const int32_t* ids,
+                        std::vector<int64_t>* start,
+                        std::vector<int64_t>* order) {
+  const int64_t groups = adapters + 1;
+  start->assign(groups + 1, 0);
+  for (int64_t i = 0; i < n; ++i) ++(*start)[ids[i] + 2];  // count of group
+  for (int64_t g = 1; g <= groups; ++g) (*start)[g] += (*start)[g - 1];
+  std::vector<int64_t> next(start->begin(), start->end() - 1);
+  order->resize(n);
+  for (int64_t i = 0; i < n; ++i) (*order)[next[ids[i] + 1]++] = i;
+}
+
+// y_out[row] = y[row] + scale * (x[row] @ a) @ b for `rows` rows: row i is
+// rows_map[i], or i when rows_map is null. Two passes, each keeping one operand
+// hot in L2: xa = x @ a ([rows, r] in the accumulation type, small beside x),
+// then one pass over y.
+template <typename T>
+void ApplyRows(const Eigen::ThreadPoolDevice& d, int64_t rows,
+               const int64_t* rows_map, int64_t in, int64_t out, int64_t r,
+               const T* y, const T* x, const T* a, const T* b, T scale,
+               T* y_out) {
+  using Acc = typename Accum<T>::type;
+  if (rows == 0 || out == 0) return;
+  const std::vector<Acc> packed_a = PackTiles<Acc>(a, in, r);
+  const int64_t lda = NumTiles<Acc>(r) * kTile<Acc>;
+  std::vector<Acc> xa(rows * lda);
+  const XaArgs<T> p{rows, in, r, x, packed_a.data(), xa.data(), rows_map};
+  const auto kernel =
+      Pick<XaArgs<T>>(&avx2::XaRowBlocks<T>, &baseline::XaRowBlocks<T>);
+  const Eigen::TensorOpCost cost(kRows * in * sizeof(T),
+                                 kRows * lda * sizeof(Acc),
+                                 kRows * static_cast<double>(in) * lda);
+  d.parallelFor((rows + kRows - 1) / kRows, cost,
+                [&p, kernel](Eigen::Index begin, Eigen::Index end) {
+                  kernel(p, begin, end);
+                });
+  RowUpdate(d, rows, out, r, y, xa.data(), lda, b, scale, y_out, rows_map);
 }
 
 }  // namespace
@@ -223,31 +273,38 @@ void LoraApply<Eigen::ThreadPoolDevice, T>::operator()(
     const Eigen::ThreadPoolDevice& d, int64_t n, int64_t in, int64_t out,
     int64_t r, const T* y, const T* x, const T* a, const T* b, T scale,
     T* y_out) const {
-  using Acc = typename Accum<T>::type;
-  if (n == 0 || out == 0) return;
-  // Phase 1: xa = x @ a, [n, r] in the accumulation type (small beside x).
-  const std::vector<Acc> packed_a = PackTiles<Acc>(a, in, r);
-  const int64_t lda = NumTiles<Acc>(r) * kTile<Acc>;
-  std::vector<Acc> xa(n * lda);
-  const XaArgs<T> p{n, in, r, x, packed_a.data(), xa.data()};
-  const auto kernel =
-      Pick<XaArgs<T>>(&avx2::XaRowBlocks<T>, &baseline::XaRowBlocks<T>);
-  const Eigen::TensorOpCost cost(kRows * in * sizeof(T),
-                                 kRows * lda * sizeof(Acc),
-                                 kRows * static_cast<double>(in) * lda);
-  d.parallelFor((n + kRows - 1) / kRows, cost,
-                [&p, kernel](Eigen::Index begin, Eigen::Index end) {
-                  kernel(p, begin, end);
-                });
-  // Phase 2: y_out = y + scale * xa @ b, one pass over y.
-  RowUpdate(d, n, out, r, y, xa.data(), lda, b, scale, y_out);
+  ApplyRows(d, n, /*rows_map=*/nullptr, in, out, r, y, x, a, b, scale, y_out);
 }
 
 template <typename T>
-void LoraApplyGrad<Eigen::ThreadPoolDevice, T>::operator()(
+void BatchedLoraApply<Eigen::ThreadPoolDevice, T>::operator()(
     const Eigen::ThreadPoolDevice& d, int64_t n, int64_t in, int64_t out,
-    int64_t r, const T* g, const T* x, const T* a, const T* b, T scale, T* dx,
-    T* da, T* db, T* dscale) const {
+    int64_t r, int64_t adapters, const T* y, const T* x, const T* a_stack,
+    const T* b_stack, const int32_t* ids, const T* scales, T* y_out) const {
+  if (n == 0 || out == 0) return;
+  std::vector<int64_t> start, order;
+  GroupRowsByAdapter(n, adapters, ids, &start, &order);
+  if (y_out != y) {  // rows with no adapter pass through
+    for (int64_t e = start[0]; e < start[1]; ++e) {
+      std::copy_n(y + order[e] * out, out, y_out + order[e] * out);
+    }
+  }
+  for (int64_t k = 0; k < adapters; ++k) {
+    const int64_t begin = start[k + 1], rows = start[k + 2] - begin;
+    ApplyRows(d, rows, order.data() + begin, in, out, r, y, x,
+              a_stack + k * in * r, b_stack + k * r * out, scales[k], y_out);
+  }
+}
+
+namespace {
+
+// LoraApplyGrad over n rows (row i is rows_map[i], or i when rows_map is
+// null): dx for those rows, and da, db, dscale from them alone.
+template <typename T>
+void GradRows(const Eigen::ThreadPoolDevice& d, int64_t n,
+              const int64_t* rows_map, int64_t in, int64_t out, int64_t r,
+              const T* g, const T* x, const T* a, const T* b, T scale, T* dx,
+              T* da, T* db, T* dscale) {
   using Acc = typename Accum<T>::type;
   // One shard per kShardRows rows (up to kMaxShards): each shard's partials
   // (r * (in + out) values) are zeroed, filled and summed once per call, so
@@ -283,7 +340,8 @@ void LoraApplyGrad<Eigen::ThreadPoolDevice, T>::operator()(
                           ld_out,
                           da_t_parts.data(),
                           db_parts.data(),
-                          dscale_parts.data()};
+                          dscale_parts.data(),
+                          rows_map};
   if (n > 0) {
     const auto kernel = Pick<LoraGradArgs<T>>(&avx2::LoraGradShards<T>,
                                               &baseline::LoraGradShards<T>);
@@ -325,10 +383,42 @@ void LoraApplyGrad<Eigen::ThreadPoolDevice, T>::operator()(
   *dscale = static_cast<T>(total);
 }
 
-#define TF_LORA_INSTANTIATE(T)                           \
-  template struct LoraMerge<Eigen::ThreadPoolDevice, T>; \
-  template struct LoraApply<Eigen::ThreadPoolDevice, T>; \
-  template struct LoraApplyGrad<Eigen::ThreadPoolDevice, T>;
+}  // namespace
+
+template <typename T>
+void LoraApplyGrad<Eigen::ThreadPoolDevice, T>::operator()(
+    const Eigen::ThreadPoolDevice& d, int64_t n, int64_t in, int64_t out,
+    int64_t r, const T* g, const T* x, const T* a, const T* b, T scale, T* dx,
+    T* da, T* db, T* dscale) const {
+  GradRows(d, n, /*rows_map=*/nullptr, in, out, r, g, x, a, b, scale, dx, da,
+           db, dscale);
+}
+
+template <typename T>
+void BatchedLoraApplyGrad<Eigen::ThreadPoolDevice, T>::operator()(
+    const Eigen::ThreadPoolDevice& d, int64_t n, int64_t in, int64_t out,
+    int64_t r, int64_t adapters, const T* g, const T* x, const T* a_stack,
+    const T* b_stack, const int32_t* ids, const T* scales, T* dx, T* da_stack,
+    T* db_stack, T* dscales) const {
+  std::vector<int64_t> start, order;
+  GroupRowsByAdapter(n, adapters, ids, &start, &order);
+  for (int64_t e = start[0]; e < start[1]; ++e) {  // rows with no adapter
+    std::fill_n(dx + order[e] * in, in, T(0));
+  }
+  for (int64_t k = 0; k < adapters; ++k) {
+    const int64_t begin = start[k + 1], rows = start[k + 2] - begin;
+    GradRows(d, rows, order.data() + begin, in, out, r, g, x,
+             a_stack + k * in * r, b_stack + k * r * out, scales[k], dx,
+             da_stack + k * in * r, db_stack + k * r * out, dscales + k);
+  }
+}
+
+#define TF_LORA_INSTANTIATE(T)                                  \
+  template struct LoraMerge<Eigen::ThreadPoolDevice, T>;        \
+  template struct LoraApply<Eigen::ThreadPoolDevice, T>;        \
+  template struct LoraApplyGrad<Eigen::ThreadPoolDevice, T>;    \
+  template struct BatchedLoraApply<Eigen::ThreadPoolDevice, T>; \
+  template struct BatchedLoraApplyGrad<Eigen::ThreadPoolDevice, T>;
 TF_LORA_INSTANTIATE(float)
 TF_LORA_INSTANTIATE(double)
 TF_LORA_INSTANTIATE(Eigen::half)

@@ -4,6 +4,7 @@
 
 #define EIGEN_USE_THREADS
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -225,6 +226,100 @@ void CheckApplyGradShapes(const Eigen::ThreadPoolDevice& d, const char* type,
   }
 }
 
+// BatchedLoraApply must equal a loop of single-row LoraApply calls, and its
+// gradient the per-adapter LoraApplyGrad of the gathered rows: bit for bit,
+// since each element goes through the same arithmetic in the same order.
+template <typename T>
+void CheckBatched(const Eigen::ThreadPoolDevice& d, const char* type, int64_t n,
+                  int64_t in, int64_t out, int64_t r, int64_t adapters,
+                  bool in_place) {
+  std::mt19937 rng(n * 13 + in * 7 + out * 3 + r + adapters);
+  Buffer<T> y = Random<T>(n * out, &rng), x = Random<T>(n * in, &rng),
+            a = Random<T>(adapters * in * r, &rng),
+            b = Random<T>(adapters * r * out, &rng),
+            scales = Random<T>(adapters, &rng), g = Random<T>(n * out, &rng);
+  std::vector<int32_t> ids(n);
+  // Adapter `adapters - 1` gets no rows when there are several adapters.
+  const int64_t used = adapters > 1 ? adapters - 1 : adapters;
+  for (auto& id : ids) id = static_cast<int32_t>(rng() % (used + 1)) - 1;
+  const Buffer<T> y0 = y;
+  Buffer<T> y_out(n * out, static_cast<T>(-7.f));
+  T* result = in_place ? y.data() : y_out.data();
+  functor::BatchedLoraApply<Eigen::ThreadPoolDevice, T>()(
+      d, n, in, out, r, adapters, y.data(), x.data(), a.data(), b.data(),
+      ids.data(), scales.data(), result);
+  bool ok = true;
+  Buffer<T> row(out);
+  for (int64_t i = 0; i < n; ++i) {
+    std::copy_n(y0.data() + i * out, out, row.data());
+    if (ids[i] >= 0) {
+      const int64_t k = ids[i];
+      functor::LoraApply<Eigen::ThreadPoolDevice, T>()(
+          d, 1, in, out, r, row.data(), x.data() + i * in,
+          a.data() + k * in * r, b.data() + k * r * out, scales[k], row.data());
+    }
+    ok &= std::equal(row.begin(), row.end(), result + i * out);
+  }
+  // Gradients.
+  Buffer<T> dx(n * in, static_cast<T>(-7.f)), da(adapters * in * r),
+      db(adapters * r * out), ds(adapters);
+  functor::BatchedLoraApplyGrad<Eigen::ThreadPoolDevice, T>()(
+      d, n, in, out, r, adapters, g.data(), x.data(), a.data(), b.data(),
+      ids.data(), scales.data(), dx.data(), da.data(), db.data(), ds.data());
+  for (int64_t k = -1; k < adapters; ++k) {
+    std::vector<int64_t> rows;
+    for (int64_t i = 0; i < n; ++i) {
+      if (ids[i] == k) rows.push_back(i);
+    }
+    if (k < 0) {
+      for (int64_t i : rows) {
+        ok &= std::all_of(dx.begin() + i * in, dx.begin() + (i + 1) * in,
+                          [](T v) { return static_cast<float>(v) == 0.f; });
+      }
+      continue;
+    }
+    const int64_t m = rows.size();
+    Buffer<T> gk(m * out), xk(m * in), dxk(m * in), dak(in * r), dbk(r * out);
+    T dsk;
+    for (int64_t j = 0; j < m; ++j) {
+      std::copy_n(g.data() + rows[j] * out, out, gk.data() + j * out);
+      std::copy_n(x.data() + rows[j] * in, in, xk.data() + j * in);
+    }
+    functor::LoraApplyGrad<Eigen::ThreadPoolDevice, T>()(
+        d, m, in, out, r, gk.data(), xk.data(), a.data() + k * in * r,
+        b.data() + k * r * out, scales[k], dxk.data(), dak.data(), dbk.data(),
+        &dsk);
+    for (int64_t j = 0; j < m; ++j) {
+      ok &= std::equal(dxk.begin() + j * in, dxk.begin() + (j + 1) * in,
+                       dx.begin() + rows[j] * in);
+    }
+    ok &= std::equal(dak.begin(), dak.end(), da.begin() + k * in * r);
+    ok &= std::equal(dbk.begin(), dbk.end(), db.begin() + k * r * out);
+    ok &= static_cast<float>(dsk) == static_cast<float>(ds[k]);
+  }
+  failures += !ok;
+  std::printf(
+      "%s BatchedLoraApply<%s> n=%lld in=%lld out=%lld r=%lld "
+      "adapters=%lld%s equals per-row applies and per-adapter grads\n",
+      ok ? "PASS" : "FAIL", type, static_cast<long long>(n),
+      static_cast<long long>(in), static_cast<long long>(out),
+      static_cast<long long>(r), static_cast<long long>(adapters),
+      in_place ? " in-place" : "");
+}
+
+template <typename T>
+void CheckBatchedShapes(const Eigen::ThreadPoolDevice& d, const char* type) {
+  const int64_t shapes[][5] = {{1, 3, 5, 2, 1},     {13, 9, 17, 3, 4},
+                               {70, 20, 33, 16, 3}, {300, 16, 24, 5, 8},
+                               {0, 4, 4, 2, 2},     {9, 6, 7, 0, 2},
+                               {1100, 8, 16, 4, 2}};
+  for (const auto& s : shapes) {
+    for (bool in_place : {false, true}) {
+      CheckBatched<T>(d, type, s[0], s[1], s[2], s[3], s[4], in_place);
+    }
+  }
+}
+
 // Every output element is computed by the same code on the same inputs
 // whatever the sharding, so results must not depend on the thread count.
 void CheckThreadIndependence() {
@@ -332,6 +427,10 @@ int main(int argc, char** argv) {
   tf_lora::CheckApplyGradShapes<double>(device, "double", 1e-13);
   tf_lora::CheckApplyGradShapes<Eigen::half>(device, "half", 2e-3);
   tf_lora::CheckApplyGradShapes<Eigen::bfloat16>(device, "bfloat16", 8e-3);
+  tf_lora::CheckBatchedShapes<float>(device, "float");
+  tf_lora::CheckBatchedShapes<double>(device, "double");
+  tf_lora::CheckBatchedShapes<Eigen::half>(device, "half");
+  tf_lora::CheckBatchedShapes<Eigen::bfloat16>(device, "bfloat16");
   tf_lora::CheckThreadIndependence();
   tf_lora::CheckRoundingMatchesEigen<Eigen::half>(device, "half");
   tf_lora::CheckRoundingMatchesEigen<Eigen::bfloat16>(device, "bfloat16");

@@ -3,6 +3,10 @@
 
 #define EIGEN_USE_THREADS
 
+#include <initializer_list>
+#include <string>
+#include <utility>
+
 #include "core/kernels/lora.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/resource_mgr.h"
@@ -16,8 +20,140 @@ using ::tensorflow::OpKernel;
 using ::tensorflow::OpKernelConstruction;
 using ::tensorflow::OpKernelContext;
 using ::tensorflow::Tensor;
+using ::tensorflow::TensorShape;
 using ::tensorflow::TensorShapeUtils;
 using CPUDevice = Eigen::ThreadPoolDevice;
+
+namespace {
+
+using Named = std::pair<const char*, const TensorShape*>;
+
+// "; got y [4,8], x [4,3], ..." for error messages.
+std::string Received(std::initializer_list<Named> shapes) {
+  std::string out = "; got";
+  const char* sep = " ";
+  for (const auto& [name, shape] : shapes) {
+    absl::StrAppend(&out, sep, name, " ", shape->DebugString());
+    sep = ", ";
+  }
+  return out;
+}
+
+// LoraMerge and ResourceLoraMerge: w [in, out], a [in, r], b [r, out], [].
+absl::Status CheckMergeInputs(const char* op, const char* w_name,
+                              const TensorShape& w, const Tensor& a,
+                              const Tensor& b, const Tensor& scale) {
+  const auto got = [&] {
+    return Received({{w_name, &w},
+                     {"a", &a.shape()},
+                     {"b", &b.shape()},
+                     {"scale", &scale.shape()}});
+  };
+  if (!TensorShapeUtils::IsMatrix(w) ||
+      !TensorShapeUtils::IsMatrix(a.shape()) ||
+      !TensorShapeUtils::IsMatrix(b.shape()) ||
+      !TensorShapeUtils::IsScalar(scale.shape())) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        op, ": expected ", w_name,
+        " [in, out], a [in, r], b [r, out] and a scalar scale", got()));
+  }
+  if (a.dim_size(0) != w.dim_size(0) || b.dim_size(0) != a.dim_size(1) ||
+      b.dim_size(1) != w.dim_size(1)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        op, ": expected a [", w.dim_size(0), ", r] and b [r, ", w.dim_size(1),
+        "] to match ", w_name, " [in, out] and each other", got()));
+  }
+  return absl::OkStatus();
+}
+
+// LoraApply and LoraApplyGrad: lead (y or grad) [N, out], x [N, in],
+// a [in, r], b [r, out], scale [].
+absl::Status CheckApplyInputs(const char* op, const char* lead_name,
+                              const Tensor& lead, const Tensor& x,
+                              const Tensor& a, const Tensor& b,
+                              const Tensor& scale) {
+  const auto got = [&] {
+    return Received({{lead_name, &lead.shape()},
+                     {"x", &x.shape()},
+                     {"a", &a.shape()},
+                     {"b", &b.shape()},
+                     {"scale", &scale.shape()}});
+  };
+  if (!TensorShapeUtils::IsMatrix(lead.shape()) ||
+      !TensorShapeUtils::IsMatrix(x.shape()) ||
+      !TensorShapeUtils::IsMatrix(a.shape()) ||
+      !TensorShapeUtils::IsMatrix(b.shape()) ||
+      !TensorShapeUtils::IsScalar(scale.shape())) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        op, ": expected ", lead_name,
+        " [N, out], x [N, in], a [in, r], b [r, out] and a scalar scale",
+        got()));
+  }
+  const int64_t n = lead.dim_size(0), out = lead.dim_size(1);
+  if (x.dim_size(0) != n || a.dim_size(0) != x.dim_size(1) ||
+      b.dim_size(0) != a.dim_size(1) || b.dim_size(1) != out) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        op, ": expected x [", n, ", in], a [in, r] and b [r, ", out,
+        "] to match ", lead_name, " [N, out] and each other", got()));
+  }
+  return absl::OkStatus();
+}
+
+// BatchedLoraApply(Grad): lead [N, out], x [N, in], a_stack [n, in, r],
+// b_stack [n, r, out], adapter_ids [N] in [-1, n), scales [n].
+absl::Status CheckBatchedInputs(const char* op, const char* lead_name,
+                                const Tensor& lead, const Tensor& x,
+                                const Tensor& a_stack, const Tensor& b_stack,
+                                const Tensor& ids, const Tensor& scales) {
+  const auto got = [&] {
+    return Received({{lead_name, &lead.shape()},
+                     {"x", &x.shape()},
+                     {"a_stack", &a_stack.shape()},
+                     {"b_stack", &b_stack.shape()},
+                     {"adapter_ids", &ids.shape()},
+                     {"scales", &scales.shape()}});
+  };
+  if (!TensorShapeUtils::IsMatrix(lead.shape()) ||
+      !TensorShapeUtils::IsMatrix(x.shape()) || a_stack.dims() != 3 ||
+      b_stack.dims() != 3 || !TensorShapeUtils::IsVector(ids.shape()) ||
+      !TensorShapeUtils::IsVector(scales.shape())) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(op, ": expected ", lead_name,
+                     " [N, out], x [N, in], a_stack [n, in, r], b_stack "
+                     "[n, r, out], adapter_ids [N] and scales [n]",
+                     got()));
+  }
+  const int64_t n = lead.dim_size(0), out = lead.dim_size(1);
+  const int64_t adapters = a_stack.dim_size(0);
+  if (b_stack.dim_size(0) != adapters || scales.dim_size(0) != adapters) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        op,
+        ": a_stack, b_stack and scales must hold the same number of "
+        "adapters, got ",
+        adapters, ", ", b_stack.dim_size(0), " and ", scales.dim_size(0),
+        got()));
+  }
+  if (x.dim_size(0) != n || ids.dim_size(0) != n ||
+      a_stack.dim_size(1) != x.dim_size(1) ||
+      b_stack.dim_size(1) != a_stack.dim_size(2) ||
+      b_stack.dim_size(2) != out) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        op, ": expected x [", n, ", in], adapter_ids [", n,
+        "], a_stack [n, in, r] and b_stack [n, r, ", out, "] to match ",
+        lead_name, " [N, out] and each other", got()));
+  }
+  const auto id = ids.flat<int32_t>();
+  for (int64_t i = 0; i < n; ++i) {
+    if (id(i) < -1 || id(i) >= adapters) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          op, ": adapter_ids[", i, "] = ", id(i), " is out of range [-1, ",
+          adapters, ") (", adapters, " adapters; -1 means no adapter)"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
 
 template <typename Device, typename T>
 class LoraMergeOp : public OpKernel {
@@ -29,36 +165,15 @@ class LoraMergeOp : public OpKernel {
     const Tensor& a = ctx->input(1);
     const Tensor& b = ctx->input(2);
     const Tensor& scale = ctx->input(3);
-    const auto received = [&] {
-      return absl::StrCat("; got w ", w.shape().DebugString(), ", a ",
-                          a.shape().DebugString(), ", b ",
-                          b.shape().DebugString(), ", scale ",
-                          scale.shape().DebugString());
-    };
-    OP_REQUIRES(
-        ctx,
-        TensorShapeUtils::IsMatrix(w.shape()) &&
-            TensorShapeUtils::IsMatrix(a.shape()) &&
-            TensorShapeUtils::IsMatrix(b.shape()) &&
-            TensorShapeUtils::IsScalar(scale.shape()),
-        absl::InvalidArgumentError(absl::StrCat(
-            "LoraMerge: expected w [in, out], a [in, r], b [r, out] and a "
-            "scalar scale",
-            received())));
-    const int64_t in = w.dim_size(0), out = w.dim_size(1), r = a.dim_size(1);
-    OP_REQUIRES(
-        ctx, a.dim_size(0) == in && b.dim_size(0) == r && b.dim_size(1) == out,
-        absl::InvalidArgumentError(
-            absl::StrCat("LoraMerge: expected a [", in, ", r] and b [r, ", out,
-                         "] to match w [in, out] and each other", received())));
-
+    OP_REQUIRES_OK(ctx,
+                   CheckMergeInputs("LoraMerge", "w", w.shape(), a, b, scale));
     Tensor* merged = nullptr;
     OP_REQUIRES_OK(
         ctx, ctx->forward_input_or_allocate_output({0}, 0, w.shape(), &merged));
-    functor::LoraMerge<Device, T>()(ctx->eigen_device<Device>(), in, out, r,
-                                    w.flat<T>().data(), a.flat<T>().data(),
-                                    b.flat<T>().data(), scale.scalar<T>()(),
-                                    merged->flat<T>().data());
+    functor::LoraMerge<Device, T>()(
+        ctx->eigen_device<Device>(), w.dim_size(0), w.dim_size(1),
+        a.dim_size(1), w.flat<T>().data(), a.flat<T>().data(),
+        b.flat<T>().data(), scale.scalar<T>()(), merged->flat<T>().data());
   }
 };
 
@@ -73,38 +188,15 @@ class LoraApplyOp : public OpKernel {
     const Tensor& a = ctx->input(2);
     const Tensor& b = ctx->input(3);
     const Tensor& scale = ctx->input(4);
-    const auto received = [&] {
-      return absl::StrCat(
-          "; got y ", y.shape().DebugString(), ", x ", x.shape().DebugString(),
-          ", a ", a.shape().DebugString(), ", b ", b.shape().DebugString(),
-          ", scale ", scale.shape().DebugString());
-    };
-    OP_REQUIRES(ctx,
-                TensorShapeUtils::IsMatrix(y.shape()) &&
-                    TensorShapeUtils::IsMatrix(x.shape()) &&
-                    TensorShapeUtils::IsMatrix(a.shape()) &&
-                    TensorShapeUtils::IsMatrix(b.shape()) &&
-                    TensorShapeUtils::IsScalar(scale.shape()),
-                absl::InvalidArgumentError(absl::StrCat(
-                    "LoraApply: expected y [N, out], x [N, in], a [in, r], "
-                    "b [r, out] and a scalar scale",
-                    received())));
-    const int64_t n = y.dim_size(0), out = y.dim_size(1), in = x.dim_size(1),
-                  r = a.dim_size(1);
-    OP_REQUIRES(ctx,
-                x.dim_size(0) == n && a.dim_size(0) == in &&
-                    b.dim_size(0) == r && b.dim_size(1) == out,
-                absl::InvalidArgumentError(absl::StrCat(
-                    "LoraApply: expected x [", n, ", in], a [in, r] and b [r, ",
-                    out, "] to match y [N, out] and each other", received())));
-
+    OP_REQUIRES_OK(ctx, CheckApplyInputs("LoraApply", "y", y, x, a, b, scale));
     Tensor* y_out = nullptr;
     OP_REQUIRES_OK(
         ctx, ctx->forward_input_or_allocate_output({0}, 0, y.shape(), &y_out));
     functor::LoraApply<Device, T>()(
-        ctx->eigen_device<Device>(), n, in, out, r, y.flat<T>().data(),
-        x.flat<T>().data(), a.flat<T>().data(), b.flat<T>().data(),
-        scale.scalar<T>()(), y_out->flat<T>().data());
+        ctx->eigen_device<Device>(), y.dim_size(0), x.dim_size(1),
+        y.dim_size(1), a.dim_size(1), y.flat<T>().data(), x.flat<T>().data(),
+        a.flat<T>().data(), b.flat<T>().data(), scale.scalar<T>()(),
+        y_out->flat<T>().data());
   }
 };
 
@@ -119,41 +211,74 @@ class LoraApplyGradOp : public OpKernel {
     const Tensor& a = ctx->input(2);
     const Tensor& b = ctx->input(3);
     const Tensor& scale = ctx->input(4);
-    const auto received = [&] {
-      return absl::StrCat(
-          "; got grad ", g.shape().DebugString(), ", x ",
-          x.shape().DebugString(), ", a ", a.shape().DebugString(), ", b ",
-          b.shape().DebugString(), ", scale ", scale.shape().DebugString());
-    };
-    OP_REQUIRES(ctx,
-                TensorShapeUtils::IsMatrix(g.shape()) &&
-                    TensorShapeUtils::IsMatrix(x.shape()) &&
-                    TensorShapeUtils::IsMatrix(a.shape()) &&
-                    TensorShapeUtils::IsMatrix(b.shape()) &&
-                    TensorShapeUtils::IsScalar(scale.shape()),
-                absl::InvalidArgumentError(absl::StrCat(
-                    "LoraApplyGrad: expected grad [N, out], x [N, in], "
-                    "a [in, r], b [r, out] and a scalar scale",
-                    received())));
-    const int64_t n = g.dim_size(0), out = g.dim_size(1), in = x.dim_size(1),
-                  r = a.dim_size(1);
-    OP_REQUIRES(
-        ctx,
-        x.dim_size(0) == n && a.dim_size(0) == in && b.dim_size(0) == r &&
-            b.dim_size(1) == out,
-        absl::InvalidArgumentError(absl::StrCat(
-            "LoraApplyGrad: expected x [", n, ", in], a [in, r] and b [r, ",
-            out, "] to match grad [N, out] and each other", received())));
+    OP_REQUIRES_OK(
+        ctx, CheckApplyInputs("LoraApplyGrad", "grad", g, x, a, b, scale));
     Tensor *dx, *da, *db, *dscale;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, x.shape(), &dx));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(1, a.shape(), &da));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(2, b.shape(), &db));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(3, scale.shape(), &dscale));
     functor::LoraApplyGrad<Device, T>()(
-        ctx->eigen_device<Device>(), n, in, out, r, g.flat<T>().data(),
-        x.flat<T>().data(), a.flat<T>().data(), b.flat<T>().data(),
-        scale.scalar<T>()(), dx->flat<T>().data(), da->flat<T>().data(),
-        db->flat<T>().data(), dscale->flat<T>().data());
+        ctx->eigen_device<Device>(), g.dim_size(0), x.dim_size(1),
+        g.dim_size(1), a.dim_size(1), g.flat<T>().data(), x.flat<T>().data(),
+        a.flat<T>().data(), b.flat<T>().data(), scale.scalar<T>()(),
+        dx->flat<T>().data(), da->flat<T>().data(), db->flat<T>().data(),
+        dscale->flat<T>().data());
+  }
+};
+
+template <typename Device, typename T>
+class BatchedLoraApplyOp : public OpKernel {
+ public:
+  explicit BatchedLoraApplyOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& y = ctx->input(0);
+    const Tensor& x = ctx->input(1);
+    const Tensor& a_stack = ctx->input(2);
+    const Tensor& b_stack = ctx->input(3);
+    const Tensor& ids = ctx->input(4);
+    const Tensor& scales = ctx->input(5);
+    OP_REQUIRES_OK(ctx, CheckBatchedInputs("BatchedLoraApply", "y", y, x,
+                                           a_stack, b_stack, ids, scales));
+    Tensor* y_out = nullptr;
+    OP_REQUIRES_OK(
+        ctx, ctx->forward_input_or_allocate_output({0}, 0, y.shape(), &y_out));
+    functor::BatchedLoraApply<Device, T>()(
+        ctx->eigen_device<Device>(), y.dim_size(0), x.dim_size(1),
+        y.dim_size(1), a_stack.dim_size(2), a_stack.dim_size(0),
+        y.flat<T>().data(), x.flat<T>().data(), a_stack.flat<T>().data(),
+        b_stack.flat<T>().data(), ids.flat<int32_t>().data(),
+        scales.flat<T>().data(), y_out->flat<T>().data());
+  }
+};
+
+template <typename Device, typename T>
+class BatchedLoraApplyGradOp : public OpKernel {
+ public:
+  explicit BatchedLoraApplyGradOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& g = ctx->input(0);
+    const Tensor& x = ctx->input(1);
+    const Tensor& a_stack = ctx->input(2);
+    const Tensor& b_stack = ctx->input(3);
+    const Tensor& ids = ctx->input(4);
+    const Tensor& scales = ctx->input(5);
+    OP_REQUIRES_OK(ctx, CheckBatchedInputs("BatchedLoraApplyGrad", "grad", g, x,
+                                           a_stack, b_stack, ids, scales));
+    Tensor *dx, *da, *db, *dscales;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, x.shape(), &dx));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, a_stack.shape(), &da));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(2, b_stack.shape(), &db));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(3, scales.shape(), &dscales));
+    functor::BatchedLoraApplyGrad<Device, T>()(
+        ctx->eigen_device<Device>(), g.dim_size(0), x.dim_size(1),
+        g.dim_size(1), a_stack.dim_size(2), a_stack.dim_size(0),
+        g.flat<T>().data(), x.flat<T>().data(), a_stack.flat<T>().data(),
+        b_stack.flat<T>().data(), ids.flat<int32_t>().data(),
+        scales.flat<T>().data(), dx->flat<T>().data(), da->flat<T>().data(),
+        db->flat<T>().data(), dscales->flat<T>().data());
   }
 };
 
@@ -186,28 +311,8 @@ class ResourceLoraMergeOp : public OpKernel {
             tensorflow::DataTypeString(w->dtype()),
             " but a, b and scale have dtype ",
             tensorflow::DataTypeString(tensorflow::DataTypeToEnum<T>::v()))));
-    const auto received = [&] {
-      return absl::StrCat("; got var ", w->shape().DebugString(), ", a ",
-                          a.shape().DebugString(), ", b ",
-                          b.shape().DebugString(), ", scale ",
-                          scale.shape().DebugString());
-    };
-    OP_REQUIRES(ctx,
-                TensorShapeUtils::IsMatrix(w->shape()) &&
-                    TensorShapeUtils::IsMatrix(a.shape()) &&
-                    TensorShapeUtils::IsMatrix(b.shape()) &&
-                    TensorShapeUtils::IsScalar(scale.shape()),
-                absl::InvalidArgumentError(absl::StrCat(
-                    "ResourceLoraMerge: expected var [in, out], a [in, r], "
-                    "b [r, out] and a scalar scale",
-                    received())));
-    const int64_t in = w->dim_size(0), out = w->dim_size(1), r = a.dim_size(1);
-    OP_REQUIRES(
-        ctx, a.dim_size(0) == in && b.dim_size(0) == r && b.dim_size(1) == out,
-        absl::InvalidArgumentError(absl::StrCat(
-            "ResourceLoraMerge: expected a [", in, ", r] and b [r, ", out,
-            "] to match var [in, out] and each other", received())));
-
+    OP_REQUIRES_OK(ctx, CheckMergeInputs("ResourceLoraMerge", "var", w->shape(),
+                                         a, b, scale));
     // As TensorFlow's ResourceApply* ops: while a read still shares the
     // variable's buffer (or reads copy on read), write the result to a new
     // buffer, in the same single pass, and swap it in.
@@ -217,36 +322,32 @@ class ResourceLoraMergeOp : public OpKernel {
       OP_REQUIRES_OK(ctx, ctx->allocate_temp(w->dtype(), w->shape(), &fresh));
       target = &fresh;
     }
-    functor::LoraMerge<Device, T>()(ctx->eigen_device<Device>(), in, out, r,
-                                    w->flat<T>().data(), a.flat<T>().data(),
-                                    b.flat<T>().data(), scale.scalar<T>()(),
-                                    target->flat<T>().data());
+    functor::LoraMerge<Device, T>()(
+        ctx->eigen_device<Device>(), w->dim_size(0), w->dim_size(1),
+        a.dim_size(1), w->flat<T>().data(), a.flat<T>().data(),
+        b.flat<T>().data(), scale.scalar<T>()(), target->flat<T>().data());
     if (target == &fresh) *w = fresh;
   }
 };
 
-#define TF_LORA_REGISTER_CPU(T)                                 \
-  REGISTER_KERNEL_BUILDER(Name("TfLora>LoraMerge")              \
+#define TF_LORA_REGISTER_KERNEL(OP, T)                          \
+  REGISTER_KERNEL_BUILDER(Name("TfLora>" #OP)                   \
                               .Device(::tensorflow::DEVICE_CPU) \
                               .TypeConstraint<T>("T"),          \
-                          LoraMergeOp<CPUDevice, T>);           \
-  REGISTER_KERNEL_BUILDER(Name("TfLora>LoraApply")              \
-                              .Device(::tensorflow::DEVICE_CPU) \
-                              .TypeConstraint<T>("T"),          \
-                          LoraApplyOp<CPUDevice, T>);           \
-  REGISTER_KERNEL_BUILDER(Name("TfLora>LoraApplyGrad")          \
-                              .Device(::tensorflow::DEVICE_CPU) \
-                              .TypeConstraint<T>("T"),          \
-                          LoraApplyGradOp<CPUDevice, T>);       \
-  REGISTER_KERNEL_BUILDER(Name("TfLora>ResourceLoraMerge")      \
-                              .Device(::tensorflow::DEVICE_CPU) \
-                              .TypeConstraint<T>("T"),          \
-                          ResourceLoraMergeOp<CPUDevice, T>)
+                          OP##Op<CPUDevice, T>)
+#define TF_LORA_REGISTER_CPU(T)                     \
+  TF_LORA_REGISTER_KERNEL(LoraMerge, T);            \
+  TF_LORA_REGISTER_KERNEL(LoraApply, T);            \
+  TF_LORA_REGISTER_KERNEL(LoraApplyGrad, T);        \
+  TF_LORA_REGISTER_KERNEL(BatchedLoraApply, T);     \
+  TF_LORA_REGISTER_KERNEL(BatchedLoraApplyGrad, T); \
+  TF_LORA_REGISTER_KERNEL(ResourceLoraMerge, T)
 
 TF_LORA_REGISTER_CPU(float);
 TF_LORA_REGISTER_CPU(double);
 TF_LORA_REGISTER_CPU(Eigen::half);
 TF_LORA_REGISTER_CPU(Eigen::bfloat16);
 #undef TF_LORA_REGISTER_CPU
+#undef TF_LORA_REGISTER_KERNEL
 
 }  // namespace tf_lora

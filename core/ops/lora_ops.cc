@@ -54,55 +54,115 @@ absl::Status LoraMergeShape(InferenceContext* c) {
   return absl::OkStatus();
 }
 
-absl::Status LoraApplyShape(InferenceContext* c) {
-  static constexpr char kOp[] = "LoraApply";
-  static constexpr char kContract[] =
-      "y [N, out], x [N, in], a [in, r], b [r, out], scale []";
+// The dimensions of LoraApply and LoraApplyGrad: lead (y or grad) [N, out],
+// x [N, in], a [in, r], b [r, out], scale [].
+struct ApplyDims {
+  DimensionHandle n, in, r, out;
+};
+
+absl::Status GetApplyDims(InferenceContext* c, const char* op,
+                          const char* contract, const char* lead,
+                          ApplyDims* dims) {
   ShapeHandle y, x, a, b, scale;
   TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 2, &y));
   TF_RETURN_IF_ERROR(c->WithRank(c->input(1), 2, &x));
   TF_RETURN_IF_ERROR(c->WithRank(c->input(2), 2, &a));
   TF_RETURN_IF_ERROR(c->WithRank(c->input(3), 2, &b));
   TF_RETURN_IF_ERROR(c->WithRank(c->input(4), 0, &scale));
-  DimensionHandle n, in, r, out;
-  TF_RETURN_IF_ERROR(MergeDims(c, kOp, kContract, "N (y.shape[0], x.shape[0])",
-                               c->Dim(y, 0), c->Dim(x, 0), &n));
-  TF_RETURN_IF_ERROR(MergeDims(c, kOp, kContract, "in (x.shape[1], a.shape[0])",
-                               c->Dim(x, 1), c->Dim(a, 0), &in));
-  TF_RETURN_IF_ERROR(MergeDims(c, kOp, kContract, "r (a.shape[1], b.shape[0])",
-                               c->Dim(a, 1), c->Dim(b, 0), &r));
-  TF_RETURN_IF_ERROR(MergeDims(c, kOp, kContract,
-                               "out (y.shape[1], b.shape[1])", c->Dim(y, 1),
-                               c->Dim(b, 1), &out));
-  c->set_output(0, c->Matrix(n, out));
+  TF_RETURN_IF_ERROR(
+      MergeDims(c, op, contract,
+                absl::StrCat("N (", lead, ".shape[0], x.shape[0])").c_str(),
+                c->Dim(y, 0), c->Dim(x, 0), &dims->n));
+  TF_RETURN_IF_ERROR(MergeDims(c, op, contract, "in (x.shape[1], a.shape[0])",
+                               c->Dim(x, 1), c->Dim(a, 0), &dims->in));
+  TF_RETURN_IF_ERROR(MergeDims(c, op, contract, "r (a.shape[1], b.shape[0])",
+                               c->Dim(a, 1), c->Dim(b, 0), &dims->r));
+  TF_RETURN_IF_ERROR(
+      MergeDims(c, op, contract,
+                absl::StrCat("out (", lead, ".shape[1], b.shape[1])").c_str(),
+                c->Dim(y, 1), c->Dim(b, 1), &dims->out));
+  return absl::OkStatus();
+}
+
+absl::Status LoraApplyShape(InferenceContext* c) {
+  ApplyDims dims;
+  TF_RETURN_IF_ERROR(GetApplyDims(
+      c, "LoraApply", "y [N, out], x [N, in], a [in, r], b [r, out], scale []",
+      "y", &dims));
+  c->set_output(0, c->Matrix(dims.n, dims.out));
   return absl::OkStatus();
 }
 
 absl::Status LoraApplyGradShape(InferenceContext* c) {
-  static constexpr char kOp[] = "LoraApplyGrad";
-  static constexpr char kContract[] =
-      "grad [N, out], x [N, in], a [in, r], b [r, out], scale []";
-  ShapeHandle g, x, a, b, scale;
-  TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 2, &g));
-  TF_RETURN_IF_ERROR(c->WithRank(c->input(1), 2, &x));
-  TF_RETURN_IF_ERROR(c->WithRank(c->input(2), 2, &a));
-  TF_RETURN_IF_ERROR(c->WithRank(c->input(3), 2, &b));
-  TF_RETURN_IF_ERROR(c->WithRank(c->input(4), 0, &scale));
-  DimensionHandle n, in, r, out;
-  TF_RETURN_IF_ERROR(MergeDims(c, kOp, kContract,
-                               "N (grad.shape[0], x.shape[0])", c->Dim(g, 0),
-                               c->Dim(x, 0), &n));
-  TF_RETURN_IF_ERROR(MergeDims(c, kOp, kContract, "in (x.shape[1], a.shape[0])",
-                               c->Dim(x, 1), c->Dim(a, 0), &in));
-  TF_RETURN_IF_ERROR(MergeDims(c, kOp, kContract, "r (a.shape[1], b.shape[0])",
-                               c->Dim(a, 1), c->Dim(b, 0), &r));
-  TF_RETURN_IF_ERROR(MergeDims(c, kOp, kContract,
-                               "out (grad.shape[1], b.shape[1])", c->Dim(g, 1),
-                               c->Dim(b, 1), &out));
-  c->set_output(0, c->Matrix(n, in));
-  c->set_output(1, c->Matrix(in, r));
-  c->set_output(2, c->Matrix(r, out));
+  ApplyDims dims;
+  TF_RETURN_IF_ERROR(
+      GetApplyDims(c, "LoraApplyGrad",
+                   "grad [N, out], x [N, in], a [in, r], b [r, out], scale []",
+                   "grad", &dims));
+  c->set_output(0, c->Matrix(dims.n, dims.in));
+  c->set_output(1, c->Matrix(dims.in, dims.r));
+  c->set_output(2, c->Matrix(dims.r, dims.out));
   c->set_output(3, c->Scalar());
+  return absl::OkStatus();
+}
+
+// The dimensions of BatchedLoraApply(Grad): lead [N, out], x [N, in],
+// a_stack [n, in, r], b_stack [n, r, out], adapter_ids [N], scales [n].
+struct BatchedDims {
+  DimensionHandle n, in, r, out, adapters;
+};
+
+absl::Status GetBatchedDims(InferenceContext* c, const char* op,
+                            const char* lead, BatchedDims* dims) {
+  const std::string contract = absl::StrCat(
+      lead,
+      " [N, out], x [N, in], a_stack [n, in, r], b_stack [n, r, out], "
+      "adapter_ids [N], scales [n]");
+  const char* k = contract.c_str();
+  ShapeHandle y, x, a, b, ids, scales;
+  TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 2, &y));
+  TF_RETURN_IF_ERROR(c->WithRank(c->input(1), 2, &x));
+  TF_RETURN_IF_ERROR(c->WithRank(c->input(2), 3, &a));
+  TF_RETURN_IF_ERROR(c->WithRank(c->input(3), 3, &b));
+  TF_RETURN_IF_ERROR(c->WithRank(c->input(4), 1, &ids));
+  TF_RETURN_IF_ERROR(c->WithRank(c->input(5), 1, &scales));
+  TF_RETURN_IF_ERROR(MergeDims(
+      c, op, k, absl::StrCat("N (", lead, ".shape[0], x.shape[0])").c_str(),
+      c->Dim(y, 0), c->Dim(x, 0), &dims->n));
+  TF_RETURN_IF_ERROR(MergeDims(c, op, k, "N (x.shape[0], adapter_ids.shape[0])",
+                               dims->n, c->Dim(ids, 0), &dims->n));
+  TF_RETURN_IF_ERROR(MergeDims(c, op, k, "in (x.shape[1], a_stack.shape[1])",
+                               c->Dim(x, 1), c->Dim(a, 1), &dims->in));
+  TF_RETURN_IF_ERROR(MergeDims(c, op, k,
+                               "r (a_stack.shape[2], b_stack.shape[1])",
+                               c->Dim(a, 2), c->Dim(b, 1), &dims->r));
+  TF_RETURN_IF_ERROR(MergeDims(
+      c, op, k,
+      absl::StrCat("out (", lead, ".shape[1], b_stack.shape[2])").c_str(),
+      c->Dim(y, 1), c->Dim(b, 2), &dims->out));
+  TF_RETURN_IF_ERROR(MergeDims(
+      c, op, k, "the adapter count (a_stack.shape[0], b_stack.shape[0])",
+      c->Dim(a, 0), c->Dim(b, 0), &dims->adapters));
+  TF_RETURN_IF_ERROR(MergeDims(
+      c, op, k, "the adapter count (a_stack.shape[0], scales.shape[0])",
+      dims->adapters, c->Dim(scales, 0), &dims->adapters));
+  return absl::OkStatus();
+}
+
+absl::Status BatchedLoraApplyShape(InferenceContext* c) {
+  BatchedDims dims;
+  TF_RETURN_IF_ERROR(GetBatchedDims(c, "BatchedLoraApply", "y", &dims));
+  c->set_output(0, c->Matrix(dims.n, dims.out));
+  return absl::OkStatus();
+}
+
+absl::Status BatchedLoraApplyGradShape(InferenceContext* c) {
+  BatchedDims dims;
+  TF_RETURN_IF_ERROR(GetBatchedDims(c, "BatchedLoraApplyGrad", "grad", &dims));
+  c->set_output(0, c->Matrix(dims.n, dims.in));
+  c->set_output(1, c->MakeShape({dims.adapters, dims.in, dims.r}));
+  c->set_output(2, c->MakeShape({dims.adapters, dims.r, dims.out}));
+  c->set_output(3, c->Vector(dims.adapters));
   return absl::OkStatus();
 }
 
@@ -242,6 +302,65 @@ dx: scale * (grad @ b^T) @ a^T, [N, in].
 da: scale * x^T @ (grad @ b^T), [in, r].
 db: scale * (x @ a)^T @ grad, [r, out].
 dscale: sum((x @ a) * (grad @ b^T)), [].
+)doc");
+
+REGISTER_OP("TfLora>BatchedLoraApply")
+    .Input("y: T")
+    .Input("x: T")
+    .Input("a_stack: T")
+    .Input("b_stack: T")
+    .Input("adapter_ids: int32")
+    .Input("scales: T")
+    .Output("y_out: T")
+    .Attr("T: {float, double, half, bfloat16}")
+    .SetShapeFn(BatchedLoraApplyShape)
+    .Doc(R"doc(
+Applies one of several LoRA adapters to each row, for multi-adapter serving:
+y_out[i] = y[i] + scales[k] * (x[i] @ a_stack[k]) @ b_stack[k], k = adapter_ids[i];
+id -1 passes the row through.
+
+Rows may come in any order: the kernel groups them by adapter and runs the
+fused LoraApply over each group in place, with no [N, out] temporary and no
+per-row copy of the adapters. An id outside [-1, n) is an error naming the
+first such row.
+
+y: The base layer's output, [N, out].
+x: The layer's input, [N, in].
+a_stack: The adapters' down projections, [n, in, r].
+b_stack: The adapters' up projections, [n, r, out].
+adapter_ids: Each row's adapter, [N], in [-1, n).
+scales: Each adapter's scale, [n].
+y_out: [N, out].
+)doc");
+
+REGISTER_OP("TfLora>BatchedLoraApplyGrad")
+    .Input("grad: T")
+    .Input("x: T")
+    .Input("a_stack: T")
+    .Input("b_stack: T")
+    .Input("adapter_ids: int32")
+    .Input("scales: T")
+    .Output("dx: T")
+    .Output("da_stack: T")
+    .Output("db_stack: T")
+    .Output("dscales: T")
+    .Attr("T: {float, double, half, bfloat16}")
+    .SetShapeFn(BatchedLoraApplyGradShape)
+    .Doc(R"doc(
+The gradients of BatchedLoraApply: LoraApplyGrad over each adapter's rows.
+
+Rows with id -1 get dx = 0; adapters no row uses get zero gradients.
+
+grad: The gradient for BatchedLoraApply's output, [N, out].
+x: The layer's input, [N, in].
+a_stack: [n, in, r].
+b_stack: [n, r, out].
+adapter_ids: [N], in [-1, n).
+scales: [n].
+dx: [N, in].
+da_stack: [n, in, r].
+db_stack: [n, r, out].
+dscales: [n].
 )doc");
 
 }  // namespace tf_lora

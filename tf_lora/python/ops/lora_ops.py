@@ -113,21 +113,24 @@ def lora_matmul(x, w, a, b, scale, bias=None, name=None) -> tf.Tensor:
     TensorShape([2, 5, 4])
     """
     with tf.name_scope(name or "lora_matmul"):
-        x = tf.convert_to_tensor(x, name="x")
-        w = tf.convert_to_tensor(w, dtype_hint=x.dtype, name="w")
-        if x.shape.rank == 2:
-            x2 = x
-        else:
-            x2 = tf.reshape(x, [-1, tf.shape(x)[-1]])
-        y = tf.matmul(x2, w)
-        if bias is not None:
-            y = tf.nn.bias_add(y, tf.convert_to_tensor(bias, dtype_hint=x.dtype, name="bias"))
-        y = lora_apply(y, x2, a, b, scale)
-        if x.shape.rank == 2:
-            return y
-        out = tf.reshape(y, tf.concat([tf.shape(x)[:-1], tf.shape(y)[-1:]], axis=0))
-        out.set_shape(x.shape[:-1].concatenate(y.shape[-1:]))
-        return out
+        return _matmul_then(
+            tf.convert_to_tensor(x, name="x"), w, bias, lambda y, x2: lora_apply(y, x2, a, b, scale)
+        )
+
+
+def _matmul_then(x, w, bias, apply):
+    """`apply(x2 @ w (+ bias), x2)` on x flattened to [N, in], reshaped back to [..., out]."""
+    w = tf.convert_to_tensor(w, dtype_hint=x.dtype, name="w")
+    x2 = x if x.shape.rank == 2 else tf.reshape(x, [-1, tf.shape(x)[-1]])
+    y = tf.matmul(x2, w)
+    if bias is not None:
+        y = tf.nn.bias_add(y, tf.convert_to_tensor(bias, dtype_hint=x.dtype, name="bias"))
+    y = apply(y, x2)
+    if x.shape.rank == 2:
+        return y
+    out = tf.reshape(y, tf.concat([tf.shape(x)[:-1], tf.shape(y)[-1:]], axis=0))
+    out.set_shape(x.shape[:-1].concatenate(y.shape[-1:]))
+    return out
 
 
 @tf.RegisterGradient("TfLora>LoraApply")
@@ -136,6 +139,14 @@ def _lora_apply_grad(op, grad):
     _, x, a, b, scale = op.inputs
     dx, da, db, dscale = gen_lora_ops.tf_lora_lora_apply_grad(grad, x, a, b, scale)
     return [grad, dx, da, db, dscale]
+
+
+@tf.RegisterGradient("TfLora>BatchedLoraApply")
+def _batched_lora_apply_grad(op, grad):
+    """dy = grad; the rest from the fused TfLora>BatchedLoraApplyGrad kernel, per adapter; ids: none."""
+    _, x, a_stack, b_stack, ids, scales = op.inputs
+    dx, da, db, dscales = gen_lora_ops.tf_lora_batched_lora_apply_grad(grad, x, a_stack, b_stack, ids, scales)
+    return [grad, dx, da, db, None, dscales]
 
 
 @tf.RegisterGradient("TfLora>LoraApplyGrad")
@@ -162,6 +173,75 @@ def _sum_of_products(p, q):
     if p.dtype in _HALF_TYPES:
         return tf.cast(tf.reduce_sum(tf.cast(p, tf.float32) * tf.cast(q, tf.float32)), p.dtype)
     return tf.reduce_sum(p * q)
+
+
+def batched_lora_apply(y, x, a_stack, b_stack, adapter_ids, scales, name=None) -> tf.Tensor:
+    """Adds a per-row choice of LoRA adapters to a layer's output, for multi-adapter serving.
+
+    Row `i` becomes `y[i] + scales[k] * (x[i] @ a_stack[k]) @ b_stack[k]` with `k = adapter_ids[i]`;
+    `k = -1` leaves the row as it is. Rows may come in any order: the kernel groups them by adapter and
+    runs the fused single-adapter kernel over each group in place, with no `[N, out]` temporary and no
+    per-row copy of the adapters (which `tf.gather(a_stack, ids)` + einsum would make). Differentiable in
+    `y`, `x`, `a_stack`, `b_stack` and `scales`.
+
+    Args:
+      y: The base layer's output, `[N, out]`.
+      x: The layer's input, `[N, in]`, `y`'s dtype.
+      a_stack: The adapters' down projections, `[n, in, r]`.
+      b_stack: The adapters' up projections, `[n, r, out]`.
+      adapter_ids: Each row's adapter, int32 `[N]`, in `[-1, n)`.
+      scales: Each adapter's scale, `[n]`.
+      name: Optional name of the op.
+
+    Returns:
+      `[N, out]`, `y`'s dtype.
+
+    Raises:
+      tf.errors.InvalidArgumentError: an id outside `[-1, n)` (naming the first such row), adapter counts
+        that differ between `a_stack`, `b_stack` and `scales`, or shapes that do not fit.
+
+    >>> y, x = tf.zeros([3, 2]), tf.ones([3, 2])
+    >>> a_stack, b_stack = tf.ones([2, 2, 1]), tf.ones([2, 1, 2])
+    >>> tf_lora.batched_lora_apply(y, x, a_stack, b_stack, [1, -1, 0], [1.0, 0.5]).numpy()
+    array([[1., 1.],
+           [0., 0.],
+           [2., 2.]], dtype=float32)
+    """
+    return gen_lora_ops.tf_lora_batched_lora_apply(y, x, a_stack, b_stack, adapter_ids, scales, name=name)
+
+
+def batched_lora_matmul(x, w, a_stack, b_stack, adapter_ids, scales, bias=None, name=None) -> tf.Tensor:
+    """A LoRA layer serving several adapters at once: `x @ w (+ bias)` plus each row's own adapter.
+
+    TensorFlow's own MatMul computes `x @ w`, then `batched_lora_apply` adds adapter `adapter_ids[...]` to
+    each row in place. `x` may have leading batch dimensions `[..., in]`; `adapter_ids` then has shape
+    `[...]`, one id per row (-1: base model only).
+
+    Args:
+      x: The input, `[..., in]`.
+      w: The frozen base weight, `[in, out]`.
+      a_stack: The adapters' down projections, `[n, in, r]`.
+      b_stack: The adapters' up projections, `[n, r, out]`.
+      adapter_ids: int32 `[...]`, each row's adapter in `[-1, n)`.
+      scales: `[n]`.
+      bias: Optional bias, `[out]`, added before the adapters.
+      name: Optional name scope.
+
+    Returns:
+      `[..., out]`.
+
+    >>> x = tf.ones([2, 3, 4])
+    >>> out = tf_lora.batched_lora_matmul(
+    ...     x, tf.ones([4, 5]), tf.ones([2, 4, 1]), tf.zeros([2, 1, 5]), [[0, 1, -1], [1, 1, 0]], [1.0, 1.0])
+    >>> out.shape
+    TensorShape([2, 3, 5])
+    """
+    with tf.name_scope(name or "batched_lora_matmul"):
+        x = tf.convert_to_tensor(x, name="x")
+        ids = tf.reshape(tf.convert_to_tensor(adapter_ids, dtype=tf.int32, name="adapter_ids"), [-1])
+        return _matmul_then(
+            x, w, bias, lambda y, x2: batched_lora_apply(y, x2, a_stack, b_stack, ids, scales)
+        )
 
 
 def merge_into_variable(var, a, b, scale, name=None):
