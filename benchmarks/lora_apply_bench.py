@@ -127,6 +127,49 @@ def apply(n, n_in, n_out, rank, args):
     )
 
 
+@tf.function(jit_compile=False)
+def batched_lora_matmul(x, w, a_stack, b_stack, ids, scales):
+    return tf_lora.batched_lora_matmul(x, w, a_stack, b_stack, ids, scales)
+
+
+@tf.function(jit_compile=False)
+def gather_einsum(x, w, a_stack, b_stack, ids, scales):
+    xa = tf.einsum("ni,nir->nr", x, tf.gather(a_stack, ids))
+    return tf.matmul(x, w) + tf.gather(scales, ids)[:, None] * tf.einsum(
+        "nr,nro->no", xa, tf.gather(b_stack, ids)
+    )
+
+
+def batched(n, n_in, n_out, rank, adapters, args):
+    rng = np.random.default_rng(2)
+    x, w, a, b = _tensors(
+        rng, tf.float32, (n, n_in), (n_in, n_out), (adapters, n_in, rank), (adapters, rank, n_out)
+    )
+    ids = tf.constant(rng.integers(0, adapters, size=n), tf.int32)
+    scales = tf.constant(rng.uniform(0.5, 2.0, size=adapters), tf.float32)
+    np.testing.assert_allclose(
+        batched_lora_matmul(x, w, a, b, ids, scales),
+        gather_einsum(x, w, a, b, ids, scales),
+        rtol=1e-4,
+        atol=1e-4,
+    )
+    med = bench_util.compare(
+        {
+            "matmul": (plain_matmul, (x, w)),
+            "tf_lora": (batched_lora_matmul, (x, w, a, b, ids, scales)),
+            "gather": (gather_einsum, (x, w, a, b, ids, scales)),
+        },
+        args.iters,
+        args.rounds,
+    )
+    ms = {k: v * 1e3 for k, v in med.items()}
+    print(
+        f"batched N={n:<5d} {adapters} adapters   tf.matmul {ms['matmul']:6.2f} ms   batched_lora_matmul "
+        f"{ms['tf_lora']:6.2f} ms ({med['tf_lora'] / med['matmul']:.3f}x matmul)   gather+einsum "
+        f"{ms['gather']:6.2f} ms ({med['gather'] / med['matmul']:.3f}x matmul)"
+    )
+
+
 def main():
     parser = bench_util.parser(__doc__.splitlines()[0])
     parser.add_argument("--in", dest="n_in", type=int, default=4096)
@@ -134,6 +177,8 @@ def main():
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--decode", type=int, nargs="*", default=[1, 16])
     parser.add_argument("--batch", type=int, nargs="*", default=[4096])
+    parser.add_argument("--served", type=int, nargs="*", default=[256], help="N for the batched case")
+    parser.add_argument("--adapters", type=int, default=8)
     args = parser.parse_args()
     bench_util.header(args)
     print(f"in={args.n_in} out={args.n_out} r={args.rank} float32")
@@ -141,6 +186,8 @@ def main():
         decode(n, args.n_in, args.n_out, args.rank, args)
     for n in args.batch:
         apply(n, args.n_in, args.n_out, args.rank, args)
+    for n in args.served:
+        batched(n, args.n_in, args.n_out, args.rank, args.adapters, args)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,16 @@ def stream_copy(w, zero):
     return w + zero
 
 
+@tf.function(jit_compile=False)
+def tf_assign_add(var, a, b, scale):
+    var.assign_add(scale * tf.matmul(a, b))
+
+
+@tf.function(jit_compile=False)
+def tf_lora_merge_into_variable(var, a, b, scale):
+    tf_lora.merge_into_variable(var, a, b, scale)
+
+
 def bench(n_in, n_out, rank, dtype, iters, rounds):
     rng = np.random.default_rng(0)
     w = tf.constant(rng.standard_normal((n_in, n_out)), dtype)
@@ -60,6 +70,24 @@ def bench(n_in, n_out, rank, dtype, iters, rounds):
         f"tf_lora {med['tf_lora'] * 1e3:7.2f} ms   speedup {med['tf'] / med['tf_lora']:5.2f}x   "
         f"stream bound {med['copy'] * 1e3:6.2f} ms ({traffic / med['copy'] / 1e9:5.1f} GB/s)   "
         f"tf_lora at {med['copy'] / med['tf_lora']:5.1%} of it"
+    )
+    # In place on a variable: the hot-swap path. Adding the update and subtracting it again keeps the
+    # weight bounded over many calls; both sides do the same.
+    var = tf.Variable(w)
+    tf_lora.merge_into_variable(var, a, b, scale)  # the variable then owns its buffer (see the op's docs)
+    med_var = bench_util.compare(
+        {
+            "assign_add": (tf_assign_add, (var, a, b, scale)),
+            "tf_lora": (tf_lora_merge_into_variable, (var, a, b, scale)),
+        },
+        iters,
+        rounds,
+    )
+    print(
+        f"{'':>{len(f'{n_in}x{n_out} r={rank} ')}}{'variable':8s}  var.assign_add(s*a@b) "
+        f"{med_var['assign_add'] * 1e3:7.2f} ms   merge_into_variable {med_var['tf_lora'] * 1e3:7.2f} ms   "
+        f"speedup {med_var['assign_add'] / med_var['tf_lora']:5.2f}x ({med['tf'] / med_var['tf_lora']:5.2f}x "
+        f"w + s*a@b)   in-place bound {traffic / (traffic / med['copy']) * 1e3:6.2f} ms"
     )
 
 

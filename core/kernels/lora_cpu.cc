@@ -76,9 +76,51 @@ std::vector<Acc> PackTiles(const T* src, int64_t k, int64_t cols,
   return packed;
 }
 
+// A [k, cols] matrix seen as column tiles: tile t's row kk (kTile values)
+// starts at base + t * tile_stride + kk * k_stride.
+template <typename Acc>
+struct Tiles {
+  const Acc* base;
+  int64_t k_stride, tile_stride;
+  const Acc* Tile(int64_t t) const { return base + t * tile_stride; }
+};
+
+// A row-major [k, cols] matrix as Tiles: the matrix itself when its layout
+// already is one (T is the accumulation type, whole tiles) and `in_place` is
+// allowed, else a packed copy. Packing costs a pass and an allocation, and
+// pays off only when many rows reuse each tile.
+template <typename Acc>
+class TiledMatrix {
+ public:
+  template <typename T>
+  TiledMatrix(const T* src, int64_t k, int64_t cols, bool in_place) {
+    if constexpr (std::is_same_v<T, Acc>) {
+      if (in_place && cols % kTile<Acc> == 0) {
+        tiles_ = {src, cols, kTile<Acc>};
+        return;
+      }
+    }
+    packed_ = PackTiles<Acc>(src, k, cols, /*k_stride=*/cols, /*col_stride=*/1);
+    tiles_ = {packed_.data(), kTile<Acc>, k * kTile<Acc>};
+  }
+  TiledMatrix(const TiledMatrix&) = delete;
+  TiledMatrix& operator=(const TiledMatrix&) = delete;
+  const Tiles<Acc>& tiles() const { return tiles_; }
+
+ private:
+  std::vector<Acc> packed_;
+  Tiles<Acc> tiles_;
+};
+
+// Packed Tiles of a transposed operand (element (kk, c) at src[c * k + kk]).
 template <typename Acc, typename T>
-std::vector<Acc> PackTiles(const T* src, int64_t k, int64_t cols) {
-  return PackTiles<Acc>(src, k, cols, /*k_stride=*/cols, /*col_stride=*/1);
+std::vector<Acc> PackTransposed(const T* src, int64_t k, int64_t cols) {
+  return PackTiles<Acc>(src, k, cols, /*k_stride=*/1, /*col_stride=*/k);
+}
+
+template <typename Acc>
+Tiles<Acc> PackedTiles(const std::vector<Acc>& packed, int64_t k) {
+  return {packed.data(), kTile<Acc>, k * kTile<Acc>};
 }
 
 // c_out[rows, cols] = c_in + scale * A[rows, k] @ B[k, cols]; c_out may alias
@@ -91,7 +133,7 @@ struct RowUpdateArgs {
   const T* c_in;
   const TA* a;
   int64_t lda;          // row stride of A
-  const Acc* packed_b;  // PackTiles(B)
+  Tiles<Acc> b;         // B
   int64_t panel_tiles;  // tiles per column panel: k * panel fits in L2
   Acc scale;
   T* c_out;
@@ -107,7 +149,7 @@ struct XaArgs {
   using Acc = typename Accum<T>::type;
   int64_t rows, in, r;
   const T* x;
-  const Acc* packed_a;  // PackTiles(a)
+  Tiles<Acc> a;
   Acc* xa;
   const int64_t* rows_map = nullptr;  // row i of xa from row rows_map[i] of x
 };
@@ -125,9 +167,9 @@ struct LoraGradArgs {
   int64_t n, in, out, r, lda;  // lda: r rounded up to whole tiles
   const T* g;
   const T* x;
-  const Acc* packed_a;   // PackTiles(a), tiles over r: x @ a
-  const Acc* packed_bt;  // PackTiles(b^T), tiles over r: g @ b^T
-  const Acc* packed_at;  // PackTiles(a^T), tiles over in: (g b^T) @ a^T
+  Tiles<Acc> a;   // tiles over r: x @ a
+  Tiles<Acc> bt;  // b^T, tiles over r: g @ b^T
+  Tiles<Acc> at;  // a^T, tiles over in: (g b^T) @ a^T
   Acc scale;
   T* dx;
   int64_t shard_rows, ld_in, ld_out;
@@ -190,7 +232,9 @@ void RowUpdate(const Eigen::ThreadPoolDevice& d, int64_t rows, int64_t cols,
   using Acc = typename Accum<T>::type;
   constexpr int64_t kPanelBytes = 128 << 10;  // leaves L2 room for c's rows
   if (rows == 0 || cols == 0) return;
-  const std::vector<Acc> packed_b = PackTiles<Acc>(b, k, cols);
+  // A few rows read each tile of B a few times: B as it is serves them.
+  constexpr int64_t kInPlaceRows = 64;
+  const TiledMatrix<Acc> b_tiles(b, k, cols, rows <= kInPlaceRows);
   const int64_t panel_tiles = std::max<int64_t>(
       1, kPanelBytes / (std::max<int64_t>(k, 1) * kTile<Acc> * sizeof(Acc)));
   const RowUpdateArgs<T, TA> p{rows,
@@ -199,7 +243,7 @@ void RowUpdate(const Eigen::ThreadPoolDevice& d, int64_t rows, int64_t cols,
                                c_in,
                                a,
                                lda,
-                               packed_b.data(),
+                               b_tiles.tiles(),
                                panel_tiles,
                                static_cast<Acc>(scale),
                                c_out,
@@ -243,10 +287,10 @@ void ApplyRows(const Eigen::ThreadPoolDevice& d, int64_t rows,
                T* y_out) {
   using Acc = typename Accum<T>::type;
   if (rows == 0 || out == 0) return;
-  const std::vector<Acc> packed_a = PackTiles<Acc>(a, in, r);
+  const TiledMatrix<Acc> a_tiles(a, in, r, /*in_place=*/true);
   const int64_t lda = NumTiles<Acc>(r) * kTile<Acc>;
   std::vector<Acc> xa(rows * lda);
-  const XaArgs<T> p{rows, in, r, x, packed_a.data(), xa.data(), rows_map};
+  const XaArgs<T> p{rows, in, r, x, a_tiles.tiles(), xa.data(), rows_map};
   const auto kernel =
       Pick<XaArgs<T>>(&avx2::XaRowBlocks<T>, &baseline::XaRowBlocks<T>);
   const Eigen::TensorOpCost cost(kRows * in * sizeof(T),
@@ -314,11 +358,9 @@ void GradRows(const Eigen::ThreadPoolDevice& d, int64_t n,
   const int64_t shards = std::max<int64_t>(
       1, std::min(kMaxShards, (n + kShardRows - 1) / kShardRows));
   const int64_t shard_rows = (n + shards - 1) / shards;
-  const std::vector<Acc> packed_a = PackTiles<Acc>(a, in, r);
-  const std::vector<Acc> packed_bt =
-      PackTiles<Acc>(b, out, r, /*k_stride=*/1, /*col_stride=*/out);
-  const std::vector<Acc> packed_at =
-      PackTiles<Acc>(a, r, in, /*k_stride=*/1, /*col_stride=*/r);
+  const TiledMatrix<Acc> a_tiles(a, in, r, /*in_place=*/true);
+  const std::vector<Acc> packed_bt = PackTransposed<Acc>(b, out, r);
+  const std::vector<Acc> packed_at = PackTransposed<Acc>(a, r, in);
   const int64_t ld_in = NumTiles<Acc>(in) * kTile<Acc>;
   const int64_t ld_out = NumTiles<Acc>(out) * kTile<Acc>;
   std::vector<Acc> da_t_parts(shards * r * ld_in),
@@ -330,9 +372,9 @@ void GradRows(const Eigen::ThreadPoolDevice& d, int64_t n,
                           lda,
                           g,
                           x,
-                          packed_a.data(),
-                          packed_bt.data(),
-                          packed_at.data(),
+                          a_tiles.tiles(),
+                          PackedTiles(packed_bt, out),
+                          PackedTiles(packed_at, r),
                           static_cast<Acc>(scale),
                           dx,
                           shard_rows,
