@@ -14,6 +14,8 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
+#include <new>
 #include <type_traits>
 #include <vector>
 
@@ -43,6 +45,12 @@ struct Accum<double> {
 // Rows per parallel block (each ISA's register tile height divides it).
 constexpr int kRows = 4;
 
+// Eigen's parallelFor cost model counts cycles: the kernels retire about this
+// many multiply-adds per cycle (AVX2: 2 FMA ports x 8 floats). Counting one
+// cycle per multiply-add overstates small jobs 16x, and Eigen then spreads
+// microsecond jobs over threads whose wake-up costs more than the work.
+constexpr double kMaddsPerCycle = 16;
+
 // Columns per register tile: 64 bytes of the accumulation type.
 template <typename Acc>
 constexpr int64_t kTile = 64 / sizeof(Acc);
@@ -52,6 +60,67 @@ int64_t NumTiles(int64_t cols) {
   return (cols + kTile<Acc> - 1) / kTile<Acc>;
 }
 
+// Scratch memory for a kernel call, from a per-thread pool of buffers that
+// keep their pages: packed operands, x @ a and gradient partials would
+// otherwise be fresh allocations each call, and on a VM first-touch page
+// faults cost more than the work at small sizes (measured: 483 us of page
+// faults and packing around a 17 us N=1 LoraApply). Buffers up to
+// kMaxPooledBytes return to the pool; at most kMaxPooled per thread.
+template <typename T>
+class Scratch {
+ public:
+  explicit Scratch(int64_t n) : bytes_(std::max<int64_t>(n, 1) * sizeof(T)) {
+    std::vector<Buffer>& pool = Pool();
+    for (auto it = pool.begin(); it != pool.end(); ++it) {
+      if (it->bytes >= bytes_) {
+        buffer_ = std::move(*it);
+        pool.erase(it);
+        break;
+      }
+    }
+    if (buffer_.data == nullptr) {
+      buffer_.data.reset(
+          static_cast<char*>(::operator new(bytes_, std::align_val_t(kAlign))));
+      buffer_.bytes = bytes_;
+    }
+  }
+  ~Scratch() {
+    std::vector<Buffer>& pool = Pool();
+    if (buffer_.bytes <= kMaxPooledBytes && pool.size() < kMaxPooled) {
+      pool.push_back(std::move(buffer_));
+    }
+  }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+
+  T* data() { return reinterpret_cast<T*>(buffer_.data.get()); }
+  const T* data() const {
+    return reinterpret_cast<const T*>(buffer_.data.get());
+  }
+  void Zero() { std::fill_n(data(), bytes_ / sizeof(T), T(0)); }
+
+ private:
+  static constexpr size_t kAlign = 64;
+  static constexpr int64_t kMaxPooledBytes = 32 << 20;
+  static constexpr size_t kMaxPooled = 8;
+  struct Free {
+    void operator()(char* p) const {
+      ::operator delete(p, std::align_val_t(kAlign));
+    }
+  };
+  struct Buffer {
+    std::unique_ptr<char, Free> data;
+    int64_t bytes = 0;
+  };
+  static std::vector<Buffer>& Pool() {
+    static thread_local std::vector<Buffer> pool;
+    return pool;
+  }
+
+  int64_t bytes_;
+  Buffer buffer_;
+};
+
 // Packs the [k, cols] matrix whose element (kk, c) is src[kk * k_stride + c *
 // col_stride] (row-major: col_stride 1; a transpose: k_stride 1) into
 // [NumTiles(cols), k, kTile] of Acc, zero-padded past `cols`, so a tile's k
@@ -59,21 +128,19 @@ int64_t NumTiles(int64_t cols) {
 // `cols` elements per k: at cols = 4096 every row lands in the same L1 set and
 // thrashes it.
 template <typename Acc, typename T>
-std::vector<Acc> PackTiles(const T* src, int64_t k, int64_t cols,
-                           int64_t k_stride, int64_t col_stride) {
-  std::vector<Acc> packed(NumTiles<Acc>(cols) * k * kTile<Acc>);
+void PackTiles(const T* src, int64_t k, int64_t cols, int64_t k_stride,
+               int64_t col_stride, Acc* packed) {
   for (int64_t t = 0; t < NumTiles<Acc>(cols); ++t) {
     const int64_t j0 = t * kTile<Acc>;
     const int64_t width = std::min(kTile<Acc>, cols - j0);
     for (int64_t kk = 0; kk < k; ++kk) {
-      Acc* dst = packed.data() + (t * k + kk) * kTile<Acc>;
+      Acc* dst = packed + (t * k + kk) * kTile<Acc>;
       for (int64_t c = 0; c < width; ++c) {
         dst[c] = static_cast<Acc>(src[kk * k_stride + (j0 + c) * col_stride]);
       }
       std::fill(dst + width, dst + kTile<Acc>, Acc(0));
     }
   }
-  return packed;
 }
 
 // A [k, cols] matrix seen as column tiles: tile t's row kk (kTile values)
@@ -85,43 +152,37 @@ struct Tiles {
   const Acc* Tile(int64_t t) const { return base + t * tile_stride; }
 };
 
-// A row-major [k, cols] matrix as Tiles: the matrix itself when its layout
-// already is one (T is the accumulation type, whole tiles) and `in_place` is
-// allowed, else a packed copy. Packing costs a pass and an allocation, and
-// pays off only when many rows reuse each tile.
+// A [k, cols] matrix as Tiles: the matrix itself when it is row-major and its
+// layout already is one (T is the accumulation type, whole tiles) and
+// `in_place` is allowed, else a packed copy in scratch memory. Packing costs a
+// pass, and pays off when several row blocks reuse each tile. `transposed`:
+// src is the row-major [cols, k] matrix whose transpose is packed.
 template <typename Acc>
 class TiledMatrix {
  public:
   template <typename T>
-  TiledMatrix(const T* src, int64_t k, int64_t cols, bool in_place) {
+  TiledMatrix(const T* src, int64_t k, int64_t cols, bool in_place,
+              bool transposed = false)
+      : use_src_(std::is_same_v<T, Acc> && in_place && !transposed &&
+                 cols % kTile<Acc> == 0),
+        packed_(use_src_ ? 0 : NumTiles<Acc>(cols) * k * kTile<Acc>) {
     if constexpr (std::is_same_v<T, Acc>) {
-      if (in_place && cols % kTile<Acc> == 0) {
+      if (use_src_) {
         tiles_ = {src, cols, kTile<Acc>};
         return;
       }
     }
-    packed_ = PackTiles<Acc>(src, k, cols, /*k_stride=*/cols, /*col_stride=*/1);
+    PackTiles(src, k, cols, transposed ? 1 : cols, transposed ? k : 1,
+              packed_.data());
     tiles_ = {packed_.data(), kTile<Acc>, k * kTile<Acc>};
   }
-  TiledMatrix(const TiledMatrix&) = delete;
-  TiledMatrix& operator=(const TiledMatrix&) = delete;
   const Tiles<Acc>& tiles() const { return tiles_; }
 
  private:
-  std::vector<Acc> packed_;
+  bool use_src_;
+  Scratch<Acc> packed_;
   Tiles<Acc> tiles_;
 };
-
-// Packed Tiles of a transposed operand (element (kk, c) at src[c * k + kk]).
-template <typename Acc, typename T>
-std::vector<Acc> PackTransposed(const T* src, int64_t k, int64_t cols) {
-  return PackTiles<Acc>(src, k, cols, /*k_stride=*/1, /*col_stride=*/k);
-}
-
-template <typename Acc>
-Tiles<Acc> PackedTiles(const std::vector<Acc>& packed, int64_t k) {
-  return {packed.data(), kTile<Acc>, k * kTile<Acc>};
-}
 
 // c_out[rows, cols] = c_in + scale * A[rows, k] @ B[k, cols]; c_out may alias
 // c_in. TA is T (merge: A = a) or the accumulation type (apply: A = x @ a).
@@ -232,9 +293,10 @@ void RowUpdate(const Eigen::ThreadPoolDevice& d, int64_t rows, int64_t cols,
   using Acc = typename Accum<T>::type;
   constexpr int64_t kPanelBytes = 128 << 10;  // leaves L2 room for c's rows
   if (rows == 0 || cols == 0) return;
-  // A few rows read each tile of B a few times: B as it is serves them.
-  constexpr int64_t kInPlaceRows = 64;
-  const TiledMatrix<Acc> b_tiles(b, k, cols, rows <= kInPlaceRows);
+  // Rows that fit one register tile read each tile of B once: B as it is
+  // serves them. More rows reread it, and a tile's k rows (`cols` apart,
+  // 16 KiB at 4096 floats) would share one L1 set: packed, they are contiguous.
+  const TiledMatrix<Acc> b_tiles(b, k, cols, /*in_place=*/rows <= kRows);
   const int64_t panel_tiles = std::max<int64_t>(
       1, kPanelBytes / (std::max<int64_t>(k, 1) * kTile<Acc> * sizeof(Acc)));
   const RowUpdateArgs<T, TA> p{rows,
@@ -251,9 +313,9 @@ void RowUpdate(const Eigen::ThreadPoolDevice& d, int64_t rows, int64_t cols,
   const auto kernel = Pick<RowUpdateArgs<T, TA>>(
       &avx2::RowUpdateBlocks<T, TA>, &baseline::RowUpdateBlocks<T, TA>);
   const double row_bytes = static_cast<double>(cols * sizeof(T));
-  const Eigen::TensorOpCost cost(kRows * (row_bytes + k * sizeof(TA)),
-                                 kRows * row_bytes,
-                                 kRows * static_cast<double>(cols) * k);
+  const Eigen::TensorOpCost cost(
+      kRows * (row_bytes + k * sizeof(TA)), kRows * row_bytes,
+      kRows * static_cast<double>(cols) * k / kMaddsPerCycle);
   d.parallelFor((rows + kRows - 1) / kRows, cost,
                 [&p, kernel](Eigen::Index begin, Eigen::Index end) {
                   kernel(p, begin, end);
@@ -289,13 +351,13 @@ void ApplyRows(const Eigen::ThreadPoolDevice& d, int64_t rows,
   if (rows == 0 || out == 0) return;
   const TiledMatrix<Acc> a_tiles(a, in, r, /*in_place=*/true);
   const int64_t lda = NumTiles<Acc>(r) * kTile<Acc>;
-  std::vector<Acc> xa(rows * lda);
+  Scratch<Acc> xa(rows * lda);
   const XaArgs<T> p{rows, in, r, x, a_tiles.tiles(), xa.data(), rows_map};
   const auto kernel =
       Pick<XaArgs<T>>(&avx2::XaRowBlocks<T>, &baseline::XaRowBlocks<T>);
-  const Eigen::TensorOpCost cost(kRows * in * sizeof(T),
-                                 kRows * lda * sizeof(Acc),
-                                 kRows * static_cast<double>(in) * lda);
+  const Eigen::TensorOpCost cost(
+      kRows * in * sizeof(T), kRows * lda * sizeof(Acc),
+      kRows * static_cast<double>(in) * lda / kMaddsPerCycle);
   d.parallelFor((rows + kRows - 1) / kRows, cost,
                 [&p, kernel](Eigen::Index begin, Eigen::Index end) {
                   kernel(p, begin, end);
@@ -359,12 +421,15 @@ void GradRows(const Eigen::ThreadPoolDevice& d, int64_t n,
       1, std::min(kMaxShards, (n + kShardRows - 1) / kShardRows));
   const int64_t shard_rows = (n + shards - 1) / shards;
   const TiledMatrix<Acc> a_tiles(a, in, r, /*in_place=*/true);
-  const std::vector<Acc> packed_bt = PackTransposed<Acc>(b, out, r);
-  const std::vector<Acc> packed_at = PackTransposed<Acc>(a, r, in);
+  const TiledMatrix<Acc> bt_tiles(b, out, r, false, /*transposed=*/true);
+  const TiledMatrix<Acc> at_tiles(a, r, in, false, /*transposed=*/true);
   const int64_t ld_in = NumTiles<Acc>(in) * kTile<Acc>;
   const int64_t ld_out = NumTiles<Acc>(out) * kTile<Acc>;
-  std::vector<Acc> da_t_parts(shards * r * ld_in),
-      db_parts(shards * r * ld_out), dscale_parts(shards);
+  Scratch<Acc> da_t_parts(shards * r * ld_in), db_parts(shards * r * ld_out),
+      dscale_parts(shards);
+  da_t_parts.Zero();
+  db_parts.Zero();
+  dscale_parts.Zero();
   const LoraGradArgs<T> p{n,
                           in,
                           out,
@@ -373,8 +438,8 @@ void GradRows(const Eigen::ThreadPoolDevice& d, int64_t n,
                           g,
                           x,
                           a_tiles.tiles(),
-                          PackedTiles(packed_bt, out),
-                          PackedTiles(packed_at, r),
+                          bt_tiles.tiles(),
+                          at_tiles.tiles(),
                           static_cast<Acc>(scale),
                           dx,
                           shard_rows,
@@ -387,17 +452,17 @@ void GradRows(const Eigen::ThreadPoolDevice& d, int64_t n,
   if (n > 0) {
     const auto kernel = Pick<LoraGradArgs<T>>(&avx2::LoraGradShards<T>,
                                               &baseline::LoraGradShards<T>);
-    const double flops = 5.0 * shard_rows * r * (in + out);
+    const double madds = 5.0 * shard_rows * r * (in + out) / kMaddsPerCycle;
     d.parallelFor(shards,
                   Eigen::TensorOpCost(shard_rows * (in + out) * sizeof(T),
-                                      shard_rows * in * sizeof(T), flops),
+                                      shard_rows * in * sizeof(T), madds),
                   [&p, kernel](Eigen::Index begin, Eigen::Index end) {
                     kernel(p, begin, end);
                   });
   }
   // Sum the shards' partials in shard order: db[k, j], and da[i, k] from the
   // transposed partials.
-  const auto sum_shards = [&](const std::vector<Acc>& parts, int64_t ld,
+  const auto sum_shards = [&](const Scratch<Acc>& parts, int64_t ld,
                               int64_t cols, auto&& store) {
     d.parallelFor(r,
                   Eigen::TensorOpCost(shards * cols * sizeof(Acc),
@@ -421,7 +486,7 @@ void GradRows(const Eigen::ThreadPoolDevice& d, int64_t n,
     da[i * r + k] = static_cast<T>(v);
   });
   Acc total = 0;
-  for (const Acc part : dscale_parts) total += part;
+  for (int64_t s = 0; s < shards; ++s) total += dscale_parts.data()[s];
   *dscale = static_cast<T>(total);
 }
 
