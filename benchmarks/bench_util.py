@@ -39,14 +39,22 @@ def header(args):
 
 
 def compare(candidates, iters, rounds):
-    """Median seconds of each `name: (fn, args)`, timed in interleaved rounds so drift hits all alike."""
+    """Median seconds of each `name: (fn, args)` over iters * rounds calls.
+
+    Calls are interleaved one by one (A, B, C, A, B, C, ...; the order rotates every round), so the
+    machine's bandwidth phases and drift hit every candidate alike instead of whichever ran in a bad
+    stretch.
+    """
     samples = {name: [] for name in candidates}
     for fn, args in candidates.values():  # trace and warm up
         fn(*args)
         fn(*args)
-    for _ in range(rounds):
-        for name, (fn, args) in candidates.items():
-            for _ in range(iters):
+    names = list(candidates)
+    for round_index in range(rounds):
+        order = names[round_index % len(names) :] + names[: round_index % len(names)]
+        for _ in range(iters):
+            for name in order:
+                fn, args = candidates[name]
                 start = time.perf_counter()
                 fn(*args)  # CPU: returns when the result is computed
                 samples[name].append(time.perf_counter() - start)
