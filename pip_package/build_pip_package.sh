@@ -27,7 +27,7 @@ trap 'rm -rf "$stage"' EXIT
 (cd "$src" && find -L tf_lora \( -name '*.py' -o -name '*.so' \) -type f) | while read -r f; do
   install -D -m 644 "$src/$f" "$stage/$f"
 done
-for f in gen_lora_ops.py _lora_ops.so; do
+for f in gen_lora_ops.py _lora_ops.so gen_sparse_table_ops.py _sparse_table_ops.so; do
   [[ -f "$stage/tf_lora/python/ops/$f" ]] || { echo "build_pip_package: $f missing" >&2; exit 1; }
 done
 install -m 644 "$src/pip_package/setup.py" "$src/README.md" "$src/LICENSE" "$stage/"

@@ -17,15 +17,21 @@ from tf_lora.python.ops.lora_ops import (  # noqa: E402
     merge_into_variable,
     unmerge_from_variable,
 )
+from tf_lora.sparse import SparseTable  # noqa: E402
+from tf_lora.sparse import initializers as sparse_initializers  # noqa: E402
+from tf_lora.sparse import optimizers as sparse_optimizers  # noqa: E402
 from tf_lora.version import __version__  # noqa: E402
 
 __all__ = [
     "__version__",
+    "SparseTable",
     "batched_lora_apply",
     "batched_lora_matmul",
     "lora_apply",
     "lora_matmul",
     "lora_merge",
     "merge_into_variable",
+    "sparse_initializers",
+    "sparse_optimizers",
     "unmerge_from_variable",
 ]

@@ -64,29 +64,39 @@ int64_t NumTiles(int64_t cols) {
 // keep their pages: packed operands, x @ a and gradient partials would
 // otherwise be fresh allocations each call, and on a VM first-touch page
 // faults cost more than the work at small sizes (measured: 483 us of page
-// faults and packing around a 17 us N=1 LoraApply). Buffers up to
-// kMaxPooledBytes return to the pool; at most kMaxPooled per thread.
+// faults and packing around a 17 us N=1 LoraApply). Released buffers go back
+// to the pool while it holds at most kMaxPooled buffers of kMaxPooledBytes in
+// all; requests take the smallest buffer that fits.
 template <typename T>
 class Scratch {
  public:
-  explicit Scratch(int64_t n) : bytes_(std::max<int64_t>(n, 1) * sizeof(T)) {
+  // n == 0 holds no memory.
+  explicit Scratch(int64_t n) : bytes_(n * static_cast<int64_t>(sizeof(T))) {
+    if (bytes_ == 0) return;
+    // The smallest pooled buffer that fits.
     std::vector<Buffer>& pool = Pool();
+    auto best = pool.end();
     for (auto it = pool.begin(); it != pool.end(); ++it) {
-      if (it->bytes >= bytes_) {
-        buffer_ = std::move(*it);
-        pool.erase(it);
-        break;
+      if (it->bytes >= bytes_ &&
+          (best == pool.end() || it->bytes < best->bytes)) {
+        best = it;
       }
     }
-    if (buffer_.data == nullptr) {
+    if (best != pool.end()) {
+      buffer_ = std::move(*best);
+      pool.erase(best);
+    } else {
       buffer_.data.reset(
           static_cast<char*>(::operator new(bytes_, std::align_val_t(kAlign))));
       buffer_.bytes = bytes_;
     }
   }
   ~Scratch() {
+    if (buffer_.data == nullptr) return;
     std::vector<Buffer>& pool = Pool();
-    if (buffer_.bytes <= kMaxPooledBytes && pool.size() < kMaxPooled) {
+    int64_t pooled = buffer_.bytes;
+    for (const Buffer& b : pool) pooled += b.bytes;
+    if (pool.size() < kMaxPooled && pooled <= kMaxPooledBytes) {
       pool.push_back(std::move(buffer_));
     }
   }
@@ -101,7 +111,9 @@ class Scratch {
 
  private:
   static constexpr size_t kAlign = 64;
-  static constexpr int64_t kMaxPooledBytes = 32 << 20;
+  // Per thread and element type, in all: TensorFlow runs ops on many
+  // long-lived threads, so what a thread keeps must stay small.
+  static constexpr int64_t kMaxPooledBytes = 64 << 20;
   static constexpr size_t kMaxPooled = 8;
   struct Free {
     void operator()(char* p) const {
@@ -240,7 +252,10 @@ struct LoraGradArgs {
   const int64_t* rows_map = nullptr;  // rows of g, x, dx (null: i -> i)
 };
 
-#if defined(__x86_64__) && defined(__GNUC__)
+// g++ only: clang has no `#pragma GCC target` (it would build the AVX2 region
+// for the baseline ISA and reject its intrinsics), so clang builds the
+// baseline code alone.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
 namespace avx2 {
@@ -271,7 +286,7 @@ namespace baseline {
 #undef TF_LORA_SIMD_AVX2
 }  // namespace baseline
 
-#if !(defined(__x86_64__) && defined(__GNUC__))
+#if !(defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__))
 namespace avx2 = baseline;  // UseAvx2() is false: never taken
 #endif
 

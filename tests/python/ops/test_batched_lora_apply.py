@@ -155,3 +155,12 @@ def test_bad_shapes_and_dtypes():
         )
     with pytest.raises((TypeError, tf.errors.InvalidArgumentError), match="int64|int32"):
         tf_lora.batched_lora_apply(y, x, a, b, tf.zeros([4], tf.int64), s)
+
+
+def test_matmul_takes_int64_ids_without_wrapping():
+    x, w = tf.ones([2, 3]), tf.ones([3, 4])
+    a, b, s = tf.ones([2, 3, 1]), tf.ones([2, 1, 4]), tf.ones([2])
+    out = tf_lora.batched_lora_matmul(x, w, a, b, tf.constant([1, -1], tf.int64), s)
+    np.testing.assert_allclose(out, [[6.0] * 4, [3.0] * 4])
+    with pytest.raises(tf.errors.InvalidArgumentError, match="out of range"):
+        tf_lora.batched_lora_matmul(x, w, a, b, tf.constant([2**32 + 1, 0], tf.int64), s)

@@ -1,21 +1,24 @@
 """The `>>>` examples in the public API's docstrings run and print what they say."""
 
 import doctest
+import inspect
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
 import tf_lora
-from tf_lora.python.ops import lora_ops
+
+PUBLIC_CALLABLES = sorted(n for n in tf_lora.__all__ if callable(getattr(tf_lora, n)))
 
 
-@pytest.mark.parametrize("name", sorted(n for n in tf_lora.__all__ if n != "__version__"))
+@pytest.mark.parametrize("name", PUBLIC_CALLABLES)
 def test_docstring_examples(name):
     fn = getattr(tf_lora, name)
     assert fn.__doc__ and ">>>" in fn.__doc__, f"{name} has no example"
     finder = doctest.DocTestFinder(recurse=False)
     runner = doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE | doctest.ELLIPSIS)
-    for test in finder.find(fn, name, module=lora_ops, globs={"tf": tf, "tf_lora": tf_lora, "np": np}):
+    globs = {"tf": tf, "tf_lora": tf_lora, "np": np}
+    for test in finder.find(fn, name, module=inspect.getmodule(fn), globs=globs):
         runner.run(test)
     assert runner.failures == 0 and runner.tries > 0

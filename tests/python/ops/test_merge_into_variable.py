@@ -165,6 +165,8 @@ def test_dtype_mismatch_leaves_variable_unchanged():
 def test_not_a_variable():
     with pytest.raises(TypeError, match="expected a resource variable"):
         tf_lora.merge_into_variable(tf.ones([4, 3]), tf.ones([4, 2]), tf.ones([2, 3]), 1.0)
+    with pytest.raises(TypeError, match="expected a resource variable"):
+        tf_lora.unmerge_from_variable([[1.0]], tf.ones([1, 1]), tf.ones([1, 1]), 1.0)
     from tf_lora.python.ops import gen_lora_ops
 
     table = tf.lookup.experimental.MutableHashTable(tf.int64, tf.float32, default_value=0.0)

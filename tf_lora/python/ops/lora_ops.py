@@ -118,6 +118,14 @@ def lora_matmul(x, w, a, b, scale, bias=None, name=None) -> tf.Tensor:
         )
 
 
+def _int32_ids(adapter_ids):
+    """adapter_ids as int32; int64 ids outside int32 stay out of the adapters' range, never wrap."""
+    ids = tf.convert_to_tensor(adapter_ids, dtype_hint=tf.int32, name="adapter_ids")
+    if ids.dtype == tf.int64:
+        ids = tf.cast(tf.clip_by_value(ids, -2, 2**31 - 1), tf.int32)
+    return ids
+
+
 def _matmul_then(x, w, bias, apply):
     """`apply(x2 @ w (+ bias), x2)` on x flattened to [N, in], reshaped back to [..., out]."""
     w = tf.convert_to_tensor(w, dtype_hint=x.dtype, name="w")
@@ -238,7 +246,7 @@ def batched_lora_matmul(x, w, a_stack, b_stack, adapter_ids, scales, bias=None, 
     """
     with tf.name_scope(name or "batched_lora_matmul"):
         x = tf.convert_to_tensor(x, name="x")
-        ids = tf.reshape(tf.convert_to_tensor(adapter_ids, dtype=tf.int32, name="adapter_ids"), [-1])
+        ids = tf.reshape(_int32_ids(adapter_ids), [-1])
         return _matmul_then(
             x, w, bias, lambda y, x2: batched_lora_apply(y, x2, a_stack, b_stack, ids, scales)
         )
@@ -290,6 +298,7 @@ def unmerge_from_variable(var, a, b, scale, name=None):
     array([[1., 1.],
            [1., 1.]], dtype=float32)
     """
+    _variable_handle(var)  # a clear TypeError before var.dtype is read
     with tf.name_scope(name or "unmerge_from_variable"):
         return merge_into_variable(var, a, b, -tf.convert_to_tensor(scale, dtype=var.dtype))
 

@@ -1,0 +1,325 @@
+// Sparse embedding table: see sparse_table.h.
+
+#include "core/kernels/sparse_table.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <numeric>
+
+#include "tensorflow/core/lib/random/philox_random.h"
+#include "xla/tsl/lib/random/random_distributions_utils.h"
+
+namespace tf_lora {
+namespace sparse {
+namespace {
+
+// SplitMix64's finalizer: spreads sequential ids over shards and slots.
+inline uint64_t Mix(uint64_t x) {
+  x ^= x >> 30;
+  x *= 0xbf58476d1ce4e5b9ULL;
+  x ^= x >> 27;
+  x *= 0x94d049bb133111ebULL;
+  return x ^ (x >> 31);
+}
+
+constexpr int kShardBits = 6;
+static_assert((1 << kShardBits) == Table::kShards, "kShards is 2^kShardBits");
+
+}  // namespace
+
+void Initializer::Fill(int64_t key, int64_t dim, float* row) const {
+  if (kind == Kind::kZeros) {
+    std::fill_n(row, dim, 0.f);
+    return;
+  }
+  // Philox keyed by the seed, counting from a counter that holds the key in
+  // its high words: every key has its own stream, whatever the arrival order.
+  const uint64_t k = static_cast<uint64_t>(key);
+  tsl::random::PhiloxRandom::ResultType counter;  // zeros
+  counter[2] = static_cast<uint32_t>(k);
+  counter[3] = static_cast<uint32_t>(k >> 32);
+  tsl::random::PhiloxRandom::Key philox_key;
+  philox_key[0] = static_cast<uint32_t>(seed);
+  philox_key[1] = static_cast<uint32_t>(seed >> 32);
+  tsl::random::PhiloxRandom gen(counter, philox_key);
+  int64_t j = 0;
+  while (j < dim) {
+    const auto bits = gen();
+    if (kind == Kind::kUniform) {
+      for (int e = 0; e < 4 && j < dim; ++e, ++j) {
+        row[j] = a + (b - a) * tsl::random::Uint32ToFloat(bits[e]);
+      }
+      continue;
+    }
+    for (int e = 0; e < 4 && j < dim; e += 2) {
+      float z[2];
+      tsl::random::BoxMullerFloat(bits[e], bits[e + 1], &z[0], &z[1]);
+      for (float v : z) {
+        // Truncated normal: like tf.random.truncated_normal, values more than
+        // two standard deviations out are drawn again.
+        if (j < dim && (kind == Kind::kNormal || std::abs(v) <= 2.f)) {
+          row[j++] = a + b * v;
+        }
+      }
+    }
+  }
+}
+
+struct Table::Shard {
+  static constexpr int64_t kBlockRows = 1024;
+  static constexpr int32_t kEmpty = -1;
+
+  explicit Shard(int64_t width) : width(width) {}
+
+  float* Row(int32_t r) {
+    return blocks[r / kBlockRows].get() + (r % kBlockRows) * width;
+  }
+  const float* Row(int32_t r) const {
+    return blocks[r / kBlockRows].get() + (r % kBlockRows) * width;
+  }
+
+  int32_t Find(int64_t key, uint64_t hash) const {
+    if (slots.empty()) return kEmpty;
+    const uint64_t mask = slots.size() - 1;
+    for (uint64_t i = hash & mask;; i = (i + 1) & mask) {
+      if (slots[i] == kEmpty) return kEmpty;
+      if (keys[i] == key) return slots[i];
+    }
+  }
+
+  // Adds `key` (absent) with a fresh row, initialized by `init`.
+  int32_t Insert(int64_t key, uint64_t hash,
+                 const std::function<void(int64_t, float*)>& init) {
+    if ((size + 1) * 4 > static_cast<int64_t>(slots.size()) * 3) Grow();
+    const int32_t r = static_cast<int32_t>(size++);
+    if (r / kBlockRows >= static_cast<int64_t>(blocks.size())) {
+      blocks.emplace_back(new float[kBlockRows * width]);
+    }
+    counts.push_back(0);
+    last_steps.push_back(0);
+    init(key, Row(r));
+    Place(key, hash, r);
+    return r;
+  }
+
+  void Place(int64_t key, uint64_t hash, int32_t r) {
+    const uint64_t mask = slots.size() - 1;
+    uint64_t i = hash & mask;
+    while (slots[i] != kEmpty) i = (i + 1) & mask;
+    keys[i] = key;
+    slots[i] = r;
+  }
+
+  void Grow() {
+    std::vector<int64_t> old_keys = std::move(keys);
+    std::vector<int32_t> old_slots = std::move(slots);
+    const size_t capacity = std::max<size_t>(16, old_slots.size() * 2);
+    keys.assign(capacity, 0);
+    slots.assign(capacity, kEmpty);
+    for (size_t i = 0; i < old_slots.size(); ++i) {
+      if (old_slots[i] != kEmpty) {
+        Place(old_keys[i], Mix(old_keys[i]), old_slots[i]);
+      }
+    }
+  }
+
+  mutable std::shared_mutex mu;
+  const int64_t width;
+  // Open addressing, linear probing, load factor <= 3/4: keys[i] is valid
+  // where slots[i] (its row) is not kEmpty.
+  std::vector<int64_t> keys;
+  std::vector<int32_t> slots;
+  int64_t size = 0;
+  // Rows 0 .. size-1 in blocks of kBlockRows, and their metadata.
+  std::vector<std::unique_ptr<float[]>> blocks;
+  std::vector<int64_t> counts, last_steps;
+};
+
+Table::Table(const Config& config)
+    : config_(config), row_width_(config.dim * (1 + config.optimizer.Slots())) {
+  for (int s = 0; s < kShards; ++s) {
+    shards_.push_back(std::make_unique<Shard>(row_width_));
+  }
+}
+
+Table::~Table() = default;
+
+int64_t Table::Size() const {
+  int64_t total = 0;
+  for (const auto& shard : shards_) {
+    std::shared_lock<std::shared_mutex> lock(shard->mu);
+    total += shard->size;
+  }
+  return total;
+}
+
+int64_t Table::step() const { return step_.load(); }
+
+void Table::GroupByShard(const int64_t* ids, int64_t n,
+                         std::vector<int64_t>* start,
+                         std::vector<int64_t>* order) {
+  start->assign(kShards + 1, 0);
+  for (int64_t i = 0; i < n; ++i) {
+    ++(*start)[(Mix(ids[i]) >> (64 - kShardBits)) + 1];
+  }
+  std::partial_sum(start->begin(), start->end(), start->begin());
+  std::vector<int64_t> next(start->begin(), start->end() - 1);
+  order->resize(n);
+  for (int64_t i = 0; i < n; ++i) {
+    (*order)[next[Mix(ids[i]) >> (64 - kShardBits)]++] = i;
+  }
+}
+
+void Table::InitRow(int64_t key, float* row) const {
+  config_.initializer.Fill(key, config_.dim, row);
+  float* slots = row + config_.dim;
+  if (config_.optimizer.kind == Optimizer::Kind::kAdagrad) {
+    std::fill_n(slots, config_.dim, config_.optimizer.initial_accumulator);
+  }
+}
+
+void Table::Pull(const int64_t* ids, int64_t n, bool training, float* values,
+                 const ParallelFor& parallel_for) {
+  std::vector<int64_t> start, order;
+  GroupByShard(ids, n, &start, &order);
+  const int64_t dim = config_.dim;
+  const auto init = [this](int64_t key, float* row) { InitRow(key, row); };
+  parallel_for(kShards, [&](int64_t begin, int64_t end) {
+    for (int64_t s = begin; s < end; ++s) {
+      if (start[s] == start[s + 1]) continue;
+      Shard& shard = *shards_[s];
+      // Inference reads share the lock; training may insert.
+      std::unique_lock<std::shared_mutex> write(shard.mu, std::defer_lock);
+      std::shared_lock<std::shared_mutex> read(shard.mu, std::defer_lock);
+      if (training) {
+        write.lock();
+      } else {
+        read.lock();
+      }
+      for (int64_t e = start[s]; e < start[s + 1]; ++e) {
+        const int64_t i = order[e];
+        const uint64_t hash = Mix(ids[i]);
+        int32_t r = shard.Find(ids[i], hash);
+        if (r == Shard::kEmpty) {
+          if (!training) {
+            std::fill_n(values + i * dim, dim, 0.f);
+            continue;
+          }
+          r = shard.Insert(ids[i], hash, init);
+        }
+        std::copy_n(shard.Row(r), dim, values + i * dim);
+      }
+    }
+  });
+}
+
+void Table::Push(const int64_t* ids, int64_t n, const float* grads,
+                 float learning_rate, const ParallelFor& parallel_for) {
+  const int64_t step = ++step_;
+  std::vector<int64_t> start, order;
+  GroupByShard(ids, n, &start, &order);
+  const int64_t dim = config_.dim;
+  const Optimizer& opt = config_.optimizer;
+  const auto init = [this](int64_t key, float* row) { InitRow(key, row); };
+  parallel_for(kShards, [&](int64_t begin, int64_t end) {
+    std::vector<float> g(dim);
+    for (int64_t s = begin; s < end; ++s) {
+      if (start[s] == start[s + 1]) continue;
+      // Duplicates next to each other (stable: sums in the order given).
+      std::stable_sort(order.begin() + start[s], order.begin() + start[s + 1],
+                       [ids](int64_t x, int64_t y) { return ids[x] < ids[y]; });
+      Shard& shard = *shards_[s];
+      std::unique_lock<std::shared_mutex> lock(shard.mu);
+      for (int64_t e = start[s]; e < start[s + 1];) {
+        const int64_t key = ids[order[e]];
+        std::fill(g.begin(), g.end(), 0.f);
+        for (; e < start[s + 1] && ids[order[e]] == key; ++e) {
+          const float* grad = grads + order[e] * dim;
+          for (int64_t j = 0; j < dim; ++j) g[j] += grad[j];
+        }
+        const uint64_t hash = Mix(key);
+        int32_t r = shard.Find(key, hash);
+        if (r == Shard::kEmpty) r = shard.Insert(key, hash, init);
+        float* w = shard.Row(r);
+        if (opt.kind == Optimizer::Kind::kSgd) {
+          for (int64_t j = 0; j < dim; ++j) w[j] -= learning_rate * g[j];
+        } else {
+          // Adagrad, as Keras 3: acc += g^2; w -= lr g / sqrt(acc + eps).
+          float* acc = w + dim;
+          for (int64_t j = 0; j < dim; ++j) {
+            acc[j] += g[j] * g[j];
+            w[j] -= learning_rate * g[j] / std::sqrt(acc[j] + opt.epsilon);
+          }
+        }
+        ++shard.counts[r];
+        shard.last_steps[r] = step;
+      }
+    }
+  });
+}
+
+Table::Contents Table::Export() const {
+  Contents out;
+  const int64_t dim = config_.dim, slot_width = row_width_ - dim;
+  for (const auto& shard_ptr : shards_) {
+    const Shard& shard = *shard_ptr;
+    std::shared_lock<std::shared_mutex> lock(shard.mu);
+    for (size_t i = 0; i < shard.slots.size(); ++i) {
+      const int32_t r = shard.slots[i];
+      if (r == Shard::kEmpty) continue;
+      const float* row = shard.Row(r);
+      out.keys.push_back(shard.keys[i]);
+      out.values.insert(out.values.end(), row, row + dim);
+      out.slots.insert(out.slots.end(), row + dim, row + dim + slot_width);
+      out.update_counts.push_back(shard.counts[r]);
+      out.last_steps.push_back(shard.last_steps[r]);
+    }
+  }
+  return out;
+}
+
+std::string Table::Import(const Contents& in, int64_t step) {
+  const int64_t n = in.keys.size(), dim = config_.dim;
+  const int64_t slot_width = row_width_ - dim;
+  {
+    std::vector<int64_t> sorted = in.keys;
+    std::sort(sorted.begin(), sorted.end());
+    const auto dup = std::adjacent_find(sorted.begin(), sorted.end());
+    if (dup != sorted.end()) {
+      return "duplicate key " + std::to_string(*dup);
+    }
+  }
+  // Build the new shards aside, then swap them in: a failure above leaves the
+  // table as it was.
+  std::vector<std::unique_ptr<Shard>> fresh;
+  for (int s = 0; s < kShards; ++s) {
+    fresh.push_back(std::make_unique<Shard>(row_width_));
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t key = in.keys[i];
+    const uint64_t hash = Mix(key);
+    Shard& shard = *fresh[hash >> (64 - kShardBits)];
+    const int32_t r = shard.Insert(key, hash, [&](int64_t, float* row) {
+      std::copy_n(in.values.data() + i * dim, dim, row);
+      std::copy_n(in.slots.data() + i * slot_width, slot_width, row + dim);
+    });
+    shard.counts[r] = in.update_counts[i];
+    shard.last_steps[r] = in.last_steps[i];
+  }
+  for (int s = 0; s < kShards; ++s) {
+    std::unique_lock<std::shared_mutex> lock(shards_[s]->mu);
+    std::swap(shards_[s]->keys, fresh[s]->keys);
+    std::swap(shards_[s]->slots, fresh[s]->slots);
+    std::swap(shards_[s]->size, fresh[s]->size);
+    std::swap(shards_[s]->blocks, fresh[s]->blocks);
+    std::swap(shards_[s]->counts, fresh[s]->counts);
+    std::swap(shards_[s]->last_steps, fresh[s]->last_steps);
+  }
+  step_ = step;
+  return "";
+}
+
+}  // namespace sparse
+}  // namespace tf_lora

@@ -1,0 +1,116 @@
+// Sparse embedding table: int64 keys -> float32 rows of `dim`, with optimizer
+// slots and per-key metadata. Pure C++ (no TensorFlow types): the OpKernel
+// glue (sparse_table_kernels.cc) wraps it in a resource; sparse_table_test.cc
+// tests it alone.
+//
+// Storage is sharded and lock-striped: each shard owns an open-addressing hash
+// index (key -> row) and its rows, kept contiguously in fixed-size blocks (not
+// one heap allocation per key). A row holds the values and the optimizer slots
+// side by side; metadata (update count, last step) lives in parallel arrays.
+// Batch operations group their ids by shard and take each shard's lock once.
+
+#ifndef TF_LORA_CORE_KERNELS_SPARSE_TABLE_H_
+#define TF_LORA_CORE_KERNELS_SPARSE_TABLE_H_
+
+#include <atomic>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <shared_mutex>
+#include <string>
+#include <vector>
+
+namespace tf_lora {
+namespace sparse {
+
+// How a new key's row is initialized: a pure function of (seed, key), so the
+// order in which keys arrive and the shard they land in never change it.
+struct Initializer {
+  enum class Kind { kZeros, kUniform, kNormal, kTruncatedNormal };
+  Kind kind = Kind::kZeros;
+  float a = 0, b = 0;  // uniform: [a, b); (truncated) normal: mean a, stddev b
+  uint64_t seed = 0;
+
+  void Fill(int64_t key, int64_t dim, float* row) const;
+};
+
+struct Optimizer {
+  enum class Kind { kSgd, kAdagrad };
+  Kind kind = Kind::kSgd;
+  float initial_accumulator = 0.1f;  // Adagrad
+  float epsilon = 1e-7f;             // Adagrad
+
+  int Slots() const { return kind == Kind::kAdagrad ? 1 : 0; }
+};
+
+struct Config {
+  int64_t dim = 0;
+  Initializer initializer;
+  Optimizer optimizer;
+};
+
+// Parallel-for over [0, n): calls fn(begin, end) for disjoint ranges.
+using ParallelFor =
+    std::function<void(int64_t n, std::function<void(int64_t, int64_t)> fn)>;
+
+class Table {
+ public:
+  static constexpr int kShards = 64;
+
+  explicit Table(const Config& config);
+  ~Table();
+  Table(const Table&) = delete;
+  Table& operator=(const Table&) = delete;
+
+  const Config& config() const { return config_; }
+  int64_t dim() const { return config_.dim; }
+  int64_t row_width() const { return row_width_; }  // dim * (1 + slots)
+  int64_t Size() const;
+  int64_t step() const;
+
+  // values[i, :] = row of ids[i]. training: missing ids are inserted with
+  // their initial row; otherwise missing ids read as zeros and nothing is
+  // inserted.
+  void Pull(const int64_t* ids, int64_t n, bool training, float* values,
+            const ParallelFor& parallel_for);
+
+  // Sums the gradients of duplicate ids, then applies the optimizer once per
+  // unique id (inserting ids not present), counts the update and stamps the
+  // table's step, which each push advances by one.
+  void Push(const int64_t* ids, int64_t n, const float* grads,
+            float learning_rate, const ParallelFor& parallel_for);
+
+  // Every key with its values, slots (row_width - dim per key) and metadata
+  // (update count, last step), in an unspecified but consistent order.
+  struct Contents {
+    std::vector<int64_t> keys;
+    std::vector<float> values, slots;
+    std::vector<int64_t> update_counts, last_steps;
+  };
+  Contents Export() const;
+
+  // Replaces the whole contents (and sets the step to `step`). The caller has
+  // checked the shapes; duplicate keys are an error, reported before anything
+  // changes.
+  std::string Import(const Contents& contents, int64_t step);
+
+ private:
+  struct Shard;
+  // A new key's row: initializer values, optimizer slots at their start.
+  void InitRow(int64_t key, float* row) const;
+  // Groups ids by shard: the ids of shard s are order[start[s] .. start[s+1]).
+  static void GroupByShard(const int64_t* ids, int64_t n,
+                           std::vector<int64_t>* start,
+                           std::vector<int64_t>* order);
+
+  Config config_;
+  int64_t row_width_;
+  std::vector<std::unique_ptr<Shard>> shards_;
+  std::atomic<int64_t> step_{0};
+};
+
+}  // namespace sparse
+}  // namespace tf_lora
+
+#endif  // TF_LORA_CORE_KERNELS_SPARSE_TABLE_H_

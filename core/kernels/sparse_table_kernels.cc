@@ -1,0 +1,293 @@
+// Sparse embedding table op family: OpKernel glue over sparse::Table.
+
+#define EIGEN_USE_THREADS
+
+#include <string>
+
+#include "core/kernels/sparse_table.h"
+#include "tensorflow/core/framework/op_kernel.h"
+#include "tensorflow/core/framework/resource_mgr.h"
+#include "tensorflow/core/framework/tensor.h"
+#include "tensorflow/core/framework/tensor_shape.h"
+
+namespace tf_lora {
+
+using ::tensorflow::OpKernel;
+using ::tensorflow::OpKernelConstruction;
+using ::tensorflow::OpKernelContext;
+using ::tensorflow::ResourceBase;
+using ::tensorflow::Tensor;
+using ::tensorflow::TensorShape;
+using ::tensorflow::TensorShapeUtils;
+
+namespace {
+
+class SparseTableResource : public ResourceBase {
+ public:
+  explicit SparseTableResource(const sparse::Config& config) : table(config) {}
+  std::string DebugString() const override {
+    return absl::StrCat("SparseTable(dim=", table.dim(), ")");
+  }
+  sparse::Table table;
+};
+
+// The table's shards spread over TensorFlow's CPU worker threads.
+sparse::ParallelFor WorkerThreads(OpKernelContext* ctx, int64_t ids) {
+  return [ctx, ids](int64_t n, std::function<void(int64_t, int64_t)> fn) {
+    const auto& d = ctx->eigen_device<Eigen::ThreadPoolDevice>();
+    const double per_shard = 100.0 * ids / sparse::Table::kShards + 1;
+    d.parallelFor(
+        n, Eigen::TensorOpCost(per_shard, per_shard, per_shard),
+        [&fn](Eigen::Index begin, Eigen::Index end) { fn(begin, end); });
+  };
+}
+
+absl::Status GetTable(
+    OpKernelContext* ctx, const char* op,
+    tensorflow::core::RefCountPtr<SparseTableResource>* table) {
+  const absl::Status s = tensorflow::LookupResource(
+      ctx, tensorflow::HandleFromInput(ctx, 0), table);
+  if (s.ok()) return s;
+  return absl::InvalidArgumentError(absl::StrCat(
+      op,
+      ": table must be the handle of a tf_lora SparseTable: ", s.message()));
+}
+
+absl::Status ParseConfig(OpKernelConstruction* ctx, sparse::Config* config) {
+  std::string initializer, optimizer;
+  TF_RETURN_IF_ERROR(ctx->GetAttr("dim", &config->dim));
+  TF_RETURN_IF_ERROR(ctx->GetAttr("initializer", &initializer));
+  TF_RETURN_IF_ERROR(ctx->GetAttr("init_a", &config->initializer.a));
+  TF_RETURN_IF_ERROR(ctx->GetAttr("init_b", &config->initializer.b));
+  int64_t seed;
+  TF_RETURN_IF_ERROR(ctx->GetAttr("seed", &seed));
+  config->initializer.seed = static_cast<uint64_t>(seed);
+  TF_RETURN_IF_ERROR(ctx->GetAttr("optimizer", &optimizer));
+  TF_RETURN_IF_ERROR(ctx->GetAttr("initial_accumulator",
+                                  &config->optimizer.initial_accumulator));
+  TF_RETURN_IF_ERROR(ctx->GetAttr("epsilon", &config->optimizer.epsilon));
+  using Init = sparse::Initializer::Kind;
+  config->initializer.kind = initializer == "uniform"  ? Init::kUniform
+                             : initializer == "normal" ? Init::kNormal
+                             : initializer == "truncated_normal"
+                                 ? Init::kTruncatedNormal
+                                 : Init::kZeros;
+  config->optimizer.kind = optimizer == "adagrad"
+                               ? sparse::Optimizer::Kind::kAdagrad
+                               : sparse::Optimizer::Kind::kSgd;
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+// Creates the table on first run (or finds the one with the same container
+// and shared_name) and outputs its handle.
+class SparseTableOp : public OpKernel {
+ public:
+  explicit SparseTableOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, ParseConfig(ctx, &config_));
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    tensorflow::mutex_lock lock(mu_);
+    if (!created_) {
+      OP_REQUIRES_OK(ctx, cinfo_.Init(ctx->resource_manager(), def(),
+                                      /*use_node_name_as_default=*/true));
+      SparseTableResource* table = nullptr;
+      OP_REQUIRES_OK(
+          ctx, cinfo_.resource_manager()->LookupOrCreate<SparseTableResource>(
+                   cinfo_.container(), cinfo_.name(), &table,
+                   [this](SparseTableResource** out) {
+                     *out = new SparseTableResource(config_);
+                     return absl::OkStatus();
+                   }));
+      tensorflow::core::ScopedUnref unref(table);
+      const sparse::Config& existing = table->table.config();
+      OP_REQUIRES(ctx,
+                  existing.dim == config_.dim &&
+                      existing.optimizer.kind == config_.optimizer.kind,
+                  absl::InvalidArgumentError(absl::StrCat(
+                      "SparseTable: a table named '", cinfo_.name(),
+                      "' already exists with dim ", existing.dim,
+                      " and another optimizer or dim than the dim ",
+                      config_.dim, " asked for")));
+      handle_ = tensorflow::MakeResourceHandle<SparseTableResource>(
+          ctx, cinfo_.container(), cinfo_.name());
+      created_ = true;
+    }
+    Tensor* out;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({}), &out));
+    out->scalar<tensorflow::ResourceHandle>()() = handle_;
+  }
+
+ private:
+  sparse::Config config_;
+  tensorflow::mutex mu_;
+  bool created_ = false;
+  tensorflow::ContainerInfo cinfo_;
+  tensorflow::ResourceHandle handle_;
+};
+
+class SparseTablePullOp : public OpKernel {
+ public:
+  explicit SparseTablePullOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("dim", &dim_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("training", &training_));
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    tensorflow::core::RefCountPtr<SparseTableResource> table;
+    OP_REQUIRES_OK(ctx, GetTable(ctx, "SparseTablePull", &table));
+    OP_REQUIRES(ctx, table->table.dim() == dim_,
+                absl::InvalidArgumentError(absl::StrCat(
+                    "SparseTablePull: the table has dim ", table->table.dim(),
+                    " but the op was built for dim ", dim_)));
+    const Tensor& ids = ctx->input(1);
+    TensorShape shape = ids.shape();
+    OP_REQUIRES_OK(ctx, shape.AddDimWithStatus(dim_));
+    Tensor* values;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, shape, &values));
+    table->table.Pull(ids.flat<int64_t>().data(), ids.NumElements(), training_,
+                      values->flat<float>().data(),
+                      WorkerThreads(ctx, ids.NumElements()));
+  }
+
+ private:
+  int64_t dim_;
+  bool training_;
+};
+
+class SparseTablePushOp : public OpKernel {
+ public:
+  explicit SparseTablePushOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
+
+  void Compute(OpKernelContext* ctx) override {
+    tensorflow::core::RefCountPtr<SparseTableResource> table;
+    OP_REQUIRES_OK(ctx, GetTable(ctx, "SparseTablePush", &table));
+    const Tensor& ids = ctx->input(1);
+    const Tensor& grads = ctx->input(2);
+    const Tensor& lr = ctx->input(3);
+    TensorShape expected = ids.shape();
+    OP_REQUIRES_OK(ctx, expected.AddDimWithStatus(table->table.dim()));
+    OP_REQUIRES(
+        ctx, grads.shape() == expected,
+        absl::InvalidArgumentError(absl::StrCat(
+            "SparseTablePush: grads must have shape ids.shape + [dim] = ",
+            expected.DebugString(), "; got ", grads.shape().DebugString())));
+    OP_REQUIRES(ctx, TensorShapeUtils::IsScalar(lr.shape()),
+                absl::InvalidArgumentError(absl::StrCat(
+                    "SparseTablePush: learning_rate must be a scalar; got ",
+                    lr.shape().DebugString())));
+    table->table.Push(ids.flat<int64_t>().data(), ids.NumElements(),
+                      grads.flat<float>().data(), lr.scalar<float>()(),
+                      WorkerThreads(ctx, ids.NumElements()));
+  }
+};
+
+class SparseTableSizeOp : public OpKernel {
+ public:
+  explicit SparseTableSizeOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
+
+  void Compute(OpKernelContext* ctx) override {
+    tensorflow::core::RefCountPtr<SparseTableResource> table;
+    OP_REQUIRES_OK(ctx, GetTable(ctx, "SparseTableSize", &table));
+    Tensor* out;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({}), &out));
+    out->scalar<int64_t>()() = table->table.Size();
+  }
+};
+
+class SparseTableExportOp : public OpKernel {
+ public:
+  explicit SparseTableExportOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
+
+  void Compute(OpKernelContext* ctx) override {
+    tensorflow::core::RefCountPtr<SparseTableResource> table;
+    OP_REQUIRES_OK(ctx, GetTable(ctx, "SparseTableExport", &table));
+    const sparse::Table& t = table->table;
+    const sparse::Table::Contents c = t.Export();
+    const int64_t n = c.keys.size(), slot_width = t.row_width() - t.dim();
+    Tensor* out[6];
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({n}), &out[0]));
+    OP_REQUIRES_OK(ctx,
+                   ctx->allocate_output(1, TensorShape({n, t.dim()}), &out[1]));
+    OP_REQUIRES_OK(
+        ctx, ctx->allocate_output(2, TensorShape({n, slot_width}), &out[2]));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(3, TensorShape({n}), &out[3]));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(4, TensorShape({n}), &out[4]));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(5, TensorShape({}), &out[5]));
+    std::copy(c.keys.begin(), c.keys.end(), out[0]->flat<int64_t>().data());
+    std::copy(c.values.begin(), c.values.end(), out[1]->flat<float>().data());
+    std::copy(c.slots.begin(), c.slots.end(), out[2]->flat<float>().data());
+    std::copy(c.update_counts.begin(), c.update_counts.end(),
+              out[3]->flat<int64_t>().data());
+    std::copy(c.last_steps.begin(), c.last_steps.end(),
+              out[4]->flat<int64_t>().data());
+    out[5]->scalar<int64_t>()() = t.step();
+  }
+};
+
+class SparseTableImportOp : public OpKernel {
+ public:
+  explicit SparseTableImportOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
+
+  void Compute(OpKernelContext* ctx) override {
+    tensorflow::core::RefCountPtr<SparseTableResource> table;
+    OP_REQUIRES_OK(ctx, GetTable(ctx, "SparseTableImport", &table));
+    sparse::Table& t = table->table;
+    const Tensor& keys = ctx->input(1);
+    const Tensor& values = ctx->input(2);
+    const Tensor& slots = ctx->input(3);
+    const Tensor& counts = ctx->input(4);
+    const Tensor& steps = ctx->input(5);
+    const Tensor& step = ctx->input(6);
+    OP_REQUIRES(ctx, TensorShapeUtils::IsVector(keys.shape()),
+                absl::InvalidArgumentError(absl::StrCat(
+                    "SparseTableImport: keys must be a vector; got ",
+                    keys.shape().DebugString())));
+    const int64_t n = keys.dim_size(0), slot_width = t.row_width() - t.dim();
+    const auto expect = [&](const char* name, const Tensor& tensor,
+                            const TensorShape& shape) {
+      return tensor.shape() == shape
+                 ? absl::OkStatus()
+                 : absl::InvalidArgumentError(absl::StrCat(
+                       "SparseTableImport: ", name, " must have shape ",
+                       shape.DebugString(), " for ", n,
+                       " keys and a table of dim ", t.dim(), "; got ",
+                       tensor.shape().DebugString()));
+    };
+    OP_REQUIRES_OK(ctx, expect("values", values, TensorShape({n, t.dim()})));
+    OP_REQUIRES_OK(ctx, expect("slots", slots, TensorShape({n, slot_width})));
+    OP_REQUIRES_OK(ctx, expect("update_counts", counts, TensorShape({n})));
+    OP_REQUIRES_OK(ctx, expect("last_steps", steps, TensorShape({n})));
+    OP_REQUIRES_OK(ctx, expect("step", step, TensorShape({})));
+    sparse::Table::Contents c;
+    const auto copy = [](const Tensor& from, auto* to) {
+      using V = typename std::remove_pointer_t<decltype(to)>::value_type;
+      const V* data = from.flat<V>().data();
+      to->assign(data, data + from.NumElements());
+    };
+    copy(keys, &c.keys);
+    copy(values, &c.values);
+    copy(slots, &c.slots);
+    copy(counts, &c.update_counts);
+    copy(steps, &c.last_steps);
+    const std::string error = t.Import(c, step.scalar<int64_t>()());
+    OP_REQUIRES(ctx, error.empty(),
+                absl::InvalidArgumentError(absl::StrCat(
+                    "SparseTableImport: ", error, "; the table is unchanged")));
+  }
+};
+
+#define TF_LORA_REGISTER(OP) \
+  REGISTER_KERNEL_BUILDER(   \
+      Name("TfLora>" #OP).Device(::tensorflow::DEVICE_CPU), OP##Op)
+TF_LORA_REGISTER(SparseTable);
+TF_LORA_REGISTER(SparseTablePull);
+TF_LORA_REGISTER(SparseTablePush);
+TF_LORA_REGISTER(SparseTableSize);
+TF_LORA_REGISTER(SparseTableExport);
+TF_LORA_REGISTER(SparseTableImport);
+#undef TF_LORA_REGISTER
+
+}  // namespace tf_lora

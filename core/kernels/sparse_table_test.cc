@@ -1,0 +1,204 @@
+// Tests of the sparse table alone (no TensorFlow runtime). Self-contained:
+// prints one line per check and exits non-zero on any failure.
+
+#include "core/kernels/sparse_table.h"
+
+#include <cmath>
+#include <cstdio>
+#include <random>
+#include <thread>
+#include <vector>
+
+namespace tf_lora {
+namespace sparse {
+namespace {
+
+int failures = 0;
+
+void Check(bool ok, const char* what) {
+  failures += !ok;
+  std::printf("%s %s\n", ok ? "PASS" : "FAIL", what);
+}
+
+// Splits [0, n) over 4 threads.
+void Threads(int64_t n, std::function<void(int64_t, int64_t)> fn) {
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 4; ++t) {
+    threads.emplace_back(fn, n * t / 4, n * (t + 1) / 4);
+  }
+  for (auto& t : threads) t.join();
+}
+
+Config MakeConfig(Optimizer::Kind opt, Initializer::Kind init, int64_t dim) {
+  Config c;
+  c.dim = dim;
+  c.optimizer.kind = opt;
+  c.initializer.kind = init;
+  c.initializer.a = 0.f;
+  c.initializer.b = 1.f;
+  c.initializer.seed = 1234;
+  return c;
+}
+
+void TestPullInsertsAndInitIsPerKey() {
+  const int64_t dim = 7;
+  Table t1(MakeConfig(Optimizer::Kind::kSgd, Initializer::Kind::kNormal, dim));
+  Table t2(MakeConfig(Optimizer::Kind::kSgd, Initializer::Kind::kNormal, dim));
+  std::vector<int64_t> ids(5000);
+  std::mt19937_64 rng(1);
+  for (auto& id : ids) id = static_cast<int64_t>(rng() % 3000) - 1500;
+  std::vector<int64_t> reversed(ids.rbegin(), ids.rend());
+  std::vector<float> v1(ids.size() * dim), v2(ids.size() * dim);
+  t1.Pull(ids.data(), ids.size(), true, v1.data(), Threads);
+  t2.Pull(reversed.data(), reversed.size(), true, v2.data(), Threads);
+  bool same = true;
+  for (size_t i = 0; i < ids.size(); ++i) {
+    const size_t j = ids.size() - 1 - i;  // reversed[j] == ids[i]
+    same &= std::equal(v1.begin() + i * dim, v1.begin() + (i + 1) * dim,
+                       v2.begin() + j * dim);
+  }
+  Check(same, "initial rows are a function of (seed, key), not of order");
+  Check(t1.Size() == t2.Size() && t1.Size() > 2000 && t1.Size() <= 3000,
+        "training pulls insert each distinct key once");
+  double sum = 0, sq = 0;
+  for (float x : v1) sum += x, sq += x * x;
+  const double mean = sum / v1.size(), var = sq / v1.size() - mean * mean;
+  Check(std::abs(mean) < 0.05 && std::abs(var - 1) < 0.1,
+        "normal initializer has mean 0 and variance 1");
+}
+
+void TestInferencePullInsertsNothing() {
+  Table t(MakeConfig(Optimizer::Kind::kSgd, Initializer::Kind::kUniform, 4));
+  const int64_t known = 42, unknown = 43;
+  std::vector<float> v(4);
+  t.Pull(&known, 1, true, v.data(), Threads);
+  const std::vector<float> row = v;
+  const int64_t ids[2] = {unknown, known};
+  std::vector<float> out(8, -1.f);
+  t.Pull(ids, 2, false, out.data(), Threads);
+  Check(t.Size() == 1, "inference pull inserts nothing");
+  Check(std::all_of(out.begin(), out.begin() + 4,
+                    [](float x) { return x == 0; }) &&
+            std::equal(row.begin(), row.end(), out.begin() + 4),
+        "inference pull: unknown ids read zeros, known ids their row");
+}
+
+void TestSgdSumsDuplicatesExactly() {
+  Table t(MakeConfig(Optimizer::Kind::kSgd, Initializer::Kind::kZeros, 3));
+  const int64_t ids[5] = {7, 9, 7, 7, 11};
+  const float grads[15] = {1, 2, 3, 10, 20, 30, 1, 2, 3, 1, 2, 3, 5, 5, 5};
+  t.Push(ids, 5, grads, 0.5f, Threads);
+  std::vector<float> v(9);
+  const int64_t q[3] = {7, 9, 11};
+  t.Pull(q, 3, false, v.data(), Threads);
+  const std::vector<float> want = {-1.5f, -3,    -4.5f, -5,   -10,
+                                   -15,   -2.5f, -2.5f, -2.5f};
+  Check(v == want, "SGD: duplicates summed, one update per key");
+  const Table::Contents c = t.Export();
+  int64_t count7 = -1;
+  for (size_t i = 0; i < c.keys.size(); ++i) {
+    if (c.keys[i] == 7) count7 = c.update_counts[i];
+  }
+  Check(count7 == 1 && t.step() == 1,
+        "a push counts one update per unique key");
+}
+
+void TestAdagrad() {
+  Config config =
+      MakeConfig(Optimizer::Kind::kAdagrad, Initializer::Kind::kZeros, 2);
+  config.optimizer.initial_accumulator = 0.1f;
+  config.optimizer.epsilon = 1e-7f;
+  Table t(config);
+  const int64_t ids[2] = {5, 5};
+  const float grads[4] = {1, -2, 2, 1};  // sums to {3, -1}
+  t.Push(ids, 2, grads, 0.1f, Threads);
+  t.Push(ids, 1, grads, 0.1f, Threads);  // {1, -2}
+  double w[2] = {0, 0}, acc[2] = {0.1, 0.1};
+  const double g1[2] = {3, -1}, g2[2] = {1, -2};
+  for (const double* g : {g1, g2}) {
+    for (int j = 0; j < 2; ++j) {
+      acc[j] += g[j] * g[j];
+      w[j] -= 0.1 * g[j] / std::sqrt(acc[j] + 1e-7);
+    }
+  }
+  const Table::Contents c = t.Export();
+  Check(c.keys.size() == 1 && std::abs(c.values[0] - w[0]) < 1e-6 &&
+            std::abs(c.values[1] - w[1]) < 1e-6 &&
+            std::abs(c.slots[0] - acc[0]) < 1e-5 &&
+            std::abs(c.slots[1] - acc[1]) < 1e-5 && c.update_counts[0] == 2 &&
+            c.last_steps[0] == 2,
+        "Adagrad matches the Keras 3 update, slots and metadata exported");
+}
+
+void TestImportRoundTripAndRejectsDuplicates() {
+  Table t(
+      MakeConfig(Optimizer::Kind::kAdagrad, Initializer::Kind::kUniform, 5));
+  std::vector<int64_t> ids(3000);
+  for (size_t i = 0; i < ids.size(); ++i) ids[i] = i * 7919;
+  std::vector<float> grads(ids.size() * 5, 0.25f);
+  t.Push(ids.data(), ids.size(), grads.data(), 0.1f, Threads);
+  const Table::Contents before = t.Export();
+  Table u(t.config());
+  Check(u.Import(before, t.step()).empty(), "import of an export succeeds");
+  const Table::Contents after = u.Export();
+  std::vector<size_t> a(before.keys.size()), b(after.keys.size());
+  bool same = before.keys.size() == after.keys.size() && u.step() == t.step();
+  // Same contents key by key (the order may differ).
+  std::vector<float> va(ids.size() * 5), vb(ids.size() * 5);
+  t.Pull(ids.data(), ids.size(), false, va.data(), Threads);
+  u.Pull(ids.data(), ids.size(), false, vb.data(), Threads);
+  same &= va == vb;
+  Check(same, "export -> import round trip is exact");
+  Table::Contents dup = before;
+  dup.keys[1] = dup.keys[0];
+  const std::string error = u.Import(dup, 99);
+  std::vector<float> vc(ids.size() * 5);
+  u.Pull(ids.data(), ids.size(), false, vc.data(), Threads);
+  Check(!error.empty() && vc == vb && u.step() == t.step(),
+        "import with a duplicate key fails and leaves the table as it was");
+}
+
+void TestConcurrentPushesLoseNothing() {
+  Table t(MakeConfig(Optimizer::Kind::kSgd, Initializer::Kind::kZeros, 2));
+  const int kThreads = 4, kPushes = 200, kIds = 64;
+  std::vector<std::thread> threads;
+  for (int th = 0; th < kThreads; ++th) {
+    threads.emplace_back([&t, th] {
+      std::mt19937_64 rng(th);
+      for (int p = 0; p < kPushes; ++p) {
+        std::vector<int64_t> ids(kIds);
+        for (auto& id : ids) id = rng() % 500;
+        std::vector<float> grads(kIds * 2, 1.f);
+        t.Push(ids.data(), kIds, grads.data(), 1.f, Threads);
+        std::vector<float> v(kIds * 2);
+        t.Pull(ids.data(), kIds, true, v.data(), Threads);
+      }
+    });
+  }
+  for (auto& th : threads) th.join();
+  const Table::Contents c = t.Export();
+  double total = 0;
+  int64_t updates = 0;
+  for (float v : c.values) total += v;
+  for (int64_t u : c.update_counts) updates += u;
+  // Every pushed gradient of 1 moved its value by exactly -1.
+  Check(total == -2.0 * kThreads * kPushes * kIds &&
+            t.step() == kThreads * kPushes && updates > 0,
+        "concurrent pushes and pulls: exact SGD sums, no lost inserts");
+}
+
+}  // namespace
+}  // namespace sparse
+}  // namespace tf_lora
+
+int main() {
+  using namespace tf_lora::sparse;
+  TestPullInsertsAndInitIsPerKey();
+  TestInferencePullInsertsNothing();
+  TestSgdSumsDuplicatesExactly();
+  TestAdagrad();
+  TestImportRoundTripAndRejectsDuplicates();
+  TestConcurrentPushesLoseNothing();
+  std::printf("%d failed\n", failures);
+  return failures == 0 ? 0 : 1;
+}

@@ -1,0 +1,184 @@
+"""tf_lora.SparseTable: pull/push semantics, optimizers against Keras on a dense variable, import/export."""
+
+import threading
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tf_lora
+
+init = tf_lora.sparse_initializers
+opt = tf_lora.sparse_optimizers
+
+
+def test_training_pull_inserts_inference_pull_does_not():
+    table = tf_lora.SparseTable(3, initializer=init.RandomUniform(1.0, 2.0, seed=1))
+    values = table.pull([[5, 6], [5, 9]], training=True)
+    assert values.shape == (2, 2, 3) and int(table.size()) == 3
+    np.testing.assert_array_equal(values[0, 0], values[1, 0])  # the same id, the same row
+    assert np.all((values.numpy() >= 1.0) & (values.numpy() < 2.0))
+    out = table.pull([5, 1000])
+    np.testing.assert_array_equal(out[0], values[0, 0])
+    np.testing.assert_array_equal(out[1], np.zeros(3))
+    assert int(table.size()) == 3
+
+
+def test_initial_rows_depend_on_seed_and_id_only():
+    ids = np.random.default_rng(0).integers(-(2**40), 2**40, 500)
+    t1 = tf_lora.SparseTable(8, initializer=init.RandomNormal(0.0, 1.0, seed=7))
+    t2 = tf_lora.SparseTable(8, initializer=init.RandomNormal(0.0, 1.0, seed=7))
+    t3 = tf_lora.SparseTable(8, initializer=init.RandomNormal(0.0, 1.0, seed=8))
+    forward = t1.pull(ids, training=True).numpy()
+    backward = t2.pull(ids[::-1], training=True).numpy()[::-1]
+    np.testing.assert_array_equal(forward, backward)
+    assert not np.allclose(forward, t3.pull(ids, training=True).numpy())
+
+
+def test_truncated_normal_stays_within_two_stddevs():
+    table = tf_lora.SparseTable(16, initializer=init.TruncatedNormal(1.0, 0.5, seed=3))
+    values = table.pull(np.arange(2000), training=True).numpy()
+    assert np.all(np.abs(values - 1.0) <= 1.0 + 1e-6)
+    assert abs(values.mean() - 1.0) < 0.02 and 0.35 < values.std() < 0.5
+
+
+@pytest.mark.parametrize("mode", ["eager", "function"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        (lambda: opt.SGD(0.3), lambda: keras.optimizers.SGD(0.3)),
+        (lambda: opt.Adagrad(0.2), lambda: keras.optimizers.Adagrad(0.2)),
+    ],
+    ids=["sgd", "adagrad"],
+)
+def test_optimizer_matches_keras_on_a_dense_variable(make, mode):
+    ours, theirs = make
+    rng = np.random.default_rng(1)
+    table = tf_lora.SparseTable(4, optimizer=ours())
+    dense = tf.Variable(tf.zeros([50, 4]))
+    keras_opt = theirs()
+    push = table.push if mode == "eager" else tf.function(table.push)
+    for _ in range(5):
+        ids = rng.integers(0, 50, 40)  # with duplicates
+        grads = rng.standard_normal((40, 4)).astype(np.float32)
+        push(ids, grads)
+        # The dense variable's gradient: duplicates summed, zero for ids not pushed (which then move
+        # under neither optimizer). Keras given the IndexedSlices instead squares each duplicate
+        # separately into Adagrad's accumulator.
+        keras_opt.apply_gradients([(tf.math.unsorted_segment_sum(grads, ids, 50), dense)])
+    np.testing.assert_allclose(table.pull(np.arange(50)), dense, rtol=1e-6, atol=1e-6)
+
+
+def test_learning_rate_may_be_a_variable():
+    lr = tf.Variable(1.0)
+    table = tf_lora.SparseTable(2, optimizer=opt.SGD(lr))
+    table.push([1], [[1.0, 1.0]])
+    lr.assign(0.5)
+    table.push([1], [[1.0, 1.0]])
+    np.testing.assert_allclose(table.pull([1]), [[-1.5, -1.5]])
+
+
+def test_export_import_round_trip():
+    table = tf_lora.SparseTable(3, initializer=init.RandomUniform(seed=2), optimizer=opt.Adagrad(0.1))
+    ids = np.arange(0, 3000, 3)
+    table.push(ids, np.ones((ids.size, 3), np.float32))
+    table.push(ids[:10], np.ones((10, 3), np.float32))
+    contents = table.export()
+    assert contents["slots"].shape == (1000, 3) and int(contents["step"]) == 2
+    counts = dict(zip(contents["keys"].numpy(), contents["update_counts"].numpy(), strict=True))
+    assert counts[0] == 2 and counts[30] == 1
+    copy = tf_lora.SparseTable(3, optimizer=opt.Adagrad(0.1))
+    copy.import_(contents)
+    np.testing.assert_array_equal(copy.pull(ids), table.pull(ids))
+    again = copy.export()
+    order_a, order_b = np.argsort(contents["keys"]), np.argsort(again["keys"])
+    for name in ("keys", "values", "slots", "update_counts", "last_steps"):
+        np.testing.assert_array_equal(contents[name].numpy()[order_a], again[name].numpy()[order_b])
+
+
+# ---- Bad input: clear errors, the table unchanged ----
+
+
+def _snapshot(table):
+    contents = table.export()
+    order = np.argsort(contents["keys"])
+    return {k: v.numpy()[order] if v.shape.rank else v.numpy() for k, v in contents.items()}
+
+
+def _assert_same(a, b):
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def test_bad_push_leaves_table_unchanged():
+    table = tf_lora.SparseTable(4)
+    table.push([1, 2], np.ones((2, 4), np.float32))
+    before = _snapshot(table)
+    with pytest.raises(
+        tf.errors.InvalidArgumentError, match=r"grads must have shape ids.shape \+ \[dim\] = \[2,4\]"
+    ):
+        table.push([1, 2], np.ones((2, 3), np.float32))
+    with pytest.raises(ValueError, match="grads must have shape ids.shape"):
+        tf.function(table.push).get_concrete_function(tf.constant([1, 2], tf.int64), tf.ones([3, 4]))
+    with pytest.raises(TypeError, match="ids must be int64, got int32"):
+        table.push(tf.constant([1, 2], tf.int32), np.ones((2, 4), np.float32))
+    with pytest.raises(TypeError, match="ids must be int64, got float32"):
+        table.pull(tf.constant([1.0]))
+    _assert_same(before, _snapshot(table))
+
+
+def test_bad_import_leaves_table_unchanged():
+    table = tf_lora.SparseTable(2, optimizer=opt.Adagrad())
+    table.push([1, 2, 3], np.ones((3, 2), np.float32))
+    before = _snapshot(table)
+    good = table.export()
+    bad_dim = dict(good, values=tf.zeros([3, 5]))
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"values must have shape \[3,2\]"):
+        table.import_(bad_dim)
+    bad_len = dict(good, update_counts=tf.zeros([2], tf.int64))
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"update_counts must have shape \[3\]"):
+        table.import_(bad_len)
+    duplicate = dict(good, keys=tf.constant([4, 4, 5], tf.int64))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="duplicate key 4; the table is unchanged"):
+        table.import_(duplicate)
+    with pytest.raises(ValueError, match=r"missing \['step'\]"):
+        table.import_({k: v for k, v in good.items() if k != "step"})
+    _assert_same(before, _snapshot(table))
+
+
+def test_not_a_table():
+    from tf_lora.python.ops import sparse_table_ops
+
+    var = tf.Variable(1.0)
+    with pytest.raises(
+        tf.errors.InvalidArgumentError, match="table must be the handle of a tf_lora SparseTable"
+    ):
+        sparse_table_ops.size(var.handle)
+
+
+def test_bad_dim():
+    with pytest.raises(ValueError, match="dim must be >= 1"):
+        tf_lora.SparseTable(0)
+
+
+def test_concurrent_pushes_from_threads_lose_nothing():
+    table = tf_lora.SparseTable(2, optimizer=opt.SGD(1.0))
+    push = tf.function(table.push)
+
+    def worker(seed):
+        rng = np.random.default_rng(seed)
+        for _ in range(50):
+            ids = rng.integers(0, 300, 128)
+            push(ids, np.ones((128, 2), np.float32))
+            table.pull(ids, training=True)
+
+    threads = [threading.Thread(target=worker, args=(s,)) for s in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    contents = table.export()
+    # Every pushed gradient of 1 moved its value by exactly -1: nothing lost, nothing applied twice.
+    assert float(tf.reduce_sum(contents["values"])) == -2.0 * 4 * 50 * 128
+    assert int(contents["step"]) == 4 * 50

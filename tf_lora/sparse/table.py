@@ -1,0 +1,119 @@
+"""tf_lora.SparseTable: an embedding table over an unbounded int64 id space."""
+
+import itertools
+
+import tensorflow as tf
+
+from tf_lora.python.ops import sparse_table_ops
+from tf_lora.sparse import initializers, optimizers
+
+_table_ids = itertools.count()
+
+
+class SparseTable(tf.saved_model.experimental.TrackableResource):
+    """int64 ids -> float32 rows of `dim` that grow as ids arrive, trained by `push`.
+
+    Rows live in sharded, lock-striped storage inside the op library. A new id's row comes from
+    `initializer` as a pure function of (seed, id), so arrival order never changes it. `push` applies the
+    table's optimizer to the rows of the ids pushed (gradients of duplicate ids summed first).
+
+    Args:
+      dim: Row width.
+      initializer: A `tf_lora.sparse_initializers` object (default `Zeros()`).
+      optimizer: A `tf_lora.sparse_optimizers` object (default `SGD(0.01)`).
+      name: Name of the table.
+
+    >>> table = tf_lora.SparseTable(4, optimizer=tf_lora.sparse_optimizers.SGD(0.5))
+    >>> table.pull([7, 42], training=True).shape
+    TensorShape([2, 4])
+    >>> table.push([7], tf.ones([1, 4]))
+    >>> table.pull([7]).numpy()
+    array([[-0.5, -0.5, -0.5, -0.5]], dtype=float32)
+    """
+
+    def __init__(self, dim, initializer=None, optimizer=None, name="sparse_table"):
+        if int(dim) < 1:
+            raise ValueError(f"SparseTable: dim must be >= 1, got {dim}")
+        self._dim = int(dim)
+        self._initializer = initializer or initializers.Zeros()
+        self._optimizer = optimizer or optimizers.SGD()
+        self._name = name
+        self._shared_name = f"tf_lora_{name}_{next(_table_ids)}"
+        super().__init__()
+        # Create the table now, outside any tf.function being traced (as TensorFlow's lookup tables do):
+        # a handle made while tracing would belong to that function's graph.
+        with tf.init_scope():
+            self.resource_handle  # noqa: B018 - creates the resource
+
+    @property
+    def dim(self) -> int:
+        return self._dim
+
+    @property
+    def optimizer(self):
+        return self._optimizer
+
+    def _create_resource(self):
+        return sparse_table_ops.create(
+            dim=self._dim,
+            shared_name=self._shared_name,
+            **self._initializer.attrs(),
+            **self._optimizer.attrs(),
+        )
+
+    def pull(self, ids, training=False) -> tf.Tensor:
+        """The rows of `ids` (int64, any shape): `ids.shape + [dim]`.
+
+        With `training=True` ids not yet in the table are inserted with their initial rows; otherwise they
+        read as zeros and the table is unchanged.
+        """
+        ids = _int64_ids(ids, "pull")
+        return sparse_table_ops.pull(self.resource_handle, ids, dim=self._dim, training=bool(training))
+
+    def push(self, ids, grads, learning_rate=None):
+        """Applies the optimizer to the rows of `ids` with `grads` (`ids.shape + [dim]`, float32)."""
+        ids = _int64_ids(ids, "push")
+        grads = tf.convert_to_tensor(grads, dtype=tf.float32)
+        if learning_rate is None:
+            learning_rate = self._optimizer.learning_rate
+        learning_rate = tf.cast(tf.convert_to_tensor(learning_rate), tf.float32)
+        op = sparse_table_ops.push(self.resource_handle, ids, grads, learning_rate)
+        return None if tf.inside_function() or tf.executing_eagerly() else op
+
+    def size(self) -> tf.Tensor:
+        """The number of ids in the table (int64 scalar)."""
+        return sparse_table_ops.size(self.resource_handle)
+
+    def export(self) -> dict:
+        """Every id with its values, optimizer slots, update count and last step, and the table's step."""
+        keys, values, slots, counts, last_steps, step = sparse_table_ops.export(self.resource_handle)
+        return {
+            "keys": keys,
+            "values": values,
+            "slots": slots,
+            "update_counts": counts,
+            "last_steps": last_steps,
+            "step": step,
+        }
+
+    def import_(self, contents: dict):
+        """Replaces the table's contents with an `export()`; bad input leaves the table as it was."""
+        missing = {"keys", "values", "slots", "update_counts", "last_steps", "step"} - set(contents)
+        if missing:
+            raise ValueError(f"SparseTable.import_: missing {sorted(missing)}")
+        return sparse_table_ops.import_(
+            self.resource_handle,
+            tf.convert_to_tensor(contents["keys"], tf.int64),
+            tf.convert_to_tensor(contents["values"], tf.float32),
+            tf.convert_to_tensor(contents["slots"], tf.float32),
+            tf.convert_to_tensor(contents["update_counts"], tf.int64),
+            tf.convert_to_tensor(contents["last_steps"], tf.int64),
+            tf.convert_to_tensor(contents["step"], tf.int64),
+        )
+
+
+def _int64_ids(ids, method):
+    ids = tf.convert_to_tensor(ids, dtype_hint=tf.int64)
+    if ids.dtype != tf.int64:
+        raise TypeError(f"SparseTable.{method}: ids must be int64, got {ids.dtype.name}")
+    return ids
