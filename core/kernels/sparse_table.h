@@ -50,9 +50,11 @@ struct Config {
   Optimizer optimizer;
 };
 
-// Parallel-for over [0, n): calls fn(begin, end) for disjoint ranges.
+// Parallel-for over [0, n): calls fn(begin, end) for disjoint ranges; each
+// unit costs about `cycles_per_unit` (for splitting the work).
 using ParallelFor =
-    std::function<void(int64_t n, std::function<void(int64_t, int64_t)> fn)>;
+    std::function<void(int64_t n, double cycles_per_unit,
+                       std::function<void(int64_t, int64_t)> fn)>;
 
 class Table {
  public:
@@ -71,7 +73,7 @@ class Table {
 
   // values[i, :] = row of ids[i]. training: missing ids are inserted with
   // their initial row; otherwise missing ids read as zeros and nothing is
-  // inserted.
+  // inserted. Duplicate ids are looked up once.
   void Pull(const int64_t* ids, int64_t n, bool training, float* values,
             const ParallelFor& parallel_for);
 
@@ -99,10 +101,14 @@ class Table {
   struct Shard;
   // A new key's row: initializer values, optimizer slots at their start.
   void InitRow(int64_t key, float* row) const;
+  // Pull of distinct ids.
+  void PullUnique(const int64_t* ids, int64_t n, bool training, float* values,
+                  const ParallelFor& parallel_for);
   // Groups ids by shard: the ids of shard s are order[start[s] .. start[s+1]).
   static void GroupByShard(const int64_t* ids, int64_t n,
                            std::vector<int64_t>* start,
-                           std::vector<int64_t>* order);
+                           std::vector<int64_t>* order,
+                           std::vector<int64_t>* next);
 
   Config config_;
   int64_t row_width_;

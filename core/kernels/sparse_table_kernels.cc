@@ -31,13 +31,12 @@ class SparseTableResource : public ResourceBase {
   sparse::Table table;
 };
 
-// The table's shards spread over TensorFlow's CPU worker threads.
-sparse::ParallelFor WorkerThreads(OpKernelContext* ctx, int64_t ids) {
-  return [ctx, ids](int64_t n, std::function<void(int64_t, int64_t)> fn) {
-    const auto& d = ctx->eigen_device<Eigen::ThreadPoolDevice>();
-    const double per_shard = 100.0 * ids / sparse::Table::kShards + 1;
-    d.parallelFor(
-        n, Eigen::TensorOpCost(per_shard, per_shard, per_shard),
+// Work spread over TensorFlow's CPU worker threads.
+sparse::ParallelFor WorkerThreads(OpKernelContext* ctx) {
+  return [ctx](int64_t n, double cycles_per_unit,
+               std::function<void(int64_t, int64_t)> fn) {
+    ctx->eigen_device<Eigen::ThreadPoolDevice>().parallelFor(
+        n, Eigen::TensorOpCost(0, 0, cycles_per_unit),
         [&fn](Eigen::Index begin, Eigen::Index end) { fn(begin, end); });
   };
 }
@@ -148,8 +147,7 @@ class SparseTablePullOp : public OpKernel {
     Tensor* values;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, shape, &values));
     table->table.Pull(ids.flat<int64_t>().data(), ids.NumElements(), training_,
-                      values->flat<float>().data(),
-                      WorkerThreads(ctx, ids.NumElements()));
+                      values->flat<float>().data(), WorkerThreads(ctx));
   }
 
  private:
@@ -180,7 +178,7 @@ class SparseTablePushOp : public OpKernel {
                     lr.shape().DebugString())));
     table->table.Push(ids.flat<int64_t>().data(), ids.NumElements(),
                       grads.flat<float>().data(), lr.scalar<float>()(),
-                      WorkerThreads(ctx, ids.NumElements()));
+                      WorkerThreads(ctx));
   }
 };
 

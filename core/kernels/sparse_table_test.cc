@@ -21,7 +21,7 @@ void Check(bool ok, const char* what) {
 }
 
 // Splits [0, n) over 4 threads.
-void Threads(int64_t n, std::function<void(int64_t, int64_t)> fn) {
+void Threads(int64_t n, double, std::function<void(int64_t, int64_t)> fn) {
   std::vector<std::thread> threads;
   for (int t = 0; t < 4; ++t) {
     threads.emplace_back(fn, n * t / 4, n * (t + 1) / 4);
