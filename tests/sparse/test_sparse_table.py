@@ -182,3 +182,91 @@ def test_concurrent_pushes_from_threads_lose_nothing():
     # Every pushed gradient of 1 moved its value by exactly -1: nothing lost, nothing applied twice.
     assert float(tf.reduce_sum(contents["values"])) == -2.0 * 4 * 50 * 128
     assert int(contents["step"]) == 4 * 50
+
+
+# ---- Checkpoints ----
+
+
+def _trained_table(dim=4, keys=1_000_000, seed=0):
+    rng = np.random.default_rng(seed)
+    table = tf_lora.SparseTable(dim, initializer=init.RandomNormal(seed=seed), optimizer=opt.Adagrad(0.1))
+    ids = np.arange(keys, dtype=np.int64)
+    table.pull(ids, training=True)
+    hot = rng.integers(0, keys, 50_000)
+    table.push(hot, rng.standard_normal((hot.size, dim)).astype(np.float32))
+    return table
+
+
+def test_checkpoint_round_trip_is_exact(tmp_path):
+    table = _trained_table()
+    before = _snapshot(table)
+    path = tf.train.Checkpoint(table=table).write(str(tmp_path / "ckpt"))
+    table.push([1, 2, 3], np.ones((3, 4), np.float32))  # changed after saving
+    tf.train.Checkpoint(table=table).read(path).assert_consumed()
+    _assert_same(before, _snapshot(table))
+    # And into a new table of the same dim and optimizer.
+    fresh = tf_lora.SparseTable(4, optimizer=opt.Adagrad(0.1))
+    tf.train.Checkpoint(table=fresh).read(path).assert_consumed()
+    _assert_same(before, _snapshot(fresh))
+    assert int(fresh.size()) == 1_000_000
+
+
+def test_restoring_into_another_dim_fails_and_leaves_table_unchanged(tmp_path):
+    path = tf.train.Checkpoint(table=_trained_table(keys=1000)).write(str(tmp_path / "ckpt"))
+    other = tf_lora.SparseTable(8, optimizer=opt.Adagrad(0.1))
+    other.push([5], np.ones((1, 8), np.float32))
+    before = _snapshot(other)
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"values must have shape \[1000,8\]"):
+        tf.train.Checkpoint(table=other).read(path)
+    _assert_same(before, _snapshot(other))
+
+
+SAVE_MODEL = """
+import sys
+import numpy as np, tensorflow as tf, tf_lora
+
+class Model(tf.Module):
+    def __init__(self):
+        self.table = tf_lora.SparseTable(
+            4, initializer=tf_lora.sparse_initializers.RandomNormal(seed=1),
+            optimizer=tf_lora.sparse_optimizers.Adagrad(0.1))
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.int64)])
+    def serve(self, ids):
+        return self.table.pull(ids)
+
+m = Model()
+m.table.pull(np.arange(100), training=True)
+m.table.push(np.arange(10), np.ones((10, 4), np.float32))
+np.save(sys.argv[2], m.serve(tf.constant(np.arange(120), tf.int64)).numpy())
+tf.saved_model.save(m, sys.argv[1])
+"""
+
+LOAD_MODEL = """
+import sys
+import numpy as np, tensorflow as tf, tf_lora
+m = tf.saved_model.load(sys.argv[1])
+got = m.serve(tf.constant(np.arange(120), tf.int64)).numpy()
+np.testing.assert_array_equal(got, np.load(sys.argv[2]))
+assert not np.any(got[100:]), "unknown ids must read as zeros in inference mode"
+print("SERVED_OK")
+"""
+
+
+def test_saved_model_serves_trained_values_in_a_fresh_process(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    model, expected = str(tmp_path / "model"), str(tmp_path / "expected.npy")
+    for script in (SAVE_MODEL, LOAD_MODEL):
+        proc = subprocess.run(
+            [sys.executable, "-c", script, model, expected],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "SERVED_OK" in proc.stdout

@@ -96,6 +96,14 @@ class SparseTable(tf.saved_model.experimental.TrackableResource):
             "step": step,
         }
 
+    # Checkpointing (tf.train.Checkpoint, and SavedModel's variables): every key with its values, slots
+    # and metadata, and the table's step, as TensorFlow's MutableHashTable does it.
+    def _serialize_to_tensors(self):
+        return self.export()
+
+    def _restore_from_tensors(self, restored_tensors):
+        return self.import_(restored_tensors)
+
     def import_(self, contents: dict):
         """Replaces the table's contents with an `export()`; bad input leaves the table as it was."""
         missing = {"keys", "values", "slots", "update_counts", "last_steps", "step"} - set(contents)
