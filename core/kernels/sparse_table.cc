@@ -241,9 +241,72 @@ void Table::GroupByShard(const int64_t* ids, int64_t n,
 
 void Table::InitRow(int64_t key, float* row) const {
   config_.initializer.Fill(key, config_.dim, row);
-  float* slots = row + config_.dim;
-  if (config_.optimizer.kind == Optimizer::Kind::kAdagrad) {
-    std::fill_n(slots, config_.dim, config_.optimizer.initial_accumulator);
+  config_.optimizer.InitSlots(config_.dim, row + config_.dim);
+}
+
+void Optimizer::InitSlots(int64_t dim, float* slots) const {
+  switch (kind) {
+    case Kind::kSgd:
+      break;
+    case Kind::kAdagrad:
+      std::fill_n(slots, dim, initial_accumulator);
+      break;
+    case Kind::kAdam:
+      std::fill_n(slots, 2 * dim, 0.f);
+      break;
+    case Kind::kFtrl:
+      std::fill_n(slots, dim, initial_accumulator);
+      std::fill_n(slots + dim, dim, 0.f);
+      break;
+  }
+}
+
+void Optimizer::Apply(int64_t dim, float lr, int64_t count,
+                      const float* __restrict g, float* __restrict w) const {
+  switch (kind) {
+    case Kind::kSgd:
+      for (int64_t j = 0; j < dim; ++j) w[j] -= lr * g[j];
+      break;
+    case Kind::kAdagrad: {  // acc += g^2; w -= lr g / sqrt(acc + eps)
+      float* __restrict acc = w + dim;
+      for (int64_t j = 0; j < dim; ++j) {
+        acc[j] += g[j] * g[j];
+        w[j] -= lr * g[j] / std::sqrt(acc[j] + epsilon);
+      }
+      break;
+    }
+    case Kind::kAdam: {
+      // alpha = lr sqrt(1 - b2^t) / (1 - b1^t); m += (g - m)(1 - b1);
+      // v += (g^2 - v)(1 - b2); w -= alpha m / (sqrt(v) + eps).
+      // In float32, as Keras computes it.
+      const float t = static_cast<float>(count);
+      const float alpha = lr * std::sqrt(1.f - std::pow(beta_2, t)) /
+                          (1.f - std::pow(beta_1, t));
+      float* __restrict m = w + dim;
+      float* __restrict v = w + 2 * dim;
+      for (int64_t j = 0; j < dim; ++j) {
+        m[j] += (g[j] - m[j]) * one_minus_beta_1;
+        v[j] += (g[j] * g[j] - v[j]) * one_minus_beta_2;
+        w[j] -= m[j] * alpha / (std::sqrt(v[j]) + epsilon);
+      }
+      break;
+    }
+    case Kind::kFtrl: {
+      // new_acc = acc + g^2; linear += g - (new_acc^-p - acc^-p) / lr * w;
+      // w = (clip(linear, -l1, l1) - linear) / (new_acc^-p / lr + 2 l2).
+      float* __restrict acc = w + dim;
+      float* __restrict linear = w + 2 * dim;
+      for (int64_t j = 0; j < dim; ++j) {
+        const float new_acc = acc[j] + g[j] * g[j];
+        const float new_pow = std::pow(new_acc, -lr_power);
+        linear[j] += g[j] - (new_pow - std::pow(acc[j], -lr_power)) / lr * w[j];
+        const float quadratic = new_pow / lr + 2 * l2;
+        const float clipped = std::min(std::max(linear[j], -l1), l1);
+        w[j] = (clipped - linear[j]) / quadratic;
+        acc[j] = new_acc;
+      }
+      break;
+    }
   }
 }
 
@@ -335,17 +398,7 @@ void Table::Push(const int64_t* ids, int64_t n, const float* grads,
         const uint64_t hash = Mix(key);
         int32_t r = shard.Find(key, hash);
         if (r == Shard::kEmpty) r = shard.Insert(key, hash, init);
-        float* __restrict w = shard.Row(r);
-        if (opt.kind == Optimizer::Kind::kSgd) {
-          for (int64_t j = 0; j < dim; ++j) w[j] -= learning_rate * g[j];
-        } else {
-          // Adagrad, as Keras 3: acc += g^2; w -= lr g / sqrt(acc + eps).
-          float* __restrict acc = w + dim;
-          for (int64_t j = 0; j < dim; ++j) {
-            acc[j] += g[j] * g[j];
-            w[j] -= learning_rate * g[j] / std::sqrt(acc[j] + opt.epsilon);
-          }
-        }
+        opt.Apply(dim, learning_rate, shard.counts[r] + 1, g, shard.Row(r));
         ++shard.counts[r];
         shard.last_steps[r] = step;
       }

@@ -35,13 +35,39 @@ struct Initializer {
   void Fill(int64_t key, int64_t dim, float* row) const;
 };
 
+// The update a push applies to a key's row, as Keras 3's optimizers of the
+// same names compute it for a dense variable. Slots per value: Adagrad the
+// accumulator; Adam m and v; FTRL the accumulator and the linear term. Adam's
+// bias correction counts the key's own updates (lazily updated moments: for
+// keys pushed every step this is Keras's step).
 struct Optimizer {
-  enum class Kind { kSgd, kAdagrad };
+  enum class Kind { kSgd, kAdagrad, kAdam, kFtrl };
   Kind kind = Kind::kSgd;
-  float initial_accumulator = 0.1f;  // Adagrad
-  float epsilon = 1e-7f;             // Adagrad
+  float initial_accumulator = 0.1f;      // Adagrad, FTRL
+  float epsilon = 1e-7f;                 // Adagrad, Adam
+  float beta_1 = 0.9f, beta_2 = 0.999f;  // Adam
+  // 1 - beta_1 and 1 - beta_2, rounded from double precision as Keras does
+  // (1 - 0.9f in float32 differs by 2e-7, 2e-6 in the weights after a few
+  // steps).
+  float one_minus_beta_1 = 0.1f, one_minus_beta_2 = 0.001f;
+  float l1 = 0, l2 = 0, lr_power = -0.5f;  // FTRL
 
-  int Slots() const { return kind == Kind::kAdagrad ? 1 : 0; }
+  int Slots() const {
+    switch (kind) {
+      case Kind::kSgd:
+        return 0;
+      case Kind::kAdagrad:
+        return 1;
+      default:
+        return 2;
+    }
+  }
+  // Sets a new key's slots (dim values each, after the row's values).
+  void InitSlots(int64_t dim, float* slots) const;
+  // Applies gradient g to row (values then slots); `count` is the key's
+  // update count including this one.
+  void Apply(int64_t dim, float learning_rate, int64_t count, const float* g,
+             float* row) const;
 };
 
 struct Config {

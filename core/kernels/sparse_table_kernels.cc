@@ -65,15 +65,29 @@ absl::Status ParseConfig(OpKernelConstruction* ctx, sparse::Config* config) {
   TF_RETURN_IF_ERROR(ctx->GetAttr("initial_accumulator",
                                   &config->optimizer.initial_accumulator));
   TF_RETURN_IF_ERROR(ctx->GetAttr("epsilon", &config->optimizer.epsilon));
+  TF_RETURN_IF_ERROR(ctx->GetAttr("beta_1", &config->optimizer.beta_1));
+  TF_RETURN_IF_ERROR(ctx->GetAttr("beta_2", &config->optimizer.beta_2));
+  float one_minus[2];
+  TF_RETURN_IF_ERROR(ctx->GetAttr("one_minus_beta_1", &one_minus[0]));
+  TF_RETURN_IF_ERROR(ctx->GetAttr("one_minus_beta_2", &one_minus[1]));
+  config->optimizer.one_minus_beta_1 =
+      one_minus[0] >= 0 ? one_minus[0] : 1.f - config->optimizer.beta_1;
+  config->optimizer.one_minus_beta_2 =
+      one_minus[1] >= 0 ? one_minus[1] : 1.f - config->optimizer.beta_2;
+  TF_RETURN_IF_ERROR(ctx->GetAttr("l1", &config->optimizer.l1));
+  TF_RETURN_IF_ERROR(ctx->GetAttr("l2", &config->optimizer.l2));
+  TF_RETURN_IF_ERROR(ctx->GetAttr("lr_power", &config->optimizer.lr_power));
   using Init = sparse::Initializer::Kind;
   config->initializer.kind = initializer == "uniform"  ? Init::kUniform
                              : initializer == "normal" ? Init::kNormal
                              : initializer == "truncated_normal"
                                  ? Init::kTruncatedNormal
                                  : Init::kZeros;
-  config->optimizer.kind = optimizer == "adagrad"
-                               ? sparse::Optimizer::Kind::kAdagrad
-                               : sparse::Optimizer::Kind::kSgd;
+  using Opt = sparse::Optimizer::Kind;
+  config->optimizer.kind = optimizer == "adagrad" ? Opt::kAdagrad
+                           : optimizer == "adam"  ? Opt::kAdam
+                           : optimizer == "ftrl"  ? Opt::kFtrl
+                                                  : Opt::kSgd;
   return absl::OkStatus();
 }
 

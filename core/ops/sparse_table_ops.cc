@@ -49,9 +49,16 @@ REGISTER_OP("TfLora>SparseTable")
     .Attr("init_a: float = 0")
     .Attr("init_b: float = 0")
     .Attr("seed: int = 0")
-    .Attr("optimizer: {'sgd', 'adagrad'}")
+    .Attr("optimizer: {'sgd', 'adagrad', 'adam', 'ftrl'}")
     .Attr("initial_accumulator: float = 0.1")
     .Attr("epsilon: float = 1e-7")
+    .Attr("beta_1: float = 0.9")
+    .Attr("beta_2: float = 0.999")
+    .Attr("one_minus_beta_1: float = -1")
+    .Attr("one_minus_beta_2: float = -1")
+    .Attr("l1: float = 0")
+    .Attr("l2: float = 0")
+    .Attr("lr_power: float = -0.5")
     .SetIsStateful()
     .SetShapeFn(tensorflow::shape_inference::ScalarShape)
     .Doc(R"doc(
@@ -60,8 +67,10 @@ arrive, with optimizer slots and per-key metadata.
 
 A new key's row comes from the initializer as a pure function of (seed, key):
 uniform in [init_a, init_b), or (truncated) normal with mean init_a and stddev
-init_b. The optimizer (sgd or adagrad, with initial_accumulator and epsilon) is
-applied by SparseTablePush. Tables with the same container and shared_name are
+init_b. The optimizer (sgd, adagrad, adam or ftrl, computed as Keras 3 does,
+with its hyper-parameters as attrs) is applied by SparseTablePush.
+one_minus_beta_1/2 (default: computed from beta_1/2) let a caller pass 1 - beta
+rounded from double precision, as Keras computes it. Tables with the same container and shared_name are
 one table, and must agree on dim and optimizer.
 )doc");
 

@@ -70,6 +70,35 @@ def test_optimizer_matches_keras_on_a_dense_variable(make, mode):
     np.testing.assert_allclose(table.pull(np.arange(50)), dense, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize(
+    "make",
+    [
+        (lambda: opt.Adam(0.05), lambda: keras.optimizers.Adam(0.05)),
+        (
+            lambda: opt.Ftrl(0.2, l1_regularization_strength=0.01, l2_regularization_strength=0.1),
+            lambda: keras.optimizers.Ftrl(
+                0.2, l1_regularization_strength=0.01, l2_regularization_strength=0.1
+            ),
+        ),
+    ],
+    ids=["adam", "ftrl"],
+)
+def test_moment_optimizers_match_keras_when_every_id_is_pushed(make):
+    """Keras's Adam and FTRL move every row of a dense variable at every step (moments decay, FTRL recomputes
+    from its linear term), so a lazily updated table matches them when each step pushes every id."""
+    ours, theirs = make
+    rng = np.random.default_rng(2)
+    table = tf_lora.SparseTable(4, optimizer=ours())
+    dense = tf.Variable(tf.zeros([30, 4]))
+    keras_opt = theirs()
+    for _ in range(6):
+        ids = np.concatenate([rng.permutation(30), rng.integers(0, 30, 10)])  # all ids, and duplicates
+        grads = rng.standard_normal((40, 4)).astype(np.float32)
+        table.push(ids, grads)
+        keras_opt.apply_gradients([(tf.math.unsorted_segment_sum(grads, ids, 30), dense)])
+    np.testing.assert_allclose(table.pull(np.arange(30)), dense, rtol=1e-6, atol=1e-6)
+
+
 def test_learning_rate_may_be_a_variable():
     lr = tf.Variable(1.0)
     table = tf_lora.SparseTable(2, optimizer=opt.SGD(lr))
