@@ -164,6 +164,7 @@ struct Table::Shard {
       blocks.emplace_back(new float[kBlockRows * width]);
     }
     counts.push_back(0);
+    row_keys.push_back(key);
     last_steps.push_back(0);
     init(key, Row(r));
     Place(key, hash, r);
@@ -176,6 +177,50 @@ struct Table::Shard {
     while (slots[i] != kEmpty) i = (i + 1) & mask;
     keys[i] = key;
     slots[i] = r;
+  }
+
+  // Removes `key` if present. The index closes the gap by backward shifting
+  // (no tombstones); the last row moves into the freed row, so rows stay
+  // dense.
+  bool Remove(int64_t key, uint64_t hash) {
+    if (slots.empty()) return false;
+    const uint64_t mask = slots.size() - 1;
+    uint64_t i = hash & mask;
+    while (slots[i] != kEmpty && keys[i] != key) i = (i + 1) & mask;
+    if (slots[i] == kEmpty) return false;
+    const int32_t row = slots[i];
+    for (uint64_t j = (i + 1) & mask; slots[j] != kEmpty; j = (j + 1) & mask) {
+      const uint64_t home = Mix(keys[j]) & mask;
+      // Entry j may move back to i unless its home lies in (i, j].
+      const bool home_between =
+          i <= j ? (i < home && home <= j) : (i < home || home <= j);
+      if (!home_between) {
+        keys[i] = keys[j];
+        slots[i] = slots[j];
+        i = j;
+      }
+    }
+    slots[i] = kEmpty;
+    const int32_t last = static_cast<int32_t>(size - 1);
+    if (row != last) {
+      const int64_t moved = row_keys[last];
+      std::copy_n(Row(last), width, Row(row));
+      counts[row] = counts[last];
+      last_steps[row] = last_steps[last];
+      row_keys[row] = moved;
+      uint64_t k = Mix(moved) & mask;
+      while (keys[k] != moved || slots[k] == kEmpty) k = (k + 1) & mask;
+      slots[k] = row;
+    }
+    counts.pop_back();
+    last_steps.pop_back();
+    row_keys.pop_back();
+    --size;
+    if (size % kBlockRows == 0 &&
+        blocks.size() > static_cast<size_t>(size / kBlockRows)) {
+      blocks.pop_back();
+    }
+    return true;
   }
 
   void Grow() {
@@ -200,7 +245,7 @@ struct Table::Shard {
   int64_t size = 0;
   // Rows 0 .. size-1 in blocks of kBlockRows, and their metadata.
   std::vector<std::unique_ptr<float[]>> blocks;
-  std::vector<int64_t> counts, last_steps;
+  std::vector<int64_t> counts, last_steps, row_keys;
 };
 
 Table::Table(const Config& config)
@@ -404,6 +449,34 @@ void Table::Push(const int64_t* ids, int64_t n, const float* grads,
       }
     }
   });
+}
+
+int64_t Table::Remove(const int64_t* ids, int64_t n) {
+  int64_t removed = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const uint64_t hash = Mix(ids[i]);
+    Shard& shard = *shards_[hash >> (64 - kShardBits)];
+    std::unique_lock<std::shared_mutex> lock(shard.mu);
+    removed += shard.Remove(ids[i], hash);
+  }
+  return removed;
+}
+
+int64_t Table::Evict(int64_t min_update_count, int64_t max_age) {
+  const int64_t now = step_.load();
+  int64_t evicted = 0;
+  for (auto& shard_ptr : shards_) {
+    Shard& shard = *shard_ptr;
+    std::unique_lock<std::shared_mutex> lock(shard.mu);
+    std::vector<int64_t> doomed;
+    for (int64_t r = 0; r < shard.size; ++r) {
+      const bool rare = shard.counts[r] < min_update_count;
+      const bool stale = max_age >= 0 && now - shard.last_steps[r] > max_age;
+      if (rare || stale) doomed.push_back(shard.row_keys[r]);
+    }
+    for (int64_t key : doomed) evicted += shard.Remove(key, Mix(key));
+  }
+  return evicted;
 }
 
 Table::Contents Table::Export() const {

@@ -109,6 +109,13 @@ class Table {
   void Push(const int64_t* ids, int64_t n, const float* grads,
             float learning_rate, const ParallelFor& parallel_for);
 
+  // Removes the given keys (absent ones are ignored); returns how many went.
+  int64_t Remove(const int64_t* ids, int64_t n);
+
+  // Removes every key updated fewer than min_update_count times, or (when
+  // max_age >= 0) last updated more than max_age steps ago; returns how many.
+  int64_t Evict(int64_t min_update_count, int64_t max_age);
+
   // Every key with its values, slots (row_width - dim per key) and metadata
   // (update count, last step), in an unspecified but consistent order.
   struct Contents {

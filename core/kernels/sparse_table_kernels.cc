@@ -291,6 +291,45 @@ class SparseTableImportOp : public OpKernel {
   }
 };
 
+class SparseTableRemoveOp : public OpKernel {
+ public:
+  explicit SparseTableRemoveOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
+
+  void Compute(OpKernelContext* ctx) override {
+    tensorflow::core::RefCountPtr<SparseTableResource> table;
+    OP_REQUIRES_OK(ctx, GetTable(ctx, "SparseTableRemove", &table));
+    const Tensor& ids = ctx->input(1);
+    Tensor* out;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({}), &out));
+    out->scalar<int64_t>()() =
+        table->table.Remove(ids.flat<int64_t>().data(), ids.NumElements());
+  }
+};
+
+class SparseTableEvictOp : public OpKernel {
+ public:
+  explicit SparseTableEvictOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
+
+  void Compute(OpKernelContext* ctx) override {
+    tensorflow::core::RefCountPtr<SparseTableResource> table;
+    OP_REQUIRES_OK(ctx, GetTable(ctx, "SparseTableEvict", &table));
+    const Tensor& min_count = ctx->input(1);
+    const Tensor& max_age = ctx->input(2);
+    OP_REQUIRES(ctx,
+                TensorShapeUtils::IsScalar(min_count.shape()) &&
+                    TensorShapeUtils::IsScalar(max_age.shape()),
+                absl::InvalidArgumentError(absl::StrCat(
+                    "SparseTableEvict: min_update_count and max_age must be "
+                    "scalars; got ",
+                    min_count.shape().DebugString(), " and ",
+                    max_age.shape().DebugString())));
+    Tensor* out;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({}), &out));
+    out->scalar<int64_t>()() = table->table.Evict(min_count.scalar<int64_t>()(),
+                                                  max_age.scalar<int64_t>()());
+  }
+};
+
 #define TF_LORA_REGISTER(OP) \
   REGISTER_KERNEL_BUILDER(   \
       Name("TfLora>" #OP).Device(::tensorflow::DEVICE_CPU), OP##Op)
@@ -300,6 +339,8 @@ TF_LORA_REGISTER(SparseTablePush);
 TF_LORA_REGISTER(SparseTableSize);
 TF_LORA_REGISTER(SparseTableExport);
 TF_LORA_REGISTER(SparseTableImport);
+TF_LORA_REGISTER(SparseTableRemove);
+TF_LORA_REGISTER(SparseTableEvict);
 #undef TF_LORA_REGISTER
 
 }  // namespace tf_lora

@@ -3,6 +3,7 @@
 
 #include "core/kernels/sparse_table.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <random>
@@ -187,6 +188,49 @@ void TestConcurrentPushesLoseNothing() {
         "concurrent pushes and pulls: exact SGD sums, no lost inserts");
 }
 
+// Removal against a reference set, through many inserts and removals, so
+// backward-shift deletion and row moves meet every case (wrap-around probes,
+// moved rows, emptied blocks).
+void TestRemoveAndEvict() {
+  Table t(MakeConfig(Optimizer::Kind::kSgd, Initializer::Kind::kUniform, 3));
+  std::mt19937_64 rng(5);
+  std::vector<int64_t> ids(20000);
+  for (auto& id : ids) id = rng() % 30000;
+  std::vector<float> before(ids.size() * 3);
+  t.Pull(ids.data(), ids.size(), true, before.data(), Threads);
+  std::vector<int64_t> doomed;
+  for (int64_t k = 0; k < 30000; k += 3) doomed.push_back(k);
+  std::vector<int64_t> present(ids);
+  std::sort(present.begin(), present.end());
+  present.erase(std::unique(present.begin(), present.end()), present.end());
+  const int64_t expected = std::count_if(present.begin(), present.end(),
+                                         [](int64_t k) { return k % 3 == 0; });
+  const int64_t removed = t.Remove(doomed.data(), doomed.size());
+  bool ok = removed == expected &&
+            t.Size() == static_cast<int64_t>(present.size()) - expected;
+  std::vector<float> after(ids.size() * 3);
+  t.Pull(ids.data(), ids.size(), false, after.data(), Threads);
+  for (size_t i = 0; i < ids.size(); ++i) {
+    for (int j = 0; j < 3; ++j) {
+      const float want = ids[i] % 3 == 0 ? 0.f : before[i * 3 + j];
+      ok &= after[i * 3 + j] == want;
+    }
+  }
+  Check(ok, "remove: removed keys read zeros, every other key keeps its row");
+  // Evict: keys pushed twice stay, the rest go (min_update_count 2).
+  const int64_t keep[3] = {1, 2, 4};
+  const float g[9] = {1, 1, 1, 1, 1, 1, 1, 1, 1};
+  t.Push(keep, 3, g, 0.1f, Threads);
+  t.Push(keep, 3, g, 0.1f, Threads);
+  const int64_t size_before = t.Size();
+  const int64_t evicted = t.Evict(/*min_update_count=*/2, /*max_age=*/-1);
+  Check(t.Size() == 3 && evicted == size_before - 3,
+        "evict by update count keeps the keys updated often enough");
+  t.Push(keep, 1, g, 0.1f, Threads);  // key 1 is fresh; 2 and 4 one step older
+  Check(t.Evict(0, /*max_age=*/0) == 2 && t.Size() == 1,
+        "evict by age removes keys not updated within max_age steps");
+}
+
 }  // namespace
 }  // namespace sparse
 }  // namespace tf_lora
@@ -199,6 +243,7 @@ int main() {
   TestAdagrad();
   TestImportRoundTripAndRejectsDuplicates();
   TestConcurrentPushesLoseNothing();
+  TestRemoveAndEvict();
   std::printf("%d failed\n", failures);
   return failures == 0 ? 0 : 1;
 }

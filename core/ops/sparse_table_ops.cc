@@ -148,4 +148,32 @@ Replaces the table's contents with what SparseTableExport gave. Mismatched
 lengths or dims, and duplicate keys, are errors that leave the table as it was.
 )doc");
 
+REGISTER_OP("TfLora>SparseTableRemove")
+    .Input("table: resource")
+    .Input("ids: int64")
+    .Output("removed: int64")
+    .SetIsStateful()
+    .SetShapeFn(tensorflow::shape_inference::ScalarShape)
+    .Doc(R"doc(
+Removes ids from the table (ids not in it are ignored); returns how many went.
+)doc");
+
+REGISTER_OP("TfLora>SparseTableEvict")
+    .Input("table: resource")
+    .Input("min_update_count: int64")
+    .Input("max_age: int64")
+    .Output("evicted: int64")
+    .SetIsStateful()
+    .SetShapeFn([](InferenceContext* c) {
+      ShapeHandle unused;
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(1), 0, &unused));
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(2), 0, &unused));
+      c->set_output(0, c->Scalar());
+      return absl::OkStatus();
+    })
+    .Doc(R"doc(
+Removes every key updated fewer than min_update_count times, and (when max_age
+>= 0) every key last updated more than max_age pushes ago; returns how many.
+)doc");
+
 }  // namespace tf_lora

@@ -299,3 +299,26 @@ def test_saved_model_serves_trained_values_in_a_fresh_process(tmp_path):
         )
         assert proc.returncode == 0, proc.stderr[-3000:]
     assert "SERVED_OK" in proc.stdout
+
+
+# ---- Removal and eviction ----
+
+
+def test_remove_and_evict():
+    table = tf_lora.SparseTable(2, initializer=init.RandomUniform(seed=4), optimizer=opt.SGD(0.1))
+    ids = np.arange(100, dtype=np.int64)
+    rows = table.pull(ids, training=True).numpy()
+    assert int(table.remove([3, 5, 5, 1000])) == 2
+    np.testing.assert_array_equal(table.pull([3, 5]), np.zeros((2, 2)))
+    keep = np.setdiff1d(ids, [3, 5])
+    np.testing.assert_array_equal(table.pull(keep), rows[keep])
+    # Push 10 ids twice and 10 others once; evict by update count keeps the first 10.
+    table.push(np.arange(10), np.ones((10, 2), np.float32))
+    table.push(np.arange(20), np.ones((20, 2), np.float32))
+    assert int(table.evict(min_update_count=2)) == 98 - 10
+    assert sorted(table.export()["keys"].numpy()) == list(range(10))
+    # Age: ids 0-4 pushed now, 5-9 one push ago; max_age 0 evicts 5-9.
+    table.push(np.arange(5), np.ones((5, 2), np.float32))
+    assert int(table.evict(max_age=0)) == 5 and int(table.size()) == 5
+    with pytest.raises(ValueError, match="max_age must be >= 0 or None"):
+        table.evict(max_age=-3)

@@ -80,6 +80,30 @@ class SparseTable(tf.saved_model.experimental.TrackableResource):
         op = sparse_table_ops.push(self.resource_handle, ids, grads, learning_rate)
         return None if tf.inside_function() or tf.executing_eagerly() else op
 
+    def remove(self, ids) -> tf.Tensor:
+        """Removes `ids` (int64; ids not in the table are ignored). Returns how many were removed."""
+        return sparse_table_ops.remove(self.resource_handle, _int64_ids(ids, "remove"))
+
+    def evict(self, min_update_count=0, max_age=None) -> tf.Tensor:
+        """Removes rarely or long-ago updated ids, the memory bound CTR systems run with.
+
+        Args:
+          min_update_count: Ids pushed fewer times than this are removed.
+          max_age: When given, ids last pushed more than `max_age` pushes ago are removed too.
+
+        Returns:
+          How many ids were removed.
+        """
+        if max_age is None:
+            max_age = -1  # the kernel's "no age limit"
+        elif not isinstance(max_age, tf.Tensor) and max_age < 0:
+            raise ValueError(f"SparseTable.evict: max_age must be >= 0 or None, got {max_age}")
+        return sparse_table_ops.evict(
+            self.resource_handle,
+            tf.convert_to_tensor(min_update_count, tf.int64),
+            tf.convert_to_tensor(max_age, tf.int64),
+        )
+
     def size(self) -> tf.Tensor:
         """The number of ids in the table (int64 scalar)."""
         return sparse_table_ops.size(self.resource_handle)

@@ -8,3 +8,5 @@ push = gen_sparse_table_ops.tf_lora_sparse_table_push
 size = gen_sparse_table_ops.tf_lora_sparse_table_size
 export = gen_sparse_table_ops.tf_lora_sparse_table_export
 import_ = gen_sparse_table_ops.tf_lora_sparse_table_import
+remove = gen_sparse_table_ops.tf_lora_sparse_table_remove
+evict = gen_sparse_table_ops.tf_lora_sparse_table_evict
