@@ -8,6 +8,7 @@ from tf_lora._ensure_tf import ensure_tensorflow as _ensure_tensorflow
 
 _ensure_tensorflow()
 
+from tf_lora import layers  # noqa: E402
 from tf_lora.python.ops.lora_ops import (  # noqa: E402
     batched_lora_apply,
     batched_lora_matmul,
@@ -27,6 +28,7 @@ __all__ = [
     "SparseTable",
     "batched_lora_apply",
     "batched_lora_matmul",
+    "layers",
     "lora_apply",
     "lora_matmul",
     "lora_merge",

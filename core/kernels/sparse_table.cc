@@ -410,8 +410,8 @@ void Table::PullUnique(const int64_t* ids, int64_t n, bool training,
   });
 }
 
-void Table::Push(const int64_t* ids, int64_t n, const float* grads,
-                 float learning_rate, const ParallelFor& parallel_for) {
+int64_t Table::Push(const int64_t* ids, int64_t n, const float* grads,
+                    float learning_rate, const ParallelFor& parallel_for) {
   const int64_t step = ++step_;
   const int64_t dim = config_.dim;
   // Sum the gradients of each distinct id, in the order given.
@@ -449,6 +449,7 @@ void Table::Push(const int64_t* ids, int64_t n, const float* grads,
       }
     }
   });
+  return step;
 }
 
 int64_t Table::Remove(const int64_t* ids, int64_t n) {

@@ -106,8 +106,9 @@ class Table {
   // Sums the gradients of duplicate ids, then applies the optimizer once per
   // unique id (inserting ids not present), counts the update and stamps the
   // table's step, which each push advances by one.
-  void Push(const int64_t* ids, int64_t n, const float* grads,
-            float learning_rate, const ParallelFor& parallel_for);
+  // Returns the step this push stamped.
+  int64_t Push(const int64_t* ids, int64_t n, const float* grads,
+               float learning_rate, const ParallelFor& parallel_for);
 
   // Removes the given keys (absent ones are ignored); returns how many went.
   int64_t Remove(const int64_t* ids, int64_t n);

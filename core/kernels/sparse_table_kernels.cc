@@ -190,9 +190,11 @@ class SparseTablePushOp : public OpKernel {
                 absl::InvalidArgumentError(absl::StrCat(
                     "SparseTablePush: learning_rate must be a scalar; got ",
                     lr.shape().DebugString())));
-    table->table.Push(ids.flat<int64_t>().data(), ids.NumElements(),
-                      grads.flat<float>().data(), lr.scalar<float>()(),
-                      WorkerThreads(ctx));
+    Tensor* step;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({}), &step));
+    step->scalar<int64_t>()() = table->table.Push(
+        ids.flat<int64_t>().data(), ids.NumElements(),
+        grads.flat<float>().data(), lr.scalar<float>()(), WorkerThreads(ctx));
   }
 };
 

@@ -35,6 +35,7 @@ absl::Status PushShape(InferenceContext* c) {
           c->DebugString(ids), " and grads ", c->DebugString(grads)));
     }
   }
+  c->set_output(0, c->Scalar());
   return absl::OkStatus();
 }
 
@@ -94,13 +95,14 @@ REGISTER_OP("TfLora>SparseTablePush")
     .Input("ids: int64")
     .Input("grads: float")
     .Input("learning_rate: float")
+    .Output("step: int64")
     .SetIsStateful()
     .SetShapeFn(PushShape)
     .Doc(R"doc(
 Applies the table's optimizer to the rows of ids with gradients grads
 (ids.shape + [dim]). Gradients of duplicate ids are summed first; each unique id
 is updated once, its update count incremented and its last step set to the
-table's step, which each push advances.
+table's step, which each push advances. Returns that step.
 )doc");
 
 REGISTER_OP("TfLora>SparseTableSize")

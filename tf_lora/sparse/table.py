@@ -77,8 +77,8 @@ class SparseTable(tf.saved_model.experimental.TrackableResource):
         if learning_rate is None:
             learning_rate = self._optimizer.learning_rate
         learning_rate = tf.cast(tf.convert_to_tensor(learning_rate), tf.float32)
-        op = sparse_table_ops.push(self.resource_handle, ids, grads, learning_rate)
-        return None if tf.inside_function() or tf.executing_eagerly() else op
+        step = sparse_table_ops.push(self.resource_handle, ids, grads, learning_rate)
+        return None if tf.inside_function() or tf.executing_eagerly() else step.op
 
     def remove(self, ids) -> tf.Tensor:
         """Removes `ids` (int64; ids not in the table are ignored). Returns how many were removed."""

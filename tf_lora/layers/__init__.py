@@ -1,0 +1,5 @@
+"""Keras layers of tf_lora."""
+
+from tf_lora.layers.sparse_embedding import SparseEmbedding
+
+__all__ = ["SparseEmbedding"]
