@@ -26,15 +26,15 @@ def parser(description):
     return p
 
 
-def header(args):
+def header(args, timing=None):
     import tensorflow as tf
 
     import tf_lora
 
+    timing = timing or f"median of {args.iters * args.rounds} calls in tf.function"
     print(
         f"tf_lora {tf_lora.__version__}, TensorFlow {tf.__version__}, {platform.machine()}, "
-        f"{os.cpu_count()} CPUs, {args.allocator} CPU allocator; median of {args.iters * args.rounds} "
-        "calls in tf.function"
+        f"{os.cpu_count()} CPUs, {args.allocator} CPU allocator; {timing}"
     )
 
 
