@@ -147,18 +147,18 @@ struct Table::Shard {
   }
 
   int32_t Find(int64_t key, uint64_t hash) const {
-    if (slots.empty()) return kEmpty;
-    const uint64_t mask = slots.size() - 1;
+    if (index.empty()) return kEmpty;
+    const uint64_t mask = index.size() - 1;
     for (uint64_t i = hash & mask;; i = (i + 1) & mask) {
-      if (slots[i] == kEmpty) return kEmpty;
-      if (keys[i] == key) return slots[i];
+      if (index[i].row == kEmpty) return kEmpty;
+      if (index[i].key == key) return index[i].row;
     }
   }
 
   // Adds `key` (absent) with a fresh row, initialized by `init`.
   int32_t Insert(int64_t key, uint64_t hash,
                  const std::function<void(int64_t, float*)>& init) {
-    if ((size + 1) * 4 > static_cast<int64_t>(slots.size()) * 3) Grow();
+    if ((size + 1) * 4 > static_cast<int64_t>(index.size()) * 3) Grow();
     const int32_t r = static_cast<int32_t>(size++);
     if (r / kBlockRows >= static_cast<int64_t>(blocks.size())) {
       blocks.emplace_back(new float[kBlockRows * width]);
@@ -172,35 +172,36 @@ struct Table::Shard {
   }
 
   void Place(int64_t key, uint64_t hash, int32_t r) {
-    const uint64_t mask = slots.size() - 1;
+    const uint64_t mask = index.size() - 1;
     uint64_t i = hash & mask;
-    while (slots[i] != kEmpty) i = (i + 1) & mask;
-    keys[i] = key;
-    slots[i] = r;
+    while (index[i].row != kEmpty) i = (i + 1) & mask;
+    index[i].key = key;
+    index[i].row = r;
   }
 
   // Removes `key` if present. The index closes the gap by backward shifting
   // (no tombstones); the last row moves into the freed row, so rows stay
   // dense.
   bool Remove(int64_t key, uint64_t hash) {
-    if (slots.empty()) return false;
-    const uint64_t mask = slots.size() - 1;
+    if (index.empty()) return false;
+    const uint64_t mask = index.size() - 1;
     uint64_t i = hash & mask;
-    while (slots[i] != kEmpty && keys[i] != key) i = (i + 1) & mask;
-    if (slots[i] == kEmpty) return false;
-    const int32_t row = slots[i];
-    for (uint64_t j = (i + 1) & mask; slots[j] != kEmpty; j = (j + 1) & mask) {
-      const uint64_t home = Mix(keys[j]) & mask;
+    while (index[i].row != kEmpty && index[i].key != key) i = (i + 1) & mask;
+    if (index[i].row == kEmpty) return false;
+    const int32_t row = index[i].row;
+    for (uint64_t j = (i + 1) & mask; index[j].row != kEmpty;
+         j = (j + 1) & mask) {
+      const uint64_t home = Mix(index[j].key) & mask;
       // Entry j may move back to i unless its home lies in (i, j].
       const bool home_between =
           i <= j ? (i < home && home <= j) : (i < home || home <= j);
       if (!home_between) {
-        keys[i] = keys[j];
-        slots[i] = slots[j];
+        index[i].key = index[j].key;
+        index[i].row = index[j].row;
         i = j;
       }
     }
-    slots[i] = kEmpty;
+    index[i].row = kEmpty;
     const int32_t last = static_cast<int32_t>(size - 1);
     if (row != last) {
       const int64_t moved = row_keys[last];
@@ -209,8 +210,9 @@ struct Table::Shard {
       last_steps[row] = last_steps[last];
       row_keys[row] = moved;
       uint64_t k = Mix(moved) & mask;
-      while (keys[k] != moved || slots[k] == kEmpty) k = (k + 1) & mask;
-      slots[k] = row;
+      while (index[k].key != moved || index[k].row == kEmpty)
+        k = (k + 1) & mask;
+      index[k].row = row;
     }
     counts.pop_back();
     last_steps.pop_back();
@@ -224,24 +226,62 @@ struct Table::Shard {
   }
 
   void Grow() {
-    std::vector<int64_t> old_keys = std::move(keys);
-    std::vector<int32_t> old_slots = std::move(slots);
-    const size_t capacity = std::max<size_t>(16, old_slots.size() * 2);
-    keys.assign(capacity, 0);
-    slots.assign(capacity, kEmpty);
-    for (size_t i = 0; i < old_slots.size(); ++i) {
-      if (old_slots[i] != kEmpty) {
-        Place(old_keys[i], Mix(old_keys[i]), old_slots[i]);
-      }
+    std::vector<Entry> old = std::move(index);
+    index.assign(std::max<size_t>(16, old.size() * 2), Entry{0, kEmpty});
+    for (const Entry& e : old) {
+      if (e.row != kEmpty) Place(e.key, Mix(e.key), e.row);
     }
+  }
+
+  // Calls fn(i, row) for the distinct ids ids[order[e]], e in [begin, end),
+  // in order, with row their row or kEmpty. Lookups are pipelined: index
+  // entries are prefetched kSlotAhead ids ahead, and rows found and prefetched
+  // kRowAhead ahead, so that many cache misses are in flight instead of one
+  // after another. fn may insert: rows never move and the ids are distinct,
+  // so rows found ahead stay valid.
+  template <typename Fn>
+  void ForEachRow(const int64_t* ids, const int64_t* order, int64_t begin,
+                  int64_t end, Fn fn) {
+    constexpr int64_t kSlotAhead = 16, kRowAhead = 8;
+    int32_t found[kRowAhead];
+    const auto find = [&](int64_t e) {
+      const int64_t key = ids[order[e]];
+      return Find(key, Mix(key));
+    };
+    for (int64_t e = begin; e < std::min(end, begin + kSlotAhead); ++e) {
+      PrefetchSlot(Mix(ids[order[e]]));
+    }
+    for (int64_t e = begin; e < end; ++e) {
+      // This id's row, found kRowAhead ids ago (before its slot is reused).
+      const int32_t ahead =
+          e >= begin + kRowAhead ? found[e % kRowAhead] : kEmpty;
+      if (e + kSlotAhead < end) PrefetchSlot(Mix(ids[order[e + kSlotAhead]]));
+      if (e + kRowAhead < end) {
+        const int32_t r = find(e + kRowAhead);
+        found[(e + kRowAhead) % kRowAhead] = r;
+        if (r != kEmpty) {
+          __builtin_prefetch(Row(r));
+          __builtin_prefetch(Row(r) + width - 1);
+        }
+      }
+      fn(order[e], e >= begin + kRowAhead ? ahead : find(e));
+    }
+  }
+
+  // Prefetches the index entry where a lookup of `hash` starts.
+  void PrefetchSlot(uint64_t hash) const {
+    if (!index.empty()) __builtin_prefetch(&index[hash & (index.size() - 1)]);
   }
 
   mutable std::shared_mutex mu;
   const int64_t width;
-  // Open addressing, linear probing, load factor <= 3/4: keys[i] is valid
-  // where slots[i] (its row) is not kEmpty.
-  std::vector<int64_t> keys;
-  std::vector<int32_t> slots;
+  // Open addressing, linear probing, load factor <= 3/4; key and row side by
+  // side, so a probe touches one cache line.
+  struct Entry {
+    int64_t key;
+    int32_t row;  // kEmpty when the entry is free
+  };
+  std::vector<Entry> index;
   int64_t size = 0;
   // Rows 0 .. size-1 in blocks of kBlockRows, and their metadata.
   std::vector<std::unique_ptr<float[]>> blocks;
@@ -393,19 +433,17 @@ void Table::PullUnique(const int64_t* ids, int64_t n, bool training,
       } else {
         read.lock();
       }
-      for (int64_t e = start[s]; e < start[s + 1]; ++e) {
-        const int64_t i = order[e];
-        const uint64_t hash = Mix(ids[i]);
-        int32_t r = shard.Find(ids[i], hash);
-        if (r == Shard::kEmpty) {
-          if (!training) {
-            std::fill_n(values + i * dim, dim, 0.f);
-            continue;
-          }
-          r = shard.Insert(ids[i], hash, init);
-        }
-        CopyRow(shard.Row(r), dim, values + i * dim);
-      }
+      shard.ForEachRow(ids, order.data(), start[s], start[s + 1],
+                       [&](int64_t i, int32_t r) {
+                         if (r == Shard::kEmpty) {
+                           if (!training) {
+                             std::fill_n(values + i * dim, dim, 0.f);
+                             return;
+                           }
+                           r = shard.Insert(ids[i], Mix(ids[i]), init);
+                         }
+                         CopyRow(shard.Row(r), dim, values + i * dim);
+                       });
     }
   });
 }
@@ -437,16 +475,16 @@ int64_t Table::Push(const int64_t* ids, int64_t n, const float* grads,
       if (start[s] == start[s + 1]) continue;
       Shard& shard = *shards_[s];
       std::unique_lock<std::shared_mutex> lock(shard.mu);
-      for (int64_t e = start[s]; e < start[s + 1]; ++e) {
-        const int64_t u = order[e], key = unique[u];
-        const float* __restrict g = summed + u * dim;
-        const uint64_t hash = Mix(key);
-        int32_t r = shard.Find(key, hash);
-        if (r == Shard::kEmpty) r = shard.Insert(key, hash, init);
-        opt.Apply(dim, learning_rate, shard.counts[r] + 1, g, shard.Row(r));
-        ++shard.counts[r];
-        shard.last_steps[r] = step;
-      }
+      shard.ForEachRow(unique.data(), order.data(), start[s], start[s + 1],
+                       [&](int64_t u, int32_t r) {
+                         const int64_t key = unique[u];
+                         if (r == Shard::kEmpty)
+                           r = shard.Insert(key, Mix(key), init);
+                         opt.Apply(dim, learning_rate, shard.counts[r] + 1,
+                                   summed + u * dim, shard.Row(r));
+                         ++shard.counts[r];
+                         shard.last_steps[r] = step;
+                       });
     }
   });
   return step;
@@ -486,11 +524,11 @@ Table::Contents Table::Export() const {
   for (const auto& shard_ptr : shards_) {
     const Shard& shard = *shard_ptr;
     std::shared_lock<std::shared_mutex> lock(shard.mu);
-    for (size_t i = 0; i < shard.slots.size(); ++i) {
-      const int32_t r = shard.slots[i];
+    for (size_t i = 0; i < shard.index.size(); ++i) {
+      const int32_t r = shard.index[i].row;
       if (r == Shard::kEmpty) continue;
       const float* row = shard.Row(r);
-      out.keys.push_back(shard.keys[i]);
+      out.keys.push_back(shard.index[i].key);
       out.values.insert(out.values.end(), row, row + dim);
       out.slots.insert(out.slots.end(), row + dim, row + dim + slot_width);
       out.update_counts.push_back(shard.counts[r]);
@@ -530,8 +568,7 @@ std::string Table::Import(const Contents& in, int64_t step) {
   }
   for (int s = 0; s < kShards; ++s) {
     std::unique_lock<std::shared_mutex> lock(shards_[s]->mu);
-    std::swap(shards_[s]->keys, fresh[s]->keys);
-    std::swap(shards_[s]->slots, fresh[s]->slots);
+    std::swap(shards_[s]->index, fresh[s]->index);
     std::swap(shards_[s]->size, fresh[s]->size);
     std::swap(shards_[s]->blocks, fresh[s]->blocks);
     std::swap(shards_[s]->counts, fresh[s]->counts);
