@@ -72,6 +72,25 @@ def test_gradient_numeric_float64():
         np.testing.assert_allclose(t, n, rtol=1e-7, atol=1e-7)
 
 
+def test_second_order_gradient_numeric_float64():
+    tensors, ids = _case(7, 4, 3, 2, 3, tf.float64, seed=8)
+    y, x, a, b, s = (t for t, _ in tensors)
+
+    def penalty(x, a, b, s):
+        with tf.GradientTape() as tape:
+            tape.watch([x, a, b, s])
+            loss = tf.reduce_sum(tf.sin(tf_lora.batched_lora_apply(y, x, a, b, ids, s)))
+        dx, da, db, ds = tape.gradient(loss, [x, a, b, s])
+        return (
+            tf.reduce_sum(dx * dx) + tf.reduce_sum(tf.cos(da)) + tf.reduce_sum(db**3) + tf.reduce_sum(ds**2)
+        )
+
+    theoretical, numerical = tf.test.compute_gradient(penalty, [x, a, b, s])
+    for t, n in zip(theoretical, numerical, strict=True):
+        # Central differences (step 1e-3) of cubic terms: good to about 1e-6; a wrong formula is O(1) off.
+        np.testing.assert_allclose(t, n, rtol=1e-5, atol=1e-5)
+
+
 def test_gradient_matches_per_adapter_single_gradients():
     tensors, ids = _case(40, 12, 10, 4, 4, tf.float64, seed=3)
     y, x, a, b, s = (t for t, _ in tensors)

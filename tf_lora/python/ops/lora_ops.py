@@ -157,6 +157,33 @@ def _batched_lora_apply_grad(op, grad):
     return [grad, dx, da, db, None, dscales]
 
 
+@tf.RegisterGradient("TfLora>BatchedLoraApplyGrad")
+def _batched_lora_apply_grad_grad(op, *grads):
+    """Second derivatives of BatchedLoraApply, by differentiating its gradients written per row with
+    gathers and segment sums (rows with id -1 contribute nothing). Memory-hungry ([N, in, r] per-row
+    adapters), but only second-order uses (Hessian-vector products, gradient penalties) come here."""
+    g, x, a_stack, b_stack, ids, scales = op.inputs
+    adapters = tf.shape(a_stack)[0]
+    with tf.GradientTape() as tape:
+        tape.watch([g, x, a_stack, b_stack, scales])
+        valid = tf.cast(ids >= 0, x.dtype)
+        k = tf.maximum(ids, 0)
+        a, b = tf.gather(a_stack, k), tf.gather(b_stack, k)
+        s = tf.gather(scales, k) * valid
+        g_bt = tf.einsum("no,nro->nr", g, b)
+        xa = tf.einsum("ni,nir->nr", x, a)
+        outputs = [
+            s[:, None] * tf.einsum("nr,nir->ni", g_bt, a),
+            tf.math.unsorted_segment_sum(s[:, None, None] * tf.einsum("ni,nr->nir", x, g_bt), k, adapters),
+            tf.math.unsorted_segment_sum(s[:, None, None] * tf.einsum("nr,no->nro", xa, g), k, adapters),
+            tf.math.unsorted_segment_sum(valid * tf.reduce_sum(xa * g_bt, axis=1), k, adapters),
+        ]
+    dg, dx, da, db, dscales = tape.gradient(
+        outputs, [g, x, a_stack, b_stack, scales], output_gradients=list(grads)
+    )
+    return [dg, dx, da, db, None, dscales]
+
+
 @tf.RegisterGradient("TfLora>LoraApplyGrad")
 def _lora_apply_grad_grad(op, *grads):
     """Second derivatives, for Hessian-vector products and gradient penalties: LoraApplyGrad is linear in
