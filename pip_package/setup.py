@@ -36,7 +36,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["tf_lora", "tf_lora.*"]),
     package_data={"tf_lora.python.ops": ["*.so"]},
-    install_requires=[_VERSION["TF_REQUIREMENT"], "numpy"],
+    install_requires=[_VERSION["TF_REQUIREMENT"], "numpy", "safetensors>=0.4"],
     distclass=BinaryDistribution,
     zip_safe=False,
     classifiers=[

@@ -8,7 +8,7 @@ from tf_lora._ensure_tf import ensure_tensorflow as _ensure_tensorflow
 
 _ensure_tensorflow()
 
-from tf_lora import layers  # noqa: E402
+from tf_lora import adapters, layers  # noqa: E402
 from tf_lora.python.ops.lora_ops import (  # noqa: E402
     batched_lora_apply,
     batched_lora_matmul,
@@ -26,6 +26,7 @@ from tf_lora.version import __version__  # noqa: E402
 __all__ = [
     "__version__",
     "SparseTable",
+    "adapters",
     "batched_lora_apply",
     "batched_lora_matmul",
     "layers",

@@ -1,0 +1,72 @@
+"""Writes the PEFT fixtures in tests/adapters/fixtures/ with the real PEFT library (not needed by CI).
+
+Each fixture directory holds what `PeftModel.save_pretrained` wrote (adapter_config.json,
+adapter_model.safetensors) plus, written here with safetensors: the base model's weights (base.safetensors),
+PEFT's own merged weights (merged.safetensors, from `merge_and_unload`), and an input with PEFT's output for
+it (io.safetensors). Tests compare tf_lora against these numbers, produced by PEFT itself.
+
+    python -m venv /tmp/peftvenv && /tmp/peftvenv/bin/pip install torch==2.13.0 peft safetensors numpy
+    /tmp/peftvenv/bin/python tests/adapters/make_peft_fixtures.py
+"""
+
+import copy
+import os
+
+import peft
+import torch
+from safetensors.torch import save_file
+
+HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
+
+
+class Tiny(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q = torch.nn.Linear(8, 6)
+        self.v = torch.nn.Linear(8, 6)
+        self.out = torch.nn.Linear(6, 4)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.q(x) + self.v(x)))
+
+
+def make(name, dtype, **lora):
+    torch.manual_seed(0)
+    base = Tiny()
+    config = peft.LoraConfig(
+        r=2,
+        lora_alpha=4,
+        target_modules=["q", "v", "out"],
+        rank_pattern={"v": 3},
+        alpha_pattern={"out": 8},
+        init_lora_weights=False,  # random A and B: a non-zero adapter
+        **lora,
+    )
+    model = peft.get_peft_model(copy.deepcopy(base), config).to(dtype)
+    path = os.path.join(HERE, name)
+    model.save_pretrained(path)
+    save_file(
+        {k: v.contiguous() for k, v in base.to(dtype).state_dict().items()},
+        os.path.join(path, "base.safetensors"),
+    )
+    x = torch.randn(5, 8).to(dtype)
+    with torch.no_grad():
+        y = model(x)
+        merged = model.merge_and_unload()
+    save_file(
+        {k: v.contiguous() for k, v in merged.state_dict().items()}, os.path.join(path, "merged.safetensors")
+    )
+    save_file({"x": x, "y": y}, os.path.join(path, "io.safetensors"))
+    # The files round-trip through PEFT itself (what save_peft must also produce).
+    reloaded = peft.PeftModel.from_pretrained(copy.deepcopy(base).to(dtype), path)
+    with torch.no_grad():
+        atol = 1e-6 if dtype == torch.float32 else 2e-2
+        assert torch.allclose(reloaded(x).float(), y.float(), atol=atol)
+    os.remove(os.path.join(path, "README.md"))  # PEFT's model card template
+    print("wrote", path)
+
+
+if __name__ == "__main__":
+    make("peft_f32", torch.float32)
+    make("peft_rslora_f16", torch.float16, use_rslora=True)
+    make("peft_bf16", torch.bfloat16)

@@ -1,0 +1,180 @@
+"""PEFT LoRA adapters (adapter_config.json + adapter_model.safetensors) to and from tf_lora.adapters.Adapter.
+
+PEFT stores `base_model.model.<module>.lora_A.weight` `[r, in]` and `.lora_B.weight` `[out, r]` (PyTorch
+layout); tf_lora holds `a = A^T` `[in, r]` and `b = B^T` `[r, out]`. The scale is `lora_alpha / r`, or
+`lora_alpha / sqrt(r)` with `use_rslora`, with per-module `rank_pattern` and `alpha_pattern`.
+"""
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+
+import numpy as np
+import tensorflow as tf
+from safetensors import SafetensorError
+from safetensors.tensorflow import load_file, save_file
+
+from tf_lora.adapters.adapter import Adapter
+
+CONFIG = "adapter_config.json"
+WEIGHTS = "adapter_model.safetensors"
+_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<part>[AB])(\.[^.]+)?\.weight$")
+
+
+def load_peft(path, sha256=None, allow_nonfinite=False) -> dict:
+    """Reads a PEFT LoRA adapter directory: `{module name: Adapter}`.
+
+    Args:
+      path: The directory PEFT's `save_pretrained` wrote.
+      sha256: When given, the hex SHA-256 adapter_model.safetensors must have.
+      allow_nonfinite: Accept NaN or Inf weights (refused by default).
+
+    Raises:
+      ValueError: a missing or inconsistent config field, a file that is not valid safetensors, a checksum
+        that does not match, keys that are not LoRA A/B pairs, ranks that disagree between A, B and the
+        config, or non-finite weights. Nothing is returned then.
+    """
+    config = _read_config(path)
+    weights_path = os.path.join(path, WEIGHTS)
+    if sha256 is not None:
+        _check_sha256(weights_path, sha256)
+    tensors = _read_safetensors(weights_path)
+    pairs = {}
+    for key, value in tensors.items():
+        match = _KEY.match(key)
+        if match is None:
+            raise ValueError(f"load_peft: {weights_path}: key {key!r} is not a LoRA A or B weight")
+        pairs.setdefault(match["module"], {})[match["part"]] = value.numpy()
+    problems, adapters = [], {}
+    for module, parts in sorted(pairs.items()):
+        if set(parts) != {"A", "B"}:
+            problems.append(f"{module}: has lora_{''.join(parts)} only")
+            continue
+        a_t, b_t = parts["A"], parts["B"]  # [r, in], [out, r]
+        if a_t.ndim == 4:  # 1x1 convolutions
+            a_t, b_t = a_t.reshape(a_t.shape[:2]), b_t.reshape(b_t.shape[:2])
+        r = _pattern_value(config.get("rank_pattern") or {}, module, config["r"])
+        if a_t.ndim != 2 or b_t.ndim != 2 or a_t.shape[0] != b_t.shape[1]:
+            problems.append(
+                f"{module}: lora_A {a_t.shape} and lora_B {b_t.shape} are not [r, in] and [out, r]"
+            )
+            continue
+        if a_t.shape[0] != r:
+            problems.append(f"{module}: rank {a_t.shape[0]} in the weights, {r} in the config")
+            continue
+        if not allow_nonfinite and not (np.all(np.isfinite(a_t)) and np.all(np.isfinite(b_t))):
+            problems.append(f"{module}: NaN or Inf weights (pass allow_nonfinite=True to accept them)")
+            continue
+        adapters[module] = Adapter(
+            a=np.ascontiguousarray(a_t.T),
+            b=np.ascontiguousarray(b_t.T),
+            alpha=float(_pattern_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"])),
+            use_rslora=bool(config.get("use_rslora", False)),
+            module=module,
+            metadata={
+                "format": "peft",
+                "path": os.path.abspath(path),
+                "fan_in_fan_out": bool(config.get("fan_in_fan_out", False)),
+            },
+        )
+    if problems:
+        raise ValueError(f"load_peft: {weights_path}: " + "; ".join(problems))
+    if not adapters:
+        raise ValueError(f"load_peft: {weights_path} holds no LoRA weights")
+    return adapters
+
+
+def save_peft(adapters: dict, path, base_model_name_or_path=None, overwrite=False):
+    """Writes `{module name: Adapter}` as a PEFT LoRA adapter directory that PEFT itself loads.
+
+    The most common rank and alpha become `r` and `lora_alpha`; the others go to `rank_pattern` and
+    `alpha_pattern`. Tensors keep their dtypes. The directory appears complete or not at all.
+    """
+    if not adapters:
+        raise ValueError("save_peft: no adapters")
+    rslora = {adapter.use_rslora for adapter in adapters.values()}
+    if len(rslora) != 1:
+        raise ValueError("save_peft: adapters mix use_rslora True and False; PEFT has one flag per file")
+    if os.path.exists(path) and not overwrite:
+        raise FileExistsError(f"save_peft: {path} exists (pass overwrite=True to replace it)")
+    ranks = [adapter.rank for adapter in adapters.values()]
+    alphas = [adapter.alpha for adapter in adapters.values()]
+    r, alpha = max(set(ranks), key=ranks.count), max(set(alphas), key=alphas.count)
+    config = {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": r,
+        "lora_alpha": alpha,
+        "use_rslora": rslora.pop(),
+        "target_modules": sorted(adapters),
+        "rank_pattern": {m: x.rank for m, x in adapters.items() if x.rank != r},
+        "alpha_pattern": {m: x.alpha for m, x in adapters.items() if x.alpha != alpha},
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+    }
+    tensors = {}
+    for module, adapter in adapters.items():
+        tensors[f"base_model.model.{module}.lora_A.weight"] = tf.constant(np.ascontiguousarray(adapter.a.T))
+        tensors[f"base_model.model.{module}.lora_B.weight"] = tf.constant(np.ascontiguousarray(adapter.b.T))
+    parent = os.path.dirname(os.path.abspath(path)) or "."
+    staging = tempfile.mkdtemp(prefix=".tf_lora_peft_", dir=parent)
+    try:
+        with open(os.path.join(staging, CONFIG), "w") as f:
+            json.dump(config, f, indent=2)
+        save_file(tensors, os.path.join(staging, WEIGHTS), metadata={"format": "pt"})
+        if os.path.exists(path):
+            shutil.rmtree(path)
+        os.rename(staging, path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _read_config(path):
+    config_path = os.path.join(path, CONFIG)
+    try:
+        with open(config_path) as f:
+            config = json.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"load_peft: no {CONFIG} in {path}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"load_peft: {config_path} is not valid JSON: {e}") from None
+    if config.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"load_peft: {config_path}: peft_type {config.get('peft_type')!r} is not LORA")
+    missing = [k for k in ("r", "lora_alpha") if not isinstance(config.get(k), int | float)]
+    if missing:
+        raise ValueError(f"load_peft: {config_path}: missing or non-numeric {missing}")
+    return config
+
+
+def _read_safetensors(path):
+    try:
+        return load_file(path)
+    except FileNotFoundError:
+        raise ValueError(f"load_peft: no {WEIGHTS} at {path}") from None
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"load_peft: {path} is not a valid safetensors file: {e}") from None
+
+
+def _check_sha256(path, expected):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    if digest.hexdigest() != expected.lower():
+        raise ValueError(f"load_peft: {path} has SHA-256 {digest.hexdigest()}, expected {expected}")
+
+
+def _pattern_value(patterns, module, default):
+    """PEFT's rank_pattern / alpha_pattern: a key matches a module whose name ends with it (as a regex)."""
+    for key, value in patterns.items():
+        if re.fullmatch(rf"(.*\.)?{key}", module):
+            return value
+    return default
