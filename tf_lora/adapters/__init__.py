@@ -1,6 +1,7 @@
-"""LoRA adapters in files: PEFT (and later kohya) safetensors formats, in TensorFlow layout."""
+"""LoRA adapters in files: PEFT and kohya safetensors formats, in TensorFlow layout."""
 
 from tf_lora.adapters.adapter import Adapter
+from tf_lora.adapters.kohya import load_kohya, save_kohya
 from tf_lora.adapters.peft import load_peft, save_peft
 
-__all__ = ["Adapter", "load_peft", "save_peft"]
+__all__ = ["Adapter", "load_kohya", "load_peft", "save_kohya", "save_peft"]

@@ -13,9 +13,8 @@ import shutil
 import tempfile
 
 import numpy as np
-import tensorflow as tf
-from safetensors import SafetensorError
-from safetensors.tensorflow import load_file, save_file
+from safetensors import SafetensorError, TensorSpec, serialize_file
+from safetensors.tensorflow import load_file
 
 from tf_lora.adapters.adapter import Adapter
 
@@ -121,14 +120,14 @@ def save_peft(adapters: dict, path, base_model_name_or_path=None, overwrite=Fals
     }
     tensors = {}
     for module, adapter in adapters.items():
-        tensors[f"base_model.model.{module}.lora_A.weight"] = tf.constant(np.ascontiguousarray(adapter.a.T))
-        tensors[f"base_model.model.{module}.lora_B.weight"] = tf.constant(np.ascontiguousarray(adapter.b.T))
+        tensors[f"base_model.model.{module}.lora_A.weight"] = adapter.a.T
+        tensors[f"base_model.model.{module}.lora_B.weight"] = adapter.b.T
     parent = os.path.dirname(os.path.abspath(path)) or "."
     staging = tempfile.mkdtemp(prefix=".tf_lora_peft_", dir=parent)
     try:
         with open(os.path.join(staging, CONFIG), "w") as f:
             json.dump(config, f, indent=2)
-        save_file(tensors, os.path.join(staging, WEIGHTS), metadata={"format": "pt"})
+        write_safetensors(tensors, os.path.join(staging, WEIGHTS))
         if os.path.exists(path):
             shutil.rmtree(path)
         os.rename(staging, path)
@@ -154,13 +153,33 @@ def _read_config(path):
     return config
 
 
+_DTYPES = ("float32", "float16", "bfloat16", "float64", "int64")
+
+
+def write_safetensors(arrays: dict, path):
+    """Writes numpy arrays (one of _DTYPES, 0-d included: kohya's alphas) as a safetensors file.
+
+    safetensors' numpy and TensorFlow savers take neither bfloat16 nor 0-d arrays, so this goes through its
+    serializer directly; the arrays stay referenced for the whole call, as TensorSpec requires.
+    """
+    arrays = {name: np.asarray(array, order="C") for name, array in arrays.items()}  # keeps 0-d
+    specs = {}
+    for name, array in arrays.items():
+        if array.dtype.name not in _DTYPES:
+            raise ValueError(f"{name}: dtype {array.dtype.name} cannot be written (one of {_DTYPES})")
+        specs[name] = TensorSpec(
+            dtype=array.dtype.name, shape=list(array.shape), data_ptr=array.ctypes.data, data_len=array.nbytes
+        )
+    serialize_file(specs, os.fspath(path), metadata={"format": "pt"})
+
+
 def _read_safetensors(path):
     try:
         return load_file(path)
     except FileNotFoundError:
-        raise ValueError(f"load_peft: no {WEIGHTS} at {path}") from None
+        raise ValueError(f"no safetensors file at {path}") from None
     except (SafetensorError, OSError, ValueError) as e:
-        raise ValueError(f"load_peft: {path} is not a valid safetensors file: {e}") from None
+        raise ValueError(f"{path} is not a valid safetensors file: {e}") from None
 
 
 def _check_sha256(path, expected):
@@ -169,7 +188,7 @@ def _check_sha256(path, expected):
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     if digest.hexdigest() != expected.lower():
-        raise ValueError(f"load_peft: {path} has SHA-256 {digest.hexdigest()}, expected {expected}")
+        raise ValueError(f"{path} has SHA-256 {digest.hexdigest()}, expected {expected}")
 
 
 def _pattern_value(patterns, module, default):
