@@ -1,5 +1,6 @@
 """Keras layers of tf_lora."""
 
+from tf_lora.layers.lora_dense import LoraDense
 from tf_lora.layers.sparse_embedding import SparseEmbedding
 
-__all__ = ["SparseEmbedding"]
+__all__ = ["LoraDense", "SparseEmbedding"]

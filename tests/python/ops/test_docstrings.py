@@ -9,12 +9,16 @@ import tensorflow as tf
 
 import tf_lora
 
-PUBLIC_CALLABLES = sorted(n for n in tf_lora.__all__ if callable(getattr(tf_lora, n)))
+PUBLIC_CALLABLES = sorted(n for n in tf_lora.__all__ if callable(getattr(tf_lora, n))) + [
+    f"layers.{n}" for n in tf_lora.layers.__all__
+]
 
 
 @pytest.mark.parametrize("name", PUBLIC_CALLABLES)
 def test_docstring_examples(name):
-    fn = getattr(tf_lora, name)
+    fn = tf_lora
+    for part in name.split("."):
+        fn = getattr(fn, part)
     assert fn.__doc__ and ">>>" in fn.__doc__, f"{name} has no example"
     finder = doctest.DocTestFinder(recurse=False)
     runner = doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE | doctest.ELLIPSIS)

@@ -288,7 +288,8 @@ def merge_into_variable(var, a, b, scale, name=None):
     single pass, as TensorFlow's own `ResourceApply*` ops do. On any error the variable is unchanged.
 
     Args:
-      var: A resource variable (`tf.Variable`) holding the base weight, `[in, out]`.
+      var: A resource variable (`tf.Variable`, or a `keras.Variable` on the TensorFlow backend) holding the
+        base weight, `[in, out]`.
       a: The adapter's down projection, `[in, r]`, `var`'s dtype.
       b: The adapter's up projection, `[r, out]`, `var`'s dtype.
       scale: Scalar multiplier of the update (usually `alpha / r`).
@@ -331,9 +332,14 @@ def unmerge_from_variable(var, a, b, scale, name=None):
 
 
 def _variable_handle(var):
+    """The resource handle of a tf.Variable, or of the tf.Variable behind a Keras 3 variable."""
+    if not isinstance(var, tf.Variable) and isinstance(getattr(var, "value", None), tf.Variable):
+        var = var.value  # keras.Variable on the TensorFlow backend
     handle = getattr(var, "handle", None)
     if not isinstance(var, tf.Variable) or handle is None or handle.dtype != tf.resource:
-        raise TypeError(f"expected a resource variable (tf.Variable), got {type(var).__name__}")
+        raise TypeError(
+            f"expected a resource variable (tf.Variable or keras.Variable), got {type(var).__name__}"
+        )
     return handle
 
 
