@@ -9,6 +9,7 @@ from tf_lora._ensure_tf import ensure_tensorflow as _ensure_tensorflow
 _ensure_tensorflow()
 
 from tf_lora import adapters, layers  # noqa: E402
+from tf_lora.layers import inject_lora  # noqa: E402
 from tf_lora.python.ops.lora_ops import (  # noqa: E402
     batched_lora_apply,
     batched_lora_matmul,
@@ -29,6 +30,7 @@ __all__ = [
     "adapters",
     "batched_lora_apply",
     "batched_lora_matmul",
+    "inject_lora",
     "layers",
     "lora_apply",
     "lora_matmul",

@@ -1,6 +1,7 @@
 """Keras layers of tf_lora."""
 
+from tf_lora.layers.inject import inject_lora
 from tf_lora.layers.lora_dense import LoraDense
 from tf_lora.layers.sparse_embedding import SparseEmbedding
 
-__all__ = ["LoraDense", "SparseEmbedding"]
+__all__ = ["LoraDense", "SparseEmbedding", "inject_lora"]

@@ -3,6 +3,7 @@
 import doctest
 import inspect
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -22,7 +23,7 @@ def test_docstring_examples(name):
     assert fn.__doc__ and ">>>" in fn.__doc__, f"{name} has no example"
     finder = doctest.DocTestFinder(recurse=False)
     runner = doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE | doctest.ELLIPSIS)
-    globs = {"tf": tf, "tf_lora": tf_lora, "np": np}
+    globs = {"tf": tf, "tf_lora": tf_lora, "np": np, "keras": keras}
     for test in finder.find(fn, name, module=inspect.getmodule(fn), globs=globs):
         runner.run(test)
     assert runner.failures == 0 and runner.tries > 0

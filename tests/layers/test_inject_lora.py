@@ -1,0 +1,60 @@
+"""tf_lora.inject_lora on Sequential and functional models."""
+
+import keras
+import numpy as np
+import pytest
+
+import tf_lora
+
+
+def _sequential():
+    keras.utils.set_random_seed(3)
+    return keras.Sequential(
+        [
+            keras.Input((6,)),
+            keras.layers.Dense(8, activation="relu", name="hidden"),
+            keras.layers.Dropout(0.1, name="drop"),
+            keras.layers.Dense(3, name="head"),
+        ]
+    )
+
+
+def _functional():
+    keras.utils.set_random_seed(4)
+    inp = keras.Input((6,))
+    a = keras.layers.Dense(8, activation="tanh", name="a")(inp)
+    b = keras.layers.Dense(8, activation="relu", name="b")(inp)
+    out = keras.layers.Dense(2, name="out")(keras.layers.Concatenate(name="cat")([a, b]))
+    return keras.Model(inp, out)
+
+
+@pytest.mark.parametrize(
+    "make,target,expected",
+    [(_sequential, "hidden|head", ["head", "hidden"]), (_functional, ["a", "out"], ["a", "out"])],
+    ids=["sequential", "functional"],
+)
+def test_inject_keeps_outputs_and_trains_only_adapters(make, target, expected):
+    model = make()
+    x = np.random.default_rng(0).standard_normal((64, 6)).astype(np.float32)
+    y = np.random.default_rng(1).standard_normal((64, model.output_shape[-1])).astype(np.float32)
+    before = model.predict(x, verbose=0)
+    lora_model, adapted = tf_lora.inject_lora(model, rank=2, alpha=4, target=target)
+    assert adapted == expected
+    np.testing.assert_allclose(lora_model.predict(x, verbose=0), before, rtol=1e-6, atol=1e-6)
+    assert all(isinstance(lora_model.get_layer(n), tf_lora.layers.LoraDense) for n in adapted)
+    assert {w.path.split("/")[-1] for w in lora_model.trainable_weights} == {"lora_a", "lora_b"}
+    frozen = [w.numpy() for w in lora_model.non_trainable_weights]
+    lora_model.compile(optimizer=keras.optimizers.Adam(0.05), loss="mse")
+    lora_model.fit(x, y, epochs=5, verbose=0)
+    for w, value in zip(lora_model.non_trainable_weights, frozen, strict=True):
+        np.testing.assert_array_equal(w.numpy(), value)
+    assert not np.allclose(lora_model.predict(x, verbose=0), before)
+    np.testing.assert_array_equal(model.predict(x, verbose=0), before)  # the original is untouched
+
+
+def test_inject_bad_targets():
+    model = _sequential()
+    with pytest.raises(ValueError, match="no Dense layer matches 'nothing'"):
+        tf_lora.inject_lora(model, target="nothing")
+    with pytest.raises(ValueError, match=r"\['drop'\] are not Dense layers"):
+        tf_lora.inject_lora(model, target=["hidden", "drop"])
