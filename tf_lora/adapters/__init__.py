@@ -1,7 +1,8 @@
 """LoRA adapters in files: PEFT and kohya safetensors formats, in TensorFlow layout."""
 
 from tf_lora.adapters.adapter import Adapter
+from tf_lora.adapters.apply import ApplyReport, apply
 from tf_lora.adapters.kohya import load_kohya, save_kohya
 from tf_lora.adapters.peft import load_peft, save_peft
 
-__all__ = ["Adapter", "load_kohya", "load_peft", "save_kohya", "save_peft"]
+__all__ = ["Adapter", "ApplyReport", "apply", "load_kohya", "load_peft", "save_kohya", "save_peft"]

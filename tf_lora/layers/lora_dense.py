@@ -55,6 +55,11 @@ class LoraDense(keras.layers.Dense):
         # 1 while the adapter is applied beside the kernel, 0 once merged into it: a variable, not a Python
         # flag, so that functions Keras traced before a merge see it too.
         self.lora_active = self.add_weight(name="lora_active", shape=(), initializer="ones", trainable=False)
+        # The scale too, so that an adapter attached later (tf_lora.adapters.apply) with another alpha
+        # reaches functions already traced.
+        self.lora_scale = self.add_weight(
+            name="lora_scale", shape=(), initializer=keras.initializers.Constant(self.scale), trainable=False
+        )
 
     @property
     def merged(self) -> bool:
@@ -62,7 +67,7 @@ class LoraDense(keras.layers.Dense):
 
     def call(self, inputs, training=None):
         x = tf.convert_to_tensor(inputs)
-        scale = self.scale * tf.convert_to_tensor(self.lora_active)
+        scale = tf.convert_to_tensor(self.lora_scale) * tf.convert_to_tensor(self.lora_active)
         if training and self.lora_dropout > 0:
             x2 = tf.reshape(x, [-1, tf.shape(x)[-1]])
             y = tf.matmul(x2, self.kernel)
@@ -80,17 +85,17 @@ class LoraDense(keras.layers.Dense):
     def merge(self):
         """Folds the adapter into the kernel in place (kernel += scale * lora_a @ lora_b)."""
         if not self.merged:
-            lora_ops.merge_into_variable(self.kernel, self.lora_a, self.lora_b, self.scale)
+            lora_ops.merge_into_variable(self.kernel, self.lora_a, self.lora_b, self.lora_scale)
             self.lora_active.assign(0.0)
 
     def unmerge(self):
         """Takes a merged adapter out of the kernel again (within rounding)."""
         if self.merged:
-            lora_ops.unmerge_from_variable(self.kernel, self.lora_a, self.lora_b, self.scale)
+            lora_ops.unmerge_from_variable(self.kernel, self.lora_a, self.lora_b, self.lora_scale)
             self.lora_active.assign(1.0)
 
     # Dense saves kernel and bias only (as "0" and "1"); the adapter's variables go by name beside them.
-    _LORA_VARIABLES = ("lora_a", "lora_b", "lora_active")
+    _LORA_VARIABLES = ("lora_a", "lora_b", "lora_active", "lora_scale")
 
     def save_own_variables(self, store):
         super().save_own_variables(store)
@@ -103,6 +108,15 @@ class LoraDense(keras.layers.Dense):
             self.bias.assign(store["1"])
         for name in self._LORA_VARIABLES:
             getattr(self, name).assign(store[name])
+
+    def set_adapter(self, a, b, alpha, use_rslora=False):
+        """Loads adapter weights a [in, rank] and b [rank, units] (this layer's rank) with their alpha."""
+        if self.merged:
+            raise ValueError(f"LoraDense {self.name}: unmerge() before setting another adapter")
+        self.lora_a.assign(a)
+        self.lora_b.assign(b)
+        self.alpha, self.use_rslora = float(alpha), bool(use_rslora)
+        self.lora_scale.assign(self.scale)
 
     def get_config(self):
         config = super().get_config()

@@ -1,0 +1,77 @@
+"""tf_lora.adapters.apply: PEFT adapters onto a Keras model: attach == merge == PEFT's own output."""
+
+import pathlib
+
+import keras
+import numpy as np
+import pytest
+from safetensors.tensorflow import load_file
+
+import tf_lora
+
+FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "peft_f32"
+RANKS = {"q": 2, "v": 3, "out": 2}
+
+
+def _tiny(lora, prefix=""):
+    """PEFT's fixture model in Keras: out(relu(q(x) + v(x))), base weights from the fixture."""
+    base = {k: v.numpy() for k, v in load_file(str(FIXTURES / "base.safetensors")).items()}
+
+    def dense(name, units):
+        if lora:
+            return tf_lora.layers.LoraDense(units, rank=RANKS[name], name=prefix + name)
+        return keras.layers.Dense(units, name=prefix + name)
+
+    inp = keras.Input((8,))
+    q, v, out = dense("q", 6), dense("v", 6), dense("out", 4)
+    model = keras.Model(inp, out(keras.layers.ReLU()(q(inp) + v(inp))))
+    for name, layer in (("q", q), ("v", v), ("out", out)):
+        layer.kernel.assign(base[f"{name}.weight"].T)
+        layer.bias.assign(base[f"{name}.bias"])
+    return model
+
+
+def _io():
+    return {k: v.numpy() for k, v in load_file(str(FIXTURES / "io.safetensors")).items()}
+
+
+@pytest.mark.parametrize("mode", ["attach", "merge"])
+def test_attach_and_merge_give_peft_output(mode):
+    model = _tiny(lora=mode == "attach")
+    model.predict(_io()["x"], verbose=0)  # traced before the adapters arrive
+    report = tf_lora.adapters.apply(model, tf_lora.adapters.load_peft(FIXTURES), mode=mode)
+    assert report.applied == {"out": "out", "q": "q", "v": "v"} and not report.unmatched_modules
+    np.testing.assert_allclose(model.predict(_io()["x"], verbose=0), _io()["y"], rtol=1e-5, atol=1e-5)
+
+
+def test_mapping_and_report():
+    model = _tiny(lora=True, prefix="block0_")
+    adapters = tf_lora.adapters.load_peft(FIXTURES)
+    adapters["lm_head"] = adapters["out"]
+    with pytest.raises(ValueError, match=r"modules that match no layer: \['lm_head'\]"):
+        tf_lora.adapters.apply(model, adapters, mapping=[(r"(q|v|out)", r"block0_\1")])
+    report = tf_lora.adapters.apply(model, adapters, mapping=[(r"(q|v|out)", r"block0_\1")], strict=False)
+    assert report.unmatched_modules == ["lm_head"]
+    np.testing.assert_allclose(model.predict(_io()["x"], verbose=0), _io()["y"], rtol=1e-5, atol=1e-5)
+
+
+def test_any_mismatch_changes_nothing_and_lists_every_one():
+    model = _tiny(lora=True)
+    before = [w.numpy() for w in model.weights]
+    adapters = tf_lora.adapters.load_peft(FIXTURES)
+    adapters["q"] = tf_lora.adapters.Adapter(
+        a=np.ones((8, 3), np.float32), b=np.ones((3, 6), np.float32), alpha=1
+    )
+    adapters["v"] = tf_lora.adapters.Adapter(
+        a=np.ones((5, 3), np.float32), b=np.ones((3, 6), np.float32), alpha=1
+    )
+    with pytest.raises(ValueError) as info:
+        tf_lora.adapters.apply(model, adapters)
+    message = str(info.value)
+    assert "nothing changed" in message
+    assert "q -> q: adapter rank 3, layer rank 2" in message
+    assert "v -> v: adapter is [5, 6], the kernel [8, 6]" in message
+    for w, value in zip(model.weights, before, strict=True):
+        np.testing.assert_array_equal(w.numpy(), value)
+    with pytest.raises(ValueError, match="attach needs a LoraDense layer"):
+        tf_lora.adapters.apply(_tiny(lora=False), tf_lora.adapters.load_peft(FIXTURES))

@@ -1,0 +1,118 @@
+"""tf_lora.adapters.apply: adapters from files onto the layers of a Keras model, all or nothing."""
+
+import dataclasses
+import re
+
+import numpy as np
+
+from tf_lora.layers.lora_dense import LoraDense
+from tf_lora.python.ops import lora_ops
+
+
+@dataclasses.dataclass
+class ApplyReport:
+    """What `apply` did: file modules -> layers, file modules that matched no layer, and the model's
+    LoRA-able layers (LoraDense for attach, Dense for merge) that got no adapter."""
+
+    applied: dict
+    unmatched_modules: list
+    layers_without_adapter: list
+
+
+def apply(model, adapters: dict, mode="attach", mapping=None, strict=True) -> ApplyReport:
+    """Puts `{module name: Adapter}` (from load_peft / load_kohya) onto the layers of a Keras model.
+
+    Every pair is checked (layer kind, rank, shapes) before any variable changes: on any mismatch the model
+    is left exactly as it was and the error lists every mismatch.
+
+    Args:
+      model: A Keras model (layers found recursively).
+      adapters: `{module name: Adapter}`.
+      mode: 'attach' sets the adapters of LoraDense layers (same rank); 'merge' folds them into the kernels
+        of Dense (or LoraDense) layers in place, for serving without LoRA ops.
+      mapping: How file module names become layer names: None (the same names), a function (module ->
+        layer name or None), or a list of (regex, replacement) pairs, the first full match wins
+        (e.g. `[(r"model\\.layers\\.(\\d+)\\.self_attn\\.q_proj", r"block_\\1_q")]`).
+      strict: A module that maps to no layer is an error (else it is reported).
+
+    Returns:
+      An ApplyReport.
+    """
+    if mode not in ("attach", "merge"):
+        raise ValueError(f"apply: mode must be 'attach' or 'merge', got {mode!r}")
+    layers = {layer.name: layer for layer in _all_layers(model)}
+    to_layer = _mapper(mapping)
+    pairs, unmatched, problems = [], [], []
+    for module, adapter in sorted(adapters.items()):
+        name = to_layer(module)
+        if name is None or name not in layers:
+            unmatched.append(module)
+            continue
+        layer = layers[name]
+        kernel = getattr(layer, "kernel", None)
+        if kernel is None or len(kernel.shape) != 2:
+            problems.append(f"{module} -> {name}: not a Dense-like layer ({type(layer).__name__})")
+            continue
+        if mode == "attach" and not isinstance(layer, LoraDense):
+            problems.append(f"{module} -> {name}: attach needs a LoraDense layer, got {type(layer).__name__}")
+            continue
+        expected = (kernel.shape[0], kernel.shape[1])
+        if (adapter.a.shape[0], adapter.b.shape[1]) != expected:
+            problems.append(
+                f"{module} -> {name}: adapter is [{adapter.a.shape[0]}, {adapter.b.shape[1]}], "
+                f"the kernel [{expected[0]}, {expected[1]}]"
+            )
+            continue
+        if mode == "attach" and adapter.rank != layer.rank:
+            problems.append(f"{module} -> {name}: adapter rank {adapter.rank}, layer rank {layer.rank}")
+            continue
+        if mode == "attach" and layer.merged:
+            problems.append(f"{module} -> {name}: the layer has a merged adapter (unmerge() it first)")
+            continue
+        if not (np.all(np.isfinite(adapter.a)) and np.all(np.isfinite(adapter.b))):
+            problems.append(f"{module} -> {name}: NaN or Inf weights")
+            continue
+        pairs.append((module, layer, adapter))
+    if strict and unmatched:
+        problems.append(f"modules that match no layer: {unmatched} (pass a mapping, or strict=False)")
+    if problems:
+        raise ValueError("apply: nothing changed; " + "; ".join(problems))
+    for _, layer, adapter in pairs:
+        dtype = layer.kernel.dtype
+        a, b = adapter.a.astype(dtype), adapter.b.astype(dtype)
+        if mode == "attach":
+            layer.set_adapter(a, b, adapter.alpha, adapter.use_rslora)
+        else:
+            lora_ops.merge_into_variable(layer.kernel, a, b, adapter.scale)
+    kind = LoraDense if mode == "attach" else type(None)
+    targets = [
+        n
+        for n, layer in layers.items()
+        if (isinstance(layer, kind) if mode == "attach" else getattr(layer, "kernel", None) is not None)
+    ]
+    applied = {module: layer.name for module, layer, _ in pairs}
+    return ApplyReport(applied, unmatched, sorted(set(targets) - set(applied.values())))
+
+
+def _all_layers(model):
+    for layer in model.layers:
+        yield layer
+        if hasattr(layer, "layers"):
+            yield from _all_layers(layer)
+
+
+def _mapper(mapping):
+    if mapping is None:
+        return lambda module: module
+    if callable(mapping):
+        return mapping
+    compiled = [(re.compile(pattern), replacement) for pattern, replacement in mapping]
+
+    def to_layer(module):
+        for pattern, replacement in compiled:
+            match = pattern.fullmatch(module)
+            if match:
+                return match.expand(replacement)
+        return None
+
+    return to_layer
