@@ -4,5 +4,15 @@ from tf_lora.adapters.adapter import Adapter
 from tf_lora.adapters.apply import ApplyReport, apply
 from tf_lora.adapters.kohya import load_kohya, save_kohya
 from tf_lora.adapters.peft import load_peft, save_peft
+from tf_lora.adapters.registry import Registry
 
-__all__ = ["Adapter", "ApplyReport", "apply", "load_kohya", "load_peft", "save_kohya", "save_peft"]
+__all__ = [
+    "Adapter",
+    "ApplyReport",
+    "Registry",
+    "apply",
+    "load_kohya",
+    "load_peft",
+    "save_kohya",
+    "save_peft",
+]

@@ -19,7 +19,7 @@ class ApplyReport:
     layers_without_adapter: list
 
 
-def apply(model, adapters: dict, mode="attach", mapping=None, strict=True) -> ApplyReport:
+def apply(model, adapters: dict, mode="attach", mapping=None, strict=True, dry_run=False) -> ApplyReport:
     """Puts `{module name: Adapter}` (from load_peft / load_kohya) onto the layers of a Keras model.
 
     Every pair is checked (layer kind, rank, shapes) before any variable changes: on any mismatch the model
@@ -34,6 +34,7 @@ def apply(model, adapters: dict, mode="attach", mapping=None, strict=True) -> Ap
         layer name or None), or a list of (regex, replacement) pairs, the first full match wins
         (e.g. `[(r"model\\.layers\\.(\\d+)\\.self_attn\\.q_proj", r"block_\\1_q")]`).
       strict: A module that maps to no layer is an error (else it is reported).
+      dry_run: Check everything, change nothing.
 
     Returns:
       An ApplyReport.
@@ -77,7 +78,7 @@ def apply(model, adapters: dict, mode="attach", mapping=None, strict=True) -> Ap
         problems.append(f"modules that match no layer: {unmatched} (pass a mapping, or strict=False)")
     if problems:
         raise ValueError("apply: nothing changed; " + "; ".join(problems))
-    for _, layer, adapter in pairs:
+    for _, layer, adapter in [] if dry_run else pairs:
         dtype = layer.kernel.dtype
         a, b = adapter.a.astype(dtype), adapter.b.astype(dtype)
         if mode == "attach":
