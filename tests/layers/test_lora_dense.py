@@ -89,3 +89,25 @@ def test_bad_arguments():
         tf_lora.layers.LoraDense(3, rank=0)
     with pytest.raises(ValueError, match=r"lora_dropout must be in \[0, 1\)"):
         tf_lora.layers.LoraDense(3, lora_dropout=1.0)
+
+
+@pytest.mark.parametrize("merged", [False, True])
+def test_saved_model_export_and_load(tmp_path, merged):
+    import tensorflow as tf
+
+    model, layer = _model()
+    x, y = _data()
+    model.fit(x, y, epochs=2, batch_size=64, verbose=0)
+    if merged:
+        layer.merge()
+    expected = model.predict(x, verbose=0)
+    model.export(tmp_path / "exported", verbose=False)  # Keras's serving export
+    served = tf.saved_model.load(str(tmp_path / "exported"))
+    np.testing.assert_allclose(served.serve(tf.constant(x)).numpy(), expected, rtol=1e-5, atol=1e-5)
+
+    module = tf.Module()
+    module.model = model
+    module.f = tf.function(lambda v: model(v), input_signature=[tf.TensorSpec([None, 6], tf.float32)])
+    tf.saved_model.save(module, str(tmp_path / "saved"))
+    loaded = tf.saved_model.load(str(tmp_path / "saved"))
+    np.testing.assert_allclose(loaded.f(tf.constant(x)).numpy(), expected, rtol=1e-5, atol=1e-5)
