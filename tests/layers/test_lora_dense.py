@@ -3,6 +3,7 @@
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import tf_lora
 
@@ -93,8 +94,6 @@ def test_bad_arguments():
 
 @pytest.mark.parametrize("merged", [False, True])
 def test_saved_model_export_and_load(tmp_path, merged):
-    import tensorflow as tf
-
     model, layer = _model()
     x, y = _data()
     model.fit(x, y, epochs=2, batch_size=64, verbose=0)

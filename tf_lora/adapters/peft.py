@@ -182,13 +182,19 @@ def _read_safetensors(path):
         raise ValueError(f"{path} is not a valid safetensors file: {e}") from None
 
 
-def _check_sha256(path, expected):
+def sha256_file(path) -> str:
+    """The hex SHA-256 of a file, read in 1 MB chunks."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
-    if digest.hexdigest() != expected.lower():
-        raise ValueError(f"{path} has SHA-256 {digest.hexdigest()}, expected {expected}")
+    return digest.hexdigest()
+
+
+def _check_sha256(path, expected):
+    actual = sha256_file(path)
+    if actual != expected.lower():
+        raise ValueError(f"{path} has SHA-256 {actual}, expected {expected}")
 
 
 def _pattern_value(patterns, module, default):

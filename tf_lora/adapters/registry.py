@@ -1,7 +1,6 @@
 """tf_lora.adapters.Registry: versioned adapters on disk, hot-swapped into a model's weights."""
 
 import datetime
-import hashlib
 import json
 import os
 import tempfile
@@ -10,10 +9,10 @@ import numpy as np
 
 from tf_lora.adapters.apply import _all_layers, apply
 from tf_lora.adapters.kohya import load_kohya
-from tf_lora.adapters.peft import load_peft
+from tf_lora.adapters.peft import WEIGHTS, load_peft, sha256_file
 
 MANIFEST = "manifest.json"
-_LOADERS = {"peft": (load_peft, "adapter_model.safetensors"), "kohya": (load_kohya, None)}
+_LOADERS = {"peft": (load_peft, WEIGHTS), "kohya": (load_kohya, None)}
 
 
 class Registry:
@@ -61,8 +60,7 @@ class Registry:
         if format not in _LOADERS:
             raise ValueError(f"Registry.register: format must be one of {sorted(_LOADERS)}, got {format!r}")
         path = os.path.abspath(os.fspath(path))
-        adapters = _LOADERS[format][0](path)  # a file that does not load is not registered
-        del adapters
+        _LOADERS[format][0](path)  # a file that does not load is not registered
         versions = [e["version"] for e in self._manifest["adapters"] if e["name"] == name]
         version = (max(versions, default=0) + 1) if version is None else int(version)
         if version in versions:
@@ -73,7 +71,7 @@ class Registry:
                 "version": version,
                 "path": path,
                 "format": format,
-                "sha256": _sha256(self._weights_file(path, format)),
+                "sha256": sha256_file(self._weights_file(path, format)),
                 "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
             }
         )
@@ -146,11 +144,3 @@ class Registry:
         with os.fdopen(fd, "w") as f:
             json.dump(self._manifest, f, indent=2)
         os.replace(tmp, os.path.join(self.directory, MANIFEST))
-
-
-def _sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
