@@ -69,9 +69,65 @@ def test_any_mismatch_changes_nothing_and_lists_every_one():
         tf_lora.adapters.apply(model, adapters)
     message = str(info.value)
     assert "nothing changed" in message
-    assert "q -> q: adapter rank 3, layer rank 2" in message
+    assert "q -> q: adapter rank 3, layer adapter 'default' rank 2" in message
     assert "v -> v: adapter is [5, 6], the kernel [8, 6]" in message
     for w, value in zip(model.weights, before, strict=True):
         np.testing.assert_array_equal(w.numpy(), value)
     with pytest.raises(ValueError, match="attach needs a LoraDense layer"):
         tf_lora.adapters.apply(_tiny(lora=False), tf_lora.adapters.load_peft(FIXTURES))
+
+
+def test_named_adapters_from_two_files_serve_side_by_side():
+    """Two adapter files on one model as named adapters "a" (the PEFT fixture) and "b" (rank 4, its own
+    weights): each active in turn, and both at once through per-example ids, against numpy."""
+    model = _tiny(lora=True)
+    first = tf_lora.adapters.load_peft(FIXTURES)
+    rng = np.random.default_rng(7)
+    second = {
+        m: tf_lora.adapters.Adapter(
+            rng.standard_normal((ad.a.shape[0], 4)).astype(np.float32),
+            rng.standard_normal((4, ad.b.shape[1])).astype(np.float32),
+            alpha=2.0,
+            module=m,
+        )
+        for m, ad in first.items()
+    }
+    tf_lora.adapters.apply(model, first, adapter_name="a")
+    tf_lora.adapters.apply(model, second, adapter_name="b")
+    base = {k: v.numpy() for k, v in load_file(str(FIXTURES / "base.safetensors")).items()}
+
+    def reference(x, adapters):
+        def dense(name, h):
+            w = base[f"{name}.weight"].T + (adapters[name].scale * adapters[name].a @ adapters[name].b)
+            return h @ w + base[f"{name}.bias"]
+
+        return dense("out", np.maximum(dense("q", x) + dense("v", x), 0))
+
+    x = _io()["x"]
+    layers = [model.get_layer(n) for n in ("q", "v", "out")]
+    assert all(layer.adapter_names == ["default", "a", "b"] for layer in layers)
+    for name, adapters in (("a", first), ("b", second)):
+        for layer in layers:
+            layer.set_active_adapter(name)
+        np.testing.assert_allclose(model.predict(x, verbose=0), reference(x, adapters), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        reference(x, first), _io()["y"], rtol=1e-5, atol=1e-5
+    )  # the reference is PEFT's
+
+    ids = np.arange(len(x)) % 2 + 1  # rows alternate between a (1) and b (2)
+    h = layers[0](x, adapter_ids=ids) + layers[1](x, adapter_ids=ids)
+    mixed = layers[2](np.maximum(h, 0), adapter_ids=ids).numpy()
+    for row, i in enumerate(ids):
+        want = reference(x[row : row + 1], first if i == 1 else second)[0]
+        np.testing.assert_allclose(mixed[row], want, rtol=1e-5, atol=1e-5)
+
+    wrong_rank = {
+        m: tf_lora.adapters.Adapter(ad.a[:, :1], ad.b[:1], 1.0, module=m) for m, ad in first.items()
+    }
+    before = [w.numpy() for w in model.weights]
+    with pytest.raises(ValueError, match="nothing changed;.*adapter rank 1, layer adapter 'b' rank 4"):
+        tf_lora.adapters.apply(model, wrong_rank, adapter_name="b")
+    with pytest.raises(ValueError, match="adapter_name must be letters, digits or _"):
+        tf_lora.adapters.apply(model, first, adapter_name="x y")
+    for w, value in zip(model.weights, before, strict=True):
+        np.testing.assert_array_equal(w.numpy(), value)

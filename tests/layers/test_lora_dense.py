@@ -110,3 +110,149 @@ def test_saved_model_export_and_load(tmp_path, merged):
     tf.saved_model.save(module, str(tmp_path / "saved"))
     loaded = tf.saved_model.load(str(tmp_path / "saved"))
     np.testing.assert_allclose(loaded.f(tf.constant(x)).numpy(), expected, rtol=1e-5, atol=1e-5)
+
+
+def _named_layer():
+    """A built LoraDense with adapters default (rank 2), sql (rank 3, rsLoRA) and chat (rank 1), each with
+    random B, and the numpy output of each on x."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((7, 6)).astype(np.float32)
+    layer = tf_lora.layers.LoraDense(4, rank=2, alpha=4, name="lora")
+    layer(x)
+    layer.add_adapter("sql", rank=3, alpha=6, use_rslora=True)
+    layer.add_adapter("chat", rank=1)
+    base = x @ layer.kernel.numpy() + layer.bias.numpy()
+    expected = {}
+    for name, scale in (("default", 2.0), ("sql", 6 / np.sqrt(3)), ("chat", 4.0)):
+        slot = layer._slots[name]
+        slot.b.assign(rng.standard_normal(slot.b.shape).astype(np.float32))
+        expected[name] = base + scale * (x @ slot.a.numpy()) @ slot.b.numpy()
+    return layer, x, base, expected
+
+
+def test_named_adapters_switch_inside_traced_functions():
+    layer, x, base, expected = _named_layer()
+    assert layer.adapter_names == ["default", "sql", "chat"]
+    assert layer.active_adapter == "default"
+    traced = tf.function(lambda v: layer(v))
+    np.testing.assert_allclose(traced(x), expected["default"], rtol=1e-5, atol=1e-5)
+    for name in ("sql", "chat", None):
+        layer.set_active_adapter(name)
+        assert layer.active_adapter == name
+        np.testing.assert_allclose(traced(x), expected[name] if name else base, rtol=1e-5, atol=1e-5)
+    layer.set_active_adapter("sql")
+    assert {w.name for w in layer.trainable_weights} == {"bias", "lora_a_sql", "lora_b_sql"}
+
+
+def test_per_example_adapter_ids_match_numpy_per_row():
+    layer, x, base, expected = _named_layer()
+    names = [None, "default", "sql", "chat"]
+    ids = np.array([2, 0, -1, 1, 2, 2, -1])
+    out = layer(x, adapter_ids=ids).numpy()
+    for row, i in enumerate(ids):
+        want = expected[names[i + 1]] if i >= 0 else base
+        np.testing.assert_allclose(out[row], want[row], rtol=1e-5, atol=1e-5)
+    # Leading batch dimensions: ids [2, 3] for x [2, 3, in].
+    out3 = layer(x[:6].reshape(2, 3, 6), adapter_ids=ids[:6].reshape(2, 3)).numpy()
+    np.testing.assert_allclose(out3.reshape(6, 4), out[:6], rtol=1e-6, atol=1e-6)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="adapter"):
+        layer(x, adapter_ids=[0, 1, 2, 3, 0, 0, 0])  # 3 adapters: id 3 is out of range
+
+
+def test_merge_of_a_named_adapter_and_what_a_merged_layer_refuses():
+    layer, x, base, expected = _named_layer()
+    kernel = layer.kernel.numpy()
+    layer.set_active_adapter("sql")
+    layer.merge()
+    np.testing.assert_allclose(layer(x), expected["sql"], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="'sql' is merged; unmerge"):
+        layer.set_active_adapter("chat")
+    with pytest.raises(ValueError, match="'sql' is merged; unmerge"):
+        layer.delete_adapter("sql")
+    with pytest.raises(tf.errors.InvalidArgumentError, match="unmerge\\(\\) before serving per-example"):
+        layer(x, adapter_ids=[0] * 7)
+    layer.unmerge()
+    np.testing.assert_allclose(layer.kernel.numpy(), kernel, atol=1e-6)
+    layer.set_active_adapter("chat")
+    np.testing.assert_allclose(layer(x), expected["chat"], rtol=1e-5, atol=1e-5)
+
+
+def test_delete_adapter_shifts_ids_and_keeps_the_active_one():
+    layer, x, base, expected = _named_layer()
+    layer.set_active_adapter("chat")
+    layer.delete_adapter("sql")
+    assert layer.adapter_names == ["default", "chat"]
+    assert layer.active_adapter == "chat"
+    assert "lora_a_sql" not in {w.name for w in layer.weights}
+    np.testing.assert_allclose(layer(x), expected["chat"], rtol=1e-5, atol=1e-5)
+    layer.delete_adapter("chat")
+    assert layer.active_adapter is None
+    np.testing.assert_allclose(layer(x), base, rtol=1e-5, atol=1e-5)
+
+
+def test_named_adapters_bad_names():
+    layer, *_ = _named_layer()
+    with pytest.raises(ValueError, match="'sql' exists already"):
+        layer.add_adapter("sql")
+    with pytest.raises(ValueError, match="letters, digits or _"):
+        layer.add_adapter("a/b")
+    with pytest.raises(ValueError, match=r"no adapter 'nope' \(adapters: \['default', 'sql', 'chat'\]\)"):
+        layer.set_active_adapter("nope")
+    with pytest.raises(ValueError, match="default adapter cannot be deleted"):
+        layer.delete_adapter("default")
+    with pytest.raises(ValueError, match="rank must be >= 1"):
+        layer.add_adapter("zero", rank=0)
+
+
+def _multi_adapter_model():
+    """A functional model whose LoraDense takes per-example adapter ids as a second input."""
+    keras.utils.set_random_seed(3)
+    x_in, ids_in = keras.Input((6,)), keras.Input((), dtype="int32")
+    lora = tf_lora.layers.LoraDense(
+        5, rank=2, alpha=4, name="lora", adapters=[{"name": "b", "rank": 3, "alpha": 3}]
+    )
+    hidden = lora(x_in, adapter_ids=ids_in)
+    return keras.Model([x_in, ids_in], keras.layers.Dense(1, name="head")(hidden)), lora
+
+
+def test_fit_trains_the_active_adapter_only_and_keras_round_trip(tmp_path):
+    model, layer = _multi_adapter_model()
+    layer.set_active_adapter("b")
+    model.get_layer("head").trainable = False
+    model.compile(optimizer=keras.optimizers.Adam(0.05), loss="mse")
+    x, y = _data()
+    ids = np.ones(len(x), np.int32)  # every example through adapter b
+    before = {w.name: w.numpy() for w in layer.weights}
+    start = model.evaluate([x, ids], y, verbose=0)
+    model.fit([x, ids], y, epochs=10, batch_size=64, verbose=0)
+    assert model.evaluate([x, ids], y, verbose=0) < 0.8 * start
+    for w in layer.weights:
+        changed = not np.array_equal(w.numpy(), before[w.name])
+        assert changed == (w.name in {"bias", "lora_a_b", "lora_b_b"}), w.name
+
+    mixed = np.random.default_rng(0).integers(-1, 2, len(x)).astype(np.int32)
+    expected = model.predict([x, mixed], verbose=0)
+    model.save(tmp_path / "m.keras")
+    loaded = keras.models.load_model(tmp_path / "m.keras")
+    restored = loaded.get_layer("lora")
+    assert restored.adapter_names == ["default", "b"]
+    assert restored.active_adapter == "b"
+    assert {w.name for w in restored.trainable_weights} == {"bias", "lora_a_b", "lora_b_b"}
+    np.testing.assert_array_equal(loaded.predict([x, mixed], verbose=0), expected)
+
+
+def test_multi_adapter_model_exports_per_example_serving(tmp_path):
+    model, layer = _multi_adapter_model()
+    for slot in layer._slots.values():
+        slot.b.assign(np.random.default_rng(1).standard_normal(slot.b.shape).astype(np.float32))
+    x, _ = _data(16)
+    ids = np.array([-1, 0, 1, 1] * 4, np.int32)
+    expected = model.predict([x, ids], verbose=0)
+    base_only = model.predict([x, np.full_like(ids, -1)], verbose=0)
+    np.testing.assert_array_equal(expected[ids == -1], base_only[ids == -1])
+    assert np.all(np.abs(expected[ids >= 0] - base_only[ids >= 0]) > 1e-4)  # the adapters act
+    model.export(tmp_path / "exported", verbose=False)
+    served = tf.saved_model.load(str(tmp_path / "exported"))
+    np.testing.assert_allclose(
+        served.serve([tf.constant(x), tf.constant(ids)]).numpy(), expected, rtol=1e-5, atol=1e-5
+    )

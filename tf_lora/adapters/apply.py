@@ -5,7 +5,7 @@ import re
 
 import numpy as np
 
-from tf_lora.layers.lora_dense import LoraDense
+from tf_lora.layers.lora_dense import _NAME, LoraDense
 from tf_lora.python.ops import lora_ops
 
 
@@ -19,7 +19,9 @@ class ApplyReport:
     layers_without_adapter: list
 
 
-def apply(model, adapters: dict, mode="attach", mapping=None, strict=True, dry_run=False) -> ApplyReport:
+def apply(
+    model, adapters: dict, mode="attach", mapping=None, strict=True, dry_run=False, adapter_name="default"
+) -> ApplyReport:
     """Puts `{module name: Adapter}` (from load_peft / load_kohya) onto the layers of a Keras model.
 
     Every pair is checked (layer kind, rank, shapes) before any variable changes: on any mismatch the model
@@ -35,12 +37,17 @@ def apply(model, adapters: dict, mode="attach", mapping=None, strict=True, dry_r
         (e.g. `[(r"model\\.layers\\.(\\d+)\\.self_attn\\.q_proj", r"block_\\1_q")]`).
       strict: A module that maps to no layer is an error (else it is reported).
       dry_run: Check everything, change nothing.
+      adapter_name: For attach, the LoraDense adapter that receives the weights; a layer without one of that
+        name gets it added with the file's rank (so several files can be served side by side through
+        per-example adapter ids); an existing one must have the file's rank.
 
     Returns:
       An ApplyReport.
     """
     if mode not in ("attach", "merge"):
         raise ValueError(f"apply: mode must be 'attach' or 'merge', got {mode!r}")
+    if mode == "attach" and not _NAME.fullmatch(str(adapter_name)):
+        raise ValueError(f"apply: adapter_name must be letters, digits or _, got {adapter_name!r}")
     layers = {layer.name: layer for layer in _all_layers(model)}
     to_layer = _mapper(mapping)
     pairs, unmatched, problems = [], [], []
@@ -64,11 +71,15 @@ def apply(model, adapters: dict, mode="attach", mapping=None, strict=True, dry_r
                 f"the kernel [{expected[0]}, {expected[1]}]"
             )
             continue
-        if mode == "attach" and adapter.rank != layer.rank:
-            problems.append(f"{module} -> {name}: adapter rank {adapter.rank}, layer rank {layer.rank}")
+        slot = layer._slots.get(adapter_name) if mode == "attach" else None
+        if slot is not None and adapter.rank != slot.rank:
+            problems.append(
+                f"{module} -> {name}: adapter rank {adapter.rank}, "
+                f"layer adapter {adapter_name!r} rank {slot.rank}"
+            )
             continue
-        if mode == "attach" and layer.merged:
-            problems.append(f"{module} -> {name}: the layer has a merged adapter (unmerge() it first)")
+        if slot is not None and layer.merged and layer.active_adapter == adapter_name:
+            problems.append(f"{module} -> {name}: adapter {adapter_name!r} is merged (unmerge() it first)")
             continue
         if not (np.all(np.isfinite(adapter.a)) and np.all(np.isfinite(adapter.b))):
             problems.append(f"{module} -> {name}: NaN or Inf weights")
@@ -82,7 +93,9 @@ def apply(model, adapters: dict, mode="attach", mapping=None, strict=True, dry_r
         dtype = layer.kernel.dtype
         a, b = adapter.a.astype(dtype), adapter.b.astype(dtype)
         if mode == "attach":
-            layer.set_adapter(a, b, adapter.alpha, adapter.use_rslora)
+            if adapter_name not in layer.adapter_names:
+                layer.add_adapter(adapter_name, rank=adapter.rank)
+            layer.set_adapter(a, b, adapter.alpha, adapter.use_rslora, adapter_name=adapter_name)
         else:
             lora_ops.merge_into_variable(layer.kernel, a, b, adapter.scale)
     kind = LoraDense if mode == "attach" else type(None)
