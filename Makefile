@@ -19,7 +19,7 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 .PHONY: demo test lint format wheel install build configure deps system-deps clean
 
 demo: install
-	$(PY) examples/merge_adapter.py
+	$(PY) examples/digits_lora.py
 
 test: lint install
 	$(BAZEL) test //...

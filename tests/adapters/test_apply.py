@@ -131,3 +131,24 @@ def test_named_adapters_from_two_files_serve_side_by_side():
         tf_lora.adapters.apply(model, first, adapter_name="x y")
     for w, value in zip(model.weights, before, strict=True):
         np.testing.assert_array_equal(w.numpy(), value)
+
+
+def test_from_model_save_peft_load_peft_round_trip(tmp_path):
+    """A model's adapters out through from_model and save_peft, back through load_peft and apply(merge) onto
+    the plain Dense model: bit-exact adapters, the same outputs."""
+    model = _tiny(lora=True)
+    tf_lora.adapters.apply(model, tf_lora.adapters.load_peft(FIXTURES))
+    exported = tf_lora.adapters.from_model(model, mapping=lambda name: f"model.{name}")
+    assert sorted(exported) == ["model.out", "model.q", "model.v"]
+    tf_lora.adapters.save_peft(exported, tmp_path / "peft")
+    loaded = tf_lora.adapters.load_peft(tmp_path / "peft")
+    for module, adapter in exported.items():
+        np.testing.assert_array_equal(loaded[module].a, adapter.a)
+        np.testing.assert_array_equal(loaded[module].b, adapter.b)
+        assert loaded[module].scale == adapter.scale
+    plain = _tiny(lora=False)
+    tf_lora.adapters.apply(plain, loaded, mode="merge", mapping=[(r"model\.(\w+)", r"\1")])
+    x = _io()["x"]
+    np.testing.assert_allclose(plain.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="no LoraDense layer of the model has an adapter 'nope'"):
+        tf_lora.adapters.from_model(model, adapter_name="nope")

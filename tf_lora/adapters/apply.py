@@ -5,6 +5,7 @@ import re
 
 import numpy as np
 
+from tf_lora.adapters.adapter import Adapter
 from tf_lora.layers.lora_dense import _NAME, LoraDense
 from tf_lora.python.ops import lora_ops
 
@@ -106,6 +107,44 @@ def apply(
     ]
     applied = {module: layer.name for module, layer, _ in pairs}
     return ApplyReport(applied, unmatched, sorted(set(targets) - set(applied.values())))
+
+
+def from_model(model, adapter_name="default", mapping=None) -> dict:
+    """The adapters of a model's LoraDense layers as `{module name: Adapter}`, ready for `save_peft` or
+    `save_kohya`: the inverse of `apply(..., mode='attach')`.
+
+    Args:
+      model: A Keras model (layers found recursively).
+      adapter_name: Which named adapter of each LoraDense; layers without it are skipped.
+      mapping: How layer names become module names: None (the same), or a function (layer name ->
+        module name).
+
+    Returns:
+      `{module name: Adapter}` with float32 numpy weights in TF layout; an error if no layer has the adapter.
+    """
+    to_module = mapping or (lambda name: name)
+    adapters = {}
+    for layer in _all_layers(model):
+        if not isinstance(layer, LoraDense) or adapter_name not in layer.adapter_names:
+            continue
+        slot = layer._slots[adapter_name]
+        module = to_module(layer.name)
+        if module in adapters:
+            raise ValueError(
+                f"from_model: layers {adapters[module].metadata['layer']} and {layer.name} both map "
+                f"to module {module!r}"
+            )
+        adapters[module] = Adapter(
+            slot.a.numpy(),
+            slot.b.numpy(),
+            alpha=slot.alpha,
+            use_rslora=slot.use_rslora,
+            module=module,
+            metadata={"format": "keras", "layer": layer.name, "adapter_name": adapter_name},
+        )
+    if not adapters:
+        raise ValueError(f"from_model: no LoraDense layer of the model has an adapter {adapter_name!r}")
+    return adapters
 
 
 def _all_layers(model):
