@@ -1,12 +1,14 @@
 """tf_lora.adapters.load_kohya / save_kohya.
 
-No kohya writer installs offline (sd-scripts is not a package), so the kohya file here is the real PEFT
-fixture's adapter written under kohya's naming (lora_down = lora_A, lora_up = lora_B, alpha scalars); the
-tests check that reading it gives PEFT's own merged weights.
+Files written by LyCORIS (the network kohya's sd-scripts trains with; fixtures/kohya, made by
+make_kohya_fixtures.py) must give LyCORIS's own merged weights and outputs. Other tests write the real PEFT
+fixture's adapter under kohya's naming (lora_down = lora_A, lora_up = lora_B, alpha scalars) to reach the
+cases LyCORIS does not write (no alpha, alpha 0).
 """
 
 import pathlib
 
+import keras
 import numpy as np
 import pytest
 from safetensors.numpy import save_file
@@ -81,3 +83,58 @@ def test_bad_files(tmp_path):
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(ValueError, match="not a valid safetensors file"):
         tf_lora.adapters.load_kohya(path)
+
+
+LYCORIS = FIXTURES / "kohya"
+
+
+@pytest.mark.parametrize("precision", ["f32", "f16"])
+def test_lycoris_file_gives_lycoris_merged_weights(precision):
+    """Linear and 1x1 Conv2d modules: lora_merge of the loaded adapters equals LyCORIS's merge_to."""
+    adapters = tf_lora.adapters.load_kohya(LYCORIS / f"lycoris_{precision}.safetensors")
+    assert sorted(adapters) == ["lora_unet_out", "lora_unet_proj", "lora_unet_q", "lora_unet_v"]
+    base = {k: v.numpy() for k, v in load_file(str(LYCORIS / "base.safetensors")).items()}
+    merged = {k: v.numpy() for k, v in load_file(str(LYCORIS / "merged.safetensors")).items()}
+    tol = 1e-6 if precision == "f32" else 2e-2  # the f16 file rounds LyCORIS's float32 weights
+    for module in ("q", "v", "out", "proj"):
+        adapter = adapters[f"lora_unet_{module}"]
+        assert (adapter.rank, adapter.alpha, adapter.scale) == (4, 2.0, 0.5)
+        w = base[f"{module}.weight"].reshape(base[f"{module}.weight"].shape[:2]).T  # [in, out]
+        ours = tf_lora.lora_merge(
+            w, adapter.a.astype(np.float32), adapter.b.astype(np.float32), adapter.scale
+        )
+        expected = merged[f"{module}.weight"].reshape(w.shape[::-1]).T
+        assert np.abs(expected - w).max() > 0.1  # the adapter is not zero
+        np.testing.assert_allclose(ours.numpy(), expected, rtol=tol, atol=tol)
+
+
+def test_lycoris_file_on_keras_layers_gives_lycoris_output():
+    base = {k: v.numpy() for k, v in load_file(str(LYCORIS / "base.safetensors")).items()}
+    io = {k: v.numpy() for k, v in load_file(str(LYCORIS / "io.safetensors")).items()}
+    inp = keras.Input((8,))
+    q, v, out = (
+        tf_lora.layers.LoraDense(n, rank=4, name=name) for name, n in (("q", 6), ("v", 6), ("out", 4))
+    )
+    model = keras.Model(inp, out(keras.layers.ReLU()(q(inp) + v(inp))))
+    for name, layer in (("q", q), ("v", v), ("out", out)):
+        layer.kernel.assign(base[f"{name}.weight"].T)
+        layer.bias.assign(base[f"{name}.bias"])
+    report = tf_lora.adapters.apply(
+        model,
+        tf_lora.adapters.load_kohya(LYCORIS / "lycoris_f32.safetensors"),
+        mapping=[(r"lora_unet_(q|v|out)", r"\1")],
+        strict=False,
+    )
+    assert report.unmatched_modules == ["lora_unet_proj"]  # the conv has no Keras layer here
+    np.testing.assert_allclose(model.predict(io["x"], verbose=0), io["y"], rtol=1e-5, atol=1e-5)
+
+
+def test_save_kohya_writes_what_lycoris_writes(tmp_path):
+    """Our writer's file holds LyCORIS's keys, shapes (1x1 convs as 2-D) and values."""
+    adapters = tf_lora.adapters.load_kohya(LYCORIS / "lycoris_f32.safetensors")
+    tf_lora.adapters.save_kohya(adapters, tmp_path / "ours.safetensors")
+    theirs = {k: v.numpy() for k, v in load_file(str(LYCORIS / "lycoris_f32.safetensors")).items()}
+    ours = {k: v.numpy() for k, v in load_file(str(tmp_path / "ours.safetensors")).items()}
+    assert sorted(ours) == sorted(theirs)
+    for key, value in theirs.items():
+        np.testing.assert_array_equal(ours[key].reshape(value.shape), value, err_msg=key)
