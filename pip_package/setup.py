@@ -36,7 +36,8 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["tf_lora", "tf_lora.*"]),
     package_data={"tf_lora.python.ops": ["*.so"]},
-    install_requires=[_VERSION["TF_REQUIREMENT"], "numpy", "safetensors>=0.4"],
+    install_requires=[_VERSION["TF_REQUIREMENT"], "numpy", "safetensors>=0.4", "rich"],
+    entry_points={"console_scripts": ["tf-lora = tf_lora.rewrite.cli:main"]},
     distclass=BinaryDistribution,
     zip_safe=False,
     classifiers=[

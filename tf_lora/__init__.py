@@ -8,7 +8,7 @@ from tf_lora._ensure_tf import ensure_tensorflow as _ensure_tensorflow
 
 _ensure_tensorflow()
 
-from tf_lora import adapters, layers  # noqa: E402
+from tf_lora import adapters, layers, rewrite  # noqa: E402
 from tf_lora.layers import inject_lora  # noqa: E402
 from tf_lora.python.ops.lora_ops import (  # noqa: E402
     batched_lora_apply,
@@ -36,6 +36,7 @@ __all__ = [
     "lora_matmul",
     "lora_merge",
     "merge_into_variable",
+    "rewrite",
     "sparse_initializers",
     "sparse_optimizers",
     "unmerge_from_variable",

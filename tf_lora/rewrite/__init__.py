@@ -1,0 +1,8 @@
+"""Rewrites of trained SavedModels: inspect, fold (see `tf-lora --help` for the command line)."""
+
+from tf_lora.rewrite.fold import Fold, FoldReport, fold
+from tf_lora.rewrite.inspect import inspect
+from tf_lora.rewrite.saved_model import RewriteError
+from tf_lora.rewrite.verify import verify
+
+__all__ = ["Fold", "FoldReport", "RewriteError", "fold", "inspect", "verify"]

@@ -1,0 +1,109 @@
+"""`tf-lora`: the command line over tf_lora.rewrite (each command is a call into the library)."""
+
+import argparse
+import json
+import sys
+
+from rich.console import Console
+
+from tf_lora.rewrite.fold import fold
+from tf_lora.rewrite.inspect import inspect
+from tf_lora.rewrite.saved_model import RewriteError
+from tf_lora.rewrite.verify import verify
+
+
+def _parser():
+    parser = argparse.ArgumentParser(
+        prog="tf-lora",
+        description="Inspect and rewrite TensorFlow SavedModels that use (or could use) tf_lora's ops.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = commands.add_parser(
+        "inspect", help="signatures, tf_lora ops and adapters, MatMuls, embedding lookups"
+    )
+    p.add_argument("model", help="a TF2 SavedModel directory")
+    p.add_argument("--json", action="store_true", help="print JSON for machines")
+
+    p = commands.add_parser(
+        "fold",
+        help="fold LoRA adapters into their MatMul weights: the output runs on stock TensorFlow",
+        description="Each LoRA apply on a MatMul becomes that MatMul with W' = W + scale * A @ B, computed "
+        "from the model's variables. The output loads and runs without tf_lora (e.g. under TF Serving).",
+    )
+    p.add_argument("model", help="a TF2 SavedModel directory (not changed)")
+    p.add_argument("out", help="the output directory (written whole or not at all)")
+    p.add_argument(
+        "--adapter", metavar="REGEX", help="fold only adapters whose A variable name matches; drop the others"
+    )
+    _common(p)
+    return parser
+
+
+def _common(p):
+    p.add_argument("--verify", action="store_true", help="run both models on generated inputs and compare")
+    p.add_argument(
+        "--tolerance", type=float, default=1e-4, help="for --verify, relative to the outputs' size"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+
+
+def main(argv=None):
+    args = _parser().parse_args(argv)
+    err = Console(stderr=True, quiet=getattr(args, "quiet", False), highlight=False, soft_wrap=True)
+    try:
+        if args.command == "inspect":
+            report = inspect(args.model)
+            print(json.dumps(report, indent=2) if args.json else _describe(report))
+            return 0
+        with err.status(f"{args.command} {args.model}") as status:
+            report = fold(
+                args.model, args.out, adapter=args.adapter, overwrite=args.overwrite, progress=status.update
+            )
+        for f in report.folds:
+            verb = "folded into" if f.folded else "dropped from"
+            err.print(
+                f"{f.adapter} (rank {f.rank}, scale {f.scale:g}) {verb} {f.weight}  [{f.function}/{f.node}]"
+            )
+        if args.verify:
+            with err.status("verify: running both models"):
+                differences = verify(args.model, args.out, tolerance=args.tolerance)
+            for name, diff in differences.items():
+                err.print(f"verify {name}: max |difference| = {diff:.3g}")
+        err.print(f"wrote {args.out}")
+        return 0
+    except RewriteError as e:
+        print(f"tf-lora {args.command}: {e}", file=sys.stderr)
+        return e.exit_code
+
+
+def _describe(report):
+    lines = [f"SavedModel {report['path']}", "signatures:"]
+    for name, sig in report["signatures"].items():
+        inputs = ", ".join(f"{k}: {v['dtype']}{v['shape']}" for k, v in sig["inputs"].items())
+        outputs = ", ".join(f"{k}: {v['dtype']}{v['shape']}" for k, v in sig["outputs"].items())
+        lines.append(f"  {name}({inputs}) -> {outputs}")
+    lines.append(f"tf_lora ops: {len(report['tf_lora_ops'])}")
+    for op in report["tf_lora_ops"]:
+        lines.append(f"  {op['op']}  {op['function']}/{op['node']}")
+    lines.append(f"adapters: {len(report['adapters'])}")
+    for a in report["adapters"]:
+        if "not_foldable" in a:
+            lines.append(f"  {a['function']}/{a['node']}: not foldable: {a['not_foldable']}")
+        else:
+            lines.append(
+                f"  {a['adapter']} on {a['weight']} {a['weight_shape']}: "
+                f"rank {a['rank']}, scale {a['scale']:g}"
+            )
+    lines.append(f"MatMul candidates for an adapter: {len(report['matmul_candidates'])}")
+    for m in report["matmul_candidates"]:
+        lines.append(f"  {m['weight']} {m['shape']}  [{m['function']}/{m['node']}]")
+    lines.append(f"embedding lookups: {len(report['embedding_lookups'])}")
+    for e in report["embedding_lookups"]:
+        lines.append(f"  {e['op']} on {e['variable']} {e['shape']}  [{e['function']}/{e['node']}]")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,234 @@
+"""fold: every LoRA apply on a MatMul becomes that MatMul with W' = W + scale * A @ B (stock TF only)."""
+
+import collections
+import dataclasses
+import re
+
+import numpy as np
+from tensorflow.core.protobuf import saved_model_pb2
+
+from tf_lora.rewrite.saved_model import (
+    PLUGIN_PREFIX,
+    RewriteError,
+    SavedModelFiles,
+    plugin_nodes,
+    split_ref,
+    write_saved_model,
+)
+
+LORA_APPLY = PLUGIN_PREFIX + "LoraApply"
+# Ops between a MatMul and the LoRA apply that adds to its product: the bias, and other adapters' applies.
+_PASS_THROUGH = ("BiasAdd", "Identity", LORA_APPLY)
+
+
+@dataclasses.dataclass
+class Fold:
+    """One LoRA apply and what became of it."""
+
+    function: str
+    node: str
+    weight: str  # the base weight's variable name
+    adapter: str  # the adapter's A variable name
+    rank: int
+    scale: float
+    folded: bool  # False: the apply was dropped (--adapter chose another)
+
+
+@dataclasses.dataclass
+class FoldReport:
+    folds: list
+    weights: dict  # weight variable name -> number of adapters folded into it
+
+
+def fold(model_dir, out_dir, adapter=None, overwrite=False, progress=None) -> FoldReport:
+    """Writes a copy of the SavedModel `model_dir` to `out_dir` in which every `TfLora>LoraApply` on a
+    MatMul is folded into that MatMul's weight, so that the copy runs on stock TensorFlow.
+
+    Args:
+      model_dir: A TF2 SavedModel.
+      out_dir: Where the copy goes (staged, then renamed into place; refused if it exists unless
+        `overwrite`).
+      adapter: A regex; only adapters whose A variable's name matches it are folded, the other applies are
+        dropped (the model then serves the chosen adapter alone). None folds every adapter.
+      progress: Optional callable(str) told about each step.
+
+    Raises:
+      RewriteError: a pattern that cannot be folded (named), or an unreadable model; nothing is written.
+    """
+    say = progress or (lambda _msg: None)
+    files = SavedModelFiles(model_dir)
+    proto = saved_model_pb2.SavedModel()
+    proto.CopyFrom(files.proto)
+    meta = next(m for m in proto.meta_graphs if m.meta_info_def.tags == files.meta.meta_info_def.tags)
+    functions = {f.signature.name: f for f in meta.graph_def.library.function}
+    chooser = re.compile(adapter) if adapter is not None else None
+
+    folds, deltas, problems = [], collections.defaultdict(dict), []
+    matmuls_folded = collections.defaultdict(set)  # weight node id -> {(function, MatMul node)}
+    for original in files.model_functions():
+        fdef = functions[original.signature.name]
+        nodes = files.nodes(original)
+        for node in original.node_def:
+            if node.op != LORA_APPLY:
+                continue
+            say(f"fold {original.signature.name}/{node.name}")
+            try:
+                found = _fold_one(files, original, nodes, node, chooser)
+            except RewriteError as e:
+                problems.append(str(e))
+                continue
+            fold_info, weight, matmul, delta = found
+            folds.append(fold_info)
+            matmuls_folded[weight.node_id].add((original.signature.name, matmul.name))
+            if delta is not None:
+                deltas[weight.node_id].setdefault((original.signature.name, matmul.name), []).append(delta)
+            _replace_with_identity(fdef, next(n for n in fdef.node_def if n.name == node.name))
+    if not folds and not problems:
+        raise RewriteError(f"{files.path}: no {LORA_APPLY} op to fold")
+    problems += _check_weights_only_read_by_folded_matmuls(files, matmuls_folded)
+    updates = {}
+    for weight_id, per_matmul in deltas.items():
+        totals = {key: sum(ds) for key, ds in per_matmul.items()}
+        first = next(iter(totals.values()))
+        if any(not np.array_equal(t, first) for t in totals.values()):
+            problems.append(
+                f"weight {files.variables[weight_id].name!r}: its MatMuls carry different adapters; "
+                "one merged weight cannot serve them"
+            )
+            continue
+        for variable in _weight_and_twins(files, files.variables[weight_id]):
+            w = files.value(variable)
+            updates[variable.key] = (w.astype(np.float64) + first).astype(w.dtype)
+    if problems:
+        raise RewriteError("fold: nothing written; " + "; ".join(problems))
+    left = plugin_nodes(meta)
+    if left:
+        raise RewriteError(f"fold: nothing written; tf_lora ops that fold does not handle remain: {left}")
+    say(f"write {out_dir}")
+    write_saved_model(files, proto, updates, out_dir, overwrite=overwrite)
+    counts = collections.Counter()
+    for f in folds:
+        counts[f.weight] += f.folded
+    return FoldReport(folds, dict(counts))
+
+
+def _fold_one(files, fdef, nodes, node, chooser):
+    """Checks one LoraApply node and computes its update of the MatMul weight: (Fold, weight Variable,
+    MatMul node, delta or None when dropped)."""
+    where = f"{fdef.signature.name}/{node.name}"
+    y_ref, x_ref, a_ref, b_ref, scale_ref = [i for i in node.input if not i.startswith("^")]
+    a_var = files.read_variable(fdef, a_ref)
+    adapter_name = a_var.name if a_var is not None else split_ref(a_ref)[0]
+    matmul = nodes.get(split_ref(y_ref)[0])
+    while matmul is not None and matmul.op in _PASS_THROUGH:
+        matmul = nodes.get(split_ref(matmul.input[0])[0])
+    if matmul is None or matmul.op != "MatMul":
+        raise RewriteError(f"{where}: adds to {y_ref!r}, which is not (a bias added to) a MatMul")
+    if matmul.attr["transpose_a"].b:
+        raise RewriteError(f"{where}: its MatMul {matmul.name} transposes its input")
+    if matmul.input[0] != x_ref:
+        raise RewriteError(f"{where}: its input {x_ref!r} is not its MatMul's input {matmul.input[0]!r}")
+    weight = files.read_variable(fdef, matmul.input[1])
+    if weight is None:
+        raise RewriteError(f"{where}: its MatMul {matmul.name} does not multiply by a saved variable")
+    _check_single_consumer_chain(fdef, nodes, node, matmul)
+    a, b = files.evaluate(fdef, a_ref), files.evaluate(fdef, b_ref)
+    scale = files.evaluate(fdef, scale_ref)
+    if np.ndim(scale) != 0:
+        raise RewriteError(f"{where}: scale is not a scalar")
+    chosen = chooser is None or chooser.search(adapter_name) is not None
+    delta = None
+    if chosen:
+        delta = float(scale) * (a.astype(np.float64) @ b.astype(np.float64))
+        if matmul.attr["transpose_b"].b:
+            delta = delta.T
+        if delta.shape != weight.shape:
+            raise RewriteError(
+                f"{where}: scale * A @ B is {delta.shape}, the weight {weight.name} {weight.shape}"
+            )
+    info = Fold(fdef.signature.name, node.name, weight.name, adapter_name, a.shape[1], float(scale), chosen)
+    return info, weight, matmul, delta
+
+
+def _check_single_consumer_chain(fdef, nodes, apply_node, matmul):
+    """The tensors between the MatMul and the apply must feed nothing else: they would see the new weight."""
+    consumers = collections.Counter()
+    for n in fdef.node_def:
+        for i in n.input:
+            if not i.startswith("^"):
+                consumers[split_ref(i)[0]] += 1
+    for r in fdef.ret.values():
+        consumers[split_ref(r)[0]] += 1
+    step = nodes[split_ref(apply_node.input[0])[0]]
+    while True:
+        if consumers[step.name] > 1 and step.op != LORA_APPLY:
+            raise RewriteError(
+                f"{fdef.signature.name}/{apply_node.name}: {step.name} ({step.op}) between the MatMul and "
+                "the LoRA apply has other consumers, which would see the folded weight"
+            )
+        if step is matmul:
+            return
+        step = nodes[split_ref(step.input[0])[0]]
+
+
+def _replace_with_identity(fdef, node):
+    """The apply becomes Identity(y): same name, so its consumers are rewired to y by the rename of its
+    output (`y_out` -> `output`)."""
+    data = [i for i in node.input if not i.startswith("^")]
+    control = [i for i in node.input if i.startswith("^")]
+    dtype = node.attr["T"].type
+    node.op = "Identity"
+    del node.input[:]
+    node.input.extend([data[0], *control])
+    node.attr.clear()
+    node.attr["T"].type = dtype
+    old, new = f"{node.name}:y_out:", f"{node.name}:output:"
+    for n in fdef.node_def:
+        for k, ref in enumerate(n.input):
+            if ref.startswith(old):
+                n.input[k] = new + ref[len(old) :]
+    for key, ref in fdef.ret.items():
+        if ref.startswith(old):
+            fdef.ret[key] = new + ref[len(old) :]
+
+
+def _check_weights_only_read_by_folded_matmuls(files, matmuls_folded):
+    """A folded weight read anywhere else (another MatMul, a gather...) would change meaning there."""
+    problems = []
+    for fdef in files.model_functions():
+        nodes = files.nodes(fdef)
+        for node in fdef.node_def:
+            if node.op != "ReadVariableOp":
+                continue
+            variable = files.read_variable(fdef, f"{node.name}:value:0")
+            if variable is None or variable.node_id not in matmuls_folded:
+                continue
+            readers = [
+                n
+                for n in nodes.values()
+                if any(split_ref(i)[0] == node.name for i in n.input if not i.startswith("^"))
+            ]
+            for reader in readers:
+                if (fdef.signature.name, reader.name) not in matmuls_folded[variable.node_id]:
+                    problems.append(
+                        f"weight {variable.name!r} is also read by {fdef.signature.name}/{reader.name} "
+                        f"({reader.op}), which has no LoRA apply to fold"
+                    )
+    return problems
+
+
+def _weight_and_twins(files, weight):
+    """The weight and its unused twins: Keras's export saves each variable twice (the layer's, which functions
+    use, and its tf.Variable, which none does) under the same name with the same value; the twin gets the
+    folded value too, so that the saved copies agree."""
+    bound = {v.node_id for v in files.arg_variables.values()}
+    value = files.value(weight)
+    twins = [
+        v
+        for v in files.variables.values()
+        if v.node_id not in bound
+        and v.name == weight.name
+        and v.shape == weight.shape
+        and np.array_equal(files.value(v), value)
+    ]
+    return [weight, *twins]

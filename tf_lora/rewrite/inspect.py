@@ -1,0 +1,93 @@
+"""inspect: what a SavedModel holds for tf_lora: signatures, tf_lora ops and adapters, MatMuls that could take
+an adapter, embedding lookups that a sparse table could replace."""
+
+from tensorflow.python.framework import dtypes
+
+from tf_lora.rewrite.fold import LORA_APPLY, _fold_one
+from tf_lora.rewrite.saved_model import PLUGIN_PREFIX, RewriteError, SavedModelFiles, split_ref
+
+
+def _tensor_info(info):
+    shape = (
+        None
+        if info.tensor_shape.unknown_rank
+        else [d.size if d.size >= 0 else None for d in info.tensor_shape.dim]
+    )
+    return {"dtype": dtypes.as_dtype(info.dtype).name if info.dtype else None, "shape": shape}
+
+
+def inspect(model_dir) -> dict:
+    """A JSON-ready description of the SavedModel `model_dir`.
+
+    Returns:
+      {"path", "signatures": {name: {"inputs": {...}, "outputs": {...}}}, "tf_lora_ops": [...],
+       "adapters": [...], "matmul_candidates": [...], "embedding_lookups": [...]}; each op entry names its
+      function and node, variables by name with their shapes.
+    """
+    files = SavedModelFiles(model_dir)
+    signatures = {
+        name: {
+            "inputs": {k: _tensor_info(v) for k, v in sorted(sig.inputs.items())},
+            "outputs": {k: _tensor_info(v) for k, v in sorted(sig.outputs.items())},
+        }
+        for name, sig in sorted(files.meta.signature_def.items())
+        if not name.startswith("__")
+    }
+    plugin_ops, adapters, candidates, lookups = [], [], [], []
+    for fdef in files.model_functions():
+        fn = fdef.signature.name
+        nodes = files.nodes(fdef)
+        adapted = set()
+        for node in fdef.node_def:
+            if node.op.startswith(PLUGIN_PREFIX):
+                plugin_ops.append({"function": fn, "node": node.name, "op": node.op})
+            if node.op == LORA_APPLY:
+                entry = {"function": fn, "node": node.name}
+                try:
+                    info, weight, matmul, _ = _fold_one(files, fdef, nodes, node, None)
+                    adapted.add(matmul.name)
+                    entry.update(
+                        weight=weight.name,
+                        weight_shape=list(weight.shape),
+                        adapter=info.adapter,
+                        rank=info.rank,
+                        scale=info.scale,
+                    )
+                except RewriteError as e:
+                    entry["not_foldable"] = str(e)
+                adapters.append(entry)
+        for node in fdef.node_def:
+            if node.op == "MatMul" and node.name not in adapted:
+                weight = files.read_variable(fdef, node.input[1])
+                if weight is not None:
+                    candidates.append(
+                        {
+                            "function": fn,
+                            "node": node.name,
+                            "weight": weight.name,
+                            "shape": list(weight.shape),
+                        }
+                    )
+            table = None
+            if node.op == "ResourceGather":
+                table = files.arg_variables.get((fn, split_ref(node.input[0])[0]))
+            elif node.op == "GatherV2":
+                table = files.read_variable(fdef, node.input[0])
+            if table is not None:
+                lookups.append(
+                    {
+                        "function": fn,
+                        "node": node.name,
+                        "op": node.op,
+                        "variable": table.name,
+                        "shape": list(table.shape),
+                    }
+                )
+    return {
+        "path": files.path,
+        "signatures": signatures,
+        "tf_lora_ops": plugin_ops,
+        "adapters": adapters,
+        "matmul_candidates": candidates,
+        "embedding_lookups": lookups,
+    }

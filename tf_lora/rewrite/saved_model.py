@@ -1,0 +1,295 @@
+"""A TF2 SavedModel as protos and checkpoint values, with the questions graph rewrites ask of it.
+
+The SavedModel's functions live in its graph's function library; variables reach them as resource arguments.
+`SavedModelFiles` resolves which variable each resource argument is (from the object graph's bound inputs,
+then through call ops into the functions they call), evaluates tensors that depend only on constants and
+variables (adapter weights, scales), and writes a rewritten copy with new variable values.
+"""
+
+import dataclasses
+import os
+import shutil
+
+import numpy as np
+import tensorflow as tf
+from google.protobuf.message import DecodeError
+from tensorflow.core.framework import node_def_pb2
+from tensorflow.core.protobuf import saved_model_pb2, trackable_object_graph_pb2
+from tensorflow.python.framework import op_def_registry, tensor_util
+
+PLUGIN_PREFIX = "TfLora>"
+CALL_OPS = ("StatefulPartitionedCall", "PartitionedCall")
+# Functions TensorFlow writes to save and restore the checkpoint: they touch every variable, never a model op.
+_SAVER_FUNCTIONS = ("__inference__traced_save_", "__inference__traced_restore_")
+_OBJECT_GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"
+
+
+class RewriteError(Exception):
+    """A model that cannot be read, or a rewrite that cannot be done; `exit_code` for the command line (2: an
+    unsupported pattern or bad input, named in the message)."""
+
+    exit_code = 2
+
+
+@dataclasses.dataclass
+class Variable:
+    node_id: int
+    name: str  # the variable's own name, e.g. "dense/kernel"
+    key: str  # its checkpoint key
+    shape: tuple
+    dtype: str
+
+
+def split_ref(ref):
+    """A FunctionDef input `node:out_arg:index` (or an argument name) as (node, out_arg, index)."""
+    parts = ref.split(":")
+    if len(parts) == 1:
+        return parts[0], None, 0
+    return parts[0], parts[1], int(parts[2])
+
+
+class SavedModelFiles:
+    """The protos and checkpoint of a TF2 SavedModel directory (read once, never written to)."""
+
+    def __init__(self, path):
+        self.path = os.fspath(path)
+        pb = os.path.join(self.path, "saved_model.pb")
+        if not os.path.isdir(self.path):
+            raise RewriteError(f"{self.path}: no such directory")
+        if not os.path.isfile(pb):
+            raise RewriteError(f"{self.path}: not a SavedModel directory (no saved_model.pb)")
+        self.proto = saved_model_pb2.SavedModel()
+        try:
+            with open(pb, "rb") as f:
+                self.proto.ParseFromString(f.read())
+        except DecodeError as e:
+            raise RewriteError(f"{pb}: corrupted SavedModel proto ({e})") from None
+        if not self.proto.meta_graphs:
+            raise RewriteError(f"{pb}: holds no meta graph")
+        serve = [m for m in self.proto.meta_graphs if "serve" in m.meta_info_def.tags]
+        self.meta = (serve or list(self.proto.meta_graphs))[0]
+        if not self.meta.object_graph_def.nodes:
+            raise RewriteError(
+                f"{self.path}: a TF1 SavedModel (no object graph); this command reads TF2 SavedModels"
+            )
+        self.functions = {f.signature.name: f for f in self.meta.graph_def.library.function}
+        self._read_checkpoint()
+        self.arg_variables = self._resolve_resource_arguments()
+
+    # -- variables ---------------------------------------------------------------------------------------
+
+    def _read_checkpoint(self):
+        self.prefix = os.path.join(self.path, "variables", "variables")
+        self.variables = {}
+        if not os.path.exists(self.prefix + ".index"):
+            self.reader = None
+            return
+        try:
+            self.reader = tf.train.load_checkpoint(self.prefix)
+            graph = trackable_object_graph_pb2.TrackableObjectGraph()
+            graph.ParseFromString(self.reader.get_tensor(_OBJECT_GRAPH_KEY))
+        except (tf.errors.OpError, DecodeError, ValueError) as e:
+            raise RewriteError(f"{self.prefix}: unreadable checkpoint ({e})") from None
+        shapes = self.reader.get_variable_to_shape_map()
+        dtypes = self.reader.get_variable_to_dtype_map()
+        for node_id, node in enumerate(self.meta.object_graph_def.nodes):
+            if node.WhichOneof("kind") != "variable" or node_id >= len(graph.nodes):
+                continue
+            keys = [a.checkpoint_key for a in graph.nodes[node_id].attributes if a.name == "VARIABLE_VALUE"]
+            if keys and keys[0] in shapes:
+                key = keys[0]
+                self.variables[node_id] = Variable(
+                    node_id, node.variable.name, key, tuple(shapes[key]), dtypes[key].name
+                )
+
+    def value(self, variable: Variable) -> np.ndarray:
+        return self.reader.get_tensor(variable.key)
+
+    def _resolve_resource_arguments(self):
+        """{(function, argument name): Variable} for every resource argument that is a saved variable."""
+        resolved = {}
+        for name, concrete in self.meta.object_graph_def.concrete_functions.items():
+            fdef = self.functions.get(name)
+            if fdef is None or not concrete.bound_inputs:
+                continue
+            args = fdef.signature.input_arg[-len(concrete.bound_inputs) :]
+            for arg, node_id in zip(args, concrete.bound_inputs, strict=True):
+                if node_id in self.variables:
+                    resolved[(name, arg.name)] = self.variables[node_id]
+        changed = True
+        while changed:  # into the functions that call ops call, until nothing new is learnt
+            changed = False
+            for name, fdef in self.functions.items():
+                for node in fdef.node_def:
+                    if node.op not in CALL_OPS or node.attr["f"].func.name not in self.functions:
+                        continue
+                    callee = self.functions[node.attr["f"].func.name]
+                    data_inputs = [i for i in node.input if not i.startswith("^")]
+                    for arg, ref in zip(callee.signature.input_arg, data_inputs, strict=False):
+                        variable = resolved.get((name, ref))
+                        key = (callee.signature.name, arg.name)
+                        if variable is not None and key not in resolved:
+                            resolved[key] = variable
+                            changed = True
+        return resolved
+
+    # -- reading functions ----------------------------------------------------------------------------------
+
+    def model_functions(self):
+        """The library's functions except TensorFlow's checkpoint save/restore functions."""
+        return [f for n, f in self.functions.items() if not n.startswith(_SAVER_FUNCTIONS)]
+
+    @staticmethod
+    def nodes(fdef):
+        return {node.name: node for node in fdef.node_def}
+
+    def read_variable(self, fdef, ref):
+        """The Variable a tensor reference reads (through ReadVariableOp and Identity), or None."""
+        nodes = self.nodes(fdef)
+        node_name, _, _ = split_ref(ref)
+        node = nodes.get(node_name)
+        while node is not None and node.op == "Identity":
+            node_name, _, _ = split_ref(node.input[0])
+            node = nodes.get(node_name)
+        if node is None or node.op != "ReadVariableOp":
+            return None
+        return self.arg_variables.get((fdef.signature.name, split_ref(node.input[0])[0]))
+
+    def evaluate(self, fdef, ref, _memo=None):
+        """The value of a tensor of a function that depends only on constants and saved variables.
+
+        Raises:
+          RewriteError: the tensor depends on an input, or on an op that cannot be evaluated here.
+        """
+        memo = {} if _memo is None else _memo
+        if ref in memo:
+            return memo[ref]
+        nodes = self.nodes(fdef)
+        node_name, out_arg, index = split_ref(ref)
+        node = nodes.get(node_name)
+        where = f"{fdef.signature.name}/{node_name}"
+        if node is None:
+            raise RewriteError(f"{where}: depends on the function input {node_name!r}, not only on variables")
+        if node.op == "Const":
+            value = tensor_util.MakeNdarray(node.attr["value"].tensor)
+        elif node.op == "ReadVariableOp":
+            variable = self.read_variable(fdef, ref)
+            if variable is None:
+                raise RewriteError(f"{where}: reads a resource that is not a saved variable")
+            value = self.value(variable)
+        elif node.op in CALL_OPS or node.op.startswith(PLUGIN_PREFIX) or node.op == "Placeholder":
+            raise RewriteError(f"{where}: a {node.op} op, not a constant expression of variables")
+        else:
+            inputs = [self.evaluate(fdef, i, memo) for i in node.input if not i.startswith("^")]
+            value = _run_op(node, inputs, _flat_output_index(node, out_arg, index))
+        memo[ref] = value
+        return value
+
+
+def _flat_output_index(node, out_arg, index):
+    """The position among a node's outputs of `out_arg:index` (FunctionDef naming), from the op's OpDef."""
+    op_def = op_def_registry.get(node.op)
+    if op_def is None or out_arg is None:
+        return index
+    flat = 0
+    for arg in op_def.output_arg:
+        if arg.name == out_arg:
+            return flat + index
+        if arg.number_attr:
+            flat += node.attr[arg.number_attr].i
+        elif arg.type_list_attr:
+            flat += len(node.attr[arg.type_list_attr].list.type)
+        else:
+            flat += 1
+    raise RewriteError(f"{node.name}: {node.op} has no output {out_arg!r}")
+
+
+def _run_op(node, inputs, output_index):
+    """Runs one stock op on numpy inputs in a throwaway graph."""
+    graph = tf.Graph()
+    with graph.as_default():
+        feeds = [tf.constant(v, name=f"input_{i}") for i, v in enumerate(inputs)]
+        op = node_def_pb2.NodeDef()
+        op.CopyFrom(node)
+        op.name, op.device = "op", ""
+        del op.input[:]
+        op.input.extend(t.op.name for t in feeds)
+        graph_def = graph.as_graph_def()
+        graph_def.node.append(op)
+    run = tf.Graph()
+    with run.as_default():
+        try:
+            tf.graph_util.import_graph_def(graph_def, name="")
+            with tf.compat.v1.Session(graph=run) as session:
+                return session.run(f"op:{output_index}")
+        except (tf.errors.OpError, ValueError) as e:
+            raise RewriteError(f"{node.name}: cannot evaluate {node.op} ({e})") from None
+
+
+def stripped_op_names(meta):
+    """Every op the meta graph's graph and functions use."""
+    ops = {n.op for n in meta.graph_def.node}
+    for f in meta.graph_def.library.function:
+        ops.update(n.op for n in f.node_def)
+    return ops
+
+
+def plugin_nodes(meta):
+    """`function/node (op)` for every tf_lora op left in the meta graph."""
+    found = [f"{n.name} ({n.op})" for n in meta.graph_def.node if n.op.startswith(PLUGIN_PREFIX)]
+    for f in meta.graph_def.library.function:
+        found += [
+            f"{f.signature.name}/{n.name} ({n.op})" for n in f.node_def if n.op.startswith(PLUGIN_PREFIX)
+        ]
+    return found
+
+
+def write_saved_model(files: SavedModelFiles, proto, new_values: dict, out, overwrite=False):
+    """Writes `proto` with the checkpoint of `files`, `new_values` {checkpoint key: array} replacing values,
+    to `out`: staged in a temporary directory beside it and renamed into place only once complete."""
+    out = os.path.abspath(os.fspath(out))
+    if os.path.abspath(files.path) == out:
+        raise RewriteError(f"{out}: the output must not be the input")
+    if os.path.exists(out) and not overwrite:
+        raise RewriteError(f"{out} exists (pass --overwrite / overwrite=True to replace it)")
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    staging = os.path.join(parent, f".{os.path.basename(out)}.tf_lora_tmp_{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        shutil.copytree(files.path, staging, ignore=shutil.ignore_patterns("variables", "fingerprint.pb"))
+        for meta in proto.meta_graphs:
+            used = stripped_op_names(meta)
+            kept = [op for op in meta.meta_info_def.stripped_op_list.op if op.name in used]
+            del meta.meta_info_def.stripped_op_list.op[:]
+            meta.meta_info_def.stripped_op_list.op.extend(kept)
+        with open(os.path.join(staging, "saved_model.pb"), "wb") as f:
+            f.write(proto.SerializeToString())
+        if files.reader is not None:
+            os.makedirs(os.path.join(staging, "variables"))
+            _write_checkpoint(files.reader, new_values, os.path.join(staging, "variables", "variables"))
+        _write_fingerprint(staging)
+        if os.path.exists(out):
+            shutil.rmtree(out)
+        os.rename(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _write_checkpoint(reader, new_values, prefix):
+    keys = sorted(reader.get_variable_to_shape_map())
+    tensors = []
+    for key in keys:
+        value = new_values[key] if key in new_values else reader.get_tensor(key)
+        tensors.append(tf.constant(value))
+    tf.raw_ops.SaveV2(prefix=prefix, tensor_names=keys, shape_and_slices=[""] * len(keys), tensors=tensors)
+
+
+def _write_fingerprint(path):
+    try:
+        from tensorflow.python.saved_model import fingerprinting_utils  # noqa: PLC0415 - private, optional
+
+        fingerprinting_utils.write_fingerprint(path)
+    except (ImportError, AttributeError):  # the fingerprint is optional; TF loads without it
+        pass
