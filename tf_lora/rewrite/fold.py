@@ -83,6 +83,12 @@ def fold(model_dir, out_dir, adapter=None, overwrite=False, progress=None) -> Fo
             if delta is not None:
                 deltas[weight.node_id].setdefault((original.signature.name, matmul.name), []).append(delta)
             _replace_with_identity(fdef, next(n for n in fdef.node_def if n.name == node.name))
+    left = plugin_nodes(meta)
+    if left:
+        problems.append(
+            f"tf_lora ops that fold does not handle remain: {left} (fold folds {LORA_APPLY}; a multi-adapter "
+            "BatchedLoraApply must be served with tf_lora)"
+        )
     if not folds and not problems:
         raise RewriteError(f"{files.path}: no {LORA_APPLY} op to fold")
     problems += _check_weights_only_read_by_folded_matmuls(files, matmuls_folded)
@@ -101,9 +107,6 @@ def fold(model_dir, out_dir, adapter=None, overwrite=False, progress=None) -> Fo
             updates[variable.key] = (w.astype(np.float64) + first).astype(w.dtype)
     if problems:
         raise RewriteError("fold: nothing written; " + "; ".join(problems))
-    left = plugin_nodes(meta)
-    if left:
-        raise RewriteError(f"fold: nothing written; tf_lora ops that fold does not handle remain: {left}")
     say(f"write {out_dir}")
     write_saved_model(files, proto, updates, out_dir, overwrite=overwrite)
     counts = collections.Counter()
