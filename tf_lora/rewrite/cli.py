@@ -9,6 +9,7 @@ from rich.console import Console
 from tf_lora.rewrite.fold import fold
 from tf_lora.rewrite.inspect import inspect
 from tf_lora.rewrite.saved_model import RewriteError
+from tf_lora.rewrite.swap import load_adapter_file, swap_adapter
 from tf_lora.rewrite.verify import verify
 
 
@@ -37,6 +38,29 @@ def _parser():
         "--adapter", metavar="REGEX", help="fold only adapters whose A variable name matches; drop the others"
     )
     _common(p)
+
+    p = commands.add_parser(
+        "swap-adapter",
+        help="put the weights of a PEFT or kohya adapter file into the model's LoRA applies",
+        description="Each LoRA apply is named by its base weight's layer (q_proj/kernel -> q_proj); the "
+        "file's modules map to those names (--map). A and B go into the adapter's variables (same rank), the "
+        "scale becomes the file's. --verify reports how far the outputs moved (they change on purpose).",
+    )
+    p.add_argument("model", help="a TF2 SavedModel directory (not changed)")
+    p.add_argument("out", help="the output directory (written whole or not at all)")
+    p.add_argument(
+        "--adapter", required=True, metavar="PATH", help="a PEFT directory or a kohya .safetensors file"
+    )
+    p.add_argument("--sha256", help="refuse an adapter file whose checksum differs")
+    p.add_argument(
+        "--map",
+        action="append",
+        default=[],
+        metavar="REGEX=REPLACEMENT",
+        help="file module -> layer name, first full match wins (repeatable), e.g. 'model\\.(\\w+)=\\1'",
+    )
+    p.add_argument("--partial", action="store_true", help="allow file modules that match no LoRA apply")
+    _common(p)
     return parser
 
 
@@ -58,17 +82,30 @@ def main(argv=None):
             print(json.dumps(report, indent=2) if args.json else _describe(report))
             return 0
         with err.status(f"{args.command} {args.model}") as status:
-            report = fold(
-                args.model, args.out, adapter=args.adapter, overwrite=args.overwrite, progress=status.update
-            )
-        for f in report.folds:
-            verb = "folded into" if f.folded else "dropped from"
-            err.print(
-                f"{f.adapter} (rank {f.rank}, scale {f.scale:g}) {verb} {f.weight}  [{f.function}/{f.node}]"
-            )
+            if args.command == "fold":
+                report = fold(
+                    args.model,
+                    args.out,
+                    adapter=args.adapter,
+                    overwrite=args.overwrite,
+                    progress=status.update,
+                )
+            else:
+                report = swap_adapter(
+                    args.model,
+                    args.out,
+                    load_adapter_file(args.adapter, sha256=args.sha256),
+                    mapping=[_pair(m) for m in args.map] or None,
+                    strict=not args.partial,
+                    overwrite=args.overwrite,
+                    progress=status.update,
+                )
+        _print_report(err, report)
         if args.verify:
             with err.status("verify: running both models"):
-                differences = verify(args.model, args.out, tolerance=args.tolerance)
+                differences = verify(
+                    args.model, args.out, tolerance=args.tolerance, expect_equal=args.command == "fold"
+                )
             for name, diff in differences.items():
                 err.print(f"verify {name}: max |difference| = {diff:.3g}")
         err.print(f"wrote {args.out}")
@@ -76,6 +113,27 @@ def main(argv=None):
     except RewriteError as e:
         print(f"tf-lora {args.command}: {e}", file=sys.stderr)
         return e.exit_code
+
+
+def _print_report(err, report):
+    for f in getattr(report, "folds", []):
+        verb = "folded into" if f.folded else "dropped from"
+        err.print(
+            f"{f.adapter} (rank {f.rank}, scale {f.scale:g}) {verb} {f.weight}  [{f.function}/{f.node}]"
+        )
+    for module, layer in getattr(report, "swapped", {}).items():
+        err.print(f"{module} -> {layer}")
+    if getattr(report, "unmatched_modules", None):
+        err.print(f"modules that matched no LoRA apply: {report.unmatched_modules}")
+    if getattr(report, "layers_without_adapter", None):
+        err.print(f"LoRA applies that kept their adapter: {report.layers_without_adapter}")
+
+
+def _pair(text):
+    pattern, sep, replacement = text.partition("=")
+    if not sep:
+        raise RewriteError(f"--map wants REGEX=REPLACEMENT, got {text!r}")
+    return pattern, replacement
 
 
 def _describe(report):

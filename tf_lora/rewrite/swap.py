@@ -1,0 +1,147 @@
+"""swap-adapter: new adapter weights (PEFT or kohya files) into the LoRA applies of a SavedModel."""
+
+import dataclasses
+import os
+
+import numpy as np
+from tensorflow.core.framework import node_def_pb2
+from tensorflow.core.protobuf import saved_model_pb2
+from tensorflow.python.framework import dtypes, tensor_util
+
+from tf_lora.adapters.apply import _mapper
+from tf_lora.adapters.kohya import load_kohya
+from tf_lora.adapters.peft import load_peft
+from tf_lora.rewrite.fold import _PASS_THROUGH, LORA_APPLY
+from tf_lora.rewrite.saved_model import RewriteError, SavedModelFiles, split_ref, write_saved_model
+
+
+@dataclasses.dataclass
+class SwapReport:
+    swapped: dict  # file module -> the layer (weight variable name without its last part) it went to
+    unmatched_modules: list
+    layers_without_adapter: list
+
+
+def load_adapter_file(path, sha256=None) -> dict:
+    """A PEFT directory or a kohya .safetensors file, as {module: Adapter}."""
+    path = os.fspath(path)
+    try:
+        if os.path.isdir(path):
+            return load_peft(path, sha256=sha256)
+        return load_kohya(path, sha256=sha256)
+    except (OSError, ValueError) as e:
+        raise RewriteError(f"adapter {path}: {e}") from None
+
+
+def swap_adapter(model_dir, out_dir, adapters, mapping=None, strict=True, overwrite=False, progress=None):
+    """Writes a copy of the SavedModel `model_dir` whose LoRA applies carry the weights of `adapters`.
+
+    Each `TfLora>LoraApply` is named by the layer of its base weight (the weight variable's name without its
+    last part: `q_proj/kernel` -> `q_proj`; a bare variable name stays whole). File modules map to those
+    names as in `tf_lora.adapters.apply` (`mapping`: None, a function or (regex, replacement) pairs). A and B
+    are written into the adapter's variables (same rank required) and the apply's scale becomes the file's.
+
+    Args:
+      adapters: `{module: Adapter}`, or a path (PEFT directory or kohya file).
+      strict: A file module that maps to no apply is an error (else reported).
+
+    Raises:
+      RewriteError: every mismatch (rank, shapes, merged adapters, unmatched modules), nothing written.
+    """
+    say = progress or (lambda _msg: None)
+    if not isinstance(adapters, dict):
+        adapters = load_adapter_file(adapters)
+    files = SavedModelFiles(model_dir)
+    proto = saved_model_pb2.SavedModel()
+    proto.CopyFrom(files.proto)
+    meta = next(m for m in proto.meta_graphs if m.meta_info_def.tags == files.meta.meta_info_def.tags)
+    functions = {f.signature.name: f for f in meta.graph_def.library.function}
+
+    applies = {}  # layer -> [(function, node, a Variable, b Variable)]
+    problems = []
+    for fdef in files.model_functions():
+        nodes = files.nodes(fdef)
+        for node in fdef.node_def:
+            if node.op != LORA_APPLY:
+                continue
+            where = f"{fdef.signature.name}/{node.name}"
+            y_ref, x_ref, a_ref, b_ref, scale_ref = [i for i in node.input if not i.startswith("^")]
+            a_var, b_var = files.read_variable(fdef, a_ref), files.read_variable(fdef, b_ref)
+            if a_var is None or b_var is None:
+                problems.append(f"{where}: A and B are not read straight from saved variables")
+                continue
+            base = _base_weight(files, fdef, nodes, y_ref)
+            layer = base.rsplit("/", 1)[0] if "/" in base else base
+            try:
+                scale = float(files.evaluate(fdef, scale_ref))
+            except RewriteError as e:
+                problems.append(str(e))
+                continue
+            if scale == 0.0:
+                problems.append(
+                    f"{where}: scale 0, the adapter is merged into {base} (unmerge before saving)"
+                )
+                continue
+            applies.setdefault(layer, []).append((fdef.signature.name, node.name, a_var, b_var))
+
+    to_layer = _mapper(mapping)
+    updates, swapped, unmatched = {}, {}, []
+    for module, adapter in sorted(adapters.items()):
+        layer = to_layer(module)
+        if layer not in applies:
+            unmatched.append(module)
+            continue
+        for fn, node_name, a_var, b_var in applies[layer]:
+            if tuple(adapter.a.shape) != a_var.shape or tuple(adapter.b.shape) != b_var.shape:
+                problems.append(
+                    f"{module} -> {layer} ({fn}/{node_name}): adapter a {list(adapter.a.shape)}, b "
+                    f"{list(adapter.b.shape)}; the model's {a_var.name} {list(a_var.shape)}, {b_var.name} "
+                    f"{list(b_var.shape)}"
+                )
+                continue
+            if not (np.all(np.isfinite(adapter.a)) and np.all(np.isfinite(adapter.b))):
+                problems.append(f"{module}: NaN or Inf weights")
+                continue
+            updates[a_var.key] = adapter.a.astype(files.value(a_var).dtype)
+            updates[b_var.key] = adapter.b.astype(files.value(b_var).dtype)
+            _set_scale(functions[fn], node_name, adapter.scale)
+            swapped[module] = layer
+    if strict and unmatched:
+        problems.append(
+            f"modules that match no LoRA apply: {unmatched} (layers: {sorted(applies)}; pass a mapping)"
+        )
+    if problems:
+        raise RewriteError("swap-adapter: nothing written; " + "; ".join(problems))
+    say(f"write {out_dir}")
+    write_saved_model(files, proto, updates, out_dir, overwrite=overwrite)
+    return SwapReport(swapped, unmatched, sorted(set(applies) - set(swapped.values())))
+
+
+def _base_weight(files, fdef, nodes, y_ref):
+    """The name of the weight variable of the MatMul under the apply's y (or the y node's name)."""
+    node = nodes.get(split_ref(y_ref)[0])
+    while node is not None and node.op in _PASS_THROUGH:
+        node = nodes.get(split_ref(node.input[0])[0])
+    if node is not None and node.op == "MatMul":
+        weight = files.read_variable(fdef, node.input[1])
+        if weight is not None:
+            return weight.name
+    return split_ref(y_ref)[0]
+
+
+def _set_scale(fdef, node_name, scale):
+    """The apply's scale input becomes a new Const with the adapter's scale (the old scale expression is left
+    without this consumer)."""
+    node = next(n for n in fdef.node_def if n.name == node_name)
+    const = node_def_pb2.NodeDef(name=f"{node_name}/swapped_scale", op="Const")
+    dtype = node.attr["T"].type
+    const.attr["dtype"].type = dtype
+    value = np.array(scale, dtypes.as_dtype(dtype).as_numpy_dtype)
+    const.attr["value"].tensor.CopyFrom(tensor_util.make_tensor_proto(value))
+    existing = [n for n in fdef.node_def if n.name == const.name]
+    if existing:
+        existing[0].CopyFrom(const)
+    else:
+        fdef.node_def.append(const)
+    data_positions = [k for k, i in enumerate(node.input) if not i.startswith("^")]
+    node.input[data_positions[4]] = f"{const.name}:output:0"
