@@ -7,6 +7,7 @@ import sys
 from rich.console import Console
 
 from tf_lora.rewrite.fold import fold
+from tf_lora.rewrite.inject import inject
 from tf_lora.rewrite.inspect import inspect
 from tf_lora.rewrite.saved_model import RewriteError
 from tf_lora.rewrite.swap import load_adapter_file, swap_adapter
@@ -37,6 +38,21 @@ def _parser():
     p.add_argument(
         "--adapter", metavar="REGEX", help="fold only adapters whose A variable name matches; drop the others"
     )
+    _common(p)
+
+    p = commands.add_parser(
+        "inject",
+        help="add new LoRA adapters (A He-uniform, B zero) to the MatMuls of matching weights",
+        description="Every MatMul whose weight variable (or its layer, the name without its last part) fully "
+        "matches --target gets a LoRA apply with new trainable variables <weight>/lora_a and "
+        "<weight>/lora_b. B starts at zero, so the outputs are unchanged until the adapter is trained.",
+    )
+    p.add_argument("model", help="a TF2 SavedModel directory (not changed)")
+    p.add_argument("out", help="the output directory (written whole or not at all)")
+    p.add_argument("--target", required=True, metavar="REGEX", help="weight variable or layer names to adapt")
+    p.add_argument("--rank", type=int, required=True, help="LoRA rank r")
+    p.add_argument("--alpha", type=float, required=True, help="LoRA alpha (scale alpha / r)")
+    p.add_argument("--seed", type=int, default=0, help="seed of A's He-uniform initialisation")
     _common(p)
 
     p = commands.add_parser(
@@ -90,6 +106,17 @@ def main(argv=None):
                     overwrite=args.overwrite,
                     progress=status.update,
                 )
+            elif args.command == "inject":
+                report = inject(
+                    args.model,
+                    args.out,
+                    args.target,
+                    args.rank,
+                    args.alpha,
+                    seed=args.seed,
+                    overwrite=args.overwrite,
+                    progress=status.update,
+                )
             else:
                 report = swap_adapter(
                     args.model,
@@ -104,7 +131,10 @@ def main(argv=None):
         if args.verify:
             with err.status("verify: running both models"):
                 differences = verify(
-                    args.model, args.out, tolerance=args.tolerance, expect_equal=args.command == "fold"
+                    args.model,
+                    args.out,
+                    tolerance=args.tolerance,
+                    expect_equal=args.command != "swap-adapter",
                 )
             for name, diff in differences.items():
                 err.print(f"verify {name}: max |difference| = {diff:.3g}")
@@ -116,6 +146,8 @@ def main(argv=None):
 
 
 def _print_report(err, report):
+    for i in report if isinstance(report, list) else []:
+        err.print(f"{i.weight} {list(i.shape)}: new adapter {i.a}, {i.b} on {', '.join(i.matmuls)}")
     for f in getattr(report, "folds", []):
         verb = "folded into" if f.folded else "dropped from"
         err.print(

@@ -21,7 +21,7 @@ PLUGIN_PREFIX = "TfLora>"
 CALL_OPS = ("StatefulPartitionedCall", "PartitionedCall")
 # Functions TensorFlow writes to save and restore the checkpoint: they touch every variable, never a model op.
 _SAVER_FUNCTIONS = ("__inference__traced_save_", "__inference__traced_restore_")
-_OBJECT_GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"
+OBJECT_GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"
 
 
 class RewriteError(Exception):
@@ -82,12 +82,13 @@ class SavedModelFiles:
         self.prefix = os.path.join(self.path, "variables", "variables")
         self.variables = {}
         if not os.path.exists(self.prefix + ".index"):
-            self.reader = None
+            self.reader = self.checkpoint_graph = None
             return
         try:
             self.reader = tf.train.load_checkpoint(self.prefix)
             graph = trackable_object_graph_pb2.TrackableObjectGraph()
-            graph.ParseFromString(self.reader.get_tensor(_OBJECT_GRAPH_KEY))
+            graph.ParseFromString(self.reader.get_tensor(OBJECT_GRAPH_KEY))
+            self.checkpoint_graph = graph
         except (tf.errors.OpError, DecodeError, ValueError) as e:
             raise RewriteError(f"{self.prefix}: unreadable checkpoint ({e})") from None
         shapes = self.reader.get_variable_to_shape_map()
@@ -244,9 +245,10 @@ def plugin_nodes(meta):
     return found
 
 
-def write_saved_model(files: SavedModelFiles, proto, new_values: dict, out, overwrite=False):
+def write_saved_model(files: SavedModelFiles, proto, new_values: dict, out, overwrite=False, finish=None):
     """Writes `proto` with the checkpoint of `files`, `new_values` {checkpoint key: array} replacing values,
-    to `out`: staged in a temporary directory beside it and renamed into place only once complete."""
+    to `out`: staged in a temporary directory beside it and renamed into place only once complete.
+    `finish(staging_dir) -> dir` may turn the staged copy into the final one (inject re-saves it)."""
     out = os.path.abspath(os.fspath(out))
     if os.path.abspath(files.path) == out:
         raise RewriteError(f"{out}: the output must not be the input")
@@ -269,16 +271,21 @@ def write_saved_model(files: SavedModelFiles, proto, new_values: dict, out, over
             os.makedirs(os.path.join(staging, "variables"))
             _write_checkpoint(files.reader, new_values, os.path.join(staging, "variables", "variables"))
         _write_fingerprint(staging)
+        final = staging if finish is None else finish(staging)
         if os.path.exists(out):
             shutil.rmtree(out)
-        os.rename(staging, out)
+        os.rename(final, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _write_checkpoint(reader, new_values, prefix):
-    keys = sorted(reader.get_variable_to_shape_map())
+    """The reader's tensors with `new_values` {key: array} replacing or adding entries (the object graph too,
+    under its key)."""
+    keys = sorted(set(reader.get_variable_to_shape_map()) | set(new_values))
     tensors = []
     for key in keys:
         value = new_values[key] if key in new_values else reader.get_tensor(key)
