@@ -5,10 +5,11 @@ import dataclasses
 import re
 
 import numpy as np
-from tensorflow.core.protobuf import saved_model_pb2
 
 from tf_lora.rewrite.saved_model import (
     PLUGIN_PREFIX,
+    VARIABLE_OPS,
+    GraphBody,
     RewriteError,
     SavedModelFiles,
     plugin_nodes,
@@ -57,10 +58,10 @@ def fold(model_dir, out_dir, adapter=None, overwrite=False, progress=None) -> Fo
     """
     say = progress or (lambda _msg: None)
     files = SavedModelFiles(model_dir)
-    proto = saved_model_pb2.SavedModel()
-    proto.CopyFrom(files.proto)
-    meta = next(m for m in proto.meta_graphs if m.meta_info_def.tags == files.meta.meta_info_def.tags)
+    proto, meta = files.copy_proto()
     functions = {f.signature.name: f for f in meta.graph_def.library.function}
+    if files.tf1:
+        functions["graph"] = GraphBody(meta)
     chooser = re.compile(adapter) if adapter is not None else None
 
     folds, deltas, problems = [], collections.defaultdict(dict), []
@@ -129,7 +130,7 @@ def _fold_one(files, fdef, nodes, node, chooser):
         raise RewriteError(f"{where}: adds to {y_ref!r}, which is not (a bias added to) a MatMul")
     if matmul.attr["transpose_a"].b:
         raise RewriteError(f"{where}: its MatMul {matmul.name} transposes its input")
-    if matmul.input[0] != x_ref:
+    if not _same_tensor(matmul.input[0], x_ref):
         raise RewriteError(f"{where}: its input {x_ref!r} is not its MatMul's input {matmul.input[0]!r}")
     weight = files.read_variable(fdef, matmul.input[1])
     if weight is None:
@@ -151,6 +152,11 @@ def _fold_one(files, fdef, nodes, node, chooser):
             )
     info = Fold(fdef.signature.name, node.name, weight.name, adapter_name, a.shape[1], float(scale), chosen)
     return info, weight, matmul, delta
+
+
+def _same_tensor(ref1, ref2):
+    (n1, _, i1), (n2, _, i2) = split_ref(ref1), split_ref(ref2)
+    return n1 == n2 and i1 == i2
 
 
 def _check_single_consumer_chain(fdef, nodes, apply_node, matmul):
@@ -198,18 +204,22 @@ def _replace_with_identity(fdef, node):
 def _check_weights_only_read_by_folded_matmuls(files, matmuls_folded):
     """A folded weight read anywhere else (another MatMul, a gather...) would change meaning there."""
     problems = []
+    saver = split_ref(files.meta.saver_def.save_tensor_name)[0].rsplit("/", 1)[0] + "/"
     for fdef in files.model_functions():
         nodes = files.nodes(fdef)
         for node in fdef.node_def:
-            if node.op != "ReadVariableOp":
+            ref_read = (
+                node.op == "Identity" and nodes.get(split_ref(node.input[0])[0], node).op in VARIABLE_OPS
+            )
+            if node.op != "ReadVariableOp" and not ref_read:
                 continue
-            variable = files.read_variable(fdef, f"{node.name}:value:0")
+            variable = files.read_variable(fdef, node.name)
             if variable is None or variable.node_id not in matmuls_folded:
                 continue
             readers = [
                 n
-                for n in nodes.values()
-                if any(split_ref(i)[0] == node.name for i in n.input if not i.startswith("^"))
+                for n in _consumers(nodes, node.name)
+                if not (files.tf1 and (saver != "/" and n.name.startswith(saver) or _only_saves(nodes, n)))
             ]
             for reader in readers:
                 if (fdef.signature.name, reader.name) not in matmuls_folded[variable.node_id]:
@@ -218,6 +228,20 @@ def _check_weights_only_read_by_folded_matmuls(files, matmuls_folded):
                         f"({reader.op}), which has no LoRA apply to fold"
                     )
     return problems
+
+
+def _consumers(nodes, name):
+    return [
+        n for n in nodes.values() if any(split_ref(i)[0] == name for i in n.input if not i.startswith("^"))
+    ]
+
+
+def _only_saves(nodes, node):
+    """A TF1 Saver's read: the node is a save op, or an Identity that only feeds save ops."""
+    if node.op in ("SaveV2", "Save", "SaveSlices"):
+        return True
+    consumers = _consumers(nodes, node.name)
+    return node.op == "Identity" and bool(consumers) and all(_only_saves(nodes, c) for c in consumers)
 
 
 def _weight_and_twins(files, weight):

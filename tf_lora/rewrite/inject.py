@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import tensorflow as tf
 from tensorflow.core.framework import node_def_pb2, types_pb2
-from tensorflow.core.protobuf import saved_model_pb2, saved_object_graph_pb2, trackable_object_graph_pb2
+from tensorflow.core.protobuf import saved_object_graph_pb2, trackable_object_graph_pb2
 from tensorflow.python.framework import dtypes, tensor_util
 
 from tf_lora.rewrite.fold import LORA_APPLY
@@ -52,13 +52,15 @@ def inject(model_dir, out_dir, target, rank, alpha, seed=0, overwrite=False, pro
         raise RewriteError(f"inject: rank must be >= 1, got {rank}")
     pattern = re.compile(target)
     files = SavedModelFiles(model_dir)
+    if files.tf1:
+        raise RewriteError(
+            f"inject: {files.path} is a TF1 graph; inject adds variables to TF2 SavedModels only"
+        )
     if files.checkpoint_graph is None or len(files.checkpoint_graph.nodes) != len(
         files.meta.object_graph_def.nodes
     ):
         raise RewriteError(f"{files.path}: object graph and checkpoint do not line up; cannot add variables")
-    proto = saved_model_pb2.SavedModel()
-    proto.CopyFrom(files.proto)
-    meta = next(m for m in proto.meta_graphs if m.meta_info_def.tags == files.meta.meta_info_def.tags)
+    proto, meta = files.copy_proto()
     functions = {f.signature.name: f for f in meta.graph_def.library.function}
 
     # Every MatMul on a matching weight, grouped by weight.

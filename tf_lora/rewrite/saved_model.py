@@ -9,15 +9,17 @@ variables (adapter weights, scales), and writes a rewritten copy with new variab
 import dataclasses
 import os
 import shutil
+import types
 
 import numpy as np
 import tensorflow as tf
 from google.protobuf.message import DecodeError
 from tensorflow.core.framework import node_def_pb2
-from tensorflow.core.protobuf import saved_model_pb2, trackable_object_graph_pb2
+from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2, trackable_object_graph_pb2
 from tensorflow.python.framework import op_def_registry, tensor_util
 
 PLUGIN_PREFIX = "TfLora>"
+VARIABLE_OPS = ("VarHandleOp", "VariableV2", "Variable")
 CALL_OPS = ("StatefulPartitionedCall", "PartitionedCall")
 # Functions TensorFlow writes to save and restore the checkpoint: they touch every variable, never a model op.
 _SAVER_FUNCTIONS = ("__inference__traced_save_", "__inference__traced_restore_")
@@ -33,7 +35,7 @@ class RewriteError(Exception):
 
 @dataclasses.dataclass
 class Variable:
-    node_id: int
+    node_id: object  # the object graph's node id (TF2), or the variable op's name (TF1 graphs)
     name: str  # the variable's own name, e.g. "dense/kernel"
     key: str  # its checkpoint key
     shape: tuple
@@ -41,11 +43,29 @@ class Variable:
 
 
 def split_ref(ref):
-    """A FunctionDef input `node:out_arg:index` (or an argument name) as (node, out_arg, index)."""
+    """A FunctionDef input `node:out_arg:index` (or an argument name), or a GraphDef input `node:index` (or
+    `node`), as (node, out_arg or None, index)."""
     parts = ref.split(":")
     if len(parts) == 1:
         return parts[0], None, 0
+    if len(parts) == 2:
+        return parts[0], None, int(parts[1])
     return parts[0], parts[1], int(parts[2])
+
+
+class GraphBody:
+    """The top-level graph of a TF1 model, read like a FunctionDef: `signature.name`, `node_def`, and `ret`
+    (the tensors the signatures fetch, so that they count as consumers)."""
+
+    def __init__(self, meta):
+        self.signature = types.SimpleNamespace(name="graph")
+        self.node_def = meta.graph_def.node
+        self.ret = {
+            f"{name}/{key}": info.name
+            for name, sig in meta.signature_def.items()
+            for key, info in sig.outputs.items()
+            if info.name
+        }
 
 
 class SavedModelFiles:
@@ -53,46 +73,72 @@ class SavedModelFiles:
 
     def __init__(self, path):
         self.path = os.fspath(path)
-        pb = os.path.join(self.path, "saved_model.pb")
-        if not os.path.isdir(self.path):
-            raise RewriteError(f"{self.path}: no such directory")
-        if not os.path.isfile(pb):
-            raise RewriteError(f"{self.path}: not a SavedModel directory (no saved_model.pb)")
-        self.proto = saved_model_pb2.SavedModel()
-        try:
-            with open(pb, "rb") as f:
-                self.proto.ParseFromString(f.read())
-        except DecodeError as e:
-            raise RewriteError(f"{pb}: corrupted SavedModel proto ({e})") from None
-        if not self.proto.meta_graphs:
-            raise RewriteError(f"{pb}: holds no meta graph")
-        serve = [m for m in self.proto.meta_graphs if "serve" in m.meta_info_def.tags]
-        self.meta = (serve or list(self.proto.meta_graphs))[0]
-        if not self.meta.object_graph_def.nodes:
-            raise RewriteError(
-                f"{self.path}: a TF1 SavedModel (no object graph); this command reads TF2 SavedModels"
-            )
+        if os.path.isfile(self.path) and self.path.endswith(".meta"):
+            self.kind = "meta_graph"
+            self.proto = self._parse(meta_graph_pb2.MetaGraphDef(), self.path, "MetaGraphDef")
+            self.meta = self.proto
+            self.prefix = self.path[: -len(".meta")]
+        else:
+            pb = os.path.join(self.path, "saved_model.pb")
+            if not os.path.isdir(self.path):
+                raise RewriteError(f"{self.path}: no such directory (or .meta file)")
+            if not os.path.isfile(pb):
+                raise RewriteError(f"{self.path}: not a SavedModel directory (no saved_model.pb)")
+            self.proto = self._parse(saved_model_pb2.SavedModel(), pb, "SavedModel")
+            if not self.proto.meta_graphs:
+                raise RewriteError(f"{pb}: holds no meta graph")
+            serve = [m for m in self.proto.meta_graphs if "serve" in m.meta_info_def.tags]
+            self.meta = (serve or list(self.proto.meta_graphs))[0]
+            self.kind = "saved_model" if self.meta.object_graph_def.nodes else "saved_model_v1"
+            self.prefix = os.path.join(self.path, "variables", "variables")
         self.functions = {f.signature.name: f for f in self.meta.graph_def.library.function}
         self._read_checkpoint()
-        self.arg_variables = self._resolve_resource_arguments()
+        self.arg_variables = self._resolve_resource_arguments() if self.kind == "saved_model" else {}
+        self.graph_variables = self._graph_variables() if self.kind != "saved_model" else {}
+
+    @staticmethod
+    def _parse(message, path, what):
+        try:
+            with open(path, "rb") as f:
+                message.ParseFromString(f.read())
+        except DecodeError as e:
+            raise RewriteError(f"{path}: corrupted {what} proto ({e})") from None
+        return message
+
+    @property
+    def tf1(self) -> bool:
+        return self.kind != "saved_model"
+
+    def copy_proto(self):
+        """A copy of the proto to rewrite, and its meta graph (the one read)."""
+        proto = type(self.proto)()
+        proto.CopyFrom(self.proto)
+        if self.kind == "meta_graph":
+            return proto, proto
+        index = list(self.proto.meta_graphs).index(self.meta)
+        return proto, proto.meta_graphs[index]
 
     # -- variables ---------------------------------------------------------------------------------------
 
     def _read_checkpoint(self):
-        self.prefix = os.path.join(self.path, "variables", "variables")
         self.variables = {}
+        self.reader = self.checkpoint_graph = None
         if not os.path.exists(self.prefix + ".index"):
-            self.reader = self.checkpoint_graph = None
+            if self.kind == "meta_graph":
+                raise RewriteError(f"{self.path}: no checkpoint beside it ({self.prefix}.index)")
             return
         try:
             self.reader = tf.train.load_checkpoint(self.prefix)
+            self.shapes = self.reader.get_variable_to_shape_map()
+            self.dtypes = self.reader.get_variable_to_dtype_map()
+            if self.kind != "saved_model":
+                return
             graph = trackable_object_graph_pb2.TrackableObjectGraph()
             graph.ParseFromString(self.reader.get_tensor(OBJECT_GRAPH_KEY))
             self.checkpoint_graph = graph
         except (tf.errors.OpError, DecodeError, ValueError) as e:
             raise RewriteError(f"{self.prefix}: unreadable checkpoint ({e})") from None
-        shapes = self.reader.get_variable_to_shape_map()
-        dtypes = self.reader.get_variable_to_dtype_map()
+        shapes, dtypes = self.shapes, self.dtypes
         for node_id, node in enumerate(self.meta.object_graph_def.nodes):
             if node.WhichOneof("kind") != "variable" or node_id >= len(graph.nodes):
                 continue
@@ -102,6 +148,35 @@ class SavedModelFiles:
                 self.variables[node_id] = Variable(
                     node_id, node.variable.name, key, tuple(shapes[key]), dtypes[key].name
                 )
+
+    def _graph_variables(self):
+        """{variable op name: Variable} of a TF1 graph, keyed in the checkpoint as its Saver writes them."""
+        nodes = {n.name: n for n in self.meta.graph_def.node}
+        keys = {}
+        for node in self.meta.graph_def.node:  # the Saver's SaveV2: tensor_names[i] is tensors[i]'s key
+            if node.op != "SaveV2":
+                continue
+            names_node = nodes.get(split_ref(node.input[1])[0])
+            if names_node is None or names_node.op != "Const":
+                continue
+            names = [n.decode() for n in tensor_util.MakeNdarray(names_node.attr["value"].tensor).ravel()]
+            for key, ref in zip(names, node.input[3:], strict=False):
+                source = nodes.get(split_ref(ref)[0])
+                while source is not None and source.op in ("Identity", "ReadVariableOp"):
+                    source = nodes.get(split_ref(source.input[0])[0])
+                if source is not None and source.op in VARIABLE_OPS:
+                    keys[source.name] = key
+        found = {}
+        if self.reader is None:
+            return found
+        for node in self.meta.graph_def.node:
+            key = keys.get(node.name, node.name)
+            if node.op in VARIABLE_OPS and key in self.shapes:
+                found[node.name] = Variable(
+                    node.name, node.name, key, tuple(self.shapes[key]), self.dtypes[key].name
+                )
+        self.variables.update(found)
+        return found
 
     def value(self, variable: Variable) -> np.ndarray:
         return self.reader.get_tensor(variable.key)
@@ -137,8 +212,10 @@ class SavedModelFiles:
     # -- reading functions ----------------------------------------------------------------------------------
 
     def model_functions(self):
-        """The library's functions except TensorFlow's checkpoint save/restore functions."""
-        return [f for n, f in self.functions.items() if not n.startswith(_SAVER_FUNCTIONS)]
+        """Where model ops live: the library's functions except TensorFlow's checkpoint save/restore
+        functions, and for TF1 models the graph itself."""
+        bodies = [f for n, f in self.functions.items() if not n.startswith(_SAVER_FUNCTIONS)]
+        return [*bodies, GraphBody(self.meta)] if self.tf1 else bodies
 
     @staticmethod
     def nodes(fdef):
@@ -152,9 +229,14 @@ class SavedModelFiles:
         while node is not None and node.op == "Identity":
             node_name, _, _ = split_ref(node.input[0])
             node = nodes.get(node_name)
+        if node is not None and node.op in VARIABLE_OPS and isinstance(fdef, GraphBody):
+            return self.graph_variables.get(node.name)  # a TF1 reference variable (through its /read)
         if node is None or node.op != "ReadVariableOp":
             return None
-        return self.arg_variables.get((fdef.signature.name, split_ref(node.input[0])[0]))
+        resource = split_ref(node.input[0])[0]
+        if isinstance(fdef, GraphBody):
+            return self.graph_variables.get(resource)
+        return self.arg_variables.get((fdef.signature.name, resource))
 
     def evaluate(self, fdef, ref, _memo=None):
         """The value of a tensor of a function that depends only on constants and saved variables.
@@ -173,7 +255,9 @@ class SavedModelFiles:
             raise RewriteError(f"{where}: depends on the function input {node_name!r}, not only on variables")
         if node.op == "Const":
             value = tensor_util.MakeNdarray(node.attr["value"].tensor)
-        elif node.op == "ReadVariableOp":
+        elif node.op in ("ReadVariableOp", "Identity", *VARIABLE_OPS) and self.read_variable(fdef, ref):
+            value = self.value(self.read_variable(fdef, ref))
+        elif node.op == "ReadVariableOp" or node.op in VARIABLE_OPS:
             variable = self.read_variable(fdef, ref)
             if variable is None:
                 raise RewriteError(f"{where}: reads a resource that is not a saved variable")
@@ -213,6 +297,8 @@ def _run_op(node, inputs, output_index):
         op = node_def_pb2.NodeDef()
         op.CopyFrom(node)
         op.name, op.device = "op", ""
+        if "_class" in op.attr:  # colocation with nodes that are not in this graph
+            del op.attr["_class"]
         del op.input[:]
         op.input.extend(t.op.name for t in feeds)
         graph_def = graph.as_graph_def()
@@ -247,7 +333,8 @@ def plugin_nodes(meta):
 
 def write_saved_model(files: SavedModelFiles, proto, new_values: dict, out, overwrite=False, finish=None):
     """Writes `proto` with the checkpoint of `files`, `new_values` {checkpoint key: array} replacing values,
-    to `out`: staged in a temporary directory beside it and renamed into place only once complete.
+    to `out` (a SavedModel directory, or for a MetaGraphDef file a directory with `<name>.meta` and the
+    checkpoint `<name>`): staged in a temporary directory beside it and renamed into place only once complete.
     `finish(staging_dir) -> dir` may turn the staged copy into the final one (inject re-saves it)."""
     out = os.path.abspath(os.fspath(out))
     if os.path.abspath(files.path) == out:
@@ -259,18 +346,28 @@ def write_saved_model(files: SavedModelFiles, proto, new_values: dict, out, over
     staging = os.path.join(parent, f".{os.path.basename(out)}.tf_lora_tmp_{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        shutil.copytree(files.path, staging, ignore=shutil.ignore_patterns("variables", "fingerprint.pb"))
-        for meta in proto.meta_graphs:
+        for meta in [proto] if files.kind == "meta_graph" else proto.meta_graphs:
             used = stripped_op_names(meta)
             kept = [op for op in meta.meta_info_def.stripped_op_list.op if op.name in used]
             del meta.meta_info_def.stripped_op_list.op[:]
             meta.meta_info_def.stripped_op_list.op.extend(kept)
-        with open(os.path.join(staging, "saved_model.pb"), "wb") as f:
-            f.write(proto.SerializeToString())
-        if files.reader is not None:
-            os.makedirs(os.path.join(staging, "variables"))
-            _write_checkpoint(files.reader, new_values, os.path.join(staging, "variables", "variables"))
-        _write_fingerprint(staging)
+        if files.kind == "meta_graph":  # OUT/<name>.meta, the checkpoint OUT/<name>, and its state file
+            os.makedirs(staging)
+            base = os.path.basename(files.prefix)
+            with open(os.path.join(staging, base + ".meta"), "wb") as f:
+                f.write(proto.SerializeToString())
+            _write_checkpoint(files.reader, new_values, os.path.join(staging, base))
+            with open(os.path.join(staging, "checkpoint"), "w") as f:
+                f.write(f'model_checkpoint_path: "{base}"\nall_model_checkpoint_paths: "{base}"\n')
+        else:
+            shutil.copytree(files.path, staging, ignore=shutil.ignore_patterns("variables", "fingerprint.pb"))
+            with open(os.path.join(staging, "saved_model.pb"), "wb") as f:
+                f.write(proto.SerializeToString())
+            if files.reader is not None:
+                os.makedirs(os.path.join(staging, "variables"))
+                _write_checkpoint(files.reader, new_values, os.path.join(staging, "variables", "variables"))
+            if files.kind == "saved_model":
+                _write_fingerprint(staging)
         final = staging if finish is None else finish(staging)
         if os.path.exists(out):
             shutil.rmtree(out)

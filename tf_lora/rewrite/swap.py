@@ -5,14 +5,13 @@ import os
 
 import numpy as np
 from tensorflow.core.framework import node_def_pb2
-from tensorflow.core.protobuf import saved_model_pb2
 from tensorflow.python.framework import dtypes, tensor_util
 
 from tf_lora.adapters.apply import _mapper
 from tf_lora.adapters.kohya import load_kohya
 from tf_lora.adapters.peft import load_peft
 from tf_lora.rewrite.fold import _PASS_THROUGH, LORA_APPLY
-from tf_lora.rewrite.saved_model import RewriteError, SavedModelFiles, split_ref, write_saved_model
+from tf_lora.rewrite.saved_model import GraphBody, RewriteError, SavedModelFiles, split_ref, write_saved_model
 
 
 @dataclasses.dataclass
@@ -52,10 +51,10 @@ def swap_adapter(model_dir, out_dir, adapters, mapping=None, strict=True, overwr
     if not isinstance(adapters, dict):
         adapters = load_adapter_file(adapters)
     files = SavedModelFiles(model_dir)
-    proto = saved_model_pb2.SavedModel()
-    proto.CopyFrom(files.proto)
-    meta = next(m for m in proto.meta_graphs if m.meta_info_def.tags == files.meta.meta_info_def.tags)
+    proto, meta = files.copy_proto()
     functions = {f.signature.name: f for f in meta.graph_def.library.function}
+    if files.tf1:
+        functions["graph"] = GraphBody(meta)
 
     applies = {}  # layer -> [(function, node, a Variable, b Variable)]
     problems = []
@@ -144,4 +143,4 @@ def _set_scale(fdef, node_name, scale):
     else:
         fdef.node_def.append(const)
     data_positions = [k for k, i in enumerate(node.input) if not i.startswith("^")]
-    node.input[data_positions[4]] = f"{const.name}:output:0"
+    node.input[data_positions[4]] = const.name if isinstance(fdef, GraphBody) else f"{const.name}:output:0"

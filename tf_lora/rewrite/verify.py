@@ -1,37 +1,91 @@
-"""verify: run the original and the rewritten SavedModel on the same generated inputs and compare."""
+"""verify: run the original and the rewritten model on the same generated inputs and compare."""
+
+import os
 
 import numpy as np
 import tensorflow as tf
 
-from tf_lora.rewrite.saved_model import RewriteError
+from tf_lora.rewrite.saved_model import RewriteError, SavedModelFiles
+
+
+def _example(dtype, shape, rng, batch):
+    """Unknown dimensions become `batch`; floats are standard normal, integers 0 (a valid row id and adapter
+    id), booleans False, strings empty."""
+    shape = [batch] if shape is None else [batch if d is None or d < 0 else d for d in shape]
+    if dtype.is_floating:
+        return rng.standard_normal(shape).astype(dtype.as_numpy_dtype)
+    if dtype == tf.string:
+        return np.full(shape, b"", object)
+    return np.zeros(shape, dtype.as_numpy_dtype)
 
 
 def example_inputs(function, batch=3, seed=0):
-    """Inputs for a signature function from its specs: unknown dimensions become `batch`; floats are
-    standard normal, integers 0 (a valid row id and adapter id), booleans False, strings empty."""
+    """Inputs for a TF2 signature function, from its specs."""
     rng = np.random.default_rng(seed)
-    inputs = {}
-    for name, spec in sorted(function.structured_input_signature[1].items()):
-        shape = (
-            [batch if d is None else d for d in spec.shape.as_list()]
-            if spec.shape.rank is not None
-            else [batch]
+    return {
+        name: tf.constant(
+            _example(spec.dtype, spec.shape.as_list() if spec.shape.rank is not None else None, rng, batch),
+            dtype=spec.dtype,
         )
-        if spec.dtype.is_floating:
-            value = rng.standard_normal(shape).astype(spec.dtype.as_numpy_dtype)
-        elif spec.dtype == tf.string:
-            value = np.full(shape, b"", object)
-        else:
-            value = np.zeros(shape, spec.dtype.as_numpy_dtype)
-        inputs[name] = tf.constant(value, dtype=spec.dtype)
-    return inputs
+        for name, spec in sorted(function.structured_input_signature[1].items())
+    }
 
 
-def _load(path):
-    try:
-        return tf.saved_model.load(str(path))
-    except (OSError, ValueError, tf.errors.OpError) as e:
-        raise RewriteError(f"{path}: cannot be loaded ({e})") from None
+class _TF2:
+    def __init__(self, path):
+        try:
+            self.loaded = tf.saved_model.load(str(path))
+        except (OSError, ValueError, tf.errors.OpError) as e:
+            raise RewriteError(f"{path}: cannot be loaded ({e})") from None
+        self.signatures = sorted(self.loaded.signatures)
+
+    def inputs(self, name, batch, seed):
+        return example_inputs(self.loaded.signatures[name], batch, seed)
+
+    def run(self, name, inputs):
+        return {k: v.numpy() for k, v in self.loaded.signatures[name](**inputs).items()}
+
+
+class _TF1:
+    """A TF1 SavedModel or MetaGraphDef + checkpoint, run in a session through its signature_defs."""
+
+    def __init__(self, path):
+        files = SavedModelFiles(path)
+        self.graph = tf.Graph()
+        self.session = tf.compat.v1.Session(graph=self.graph)
+        try:
+            with self.graph.as_default():
+                if files.kind == "saved_model_v1":
+                    meta = tf.compat.v1.saved_model.loader.load(
+                        self.session, list(files.meta.meta_info_def.tags), str(path)
+                    )
+                else:
+                    saver = tf.compat.v1.train.import_meta_graph(str(path))
+                    saver.restore(self.session, files.prefix)
+                    meta = files.meta
+        except (OSError, ValueError, tf.errors.OpError) as e:
+            raise RewriteError(f"{path}: cannot be loaded ({e})") from None
+        self.defs = {k: v for k, v in meta.signature_def.items() if not k.startswith("__")}
+        self.signatures = sorted(self.defs)
+
+    def inputs(self, name, batch, seed):
+        rng = np.random.default_rng(seed)
+        out = {}
+        for key, info in sorted(self.defs[name].inputs.items()):
+            shape = None if info.tensor_shape.unknown_rank else [d.size for d in info.tensor_shape.dim]
+            out[key] = _example(tf.as_dtype(info.dtype), shape, rng, batch)
+        return out
+
+    def run(self, name, inputs):
+        sig = self.defs[name]
+        feeds = {sig.inputs[k].name: v for k, v in inputs.items()}
+        keys = sorted(sig.outputs)
+        values = self.session.run([sig.outputs[k].name for k in keys], feed_dict=feeds)
+        return dict(zip(keys, values, strict=True))
+
+
+def _open(path):
+    return _TF2(path) if SavedModelFiles(path).kind == "saved_model" else _TF1(path)
 
 
 def verify(
@@ -39,33 +93,39 @@ def verify(
 ) -> dict:
     """Runs both models' signatures on the same inputs and returns {signature: max |difference|}.
 
-    The tolerance is relative to the outputs' size: a difference above `tolerance * max(1, max |output|)`
-    raises RewriteError naming the signature and output. With `expect_equal=False` (a rewrite that changes
-    the outputs on purpose, like swap-adapter) the difference is only reported, and the rewritten outputs
-    must be finite.
+    Works on TF2 SavedModels, TF1 SavedModels and MetaGraphDef (.meta) files with their checkpoints; the
+    rewritten MetaGraphDef is `rewritten_dir/<name>.meta`. The tolerance is relative to the outputs' size:
+    a difference above `tolerance * max(1, max |output|)` raises RewriteError naming the signature and
+    output. With `expect_equal=False` (a rewrite that changes the outputs on purpose, like swap-adapter) the
+    difference is only reported, and the rewritten outputs must be finite.
     """
-    original, rewritten = _load(original_dir), _load(rewritten_dir)
-    names = sorted(original.signatures) if signatures is None else list(signatures)
+    original = _open(original_dir)
+    rewritten_path = rewritten_dir
+    if str(original_dir).endswith(".meta"):
+        rewritten_path = os.path.join(rewritten_dir, os.path.basename(str(original_dir)))
+    rewritten = _open(rewritten_path)
+    names = original.signatures if signatures is None else list(signatures)
+    if not names:
+        raise RewriteError(f"verify: {original_dir} has no signatures to run")
     unknown = [n for n in names if n not in original.signatures or n not in rewritten.signatures]
     if unknown:
         raise RewriteError(
-            f"verify: no signature {unknown} in both models (original: {sorted(original.signatures)}, "
-            f"rewritten: {sorted(rewritten.signatures)})"
+            f"verify: no signature {unknown} in both models (original: {original.signatures}, "
+            f"rewritten: {rewritten.signatures})"
         )
     differences = {}
     for name in names:
-        inputs = example_inputs(original.signatures[name], batch, seed)
-        expected, got = original.signatures[name](**inputs), rewritten.signatures[name](**inputs)
+        inputs = original.inputs(name, batch, seed)
+        expected, got = original.run(name, inputs), rewritten.run(name, inputs)
         worst = 0.0
-        for key, value in expected.items():
-            e, g = value.numpy(), got[key].numpy()
+        for key, e in expected.items():
+            g = got[key]
             if e.shape != g.shape:
                 raise RewriteError(
                     f"verify: signature {name!r} output {key!r}: shape {g.shape}, expected {e.shape}"
                 )
             if e.dtype.kind not in "fc":
-                diff = 0.0 if np.array_equal(e, g) else float("inf")
-                bound = 0.0
+                diff, bound = (0.0 if np.array_equal(e, g) else float("inf")), 0.0
             else:
                 diff = float(np.max(np.abs(e.astype(np.float64) - g), initial=0.0))
                 bound = tolerance * max(1.0, float(np.max(np.abs(e), initial=0.0)))

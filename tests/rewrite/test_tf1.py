@@ -1,0 +1,135 @@
+"""The rewrite commands on TF1 graphs: SavedModels written by simple_save, and MetaGraphDef files with their
+checkpoints written by tf.compat.v1.train.Saver, with resource and reference variables."""
+
+import os
+import pathlib
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from safetensors.tensorflow import load_file
+
+import tf_lora
+from tf_lora.rewrite import RewriteError, cli
+
+FIXTURES = pathlib.Path(__file__).parent.parent / "adapters" / "fixtures"
+v1 = tf.compat.v1
+
+
+def _tf1_model(tmp_path, resource, signature=True):
+    """y = relu(x @ dense/kernel + bias + 1.5 x A B) @ head/kernel, saved as a TF1 SavedModel (model_v1/)
+    and as a MetaGraphDef + checkpoint (ckpt/model.meta). Returns the numpy function it computes."""
+    rng = np.random.default_rng(0)
+    values = {
+        "dense/kernel": rng.standard_normal((6, 5)),
+        "dense/bias": rng.standard_normal(5),
+        "dense/lora_a": rng.standard_normal((6, 2)),
+        "dense/lora_b": rng.standard_normal((2, 5)),
+        "head/kernel": rng.standard_normal((5, 3)),
+    }
+    values = {k: v.astype(np.float32) for k, v in values.items()}
+    graph = tf.Graph()
+    with graph.as_default():
+        x = v1.placeholder(tf.float32, [None, 6], name="x")
+        var = {k: v1.get_variable(k, initializer=v, use_resource=resource) for k, v in values.items()}
+        h = tf_lora.lora_matmul(
+            x, var["dense/kernel"], var["dense/lora_a"], var["dense/lora_b"], 1.5, bias=var["dense/bias"]
+        )
+        y = tf.identity(tf.matmul(tf.nn.relu(h), var["head/kernel"]), name="y")
+        with v1.Session(graph=graph) as session:
+            session.run(v1.global_variables_initializer())
+            v1.saved_model.simple_save(session, str(tmp_path / "model_v1"), inputs={"x": x}, outputs={"y": y})
+            v1.train.Saver().save(session, str(tmp_path / "ckpt" / "model"))
+            if signature:  # .meta files from Saver.save carry no signature; add one as an exporter would
+                meta = v1.train.export_meta_graph()
+                meta.signature_def["serving_default"].CopyFrom(
+                    v1.saved_model.signature_def_utils.predict_signature_def({"x": x}, {"y": y})
+                )
+                (tmp_path / "ckpt" / "model.meta").write_bytes(meta.SerializeToString())
+
+    def reference(xv):
+        w = values["dense/kernel"] + 1.5 * values["dense/lora_a"] @ values["dense/lora_b"]
+        return np.maximum(xv @ w + values["dense/bias"], 0) @ values["head/kernel"]
+
+    return reference
+
+
+def _run_v1_saved_model(path, xv):
+    with tf.Graph().as_default() as graph, v1.Session(graph=graph) as session:
+        meta = v1.saved_model.loader.load(session, ["serve"], str(path))
+        sig = meta.signature_def["serving_default"]
+        return session.run(sig.outputs["y"].name, {sig.inputs["x"].name: xv})
+
+
+@pytest.mark.parametrize("resource", [True, False], ids=["resource", "ref"])
+def test_fold_tf1_saved_model(tmp_path, resource):
+    reference = _tf1_model(tmp_path, resource)
+    info = tf_lora.rewrite.inspect(tmp_path / "model_v1")
+    assert [(a["weight"], a["rank"], a["scale"]) for a in info["adapters"]] == [("dense/kernel", 2, 1.5)]
+    assert [m["weight"] for m in info["matmul_candidates"]] == ["head/kernel"]
+    report = tf_lora.rewrite.fold(tmp_path / "model_v1", tmp_path / "folded")
+    assert [(f.function, f.weight) for f in report.folds] == [("graph", "dense/kernel")]
+    assert tf_lora.rewrite.verify(tmp_path / "model_v1", tmp_path / "folded")["serving_default"] < 1e-5
+    assert tf_lora.rewrite.inspect(tmp_path / "folded")["tf_lora_ops"] == []
+    xv = np.random.default_rng(1).standard_normal((4, 6)).astype(np.float32)
+    np.testing.assert_allclose(
+        _run_v1_saved_model(tmp_path / "folded", xv), reference(xv), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_fold_tf1_meta_graph_with_checkpoint_through_the_cli(tmp_path, capsys):
+    reference = _tf1_model(tmp_path, resource=True)
+    meta = str(tmp_path / "ckpt" / "model.meta")
+    assert cli.main(["fold", meta, str(tmp_path / "out"), "--verify"]) == 0
+    assert "verify serving_default: max |difference| = " in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path / "out")) == [
+        "checkpoint",
+        "model.data-00000-of-00001",
+        "model.index",
+        "model.meta",
+    ]
+    with tf.Graph().as_default() as graph, v1.Session(graph=graph) as session:
+        v1.train.import_meta_graph(str(tmp_path / "out" / "model.meta")).restore(
+            session, v1.train.latest_checkpoint(str(tmp_path / "out"))
+        )
+        xv = np.ones((2, 6), np.float32)
+        np.testing.assert_allclose(session.run("y:0", {"x:0": xv}), reference(xv), rtol=1e-5, atol=1e-5)
+
+
+def test_meta_graph_without_signatures_folds_but_cannot_verify(tmp_path):
+    _tf1_model(tmp_path, resource=True, signature=False)
+    meta = tmp_path / "ckpt" / "model.meta"
+    tf_lora.rewrite.fold(meta, tmp_path / "out")
+    with pytest.raises(RewriteError, match="has no signatures to run"):
+        tf_lora.rewrite.verify(meta, tmp_path / "out")
+    os.remove(tmp_path / "ckpt" / "model.index")
+    with pytest.raises(RewriteError, match=r"no checkpoint beside it \(.*model.index\)"):
+        tf_lora.rewrite.fold(meta, tmp_path / "out2")
+
+
+def test_swap_adapter_tf1_gives_peft_output(tmp_path):
+    """PEFT's fixture model built in a TF1 graph with LoRA ranks 2, 3, 2: the PEFT file swapped in."""
+    base = {k: v.numpy() for k, v in load_file(str(FIXTURES / "peft_f32" / "base.safetensors")).items()}
+    io = {k: v.numpy() for k, v in load_file(str(FIXTURES / "peft_f32" / "io.safetensors")).items()}
+    graph = tf.Graph()
+    with graph.as_default():
+        x = v1.placeholder(tf.float32, [None, 8], name="x")
+
+        def dense(name, h, rank, units):
+            kernel = v1.get_variable(f"{name}/kernel", initializer=base[f"{name}.weight"].T)
+            bias = v1.get_variable(f"{name}/bias", initializer=base[f"{name}.bias"])
+            a = v1.get_variable(f"{name}/lora_a", initializer=np.ones((h.shape[-1], rank), np.float32))
+            b = v1.get_variable(f"{name}/lora_b", initializer=np.ones((rank, units), np.float32))
+            return tf_lora.lora_matmul(h, kernel, a, b, 1.0, bias=bias)
+
+        y = dense("out", tf.nn.relu(dense("q", x, 2, 6) + dense("v", x, 3, 6)), 2, 4)
+        with v1.Session(graph=graph) as session:
+            session.run(v1.global_variables_initializer())
+            v1.saved_model.simple_save(session, str(tmp_path / "model"), inputs={"x": x}, outputs={"y": y})
+    report = tf_lora.rewrite.swap_adapter(tmp_path / "model", tmp_path / "swapped", FIXTURES / "peft_f32")
+    assert report.swapped == {"out": "out", "q": "q", "v": "v"}
+    np.testing.assert_allclose(
+        _run_v1_saved_model(tmp_path / "swapped", io["x"]), io["y"], rtol=1e-5, atol=1e-5
+    )
+    with pytest.raises(RewriteError, match="adds variables to TF2 SavedModels only"):
+        tf_lora.rewrite.inject(tmp_path / "model", tmp_path / "injected", target="q", rank=2, alpha=2.0)
