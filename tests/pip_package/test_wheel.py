@@ -59,3 +59,8 @@ def test_wheel_in_fresh_venv(tmp_path):
     # Imported from the fresh venv's site-packages, run from a directory outside the repository.
     assert module_file.startswith(str(venv)) and "site-packages" in module_file
     assert cwd == str(workdir) and not cwd.startswith(str(REPO_ROOT))
+    # The console script the wheel declares.
+    cli = subprocess.run(
+        [str(venv / "bin" / "tf-lora"), "fold", "--help"], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert cli.returncode == 0 and "usage: tf-lora fold" in cli.stdout, cli.stderr[-4000:]
