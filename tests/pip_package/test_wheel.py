@@ -61,6 +61,10 @@ def test_wheel_in_fresh_venv(tmp_path):
     assert cwd == str(workdir) and not cwd.startswith(str(REPO_ROOT))
     # The console script the wheel declares.
     cli = subprocess.run(
-        [str(venv / "bin" / "tf-lora"), "fold", "--help"], env=env, capture_output=True, text=True, timeout=300
+        [str(venv / "bin" / "tf-lora"), "fold", "--help"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert cli.returncode == 0 and "usage: tf-lora fold" in cli.stdout, cli.stderr[-4000:]
