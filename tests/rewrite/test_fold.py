@@ -263,7 +263,9 @@ def test_cli_inspect_and_verify_output(tmp_path, capsys):
     assert capsys.readouterr().err == ""
 
 
-@pytest.mark.parametrize("command", [[], ["inspect"], ["fold"]])
+@pytest.mark.parametrize(
+    "command", [[], ["inspect"], ["fold"], ["inject"], ["swap-adapter"], ["replace-embedding"]]
+)
 def test_help(command, capsys):
     with pytest.raises(SystemExit) as done:
         cli.main([*command, "--help"])

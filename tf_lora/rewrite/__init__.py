@@ -1,5 +1,6 @@
 """Rewrites of trained SavedModels: inspect, fold, swap-adapter (`tf-lora --help` for the command line)."""
 
+from tf_lora.rewrite.embedding import Replaced, replace_embedding
 from tf_lora.rewrite.fold import Fold, FoldReport, fold
 from tf_lora.rewrite.inject import Injected, inject
 from tf_lora.rewrite.inspect import inspect
@@ -9,6 +10,8 @@ from tf_lora.rewrite.verify import verify
 
 __all__ = [
     "Injected",
+    "Replaced",
+    "replace_embedding",
     "inject",
     "Fold",
     "FoldReport",

@@ -6,6 +6,7 @@ import sys
 
 from rich.console import Console
 
+from tf_lora.rewrite.embedding import replace_embedding
 from tf_lora.rewrite.fold import fold
 from tf_lora.rewrite.inject import inject
 from tf_lora.rewrite.inspect import inspect
@@ -53,6 +54,18 @@ def _parser():
     p.add_argument("--rank", type=int, required=True, help="LoRA rank r")
     p.add_argument("--alpha", type=float, required=True, help="LoRA alpha (scale alpha / r)")
     p.add_argument("--seed", type=int, default=0, help="seed of A's He-uniform initialisation")
+    _common(p)
+
+    p = commands.add_parser(
+        "replace-embedding",
+        help="embedding gathers on matching variables become pulls from a tf_lora sparse table",
+        description="Every GatherV2 (axis 0) or ResourceGather on a float32 [rows, dim] variable whose name "
+        "(or layer) fully matches --target reads from a new SparseTable holding the variable's rows, id = "
+        "row index: outputs are unchanged for ids in [0, rows), and the table grows past them when trained.",
+    )
+    p.add_argument("model", help="a TF2 SavedModel directory (not changed)")
+    p.add_argument("out", help="the output directory (written whole or not at all)")
+    p.add_argument("--target", required=True, metavar="REGEX", help="embedding variable or layer names")
     _common(p)
 
     p = commands.add_parser(
@@ -117,6 +130,10 @@ def main(argv=None):
                     overwrite=args.overwrite,
                     progress=status.update,
                 )
+            elif args.command == "replace-embedding":
+                report = replace_embedding(
+                    args.model, args.out, args.target, overwrite=args.overwrite, progress=status.update
+                )
             else:
                 report = swap_adapter(
                     args.model,
@@ -147,7 +164,10 @@ def main(argv=None):
 
 def _print_report(err, report):
     for i in report if isinstance(report, list) else []:
-        err.print(f"{i.weight} {list(i.shape)}: new adapter {i.a}, {i.b} on {', '.join(i.matmuls)}")
+        if hasattr(i, "table"):
+            err.print(f"{i.variable} {list(i.shape)}: sparse table {i.table} for {', '.join(i.lookups)}")
+        else:
+            err.print(f"{i.weight} {list(i.shape)}: new adapter {i.a}, {i.b} on {', '.join(i.matmuls)}")
     for f in getattr(report, "folds", []):
         verb = "folded into" if f.folded else "dropped from"
         err.print(

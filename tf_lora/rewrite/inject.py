@@ -56,10 +56,7 @@ def inject(model_dir, out_dir, target, rank, alpha, seed=0, overwrite=False, pro
         raise RewriteError(
             f"inject: {files.path} is a TF1 graph; inject adds variables to TF2 SavedModels only"
         )
-    if files.checkpoint_graph is None or len(files.checkpoint_graph.nodes) != len(
-        files.meta.object_graph_def.nodes
-    ):
-        raise RewriteError(f"{files.path}: object graph and checkpoint do not line up; cannot add variables")
+    checkpoint_graph(files)  # checks that one can be extended
     proto, meta = files.copy_proto()
     functions = {f.signature.name: f for f in meta.graph_def.library.function}
 
@@ -81,8 +78,7 @@ def inject(model_dir, out_dir, target, rank, alpha, seed=0, overwrite=False, pro
         raise RewriteError(f"inject: no MatMul weight matches {target!r} (2-D variables: {names})")
 
     rng = np.random.default_rng(seed)
-    objects, ckpt = meta.object_graph_def, trackable_object_graph_pb2.TrackableObjectGraph()
-    ckpt.CopyFrom(files.checkpoint_graph)
+    objects, ckpt = meta.object_graph_def, checkpoint_graph(files)
     new_values, injected = {}, []
     args = _ArgumentAdder(files, meta, functions)
     for weight_id, matmuls in sorted(sites.items()):
@@ -122,6 +118,20 @@ def inject(model_dir, out_dir, target, rank, alpha, seed=0, overwrite=False, pro
     say(f"write {out_dir}")
     write_saved_model(files, proto, new_values, out_dir, overwrite=overwrite, finish=_resave)
     return injected
+
+
+def checkpoint_graph(files):
+    """A copy of the checkpoint's object graph, padded with empty nodes to the SavedModel's object graph:
+    node ids agree in both (the checkpoint's graph is a prefix: functions used only to save, like a
+    resource's save_fn, have no checkpoint node), so nodes appended to both keep one id."""
+    saved = len(files.meta.object_graph_def.nodes)
+    if files.checkpoint_graph is None or len(files.checkpoint_graph.nodes) > saved:
+        raise RewriteError(f"{files.path}: object graph and checkpoint do not line up; cannot add objects")
+    graph = trackable_object_graph_pb2.TrackableObjectGraph()
+    graph.CopyFrom(files.checkpoint_graph)
+    while len(graph.nodes) < saved:
+        graph.nodes.add()
+    return graph
 
 
 def _matches(pattern, name):
@@ -245,7 +255,7 @@ def _resave(staging):
     except BaseException as e:
         shutil.rmtree(out, ignore_errors=True)
         if isinstance(e, (ValueError, tf.errors.OpError, AssertionError)):
-            raise RewriteError(f"inject: the rewritten model does not load back ({e})") from None
+            raise RewriteError(f"the rewritten model does not load back ({e})") from None
         raise
     assert os.path.isdir(out)
     return out

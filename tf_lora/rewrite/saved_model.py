@@ -395,5 +395,5 @@ def _write_fingerprint(path):
         from tensorflow.python.saved_model import fingerprinting_utils  # noqa: PLC0415 - private, optional
 
         fingerprinting_utils.write_fingerprint(path)
-    except (ImportError, AttributeError):  # the fingerprint is optional; TF loads without it
+    except (ImportError, AttributeError, ValueError):  # the fingerprint is optional; TF loads without it
         pass

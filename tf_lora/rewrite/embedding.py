@@ -1,0 +1,226 @@
+"""replace-embedding: embedding gathers on chosen variables become pulls from a tf_lora.SparseTable that holds
+the variable's rows (id = row index), in a TF2 SavedModel.
+
+The table's SavedModel pieces (its resource node, creator/initializer/destroyer functions and checkpoint
+save/restore functions) come from a donor: a one-table tf.Module that TensorFlow itself saves, transplanted
+with fresh node ids and function names. The rows go into the checkpoint, and TensorFlow re-saves the result.
+"""
+
+import dataclasses
+import re
+import tempfile
+import uuid
+
+import numpy as np
+import tensorflow as tf
+from tensorflow.core.framework import node_def_pb2, types_pb2
+
+from tf_lora.rewrite.inject import _ArgumentAdder, _matches, _resave, checkpoint_graph
+from tf_lora.rewrite.saved_model import (
+    _SAVER_FUNCTIONS,
+    OBJECT_GRAPH_KEY,
+    RewriteError,
+    SavedModelFiles,
+    split_ref,
+    write_saved_model,
+)
+from tf_lora.sparse.table import SparseTable
+
+PULL = "TfLora>SparseTablePull"
+
+
+@dataclasses.dataclass
+class Replaced:
+    variable: str
+    shape: tuple
+    table: str  # the root attribute that holds the table
+    lookups: list  # "function/node (op)" of each gather replaced
+
+
+def replace_embedding(model_dir, out_dir, target, overwrite=False, progress=None) -> list:
+    """Writes a copy of the SavedModel `model_dir` in which every embedding gather (GatherV2 on axis 0, or
+    ResourceGather, without batch dims) of a float32 `[rows, dim]` variable whose name (or layer) fully
+    matches `target` reads from a new SparseTable holding the variable's rows, ids = row indices. The outputs
+    are unchanged for ids in [0, rows); an id outside reads as a zero row where the gather would fail.
+
+    Raises:
+      RewriteError: no lookup matches, a variable that is not float32 [rows, dim], or a model this cannot
+        extend; nothing written.
+    """
+    say = progress or (lambda _msg: None)
+    pattern = re.compile(target)
+    files = SavedModelFiles(model_dir)
+    if files.tf1:
+        raise RewriteError(f"replace-embedding: {files.path} is a TF1 graph; this rewrites TF2 SavedModels")
+    sites, found, problems = {}, [], []
+    for fdef in files.model_functions():
+        for node in fdef.node_def:
+            site = _lookup(files, fdef, node)
+            if site is None:
+                continue
+            variable, ids_ref = site
+            found.append(variable.name)
+            if not _matches(pattern, variable.name):
+                continue
+            if variable.dtype != "float32" or len(variable.shape) != 2:
+                problems.append(
+                    f"{variable.name}: a {variable.dtype} {list(variable.shape)} variable; "
+                    "tables hold float32 [rows, dim]"
+                )
+                continue
+            sites.setdefault(variable.node_id, []).append((fdef.signature.name, node.name, ids_ref))
+    if problems:
+        raise RewriteError("replace-embedding: nothing written; " + "; ".join(problems))
+    if not sites:
+        raise RewriteError(
+            f"replace-embedding: no embedding lookup matches {target!r} (lookups on: {sorted(set(found))})"
+        )
+
+    proto, meta = files.copy_proto()
+    functions = {f.signature.name: f for f in meta.graph_def.library.function}
+    ckpt = checkpoint_graph(files)
+    args = _ArgumentAdder(files, meta, functions)
+    new_values, replaced = {}, []
+    for variable_id, lookups in sorted(sites.items(), key=lambda item: str(item[0])):
+        variable = files.variables[variable_id]
+        rows, dim = variable.shape
+        local = f"tf_lora_table_{re.sub(r'[^0-9A-Za-z_]', '_', variable.name)}"
+        say(f"table for {variable.name}")
+        table_id, keys = _transplant_table(meta, ckpt, dim, local)
+        contents = {
+            "keys": np.arange(rows, dtype=np.int64),
+            "values": files.value(variable).astype(np.float32),
+            "slots": np.zeros((rows, 0), np.float32),  # SGD: no optimizer slots
+            "update_counts": np.zeros(rows, np.int64),
+            "last_steps": np.zeros(rows, np.int64),
+            "step": np.array(0, np.int64),
+        }
+        for name, value in contents.items():
+            new_values[keys[name]] = value
+        for fn, node_name, ids_ref in lookups:
+            say(f"replace {fn}/{node_name}")
+            _replace_with_pull(functions[fn], node_name, ids_ref, args.ensure(fn, table_id), dim)
+        replaced.append(Replaced(variable.name, (rows, dim), local, [f"{f}/{n}" for f, n, _ in lookups]))
+    new_values[OBJECT_GRAPH_KEY] = np.array(ckpt.SerializeToString(), dtype=object)
+    say(f"write {out_dir}")
+    write_saved_model(files, proto, new_values, out_dir, overwrite=overwrite, finish=_resave)
+    return replaced
+
+
+def _lookup(files, fdef, node):
+    """(variable, ids reference) when node is an embedding gather of a saved variable, else None."""
+    if node.op == "ResourceGather" and node.attr["batch_dims"].i == 0:
+        resource = split_ref(node.input[0])[0]
+        variable = files.arg_variables.get((fdef.signature.name, resource))
+        return (variable, node.input[1]) if variable is not None else None
+    if node.op == "GatherV2" and node.attr["batch_dims"].i == 0:
+        variable = files.read_variable(fdef, node.input[0])
+        if variable is None:
+            return None
+        try:
+            axis = int(files.evaluate(fdef, node.input[2]))
+        except RewriteError:
+            return None
+        return (variable, node.input[1]) if axis == 0 else None
+    return None
+
+
+def _donor(dim):
+    """A one-table SavedModel saved by TensorFlow: the pieces a table needs in a SavedModel."""
+    directory = tempfile.mkdtemp(prefix="tf_lora_table_donor_")
+    module = tf.Module()
+    module.table = SparseTable(dim, name=f"replaced_{uuid.uuid4().hex[:12]}")  # a table of its own
+    tf.saved_model.save(module, directory)
+    return SavedModelFiles(directory)
+
+
+def _transplant_table(meta, ckpt, dim, local):
+    """Copies a donor table's object-graph nodes and functions into `meta` (and its checkpoint node into
+    `ckpt`) as root attribute `local`. Returns the table's node id and its checkpoint keys by attribute."""
+    donor = _donor(dim)
+    objects, theirs = meta.object_graph_def, donor.meta.object_graph_def
+    table = next(c.node_id for c in theirs.nodes[0].children if c.local_name == "table")
+    # The table and every node it reaches: its functions and their traces, its save/restore functions.
+    order, stack = [], [table]
+    while stack:
+        k = stack.pop()
+        if k in order:
+            continue
+        order.append(k)
+        node = theirs.nodes[k]
+        stack += [c.node_id for c in [*node.children, *node.dependencies]]
+        for saveable in node.saveable_objects.values():
+            stack += [saveable.save_function, saveable.restore_function]
+    base = len(objects.nodes)
+    new_id = {k: base + i for i, k in enumerate(order)}
+    suffix = f"_{uuid.uuid4().int % 10**9}"  # TensorFlow wants function names to end in an integer
+    renamed = {name: name + suffix for name in donor.functions if not name.startswith(_SAVER_FUNCTIONS)}
+    for name, new_name in renamed.items():
+        fdef = meta.graph_def.library.function.add()
+        fdef.CopyFrom(donor.functions[name])
+        fdef.signature.name = new_name
+    for name, concrete in theirs.concrete_functions.items():
+        if name in renamed:
+            copy = objects.concrete_functions[renamed[name]]
+            copy.CopyFrom(concrete)
+            del copy.bound_inputs[:]
+            copy.bound_inputs.extend(new_id[i] for i in concrete.bound_inputs)
+    donor_ckpt = donor.checkpoint_graph
+    keys = {}
+    for k in order:
+        node = objects.nodes.add()
+        node.CopyFrom(theirs.nodes[k])
+        for child in [*node.children, *node.dependencies]:
+            child.node_id = new_id[child.node_id]
+        for saveable in node.saveable_objects.values():
+            saveable.save_function = new_id[saveable.save_function]
+            saveable.restore_function = new_id[saveable.restore_function]
+        if node.HasField("function"):
+            names = [renamed[n] for n in node.function.concrete_functions]
+            del node.function.concrete_functions[:]
+            node.function.concrete_functions.extend(names)
+        if node.HasField("bare_concrete_function"):
+            fn = node.bare_concrete_function
+            fn.concrete_function_name = renamed[fn.concrete_function_name]
+        while len(ckpt.nodes) < new_id[k]:
+            ckpt.nodes.add()
+        checkpoint_node = ckpt.nodes.add()
+        if k < len(donor_ckpt.nodes):
+            checkpoint_node.CopyFrom(donor_ckpt.nodes[k])
+            for child in checkpoint_node.children:
+                child.node_id = new_id[child.node_id]
+            for attribute in checkpoint_node.attributes:
+                attribute.checkpoint_key = attribute.checkpoint_key.replace("table/", f"{local}/", 1)
+                keys[attribute.name] = attribute.checkpoint_key
+    objects.nodes[0].children.add(node_id=new_id[table], local_name=local)
+    ckpt.nodes[0].children.add(node_id=new_id[table], local_name=local)
+    return new_id[table], keys
+
+
+def _replace_with_pull(fdef, node_name, ids_ref, table_arg, dim):
+    """The gather node becomes SparseTablePull(table, int64 ids) under the same name; its consumers are
+    rewired by the rename of its output (`output` -> `values`)."""
+    node = next(n for n in fdef.node_def if n.name == node_name)
+    index_type = node.attr["Tindices"].type
+    cast = node_def_pb2.NodeDef(name=f"{node_name}/tf_lora_ids", op="Cast", input=[ids_ref])
+    cast.attr["SrcT"].type = index_type
+    cast.attr["DstT"].type = types_pb2.DT_INT64
+    cast.attr["Truncate"].b = False
+    fdef.node_def.append(cast)
+    control = [i for i in node.input if i.startswith("^")]
+    node.op = PULL
+    del node.input[:]
+    node.input.extend([table_arg, f"{cast.name}:y:0", *control])
+    for key in list(node.attr):
+        if not key.startswith("_"):
+            del node.attr[key]
+    node.attr["dim"].i = dim
+    node.attr["training"].b = False
+    old, new = f"{node_name}:output:", f"{node_name}:values:"
+    for n in fdef.node_def:
+        for k, ref in enumerate(n.input):
+            if ref.startswith(old):
+                n.input[k] = new + ref[len(old) :]
+    for key, ref in fdef.ret.items():
+        if ref.startswith(old):
+            fdef.ret[key] = new + ref[len(old) :]
