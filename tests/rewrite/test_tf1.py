@@ -131,5 +131,72 @@ def test_swap_adapter_tf1_gives_peft_output(tmp_path):
     np.testing.assert_allclose(
         _run_v1_saved_model(tmp_path / "swapped", io["x"]), io["y"], rtol=1e-5, atol=1e-5
     )
-    with pytest.raises(RewriteError, match="adds variables to TF2 SavedModels only"):
-        tf_lora.rewrite.inject(tmp_path / "model", tmp_path / "injected", target="q", rank=2, alpha=2.0)
+
+
+@pytest.mark.parametrize("resource", [True, False], ids=["resource", "ref"])
+def test_inject_then_fold_tf1_saved_model(tmp_path, resource):
+    _tf1_model(tmp_path, resource)
+    src = tmp_path / "model_v1"
+    report = tf_lora.rewrite.inject(src, tmp_path / "injected", target="head", rank=2, alpha=4.0)
+    assert [(i.weight, i.a, i.shape) for i in report] == [("head/kernel", "head/kernel/lora_a", (5, 3))]
+    assert tf_lora.rewrite.verify(src, tmp_path / "injected") == {"serving_default": 0.0}
+    adapters = tf_lora.rewrite.inspect(tmp_path / "injected")["adapters"]
+    assert sorted((a["weight"], a["rank"], a["scale"]) for a in adapters) == [
+        ("dense/kernel", 2, 1.5),
+        ("head/kernel", 2, 2.0),
+    ]
+    with tf.Graph().as_default() as graph, v1.Session(graph=graph) as session:
+        v1.saved_model.loader.load(session, ["serve"], str(tmp_path / "injected"))
+        trainable = {v.op.name: v for v in v1.trainable_variables()}
+        assert {"head/kernel/lora_a", "head/kernel/lora_b"} <= set(trainable)
+        np.testing.assert_array_equal(session.run(trainable["head/kernel/lora_b"]), 0)
+    tf_lora.rewrite.fold(tmp_path / "injected", tmp_path / "folded")  # both adapters: dense's is not zero
+    assert tf_lora.rewrite.verify(src, tmp_path / "folded")["serving_default"] < 1e-5
+    assert tf_lora.rewrite.inspect(tmp_path / "folded")["tf_lora_ops"] == []
+
+
+def test_inject_tf1_meta_graph_through_the_cli(tmp_path, capsys):
+    _tf1_model(tmp_path, resource=True)
+    meta = str(tmp_path / "ckpt" / "model.meta")
+    assert (
+        cli.main(["inject", meta, str(tmp_path / "out"), "--target", "head", "--rank", "3", "--alpha", "3"])
+        == 0
+    )
+    assert cli.main(["fold", str(tmp_path / "out" / "model.meta"), str(tmp_path / "folded"), "--verify"]) == 0
+    assert tf_lora.rewrite.verify(meta, tmp_path / "folded")["serving_default"] < 1e-5
+    capsys.readouterr()
+
+
+def _tf1_recommender(tmp_path, resource):
+    rng = np.random.default_rng(0)
+    users = rng.standard_normal((10, 4)).astype(np.float32)
+    w = rng.standard_normal((4, 2)).astype(np.float32)
+    graph = tf.Graph()
+    with graph.as_default():
+        ids = v1.placeholder(tf.int32, [None], name="ids")
+        table = v1.get_variable("user_emb", initializer=users, use_resource=resource)
+        head = v1.get_variable("w", initializer=w, use_resource=resource)
+        u = tf.nn.embedding_lookup(table, ids)
+        score = tf.matmul(u, head)
+        with v1.Session(graph=graph) as session:
+            session.run(v1.global_variables_initializer())
+            v1.saved_model.simple_save(
+                session, str(tmp_path / "model"), inputs={"ids": ids}, outputs={"score": score, "u": u}
+            )
+    return users, w
+
+
+@pytest.mark.parametrize("resource", [True, False], ids=["resource", "ref"])
+def test_replace_embedding_tf1(tmp_path, resource):
+    users, w = _tf1_recommender(tmp_path, resource)
+    report = tf_lora.rewrite.replace_embedding(tmp_path / "model", tmp_path / "out", target="user_emb")
+    assert [(r.variable, r.shape) for r in report] == [("user_emb", (10, 4))]
+    assert tf_lora.rewrite.verify(tmp_path / "model", tmp_path / "out") == {"serving_default": 0.0}
+    ops = {op["op"] for op in tf_lora.rewrite.inspect(tmp_path / "out")["tf_lora_ops"]}
+    assert "TfLora>SparseTablePull" in ops
+    with tf.Graph().as_default() as graph, v1.Session(graph=graph) as session:
+        meta = v1.saved_model.loader.load(session, ["serve"], str(tmp_path / "out"))
+        sig = meta.signature_def["serving_default"]
+        ids = np.array([9, 0, 3], np.int32)
+        u = session.run(sig.outputs["u"].name, {sig.inputs["ids"].name: ids})
+        np.testing.assert_array_equal(u, users[ids])

@@ -51,7 +51,16 @@ def replace_embedding(model_dir, out_dir, target, overwrite=False, progress=None
     pattern = re.compile(target)
     files = SavedModelFiles(model_dir)
     if files.tf1:
-        raise RewriteError(f"replace-embedding: {files.path} is a TF1 graph; this rewrites TF2 SavedModels")
+        from tf_lora.rewrite.tf1 import replace_embedding_tf1  # noqa: PLC0415
+
+        result, found = replace_embedding_tf1(
+            files, out_dir, lambda name: _matches(pattern, name), overwrite, say
+        )
+        if result is None:
+            raise RewriteError(
+                f"replace-embedding: no embedding lookup matches {target!r} (lookups on: {found})"
+            )
+        return result
     sites, found, problems = {}, [], []
     for fdef in files.model_functions():
         for node in fdef.node_def:

@@ -53,9 +53,14 @@ def inject(model_dir, out_dir, target, rank, alpha, seed=0, overwrite=False, pro
     pattern = re.compile(target)
     files = SavedModelFiles(model_dir)
     if files.tf1:
-        raise RewriteError(
-            f"inject: {files.path} is a TF1 graph; inject adds variables to TF2 SavedModels only"
+        from tf_lora.rewrite.tf1 import inject_tf1  # noqa: PLC0415
+
+        result = inject_tf1(
+            files, out_dir, lambda name: _matches(pattern, name), int(rank), alpha, seed, overwrite, say
         )
+        if result is None:
+            raise RewriteError(f"inject: no MatMul weight matches {target!r}")
+        return result
     checkpoint_graph(files)  # checks that one can be extended
     proto, meta = files.copy_proto()
     functions = {f.signature.name: f for f in meta.graph_def.library.function}

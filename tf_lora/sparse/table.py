@@ -46,6 +46,10 @@ class SparseTable(tf.saved_model.experimental.TrackableResource):
             self.resource_handle  # noqa: B018 - creates the resource
 
     @property
+    def name(self) -> str:
+        return self._name
+
+    @property
     def dim(self) -> int:
         return self._dim
 
