@@ -271,3 +271,62 @@ def test_help(command, capsys):
         cli.main([*command, "--help"])
     assert done.value.code == 0
     assert "usage: tf-lora" in capsys.readouterr().out
+
+
+def _multi_adapter_keras(tmp_path, with_ids):
+    """A LoraDense with adapters default (rank 2), sql (rank 3) and chat (rank 1), random B; exported with or
+    without per-example adapter ids as a second input. Returns (model, layer, exported dir)."""
+    keras.utils.set_random_seed(4)
+    x_in = keras.Input((6,))
+    layer = tf_lora.layers.LoraDense(
+        5,
+        rank=2,
+        alpha=4,
+        name="lora",
+        adapters=[{"name": "sql", "rank": 3, "alpha": 3}, {"name": "chat", "rank": 1, "alpha": 1}],
+    )
+    if with_ids:
+        ids_in = keras.Input((), dtype="int32")
+        model = keras.Model([x_in, ids_in], layer(x_in, adapter_ids=ids_in))
+    else:
+        model = keras.Model(x_in, layer(x_in))
+    for slot in layer._slots.values():
+        slot.b.assign(RNG.standard_normal(slot.b.shape).astype(np.float32))
+    return model, layer
+
+
+def test_fold_multi_adapter_layer_folds_the_active_or_the_chosen_adapter(tmp_path):
+    model, layer = _multi_adapter_keras(tmp_path, with_ids=False)
+    layer.set_active_adapter("sql")
+    x = RNG.standard_normal((4, 6)).astype(np.float32)
+    model.export(tmp_path / "model", verbose=False)
+    info = tf_lora.rewrite.inspect(tmp_path / "model")
+    assert [(a["adapter"], a["batch_index"], a["rank"]) for a in info["adapters"]] == [
+        ("lora/lora_a", 0, 2),
+        ("lora/lora_a_sql", 1, 3),
+        ("lora/lora_a_chat", 2, 1),
+    ]
+    report = tf_lora.rewrite.fold(tmp_path / "model", tmp_path / "active")  # the active adapter: sql
+    assert [(f.adapter, f.folded) for f in report.folds] == [("lora/lora_a_sql", True)]
+    assert max(tf_lora.rewrite.verify(tmp_path / "model", tmp_path / "active").values()) < 1e-5
+    expected = {}
+    for name in ("chat", None):
+        layer.set_active_adapter(name)
+        expected[name] = model.predict(x, verbose=0)
+    tf_lora.rewrite.fold(tmp_path / "model", tmp_path / "chat", adapter="chat")
+    served = tf.saved_model.load(str(tmp_path / "chat"))
+    np.testing.assert_allclose(served.serve(x), expected["chat"], rtol=1e-5, atol=1e-5)
+    with pytest.raises(RewriteError, match=r"--adapter matches several of its adapters"):
+        tf_lora.rewrite.fold(tmp_path / "model", tmp_path / "two", adapter="sql|chat")
+
+
+def test_fold_per_example_ids_needs_an_adapter_choice(tmp_path):
+    model, layer = _multi_adapter_keras(tmp_path, with_ids=True)
+    model.export(tmp_path / "model", verbose=False)
+    with pytest.raises(RewriteError, match=r"per-example ids\); pick the one to fold with --adapter"):
+        tf_lora.rewrite.fold(tmp_path / "model", tmp_path / "out")
+    tf_lora.rewrite.fold(tmp_path / "model", tmp_path / "out", adapter="lora_a_sql")
+    x = RNG.standard_normal((4, 6)).astype(np.float32)
+    everyone_sql = model.predict([x, np.ones(4, np.int32)], verbose=0)
+    served = tf.saved_model.load(str(tmp_path / "out"))
+    np.testing.assert_allclose(served.serve([x, -np.ones(4, np.int32)]), everyone_sql, rtol=1e-5, atol=1e-5)

@@ -18,8 +18,9 @@ from tf_lora.rewrite.saved_model import (
 )
 
 LORA_APPLY = PLUGIN_PREFIX + "LoraApply"
+BATCHED_LORA_APPLY = PLUGIN_PREFIX + "BatchedLoraApply"
 # Ops between a MatMul and the LoRA apply that adds to its product: the bias, and other adapters' applies.
-_PASS_THROUGH = ("BiasAdd", "Identity", LORA_APPLY)
+_PASS_THROUGH = ("BiasAdd", "Identity", LORA_APPLY, BATCHED_LORA_APPLY)
 
 
 @dataclasses.dataclass
@@ -70,7 +71,7 @@ def fold(model_dir, out_dir, adapter=None, overwrite=False, progress=None) -> Fo
         fdef = functions[original.signature.name]
         nodes = files.nodes(original)
         for node in original.node_def:
-            if node.op != LORA_APPLY:
+            if node.op not in (LORA_APPLY, BATCHED_LORA_APPLY):
                 continue
             say(f"fold {original.signature.name}/{node.name}")
             try:
@@ -87,11 +88,10 @@ def fold(model_dir, out_dir, adapter=None, overwrite=False, progress=None) -> Fo
     left = plugin_nodes(meta)
     if left:
         problems.append(
-            f"tf_lora ops that fold does not handle remain: {left} (fold folds {LORA_APPLY}; a multi-adapter "
-            "BatchedLoraApply must be served with tf_lora)"
+            f"tf_lora ops that fold does not handle remain: {left} (fold folds LoRA applies on MatMuls)"
         )
     if not folds and not problems:
-        raise RewriteError(f"{files.path}: no {LORA_APPLY} op to fold")
+        raise RewriteError(f"{files.path}: no LoRA apply to fold")
     problems += _check_weights_only_read_by_folded_matmuls(files, matmuls_folded)
     updates = {}
     for weight_id, per_matmul in deltas.items():
@@ -117,12 +117,11 @@ def fold(model_dir, out_dir, adapter=None, overwrite=False, progress=None) -> Fo
 
 
 def _fold_one(files, fdef, nodes, node, chooser):
-    """Checks one LoraApply node and computes its update of the MatMul weight: (Fold, weight Variable,
-    MatMul node, delta or None when dropped)."""
+    """Checks one LoraApply or BatchedLoraApply node and computes its update of the MatMul weight:
+    (Fold, weight Variable, MatMul node, delta or None when dropped)."""
     where = f"{fdef.signature.name}/{node.name}"
-    y_ref, x_ref, a_ref, b_ref, scale_ref = [i for i in node.input if not i.startswith("^")]
-    a_var = files.read_variable(fdef, a_ref)
-    adapter_name = a_var.name if a_var is not None else split_ref(a_ref)[0]
+    data = [i for i in node.input if not i.startswith("^")]
+    y_ref, x_ref = data[:2]
     matmul = nodes.get(split_ref(y_ref)[0])
     while matmul is not None and matmul.op in _PASS_THROUGH:
         matmul = nodes.get(split_ref(matmul.input[0])[0])
@@ -136,11 +135,16 @@ def _fold_one(files, fdef, nodes, node, chooser):
     if weight is None:
         raise RewriteError(f"{where}: its MatMul {matmul.name} does not multiply by a saved variable")
     _check_single_consumer_chain(fdef, nodes, node, matmul)
-    a, b = files.evaluate(fdef, a_ref), files.evaluate(fdef, b_ref)
-    scale = files.evaluate(fdef, scale_ref)
-    if np.ndim(scale) != 0:
-        raise RewriteError(f"{where}: scale is not a scalar")
-    chosen = chooser is None or chooser.search(adapter_name) is not None
+    if node.op == LORA_APPLY:
+        a_var = files.read_variable(fdef, data[2])
+        adapter_name = a_var.name if a_var is not None else split_ref(data[2])[0]
+        a, b = files.evaluate(fdef, data[2]), files.evaluate(fdef, data[3])
+        scale = files.evaluate(fdef, data[4])
+        if np.ndim(scale) != 0:
+            raise RewriteError(f"{where}: scale is not a scalar")
+        chosen = chooser is None or chooser.search(adapter_name) is not None
+    else:
+        adapter_name, a, b, scale, chosen = _batched_choice(files, fdef, nodes, node, data, chooser)
     delta = None
     if chosen:
         delta = float(scale) * (a.astype(np.float64) @ b.astype(np.float64))
@@ -152,6 +156,66 @@ def _fold_one(files, fdef, nodes, node, chooser):
             )
     info = Fold(fdef.signature.name, node.name, weight.name, adapter_name, a.shape[1], float(scale), chosen)
     return info, weight, matmul, delta
+
+
+def _batched_choice(files, fdef, nodes, node, data, chooser):
+    """The one adapter of a BatchedLoraApply that folding keeps: the one `chooser` names, else the one every
+    row uses (LoraDense's active adapter: ids filled with one value). (name, a, b, scale, chosen)."""
+    where = f"{fdef.signature.name}/{node.name}"
+    a_stack, b_stack = files.evaluate(fdef, data[2]), files.evaluate(fdef, data[3])
+    scales = np.atleast_1d(files.evaluate(fdef, data[5]))
+    names = _stack_names(files, fdef, nodes, data[2], len(a_stack))
+    if chooser is not None:
+        ks = [k for k, name in enumerate(names) if chooser.search(name)]
+        if len(ks) > 1:
+            raise RewriteError(f"{where}: --adapter matches several of its adapters {[names[k] for k in ks]}")
+        k = ks[0] if ks else -1
+    else:
+        k = _uniform_id(files, fdef, nodes, data[4], where)
+    if k < 0:  # no adapter for any row: the apply goes, nothing is folded
+        return (names[0] if names else where), a_stack[0], b_stack[0], 0.0, False
+    if k >= len(a_stack):
+        raise RewriteError(f"{where}: adapter id {k} is out of range for {len(a_stack)} adapters")
+    return names[k], a_stack[k], b_stack[k], float(scales[k]), True
+
+
+def _stack_names(files, fdef, nodes, ref, n, ranks=None):
+    """Names of the adapters stacked into a_stack: the variables behind a Pack's inputs (through Pad); their
+    own ranks (before padding to the stack's) go into `ranks` when given."""
+    pack = nodes.get(split_ref(ref)[0])
+    names = [f"{split_ref(ref)[0]}[{k}]" for k in range(n)]
+    if pack is not None and pack.op == "Pack":
+        for k, item in enumerate(i for i in pack.input if not i.startswith("^")):
+            source = nodes.get(split_ref(item)[0])
+            while source is not None and source.op in ("Pad", "PadV2", "Identity"):
+                item = source.input[0]
+                source = nodes.get(split_ref(item)[0])
+            variable = files.read_variable(fdef, item)
+            if variable is not None and k < n:
+                names[k] = variable.name
+                if ranks is not None and len(variable.shape) == 2:
+                    ranks[k] = variable.shape[1]
+    return names
+
+
+def _uniform_id(files, fdef, nodes, ref, where):
+    """The adapter id every row uses, or a RewriteError when rows may differ."""
+    node = nodes.get(split_ref(ref)[0])
+    while node is not None and node.op in ("Reshape", "Identity", "Cast"):
+        ref = node.input[0]
+        node = nodes.get(split_ref(ref)[0])
+    try:
+        if node is not None and node.op == "Fill":
+            return int(files.evaluate(fdef, node.input[1]))
+        ids = np.unique(files.evaluate(fdef, ref))
+    except RewriteError:
+        ids = None
+    if ids is None or len(ids) != 1:
+        raise RewriteError(
+            f"{where}: rows choose their adapters at run time (per-example ids); pick the one to fold with "
+            "--adapter"
+        )
+    return int(ids[0])
 
 
 def _same_tensor(ref1, ref2):
@@ -170,7 +234,7 @@ def _check_single_consumer_chain(fdef, nodes, apply_node, matmul):
         consumers[split_ref(r)[0]] += 1
     step = nodes[split_ref(apply_node.input[0])[0]]
     while True:
-        if consumers[step.name] > 1 and step.op != LORA_APPLY:
+        if consumers[step.name] > 1 and step.op not in (LORA_APPLY, BATCHED_LORA_APPLY):
             raise RewriteError(
                 f"{fdef.signature.name}/{apply_node.name}: {step.name} ({step.op}) between the MatMul and "
                 "the LoRA apply has other consumers, which would see the folded weight"

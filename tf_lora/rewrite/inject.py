@@ -11,7 +11,7 @@ from tensorflow.core.framework import node_def_pb2, types_pb2
 from tensorflow.core.protobuf import saved_object_graph_pb2, trackable_object_graph_pb2
 from tensorflow.python.framework import dtypes, tensor_util
 
-from tf_lora.rewrite.fold import LORA_APPLY
+from tf_lora.rewrite.fold import BATCHED_LORA_APPLY, LORA_APPLY
 from tf_lora.rewrite.saved_model import (
     CALL_OPS,
     OBJECT_GRAPH_KEY,
@@ -68,7 +68,9 @@ def inject(model_dir, out_dir, target, rank, alpha, seed=0, overwrite=False, pro
     # Every MatMul on a matching weight, grouped by weight.
     sites = {}
     for fdef in files.model_functions():
-        adapted = {split_ref(n.input[0])[0] for n in fdef.node_def if n.op == LORA_APPLY}
+        adapted = {
+            split_ref(n.input[0])[0] for n in fdef.node_def if n.op in (LORA_APPLY, BATCHED_LORA_APPLY)
+        }
         for node in fdef.node_def:
             if node.op != "MatMul" or node.attr["transpose_a"].b or node.name in adapted:
                 continue

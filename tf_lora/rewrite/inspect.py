@@ -3,7 +3,7 @@ an adapter, embedding lookups that a sparse table could replace."""
 
 from tensorflow.python.framework import dtypes
 
-from tf_lora.rewrite.fold import LORA_APPLY, _fold_one
+from tf_lora.rewrite.fold import BATCHED_LORA_APPLY, LORA_APPLY, _fold_one, _stack_names
 from tf_lora.rewrite.saved_model import PLUGIN_PREFIX, RewriteError, SavedModelFiles, split_ref
 
 
@@ -14,6 +14,42 @@ def _tensor_info(info):
         else [d.size if d.size >= 0 else None for d in info.tensor_shape.dim]
     )
     return {"dtype": dtypes.as_dtype(info.dtype).name if info.dtype else None, "shape": shape}
+
+
+def _batched_entries(files, fdef, nodes, node, adapted):
+    """One entry per adapter of a multi-adapter apply (`batch_index`: its id in adapter_ids)."""
+    base = {"function": fdef.signature.name, "node": node.name}
+    data = [i for i in node.input if not i.startswith("^")]
+    matmul = nodes.get(split_ref(data[0])[0])
+    while matmul is not None and matmul.op in ("BiasAdd", "Identity", LORA_APPLY, BATCHED_LORA_APPLY):
+        matmul = nodes.get(split_ref(matmul.input[0])[0])
+    weight = (
+        files.read_variable(fdef, matmul.input[1]) if matmul is not None and matmul.op == "MatMul" else None
+    )
+    try:
+        a_stack = files.evaluate(fdef, data[2])
+        scales = files.evaluate(fdef, data[5]).reshape(-1)
+    except RewriteError as e:
+        return [{**base, "not_foldable": str(e)}]
+    if weight is None:
+        return [
+            {**base, "not_foldable": f"{data[0]!r} is not (a bias added to) a MatMul of a saved variable"}
+        ]
+    adapted.add(matmul.name)
+    ranks = {}
+    names = _stack_names(files, fdef, nodes, data[2], len(a_stack), ranks)
+    return [
+        {
+            **base,
+            "weight": weight.name,
+            "weight_shape": list(weight.shape),
+            "adapter": name,
+            "batch_index": k,
+            "rank": int(ranks.get(k, a_stack.shape[2])),
+            "scale": float(scales[k]),
+        }
+        for k, name in enumerate(names)
+    ]
 
 
 def inspect(model_dir) -> dict:
@@ -56,6 +92,8 @@ def inspect(model_dir) -> dict:
                 except RewriteError as e:
                     entry["not_foldable"] = str(e)
                 adapters.append(entry)
+            elif node.op == BATCHED_LORA_APPLY:
+                adapters += _batched_entries(files, fdef, nodes, node, adapted)
         for node in fdef.node_def:
             if node.op == "MatMul" and node.name not in adapted:
                 weight = files.read_variable(fdef, node.input[1])
