@@ -6,6 +6,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <mutex>
 #include <numeric>
 
 #include "tensorflow/core/lib/random/philox_random.h"
@@ -397,18 +398,79 @@ void Optimizer::Apply(int64_t dim, float lr, int64_t count,
 
 void Table::Pull(const int64_t* ids, int64_t n, bool training, float* values,
                  const ParallelFor& parallel_for) {
-  Workspace& ws = ThreadWorkspace();
-  Dedup(ids, n, &ws);
-  const int64_t m = ws.unique.size(), dim = config_.dim;
-  ws.rows.resize(m * dim);
-  PullUnique(ws.unique.data(), m, training, ws.rows.data(), parallel_for);
-  const float* rows = ws.rows.data();
-  const int32_t* index = ws.index.data();
-  parallel_for(n, /*cycles_per_unit=*/dim, [&](int64_t begin, int64_t end) {
+  // Each worker reads a contiguous run of ids with every shard locked for
+  // reading: no grouping pass, no scratch rows, one copy per id straight into
+  // the output. Hot (Zipf) ids stay in cache; the index entry and the row of
+  // cold ids are prefetched ahead (pipelined). Ids not in the table are
+  // zero rows for inference; for training they are collected and inserted in
+  // a second pass under write locks (the grouped path).
+  const int64_t dim = config_.dim;
+  std::mutex missing_mu;
+  std::vector<int64_t> missing;
+  constexpr int64_t kSlotAhead = 16, kRowAhead = 8;
+  parallel_for(n, /*cycles_per_unit=*/300, [&](int64_t begin, int64_t end) {
+    for (auto& shard : shards_) shard->mu.lock_shared();
+    std::vector<int64_t> missed;
+    const auto shard_of = [this](uint64_t hash) -> const Shard& {
+      return *shards_[hash >> (64 - kShardBits)];
+    };
+    const auto find = [&](int64_t i) -> const float* {
+      const uint64_t hash = Mix(ids[i]);
+      const Shard& shard = shard_of(hash);
+      const int32_t r = shard.Find(ids[i], hash);
+      return r == Shard::kEmpty ? nullptr : shard.Row(r);
+    };
+    const float* found[kRowAhead];
+    for (int64_t i = begin; i < std::min(end, begin + kSlotAhead); ++i) {
+      const uint64_t hash = Mix(ids[i]);
+      shard_of(hash).PrefetchSlot(hash);
+    }
+    for (int64_t i = begin; i < std::min(end, begin + kRowAhead); ++i) {
+      found[i % kRowAhead] = find(i);
+    }
     for (int64_t i = begin; i < end; ++i) {
-      CopyRow(rows + int64_t{index[i]} * dim, dim, values + i * dim);
+      const float* row = found[i % kRowAhead];
+      if (i + kSlotAhead < end) {
+        const uint64_t hash = Mix(ids[i + kSlotAhead]);
+        shard_of(hash).PrefetchSlot(hash);
+      }
+      if (i + kRowAhead < end) {
+        const float* ahead = find(i + kRowAhead);
+        found[(i + kRowAhead) % kRowAhead] = ahead;
+        if (ahead != nullptr) {
+          __builtin_prefetch(ahead);
+          __builtin_prefetch(ahead + dim - 1);
+        }
+      }
+      if (row != nullptr) {
+        CopyRow(row, dim, values + i * dim);
+      } else if (training) {
+        missed.push_back(i);
+      } else {
+        std::fill_n(values + i * dim, dim, 0.f);
+      }
+    }
+    for (auto& shard : shards_) shard->mu.unlock_shared();
+    if (!missed.empty()) {
+      std::lock_guard<std::mutex> lock(missing_mu);
+      missing.insert(missing.end(), missed.begin(), missed.end());
     }
   });
+  if (missing.empty()) return;
+  // Training: insert the missing ids (each once) and copy their new rows.
+  std::vector<int64_t> missing_ids(missing.size());
+  for (size_t k = 0; k < missing.size(); ++k) missing_ids[k] = ids[missing[k]];
+  Workspace& ws = ThreadWorkspace();
+  Dedup(missing_ids.data(), static_cast<int64_t>(missing_ids.size()), &ws);
+  const int64_t m = ws.unique.size();
+  std::vector<float> rows(m * dim);
+  const std::vector<int64_t> unique = ws.unique;
+  const std::vector<int32_t> index = ws.index;
+  PullUnique(unique.data(), m, /*training=*/true, rows.data(), parallel_for);
+  for (size_t k = 0; k < missing.size(); ++k) {
+    CopyRow(rows.data() + int64_t{index[k]} * dim, dim,
+            values + missing[k] * dim);
+  }
 }
 
 void Table::PullUnique(const int64_t* ids, int64_t n, bool training,

@@ -99,7 +99,7 @@ class Table {
 
   // values[i, :] = row of ids[i]. training: missing ids are inserted with
   // their initial row; otherwise missing ids read as zeros and nothing is
-  // inserted. Duplicate ids are looked up once.
+  // inserted (each missing id once).
   void Pull(const int64_t* ids, int64_t n, bool training, float* values,
             const ParallelFor& parallel_for);
 
