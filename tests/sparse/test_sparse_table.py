@@ -25,6 +25,20 @@ def test_training_pull_inserts_inference_pull_does_not():
     assert int(table.size()) == 3
 
 
+def test_large_training_pull_with_repeats_inserts_each_id_once():
+    """Missing ids found by several workers, repeated across the batch: one row each, the same everywhere."""
+    table = tf_lora.SparseTable(4, initializer=init.RandomNormal(0.0, 1.0, seed=2))
+    table.pull(np.arange(0, 3000, 2), training=True)  # the even ids are there already, the odd ones not
+    ids = np.random.default_rng(1).integers(0, 3000, 20_000)
+    values = table.pull(ids, training=True).numpy()
+    assert int(table.size()) == 1500 + len(np.unique(ids[ids % 2 == 1]))
+    first = {}
+    for i, row in zip(ids, values, strict=True):
+        np.testing.assert_array_equal(row, first.setdefault(i, row))
+    reference = tf_lora.SparseTable(4, initializer=init.RandomNormal(0.0, 1.0, seed=2))
+    np.testing.assert_array_equal(values, reference.pull(ids, training=True).numpy())  # rows depend on ids only
+
+
 def test_initial_rows_depend_on_seed_and_id_only():
     ids = np.random.default_rng(0).integers(-(2**40), 2**40, 500)
     t1 = tf_lora.SparseTable(8, initializer=init.RandomNormal(0.0, 1.0, seed=7))
