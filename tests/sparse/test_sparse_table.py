@@ -36,7 +36,9 @@ def test_large_training_pull_with_repeats_inserts_each_id_once():
     for i, row in zip(ids, values, strict=True):
         np.testing.assert_array_equal(row, first.setdefault(i, row))
     reference = tf_lora.SparseTable(4, initializer=init.RandomNormal(0.0, 1.0, seed=2))
-    np.testing.assert_array_equal(values, reference.pull(ids, training=True).numpy())  # rows depend on ids only
+    np.testing.assert_array_equal(
+        values, reference.pull(ids, training=True).numpy()
+    )  # rows depend on ids only
 
 
 def test_initial_rows_depend_on_seed_and_id_only():
