@@ -553,12 +553,18 @@ int64_t Table::Push(const int64_t* ids, int64_t n, const float* grads,
 }
 
 int64_t Table::Remove(const int64_t* ids, int64_t n) {
+  // Grouped by shard: one lock per shard, not one per id.
+  Workspace& ws = ThreadWorkspace();
+  GroupByShard(ids, n, &ws.start, &ws.order, &ws.next);
   int64_t removed = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    const uint64_t hash = Mix(ids[i]);
-    Shard& shard = *shards_[hash >> (64 - kShardBits)];
+  for (int s = 0; s < kShards; ++s) {
+    if (ws.start[s] == ws.start[s + 1]) continue;
+    Shard& shard = *shards_[s];
     std::unique_lock<std::shared_mutex> lock(shard.mu);
-    removed += shard.Remove(ids[i], hash);
+    for (int64_t e = ws.start[s]; e < ws.start[s + 1]; ++e) {
+      const int64_t id = ids[ws.order[e]];
+      removed += shard.Remove(id, Mix(id));
+    }
   }
   return removed;
 }
@@ -628,15 +634,20 @@ std::string Table::Import(const Contents& in, int64_t step) {
     shard.counts[r] = in.update_counts[i];
     shard.last_steps[r] = in.last_steps[i];
   }
+  // Every shard write-locked (in shard order, as everything that takes more
+  // than one lock does) while the contents change: a concurrent pull sees the
+  // old table or the new one, never a mix.
+  for (auto& shard : shards_) shard->mu.lock();
   for (int s = 0; s < kShards; ++s) {
-    std::unique_lock<std::shared_mutex> lock(shards_[s]->mu);
     std::swap(shards_[s]->index, fresh[s]->index);
     std::swap(shards_[s]->size, fresh[s]->size);
     std::swap(shards_[s]->blocks, fresh[s]->blocks);
     std::swap(shards_[s]->counts, fresh[s]->counts);
     std::swap(shards_[s]->last_steps, fresh[s]->last_steps);
+    std::swap(shards_[s]->row_keys, fresh[s]->row_keys);
   }
   step_ = step;
+  for (auto& shard : shards_) shard->mu.unlock();
   return "";
 }
 

@@ -340,3 +340,28 @@ def test_remove_and_evict():
     assert int(table.evict(max_age=0)) == 5 and int(table.size()) == 5
     with pytest.raises(ValueError, match="max_age must be >= 0 or None"):
         table.evict(max_age=-3)
+
+
+def test_remove_and_evict_after_import():
+    """An imported table knows which key each row holds: removing and evicting there is exact."""
+    table = tf_lora.SparseTable(2, optimizer=opt.SGD(0.1))
+    table.pull([999], training=True)  # contents the import replaces
+    keys = np.arange(50, dtype=np.int64) * 7
+    values = np.random.default_rng(0).standard_normal((50, 2)).astype(np.float32)
+    counts = np.where(np.arange(50) < 20, 3, 1).astype(np.int64)
+    table.import_(
+        {
+            "keys": keys,
+            "values": values,
+            "slots": np.zeros((50, 0), np.float32),
+            "update_counts": counts,
+            "last_steps": np.zeros(50, np.int64),
+            "step": 0,
+        }
+    )
+    assert int(table.remove(keys[:5])) == 5
+    np.testing.assert_array_equal(table.pull(keys[5:]), values[5:])
+    assert int(table.evict(min_update_count=2)) == 30
+    assert sorted(table.export()["keys"].numpy()) == sorted(keys[5:20])
+    np.testing.assert_array_equal(table.pull(keys[5:20]), values[5:20])
+    np.testing.assert_array_equal(table.pull([999]), np.zeros((1, 2)))
