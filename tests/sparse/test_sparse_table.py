@@ -365,3 +365,19 @@ def test_remove_and_evict_after_import():
     assert sorted(table.export()["keys"].numpy()) == sorted(keys[5:20])
     np.testing.assert_array_equal(table.pull(keys[5:20]), values[5:20])
     np.testing.assert_array_equal(table.pull([999]), np.zeros((1, 2)))
+
+
+def test_gradients_stop_at_the_table_ops():
+    """tf.gradients through a pull in graph mode: None for what only the table feeds, no LookupError."""
+    table = tf_lora.SparseTable(3)
+
+    @tf.function
+    def grads(w):
+        handle = tf.identity(table.resource_handle)
+        rows = tf_lora.python.ops.sparse_table_ops.pull(handle, [1, 2], dim=3, training=True)
+        y = tf.reduce_sum(rows * w) + tf.reduce_sum(w)
+        dw, dhandle = tf.gradients(y, [w, handle])  # through the pull back to its table input
+        assert dhandle is None
+        return dw
+
+    np.testing.assert_array_equal(grads(tf.ones([2, 3])), np.ones((2, 3)))  # rows are zeros: d/dw = rows + 1
