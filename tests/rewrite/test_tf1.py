@@ -200,3 +200,40 @@ def test_replace_embedding_tf1(tmp_path, resource):
         ids = np.array([9, 0, 3], np.int32)
         u = session.run(sig.outputs["u"].name, {sig.inputs["ids"].name: ids})
         np.testing.assert_array_equal(u, users[ids])
+
+
+@pytest.mark.parametrize("as_text", [False, True], ids=["pb", "pbtxt"])
+def test_fold_bare_graph_def_with_checkpoint(tmp_path, as_text):
+    """A GraphDef file with a checkpoint beside it under the same name: folded weights in the new one."""
+    rng = np.random.default_rng(0)
+    values = {
+        k: rng.standard_normal(s).astype(np.float32) for k, s in (("w", (6, 4)), ("a", (6, 2)), ("b", (2, 4)))
+    }
+    graph = tf.Graph()
+    with graph.as_default():
+        x = v1.placeholder(tf.float32, [None, 6], name="x")
+        var = {k: v1.get_variable(k, initializer=v) for k, v in values.items()}
+        tf.identity(tf_lora.lora_matmul(x, var["w"], var["a"], var["b"], 0.5), name="y")
+        with v1.Session(graph=graph) as session:
+            session.run(v1.global_variables_initializer())
+            v1.train.Saver().save(session, str(tmp_path / "model"), write_meta_graph=False)
+        name = "model.pbtxt" if as_text else "model.pb"
+        tf.io.write_graph(graph.as_graph_def(), str(tmp_path), name, as_text=as_text)
+    report = tf_lora.rewrite.fold(tmp_path / name, tmp_path / "out")
+    assert [(f.weight, f.scale) for f in report.folds] == [("w", 0.5)]
+    assert sorted(os.listdir(tmp_path / "out")) == [
+        "checkpoint",
+        "model.data-00000-of-00001",
+        "model.index",
+        "model.pb",
+    ]
+    reader = tf.train.load_checkpoint(str(tmp_path / "out" / "model"))
+    np.testing.assert_allclose(
+        reader.get_tensor("w"), values["w"] + 0.5 * values["a"] @ values["b"], rtol=1e-6
+    )
+    folded = tf_lora.rewrite.saved_model.SavedModelFiles(tmp_path / "out" / "model.pb")
+    assert tf_lora.rewrite.saved_model.plugin_nodes(folded.meta) == []
+    with pytest.raises(RewriteError, match="bare GraphDef, with no signatures to run"):
+        tf_lora.rewrite.verify(tmp_path / name, tmp_path / "out")
+    with pytest.raises(RewriteError, match="needs a MetaGraphDef"):
+        tf_lora.rewrite.inject(tmp_path / name, tmp_path / "inj", target="w", rank=2, alpha=2.0)

@@ -13,8 +13,9 @@ import types
 
 import numpy as np
 import tensorflow as tf
+from google.protobuf import text_format
 from google.protobuf.message import DecodeError
-from tensorflow.core.framework import node_def_pb2
+from tensorflow.core.framework import graph_pb2, node_def_pb2
 from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2, trackable_object_graph_pb2
 from tensorflow.python.framework import op_def_registry, tensor_util
 
@@ -78,6 +79,23 @@ class SavedModelFiles:
             self.proto = self._parse(meta_graph_pb2.MetaGraphDef(), self.path, "MetaGraphDef")
             self.meta = self.proto
             self.prefix = self.path[: -len(".meta")]
+        elif os.path.isfile(self.path) and self.path.endswith((".pb", ".pbtxt")):
+            # A bare GraphDef with its checkpoint beside it (model.pb + model.index): read as a MetaGraphDef
+            # without saver or signatures; checkpoint keys are the variables' names, as a default Saver
+            # writes them.
+            self.kind = "graph_def"
+            graph_def = graph_pb2.GraphDef()
+            if self.path.endswith(".pbtxt"):
+                try:
+                    with open(self.path) as f:
+                        text_format.Parse(f.read(), graph_def)
+                except (text_format.ParseError, UnicodeDecodeError) as e:
+                    raise RewriteError(f"{self.path}: corrupted GraphDef text ({e})") from None
+            else:
+                self._parse(graph_def, self.path, "GraphDef")
+            self.proto = meta_graph_pb2.MetaGraphDef(graph_def=graph_def)
+            self.meta = self.proto
+            self.prefix = os.path.splitext(self.path)[0]
         else:
             pb = os.path.join(self.path, "saved_model.pb")
             if not os.path.isdir(self.path):
@@ -113,7 +131,7 @@ class SavedModelFiles:
         """A copy of the proto to rewrite, and its meta graph (the one read)."""
         proto = type(self.proto)()
         proto.CopyFrom(self.proto)
-        if self.kind == "meta_graph":
+        if self.kind in ("meta_graph", "graph_def"):
             return proto, proto
         index = list(self.proto.meta_graphs).index(self.meta)
         return proto, proto.meta_graphs[index]
@@ -124,7 +142,7 @@ class SavedModelFiles:
         self.variables = {}
         self.reader = self.checkpoint_graph = None
         if not os.path.exists(self.prefix + ".index"):
-            if self.kind == "meta_graph":
+            if self.kind in ("meta_graph", "graph_def"):
                 raise RewriteError(f"{self.path}: no checkpoint beside it ({self.prefix}.index)")
             return
         try:
@@ -346,16 +364,20 @@ def write_saved_model(files: SavedModelFiles, proto, new_values: dict, out, over
     staging = os.path.join(parent, f".{os.path.basename(out)}.tf_lora_tmp_{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        for meta in [proto] if files.kind == "meta_graph" else proto.meta_graphs:
+        for meta in [proto] if files.kind in ("meta_graph", "graph_def") else proto.meta_graphs:
             used = stripped_op_names(meta)
             kept = [op for op in meta.meta_info_def.stripped_op_list.op if op.name in used]
             del meta.meta_info_def.stripped_op_list.op[:]
             meta.meta_info_def.stripped_op_list.op.extend(kept)
-        if files.kind == "meta_graph":  # OUT/<name>.meta, the checkpoint OUT/<name>, and its state file
+        if files.kind in ("meta_graph", "graph_def"):  # OUT/<name>.meta (or .pb), checkpoint OUT/<name>
             os.makedirs(staging)
             base = os.path.basename(files.prefix)
-            with open(os.path.join(staging, base + ".meta"), "wb") as f:
-                f.write(proto.SerializeToString())
+            if files.kind == "meta_graph":
+                with open(os.path.join(staging, base + ".meta"), "wb") as f:
+                    f.write(proto.SerializeToString())
+            else:
+                with open(os.path.join(staging, base + ".pb"), "wb") as f:
+                    f.write(proto.graph_def.SerializeToString())
             _write_checkpoint(files.reader, new_values, os.path.join(staging, base))
             with open(os.path.join(staging, "checkpoint"), "w") as f:
                 f.write(f'model_checkpoint_path: "{base}"\nall_model_checkpoint_paths: "{base}"\n')

@@ -20,6 +20,11 @@ v1 = tf.compat.v1
 @contextlib.contextmanager
 def session_model(files):
     """(graph, session, {name: SignatureDef}) of a TF1 model, variables restored."""
+    if files.kind == "graph_def":
+        raise RewriteError(
+            f"{files.path}: a bare GraphDef has no variable collections or saver to rebuild the model from; "
+            "this command needs a MetaGraphDef (.meta) or a SavedModel"
+        )
     graph = tf.Graph()
     with graph.as_default(), v1.Session(graph=graph) as session:
         try:

@@ -51,6 +51,8 @@ class _TF1:
 
     def __init__(self, path):
         files = SavedModelFiles(path)
+        if files.kind == "graph_def":
+            raise RewriteError(f"verify: {path} is a bare GraphDef, with no signatures to run")
         self.graph = tf.Graph()
         self.session = tf.compat.v1.Session(graph=self.graph)
         try:
@@ -101,8 +103,11 @@ def verify(
     """
     original = _open(original_dir)
     rewritten_path = rewritten_dir
-    if str(original_dir).endswith(".meta"):
-        rewritten_path = os.path.join(rewritten_dir, os.path.basename(str(original_dir)))
+    if str(original_dir).endswith((".meta", ".pb", ".pbtxt")) and os.path.isfile(original_dir):
+        name = os.path.splitext(os.path.basename(str(original_dir)))[0]
+        rewritten_path = os.path.join(
+            rewritten_dir, name + (".meta" if str(original_dir).endswith(".meta") else ".pb")
+        )
     rewritten = _open(rewritten_path)
     names = original.signatures if signatures is None else list(signatures)
     if not names:
