@@ -7,6 +7,7 @@ import re
 import numpy as np
 
 from tf_lora.rewrite.saved_model import (
+    CALL_OPS,
     PLUGIN_PREFIX,
     VARIABLE_OPS,
     GraphBody,
@@ -21,6 +22,8 @@ LORA_APPLY = PLUGIN_PREFIX + "LoraApply"
 BATCHED_LORA_APPLY = PLUGIN_PREFIX + "BatchedLoraApply"
 # Ops between a MatMul and the LoRA apply that adds to its product: the bias, and other adapters' applies.
 _PASS_THROUGH = ("BiasAdd", "Identity", LORA_APPLY, BATCHED_LORA_APPLY)
+# What a TF1 graph does to every variable besides reading it: initialize it and check that it is.
+_TF1_INIT_OPS = ("VarIsInitializedOp", "AssignVariableOp", "Assign", "IsVariableInitialized")
 
 
 @dataclasses.dataclass
@@ -82,8 +85,9 @@ def fold(model_dir, out_dir, adapter=None, overwrite=False, progress=None) -> Fo
             fold_info, weight, matmul, delta = found
             folds.append(fold_info)
             matmuls_folded[weight.node_id].add((original.signature.name, matmul.name))
-            if delta is not None:
-                deltas[weight.node_id].setdefault((original.signature.name, matmul.name), []).append(delta)
+            if delta is None:  # dropped: this MatMul keeps the base weight, which must then stay as it is
+                delta = np.zeros(weight.shape)
+            deltas[weight.node_id].setdefault((original.signature.name, matmul.name), []).append(delta)
             _replace_with_identity(fdef, next(n for n in fdef.node_def if n.name == node.name))
     left = plugin_nodes(meta)
     if left:
@@ -219,8 +223,7 @@ def _uniform_id(files, fdef, nodes, ref, where):
 
 
 def _same_tensor(ref1, ref2):
-    (n1, _, i1), (n2, _, i2) = split_ref(ref1), split_ref(ref2)
-    return n1 == n2 and i1 == i2
+    return split_ref(ref1) == split_ref(ref2)
 
 
 def _check_single_consumer_chain(fdef, nodes, apply_node, matmul):
@@ -266,32 +269,54 @@ def _replace_with_identity(fdef, node):
 
 
 def _check_weights_only_read_by_folded_matmuls(files, matmuls_folded):
-    """A folded weight read anywhere else (another MatMul, a gather...) would change meaning there."""
+    """A folded weight used anywhere else would change meaning there. Every use of its resource must be a
+    read whose consumers are folded MatMuls, or a call into a function checked the same way; anything else
+    (a gather on it, a cond or loop body fold cannot follow, an assignment) is refused."""
     problems = []
     saver = split_ref(files.meta.saver_def.save_tensor_name)[0].rsplit("/", 1)[0] + "/"
+
+    def saver_node(nodes, n):
+        return files.tf1 and (saver != "/" and n.name.startswith(saver) or _only_saves(nodes, n))
+
     for fdef in files.model_functions():
         nodes = files.nodes(fdef)
+        fn = fdef.signature.name
+        # The weight's resource: an argument bound to it (TF2), or its variable op (TF1 graphs).
+        resources = {}
+        if isinstance(fdef, GraphBody):
+            for name, variable in files.graph_variables.items():
+                if variable.node_id in matmuls_folded:
+                    resources[name] = variable
+        else:
+            for (function, arg), variable in files.arg_variables.items():
+                if function == fn and variable.node_id in matmuls_folded:
+                    resources[arg] = variable
         for node in fdef.node_def:
-            ref_read = (
-                node.op == "Identity" and nodes.get(split_ref(node.input[0])[0], node).op in VARIABLE_OPS
-            )
-            if node.op != "ReadVariableOp" and not ref_read:
-                continue
-            variable = files.read_variable(fdef, node.name)
-            if variable is None or variable.node_id not in matmuls_folded:
-                continue
-            readers = [
-                n
-                for n in _consumers(nodes, node.name)
-                if not (files.tf1 and (saver != "/" and n.name.startswith(saver) or _only_saves(nodes, n)))
-            ]
-            for reader in readers:
-                if (fdef.signature.name, reader.name) not in matmuls_folded[variable.node_id]:
+            for ref in (i for i in node.input if not i.startswith("^")):
+                variable = resources.get(split_ref(ref)[0])
+                if variable is None or saver_node(nodes, node):
+                    continue
+                reads = node.op == "ReadVariableOp" or (
+                    node.op == "Identity" and nodes.get(split_ref(ref)[0], node).op in VARIABLE_OPS
+                )
+                harmless = node.op in CALL_OPS or (files.tf1 and node.op in _TF1_INIT_OPS)
+                if not reads and not harmless:
                     problems.append(
-                        f"weight {variable.name!r} is also read by {fdef.signature.name}/{reader.name} "
-                        f"({reader.op}), which has no LoRA apply to fold"
+                        f"weight {variable.name!r} is used by {fn}/{node.name} ({node.op}), which fold "
+                        "cannot rewrite with it"
                     )
-    return problems
+                    continue
+                if not reads:
+                    continue
+                for reader in _consumers(nodes, node.name):
+                    if saver_node(nodes, reader):
+                        continue
+                    if (fn, reader.name) not in matmuls_folded[variable.node_id]:
+                        problems.append(
+                            f"weight {variable.name!r} is also read by {fn}/{reader.name} ({reader.op}), "
+                            "which has no LoRA apply to fold"
+                        )
+    return sorted(set(problems))
 
 
 def _consumers(nodes, name):
@@ -309,17 +334,22 @@ def _only_saves(nodes, node):
 
 
 def _weight_and_twins(files, weight):
-    """The weight and its unused twins: Keras's export saves each variable twice (the layer's, which functions
-    use, and its tf.Variable, which none does) under the same name with the same value; the twin gets the
-    folded value too, so that the saved copies agree."""
+    """The weight and its twin: Keras's export saves each variable twice, the layer's (which functions use)
+    and, listed under the root's `_all_variables`, its tf.Variable (which none does), with one name and one
+    value; the twin gets the folded value too, so that the saved copies agree. Nothing else is touched."""
+    if files.tf1:
+        return [weight]
+    objects = files.meta.object_graph_def
+    listed = [c.node_id for c in objects.nodes[0].children if c.local_name == "_all_variables"]
+    candidates = {c.node_id for k in listed for c in objects.nodes[k].children}
     bound = {v.node_id for v in files.arg_variables.values()}
     value = files.value(weight)
     twins = [
-        v
-        for v in files.variables.values()
-        if v.node_id not in bound
-        and v.name == weight.name
-        and v.shape == weight.shape
-        and np.array_equal(files.value(v), value)
+        files.variables[k]
+        for k in sorted(candidates - bound)
+        if k in files.variables
+        and files.variables[k].name == weight.name
+        and files.variables[k].shape == weight.shape
+        and np.array_equal(files.value(files.variables[k]), value)
     ]
     return [weight, *twins]

@@ -11,7 +11,7 @@ from tensorflow.core.framework import node_def_pb2, types_pb2
 from tensorflow.core.protobuf import saved_object_graph_pb2, trackable_object_graph_pb2
 from tensorflow.python.framework import dtypes, tensor_util
 
-from tf_lora.rewrite.fold import BATCHED_LORA_APPLY, LORA_APPLY
+from tf_lora.rewrite.fold import _PASS_THROUGH, BATCHED_LORA_APPLY, LORA_APPLY
 from tf_lora.rewrite.saved_model import (
     CALL_OPS,
     OBJECT_GRAPH_KEY,
@@ -67,10 +67,9 @@ def inject(model_dir, out_dir, target, rank, alpha, seed=0, overwrite=False, pro
 
     # Every MatMul on a matching weight, grouped by weight.
     sites = {}
+    problems = []
     for fdef in files.model_functions():
-        adapted = {
-            split_ref(n.input[0])[0] for n in fdef.node_def if n.op in (LORA_APPLY, BATCHED_LORA_APPLY)
-        }
+        adapted = _adapted_matmuls(fdef)
         for node in fdef.node_def:
             if node.op != "MatMul" or node.attr["transpose_a"].b or node.name in adapted:
                 continue
@@ -80,6 +79,15 @@ def inject(model_dir, out_dir, target, rank, alpha, seed=0, overwrite=False, pro
             if len(weight.shape) != 2:
                 continue
             sites.setdefault(weight.node_id, []).append((fdef.signature.name, node.name))
+    for weight_id, matmuls in sites.items():
+        transposed = {_matmul(functions, fn, n).attr["transpose_b"].b for fn, n in matmuls}
+        if len(transposed) > 1:
+            problems.append(
+                f"weight {files.variables[weight_id].name!r} is used both as is and transposed "
+                f"({[f'{fn}/{n}' for fn, n in matmuls]}); one adapter cannot fit both"
+            )
+    if problems:
+        raise RewriteError("inject: nothing written; " + "; ".join(problems))
     if not sites:
         names = sorted({v.name for v in files.variables.values() if len(v.shape) == 2})
         raise RewriteError(f"inject: no MatMul weight matches {target!r} (2-D variables: {names})")
@@ -90,9 +98,7 @@ def inject(model_dir, out_dir, target, rank, alpha, seed=0, overwrite=False, pro
     args = _ArgumentAdder(files, meta, functions)
     for weight_id, matmuls in sorted(sites.items()):
         weight = files.variables[weight_id]
-        fn0, node0 = matmuls[0]
-        matmul0 = next(n for n in functions[fn0].node_def if n.name == node0)
-        transpose_b = matmul0.attr["transpose_b"].b
+        transpose_b = _matmul(functions, *matmuls[0]).attr["transpose_b"].b
         fan_in, fan_out = (weight.shape[1], weight.shape[0]) if transpose_b else weight.shape
         limit = np.sqrt(6.0 / fan_in)
         dtype = np.dtype(dtypes.as_dtype(weight.dtype).as_numpy_dtype)
@@ -102,7 +108,7 @@ def inject(model_dir, out_dir, target, rank, alpha, seed=0, overwrite=False, pro
         }
         ids = {}
         for part, value in values.items():
-            local = f"tf_lora_{re.sub(r'[^0-9A-Za-z_]', '_', weight.name)}_{part}"
+            local = _unique_child(objects, f"tf_lora_{re.sub(r'[^0-9A-Za-z_]', '_', weight.name)}_{part}")
             key = f"{local}/.ATTRIBUTES/VARIABLE_VALUE"
             ids[part] = _add_variable(objects, ckpt, local, f"{weight.name}/{part}", value, key)
             new_values[key] = value
@@ -125,6 +131,35 @@ def inject(model_dir, out_dir, target, rank, alpha, seed=0, overwrite=False, pro
     say(f"write {out_dir}")
     write_saved_model(files, proto, new_values, out_dir, overwrite=overwrite, finish=_resave)
     return injected
+
+
+def _matmul(functions, fn, name):
+    return next(n for n in functions[fn].node_def if n.name == name)
+
+
+def _adapted_matmuls(fdef):
+    """MatMuls that already carry a LoRA apply (directly, or after a bias or another apply)."""
+    nodes = {n.name: n for n in fdef.node_def}
+    adapted = set()
+    for node in fdef.node_def:
+        if node.op not in (LORA_APPLY, BATCHED_LORA_APPLY):
+            continue
+        source = nodes.get(split_ref(node.input[0])[0])
+        while source is not None and source.op in _PASS_THROUGH:
+            source = nodes.get(split_ref(source.input[0])[0])
+        if source is not None:
+            adapted.add(source.name)
+    return adapted
+
+
+def _unique_child(objects, name):
+    """`name`, or `name_2`, `name_3`...: a root attribute no other object has (variables share names)."""
+    taken = {c.local_name for c in objects.nodes[0].children}
+    candidate, k = name, 1
+    while candidate in taken:
+        k += 1
+        candidate = f"{name}_{k}"
+    return candidate
 
 
 def checkpoint_graph(files):

@@ -354,15 +354,8 @@ def write_saved_model(files: SavedModelFiles, proto, new_values: dict, out, over
     to `out` (a SavedModel directory, or for a MetaGraphDef file a directory with `<name>.meta` and the
     checkpoint `<name>`): staged in a temporary directory beside it and renamed into place only once complete.
     `finish(staging_dir) -> dir` may turn the staged copy into the final one (inject re-saves it)."""
-    out = os.path.abspath(os.fspath(out))
-    if os.path.abspath(files.path) == out:
-        raise RewriteError(f"{out}: the output must not be the input")
-    if os.path.exists(out) and not overwrite:
-        raise RewriteError(f"{out} exists (pass --overwrite / overwrite=True to replace it)")
-    parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    staging = os.path.join(parent, f".{os.path.basename(out)}.tf_lora_tmp_{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
+    out, staging = prepare_output(files, out, overwrite)
+    final = staging
     try:
         for meta in [proto] if files.kind in ("meta_graph", "graph_def") else proto.meta_graphs:
             used = stripped_op_names(meta)
@@ -390,15 +383,54 @@ def write_saved_model(files: SavedModelFiles, proto, new_values: dict, out, over
                 _write_checkpoint(files.reader, new_values, os.path.join(staging, "variables", "variables"))
             if files.kind == "saved_model":
                 _write_fingerprint(staging)
-        final = staging if finish is None else finish(staging)
-        if os.path.exists(out):
-            shutil.rmtree(out)
+        if finish is not None:
+            final = finish(staging)
+        install_output(final, out)
+    finally:
+        for leftover in {staging, final}:
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def prepare_output(files, out, overwrite):
+    """Checks where a rewrite may write and returns (OUT, a fresh staging path beside it). OUT must not be the
+    input, hold it, or lie inside it; an existing OUT must be a directory and needs `overwrite`."""
+    out = os.path.realpath(os.fspath(out))
+    source = os.path.realpath(files.path)
+    model_dir = source if os.path.isdir(source) else os.path.dirname(source)
+    if (
+        out == model_dir
+        or source.startswith(out + os.sep)
+        or out.startswith(model_dir + os.sep)
+        and (os.path.isdir(source))
+    ):
+        raise RewriteError(f"{out}: the output must not be the input, contain it, or lie inside it")
+    if os.path.lexists(out):
+        if not os.path.isdir(out) or os.path.islink(out):
+            raise RewriteError(f"{out} exists and is not a directory; refusing to replace it")
+        if not overwrite:
+            raise RewriteError(f"{out} exists (pass --overwrite / overwrite=True to replace it)")
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    staging = os.path.join(parent, f".{os.path.basename(out)}.tf_lora_tmp_{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    return out, staging
+
+
+def install_output(final, out):
+    """Renames the complete `final` to `out`; an old `out` is moved aside first and removed only after."""
+    old = None
+    if os.path.exists(out):
+        old = f"{out}.tf_lora_old_{os.getpid()}"
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(out, old)
+    try:
         os.rename(final, out)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        if old is not None:
+            os.rename(old, out)
         raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _write_checkpoint(reader, new_values, prefix):

@@ -11,7 +11,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_lora.python.ops import lora_ops, sparse_table_ops
-from tf_lora.rewrite.saved_model import VARIABLE_OPS, RewriteError
+from tf_lora.rewrite.saved_model import VARIABLE_OPS, RewriteError, install_output, prepare_output
 from tf_lora.sparse.table import SparseTable
 
 v1 = tf.compat.v1
@@ -69,12 +69,7 @@ def rewire(old, new, signatures, keep=()):
 def write(files, session, signatures, out, overwrite, var_list):
     """Writes the session's graph and values like the input: a SavedModel through SavedModelBuilder, or
     `<name>.meta` + checkpoint through a Saver (signatures kept in the MetaGraphDef); staged, then renamed."""
-    out = os.path.abspath(os.fspath(out))
-    if os.path.exists(out) and not overwrite:
-        raise RewriteError(f"{out} exists (pass --overwrite / overwrite=True to replace it)")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    staging = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.tf_lora_tmp_{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
+    out, staging = prepare_output(files, out, overwrite)
     try:
         saver = v1.train.Saver(var_list=var_list)
         if files.kind == "saved_model_v1":
@@ -92,9 +87,7 @@ def write(files, session, signatures, out, overwrite, var_list):
                 meta.signature_def[name].CopyFrom(sig)
             with open(os.path.join(staging, base + ".meta"), "wb") as f:
                 f.write(meta.SerializeToString())
-        if os.path.exists(out):
-            shutil.rmtree(out)
-        os.rename(staging, out)
+        install_output(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -112,13 +105,19 @@ def inject_tf1(files, out_dir, matches, rank, alpha, seed, overwrite, say):
     with session_model(files) as (graph, session, signatures):
         sites = {}
         for op in graph.get_operations():
-            if op.type != "MatMul" or op.get_attr("transpose_a"):
+            if op.type != "MatMul" or op.get_attr("transpose_a") or _adapted(op):
                 continue
             variable = variable_of(op.inputs[1])
             if variable is not None and matches(variable.name) and op.inputs[1].shape.rank == 2:
                 sites.setdefault(variable.name, []).append(op)
         if not sites:
             return None
+        mixed = [n for n, ops in sites.items() if len({op.get_attr("transpose_b") for op in ops}) > 1]
+        if mixed:
+            raise RewriteError(
+                f"inject: nothing written; weights used both as is and transposed: {mixed}; one adapter "
+                "cannot fit both"
+            )
         new_variables = []
         for name, matmuls in sorted(sites.items()):
             weight = matmuls[0].inputs[1]
@@ -151,6 +150,18 @@ def inject_tf1(files, out_dir, matches, rank, alpha, seed, overwrite, say):
         say(f"write {out_dir}")
         write(files, session, signatures, out_dir, overwrite, _all_variables(graph))
     return injected
+
+
+def _adapted(matmul):
+    """Whether a MatMul's product already feeds a LoRA apply (directly or after a bias)."""
+    tensors = [matmul.outputs[0]]
+    while tensors:
+        for consumer in tensors.pop().consumers():
+            if consumer.type.startswith("TfLora>") and "LoraApply" in consumer.type:
+                return True
+            if consumer.type in ("BiasAdd", "Identity"):
+                tensors.append(consumer.outputs[0])
+    return False
 
 
 def replace_embedding_tf1(files, out_dir, matches, overwrite, say):

@@ -124,6 +124,8 @@ def verify(
         expected, got = original.run(name, inputs), rewritten.run(name, inputs)
         worst = 0.0
         for key, e in expected.items():
+            if key not in got:
+                raise RewriteError(f"verify: signature {name!r}: the rewritten model has no output {key!r}")
             g = got[key]
             if e.shape != g.shape:
                 raise RewriteError(
@@ -131,9 +133,15 @@ def verify(
                 )
             if e.dtype.kind not in "fc":
                 diff, bound = (0.0 if np.array_equal(e, g) else float("inf")), 0.0
+            elif not (
+                np.array_equal(np.isfinite(e), np.isfinite(g))
+                and np.array_equal(e[~np.isfinite(e)], g[~np.isfinite(g)], equal_nan=True)
+            ):
+                diff, bound = float("inf"), 0.0  # NaN or Inf where the other has something else
             else:
-                diff = float(np.max(np.abs(e.astype(np.float64) - g), initial=0.0))
-                bound = tolerance * max(1.0, float(np.max(np.abs(e), initial=0.0)))
+                finite = np.isfinite(e)
+                diff = float(np.max(np.abs(e[finite].astype(np.float64) - g[finite]), initial=0.0))
+                bound = tolerance * max(1.0, float(np.max(np.abs(e[finite]), initial=0.0)))
             if not expect_equal:
                 if e.dtype.kind in "fc" and not np.all(np.isfinite(g)):
                     raise RewriteError(f"verify: signature {name!r} output {key!r} has NaN or Inf")
