@@ -25,58 +25,51 @@ def _parser():
     p = commands.add_parser(
         "inspect", help="signatures, tf_lora ops and adapters, MatMuls, embedding lookups"
     )
-    p.add_argument("model", help="a TF2 SavedModel directory")
+    p.add_argument("model", help=_MODEL_HELP)
     p.add_argument("--json", action="store_true", help="print JSON for machines")
 
-    p = commands.add_parser(
+    p = _rewriting(
+        commands,
         "fold",
         help="fold LoRA adapters into their MatMul weights: the output runs on stock TensorFlow",
         description="Each LoRA apply on a MatMul becomes that MatMul with W' = W + scale * A @ B, computed "
         "from the model's variables. The output loads and runs without tf_lora (e.g. under TF Serving).",
     )
-    p.add_argument("model", help="a TF2 SavedModel directory (not changed)")
-    p.add_argument("out", help="the output directory (written whole or not at all)")
     p.add_argument(
         "--adapter", metavar="REGEX", help="fold only adapters whose A variable name matches; drop the others"
     )
-    _common(p)
 
-    p = commands.add_parser(
+    p = _rewriting(
+        commands,
         "inject",
         help="add new LoRA adapters (A He-uniform, B zero) to the MatMuls of matching weights",
         description="Every MatMul whose weight variable (or its layer, the name without its last part) fully "
         "matches --target gets a LoRA apply with new trainable variables <weight>/lora_a and "
         "<weight>/lora_b. B starts at zero, so the outputs are unchanged until the adapter is trained.",
     )
-    p.add_argument("model", help="a TF2 SavedModel directory (not changed)")
-    p.add_argument("out", help="the output directory (written whole or not at all)")
     p.add_argument("--target", required=True, metavar="REGEX", help="weight variable or layer names to adapt")
     p.add_argument("--rank", type=int, required=True, help="LoRA rank r")
     p.add_argument("--alpha", type=float, required=True, help="LoRA alpha (scale alpha / r)")
     p.add_argument("--seed", type=int, default=0, help="seed of A's He-uniform initialisation")
-    _common(p)
 
-    p = commands.add_parser(
+    p = _rewriting(
+        commands,
         "replace-embedding",
         help="embedding gathers on matching variables become pulls from a tf_lora sparse table",
         description="Every GatherV2 (axis 0) or ResourceGather on a float32 [rows, dim] variable whose name "
         "(or layer) fully matches --target reads from a new SparseTable holding the variable's rows, id = "
         "row index: outputs are unchanged for ids in [0, rows), and the table grows past them when trained.",
     )
-    p.add_argument("model", help="a TF2 SavedModel directory (not changed)")
-    p.add_argument("out", help="the output directory (written whole or not at all)")
     p.add_argument("--target", required=True, metavar="REGEX", help="embedding variable or layer names")
-    _common(p)
 
-    p = commands.add_parser(
+    p = _rewriting(
+        commands,
         "swap-adapter",
         help="put the weights of a PEFT or kohya adapter file into the model's LoRA applies",
         description="Each LoRA apply is named by its base weight's layer (q_proj/kernel -> q_proj); the "
         "file's modules map to those names (--map). A and B go into the adapter's variables (same rank), the "
         "scale becomes the file's. --verify reports how far the outputs moved (they change on purpose).",
     )
-    p.add_argument("model", help="a TF2 SavedModel directory (not changed)")
-    p.add_argument("out", help="the output directory (written whole or not at all)")
     p.add_argument(
         "--adapter", required=True, metavar="PATH", help="a PEFT directory or a kohya .safetensors file"
     )
@@ -89,8 +82,19 @@ def _parser():
         help="file module -> layer name, first full match wins (repeatable), e.g. 'model\\.(\\w+)=\\1'",
     )
     p.add_argument("--partial", action="store_true", help="allow file modules that match no LoRA apply")
-    _common(p)
     return parser
+
+
+_MODEL_HELP = "a SavedModel directory (TF2 or TF1), a .meta file or a GraphDef .pb/.pbtxt with its checkpoint"
+
+
+def _rewriting(commands, name, **kwargs):
+    """A rewriting command: MODEL and OUT, and the options every rewrite takes."""
+    p = commands.add_parser(name, **kwargs)
+    p.add_argument("model", help=_MODEL_HELP + " (not changed)")
+    p.add_argument("out", help="the output directory (written whole or not at all)")
+    _common(p)
+    return p
 
 
 def _common(p):

@@ -21,6 +21,7 @@ from tf_lora.rewrite.saved_model import (
     OBJECT_GRAPH_KEY,
     RewriteError,
     SavedModelFiles,
+    rename_output,
     split_ref,
     write_saved_model,
 )
@@ -225,11 +226,4 @@ def _replace_with_pull(fdef, node_name, ids_ref, table_arg, dim):
             del node.attr[key]
     node.attr["dim"].i = dim
     node.attr["training"].b = False
-    old, new = f"{node_name}:output:", f"{node_name}:values:"
-    for n in fdef.node_def:
-        for k, ref in enumerate(n.input):
-            if ref.startswith(old):
-                n.input[k] = new + ref[len(old) :]
-    for key, ref in fdef.ret.items():
-        if ref.startswith(old):
-            fdef.ret[key] = new + ref[len(old) :]
+    rename_output(fdef, node_name, "output", "values")

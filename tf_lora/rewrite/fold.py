@@ -14,6 +14,7 @@ from tf_lora.rewrite.saved_model import (
     RewriteError,
     SavedModelFiles,
     plugin_nodes,
+    rename_output,
     split_ref,
     write_saved_model,
 )
@@ -126,10 +127,8 @@ def _fold_one(files, fdef, nodes, node, chooser):
     where = f"{fdef.signature.name}/{node.name}"
     data = [i for i in node.input if not i.startswith("^")]
     y_ref, x_ref = data[:2]
-    matmul = nodes.get(split_ref(y_ref)[0])
-    while matmul is not None and matmul.op in _PASS_THROUGH:
-        matmul = nodes.get(split_ref(matmul.input[0])[0])
-    if matmul is None or matmul.op != "MatMul":
+    matmul = matmul_under(nodes, y_ref)
+    if matmul is None:
         raise RewriteError(f"{where}: adds to {y_ref!r}, which is not (a bias added to) a MatMul")
     if matmul.attr["transpose_a"].b:
         raise RewriteError(f"{where}: its MatMul {matmul.name} transposes its input")
@@ -138,7 +137,7 @@ def _fold_one(files, fdef, nodes, node, chooser):
     weight = files.read_variable(fdef, matmul.input[1])
     if weight is None:
         raise RewriteError(f"{where}: its MatMul {matmul.name} does not multiply by a saved variable")
-    _check_single_consumer_chain(fdef, nodes, node, matmul)
+    _check_single_consumer_chain(files, fdef, nodes, node, matmul)
     if node.op == LORA_APPLY:
         a_var = files.read_variable(fdef, data[2])
         adapter_name = a_var.name if a_var is not None else split_ref(data[2])[0]
@@ -160,6 +159,15 @@ def _fold_one(files, fdef, nodes, node, chooser):
             )
     info = Fold(fdef.signature.name, node.name, weight.name, adapter_name, a.shape[1], float(scale), chosen)
     return info, weight, matmul, delta
+
+
+def matmul_under(nodes, ref):
+    """The MatMul whose product a LoRA apply's `y` is, through a bias and other applies; None if there is
+    none."""
+    node = nodes.get(split_ref(ref)[0])
+    while node is not None and node.op in _PASS_THROUGH:
+        node = nodes.get(split_ref(node.input[0])[0])
+    return node if node is not None and node.op == "MatMul" else None
 
 
 def _batched_choice(files, fdef, nodes, node, data, chooser):
@@ -226,18 +234,14 @@ def _same_tensor(ref1, ref2):
     return split_ref(ref1) == split_ref(ref2)
 
 
-def _check_single_consumer_chain(fdef, nodes, apply_node, matmul):
+def _check_single_consumer_chain(files, fdef, nodes, apply_node, matmul):
     """The tensors between the MatMul and the apply must feed nothing else: they would see the new weight."""
-    consumers = collections.Counter()
-    for n in fdef.node_def:
-        for i in n.input:
-            if not i.startswith("^"):
-                consumers[split_ref(i)[0]] += 1
-    for r in fdef.ret.values():
-        consumers[split_ref(r)[0]] += 1
+    consumers = files.consumers(fdef)
+    returned = collections.Counter(split_ref(r)[0] for r in fdef.ret.values())
     step = nodes[split_ref(apply_node.input[0])[0]]
     while True:
-        if consumers[step.name] > 1 and step.op not in (LORA_APPLY, BATCHED_LORA_APPLY):
+        uses = len(consumers.get(step.name, ())) + returned[step.name]
+        if uses > 1 and step.op not in (LORA_APPLY, BATCHED_LORA_APPLY):
             raise RewriteError(
                 f"{fdef.signature.name}/{apply_node.name}: {step.name} ({step.op}) between the MatMul and "
                 "the LoRA apply has other consumers, which would see the folded weight"
@@ -258,14 +262,7 @@ def _replace_with_identity(fdef, node):
     node.input.extend([data[0], *control])
     node.attr.clear()
     node.attr["T"].type = dtype
-    old, new = f"{node.name}:y_out:", f"{node.name}:output:"
-    for n in fdef.node_def:
-        for k, ref in enumerate(n.input):
-            if ref.startswith(old):
-                n.input[k] = new + ref[len(old) :]
-    for key, ref in fdef.ret.items():
-        if ref.startswith(old):
-            fdef.ret[key] = new + ref[len(old) :]
+    rename_output(fdef, node.name, "y_out", "output")
 
 
 def _check_weights_only_read_by_folded_matmuls(files, matmuls_folded):
@@ -275,11 +272,11 @@ def _check_weights_only_read_by_folded_matmuls(files, matmuls_folded):
     problems = []
     saver = split_ref(files.meta.saver_def.save_tensor_name)[0].rsplit("/", 1)[0] + "/"
 
-    def saver_node(nodes, n):
-        return files.tf1 and (saver != "/" and n.name.startswith(saver) or _only_saves(nodes, n))
+    def saver_node(consumers, n):
+        return files.tf1 and (saver != "/" and n.name.startswith(saver) or _only_saves(consumers, n))
 
     for fdef in files.model_functions():
-        nodes = files.nodes(fdef)
+        nodes, consumers = files.nodes(fdef), files.consumers(fdef)
         fn = fdef.signature.name
         # The weight's resource: an argument bound to it (TF2), or its variable op (TF1 graphs).
         resources = {}
@@ -294,7 +291,7 @@ def _check_weights_only_read_by_folded_matmuls(files, matmuls_folded):
         for node in fdef.node_def:
             for ref in (i for i in node.input if not i.startswith("^")):
                 variable = resources.get(split_ref(ref)[0])
-                if variable is None or saver_node(nodes, node):
+                if variable is None or saver_node(consumers, node):
                     continue
                 reads = node.op == "ReadVariableOp" or (
                     node.op == "Identity" and nodes.get(split_ref(ref)[0], node).op in VARIABLE_OPS
@@ -308,8 +305,8 @@ def _check_weights_only_read_by_folded_matmuls(files, matmuls_folded):
                     continue
                 if not reads:
                     continue
-                for reader in _consumers(nodes, node.name):
-                    if saver_node(nodes, reader):
+                for reader in consumers.get(node.name, ()):
+                    if saver_node(consumers, reader):
                         continue
                     if (fn, reader.name) not in matmuls_folded[variable.node_id]:
                         problems.append(
@@ -319,18 +316,12 @@ def _check_weights_only_read_by_folded_matmuls(files, matmuls_folded):
     return sorted(set(problems))
 
 
-def _consumers(nodes, name):
-    return [
-        n for n in nodes.values() if any(split_ref(i)[0] == name for i in n.input if not i.startswith("^"))
-    ]
-
-
-def _only_saves(nodes, node):
+def _only_saves(consumers, node):
     """A TF1 Saver's read: the node is a save op, or an Identity that only feeds save ops."""
     if node.op in ("SaveV2", "Save", "SaveSlices"):
         return True
-    consumers = _consumers(nodes, node.name)
-    return node.op == "Identity" and bool(consumers) and all(_only_saves(nodes, c) for c in consumers)
+    users = consumers.get(node.name, ())
+    return node.op == "Identity" and bool(users) and all(_only_saves(consumers, c) for c in users)
 
 
 def _weight_and_twins(files, weight):

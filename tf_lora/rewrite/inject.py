@@ -11,13 +11,12 @@ from tensorflow.core.framework import node_def_pb2, types_pb2
 from tensorflow.core.protobuf import saved_object_graph_pb2, trackable_object_graph_pb2
 from tensorflow.python.framework import dtypes, tensor_util
 
-from tf_lora.rewrite.fold import _PASS_THROUGH, BATCHED_LORA_APPLY, LORA_APPLY
+from tf_lora.rewrite.fold import BATCHED_LORA_APPLY, LORA_APPLY, matmul_under
 from tf_lora.rewrite.saved_model import (
     CALL_OPS,
     OBJECT_GRAPH_KEY,
     RewriteError,
     SavedModelFiles,
-    split_ref,
     write_saved_model,
 )
 
@@ -140,16 +139,8 @@ def _matmul(functions, fn, name):
 def _adapted_matmuls(fdef):
     """MatMuls that already carry a LoRA apply (directly, or after a bias or another apply)."""
     nodes = {n.name: n for n in fdef.node_def}
-    adapted = set()
-    for node in fdef.node_def:
-        if node.op not in (LORA_APPLY, BATCHED_LORA_APPLY):
-            continue
-        source = nodes.get(split_ref(node.input[0])[0])
-        while source is not None and source.op in _PASS_THROUGH:
-            source = nodes.get(split_ref(source.input[0])[0])
-        if source is not None:
-            adapted.add(source.name)
-    return adapted
+    applies = [n for n in fdef.node_def if n.op in (LORA_APPLY, BATCHED_LORA_APPLY)]
+    return {m.name for m in (matmul_under(nodes, n.input[0]) for n in applies) if m is not None}
 
 
 def _unique_child(objects, name):

@@ -3,7 +3,7 @@ an adapter, embedding lookups that a sparse table could replace."""
 
 from tensorflow.python.framework import dtypes
 
-from tf_lora.rewrite.fold import BATCHED_LORA_APPLY, LORA_APPLY, _fold_one, _stack_names
+from tf_lora.rewrite.fold import BATCHED_LORA_APPLY, LORA_APPLY, _fold_one, _stack_names, matmul_under
 from tf_lora.rewrite.saved_model import PLUGIN_PREFIX, RewriteError, SavedModelFiles, split_ref
 
 
@@ -20,12 +20,8 @@ def _batched_entries(files, fdef, nodes, node, adapted):
     """One entry per adapter of a multi-adapter apply (`batch_index`: its id in adapter_ids)."""
     base = {"function": fdef.signature.name, "node": node.name}
     data = [i for i in node.input if not i.startswith("^")]
-    matmul = nodes.get(split_ref(data[0])[0])
-    while matmul is not None and matmul.op in ("BiasAdd", "Identity", LORA_APPLY, BATCHED_LORA_APPLY):
-        matmul = nodes.get(split_ref(matmul.input[0])[0])
-    weight = (
-        files.read_variable(fdef, matmul.input[1]) if matmul is not None and matmul.op == "MatMul" else None
-    )
+    matmul = matmul_under(nodes, data[0])
+    weight = files.read_variable(fdef, matmul.input[1]) if matmul is not None else None
     try:
         a_stack = files.evaluate(fdef, data[2])
         scales = files.evaluate(fdef, data[5]).reshape(-1)

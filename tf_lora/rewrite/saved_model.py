@@ -231,13 +231,32 @@ class SavedModelFiles:
 
     def model_functions(self):
         """Where model ops live: the library's functions except TensorFlow's checkpoint save/restore
-        functions, and for TF1 models the graph itself."""
-        bodies = [f for n, f in self.functions.items() if not n.startswith(_SAVER_FUNCTIONS)]
-        return [*bodies, GraphBody(self.meta)] if self.tf1 else bodies
+        functions, and for TF1 models the graph itself (one GraphBody, so its maps are cached too)."""
+        if not hasattr(self, "_bodies"):
+            bodies = [f for n, f in self.functions.items() if not n.startswith(_SAVER_FUNCTIONS)]
+            self._bodies = [*bodies, GraphBody(self.meta)] if self.tf1 else bodies
+        return self._bodies
 
-    @staticmethod
-    def nodes(fdef):
-        return {node.name: node for node in fdef.node_def}
+    def nodes(self, fdef):
+        """{name: node} of a function of this (never modified) model, built once per function."""
+        return self._maps(fdef)[0]
+
+    def consumers(self, fdef):
+        """{node name: [nodes that take one of its outputs as data input]}, built once per function."""
+        return self._maps(fdef)[1]
+
+    def _maps(self, fdef):
+        cache = self.__dict__.setdefault("_map_cache", {})
+        entry = cache.get(id(fdef))
+        if entry is None or entry[0] is not fdef:  # the body is kept in the entry: its id stays its own
+            nodes = {node.name: node for node in fdef.node_def}
+            consumers = {}
+            for node in fdef.node_def:
+                for ref in node.input:
+                    if not ref.startswith("^"):
+                        consumers.setdefault(split_ref(ref)[0], []).append(node)
+            entry = cache[id(fdef)] = (fdef, nodes, consumers)
+        return entry[1], entry[2]
 
     def read_variable(self, fdef, ref):
         """The Variable a tensor reference reads (through ReadVariableOp and Identity), or None."""
@@ -329,6 +348,19 @@ def _run_op(node, inputs, output_index):
                 return session.run(f"op:{output_index}")
         except (tf.errors.OpError, ValueError) as e:
             raise RewriteError(f"{node.name}: cannot evaluate {node.op} ({e})") from None
+
+
+def rename_output(fdef, node_name, old_arg, new_arg):
+    """References to `node_name`'s output `old_arg` (FunctionDef naming) become `new_arg`: what a node that
+    changes op in place needs (GraphDef references name outputs by index, so there is nothing to do)."""
+    old, new = f"{node_name}:{old_arg}:", f"{node_name}:{new_arg}:"
+    for node in fdef.node_def:
+        for k, ref in enumerate(node.input):
+            if ref.startswith(old):
+                node.input[k] = new + ref[len(old) :]
+    for key, ref in fdef.ret.items():
+        if ref.startswith(old):
+            fdef.ret[key] = new + ref[len(old) :]
 
 
 def stripped_op_names(meta):

@@ -10,7 +10,7 @@ from tensorflow.python.framework import dtypes, tensor_util
 from tf_lora.adapters.apply import _mapper
 from tf_lora.adapters.kohya import load_kohya
 from tf_lora.adapters.peft import load_peft
-from tf_lora.rewrite.fold import _PASS_THROUGH, LORA_APPLY
+from tf_lora.rewrite.fold import LORA_APPLY, matmul_under
 from tf_lora.rewrite.saved_model import GraphBody, RewriteError, SavedModelFiles, split_ref, write_saved_model
 
 
@@ -118,10 +118,8 @@ def swap_adapter(model_dir, out_dir, adapters, mapping=None, strict=True, overwr
 
 def _base_weight(files, fdef, nodes, y_ref):
     """The name of the weight variable of the MatMul under the apply's y (or the y node's name)."""
-    node = nodes.get(split_ref(y_ref)[0])
-    while node is not None and node.op in _PASS_THROUGH:
-        node = nodes.get(split_ref(node.input[0])[0])
-    if node is not None and node.op == "MatMul":
+    node = matmul_under(nodes, y_ref)
+    if node is not None:
         weight = files.read_variable(fdef, node.input[1])
         if weight is not None:
             return weight.name

@@ -27,20 +27,25 @@ def session_model(files):
         )
     graph = tf.Graph()
     with graph.as_default(), v1.Session(graph=graph) as session:
-        try:
-            if files.kind == "saved_model_v1":
-                meta = v1.saved_model.loader.load(session, list(files.meta.meta_info_def.tags), files.path)
-            else:
-                v1.train.import_meta_graph(files.path).restore(session, files.prefix)
-                meta = files.meta
-        except (OSError, ValueError, tf.errors.OpError) as e:
-            raise RewriteError(f"{files.path}: cannot be loaded ({e})") from None
+        meta = load_into(files, session)
         signatures = {}
         for name, sig in meta.signature_def.items():
             copy = type(sig)()
             copy.CopyFrom(sig)
             signatures[name] = copy
         yield graph, session, signatures
+
+
+def load_into(files, session):
+    """Loads a TF1 SavedModel or MetaGraphDef (variables restored) into `session`, whose graph is the
+    default; returns the MetaGraphDef that holds its signatures."""
+    try:
+        if files.kind == "saved_model_v1":
+            return v1.saved_model.loader.load(session, list(files.meta.meta_info_def.tags), files.path)
+        v1.train.import_meta_graph(files.path).restore(session, files.prefix)
+        return files.meta
+    except (OSError, ValueError, tf.errors.OpError) as e:
+        raise RewriteError(f"{files.path}: cannot be loaded ({e})") from None
 
 
 def variable_of(tensor):

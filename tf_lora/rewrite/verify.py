@@ -6,6 +6,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_lora.rewrite.saved_model import RewriteError, SavedModelFiles
+from tf_lora.rewrite.tf1 import load_into
 
 
 def _example(dtype, shape, rng, batch):
@@ -55,18 +56,8 @@ class _TF1:
             raise RewriteError(f"verify: {path} is a bare GraphDef, with no signatures to run")
         self.graph = tf.Graph()
         self.session = tf.compat.v1.Session(graph=self.graph)
-        try:
-            with self.graph.as_default():
-                if files.kind == "saved_model_v1":
-                    meta = tf.compat.v1.saved_model.loader.load(
-                        self.session, list(files.meta.meta_info_def.tags), str(path)
-                    )
-                else:
-                    saver = tf.compat.v1.train.import_meta_graph(str(path))
-                    saver.restore(self.session, files.prefix)
-                    meta = files.meta
-        except (OSError, ValueError, tf.errors.OpError) as e:
-            raise RewriteError(f"{path}: cannot be loaded ({e})") from None
+        with self.graph.as_default():
+            meta = load_into(files, self.session)
         self.defs = {k: v for k, v in meta.signature_def.items() if not k.startswith("__")}
         self.signatures = sorted(self.defs)
 
