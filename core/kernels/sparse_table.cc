@@ -135,21 +135,31 @@ void Initializer::Fill(int64_t key, int64_t dim, float* row) const {
 }
 
 struct Table::Shard {
-  static constexpr int64_t kBlockRows = 1024;
   static constexpr int32_t kEmpty = -1;
 
-  explicit Shard(int64_t width) : width(width) {}
+  // Rows live in blocks of 2^block_shift rows taken from the table's pool.
+  Shard(int64_t width, int block_shift, PagePool* pool)
+      : width(width),
+        block_shift(block_shift),
+        block_bytes((size_t{1} << block_shift) * width * sizeof(float)),
+        pool(pool) {}
+  ~Shard() {
+    for (float* block : blocks) pool->Free(block, block_bytes);
+    pool->Free(index, capacity * sizeof(Entry));
+  }
 
   float* Row(int32_t r) {
-    return blocks[r / kBlockRows].get() + (r % kBlockRows) * width;
+    return blocks[r >> block_shift] +
+           (r & ((int32_t{1} << block_shift) - 1)) * width;
   }
   const float* Row(int32_t r) const {
-    return blocks[r / kBlockRows].get() + (r % kBlockRows) * width;
+    return blocks[r >> block_shift] +
+           (r & ((int32_t{1} << block_shift) - 1)) * width;
   }
 
   int32_t Find(int64_t key, uint64_t hash) const {
-    if (index.empty()) return kEmpty;
-    const uint64_t mask = index.size() - 1;
+    if (capacity == 0) return kEmpty;
+    const uint64_t mask = capacity - 1;
     for (uint64_t i = hash & mask;; i = (i + 1) & mask) {
       if (index[i].row == kEmpty) return kEmpty;
       if (index[i].key == key) return index[i].row;
@@ -159,11 +169,12 @@ struct Table::Shard {
   // Adds `key` (absent) with a fresh row, initialized by `init`.
   int32_t Insert(int64_t key, uint64_t hash,
                  const std::function<void(int64_t, float*)>& init) {
-    if ((size + 1) * 4 > static_cast<int64_t>(index.size()) * 3) Grow();
-    const int32_t r = static_cast<int32_t>(size++);
-    if (r / kBlockRows >= static_cast<int64_t>(blocks.size())) {
-      blocks.emplace_back(new float[kBlockRows * width]);
+    if ((size + 1) * 4 > static_cast<int64_t>(capacity) * 3) Grow();
+    const int32_t r = static_cast<int32_t>(size);
+    if ((r >> block_shift) >= static_cast<int64_t>(blocks.size())) {
+      blocks.push_back(static_cast<float*>(pool->Allocate(block_bytes)));
     }
+    ++size;
     counts.push_back(0);
     row_keys.push_back(key);
     last_steps.push_back(0);
@@ -173,7 +184,7 @@ struct Table::Shard {
   }
 
   void Place(int64_t key, uint64_t hash, int32_t r) {
-    const uint64_t mask = index.size() - 1;
+    const uint64_t mask = capacity - 1;
     uint64_t i = hash & mask;
     while (index[i].row != kEmpty) i = (i + 1) & mask;
     index[i].key = key;
@@ -184,8 +195,8 @@ struct Table::Shard {
   // (no tombstones); the last row moves into the freed row, so rows stay
   // dense.
   bool Remove(int64_t key, uint64_t hash) {
-    if (index.empty()) return false;
-    const uint64_t mask = index.size() - 1;
+    if (capacity == 0) return false;
+    const uint64_t mask = capacity - 1;
     uint64_t i = hash & mask;
     while (index[i].row != kEmpty && index[i].key != key) i = (i + 1) & mask;
     if (index[i].row == kEmpty) return false;
@@ -219,19 +230,39 @@ struct Table::Shard {
     last_steps.pop_back();
     row_keys.pop_back();
     --size;
-    if (size % kBlockRows == 0 &&
-        blocks.size() > static_cast<size_t>(size / kBlockRows)) {
+    if ((size & ((int64_t{1} << block_shift) - 1)) == 0 &&
+        blocks.size() > static_cast<size_t>(size >> block_shift)) {
+      pool->Free(blocks.back(), block_bytes);
       blocks.pop_back();
     }
     return true;
   }
 
-  void Grow() {
-    std::vector<Entry> old = std::move(index);
-    index.assign(std::max<size_t>(16, old.size() * 2), Entry{0, kEmpty});
-    for (const Entry& e : old) {
-      if (e.row != kEmpty) Place(e.key, Mix(e.key), e.row);
+  void Grow() { Rehash(std::max<uint64_t>(16, capacity * 2)); }
+
+  // After removals: an index under 1/8 full shrinks to a load of at most
+  // 3/8 (none at all when the shard is empty), so eviction frees the index
+  // as well as the rows.
+  void MaybeShrink() {
+    if (size * 8 >= static_cast<int64_t>(capacity)) return;
+    uint64_t fit = size == 0 ? 0 : 16;
+    while (size * 8 > static_cast<int64_t>(fit) * 3) fit *= 2;
+    if (fit < capacity) Rehash(fit);
+  }
+
+  void Rehash(uint64_t new_capacity) {
+    Entry* const old = index;
+    const uint64_t old_capacity = capacity;
+    index =
+        new_capacity == 0
+            ? nullptr
+            : static_cast<Entry*>(pool->Allocate(new_capacity * sizeof(Entry)));
+    capacity = new_capacity;
+    std::fill_n(index, capacity, Entry{0, kEmpty});
+    for (uint64_t i = 0; i < old_capacity; ++i) {
+      if (old[i].row != kEmpty) Place(old[i].key, Mix(old[i].key), old[i].row);
     }
+    pool->Free(old, old_capacity * sizeof(Entry));
   }
 
   // Calls fn(i, row) for the distinct ids ids[order[e]], e in [begin, end),
@@ -271,29 +302,41 @@ struct Table::Shard {
 
   // Prefetches the index entry where a lookup of `hash` starts.
   void PrefetchSlot(uint64_t hash) const {
-    if (!index.empty()) __builtin_prefetch(&index[hash & (index.size() - 1)]);
+    if (capacity != 0) __builtin_prefetch(&index[hash & (capacity - 1)]);
   }
 
   mutable std::shared_mutex mu;
   const int64_t width;
+  const int block_shift;
+  const size_t block_bytes;
+  PagePool* const pool;
   // Open addressing, linear probing, load factor <= 3/4; key and row side by
-  // side, so a probe touches one cache line.
+  // side, so a probe touches one cache line. `capacity` entries, a power of
+  // two (or none).
   struct Entry {
     int64_t key;
     int32_t row;  // kEmpty when the entry is free
   };
-  std::vector<Entry> index;
+  Entry* index = nullptr;
+  uint64_t capacity = 0;
   int64_t size = 0;
-  // Rows 0 .. size-1 in blocks of kBlockRows, and their metadata.
-  std::vector<std::unique_ptr<float[]>> blocks;
+  // Rows 0 .. size-1 in blocks of 2^block_shift rows, and their metadata.
+  std::vector<float*> blocks;
   std::vector<int64_t> counts, last_steps, row_keys;
 };
 
 Table::Table(const Config& config)
     : config_(config), row_width_(config.dim * (1 + config.optimizer.Slots())) {
-  for (int s = 0; s < kShards; ++s) {
-    shards_.push_back(std::make_unique<Shard>(row_width_));
+  // Blocks of up to 64 KiB: a power of two rows, at least one.
+  const int64_t row_bytes = std::max<int64_t>(1, row_width_) * sizeof(float);
+  while ((row_bytes << (block_shift_ + 1)) <= (int64_t{64} << 10)) {
+    ++block_shift_;
   }
+  for (int s = 0; s < kShards; ++s) shards_.push_back(NewShard());
+}
+
+std::unique_ptr<Table::Shard> Table::NewShard() {
+  return std::make_unique<Shard>(row_width_, block_shift_, &pool_);
 }
 
 Table::~Table() = default;
@@ -565,6 +608,7 @@ int64_t Table::Remove(const int64_t* ids, int64_t n) {
       const int64_t id = ids[ws.order[e]];
       removed += shard.Remove(id, Mix(id));
     }
+    shard.MaybeShrink();
   }
   return removed;
 }
@@ -582,6 +626,7 @@ int64_t Table::Evict(int64_t min_update_count, int64_t max_age) {
       if (rare || stale) doomed.push_back(shard.row_keys[r]);
     }
     for (int64_t key : doomed) evicted += shard.Remove(key, Mix(key));
+    shard.MaybeShrink();
   }
   return evicted;
 }
@@ -592,7 +637,7 @@ Table::Contents Table::Export() const {
   for (const auto& shard_ptr : shards_) {
     const Shard& shard = *shard_ptr;
     std::shared_lock<std::shared_mutex> lock(shard.mu);
-    for (size_t i = 0; i < shard.index.size(); ++i) {
+    for (uint64_t i = 0; i < shard.capacity; ++i) {
       const int32_t r = shard.index[i].row;
       if (r == Shard::kEmpty) continue;
       const float* row = shard.Row(r);
@@ -620,9 +665,7 @@ std::string Table::Import(const Contents& in, int64_t step) {
   // Build the new shards aside, then swap them in: a failure above leaves the
   // table as it was.
   std::vector<std::unique_ptr<Shard>> fresh;
-  for (int s = 0; s < kShards; ++s) {
-    fresh.push_back(std::make_unique<Shard>(row_width_));
-  }
+  for (int s = 0; s < kShards; ++s) fresh.push_back(NewShard());
   for (int64_t i = 0; i < n; ++i) {
     const int64_t key = in.keys[i];
     const uint64_t hash = Mix(key);
@@ -640,6 +683,7 @@ std::string Table::Import(const Contents& in, int64_t step) {
   for (auto& shard : shards_) shard->mu.lock();
   for (int s = 0; s < kShards; ++s) {
     std::swap(shards_[s]->index, fresh[s]->index);
+    std::swap(shards_[s]->capacity, fresh[s]->capacity);
     std::swap(shards_[s]->size, fresh[s]->size);
     std::swap(shards_[s]->blocks, fresh[s]->blocks);
     std::swap(shards_[s]->counts, fresh[s]->counts);

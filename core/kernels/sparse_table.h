@@ -5,9 +5,11 @@
 //
 // Storage is sharded and lock-striped: each shard owns an open-addressing hash
 // index (key -> row) and its rows, kept contiguously in fixed-size blocks (not
-// one heap allocation per key). A row holds the values and the optimizer slots
-// side by side; metadata (update count, last step) lives in parallel arrays.
-// Batch operations group their ids by shard and take each shard's lock once.
+// one heap allocation per key). Blocks and indexes come from the table's
+// PagePool (huge pages for large tables, see page_pool.h). A row holds the
+// values and the optimizer slots side by side; metadata (update count, last
+// step) lives in parallel arrays. Batch operations group their ids by shard and
+// take each shard's lock once.
 
 #ifndef TF_LORA_CORE_KERNELS_SPARSE_TABLE_H_
 #define TF_LORA_CORE_KERNELS_SPARSE_TABLE_H_
@@ -20,6 +22,8 @@
 #include <shared_mutex>
 #include <string>
 #include <vector>
+
+#include "core/kernels/page_pool.h"
 
 namespace tf_lora {
 namespace sparse {
@@ -95,6 +99,7 @@ class Table {
   int64_t dim() const { return config_.dim; }
   int64_t row_width() const { return row_width_; }  // dim * (1 + slots)
   int64_t Size() const;
+  const PagePool& pool() const { return pool_; }
   int64_t step() const;
 
   // values[i, :] = row of ids[i]. training: missing ids are inserted with
@@ -144,8 +149,12 @@ class Table {
                            std::vector<int64_t>* order,
                            std::vector<int64_t>* next);
 
+  std::unique_ptr<Shard> NewShard();
+
   Config config_;
   int64_t row_width_;
+  int block_shift_ = 0;  // rows a block: 2^block_shift_
+  PagePool pool_;        // before shards_: destroyed after them
   std::vector<std::unique_ptr<Shard>> shards_;
   std::atomic<int64_t> step_{0};
 };

@@ -6,6 +6,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
+#include <iterator>
 #include <random>
 #include <thread>
 #include <vector>
@@ -231,6 +233,99 @@ void TestRemoveAndEvict() {
         "evict by age removes keys not updated within max_age steps");
 }
 
+// The pool: aligned, disjoint blocks of every kind (heap, slab, own mapping);
+// memory goes back once freed; huge pages asked for past the threshold.
+void TestPagePool() {
+  PagePool pool;
+  const size_t sizes[] = {1000,      PagePool::kMinPooled,
+                          64 << 10,  (64 << 10) + 100,
+                          512 << 10, 3 << 20};
+  struct Block {
+    unsigned char* p;
+    size_t bytes;
+    unsigned char fill;
+  };
+  std::vector<Block> blocks;
+  bool aligned = true;
+  for (int round = 0; round < 40; ++round) {
+    for (size_t bytes : sizes) {
+      auto* p = static_cast<unsigned char*>(pool.Allocate(bytes));
+      aligned &= reinterpret_cast<uintptr_t>(p) % 64 == 0;
+      const unsigned char fill = static_cast<unsigned char>(blocks.size());
+      std::fill_n(p, bytes, fill);
+      blocks.push_back({p, bytes, fill});
+    }
+  }
+  bool intact = true;
+  for (const Block& b : blocks) {
+    intact &= std::all_of(b.p, b.p + b.bytes,
+                          [&](unsigned char c) { return c == b.fill; });
+  }
+  Check(aligned && intact, "page pool: 64-byte aligned, disjoint blocks");
+  Check(pool.huge() == (std::getenv("TF_LORA_HUGE_PAGES") == nullptr),
+        "page pool: asks for huge pages once it holds enough chunks");
+  // Free every other block of each size, reuse the room, then free all.
+  const size_t kinds = std::size(sizes);
+  const auto freed = [&](size_t i) { return (i / kinds) % 2 == 0; };
+  for (size_t i = 0; i < blocks.size(); ++i) {
+    if (freed(i)) pool.Free(blocks[i].p, blocks[i].bytes);
+  }
+  const int chunks = pool.slab_chunks();
+  for (size_t i = 0; i < blocks.size(); ++i) {
+    if (!freed(i)) continue;
+    blocks[i].p = static_cast<unsigned char*>(pool.Allocate(blocks[i].bytes));
+  }
+  Check(pool.slab_chunks() == chunks, "page pool: freed slots are reused");
+  for (const Block& b : blocks) pool.Free(b.p, b.bytes);
+  // At most one spare chunk per slab size is kept.
+  Check(pool.slab_chunks() <= 4 && pool.large_bytes() == 0,
+        "page pool: memory goes back to the system once freed");
+}
+
+// A table past the pool's huge-page threshold (250K keys x 128-byte rows):
+// rows and indexes keep their contents through growth, removal and eviction,
+// and the memory goes back when the keys go.
+void TestLargeTable() {
+  const int64_t dim = 16;
+  Table t(
+      MakeConfig(Optimizer::Kind::kAdagrad, Initializer::Kind::kNormal, dim));
+  std::vector<int64_t> ids(250000);
+  std::mt19937_64 rng(9);
+  for (size_t i = 0; i < ids.size(); ++i) {
+    ids[i] = static_cast<int64_t>(i) * 1000003 + (rng() % 1000);  // distinct
+  }
+  std::vector<float> first(ids.size() * dim), again(ids.size() * dim);
+  t.Pull(ids.data(), ids.size(), true, first.data(), Threads);
+  t.Pull(ids.data(), ids.size(), false, again.data(), Threads);
+  const bool huge = t.pool().huge();
+  Check(t.Size() == 250000 && first == again &&
+            huge == (std::getenv("TF_LORA_HUGE_PAGES") == nullptr),
+        "large table: every key once, rows read back exactly");
+  std::vector<int64_t> doomed;
+  for (size_t i = 0; i < ids.size(); i += 3) doomed.push_back(ids[i]);
+  const int chunks = t.pool().slab_chunks();
+  t.Remove(doomed.data(), doomed.size());
+  t.Pull(ids.data(), ids.size(), false, again.data(), Threads);
+  bool ok = t.Size() == 250000 - static_cast<int64_t>(doomed.size());
+  for (size_t i = 0; i < ids.size(); ++i) {
+    for (int64_t j = 0; j < dim; ++j) {
+      ok &= again[i * dim + j] == (i % 3 == 0 ? 0.f : first[i * dim + j]);
+    }
+  }
+  Check(ok, "large table: removal keeps the other rows");
+  // As many new keys as went: the freed blocks take them, no new chunks.
+  for (int64_t& id : doomed) id = -id - 1;
+  std::vector<float> fresh(doomed.size() * dim);
+  t.Pull(doomed.data(), doomed.size(), true, fresh.data(), Threads);
+  Check(t.Size() == 250000 && t.pool().slab_chunks() <= chunks,
+        "large table: blocks freed by removal are reused");
+  const int64_t size = t.Size();
+  Check(t.Evict(/*min_update_count=*/1, -1) == size && t.Size() == 0,
+        "large table: eviction empties it");
+  Check(t.pool().slab_chunks() <= 4 && t.pool().large_bytes() == 0,
+        "large table: an empty table gives its memory back");
+}
+
 }  // namespace
 }  // namespace sparse
 }  // namespace tf_lora
@@ -244,6 +339,8 @@ int main() {
   TestImportRoundTripAndRejectsDuplicates();
   TestConcurrentPushesLoseNothing();
   TestRemoveAndEvict();
+  TestPagePool();
+  TestLargeTable();
   std::printf("%d failed\n", failures);
   return failures == 0 ? 0 : 1;
 }
