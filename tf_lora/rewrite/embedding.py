@@ -15,7 +15,7 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.core.framework import node_def_pb2, types_pb2
 
-from tf_lora.rewrite.inject import _ArgumentAdder, _matches, _resave, checkpoint_graph
+from tf_lora.rewrite.graph_edit import ArgumentAdder, checkpoint_graph, name_matches, resave
 from tf_lora.rewrite.saved_model import (
     _SAVER_FUNCTIONS,
     OBJECT_GRAPH_KEY,
@@ -55,7 +55,7 @@ def replace_embedding(model_dir, out_dir, target, overwrite=False, progress=None
         from tf_lora.rewrite.tf1 import replace_embedding_tf1  # noqa: PLC0415
 
         result, found = replace_embedding_tf1(
-            files, out_dir, lambda name: _matches(pattern, name), overwrite, say
+            files, out_dir, lambda name: name_matches(pattern, name), overwrite, say
         )
         if result is None:
             raise RewriteError(
@@ -70,7 +70,7 @@ def replace_embedding(model_dir, out_dir, target, overwrite=False, progress=None
                 continue
             variable, ids_ref = site
             found.append(variable.name)
-            if not _matches(pattern, variable.name):
+            if not name_matches(pattern, variable.name):
                 continue
             if variable.dtype != "float32" or len(variable.shape) != 2:
                 problems.append(
@@ -89,7 +89,7 @@ def replace_embedding(model_dir, out_dir, target, overwrite=False, progress=None
     proto, meta = files.copy_proto()
     functions = {f.signature.name: f for f in meta.graph_def.library.function}
     ckpt = checkpoint_graph(files)
-    args = _ArgumentAdder(files, meta, functions)
+    args = ArgumentAdder(files, meta, functions)
     new_values, replaced = {}, []
     for variable_id, lookups in sorted(sites.items(), key=lambda item: str(item[0])):
         variable = files.variables[variable_id]
@@ -113,7 +113,7 @@ def replace_embedding(model_dir, out_dir, target, overwrite=False, progress=None
         replaced.append(Replaced(variable.name, (rows, dim), local, [f"{f}/{n}" for f, n, _ in lookups]))
     new_values[OBJECT_GRAPH_KEY] = np.array(ckpt.SerializeToString(), dtype=object)
     say(f"write {out_dir}")
-    write_saved_model(files, proto, new_values, out_dir, overwrite=overwrite, finish=_resave)
+    write_saved_model(files, proto, new_values, out_dir, overwrite=overwrite, finish=resave)
     return replaced
 
 

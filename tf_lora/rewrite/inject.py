@@ -1,19 +1,17 @@
 """inject: new LoRA adapters (A He-uniform, B zero) on the MatMuls of chosen weights of a TF2 SavedModel."""
 
 import dataclasses
-import os
 import re
-import shutil
 
 import numpy as np
 import tensorflow as tf
-from tensorflow.core.framework import node_def_pb2, types_pb2
-from tensorflow.core.protobuf import saved_object_graph_pb2, trackable_object_graph_pb2
+from tensorflow.core.framework import node_def_pb2
+from tensorflow.core.protobuf import saved_object_graph_pb2
 from tensorflow.python.framework import dtypes, tensor_util
 
 from tf_lora.rewrite.fold import BATCHED_LORA_APPLY, LORA_APPLY, matmul_under
+from tf_lora.rewrite.graph_edit import ArgumentAdder, checkpoint_graph, name_matches, resave
 from tf_lora.rewrite.saved_model import (
-    CALL_OPS,
     OBJECT_GRAPH_KEY,
     RewriteError,
     SavedModelFiles,
@@ -55,7 +53,7 @@ def inject(model_dir, out_dir, target, rank, alpha, seed=0, overwrite=False, pro
         from tf_lora.rewrite.tf1 import inject_tf1  # noqa: PLC0415
 
         result = inject_tf1(
-            files, out_dir, lambda name: _matches(pattern, name), int(rank), alpha, seed, overwrite, say
+            files, out_dir, lambda name: name_matches(pattern, name), int(rank), alpha, seed, overwrite, say
         )
         if result is None:
             raise RewriteError(f"inject: no MatMul weight matches {target!r}")
@@ -73,7 +71,7 @@ def inject(model_dir, out_dir, target, rank, alpha, seed=0, overwrite=False, pro
             if node.op != "MatMul" or node.attr["transpose_a"].b or node.name in adapted:
                 continue
             weight = files.read_variable(fdef, node.input[1])
-            if weight is None or not _matches(pattern, weight.name):
+            if weight is None or not name_matches(pattern, weight.name):
                 continue
             if len(weight.shape) != 2:
                 continue
@@ -94,7 +92,7 @@ def inject(model_dir, out_dir, target, rank, alpha, seed=0, overwrite=False, pro
     rng = np.random.default_rng(seed)
     objects, ckpt = meta.object_graph_def, checkpoint_graph(files)
     new_values, injected = {}, []
-    args = _ArgumentAdder(files, meta, functions)
+    args = ArgumentAdder(files, meta, functions)
     for weight_id, matmuls in sorted(sites.items()):
         weight = files.variables[weight_id]
         transpose_b = _matmul(functions, *matmuls[0]).attr["transpose_b"].b
@@ -128,7 +126,7 @@ def inject(model_dir, out_dir, target, rank, alpha, seed=0, overwrite=False, pro
         )
     new_values[OBJECT_GRAPH_KEY] = np.array(ckpt.SerializeToString(), dtype=object)
     say(f"write {out_dir}")
-    write_saved_model(files, proto, new_values, out_dir, overwrite=overwrite, finish=_resave)
+    write_saved_model(files, proto, new_values, out_dir, overwrite=overwrite, finish=resave)
     return injected
 
 
@@ -151,25 +149,6 @@ def _unique_child(objects, name):
         k += 1
         candidate = f"{name}_{k}"
     return candidate
-
-
-def checkpoint_graph(files):
-    """A copy of the checkpoint's object graph, padded with empty nodes to the SavedModel's object graph:
-    node ids agree in both (the checkpoint's graph is a prefix: functions used only to save, like a
-    resource's save_fn, have no checkpoint node), so nodes appended to both keep one id."""
-    saved = len(files.meta.object_graph_def.nodes)
-    if files.checkpoint_graph is None or len(files.checkpoint_graph.nodes) > saved:
-        raise RewriteError(f"{files.path}: object graph and checkpoint do not line up; cannot add objects")
-    graph = trackable_object_graph_pb2.TrackableObjectGraph()
-    graph.CopyFrom(files.checkpoint_graph)
-    while len(graph.nodes) < saved:
-        graph.nodes.add()
-    return graph
-
-
-def _matches(pattern, name):
-    layer = name.rsplit("/", 1)[0] if "/" in name else name
-    return pattern.fullmatch(name) is not None or pattern.fullmatch(layer) is not None
 
 
 def _add_variable(objects, ckpt, local_name, name, value, key):
@@ -197,48 +176,6 @@ def _add_variable(objects, ckpt, local_name, name, value, key):
         objects.nodes[parent].children.add(node_id=node_id, local_name=local)
         ckpt.nodes[parent].children.add(node_id=node_id, local_name=local)
     return node_id
-
-
-class _ArgumentAdder:
-    """Gives functions resource arguments for new variables: a concrete function of the object graph binds
-    it (bound_inputs); a function called by others gets it from each caller, which gets it the same way."""
-
-    def __init__(self, files, meta, functions):
-        self.functions = functions
-        self.concrete = meta.object_graph_def.concrete_functions
-        self.callers = {}
-        for name, fdef in functions.items():
-            for node in fdef.node_def:
-                if node.op in CALL_OPS:
-                    self.callers.setdefault(node.attr["f"].func.name, []).append((name, node.name))
-        self.args = {}  # (function, variable node id) -> argument name
-
-    def ensure(self, fn, node_id):
-        if (fn, node_id) in self.args:
-            return self.args[(fn, node_id)]
-        fdef = self.functions[fn]
-        name = f"tf_lora_inject_{node_id}_resource"
-        index = len(fdef.signature.input_arg)
-        fdef.signature.input_arg.add(name=name, type=types_pb2.DT_RESOURCE)
-        if "_input_shapes" in fdef.attr:  # one shape per argument; a resource handle is a scalar
-            fdef.attr["_input_shapes"].list.shape.add()
-        fdef.arg_attr[index].attr["_user_specified_name"].s = b"resource"
-        self.args[(fn, node_id)] = name
-        if fn in self.concrete:
-            self.concrete[fn].bound_inputs.append(node_id)
-        for caller, call_node in self.callers.get(fn, []):
-            caller_arg = self.ensure(caller, node_id)
-            node = next(n for n in self.functions[caller].node_def if n.name == call_node)
-            data = [i for i in node.input if not i.startswith("^")]
-            control = [i for i in node.input if i.startswith("^")]
-            del node.input[:]
-            node.input.extend([*data, caller_arg, *control])
-            node.attr["Tin"].list.type.append(types_pb2.DT_RESOURCE)
-        if fn not in self.concrete and fn not in self.callers:
-            raise RewriteError(
-                f"inject: function {fn} is neither a saved concrete function nor called by one"
-            )
-        return name
 
 
 def _insert_apply(fdef, matmul_name, a_arg, b_arg, scale):
@@ -273,22 +210,3 @@ def _insert_apply(fdef, matmul_name, a_arg, b_arg, scale):
         if ref == product:
             fdef.ret[key] = f"{apply.name}:y_out:0"
     fdef.node_def.append(apply)
-
-
-def _resave(staging):
-    """Loads the staged copy with TensorFlow and saves it again, so that TensorFlow itself writes the graph,
-    the save/restore functions and the signatures over the new variables (what TF Serving and TF1 loaders
-    read)."""
-    out = staging + ".resaved"
-    shutil.rmtree(out, ignore_errors=True)
-    try:
-        loaded = tf.saved_model.load(staging)
-        signatures = {k: v for k, v in loaded.signatures.items()}
-        tf.saved_model.save(loaded, out, signatures=signatures or None)
-    except BaseException as e:
-        shutil.rmtree(out, ignore_errors=True)
-        if isinstance(e, (ValueError, tf.errors.OpError, AssertionError)):
-            raise RewriteError(f"the rewritten model does not load back ({e})") from None
-        raise
-    assert os.path.isdir(out)
-    return out
