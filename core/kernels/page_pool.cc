@@ -91,8 +91,14 @@ void* PagePool::Allocate(size_t bytes) {
   if (bytes > kChunk / 2) {  // fewer than two a chunk: a mapping of its own
     const size_t mapped = RoundUp(bytes, kChunk);
     large_bytes_ += mapped;
-    MaybeGoHuge();
-    void* p = MapAligned(mapped);
+    MaybeGoHuge();  // first, so that the new mapping is advised untouched
+    void* p;
+    try {
+      p = MapAligned(mapped);
+    } catch (const std::bad_alloc&) {
+      large_bytes_ -= mapped;
+      throw;
+    }
     large_[reinterpret_cast<uintptr_t>(p)] = mapped;
     return p;
   }

@@ -149,8 +149,7 @@ struct Table::Shard {
   }
 
   float* Row(int32_t r) {
-    return blocks[r >> block_shift] +
-           (r & ((int32_t{1} << block_shift) - 1)) * width;
+    return const_cast<float*>(static_cast<const Shard*>(this)->Row(r));
   }
   const float* Row(int32_t r) const {
     return blocks[r >> block_shift] +
@@ -298,6 +297,17 @@ struct Table::Shard {
       }
       fn(order[e], e >= begin + kRowAhead ? ahead : find(e));
     }
+  }
+
+  // Exchanges everything the shard holds with `other` (not the lock).
+  void SwapContents(Shard& other) {
+    std::swap(index, other.index);
+    std::swap(capacity, other.capacity);
+    std::swap(size, other.size);
+    std::swap(blocks, other.blocks);
+    std::swap(counts, other.counts);
+    std::swap(last_steps, other.last_steps);
+    std::swap(row_keys, other.row_keys);
   }
 
   // Prefetches the index entry where a lookup of `hash` starts.
@@ -681,15 +691,7 @@ std::string Table::Import(const Contents& in, int64_t step) {
   // than one lock does) while the contents change: a concurrent pull sees the
   // old table or the new one, never a mix.
   for (auto& shard : shards_) shard->mu.lock();
-  for (int s = 0; s < kShards; ++s) {
-    std::swap(shards_[s]->index, fresh[s]->index);
-    std::swap(shards_[s]->capacity, fresh[s]->capacity);
-    std::swap(shards_[s]->size, fresh[s]->size);
-    std::swap(shards_[s]->blocks, fresh[s]->blocks);
-    std::swap(shards_[s]->counts, fresh[s]->counts);
-    std::swap(shards_[s]->last_steps, fresh[s]->last_steps);
-    std::swap(shards_[s]->row_keys, fresh[s]->row_keys);
-  }
+  for (int s = 0; s < kShards; ++s) shards_[s]->SwapContents(*fresh[s]);
   step_ = step;
   for (auto& shard : shards_) shard->mu.unlock();
   return "";
