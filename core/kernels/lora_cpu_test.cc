@@ -74,11 +74,14 @@ void CheckAllShapes(const Eigen::ThreadPoolDevice& d, const char* type,
                     double tol) {
   // Covers full 4-row blocks and the short last block, full column tiles and
   // the column tail, r = 0 (plain copy), and shapes big enough to be split
-  // across threads.
-  const int64_t shapes[][3] = {{1, 1, 1},     {3, 5, 2},      {4, 16, 1},
-                               {7, 33, 3},    {64, 64, 8},    {130, 70, 16},
-                               {257, 300, 4}, {9, 40, 0},     {0, 8, 2},
-                               {8, 0, 2},     {513, 129, 33}, {1025, 2048, 16}};
+  // across threads. The last four write at least 8 MiB out of place for some
+  // types, through the non-temporal stores: with a column tail (2056 floats,
+  // 2052 doubles) and without.
+  const int64_t shapes[][3] = {
+      {1, 1, 1},       {3, 5, 2},       {4, 16, 1},      {7, 33, 3},
+      {64, 64, 8},     {130, 70, 16},   {257, 300, 4},   {9, 40, 0},
+      {0, 8, 2},       {8, 0, 2},       {513, 129, 33},  {1025, 2048, 16},
+      {2049, 2056, 5}, {2050, 2052, 3}, {2051, 2064, 16}};
   for (const auto& s : shapes) {
     CheckMerge<T>(d, type, s[0], s[1], s[2], /*in_place=*/false, tol);
     CheckMerge<T>(d, type, s[0], s[1], s[2], /*in_place=*/true, tol);
@@ -135,9 +138,18 @@ void CheckApplyShapes(const Eigen::ThreadPoolDevice& d, const char* type,
   // (n, in, out, r): row and column tails, r above one tile (17, 40), r = 0,
   // in = 0, n = 0, out = 0, and a decode-sized single row.
   const int64_t shapes[][4] = {
-      {1, 1, 1, 1},      {3, 5, 7, 2},     {4, 16, 16, 16},   {9, 33, 70, 17},
-      {130, 64, 96, 40}, {1, 300, 257, 8}, {6, 10, 12, 0},    {6, 0, 12, 3},
-      {0, 10, 12, 3},    {6, 10, 0, 3},    {67, 129, 131, 16}};
+      {1, 1, 1, 1},
+      {3, 5, 7, 2},
+      {4, 16, 16, 16},
+      {9, 33, 70, 17},
+      {130, 64, 96, 40},
+      {1, 300, 257, 8},
+      {6, 10, 12, 0},
+      {6, 0, 12, 3},
+      {0, 10, 12, 3},
+      {6, 10, 0, 3},
+      {67, 129, 131, 16},
+      {2053, 8, 2056, 4}};  // 16 MiB of float y_out: streamed
   for (const auto& s : shapes) {
     for (bool in_place : {false, true}) {
       CheckApply<T>(d, type, s[0], s[1], s[2], s[3], in_place, tol);
@@ -218,9 +230,12 @@ void CheckApplyGradShapes(const Eigen::ThreadPoolDevice& d, const char* type,
   // (n, in, out, r): tails of every blocking (4-row tiles, 64-row blocks, 4-row
   // groups of da/db, column tiles), several shards, r over one tile, empties.
   const int64_t shapes[][4] = {
-      {1, 1, 1, 1},    {3, 5, 7, 2},     {5, 17, 33, 3},  {70, 24, 40, 16},
-      {9, 33, 70, 17}, {300, 19, 21, 5}, {0, 8, 8, 2},    {6, 10, 12, 0},
-      {6, 0, 12, 3},   {6, 10, 0, 3},    {2100, 8, 12, 4}};
+      {1, 1, 1, 1},     {3, 5, 7, 2},
+      {5, 17, 33, 3},   {70, 24, 40, 16},
+      {9, 33, 70, 17},  {300, 19, 21, 5},
+      {0, 8, 8, 2},     {6, 10, 12, 0},
+      {6, 0, 12, 3},    {6, 10, 0, 3},
+      {2100, 8, 12, 4}, {2053, 2056, 8, 4}};  // 16 MiB of float dx: streamed
   for (const auto& s : shapes) {
     CheckApplyGrad<T>(d, type, s[0], s[1], s[2], s[3], tol);
   }
@@ -309,10 +324,16 @@ void CheckBatched(const Eigen::ThreadPoolDevice& d, const char* type, int64_t n,
 
 template <typename T>
 void CheckBatchedShapes(const Eigen::ThreadPoolDevice& d, const char* type) {
-  const int64_t shapes[][5] = {{1, 3, 5, 2, 1},     {13, 9, 17, 3, 4},
-                               {70, 20, 33, 16, 3}, {300, 16, 24, 5, 8},
-                               {0, 4, 4, 2, 2},     {9, 6, 7, 0, 2},
-                               {1100, 8, 16, 4, 2}};
+  const int64_t shapes[][5] = {{1, 3, 5, 2, 1},
+                               {13, 9, 17, 3, 4},
+                               {70, 20, 33, 16, 3},
+                               {300, 16, 24, 5, 8},
+                               {0, 4, 4, 2, 2},
+                               {9, 6, 7, 0, 2},
+                               {1100, 8, 16, 4, 2},
+                               // ~2000 rows x 2048 through the row map: the
+                               // float and double outputs are streamed
+                               {4100, 8, 2048, 4, 2}};
   for (const auto& s : shapes) {
     for (bool in_place : {false, true}) {
       CheckBatched<T>(d, type, s[0], s[1], s[2], s[3], s[4], in_place);

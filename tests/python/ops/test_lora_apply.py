@@ -44,6 +44,19 @@ def test_apply_large_batch():
     assert_close(out.numpy(), _reference(y_np, x_np, a_np, b_np, 0.5), tf.float32, terms=96 * 16)
 
 
+def test_apply_and_gradient_with_streamed_outputs():
+    # y_out and dx of 8 MiB each: both take the kernels' non-temporal store path.
+    (y, y_np), (x, x_np), (a, a_np), (b, b_np) = _inputs((8192, 256, 256, 16), tf.float32, seed=6)
+    g_np = np.random.default_rng(7).uniform(-1, 1, (8192, 256))
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        out = tf_lora.lora_apply(y, x, a, b, 0.5)
+        loss = tf.reduce_sum(out * tf.constant(g_np, tf.float32))
+    dx = tape.gradient(loss, x)
+    assert_close(out.numpy(), _reference(y_np, x_np, a_np, b_np, 0.5), tf.float32, terms=256 * 16)
+    assert_close(dx.numpy(), 0.5 * g_np @ b_np.T @ a_np.T, tf.float32, terms=256 * 16)
+
+
 @pytest.mark.parametrize("mode", ["eager", "function"])
 def test_apply_empty(mode):
     y = tf.reshape(tf.range(12, dtype=tf.float32), [3, 4])

@@ -51,6 +51,17 @@ def test_large_multithreaded_float32():
     )
 
 
+@pytest.mark.parametrize("dtype", [tf.float32, tf.float16], ids=lambda d: d.name)
+def test_large_output_written_with_streaming_stores(dtype):
+    # 8 MiB and more of output take the kernel's non-temporal store path (with a column tail in float32).
+    rng = np.random.default_rng(3)
+    n_in, n_out = (1027, 2056) if dtype == tf.float32 else (2051, 2064)
+    w, w_np = random((n_in, n_out), dtype, rng)
+    a, a_np = random((n_in, 16), dtype, rng)
+    b, b_np = random((16, n_out), dtype, rng)
+    assert_close(tf_lora.lora_merge(w, a, b, 0.75).numpy(), _reference(w_np, a_np, b_np, 0.75), dtype)
+
+
 def test_scale_tensor_and_numpy_inputs():
     rng = np.random.default_rng(2)
     w = rng.uniform(-1, 1, (6, 9)).astype(np.float32)
