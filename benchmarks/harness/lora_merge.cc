@@ -1,6 +1,7 @@
-// C++ harness behind the lora_merge figures of benchmarks/RESULTS.md
-// ("Why r = 16 out of place stays under 2x"): LoraMerge 4096 x 4096 out of
-// place and in place on 2 threads, against a copy-and-add pass over w.
+// C++ harness behind the lora_merge figures of benchmarks/RESULTS.md ("The
+// write-allocate of out-of-place outputs", "Full-row B panels"): LoraMerge
+// 4096 x 4096 out of place and in place on 2 threads, against a copy-and-add
+// pass over w.
 //
 //   g++ -O3 -DNDEBUG -ffp-contract=fast $(.venv/bin/python -c "import \
 //     tensorflow as tf; print(' '.join(tf.sysconfig.get_compile_flags()))") \
