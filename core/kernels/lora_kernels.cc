@@ -4,6 +4,7 @@
 #define EIGEN_USE_THREADS
 
 #include <initializer_list>
+#include <new>
 #include <string>
 #include <utility>
 
@@ -153,6 +154,23 @@ absl::Status CheckBatchedInputs(const char* op, const char* lead_name,
   return absl::OkStatus();
 }
 
+// Runs a functor call, turning a std::bad_alloc into a ResourceExhausted
+// error of `op`: it must not unwind through TensorFlow's frames. The
+// functors take their scratch buffers (packed operands, x @ a, gradient
+// partials: the allocations that grow with the inputs) on the calling thread
+// before writing any output, so such a failure leaves an in-place variable
+// (ResourceLoraMerge) unwritten; other outputs go with the error.
+template <typename Fn>
+absl::Status RunFunctor(const char* op, Fn fn) {
+  try {
+    fn();
+    return absl::OkStatus();
+  } catch (const std::bad_alloc&) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat(op, ": out of memory for the kernel's scratch buffers"));
+  }
+}
+
 }  // namespace
 
 template <typename Device, typename T>
@@ -170,10 +188,13 @@ class LoraMergeOp : public OpKernel {
     Tensor* merged = nullptr;
     OP_REQUIRES_OK(
         ctx, ctx->forward_input_or_allocate_output({0}, 0, w.shape(), &merged));
-    functor::LoraMerge<Device, T>()(
-        ctx->eigen_device<Device>(), w.dim_size(0), w.dim_size(1),
-        a.dim_size(1), w.flat<T>().data(), a.flat<T>().data(),
-        b.flat<T>().data(), scale.scalar<T>()(), merged->flat<T>().data());
+    OP_REQUIRES_OK(ctx, RunFunctor("LoraMerge", [&] {
+                     functor::LoraMerge<Device, T>()(
+                         ctx->eigen_device<Device>(), w.dim_size(0),
+                         w.dim_size(1), a.dim_size(1), w.flat<T>().data(),
+                         a.flat<T>().data(), b.flat<T>().data(),
+                         scale.scalar<T>()(), merged->flat<T>().data());
+                   }));
   }
 };
 
@@ -192,11 +213,14 @@ class LoraApplyOp : public OpKernel {
     Tensor* y_out = nullptr;
     OP_REQUIRES_OK(
         ctx, ctx->forward_input_or_allocate_output({0}, 0, y.shape(), &y_out));
-    functor::LoraApply<Device, T>()(
-        ctx->eigen_device<Device>(), y.dim_size(0), x.dim_size(1),
-        y.dim_size(1), a.dim_size(1), y.flat<T>().data(), x.flat<T>().data(),
-        a.flat<T>().data(), b.flat<T>().data(), scale.scalar<T>()(),
-        y_out->flat<T>().data());
+    OP_REQUIRES_OK(ctx, RunFunctor("LoraApply", [&] {
+                     functor::LoraApply<Device, T>()(
+                         ctx->eigen_device<Device>(), y.dim_size(0),
+                         x.dim_size(1), y.dim_size(1), a.dim_size(1),
+                         y.flat<T>().data(), x.flat<T>().data(),
+                         a.flat<T>().data(), b.flat<T>().data(),
+                         scale.scalar<T>()(), y_out->flat<T>().data());
+                   }));
   }
 };
 
@@ -218,12 +242,15 @@ class LoraApplyGradOp : public OpKernel {
     OP_REQUIRES_OK(ctx, ctx->allocate_output(1, a.shape(), &da));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(2, b.shape(), &db));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(3, scale.shape(), &dscale));
-    functor::LoraApplyGrad<Device, T>()(
-        ctx->eigen_device<Device>(), g.dim_size(0), x.dim_size(1),
-        g.dim_size(1), a.dim_size(1), g.flat<T>().data(), x.flat<T>().data(),
-        a.flat<T>().data(), b.flat<T>().data(), scale.scalar<T>()(),
-        dx->flat<T>().data(), da->flat<T>().data(), db->flat<T>().data(),
-        dscale->flat<T>().data());
+    OP_REQUIRES_OK(
+        ctx, RunFunctor("LoraApplyGrad", [&] {
+          functor::LoraApplyGrad<Device, T>()(
+              ctx->eigen_device<Device>(), g.dim_size(0), x.dim_size(1),
+              g.dim_size(1), a.dim_size(1), g.flat<T>().data(),
+              x.flat<T>().data(), a.flat<T>().data(), b.flat<T>().data(),
+              scale.scalar<T>()(), dx->flat<T>().data(), da->flat<T>().data(),
+              db->flat<T>().data(), dscale->flat<T>().data());
+        }));
   }
 };
 
@@ -244,12 +271,15 @@ class BatchedLoraApplyOp : public OpKernel {
     Tensor* y_out = nullptr;
     OP_REQUIRES_OK(
         ctx, ctx->forward_input_or_allocate_output({0}, 0, y.shape(), &y_out));
-    functor::BatchedLoraApply<Device, T>()(
-        ctx->eigen_device<Device>(), y.dim_size(0), x.dim_size(1),
-        y.dim_size(1), a_stack.dim_size(2), a_stack.dim_size(0),
-        y.flat<T>().data(), x.flat<T>().data(), a_stack.flat<T>().data(),
-        b_stack.flat<T>().data(), ids.flat<int32_t>().data(),
-        scales.flat<T>().data(), y_out->flat<T>().data());
+    OP_REQUIRES_OK(ctx, RunFunctor("BatchedLoraApply", [&] {
+                     functor::BatchedLoraApply<Device, T>()(
+                         ctx->eigen_device<Device>(), y.dim_size(0),
+                         x.dim_size(1), y.dim_size(1), a_stack.dim_size(2),
+                         a_stack.dim_size(0), y.flat<T>().data(),
+                         x.flat<T>().data(), a_stack.flat<T>().data(),
+                         b_stack.flat<T>().data(), ids.flat<int32_t>().data(),
+                         scales.flat<T>().data(), y_out->flat<T>().data());
+                   }));
   }
 };
 
@@ -272,13 +302,17 @@ class BatchedLoraApplyGradOp : public OpKernel {
     OP_REQUIRES_OK(ctx, ctx->allocate_output(1, a_stack.shape(), &da));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(2, b_stack.shape(), &db));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(3, scales.shape(), &dscales));
-    functor::BatchedLoraApplyGrad<Device, T>()(
-        ctx->eigen_device<Device>(), g.dim_size(0), x.dim_size(1),
-        g.dim_size(1), a_stack.dim_size(2), a_stack.dim_size(0),
-        g.flat<T>().data(), x.flat<T>().data(), a_stack.flat<T>().data(),
-        b_stack.flat<T>().data(), ids.flat<int32_t>().data(),
-        scales.flat<T>().data(), dx->flat<T>().data(), da->flat<T>().data(),
-        db->flat<T>().data(), dscales->flat<T>().data());
+    OP_REQUIRES_OK(ctx, RunFunctor("BatchedLoraApplyGrad", [&] {
+                     functor::BatchedLoraApplyGrad<Device, T>()(
+                         ctx->eigen_device<Device>(), g.dim_size(0),
+                         x.dim_size(1), g.dim_size(1), a_stack.dim_size(2),
+                         a_stack.dim_size(0), g.flat<T>().data(),
+                         x.flat<T>().data(), a_stack.flat<T>().data(),
+                         b_stack.flat<T>().data(), ids.flat<int32_t>().data(),
+                         scales.flat<T>().data(), dx->flat<T>().data(),
+                         da->flat<T>().data(), db->flat<T>().data(),
+                         dscales->flat<T>().data());
+                   }));
   }
 };
 
@@ -322,10 +356,13 @@ class ResourceLoraMergeOp : public OpKernel {
       OP_REQUIRES_OK(ctx, ctx->allocate_temp(w->dtype(), w->shape(), &fresh));
       target = &fresh;
     }
-    functor::LoraMerge<Device, T>()(
-        ctx->eigen_device<Device>(), w->dim_size(0), w->dim_size(1),
-        a.dim_size(1), w->flat<T>().data(), a.flat<T>().data(),
-        b.flat<T>().data(), scale.scalar<T>()(), target->flat<T>().data());
+    OP_REQUIRES_OK(ctx, RunFunctor("ResourceLoraMerge", [&] {
+                     functor::LoraMerge<Device, T>()(
+                         ctx->eigen_device<Device>(), w->dim_size(0),
+                         w->dim_size(1), a.dim_size(1), w->flat<T>().data(),
+                         a.flat<T>().data(), b.flat<T>().data(),
+                         scale.scalar<T>()(), target->flat<T>().data());
+                   }));
     if (target == &fresh) *w = fresh;
   }
 };

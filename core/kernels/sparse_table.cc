@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstring>
 #include <mutex>
+#include <new>
 #include <numeric>
 
 #include "tensorflow/core/lib/random/philox_random.h"
@@ -94,6 +95,27 @@ void Dedup(const int64_t* ids, int64_t n, Workspace* ws) {
   }
 }
 
+// Runs fn(), turning a std::bad_alloc into a flag: thrown on a worker
+// thread it would terminate the process. Rethrow raises it again on the
+// calling thread, after the parallel loop.
+class OutOfMemory {
+ public:
+  template <typename Fn>
+  void Run(Fn fn) {
+    try {
+      fn();
+    } catch (const std::bad_alloc&) {
+      failed_ = true;
+    }
+  }
+  void Rethrow() const {
+    if (failed_) throw std::bad_alloc();
+  }
+
+ private:
+  std::atomic<bool> failed_{false};
+};
+
 }  // namespace
 
 void Initializer::Fill(int64_t key, int64_t dim, float* row) const {
@@ -165,14 +187,28 @@ struct Table::Shard {
     }
   }
 
-  // Adds `key` (absent) with a fresh row, initialized by `init`.
+  // Adds `key` (absent) with a fresh row, initialized by `init`. Everything
+  // that allocates comes first: when memory runs out it throws
+  // std::bad_alloc with the shard as it was (a grown index holds the same
+  // keys).
   int32_t Insert(int64_t key, uint64_t hash,
                  const std::function<void(int64_t, float*)>& init) {
     if ((size + 1) * 4 > static_cast<int64_t>(capacity) * 3) Grow();
     const int32_t r = static_cast<int32_t>(size);
-    if ((r >> block_shift) >= static_cast<int64_t>(blocks.size())) {
-      blocks.push_back(static_cast<float*>(pool->Allocate(block_bytes)));
+    const bool new_block =
+        (r >> block_shift) >= static_cast<int64_t>(blocks.size());
+    float* block =
+        new_block ? static_cast<float*>(pool->Allocate(block_bytes)) : nullptr;
+    try {
+      ReserveOneMore(&counts);
+      ReserveOneMore(&row_keys);
+      ReserveOneMore(&last_steps);
+      if (new_block) ReserveOneMore(&blocks);
+    } catch (const std::bad_alloc&) {
+      if (new_block) pool->Free(block, block_bytes);
+      throw;
     }
+    if (new_block) blocks.push_back(block);
     ++size;
     counts.push_back(0);
     row_keys.push_back(key);
@@ -237,6 +273,13 @@ struct Table::Shard {
     return true;
   }
 
+  // Room for one more element, growing geometrically.
+  template <typename V>
+  static void ReserveOneMore(V* v) {
+    if (v->size() == v->capacity())
+      v->reserve(std::max<size_t>(16, 2 * v->size()));
+  }
+
   void Grow() { Rehash(std::max<uint64_t>(16, capacity * 2)); }
 
   // After removals: an index under 1/8 full shrinks to a load of at most
@@ -246,7 +289,12 @@ struct Table::Shard {
     if (size * 8 >= static_cast<int64_t>(capacity)) return;
     uint64_t fit = size == 0 ? 0 : 16;
     while (size * 8 > static_cast<int64_t>(fit) * 3) fit *= 2;
-    if (fit < capacity) Rehash(fit);
+    if (fit >= capacity) return;
+    try {
+      Rehash(fit);
+    } catch (const std::bad_alloc&) {
+      // Shrinking is optional: the larger index holds the same keys.
+    }
   }
 
   void Rehash(uint64_t new_capacity) {
@@ -536,31 +584,35 @@ void Table::PullUnique(const int64_t* ids, int64_t n, bool training,
   const auto init = [this](int64_t key, float* row) { InitRow(key, row); };
   // A lookup or an insert misses the cache about twice: ~400 cycles an id.
   const double per_shard = 400.0 * n / kShards + 1;
+  OutOfMemory oom;
   parallel_for(kShards, per_shard, [&](int64_t begin, int64_t end) {
     for (int64_t s = begin; s < end; ++s) {
       if (start[s] == start[s + 1]) continue;
       Shard& shard = *shards_[s];
-      // Inference reads share the lock; training may insert.
-      std::unique_lock<std::shared_mutex> write(shard.mu, std::defer_lock);
-      std::shared_lock<std::shared_mutex> read(shard.mu, std::defer_lock);
-      if (training) {
-        write.lock();
-      } else {
-        read.lock();
-      }
-      shard.ForEachRow(ids, order.data(), start[s], start[s + 1],
-                       [&](int64_t i, int32_t r) {
-                         if (r == Shard::kEmpty) {
-                           if (!training) {
-                             std::fill_n(values + i * dim, dim, 0.f);
-                             return;
+      oom.Run([&] {
+        // Inference reads share the lock; training may insert.
+        std::unique_lock<std::shared_mutex> write(shard.mu, std::defer_lock);
+        std::shared_lock<std::shared_mutex> read(shard.mu, std::defer_lock);
+        if (training) {
+          write.lock();
+        } else {
+          read.lock();
+        }
+        shard.ForEachRow(ids, order.data(), start[s], start[s + 1],
+                         [&](int64_t i, int32_t r) {
+                           if (r == Shard::kEmpty) {
+                             if (!training) {
+                               std::fill_n(values + i * dim, dim, 0.f);
+                               return;
+                             }
+                             r = shard.Insert(ids[i], Mix(ids[i]), init);
                            }
-                           r = shard.Insert(ids[i], Mix(ids[i]), init);
-                         }
-                         CopyRow(shard.Row(r), dim, values + i * dim);
-                       });
+                           CopyRow(shard.Row(r), dim, values + i * dim);
+                         });
+      });
     }
   });
+  oom.Rethrow();
 }
 
 int64_t Table::Push(const int64_t* ids, int64_t n, const float* grads,
@@ -585,23 +637,27 @@ int64_t Table::Push(const int64_t* ids, int64_t n, const float* grads,
   const Optimizer& opt = config_.optimizer;
   const auto init = [this](int64_t key, float* row) { InitRow(key, row); };
   const double per_shard = (400.0 + 4 * dim) * m / kShards + 1;
+  OutOfMemory oom;
   parallel_for(kShards, per_shard, [&](int64_t begin, int64_t end) {
     for (int64_t s = begin; s < end; ++s) {
       if (start[s] == start[s + 1]) continue;
       Shard& shard = *shards_[s];
-      std::unique_lock<std::shared_mutex> lock(shard.mu);
-      shard.ForEachRow(unique.data(), order.data(), start[s], start[s + 1],
-                       [&](int64_t u, int32_t r) {
-                         const int64_t key = unique[u];
-                         if (r == Shard::kEmpty)
-                           r = shard.Insert(key, Mix(key), init);
-                         opt.Apply(dim, learning_rate, shard.counts[r] + 1,
-                                   summed + u * dim, shard.Row(r));
-                         ++shard.counts[r];
-                         shard.last_steps[r] = step;
-                       });
+      oom.Run([&] {
+        std::unique_lock<std::shared_mutex> lock(shard.mu);
+        shard.ForEachRow(unique.data(), order.data(), start[s], start[s + 1],
+                         [&](int64_t u, int32_t r) {
+                           const int64_t key = unique[u];
+                           if (r == Shard::kEmpty)
+                             r = shard.Insert(key, Mix(key), init);
+                           opt.Apply(dim, learning_rate, shard.counts[r] + 1,
+                                     summed + u * dim, shard.Row(r));
+                           ++shard.counts[r];
+                           shard.last_steps[r] = step;
+                         });
+      });
     }
   });
+  oom.Rethrow();
   return step;
 }
 

@@ -2,6 +2,7 @@
 
 #define EIGEN_USE_THREADS
 
+#include <new>
 #include <string>
 
 #include "core/kernels/sparse_table.h"
@@ -141,6 +142,20 @@ class SparseTableOp : public OpKernel {
   tensorflow::ResourceHandle handle_;
 };
 
+// Runs fn, a call into the table, turning running out of memory into a
+// ResourceExhausted error "<op>: out of memory <what>": a std::bad_alloc must
+// not unwind through TensorFlow's frames.
+template <typename Fn>
+absl::Status OutOfMemoryToStatus(const char* op, const char* what, Fn fn) {
+  try {
+    fn();
+    return absl::OkStatus();
+  } catch (const std::bad_alloc&) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat(op, ": out of memory ", what));
+  }
+}
+
 class SparseTablePullOp : public OpKernel {
  public:
   explicit SparseTablePullOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
@@ -160,8 +175,16 @@ class SparseTablePullOp : public OpKernel {
     OP_REQUIRES_OK(ctx, shape.AddDimWithStatus(dim_));
     Tensor* values;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, shape, &values));
-    table->table.Pull(ids.flat<int64_t>().data(), ids.NumElements(), training_,
-                      values->flat<float>().data(), WorkerThreads(ctx));
+    OP_REQUIRES_OK(
+        ctx, OutOfMemoryToStatus(
+                 "SparseTablePull",
+                 "inserting new ids; the table keeps every key it had, and "
+                 "holds whole rows for the new ids inserted before that",
+                 [&] {
+                   table->table.Pull(
+                       ids.flat<int64_t>().data(), ids.NumElements(), training_,
+                       values->flat<float>().data(), WorkerThreads(ctx));
+                 }));
   }
 
  private:
@@ -192,9 +215,18 @@ class SparseTablePushOp : public OpKernel {
                     lr.shape().DebugString())));
     Tensor* step;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({}), &step));
-    step->scalar<int64_t>()() = table->table.Push(
-        ids.flat<int64_t>().data(), ids.NumElements(),
-        grads.flat<float>().data(), lr.scalar<float>()(), WorkerThreads(ctx));
+    OP_REQUIRES_OK(
+        ctx, OutOfMemoryToStatus(
+                 "SparseTablePush",
+                 "inserting new ids; the table keeps every key it had, and "
+                 "the ids updated before that keep their update (the others "
+                 "were not updated)",
+                 [&] {
+                   step->scalar<int64_t>()() = table->table.Push(
+                       ids.flat<int64_t>().data(), ids.NumElements(),
+                       grads.flat<float>().data(), lr.scalar<float>()(),
+                       WorkerThreads(ctx));
+                 }));
   }
 };
 
@@ -219,7 +251,11 @@ class SparseTableExportOp : public OpKernel {
     tensorflow::core::RefCountPtr<SparseTableResource> table;
     OP_REQUIRES_OK(ctx, GetTable(ctx, "SparseTableExport", &table));
     const sparse::Table& t = table->table;
-    const sparse::Table::Contents c = t.Export();
+    sparse::Table::Contents c;
+    OP_REQUIRES_OK(ctx, OutOfMemoryToStatus(
+                            "SparseTableExport",
+                            "copying the table out; the table is unchanged",
+                            [&] { c = t.Export(); }));
     const int64_t n = c.keys.size(), slot_width = t.row_width() - t.dim();
     Tensor* out[6];
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({n}), &out[0]));
@@ -281,12 +317,18 @@ class SparseTableImportOp : public OpKernel {
       const V* data = from.flat<V>().data();
       to->assign(data, data + from.NumElements());
     };
-    copy(keys, &c.keys);
-    copy(values, &c.values);
-    copy(slots, &c.slots);
-    copy(counts, &c.update_counts);
-    copy(steps, &c.last_steps);
-    const std::string error = t.Import(c, step.scalar<int64_t>()());
+    std::string error;
+    OP_REQUIRES_OK(
+        ctx, OutOfMemoryToStatus(
+                 "SparseTableImport",
+                 "building the new contents; the table is unchanged", [&] {
+                   copy(keys, &c.keys);
+                   copy(values, &c.values);
+                   copy(slots, &c.slots);
+                   copy(counts, &c.update_counts);
+                   copy(steps, &c.last_steps);
+                   error = t.Import(c, step.scalar<int64_t>()());
+                 }));
     OP_REQUIRES(ctx, error.empty(),
                 absl::InvalidArgumentError(absl::StrCat(
                     "SparseTableImport: ", error, "; the table is unchanged")));

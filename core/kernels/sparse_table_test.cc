@@ -3,11 +3,15 @@
 
 #include "core/kernels/sparse_table.h"
 
+#include <sys/resource.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <iterator>
+#include <new>
 #include <random>
 #include <thread>
 #include <vector>
@@ -326,6 +330,73 @@ void TestLargeTable() {
         "large table: an empty table gives its memory back");
 }
 
+// The process's address space in bytes (first field of /proc/self/statm).
+int64_t AddressSpaceBytes() {
+  FILE* f = std::fopen("/proc/self/statm", "r");
+  long pages = 0;
+  if (f == nullptr || std::fscanf(f, "%ld", &pages) != 1) pages = 0;
+  if (f != nullptr) std::fclose(f);
+  return static_cast<int64_t>(pages) * sysconf(_SC_PAGESIZE);
+}
+
+// Pushes of new keys under an address-space limit until memory runs out: the
+// std::bad_alloc reaches the caller (here, and through a worker thread in the
+// kernels, which turn it into ResourceExhausted), and the table stays whole:
+// its size matches its contents, and the keys it had keep their rows.
+void TestOutOfMemoryLeavesTableWhole() {
+  const int64_t dim = 32;
+  Table t(MakeConfig(Optimizer::Kind::kSgd, Initializer::Kind::kNormal, dim));
+  const auto serial = [](int64_t n, double,
+                         std::function<void(int64_t, int64_t)> fn) {
+    fn(0, n);
+  };
+  std::vector<int64_t> old_ids(1000);
+  for (int64_t i = 0; i < 1000; ++i) old_ids[i] = i * 7919;
+  std::vector<float> grads(old_ids.size() * dim, 0.5f);
+  t.Push(old_ids.data(), old_ids.size(), grads.data(), 0.1f, serial);
+  std::vector<float> before(old_ids.size() * dim);
+  t.Pull(old_ids.data(), old_ids.size(), false, before.data(), serial);
+  // Batches of new keys, allocated before the limit goes on.
+  const int64_t batch = 1 << 16;
+  std::vector<int64_t> ids(batch);
+  std::vector<float> batch_grads(batch * dim, 1.f);
+  rlimit old_limit;
+  getrlimit(RLIMIT_AS, &old_limit);
+  rlimit limit = old_limit;
+  limit.rlim_cur = AddressSpaceBytes() + (256 << 20);
+  bool threw = false;
+  if (setrlimit(RLIMIT_AS, &limit) == 0) {
+    try {
+      for (int64_t b = 0; b < 64; ++b) {  // 4M keys x 128 bytes: past 256 MiB
+        for (int64_t i = 0; i < batch; ++i) ids[i] = -1 - (b * batch + i);
+        t.Push(ids.data(), batch, batch_grads.data(), 0.1f, serial);
+      }
+    } catch (const std::bad_alloc&) {
+      threw = true;
+    }
+    setrlimit(RLIMIT_AS, &old_limit);
+  }
+  Check(threw, "out of memory: a push past the limit throws std::bad_alloc");
+  std::vector<float> after(old_ids.size() * dim);
+  t.Pull(old_ids.data(), old_ids.size(), false, after.data(), serial);
+  const Table::Contents c = t.Export();
+  bool rows_match = true;
+  std::vector<float> row(dim);
+  for (size_t k = 0; k < c.keys.size(); k += 97) {  // a sample of the keys
+    t.Pull(&c.keys[k], 1, false, row.data(), serial);
+    rows_match &=
+        std::equal(row.begin(), row.end(), c.values.begin() + k * dim);
+  }
+  Check(before == after && static_cast<int64_t>(c.keys.size()) == t.Size() &&
+            rows_match,
+        "out of memory: the table stays whole (old rows, size, contents)");
+  // Memory is back: the table grows again.
+  for (int64_t i = 0; i < batch; ++i) ids[i] = (int64_t{1} << 40) + i;
+  t.Push(ids.data(), batch, batch_grads.data(), 0.1f, serial);
+  Check(t.Size() == static_cast<int64_t>(c.keys.size()) + batch,
+        "out of memory: pushes work again once memory is available");
+}
+
 }  // namespace
 }  // namespace sparse
 }  // namespace tf_lora
@@ -341,6 +412,7 @@ int main() {
   TestRemoveAndEvict();
   TestPagePool();
   TestLargeTable();
+  TestOutOfMemoryLeavesTableWhole();
   std::printf("%d failed\n", failures);
   return failures == 0 ? 0 : 1;
 }
