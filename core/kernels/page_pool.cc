@@ -9,19 +9,11 @@
 #include <cstring>
 #include <new>
 
+#include "core/kernels/huge_pages.h"
+
 namespace tf_lora {
 namespace sparse {
 namespace {
-
-// TF_LORA_HUGE_PAGES=0 turns the huge-page advice off (to measure without it,
-// or where a system's khugepaged misbehaves).
-bool HugePagesAllowed() {
-  static const bool allowed = [] {
-    const char* v = std::getenv("TF_LORA_HUGE_PAGES");
-    return v == nullptr || std::strcmp(v, "0") != 0;
-  }();
-  return allowed;
-}
 
 constexpr size_t kAlign = 64;
 

@@ -62,6 +62,35 @@ def test_large_output_written_with_streaming_stores(dtype):
     assert_close(tf_lora.lora_merge(w, a, b, 0.75).numpy(), _reference(w_np, a_np, b_np, 0.75), dtype)
 
 
+def _thp_eligible(address):
+    """Whether the mapping holding `address` may use transparent huge pages (from /proc/self/smaps)."""
+    with open("/proc/self/smaps") as f:
+        inside = False
+        for line in f:
+            field = line.split()
+            if "-" in field[0] and not field[0].endswith(":"):
+                low, high = (int(v, 16) for v in field[0].split("-"))
+                inside = low <= address < high
+            elif inside and field[0] == "THPeligible:":
+                return field[1] == "1"
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+def test_large_outputs_are_advised_onto_huge_pages():
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            if "[never]" in f.read():
+                pytest.skip("transparent huge pages are off on this system")
+    except OSError:
+        pytest.skip("no transparent huge pages here")
+    w = tf.ones([2048, 2048])  # 16 MiB: over the 8 MiB threshold
+    merged = tf_lora.lora_merge(w, tf.ones([2048, 4]), tf.ones([4, 2048]), 0.5)
+    buffer = np.from_dlpack(merged)  # the tensor's own memory, not a copy
+    np.testing.assert_array_equal(buffer[::511, ::511], np.full((5, 5), 3.0, np.float32))
+    # The advice covers the output's 2 MiB-aligned interior; its middle lies there.
+    assert _thp_eligible(buffer.ctypes.data + buffer.nbytes // 2)
+
+
 def test_scale_tensor_and_numpy_inputs():
     rng = np.random.default_rng(2)
     w = rng.uniform(-1, 1, (6, 9)).astype(np.float32)
