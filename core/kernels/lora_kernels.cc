@@ -4,12 +4,12 @@
 #define EIGEN_USE_THREADS
 
 #include <initializer_list>
-#include <new>
 #include <string>
 #include <utility>
 
 #include "core/kernels/huge_pages.h"
 #include "core/kernels/lora.h"
+#include "core/kernels/out_of_memory.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/resource_mgr.h"
 #include "tensorflow/core/framework/resource_var.h"
@@ -155,22 +155,12 @@ absl::Status CheckBatchedInputs(const char* op, const char* lead_name,
   return absl::OkStatus();
 }
 
-// Runs a functor call, turning a std::bad_alloc into a ResourceExhausted
-// error of `op`: it must not unwind through TensorFlow's frames. The
-// functors take their scratch buffers (packed operands, x @ a, gradient
-// partials: the allocations that grow with the inputs) on the calling thread
-// before writing any output, so such a failure leaves an in-place variable
-// (ResourceLoraMerge) unwritten; other outputs go with the error.
-template <typename Fn>
-absl::Status RunFunctor(const char* op, Fn fn) {
-  try {
-    fn();
-    return absl::OkStatus();
-  } catch (const std::bad_alloc&) {
-    return absl::ResourceExhaustedError(
-        absl::StrCat(op, ": out of memory for the kernel's scratch buffers"));
-  }
-}
+// OutOfMemoryToStatus's `what` for the functors. They take their scratch
+// buffers (packed operands, x @ a, gradient partials: the allocations that
+// grow with the inputs) on the calling thread before writing any output, so
+// running short leaves an in-place variable (ResourceLoraMerge) unwritten;
+// other outputs go with the error.
+constexpr char kScratch[] = "for the kernel's scratch buffers";
 
 // Outputs of this size and more go on huge pages (AdviseFreshOutput).
 constexpr size_t kHugeOutputBytes = 8 << 20;
@@ -207,7 +197,7 @@ class LoraMergeOp : public OpKernel {
     OP_REQUIRES_OK(
         ctx, ctx->forward_input_or_allocate_output({0}, 0, w.shape(), &merged));
     AdviseFreshOutput(merged, &w);
-    OP_REQUIRES_OK(ctx, RunFunctor("LoraMerge", [&] {
+    OP_REQUIRES_OK(ctx, OutOfMemoryToStatus("LoraMerge", kScratch, [&] {
                      functor::LoraMerge<Device, T>()(
                          ctx->eigen_device<Device>(), w.dim_size(0),
                          w.dim_size(1), a.dim_size(1), w.flat<T>().data(),
@@ -233,7 +223,7 @@ class LoraApplyOp : public OpKernel {
     OP_REQUIRES_OK(
         ctx, ctx->forward_input_or_allocate_output({0}, 0, y.shape(), &y_out));
     AdviseFreshOutput(y_out, &y);
-    OP_REQUIRES_OK(ctx, RunFunctor("LoraApply", [&] {
+    OP_REQUIRES_OK(ctx, OutOfMemoryToStatus("LoraApply", kScratch, [&] {
                      functor::LoraApply<Device, T>()(
                          ctx->eigen_device<Device>(), y.dim_size(0),
                          x.dim_size(1), y.dim_size(1), a.dim_size(1),
@@ -264,7 +254,7 @@ class LoraApplyGradOp : public OpKernel {
     OP_REQUIRES_OK(ctx, ctx->allocate_output(2, b.shape(), &db));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(3, scale.shape(), &dscale));
     OP_REQUIRES_OK(
-        ctx, RunFunctor("LoraApplyGrad", [&] {
+        ctx, OutOfMemoryToStatus("LoraApplyGrad", kScratch, [&] {
           functor::LoraApplyGrad<Device, T>()(
               ctx->eigen_device<Device>(), g.dim_size(0), x.dim_size(1),
               g.dim_size(1), a.dim_size(1), g.flat<T>().data(),
@@ -293,7 +283,7 @@ class BatchedLoraApplyOp : public OpKernel {
     OP_REQUIRES_OK(
         ctx, ctx->forward_input_or_allocate_output({0}, 0, y.shape(), &y_out));
     AdviseFreshOutput(y_out, &y);
-    OP_REQUIRES_OK(ctx, RunFunctor("BatchedLoraApply", [&] {
+    OP_REQUIRES_OK(ctx, OutOfMemoryToStatus("BatchedLoraApply", kScratch, [&] {
                      functor::BatchedLoraApply<Device, T>()(
                          ctx->eigen_device<Device>(), y.dim_size(0),
                          x.dim_size(1), y.dim_size(1), a_stack.dim_size(2),
@@ -325,17 +315,17 @@ class BatchedLoraApplyGradOp : public OpKernel {
     OP_REQUIRES_OK(ctx, ctx->allocate_output(1, a_stack.shape(), &da));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(2, b_stack.shape(), &db));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(3, scales.shape(), &dscales));
-    OP_REQUIRES_OK(ctx, RunFunctor("BatchedLoraApplyGrad", [&] {
-                     functor::BatchedLoraApplyGrad<Device, T>()(
-                         ctx->eigen_device<Device>(), g.dim_size(0),
-                         x.dim_size(1), g.dim_size(1), a_stack.dim_size(2),
-                         a_stack.dim_size(0), g.flat<T>().data(),
-                         x.flat<T>().data(), a_stack.flat<T>().data(),
-                         b_stack.flat<T>().data(), ids.flat<int32_t>().data(),
-                         scales.flat<T>().data(), dx->flat<T>().data(),
-                         da->flat<T>().data(), db->flat<T>().data(),
-                         dscales->flat<T>().data());
-                   }));
+    OP_REQUIRES_OK(
+        ctx, OutOfMemoryToStatus("BatchedLoraApplyGrad", kScratch, [&] {
+          functor::BatchedLoraApplyGrad<Device, T>()(
+              ctx->eigen_device<Device>(), g.dim_size(0), x.dim_size(1),
+              g.dim_size(1), a_stack.dim_size(2), a_stack.dim_size(0),
+              g.flat<T>().data(), x.flat<T>().data(), a_stack.flat<T>().data(),
+              b_stack.flat<T>().data(), ids.flat<int32_t>().data(),
+              scales.flat<T>().data(), dx->flat<T>().data(),
+              da->flat<T>().data(), db->flat<T>().data(),
+              dscales->flat<T>().data());
+        }));
   }
 };
 
@@ -380,7 +370,7 @@ class ResourceLoraMergeOp : public OpKernel {
       AdviseFreshOutput(&fresh);
       target = &fresh;
     }
-    OP_REQUIRES_OK(ctx, RunFunctor("ResourceLoraMerge", [&] {
+    OP_REQUIRES_OK(ctx, OutOfMemoryToStatus("ResourceLoraMerge", kScratch, [&] {
                      functor::LoraMerge<Device, T>()(
                          ctx->eigen_device<Device>(), w->dim_size(0),
                          w->dim_size(1), a.dim_size(1), w->flat<T>().data(),

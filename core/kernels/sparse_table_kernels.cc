@@ -2,9 +2,9 @@
 
 #define EIGEN_USE_THREADS
 
-#include <new>
 #include <string>
 
+#include "core/kernels/out_of_memory.h"
 #include "core/kernels/sparse_table.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/resource_mgr.h"
@@ -141,20 +141,6 @@ class SparseTableOp : public OpKernel {
   tensorflow::ContainerInfo cinfo_;
   tensorflow::ResourceHandle handle_;
 };
-
-// Runs fn, a call into the table, turning running out of memory into a
-// ResourceExhausted error "<op>: out of memory <what>": a std::bad_alloc must
-// not unwind through TensorFlow's frames.
-template <typename Fn>
-absl::Status OutOfMemoryToStatus(const char* op, const char* what, Fn fn) {
-  try {
-    fn();
-    return absl::OkStatus();
-  } catch (const std::bad_alloc&) {
-    return absl::ResourceExhaustedError(
-        absl::StrCat(op, ": out of memory ", what));
-  }
-}
 
 class SparseTablePullOp : public OpKernel {
  public:

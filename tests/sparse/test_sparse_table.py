@@ -318,7 +318,6 @@ def test_saved_model_serves_trained_values_in_a_fresh_process(tmp_path):
 
 
 OUT_OF_MEMORY = """
-import resource
 import numpy as np, tensorflow as tf, tf_lora
 table = tf_lora.SparseTable(32)
 old = np.arange(1000, dtype=np.int64) * 7919
@@ -328,19 +327,14 @@ batch = 1 << 16
 grads = tf.ones([batch, 32])
 batches = [tf.constant(-1 - np.arange(b * batch, (b + 1) * batch, dtype=np.int64)) for b in range(64)]
 table.push(batches[0][:10], grads[:10])
-with open("/proc/self/statm") as f:
-    address_space = int(f.read().split()[0]) * resource.getpagesize()
-soft, hard = resource.getrlimit(resource.RLIMIT_AS)
 # 512 MiB more address space; 64 batches of new keys need about 600 MiB of rows alone.
-resource.setrlimit(resource.RLIMIT_AS, (address_space + (512 << 20), hard))
 try:
-    for ids in batches:
-        table.push(ids, grads)
+    with address_space_headroom(512 << 20):
+        for ids in batches:
+            table.push(ids, grads)
 except tf.errors.ResourceExhaustedError as e:
     assert "SparseTablePush: out of memory inserting new ids" in str(e), str(e)
     print("RESOURCE_EXHAUSTED")
-finally:
-    resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
 size = int(table.size())
 assert len(table.export()["keys"]) == size
 np.testing.assert_array_equal(table.pull(old).numpy(), before)
@@ -350,20 +344,12 @@ print("WHOLE_OK")
 """
 
 
-def test_out_of_memory_is_an_error_and_the_table_stays_whole():
+def test_out_of_memory_is_an_error_and_the_table_stays_whole(run_python):
     # Run out of address space in a subprocess: the push fails with ResourceExhausted instead of killing
     # the process (a std::bad_alloc on a worker thread would), the keys the table had keep their rows,
     # its size matches its contents, and it grows again once memory is back.
-    import os
-    import subprocess
-    import sys
-
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    proc = subprocess.run(
-        [sys.executable, "-c", OUT_OF_MEMORY], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "RESOURCE_EXHAUSTED" in proc.stdout and "WHOLE_OK" in proc.stdout, proc.stdout
+    stdout = run_python(OUT_OF_MEMORY)
+    assert "RESOURCE_EXHAUSTED" in stdout and "WHOLE_OK" in stdout, stdout
 
 
 # ---- Removal and eviction ----
