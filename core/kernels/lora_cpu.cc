@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <new>
 #include <type_traits>
@@ -24,6 +25,7 @@
 #endif
 
 #include "core/kernels/lora.h"
+#include "core/kernels/worker_exceptions.h"
 #include "unsupported/Eigen/CXX11/Tensor"
 
 #define TF_LORA_ALWAYS_INLINE inline __attribute__((always_inline))
@@ -74,7 +76,11 @@ template <typename T>
 class Scratch {
  public:
   // n == 0 holds no memory.
-  explicit Scratch(int64_t n) : bytes_(n * static_cast<int64_t>(sizeof(T))) {
+  explicit Scratch(int64_t n)
+      : bytes_(n >= 0 && n <= kMaxElements ? n * int64_t{sizeof(T)} : -1) {
+    // The kernels' glue checks the sizes first (CheckWorkSizes); a size that
+    // still could not be a buffer fails as memory that cannot be had.
+    if (bytes_ < 0) throw std::bad_alloc();
     if (bytes_ == 0) return;
     // The smallest pooled buffer that fits.
     std::vector<Buffer>& pool = Pool();
@@ -113,6 +119,8 @@ class Scratch {
   void Zero() { std::fill_n(data(), bytes_ / sizeof(T), T(0)); }
 
  private:
+  static constexpr int64_t kMaxElements =
+      std::numeric_limits<int64_t>::max() / sizeof(T);
   static constexpr size_t kAlign = 64;
   // Per thread and element type, in all: TensorFlow runs ops on many
   // long-lived threads, so what a thread keeps must stay small.
@@ -297,6 +305,19 @@ namespace baseline {
 namespace avx2 = baseline;  // UseAvx2() is false: never taken
 #endif
 
+// d.parallelFor, with any exception a worker throws (a scratch vector that
+// cannot be allocated) carried to the calling thread, which turns it into an
+// error status: thrown on a pool thread it would end the process.
+template <typename Fn>
+void ParallelFor(const Eigen::ThreadPoolDevice& d, Eigen::Index n,
+                 const Eigen::TensorOpCost& cost, Fn&& fn) {
+  WorkerExceptions errors;
+  d.parallelFor(n, cost, [&](Eigen::Index begin, Eigen::Index end) {
+    errors.Run([&] { fn(begin, end); });
+  });
+  errors.Rethrow();
+}
+
 // The AVX2 or the baseline build of a kernel over row blocks.
 template <typename Args>
 using BlockKernel = void (*)(const Args&, int64_t, int64_t);
@@ -358,10 +379,10 @@ void RowUpdate(const Eigen::ThreadPoolDevice& d, int64_t rows, int64_t cols,
   const Eigen::TensorOpCost cost(
       kRows * (row_bytes + k * sizeof(TA)), kRows * row_bytes,
       kRows * static_cast<double>(cols) * k / kMaddsPerCycle);
-  d.parallelFor((rows + kRows - 1) / kRows, cost,
-                [&p, kernel](Eigen::Index begin, Eigen::Index end) {
-                  kernel(p, begin, end);
-                });
+  ParallelFor(d, (rows + kRows - 1) / kRows, cost,
+              [&p, kernel](Eigen::Index begin, Eigen::Index end) {
+                kernel(p, begin, end);
+              });
 }
 
 // Groups rows by adapter id (stable counting sort), so that each adapter runs
@@ -391,6 +412,15 @@ void ApplyRows(const Eigen::ThreadPoolDevice& d, int64_t rows,
                T* y_out) {
   using Acc = typename Accum<T>::type;
   if (rows == 0 || out == 0) return;
+  if (in == 0 || r == 0) {  // x @ a is zero: the rows pass through
+    if (y_out != y) {
+      for (int64_t i = 0; i < rows; ++i) {
+        const int64_t row = rows_map != nullptr ? rows_map[i] : i;
+        std::copy_n(y + row * out, out, y_out + row * out);
+      }
+    }
+    return;
+  }
   const TiledMatrix<Acc> a_tiles(a, in, r, /*in_place=*/true);
   const int64_t lda = NumTiles<Acc>(r) * kTile<Acc>;
   Scratch<Acc> xa(rows * lda);
@@ -400,10 +430,10 @@ void ApplyRows(const Eigen::ThreadPoolDevice& d, int64_t rows,
   const Eigen::TensorOpCost cost(
       kRows * in * sizeof(T), kRows * lda * sizeof(Acc),
       kRows * static_cast<double>(in) * lda / kMaddsPerCycle);
-  d.parallelFor((rows + kRows - 1) / kRows, cost,
-                [&p, kernel](Eigen::Index begin, Eigen::Index end) {
-                  kernel(p, begin, end);
-                });
+  ParallelFor(d, (rows + kRows - 1) / kRows, cost,
+              [&p, kernel](Eigen::Index begin, Eigen::Index end) {
+                kernel(p, begin, end);
+              });
   RowUpdate(d, rows, out, r, y, xa.data(), lda, b, scale, y_out, rows_map);
 }
 
@@ -454,6 +484,21 @@ void GradRows(const Eigen::ThreadPoolDevice& d, int64_t n,
               const T* g, const T* x, const T* a, const T* b, T scale, T* dx,
               T* da, T* db, T* dscale) {
   using Acc = typename Accum<T>::type;
+  if (n == 0 || in == 0 || out == 0 || r == 0) {
+    // Every product has an empty factor: the gradients are zeros. Filled
+    // here, in time bounded by the outputs' sizes (an empty tensor may have
+    // other dimensions up to 2^63 - 1).
+    std::fill_n(da, in * r, T(0));
+    std::fill_n(db, r * out, T(0));
+    *dscale = T(0);
+    if (in > 0) {
+      for (int64_t i = 0; i < n; ++i) {
+        std::fill_n(dx + (rows_map != nullptr ? rows_map[i] : i) * in, in,
+                    T(0));
+      }
+    }
+    return;
+  }
   // One shard per kShardRows rows (up to kMaxShards): each shard's partials
   // (r * (in + out) values) are zeroed, filled and summed once per call, so
   // shards must be big; the count depends on n alone.
@@ -492,35 +537,33 @@ void GradRows(const Eigen::ThreadPoolDevice& d, int64_t n,
                           dscale_parts.data(),
                           rows_map,
                           StreamOut<T>(nullptr, dx, n, in)};
-  if (n > 0) {
-    const auto kernel = Pick<LoraGradArgs<T>>(&avx2::LoraGradShards<T>,
-                                              &baseline::LoraGradShards<T>);
-    const double madds = 5.0 * shard_rows * r * (in + out) / kMaddsPerCycle;
-    d.parallelFor(shards,
-                  Eigen::TensorOpCost(shard_rows * (in + out) * sizeof(T),
-                                      shard_rows * in * sizeof(T), madds),
-                  [&p, kernel](Eigen::Index begin, Eigen::Index end) {
-                    kernel(p, begin, end);
-                  });
-  }
+  const auto kernel = Pick<LoraGradArgs<T>>(&avx2::LoraGradShards<T>,
+                                            &baseline::LoraGradShards<T>);
+  const double madds = 5.0 * shard_rows * r * (in + out) / kMaddsPerCycle;
+  ParallelFor(d, shards,
+              Eigen::TensorOpCost(shard_rows * (in + out) * sizeof(T),
+                                  shard_rows * in * sizeof(T), madds),
+              [&p, kernel](Eigen::Index begin, Eigen::Index end) {
+                kernel(p, begin, end);
+              });
   // Sum the shards' partials in shard order: db[k, j], and da[i, k] from the
   // transposed partials.
   const auto sum_shards = [&](const Scratch<Acc>& parts, int64_t ld,
                               int64_t cols, auto&& store) {
-    d.parallelFor(r,
-                  Eigen::TensorOpCost(shards * cols * sizeof(Acc),
-                                      cols * sizeof(T), shards * cols),
-                  [&](Eigen::Index begin, Eigen::Index end) {
-                    std::vector<Acc> sum(cols);
-                    for (Eigen::Index k = begin; k < end; ++k) {
-                      std::fill(sum.begin(), sum.end(), Acc(0));
-                      for (int64_t s = 0; s < shards; ++s) {
-                        const Acc* part = parts.data() + (s * r + k) * ld;
-                        for (int64_t c = 0; c < cols; ++c) sum[c] += part[c];
-                      }
-                      for (int64_t c = 0; c < cols; ++c) store(k, c, sum[c]);
+    ParallelFor(d, r,
+                Eigen::TensorOpCost(shards * cols * sizeof(Acc),
+                                    cols * sizeof(T), shards * cols),
+                [&](Eigen::Index begin, Eigen::Index end) {
+                  std::vector<Acc> sum(cols);
+                  for (Eigen::Index k = begin; k < end; ++k) {
+                    std::fill(sum.begin(), sum.end(), Acc(0));
+                    for (int64_t s = 0; s < shards; ++s) {
+                      const Acc* part = parts.data() + (s * r + k) * ld;
+                      for (int64_t c = 0; c < cols; ++c) sum[c] += part[c];
                     }
-                  });
+                    for (int64_t c = 0; c < cols; ++c) store(k, c, sum[c]);
+                  }
+                });
   };
   sum_shards(db_parts, ld_out, out, [db, out](int64_t k, int64_t j, Acc v) {
     db[k * out + j] = static_cast<T>(v);
@@ -552,8 +595,10 @@ void BatchedLoraApplyGrad<Eigen::ThreadPoolDevice, T>::operator()(
     T* db_stack, T* dscales) const {
   std::vector<int64_t> start, order;
   GroupRowsByAdapter(n, adapters, ids, &start, &order);
-  for (int64_t e = start[0]; e < start[1]; ++e) {  // rows with no adapter
-    std::fill_n(dx + order[e] * in, in, T(0));
+  if (in > 0) {
+    for (int64_t e = start[0]; e < start[1]; ++e) {  // rows with no adapter
+      std::fill_n(dx + order[e] * in, in, T(0));
+    }
   }
   for (int64_t k = 0; k < adapters; ++k) {
     const int64_t begin = start[k + 1], rows = start[k + 2] - begin;

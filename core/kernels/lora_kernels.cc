@@ -4,17 +4,20 @@
 #define EIGEN_USE_THREADS
 
 #include <initializer_list>
+#include <limits>
 #include <string>
 #include <utility>
 
+#include "core/kernels/exceptions_to_status.h"
 #include "core/kernels/huge_pages.h"
 #include "core/kernels/lora.h"
-#include "core/kernels/out_of_memory.h"
+#include "core/kernels/resource_handle.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/resource_mgr.h"
 #include "tensorflow/core/framework/resource_var.h"
 #include "tensorflow/core/framework/tensor.h"
 #include "tensorflow/core/framework/tensor_shape.h"
+#include "tensorflow/core/util/overflow.h"
 
 namespace tf_lora {
 
@@ -155,7 +158,33 @@ absl::Status CheckBatchedInputs(const char* op, const char* lead_name,
   return absl::OkStatus();
 }
 
-// OutOfMemoryToStatus's `what` for the functors. They take their scratch
+// The functors size their scratch from products of the dimensions (x @ a is
+// [N, r], packed operands and the gradient's per-shard partials about
+// 16 * r * in and 16 * r * out, each rounded up to whole tiles). With every
+// dimension at least 1 each operand holds real data, so these products are
+// bounded by memory in any sane call; they are still checked, with margin,
+// before anything runs. Work with an empty dimension is not checked: the
+// functors return at once (or fill zeros) without scratch, and such inputs
+// are valid whatever the other dimensions (a [0, 2^62] is an empty tensor).
+absl::Status CheckWorkSizes(const char* op, int64_t n, int64_t in, int64_t out,
+                            int64_t r) {
+  if (n == 0 || in == 0 || out == 0 || r == 0) return absl::OkStatus();
+  constexpr int64_t kPad = 64, kScratchFactor = 16 * 8;  // tiles, bytes
+  constexpr int64_t kMax = std::numeric_limits<int64_t>::max() - kPad;
+  const auto fits = [](int64_t rows, int64_t cols) {
+    if (rows > kMax || cols > kMax) return false;
+    const int64_t elements =
+        tensorflow::MultiplyWithoutOverflow(rows + kPad, cols + kPad);
+    return elements >= 0 &&
+           tensorflow::MultiplyWithoutOverflow(elements, kScratchFactor) >= 0;
+  };
+  if (fits(n, r) && fits(r, in) && fits(r, out)) return absl::OkStatus();
+  return absl::InvalidArgumentError(absl::StrCat(
+      op, ": N = ", n, ", in = ", in, ", out = ", out, " and r = ", r,
+      " need scratch buffers whose sizes overflow 64-bit integers"));
+}
+
+// ExceptionsToStatus's `what` for the functors. They take their scratch
 // buffers (packed operands, x @ a, gradient partials: the allocations that
 // grow with the inputs) on the calling thread before writing any output, so
 // running short leaves an in-place variable (ResourceLoraMerge) unwritten;
@@ -193,11 +222,13 @@ class LoraMergeOp : public OpKernel {
     const Tensor& scale = ctx->input(3);
     OP_REQUIRES_OK(ctx,
                    CheckMergeInputs("LoraMerge", "w", w.shape(), a, b, scale));
+    OP_REQUIRES_OK(ctx, CheckWorkSizes("LoraMerge", w.dim_size(0), 1,
+                                       w.dim_size(1), a.dim_size(1)));
     Tensor* merged = nullptr;
     OP_REQUIRES_OK(
         ctx, ctx->forward_input_or_allocate_output({0}, 0, w.shape(), &merged));
     AdviseFreshOutput(merged, &w);
-    OP_REQUIRES_OK(ctx, OutOfMemoryToStatus("LoraMerge", kScratch, [&] {
+    OP_REQUIRES_OK(ctx, ExceptionsToStatus("LoraMerge", kScratch, [&] {
                      functor::LoraMerge<Device, T>()(
                          ctx->eigen_device<Device>(), w.dim_size(0),
                          w.dim_size(1), a.dim_size(1), w.flat<T>().data(),
@@ -219,11 +250,14 @@ class LoraApplyOp : public OpKernel {
     const Tensor& b = ctx->input(3);
     const Tensor& scale = ctx->input(4);
     OP_REQUIRES_OK(ctx, CheckApplyInputs("LoraApply", "y", y, x, a, b, scale));
+    OP_REQUIRES_OK(ctx,
+                   CheckWorkSizes("LoraApply", y.dim_size(0), x.dim_size(1),
+                                  y.dim_size(1), a.dim_size(1)));
     Tensor* y_out = nullptr;
     OP_REQUIRES_OK(
         ctx, ctx->forward_input_or_allocate_output({0}, 0, y.shape(), &y_out));
     AdviseFreshOutput(y_out, &y);
-    OP_REQUIRES_OK(ctx, OutOfMemoryToStatus("LoraApply", kScratch, [&] {
+    OP_REQUIRES_OK(ctx, ExceptionsToStatus("LoraApply", kScratch, [&] {
                      functor::LoraApply<Device, T>()(
                          ctx->eigen_device<Device>(), y.dim_size(0),
                          x.dim_size(1), y.dim_size(1), a.dim_size(1),
@@ -247,6 +281,9 @@ class LoraApplyGradOp : public OpKernel {
     const Tensor& scale = ctx->input(4);
     OP_REQUIRES_OK(
         ctx, CheckApplyInputs("LoraApplyGrad", "grad", g, x, a, b, scale));
+    OP_REQUIRES_OK(ctx,
+                   CheckWorkSizes("LoraApplyGrad", g.dim_size(0), x.dim_size(1),
+                                  g.dim_size(1), a.dim_size(1)));
     Tensor *dx, *da, *db, *dscale;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, x.shape(), &dx));
     AdviseFreshOutput(dx);
@@ -254,7 +291,7 @@ class LoraApplyGradOp : public OpKernel {
     OP_REQUIRES_OK(ctx, ctx->allocate_output(2, b.shape(), &db));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(3, scale.shape(), &dscale));
     OP_REQUIRES_OK(
-        ctx, OutOfMemoryToStatus("LoraApplyGrad", kScratch, [&] {
+        ctx, ExceptionsToStatus("LoraApplyGrad", kScratch, [&] {
           functor::LoraApplyGrad<Device, T>()(
               ctx->eigen_device<Device>(), g.dim_size(0), x.dim_size(1),
               g.dim_size(1), a.dim_size(1), g.flat<T>().data(),
@@ -279,11 +316,14 @@ class BatchedLoraApplyOp : public OpKernel {
     const Tensor& scales = ctx->input(5);
     OP_REQUIRES_OK(ctx, CheckBatchedInputs("BatchedLoraApply", "y", y, x,
                                            a_stack, b_stack, ids, scales));
+    OP_REQUIRES_OK(
+        ctx, CheckWorkSizes("BatchedLoraApply", y.dim_size(0), x.dim_size(1),
+                            y.dim_size(1), a_stack.dim_size(2)));
     Tensor* y_out = nullptr;
     OP_REQUIRES_OK(
         ctx, ctx->forward_input_or_allocate_output({0}, 0, y.shape(), &y_out));
     AdviseFreshOutput(y_out, &y);
-    OP_REQUIRES_OK(ctx, OutOfMemoryToStatus("BatchedLoraApply", kScratch, [&] {
+    OP_REQUIRES_OK(ctx, ExceptionsToStatus("BatchedLoraApply", kScratch, [&] {
                      functor::BatchedLoraApply<Device, T>()(
                          ctx->eigen_device<Device>(), y.dim_size(0),
                          x.dim_size(1), y.dim_size(1), a_stack.dim_size(2),
@@ -309,6 +349,9 @@ class BatchedLoraApplyGradOp : public OpKernel {
     const Tensor& scales = ctx->input(5);
     OP_REQUIRES_OK(ctx, CheckBatchedInputs("BatchedLoraApplyGrad", "grad", g, x,
                                            a_stack, b_stack, ids, scales));
+    OP_REQUIRES_OK(
+        ctx, CheckWorkSizes("BatchedLoraApplyGrad", g.dim_size(0),
+                            x.dim_size(1), g.dim_size(1), a_stack.dim_size(2)));
     Tensor *dx, *da, *db, *dscales;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, x.shape(), &dx));
     AdviseFreshOutput(dx);
@@ -316,7 +359,7 @@ class BatchedLoraApplyGradOp : public OpKernel {
     OP_REQUIRES_OK(ctx, ctx->allocate_output(2, b_stack.shape(), &db));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(3, scales.shape(), &dscales));
     OP_REQUIRES_OK(
-        ctx, OutOfMemoryToStatus("BatchedLoraApplyGrad", kScratch, [&] {
+        ctx, ExceptionsToStatus("BatchedLoraApplyGrad", kScratch, [&] {
           functor::BatchedLoraApplyGrad<Device, T>()(
               ctx->eigen_device<Device>(), g.dim_size(0), x.dim_size(1),
               g.dim_size(1), a_stack.dim_size(2), a_stack.dim_size(0),
@@ -338,6 +381,7 @@ class ResourceLoraMergeOp : public OpKernel {
     const Tensor& a = ctx->input(1);
     const Tensor& b = ctx->input(2);
     const Tensor& scale = ctx->input(3);
+    OP_REQUIRES_OK(ctx, CheckScalarHandle(ctx, "ResourceLoraMerge", "var"));
     tensorflow::core::RefCountPtr<tensorflow::Var> var;
     const absl::Status lookup = tensorflow::LookupResource(
         ctx, tensorflow::HandleFromInput(ctx, 0), &var);
@@ -360,6 +404,8 @@ class ResourceLoraMergeOp : public OpKernel {
             tensorflow::DataTypeString(tensorflow::DataTypeToEnum<T>::v()))));
     OP_REQUIRES_OK(ctx, CheckMergeInputs("ResourceLoraMerge", "var", w->shape(),
                                          a, b, scale));
+    OP_REQUIRES_OK(ctx, CheckWorkSizes("ResourceLoraMerge", w->dim_size(0), 1,
+                                       w->dim_size(1), a.dim_size(1)));
     // As TensorFlow's ResourceApply* ops: while a read still shares the
     // variable's buffer (or reads copy on read), write the result to a new
     // buffer, in the same single pass, and swap it in.
@@ -370,7 +416,7 @@ class ResourceLoraMergeOp : public OpKernel {
       AdviseFreshOutput(&fresh);
       target = &fresh;
     }
-    OP_REQUIRES_OK(ctx, OutOfMemoryToStatus("ResourceLoraMerge", kScratch, [&] {
+    OP_REQUIRES_OK(ctx, ExceptionsToStatus("ResourceLoraMerge", kScratch, [&] {
                      functor::LoraMerge<Device, T>()(
                          ctx->eigen_device<Device>(), w->dim_size(0),
                          w->dim_size(1), a.dim_size(1), w->flat<T>().data(),

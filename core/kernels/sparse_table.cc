@@ -10,6 +10,7 @@
 #include <new>
 #include <numeric>
 
+#include "core/kernels/worker_exceptions.h"
 #include "tensorflow/core/lib/random/philox_random.h"
 #include "xla/tsl/lib/random/random_distributions_utils.h"
 
@@ -95,25 +96,18 @@ void Dedup(const int64_t* ids, int64_t n, Workspace* ws) {
   }
 }
 
-// Runs fn(), turning a std::bad_alloc into a flag: thrown on a worker
-// thread it would terminate the process. Rethrow raises it again on the
-// calling thread, after the parallel loop.
-class OutOfMemory {
+// Takes every shard's lock for reading (in shard order), and gives them back
+// however the scope is left.
+class ReadLockAll {
  public:
-  template <typename Fn>
-  void Run(Fn fn) {
-    try {
-      fn();
-    } catch (const std::bad_alloc&) {
-      failed_ = true;
-    }
-  }
-  void Rethrow() const {
-    if (failed_) throw std::bad_alloc();
+  template <typename Shards>
+  explicit ReadLockAll(const Shards& shards) {
+    locks_.reserve(shards.size());
+    for (const auto& shard : shards) locks_.emplace_back(shard->mu);
   }
 
  private:
-  std::atomic<bool> failed_{false};
+  std::vector<std::shared_lock<std::shared_mutex>> locks_;
 };
 
 }  // namespace
@@ -383,11 +377,26 @@ struct Table::Shard {
   std::vector<int64_t> counts, last_steps, row_keys;
 };
 
+std::string Config::Check() const {
+  if (dim < 1 || dim > kMaxDim) {
+    return "dim must be in [1, " + std::to_string(kMaxDim) + "]; got " +
+           std::to_string(dim);
+  }
+  return "";
+}
+
 Table::Table(const Config& config)
-    : config_(config), row_width_(config.dim * (1 + config.optimizer.Slots())) {
-  // Blocks of up to 64 KiB: a power of two rows, at least one.
-  const int64_t row_bytes = std::max<int64_t>(1, row_width_) * sizeof(float);
-  while ((row_bytes << (block_shift_ + 1)) <= (int64_t{64} << 10)) {
+    : config_(config),
+      row_width_(std::clamp<int64_t>(config.dim, 1, Config::kMaxDim) *
+                 (1 + config.optimizer.Slots())) {
+  // Blocks of up to 64 KiB: a power of two rows, at least one. row_width_ is
+  // at most 3 * kMaxDim floats (the callers check dim, and it is clamped
+  // above all the same), so the shifts cannot overflow; the bound on the
+  // loop holds whatever the row.
+  constexpr int64_t kBlockBytes = int64_t{64} << 10;
+  const int64_t row_bytes = row_width_ * sizeof(float);
+  while (block_shift_ < 16 &&
+         (row_bytes << (block_shift_ + 1)) <= kBlockBytes) {
     ++block_shift_;
   }
   for (int s = 0; s < kShards; ++s) shards_.push_back(NewShard());
@@ -509,54 +518,57 @@ void Table::Pull(const int64_t* ids, int64_t n, bool training, float* values,
   std::mutex missing_mu;
   std::vector<int64_t> missing;
   constexpr int64_t kSlotAhead = 16, kRowAhead = 8;
+  WorkerExceptions errors;
   parallel_for(n, /*cycles_per_unit=*/300, [&](int64_t begin, int64_t end) {
-    for (auto& shard : shards_) shard->mu.lock_shared();
-    std::vector<int64_t> missed;
-    const auto shard_of = [this](uint64_t hash) -> const Shard& {
-      return *shards_[hash >> (64 - kShardBits)];
-    };
-    const auto find = [&](int64_t i) -> const float* {
-      const uint64_t hash = Mix(ids[i]);
-      const Shard& shard = shard_of(hash);
-      const int32_t r = shard.Find(ids[i], hash);
-      return r == Shard::kEmpty ? nullptr : shard.Row(r);
-    };
-    const float* found[kRowAhead];
-    for (int64_t i = begin; i < std::min(end, begin + kSlotAhead); ++i) {
-      const uint64_t hash = Mix(ids[i]);
-      shard_of(hash).PrefetchSlot(hash);
-    }
-    for (int64_t i = begin; i < std::min(end, begin + kRowAhead); ++i) {
-      found[i % kRowAhead] = find(i);
-    }
-    for (int64_t i = begin; i < end; ++i) {
-      const float* row = found[i % kRowAhead];
-      if (i + kSlotAhead < end) {
-        const uint64_t hash = Mix(ids[i + kSlotAhead]);
+    errors.Run([&] {
+      std::vector<int64_t> missed;
+      const ReadLockAll read(shards_);
+      const auto shard_of = [this](uint64_t hash) -> const Shard& {
+        return *shards_[hash >> (64 - kShardBits)];
+      };
+      const auto find = [&](int64_t i) -> const float* {
+        const uint64_t hash = Mix(ids[i]);
+        const Shard& shard = shard_of(hash);
+        const int32_t r = shard.Find(ids[i], hash);
+        return r == Shard::kEmpty ? nullptr : shard.Row(r);
+      };
+      const float* found[kRowAhead];
+      for (int64_t i = begin; i < std::min(end, begin + kSlotAhead); ++i) {
+        const uint64_t hash = Mix(ids[i]);
         shard_of(hash).PrefetchSlot(hash);
       }
-      if (i + kRowAhead < end) {
-        const float* ahead = find(i + kRowAhead);
-        found[(i + kRowAhead) % kRowAhead] = ahead;
-        if (ahead != nullptr) {
-          __builtin_prefetch(ahead);
-          __builtin_prefetch(ahead + dim - 1);
+      for (int64_t i = begin; i < std::min(end, begin + kRowAhead); ++i) {
+        found[i % kRowAhead] = find(i);
+      }
+      for (int64_t i = begin; i < end; ++i) {
+        const float* row = found[i % kRowAhead];
+        if (i + kSlotAhead < end) {
+          const uint64_t hash = Mix(ids[i + kSlotAhead]);
+          shard_of(hash).PrefetchSlot(hash);
+        }
+        if (i + kRowAhead < end) {
+          const float* ahead = find(i + kRowAhead);
+          found[(i + kRowAhead) % kRowAhead] = ahead;
+          if (ahead != nullptr) {
+            __builtin_prefetch(ahead);
+            __builtin_prefetch(ahead + dim - 1);
+          }
+        }
+        if (row != nullptr) {
+          CopyRow(row, dim, values + i * dim);
+        } else if (training) {
+          missed.push_back(i);
+        } else {
+          std::fill_n(values + i * dim, dim, 0.f);
         }
       }
-      if (row != nullptr) {
-        CopyRow(row, dim, values + i * dim);
-      } else if (training) {
-        missed.push_back(i);
-      } else {
-        std::fill_n(values + i * dim, dim, 0.f);
+      if (!missed.empty()) {
+        std::lock_guard<std::mutex> lock(missing_mu);
+        missing.insert(missing.end(), missed.begin(), missed.end());
       }
-    }
-    for (auto& shard : shards_) shard->mu.unlock_shared();
-    if (!missed.empty()) {
-      std::lock_guard<std::mutex> lock(missing_mu);
-      missing.insert(missing.end(), missed.begin(), missed.end());
-    }
+    });
   });
+  errors.Rethrow();
   if (missing.empty()) return;
   // Training: insert the missing ids (each once) and copy their new rows.
   std::vector<int64_t> missing_ids(missing.size());
@@ -584,12 +596,12 @@ void Table::PullUnique(const int64_t* ids, int64_t n, bool training,
   const auto init = [this](int64_t key, float* row) { InitRow(key, row); };
   // A lookup or an insert misses the cache about twice: ~400 cycles an id.
   const double per_shard = 400.0 * n / kShards + 1;
-  OutOfMemory oom;
+  WorkerExceptions errors;
   parallel_for(kShards, per_shard, [&](int64_t begin, int64_t end) {
     for (int64_t s = begin; s < end; ++s) {
       if (start[s] == start[s + 1]) continue;
       Shard& shard = *shards_[s];
-      oom.Run([&] {
+      errors.Run([&] {
         // Inference reads share the lock; training may insert.
         std::unique_lock<std::shared_mutex> write(shard.mu, std::defer_lock);
         std::shared_lock<std::shared_mutex> read(shard.mu, std::defer_lock);
@@ -612,7 +624,7 @@ void Table::PullUnique(const int64_t* ids, int64_t n, bool training,
       });
     }
   });
-  oom.Rethrow();
+  errors.Rethrow();
 }
 
 int64_t Table::Push(const int64_t* ids, int64_t n, const float* grads,
@@ -637,12 +649,12 @@ int64_t Table::Push(const int64_t* ids, int64_t n, const float* grads,
   const Optimizer& opt = config_.optimizer;
   const auto init = [this](int64_t key, float* row) { InitRow(key, row); };
   const double per_shard = (400.0 + 4 * dim) * m / kShards + 1;
-  OutOfMemory oom;
+  WorkerExceptions errors;
   parallel_for(kShards, per_shard, [&](int64_t begin, int64_t end) {
     for (int64_t s = begin; s < end; ++s) {
       if (start[s] == start[s + 1]) continue;
       Shard& shard = *shards_[s];
-      oom.Run([&] {
+      errors.Run([&] {
         std::unique_lock<std::shared_mutex> lock(shard.mu);
         shard.ForEachRow(unique.data(), order.data(), start[s], start[s + 1],
                          [&](int64_t u, int32_t r) {
@@ -657,7 +669,7 @@ int64_t Table::Push(const int64_t* ids, int64_t n, const float* grads,
       });
     }
   });
-  oom.Rethrow();
+  errors.Rethrow();
   return step;
 }
 

@@ -75,9 +75,18 @@ struct Optimizer {
 };
 
 struct Config {
+  // The widest row a table takes: 2^20 floats (4 MiB of values; with Adam's
+  // or FTRL's two slots 12 MiB a row). Embedding rows are a few hundred
+  // values wide; the bound keeps every size computed from dim far from
+  // overflowing int64.
+  static constexpr int64_t kMaxDim = int64_t{1} << 20;
+
   int64_t dim = 0;
   Initializer initializer;
   Optimizer optimizer;
+
+  // "" when the table can be built, else what is wrong (dim out of range).
+  std::string Check() const;
 };
 
 // Parallel-for over [0, n): calls fn(begin, end) for disjoint ranges; each
@@ -90,6 +99,7 @@ class Table {
  public:
   static constexpr int kShards = 64;
 
+  // config.Check() must have passed.
   explicit Table(const Config& config);
   ~Table();
   Table(const Table&) = delete;

@@ -4,7 +4,8 @@
 
 #include <string>
 
-#include "core/kernels/out_of_memory.h"
+#include "core/kernels/exceptions_to_status.h"
+#include "core/kernels/resource_handle.h"
 #include "core/kernels/sparse_table.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/resource_mgr.h"
@@ -45,6 +46,7 @@ sparse::ParallelFor WorkerThreads(OpKernelContext* ctx) {
 absl::Status GetTable(
     OpKernelContext* ctx, const char* op,
     tensorflow::core::RefCountPtr<SparseTableResource>* table) {
+  TF_RETURN_IF_ERROR(CheckScalarHandle(ctx, op, "table"));
   const absl::Status s = tensorflow::LookupResource(
       ctx, tensorflow::HandleFromInput(ctx, 0), table);
   if (s.ok()) return s;
@@ -89,13 +91,19 @@ absl::Status ParseConfig(OpKernelConstruction* ctx, sparse::Config* config) {
                            : optimizer == "adam"  ? Opt::kAdam
                            : optimizer == "ftrl"  ? Opt::kFtrl
                                                   : Opt::kSgd;
+  const std::string error = config->Check();
+  if (!error.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat("SparseTable: ", error));
+  }
   return absl::OkStatus();
 }
 
 }  // namespace
 
-// Creates the table on first run (or finds the one with the same container
-// and shared_name) and outputs its handle.
+// Finds the table with the op's container and shared_name, creating it when
+// there is none, and outputs its handle. Looked up on every run, as
+// TensorFlow's lookup-table ops do: a table destroyed (DestroyResourceOp) is
+// created afresh by the next run, never handed out stale.
 class SparseTableOp : public OpKernel {
  public:
   explicit SparseTableOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
@@ -104,42 +112,41 @@ class SparseTableOp : public OpKernel {
 
   void Compute(OpKernelContext* ctx) override {
     tensorflow::mutex_lock lock(mu_);
-    if (!created_) {
+    if (!initialized_) {
       OP_REQUIRES_OK(ctx, cinfo_.Init(ctx->resource_manager(), def(),
                                       /*use_node_name_as_default=*/true));
-      SparseTableResource* table = nullptr;
-      OP_REQUIRES_OK(
-          ctx, cinfo_.resource_manager()->LookupOrCreate<SparseTableResource>(
-                   cinfo_.container(), cinfo_.name(), &table,
-                   [this](SparseTableResource** out) {
-                     *out = new SparseTableResource(config_);
-                     return absl::OkStatus();
-                   }));
-      tensorflow::core::ScopedUnref unref(table);
-      const sparse::Config& existing = table->table.config();
-      OP_REQUIRES(ctx,
-                  existing.dim == config_.dim &&
-                      existing.optimizer.kind == config_.optimizer.kind,
-                  absl::InvalidArgumentError(absl::StrCat(
-                      "SparseTable: a table named '", cinfo_.name(),
-                      "' already exists with dim ", existing.dim,
-                      " and another optimizer or dim than the dim ",
-                      config_.dim, " asked for")));
-      handle_ = tensorflow::MakeResourceHandle<SparseTableResource>(
-          ctx, cinfo_.container(), cinfo_.name());
-      created_ = true;
+      initialized_ = true;
     }
+    SparseTableResource* table = nullptr;
+    OP_REQUIRES_OK(
+        ctx, cinfo_.resource_manager()->LookupOrCreate<SparseTableResource>(
+                 cinfo_.container(), cinfo_.name(), &table,
+                 [this](SparseTableResource** out) {
+                   *out = new SparseTableResource(config_);
+                   return absl::OkStatus();
+                 }));
+    tensorflow::core::ScopedUnref unref(table);
+    const sparse::Config& existing = table->table.config();
+    OP_REQUIRES(ctx,
+                existing.dim == config_.dim &&
+                    existing.optimizer.kind == config_.optimizer.kind,
+                absl::InvalidArgumentError(
+                    absl::StrCat("SparseTable: a table named '", cinfo_.name(),
+                                 "' already exists with dim ", existing.dim,
+                                 " and another optimizer or dim than the dim ",
+                                 config_.dim, " asked for")));
     Tensor* out;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({}), &out));
-    out->scalar<tensorflow::ResourceHandle>()() = handle_;
+    out->scalar<tensorflow::ResourceHandle>()() =
+        tensorflow::MakeResourceHandle<SparseTableResource>(
+            ctx, cinfo_.container(), cinfo_.name());
   }
 
  private:
   sparse::Config config_;
   tensorflow::mutex mu_;
-  bool created_ = false;
+  bool initialized_ = false;
   tensorflow::ContainerInfo cinfo_;
-  tensorflow::ResourceHandle handle_;
 };
 
 class SparseTablePullOp : public OpKernel {
@@ -147,6 +154,10 @@ class SparseTablePullOp : public OpKernel {
   explicit SparseTablePullOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("dim", &dim_));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("training", &training_));
+    OP_REQUIRES(ctx, dim_ >= 1 && dim_ <= sparse::Config::kMaxDim,
+                absl::InvalidArgumentError(
+                    absl::StrCat("SparseTablePull: dim must be in [1, ",
+                                 sparse::Config::kMaxDim, "]; got ", dim_)));
   }
 
   void Compute(OpKernelContext* ctx) override {
@@ -162,7 +173,7 @@ class SparseTablePullOp : public OpKernel {
     Tensor* values;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, shape, &values));
     OP_REQUIRES_OK(
-        ctx, OutOfMemoryToStatus(
+        ctx, ExceptionsToStatus(
                  "SparseTablePull",
                  "inserting new ids; the table keeps every key it had, and "
                  "holds whole rows for the new ids inserted before that",
@@ -202,7 +213,7 @@ class SparseTablePushOp : public OpKernel {
     Tensor* step;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({}), &step));
     OP_REQUIRES_OK(
-        ctx, OutOfMemoryToStatus(
+        ctx, ExceptionsToStatus(
                  "SparseTablePush",
                  "inserting new ids; the table keeps every key it had, and "
                  "the ids updated before that keep their update (the others "
@@ -238,10 +249,10 @@ class SparseTableExportOp : public OpKernel {
     OP_REQUIRES_OK(ctx, GetTable(ctx, "SparseTableExport", &table));
     const sparse::Table& t = table->table;
     sparse::Table::Contents c;
-    OP_REQUIRES_OK(ctx, OutOfMemoryToStatus(
-                            "SparseTableExport",
-                            "copying the table out; the table is unchanged",
-                            [&] { c = t.Export(); }));
+    OP_REQUIRES_OK(
+        ctx, ExceptionsToStatus("SparseTableExport",
+                                "copying the table out; the table is unchanged",
+                                [&] { c = t.Export(); }));
     const int64_t n = c.keys.size(), slot_width = t.row_width() - t.dim();
     Tensor* out[6];
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({n}), &out[0]));
@@ -305,7 +316,7 @@ class SparseTableImportOp : public OpKernel {
     };
     std::string error;
     OP_REQUIRES_OK(
-        ctx, OutOfMemoryToStatus(
+        ctx, ExceptionsToStatus(
                  "SparseTableImport",
                  "building the new contents; the table is unchanged", [&] {
                    copy(keys, &c.keys);

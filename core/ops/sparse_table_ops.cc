@@ -1,5 +1,6 @@
 // Sparse embedding table op family: op contracts and shape functions.
 
+#include "core/kernels/sparse_table.h"
 #include "tensorflow/core/framework/common_shape_fns.h"
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/shape_inference.h"
@@ -10,10 +11,28 @@ namespace {
 using ::tensorflow::shape_inference::InferenceContext;
 using ::tensorflow::shape_inference::ShapeHandle;
 
+// The dim attr within the bound a table takes, checked when the graph is
+// built (the kernels check it again).
+absl::Status GetDim(InferenceContext* c, const char* op, int64_t* dim) {
+  TF_RETURN_IF_ERROR(c->GetAttr("dim", dim));
+  if (*dim > sparse::Config::kMaxDim) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        op, ": dim must be in [1, ", sparse::Config::kMaxDim, "]; got ", *dim));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status TableShape(InferenceContext* c) {
+  int64_t dim;
+  TF_RETURN_IF_ERROR(GetDim(c, "SparseTable", &dim));
+  c->set_output(0, c->Scalar());
+  return absl::OkStatus();
+}
+
 // values: ids.shape + [dim].
 absl::Status PullShape(InferenceContext* c) {
   int64_t dim;
-  TF_RETURN_IF_ERROR(c->GetAttr("dim", &dim));
+  TF_RETURN_IF_ERROR(GetDim(c, "SparseTablePull", &dim));
   ShapeHandle out;
   TF_RETURN_IF_ERROR(c->Concatenate(c->input(1), c->Vector(dim), &out));
   c->set_output(0, out);
@@ -61,10 +80,10 @@ REGISTER_OP("TfLora>SparseTable")
     .Attr("l2: float = 0")
     .Attr("lr_power: float = -0.5")
     .SetIsStateful()
-    .SetShapeFn(tensorflow::shape_inference::ScalarShape)
+    .SetShapeFn(TableShape)
     .Doc(R"doc(
-A sparse embedding table: int64 keys to float32 rows of `dim`, growing as keys
-arrive, with optimizer slots and per-key metadata.
+A sparse embedding table: int64 keys to float32 rows of `dim` (at most 2^20),
+growing as keys arrive, with optimizer slots and per-key metadata.
 
 A new key's row comes from the initializer as a pure function of (seed, key):
 uniform in [init_a, init_b), or (truncated) normal with mean init_a and stddev

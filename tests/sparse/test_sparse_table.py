@@ -202,9 +202,10 @@ def test_not_a_table():
         sparse_table_ops.size(var.handle)
 
 
-def test_bad_dim():
-    with pytest.raises(ValueError, match="dim must be >= 1"):
-        tf_lora.SparseTable(0)
+@pytest.mark.parametrize("dim", [0, -1, 2**20 + 1, 2**62])
+def test_bad_dim(dim):
+    with pytest.raises(ValueError, match=r"dim must be in \[1, 1048576\]"):
+        tf_lora.SparseTable(dim)
 
 
 def test_concurrent_pushes_from_threads_lose_nothing():

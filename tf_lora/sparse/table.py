@@ -9,6 +9,9 @@ from tf_lora.sparse import initializers, optimizers
 
 _table_ids = itertools.count()
 
+# The widest row the op library takes (sparse::Config::kMaxDim): 2^20 values, 12 MiB a row with Adam's slots.
+MAX_DIM = 1 << 20
+
 
 class SparseTable(tf.saved_model.experimental.TrackableResource):
     """int64 ids -> float32 rows of `dim` that grow as ids arrive, trained by `push`.
@@ -18,7 +21,7 @@ class SparseTable(tf.saved_model.experimental.TrackableResource):
     table's optimizer to the rows of the ids pushed (gradients of duplicate ids summed first).
 
     Args:
-      dim: Row width.
+      dim: Row width, in [1, 2^20].
       initializer: A `tf_lora.sparse_initializers` object (default `Zeros()`).
       optimizer: A `tf_lora.sparse_optimizers` object (default `SGD(0.01)`).
       name: Name of the table.
@@ -32,8 +35,8 @@ class SparseTable(tf.saved_model.experimental.TrackableResource):
     """
 
     def __init__(self, dim, initializer=None, optimizer=None, name="sparse_table"):
-        if int(dim) < 1:
-            raise ValueError(f"SparseTable: dim must be >= 1, got {dim}")
+        if not 1 <= int(dim) <= MAX_DIM:
+            raise ValueError(f"SparseTable: dim must be in [1, {MAX_DIM}] (2^20), got {dim}")
         self._dim = int(dim)
         self._initializer = initializer or initializers.Zeros()
         self._optimizer = optimizer or optimizers.SGD()
