@@ -11,10 +11,15 @@
 #include <cstdio>
 #include <cstdlib>
 #include <iterator>
+#include <limits>
 #include <new>
 #include <random>
+#include <stdexcept>
+#include <string>
 #include <thread>
 #include <vector>
+
+#include "core/kernels/worker_exceptions.h"
 
 namespace tf_lora {
 namespace sparse {
@@ -397,6 +402,52 @@ void TestOutOfMemoryLeavesTableWhole() {
         "out of memory: pushes work again once memory is available");
 }
 
+// dim * (1 + slots) once wrapped past int64: the block-size loop never ended
+// (sgd) and export asked for a negative slot width (adam). Check() bounds dim;
+// the widest table allowed works.
+void TestDimBounds() {
+  for (int64_t dim : {int64_t{0}, Config::kMaxDim + 1, int64_t{1} << 60,
+                      int64_t{1} << 62, std::numeric_limits<int64_t>::max()}) {
+    Config c =
+        MakeConfig(Optimizer::Kind::kAdam, Initializer::Kind::kZeros, dim);
+    Check(!c.Check().empty(), "dim out of [1, kMaxDim] is refused");
+  }
+  Config c = MakeConfig(Optimizer::Kind::kFtrl, Initializer::Kind::kZeros,
+                        Config::kMaxDim);
+  Check(c.Check().empty(), "dim kMaxDim is allowed");
+  Table t(c);
+  const int64_t id = 3;
+  std::vector<float> grad(Config::kMaxDim, 1.f);
+  t.Push(&id, 1, grad.data(), 0.1f, Threads);
+  const Table::Contents out = t.Export();
+  Check(out.keys.size() == 1 &&
+            out.values.size() == static_cast<size_t>(Config::kMaxDim) &&
+            out.slots.size() == static_cast<size_t>(2 * Config::kMaxDim),
+        "a table of the widest rows pushes and exports");
+}
+
+// An exception thrown on a worker thread reaches the caller (it would end
+// the process on the thread that threw it).
+void TestWorkerExceptionsReachTheCaller() {
+  WorkerExceptions errors;
+  Threads(4, 0, [&](int64_t begin, int64_t) {
+    errors.Run([&] {
+      if (begin == 1) throw std::length_error("worker 1");
+    });
+  });
+  bool caught = false;
+  try {
+    errors.Rethrow();
+  } catch (const std::length_error& e) {
+    caught = std::string(e.what()) == "worker 1";
+  }
+  Check(caught, "a worker's exception is rethrown on the calling thread");
+  WorkerExceptions none;
+  Threads(4, 0, [&](int64_t, int64_t) { none.Run([] {}); });
+  none.Rethrow();  // nothing to throw
+  Check(true, "no exception, nothing rethrown");
+}
+
 }  // namespace
 }  // namespace sparse
 }  // namespace tf_lora
@@ -413,6 +464,8 @@ int main() {
   TestPagePool();
   TestLargeTable();
   TestOutOfMemoryLeavesTableWhole();
+  TestDimBounds();
+  TestWorkerExceptionsReachTheCaller();
   std::printf("%d failed\n", failures);
   return failures == 0 ? 0 : 1;
 }
