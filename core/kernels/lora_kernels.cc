@@ -3,6 +3,7 @@
 
 #define EIGEN_USE_THREADS
 
+#include <cmath>
 #include <initializer_list>
 #include <limits>
 #include <string>
@@ -158,6 +159,26 @@ absl::Status CheckBatchedInputs(const char* op, const char* lead_name,
   return absl::OkStatus();
 }
 
+// A LoRA scale (or each adapter's, for the batched ops) must be finite: a NaN
+// or an infinity would turn every output it touches into NaN or Inf, silent
+// garbage that no caller means.
+template <typename T>
+absl::Status CheckFiniteScales(const char* op, const char* name,
+                               const Tensor& scales) {
+  const auto flat = scales.flat<T>();
+  for (int64_t i = 0; i < flat.size(); ++i) {
+    const float value = static_cast<float>(flat(i));
+    if (!std::isfinite(value)) {
+      return absl::InvalidArgumentError(
+          scales.dims() == 0
+              ? absl::StrCat(op, ": ", name, " must be finite; got ", value)
+              : absl::StrCat(op, ": ", name, " must be finite; got ", name, "[",
+                             i, "] = ", value));
+    }
+  }
+  return absl::OkStatus();
+}
+
 // The functors size their scratch from products of the dimensions (x @ a is
 // [N, r], packed operands and the gradient's per-shard partials about
 // 16 * r * in and 16 * r * out, each rounded up to whole tiles). With every
@@ -222,6 +243,7 @@ class LoraMergeOp : public OpKernel {
     const Tensor& scale = ctx->input(3);
     OP_REQUIRES_OK(ctx,
                    CheckMergeInputs("LoraMerge", "w", w.shape(), a, b, scale));
+    OP_REQUIRES_OK(ctx, CheckFiniteScales<T>("LoraMerge", "scale", scale));
     OP_REQUIRES_OK(ctx, CheckWorkSizes("LoraMerge", w.dim_size(0), 1,
                                        w.dim_size(1), a.dim_size(1)));
     Tensor* merged = nullptr;
@@ -250,6 +272,7 @@ class LoraApplyOp : public OpKernel {
     const Tensor& b = ctx->input(3);
     const Tensor& scale = ctx->input(4);
     OP_REQUIRES_OK(ctx, CheckApplyInputs("LoraApply", "y", y, x, a, b, scale));
+    OP_REQUIRES_OK(ctx, CheckFiniteScales<T>("LoraApply", "scale", scale));
     OP_REQUIRES_OK(ctx,
                    CheckWorkSizes("LoraApply", y.dim_size(0), x.dim_size(1),
                                   y.dim_size(1), a.dim_size(1)));
@@ -281,6 +304,7 @@ class LoraApplyGradOp : public OpKernel {
     const Tensor& scale = ctx->input(4);
     OP_REQUIRES_OK(
         ctx, CheckApplyInputs("LoraApplyGrad", "grad", g, x, a, b, scale));
+    OP_REQUIRES_OK(ctx, CheckFiniteScales<T>("LoraApplyGrad", "scale", scale));
     OP_REQUIRES_OK(ctx,
                    CheckWorkSizes("LoraApplyGrad", g.dim_size(0), x.dim_size(1),
                                   g.dim_size(1), a.dim_size(1)));
@@ -316,6 +340,8 @@ class BatchedLoraApplyOp : public OpKernel {
     const Tensor& scales = ctx->input(5);
     OP_REQUIRES_OK(ctx, CheckBatchedInputs("BatchedLoraApply", "y", y, x,
                                            a_stack, b_stack, ids, scales));
+    OP_REQUIRES_OK(ctx,
+                   CheckFiniteScales<T>("BatchedLoraApply", "scales", scales));
     OP_REQUIRES_OK(
         ctx, CheckWorkSizes("BatchedLoraApply", y.dim_size(0), x.dim_size(1),
                             y.dim_size(1), a_stack.dim_size(2)));
@@ -349,6 +375,8 @@ class BatchedLoraApplyGradOp : public OpKernel {
     const Tensor& scales = ctx->input(5);
     OP_REQUIRES_OK(ctx, CheckBatchedInputs("BatchedLoraApplyGrad", "grad", g, x,
                                            a_stack, b_stack, ids, scales));
+    OP_REQUIRES_OK(
+        ctx, CheckFiniteScales<T>("BatchedLoraApplyGrad", "scales", scales));
     OP_REQUIRES_OK(
         ctx, CheckWorkSizes("BatchedLoraApplyGrad", g.dim_size(0),
                             x.dim_size(1), g.dim_size(1), a_stack.dim_size(2)));
@@ -404,6 +432,8 @@ class ResourceLoraMergeOp : public OpKernel {
             tensorflow::DataTypeString(tensorflow::DataTypeToEnum<T>::v()))));
     OP_REQUIRES_OK(ctx, CheckMergeInputs("ResourceLoraMerge", "var", w->shape(),
                                          a, b, scale));
+    OP_REQUIRES_OK(ctx,
+                   CheckFiniteScales<T>("ResourceLoraMerge", "scale", scale));
     OP_REQUIRES_OK(ctx, CheckWorkSizes("ResourceLoraMerge", w->dim_size(0), 1,
                                        w->dim_size(1), a.dim_size(1)));
     // As TensorFlow's ResourceApply* ops: while a read still shares the

@@ -138,3 +138,17 @@ def test_save_kohya_writes_what_lycoris_writes(tmp_path):
     assert sorted(ours) == sorted(theirs)
     for key, value in theirs.items():
         np.testing.assert_array_equal(ours[key].reshape(value.shape), value, err_msg=key)
+
+
+def test_a_directory_holding_one_kohya_file_stands_for_it(tmp_path):
+    path = _kohya_from_peft(tmp_path / "lora.safetensors")
+    want = tf_lora.adapters.load_kohya(path)
+    got = tf_lora.adapters.load_kohya(tmp_path)
+    assert sorted(got) == sorted(want)
+    for name, adapter in want.items():
+        np.testing.assert_array_equal(got[name].a, adapter.a)
+    _kohya_from_peft(tmp_path / "other.safetensors")
+    with pytest.raises(ValueError, match=r"holding 2 \.safetensors files .*pass the kohya LoRA file itself"):
+        tf_lora.adapters.load_kohya(tmp_path)
+    with pytest.raises(ValueError, match="is a PEFT adapter directory; use load_peft"):
+        tf_lora.adapters.load_kohya(FIXTURES / "peft_f32")

@@ -14,6 +14,7 @@ import shutil
 import numpy as np
 import pytest
 import tensorflow as tf
+from safetensors.numpy import save_file as save_numpy
 from safetensors.tensorflow import load_file, save_file
 
 import tf_lora
@@ -164,4 +165,51 @@ def test_unknown_keys(tmp_path):
     path = _copy(tmp_path)
     _rewrite(path, lambda t: t.update({"base_model.model.q.lora_magnitude_vector": tf.zeros([6])}))
     with pytest.raises(ValueError, match="is not a LoRA A or B weight"):
+        tf_lora.adapters.load_peft(path)
+
+
+def test_the_weights_file_or_the_config_file_stands_for_its_directory(tmp_path):
+    # Passing adapter_model.safetensors used to fail with NotADirectoryError (".../adapter_model.safetensors/
+    # adapter_config.json").
+    path = _copy(tmp_path)
+    want = tf_lora.adapters.load_peft(path)
+    for file in ("adapter_model.safetensors", "adapter_config.json"):
+        got = tf_lora.adapters.load_peft(path / file)
+        assert sorted(got) == sorted(want)
+        for module, adapter in want.items():
+            np.testing.assert_array_equal(got[module].a, adapter.a)
+            np.testing.assert_array_equal(got[module].b, adapter.b)
+    other = tmp_path / "weights.bin"
+    other.write_bytes(b"x")
+    with pytest.raises(ValueError, match="is a file; pass the directory PEFT's save_pretrained wrote"):
+        tf_lora.adapters.load_peft(other)
+
+
+def _write_config(path, **changes):
+    config = json.loads((path / "adapter_config.json").read_text())
+    config.update(changes)
+    (path / "adapter_config.json").write_text(json.dumps(config))
+
+
+def test_target_modules_that_match_no_weight_are_an_error(tmp_path):
+    # Such a config (from another model's fine-tune) loaded silently as plain LoRA.
+    path = _copy(tmp_path)
+    for targets in (["k_proj", "v_proj"], "model\\..*\\.q_proj"):
+        _write_config(path, target_modules=targets)
+        with pytest.raises(ValueError, match="match none of the adapted modules"):
+            tf_lora.adapters.load_peft(path)
+    for targets in (["q"], "q|out|v", "all-linear", None):  # PEFT's ways of naming these modules
+        _write_config(path, target_modules=targets)
+        assert sorted(tf_lora.adapters.load_peft(path)) == ["out", "q", "v"]
+
+
+def test_dora_is_an_error_not_plain_lora(tmp_path):
+    path = _copy(tmp_path)
+    _write_config(path, use_dora=True)
+    with pytest.raises(ValueError, match="DoRA adapter .*without the lora_magnitude_vector"):
+        tf_lora.adapters.load_peft(path)
+    tensors = {k: v.numpy() for k, v in load_file(str(path / "adapter_model.safetensors")).items()}
+    tensors["base_model.model.q.lora_magnitude_vector"] = np.ones([6], np.float32)
+    save_numpy(tensors, str(path / "adapter_model.safetensors"))
+    with pytest.raises(ValueError, match="DoRA adapter .*is not supported yet"):
         tf_lora.adapters.load_peft(path)

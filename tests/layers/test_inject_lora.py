@@ -58,3 +58,6 @@ def test_inject_bad_targets():
         tf_lora.inject_lora(model, target="nothing")
     with pytest.raises(ValueError, match=r"\['drop'\] are not Dense layers"):
         tf_lora.inject_lora(model, target=["hidden", "drop"])
+    # Was a raw re.error.
+    with pytest.raises(ValueError, match=r"target '\(' is not a valid regular expression"):
+        tf_lora.inject_lora(model, target="(")

@@ -45,7 +45,7 @@ def test_fit_trains_the_adapter_only():
     np.testing.assert_array_equal(layer.kernel.numpy(), kernel)  # frozen
     assert np.any(layer.lora_b.numpy() != 0)
     assert model.evaluate(x, y, verbose=0) < 0.8 * before
-    assert {w.name for w in layer.trainable_weights} == {"bias", "lora_a", "lora_b"}
+    assert {w.name for w in layer.trainable_weights} == {"lora_a", "lora_b"}  # the bias frozen, as PEFT's
 
 
 def test_merge_and_unmerge_in_place():
@@ -141,7 +141,7 @@ def test_named_adapters_switch_inside_traced_functions():
         assert layer.active_adapter == name
         np.testing.assert_allclose(traced(x), expected[name] if name else base, rtol=1e-5, atol=1e-5)
     layer.set_active_adapter("sql")
-    assert {w.name for w in layer.trainable_weights} == {"bias", "lora_a_sql", "lora_b_sql"}
+    assert {w.name for w in layer.trainable_weights} == {"lora_a_sql", "lora_b_sql"}
 
 
 def test_per_example_adapter_ids_match_numpy_per_row():
@@ -228,7 +228,7 @@ def test_fit_trains_the_active_adapter_only_and_keras_round_trip(tmp_path):
     assert model.evaluate([x, ids], y, verbose=0) < 0.8 * start
     for w in layer.weights:
         changed = not np.array_equal(w.numpy(), before[w.name])
-        assert changed == (w.name in {"bias", "lora_a_b", "lora_b_b"}), w.name
+        assert changed == (w.name in {"lora_a_b", "lora_b_b"}), w.name
 
     mixed = np.random.default_rng(0).integers(-1, 2, len(x)).astype(np.int32)
     expected = model.predict([x, mixed], verbose=0)
@@ -237,7 +237,7 @@ def test_fit_trains_the_active_adapter_only_and_keras_round_trip(tmp_path):
     restored = loaded.get_layer("lora")
     assert restored.adapter_names == ["default", "b"]
     assert restored.active_adapter == "b"
-    assert {w.name for w in restored.trainable_weights} == {"bias", "lora_a_b", "lora_b_b"}
+    assert {w.name for w in restored.trainable_weights} == {"lora_a_b", "lora_b_b"}
     np.testing.assert_array_equal(loaded.predict([x, mixed], verbose=0), expected)
 
 
@@ -256,3 +256,100 @@ def test_multi_adapter_model_exports_per_example_serving(tmp_path):
     np.testing.assert_allclose(
         served.serve([tf.constant(x), tf.constant(ids)]).numpy(), expected, rtol=1e-5, atol=1e-5
     )
+
+
+def test_bias_is_frozen_unless_asked_and_stays_so_across_keras_round_trips(tmp_path):
+    # A LoraDense built directly (or reloaded from .keras) used to train its bias: a resumed fit then had
+    # another trainable set, and Keras skipped the saved optimizer state.
+    for train_bias, trainable in ((False, {"lora_a", "lora_b"}), (True, {"bias", "lora_a", "lora_b"})):
+        model, layer = _model(train_bias=train_bias)
+        bias = layer.bias.numpy()
+        x, y = _data()
+        model.fit(x, y, epochs=2, batch_size=64, verbose=0)
+        assert {w.name for w in layer.trainable_weights} == trainable
+        assert np.array_equal(layer.bias.numpy(), bias) == (not train_bias)
+        model.save(tmp_path / "m.keras")
+        loaded = keras.models.load_model(tmp_path / "m.keras")
+        assert [w.path for w in loaded.trainable_weights] == [w.path for w in model.trainable_weights]
+
+
+def test_resumed_fit_restores_the_optimizer_state(tmp_path):
+    model, _ = _model()
+    x, y = _data()
+    model.fit(x, y, epochs=2, batch_size=64, verbose=0)
+    model.save(tmp_path / "m.keras")
+    loaded = keras.models.load_model(tmp_path / "m.keras")
+    saved = [v.numpy() for v in model.optimizer.variables]
+    restored = [v.numpy() for v in loaded.optimizer.variables]
+    assert len(restored) == len(saved) and int(loaded.optimizer.iterations) == int(model.optimizer.iterations)
+    for a, b in zip(restored, saved, strict=True):
+        np.testing.assert_array_equal(a, b)
+    # The next steps continue the same run: the same weights as the model that was never saved.
+    model.fit(x, y, epochs=1, batch_size=64, shuffle=False, verbose=0)
+    loaded.fit(x, y, epochs=1, batch_size=64, shuffle=False, verbose=0)
+    for a, b in zip(loaded.trainable_weights, model.trainable_weights, strict=True):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_an_adapter_added_after_tracing_is_never_silently_skipped():
+    # model.predict once, then add_adapter + set_active_adapter: the second predict ran the old trace and
+    # applied "default" (differing by 42.8 from the eager call). Now the old trace refuses, and a new one
+    # (compile resets Keras's functions) applies the new adapter.
+    model, layer = _model()
+    x, _ = _data(16)
+    layer.lora_b.assign(np.full((2, 5), 0.3, np.float32))
+    model.predict(x, verbose=0)
+    layer.add_adapter("b")
+    layer.set_adapter(
+        np.full((6, 2), 0.5, np.float32), np.full((2, 5), -0.4, np.float32), alpha=4, adapter_name="b"
+    )
+    layer.set_active_adapter("b")
+    eager = model(x).numpy()
+    with pytest.raises(
+        tf.errors.InvalidArgumentError, match="adapters changed after this function was traced"
+    ):
+        model.predict(x, verbose=0)
+    model.compile(optimizer=keras.optimizers.Adam(0.05), loss="mse")
+    np.testing.assert_allclose(model.predict(x, verbose=0), eager, rtol=1e-5, atol=1e-5)
+    # A switch among the adapters a trace knows reaches it without a new trace.
+    layer.set_active_adapter("default")
+    np.testing.assert_allclose(model.predict(x, verbose=0), model(x).numpy(), rtol=1e-5, atol=1e-5)
+    assert not np.allclose(model(x).numpy(), eager)
+    # Deleting one is refused the same way.
+    layer.delete_adapter("b")
+    with pytest.raises(tf.errors.InvalidArgumentError, match="adapters changed"):
+        model.predict(x, verbose=0)
+
+
+def test_keras_lora_argument_names():
+    # LoraDense(8, rank=4, lora_rank=2) failed at build with "ValueError: None".
+    layer = tf_lora.layers.LoraDense(8, lora_rank=2)
+    layer.build((None, 5))
+    assert (layer.rank, layer.alpha, layer.scale) == (2, 2.0, 1.0)  # Keras's alpha defaults to the rank
+    assert not layer.lora_enabled  # Keras's own LoRA path stays off: one adapter, tf_lora's
+    layer = tf_lora.layers.LoraDense(8, lora_rank=4, lora_alpha=8)
+    assert (layer.rank, layer.alpha) == (4, 8.0)
+    assert tf_lora.layers.LoraDense(8, rank=4, lora_rank=4).rank == 4
+    with pytest.raises(ValueError, match="rank=4 and Keras's lora_rank=2 disagree"):
+        tf_lora.layers.LoraDense(8, rank=4, lora_rank=2)
+    with pytest.raises(ValueError, match="alpha=3 and Keras's lora_alpha=2 disagree"):
+        tf_lora.layers.LoraDense(8, alpha=3, lora_alpha=2)
+
+
+def test_a_model_with_keras_lora_converts_keeping_its_adapter():
+    keras.utils.set_random_seed(3)
+    inp = keras.Input((6,))
+    out = keras.layers.Dense(4, name="proj")(inp)
+    model = keras.Model(inp, keras.layers.Dense(2, name="head")(out))
+    model.get_layer("proj").enable_lora(3, lora_alpha=6)
+    proj = model.get_layer("proj")
+    proj.lora_kernel_b.assign(np.random.default_rng(1).standard_normal((3, 4)).astype(np.float32))
+    x = np.random.default_rng(2).standard_normal((5, 6)).astype(np.float32)
+    converted, adapted = tf_lora.inject_lora(model, rank=8, alpha=16, target="proj")
+    layer = converted.get_layer("proj")
+    assert adapted == ["proj"] and (layer.rank, layer.alpha) == (3, 6.0)
+    np.testing.assert_array_equal(layer.kernel.numpy(), proj._kernel.numpy())
+    np.testing.assert_allclose(converted(x), model(x), rtol=1e-5, atol=1e-5)
+    # The reference: Keras's Dense without LoRA, on the merged kernel it reports.
+    merged = proj.kernel.numpy()
+    np.testing.assert_allclose(layer(x), x @ merged + proj.bias.numpy(), rtol=1e-5, atol=1e-5)

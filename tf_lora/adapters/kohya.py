@@ -18,14 +18,30 @@ from tf_lora.adapters.peft import _check_sha256, _read_safetensors, write_safete
 _KEY = re.compile(r"^(?P<name>.+)\.(?P<part>lora_down\.weight|lora_up\.weight|alpha)$")
 
 
+def _kohya_file(path):
+    """A kohya LoRA is one .safetensors file; a directory holding exactly one stands for it."""
+    if not os.path.isdir(path):
+        return path
+    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    if os.path.isfile(os.path.join(path, "adapter_config.json")):
+        raise ValueError(f"load_kohya: {path} is a PEFT adapter directory; use load_peft")
+    if len(files) != 1:
+        raise ValueError(
+            f"load_kohya: {path} is a directory holding {len(files)} .safetensors files {files[:10]}; "
+            "pass the kohya LoRA file itself"
+        )
+    return os.path.join(path, files[0])
+
+
 def load_kohya(path, sha256=None, allow_nonfinite=False) -> dict:
-    """Reads a kohya LoRA .safetensors file: `{name: Adapter}` (alpha = r when missing or 0).
+    """Reads a kohya LoRA .safetensors file (or a directory holding only it): `{name: Adapter}` (alpha = r
+    when missing or 0).
 
     Raises:
       ValueError: not valid safetensors, a checksum that does not match, keys that are not kohya LoRA keys,
         pairs that are incomplete or of mismatched rank, convolutions larger than 1x1, or non-finite weights.
     """
-    path = os.fspath(path)
+    path = _kohya_file(os.fspath(path))
     if sha256 is not None:
         _check_sha256(path, sha256)
     tensors = _read_safetensors(path)

@@ -27,26 +27,45 @@ def load_peft(path, sha256=None, allow_nonfinite=False) -> dict:
     """Reads a PEFT LoRA adapter directory: `{module name: Adapter}`.
 
     Args:
-      path: The directory PEFT's `save_pretrained` wrote.
+      path: The directory PEFT's `save_pretrained` wrote (or its adapter_model.safetensors or
+        adapter_config.json: the directory holding it is read).
       sha256: When given, the hex SHA-256 adapter_model.safetensors must have.
       allow_nonfinite: Accept NaN or Inf weights (refused by default).
 
     Raises:
       ValueError: a missing or inconsistent config field, a file that is not valid safetensors, a checksum
         that does not match, keys that are not LoRA A/B pairs, ranks that disagree between A, B and the
-        config, or non-finite weights. Nothing is returned then.
+        config, non-finite weights, `target_modules` that match none of the weights, or a DoRA adapter
+        (`use_dora`, not supported yet). Nothing is returned then.
     """
+    path = _adapter_dir(path)
     config = _read_config(path)
     weights_path = os.path.join(path, WEIGHTS)
     if sha256 is not None:
         _check_sha256(weights_path, sha256)
     tensors = _read_safetensors(weights_path)
+    if config.get("use_dora"):
+        has_magnitude = any(".lora_magnitude_vector" in key for key in tensors)
+        raise ValueError(
+            f"load_peft: {path}: a DoRA adapter (use_dora: true) "
+            + (
+                "is not supported yet"
+                if has_magnitude
+                else "without the lora_magnitude_vector weights DoRA needs: the file is inconsistent"
+            )
+            + "; loading it as plain LoRA would give wrong outputs"
+        )
     pairs = {}
     for key, value in tensors.items():
         match = _KEY.match(key)
         if match is None:
             raise ValueError(f"load_peft: {weights_path}: key {key!r} is not a LoRA A or B weight")
         pairs.setdefault(match["module"], {})[match["part"]] = value.numpy()
+    if pairs and not any(_targets(config.get("target_modules"), module) for module in pairs):
+        raise ValueError(
+            f"load_peft: {path}: target_modules {config.get('target_modules')!r} match none of the adapted "
+            f"modules {sorted(pairs)[:10]}: the config and the weights disagree"
+        )
     problems, adapters = [], {}
     for module, parts in sorted(pairs.items()):
         if set(parts) != {"A", "B"}:
@@ -134,6 +153,29 @@ def save_peft(adapters: dict, path, base_model_name_or_path=None, overwrite=Fals
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _adapter_dir(path):
+    """The adapter directory for `path`: itself, or the directory of a file PEFT wrote in it."""
+    path = os.fspath(path)
+    if os.path.isfile(path):
+        if os.path.basename(path) in (CONFIG, WEIGHTS):
+            return os.path.dirname(os.path.abspath(path))
+        raise ValueError(
+            f"load_peft: {path} is a file; pass the directory PEFT's save_pretrained wrote (holding {CONFIG} "
+            f"and {WEIGHTS}). For a kohya .safetensors file use load_kohya"
+        )
+    return path
+
+
+def _targets(target_modules, module):
+    """Whether PEFT's target_modules select `module`: a string is a regex matching the whole name; a list
+    holds names matching the whole name or its last dotted parts. No target_modules: every module."""
+    if not target_modules or target_modules == "all-linear":
+        return True
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, module) is not None
+    return any(module == t or module.endswith("." + t) for t in target_modules)
 
 
 def _read_config(path):

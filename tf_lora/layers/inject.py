@@ -7,7 +7,7 @@ import keras
 from tf_lora.layers.lora_dense import LoraDense
 
 
-def inject_lora(model, rank=8, alpha=16.0, target=".*", use_rslora=False, lora_dropout=0.0):
+def inject_lora(model, rank=8, alpha=16.0, target=".*", use_rslora=False, lora_dropout=0.0, train_bias=False):
     """Turns the Dense layers of a Sequential or functional model that match `target` into LoraDense.
 
     Every weight is kept, and the new adapters start at zero (lora_b = 0), so the returned model gives the
@@ -16,14 +16,19 @@ def inject_lora(model, rank=8, alpha=16.0, target=".*", use_rslora=False, lora_d
 
     Args:
       model: A Sequential or functional keras.Model.
-      rank, alpha, use_rslora, lora_dropout: As LoraDense.
+      rank, alpha, use_rslora, lora_dropout, train_bias: As LoraDense.
       target: A regex (full match on the layer name) or a list of layer names.
+
+    A Dense layer with Keras's own LoRA enabled (`enable_lora`, `lora_rank`) keeps its trained adapter:
+    it becomes a LoraDense of that rank and alpha holding Keras's `lora_kernel_a` / `lora_kernel_b` (the
+    same math: `kernel + lora_alpha / lora_rank * a @ b`), whatever `rank` and `alpha` say.
 
     Returns:
       (new model, sorted names of the adapted layers).
 
     Raises:
-      ValueError: no Dense layer matches `target`, or a listed name is not a Dense layer of the model.
+      ValueError: no Dense layer matches `target`, `target` is not a valid regex, or a listed name is not
+        a Dense layer of the model.
 
     >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="proj")])
     >>> lora_model, adapted = tf_lora.inject_lora(model, rank=2, alpha=4, target="proj")
@@ -32,7 +37,11 @@ def inject_lora(model, rank=8, alpha=16.0, target=".*", use_rslora=False, lora_d
     """
     dense = {layer.name for layer in model.layers if type(layer) is keras.layers.Dense}
     if isinstance(target, str):
-        chosen = {name for name in dense if re.fullmatch(target, name)}
+        try:
+            pattern = re.compile(target)
+        except re.error as e:
+            raise ValueError(f"inject_lora: target {target!r} is not a valid regular expression: {e}") from e
+        chosen = {name for name in dense if pattern.fullmatch(name)}
     else:
         missing = sorted(set(target) - dense)
         if missing:
@@ -45,8 +54,15 @@ def inject_lora(model, rank=8, alpha=16.0, target=".*", use_rslora=False, lora_d
 
     def clone(layer):
         if layer.name in chosen:
+            config = layer.get_config()
+            keras_rank, keras_alpha = config.pop("lora_rank", None), config.pop("lora_alpha", None)
             return LoraDense(
-                rank=rank, alpha=alpha, use_rslora=use_rslora, lora_dropout=lora_dropout, **layer.get_config()
+                rank=keras_rank or rank,
+                alpha=(keras_alpha or keras_rank) if keras_rank else alpha,
+                use_rslora=use_rslora and not keras_rank,
+                lora_dropout=lora_dropout,
+                train_bias=train_bias,
+                **config,
             )
         return layer.__class__.from_config(layer.get_config())
 
@@ -56,10 +72,13 @@ def inject_lora(model, rank=8, alpha=16.0, target=".*", use_rslora=False, lora_d
             continue
         new = new_model.get_layer(old.name)
         if old.name in chosen:
-            new.kernel.assign(old.kernel)
+            keras_lora = bool(getattr(old, "lora_enabled", False))
+            new.kernel.assign(old._kernel if keras_lora else old.kernel)  # noqa: SLF001 - Keras's base kernel
+            if keras_lora:
+                new.lora_a.assign(old.lora_kernel_a)
+                new.lora_b.assign(old.lora_kernel_b)
             if old.use_bias:
                 new.bias.assign(old.bias)
-                new.bias.trainable = False
         else:
             new.set_weights(old.get_weights())
             new.trainable = False

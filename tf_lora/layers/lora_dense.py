@@ -33,6 +33,24 @@ class _Slot:
         return {"name": self.name, "rank": self.rank, "alpha": self.alpha, "use_rslora": self.use_rslora}
 
 
+def _keras_lora_names(rank, alpha, lora_rank, lora_alpha):
+    """(rank, alpha) from tf_lora's names or Keras Dense's (`lora_rank`, `lora_alpha`, whose alpha defaults
+    to the rank, as in Keras). Each may be given once; tf_lora's defaults are rank 8, alpha 16."""
+    if lora_rank is not None:
+        if rank is not None and int(rank) != int(lora_rank):
+            raise ValueError(f"LoraDense: rank={rank} and Keras's lora_rank={lora_rank} disagree; give one")
+        rank = lora_rank
+    if lora_alpha is not None:
+        if alpha is not None and float(alpha) != float(lora_alpha):
+            raise ValueError(
+                f"LoraDense: alpha={alpha} and Keras's lora_alpha={lora_alpha} disagree; give one"
+            )
+        alpha = lora_alpha
+    if alpha is None:
+        alpha = rank if lora_rank is not None else 16.0
+    return (8 if rank is None else rank), alpha
+
+
 @keras.saving.register_keras_serializable(package="tf_lora")
 class LoraDense(keras.layers.Dense):
     """A drop-in `keras.layers.Dense` (same arguments) whose kernel is frozen and adapted by LoRA:
@@ -47,17 +65,23 @@ class LoraDense(keras.layers.Dense):
     adds more (each with its own rank and alpha), `set_active_adapter(name)` picks the one applied (and the
     only one trained), and `layer(x, adapter_ids=ids)` gives each example its own adapter, served in one
     pass by `tf_lora.batched_lora_matmul` (`ids[i]` indexes `adapter_names`, -1 means the base layer only).
-    The active adapter and the scales live in variables, so a switch reaches functions traced before it.
+    The active adapter and the scales live in variables, so a switch among the adapters a traced function
+    knows reaches it. Adding or deleting an adapter changes the layer's variables: a function traced before
+    then fails with an error saying so (never applies a stale adapter) until traced again
+    (`model.compile(...)` resets Keras's fit/evaluate/predict functions).
 
     Args:
       units, activation, use_bias, ...: As `keras.layers.Dense`.
-      rank: LoRA rank r of the default adapter.
-      alpha: LoRA alpha; the scale is alpha / r, or alpha / sqrt(r) with `use_rslora`.
+      rank: LoRA rank r of the default adapter (default 8). Keras's own name `lora_rank` is accepted too.
+      alpha: LoRA alpha; the scale is alpha / r, or alpha / sqrt(r) with `use_rslora`. Default 16, or the
+        rank when Keras's names are used; `lora_alpha` is accepted too.
       use_rslora: rsLoRA scaling.
       lora_dropout: Dropout rate on the LoRA path's input while training.
       adapters: Specs (`name`, `rank`, `alpha`, `use_rslora`) of the adapters beside the default one; what
         `add_adapter` records, so that `get_config` rebuilds them.
       active_adapter: The adapter active once built (None: none).
+      train_bias: Train the bias beside the adapters. Default False: the bias is frozen with the kernel, as
+        PEFT's `bias="none"`; the trainable set is the same after a `.keras` round trip.
 
     >>> layer = tf_lora.layers.LoraDense(3, rank=2, alpha=4)
     >>> layer(tf.ones([1, 5])).shape
@@ -70,18 +94,23 @@ class LoraDense(keras.layers.Dense):
     def __init__(
         self,
         units,
-        rank=8,
-        alpha=16.0,
+        rank=None,
+        alpha=None,
         use_rslora=False,
         lora_dropout=0.0,
         adapters=(),
         active_adapter=DEFAULT_ADAPTER,
+        train_bias=False,
+        lora_rank=None,
+        lora_alpha=None,
         **kwargs,
     ):
+        rank, alpha = _keras_lora_names(rank, alpha, lora_rank, lora_alpha)
         super().__init__(units, **kwargs)
         if not 0.0 <= lora_dropout < 1.0:
             raise ValueError(f"LoraDense: lora_dropout must be in [0, 1), got {lora_dropout}")
         self.lora_dropout = float(lora_dropout)
+        self.train_bias = bool(train_bias)
         self._slots = {}
         self._add_slot(DEFAULT_ADAPTER, rank, alpha, use_rslora)
         for spec in adapters:
@@ -117,6 +146,7 @@ class LoraDense(keras.layers.Dense):
                 self._build_slot(slot, self.kernel.shape[0], trainable=False)
             finally:
                 self._tracker.lock()
+            self.lora_adapter_count.assign(len(self._slots))
         return slot
 
     def _build_slot(self, slot, in_features, trainable):
@@ -143,6 +173,8 @@ class LoraDense(keras.layers.Dense):
     def build(self, input_shape):
         super().build(input_shape)
         self.kernel.trainable = False
+        if self.use_bias:
+            self.bias.trainable = self.train_bias
         for slot in self._slots.values():
             self._build_slot(slot, input_shape[-1], trainable=slot.name == self._initial_active)
         # 1 while the adapter is applied beside the kernel, 0 once merged into it: a variable, not a Python
@@ -154,6 +186,15 @@ class LoraDense(keras.layers.Dense):
             shape=(),
             dtype="int32",
             initializer=keras.initializers.Constant(self._index(self._initial_active)),
+            trainable=False,
+        )
+        # How many adapters the layer holds: a function traced with another set cannot apply the new
+        # ones (their variables did not exist), so it checks this against what it saw and refuses.
+        self.lora_adapter_count = self.add_weight(
+            name="lora_adapter_count",
+            shape=(),
+            dtype="int32",
+            initializer=keras.initializers.Constant(len(self._slots)),
             trainable=False,
         )
 
@@ -210,6 +251,7 @@ class LoraDense(keras.layers.Dense):
             self.lora_active_adapter.assign(
                 -1 if active in (None, name) else self.adapter_names.index(active)
             )
+            self.lora_adapter_count.assign(len(self._slots))
 
     def set_active_adapter(self, name):
         """Makes adapter `name` (or None: none) the one applied, merged and trained; the others are frozen.
@@ -233,6 +275,8 @@ class LoraDense(keras.layers.Dense):
 
     def call(self, inputs, adapter_ids=None, training=None):
         x = tf.convert_to_tensor(inputs)
+        with tf.control_dependencies([self._same_adapters_check()]):
+            x = tf.identity(x)
         dropout = bool(training) and self.lora_dropout > 0
 
         def lora_input(x2):
@@ -275,6 +319,18 @@ class LoraDense(keras.layers.Dense):
                 lambda y, x2: lora_ops.batched_lora_apply(y, lora_input(x2), a_stack, b_stack, ids, scales),
             )
         return self.activation(y) if self.activation is not None else y
+
+    def _same_adapters_check(self):
+        """An op that fails when the layer's adapters are not the ones this trace knows (one was added or
+        deleted after a tf.function traced the layer: Keras's predict or fit functions keep running the
+        old trace, which cannot reach the new adapter's variables)."""
+        return tf.debugging.assert_equal(
+            tf.convert_to_tensor(self.lora_adapter_count),
+            tf.constant(len(self._slots), tf.int32),
+            message=f"LoraDense {self.name}: its adapters changed after this function was traced "
+            f"(it knows {self.adapter_names}). Trace again: model.compile(...) resets Keras's fit, evaluate "
+            "and predict functions; retrace your own tf.function",
+        )
 
     def _stacked_scales(self):
         return tf.stack([tf.convert_to_tensor(s.scale_var) for s in self._slots.values()])
@@ -339,6 +395,7 @@ class LoraDense(keras.layers.Dense):
             alpha=self.alpha,
             use_rslora=self.use_rslora,
             lora_dropout=self.lora_dropout,
+            train_bias=self.train_bias,
             adapters=[s.spec() for s in self._slots.values() if s.name != DEFAULT_ADAPTER],
             active_adapter=self.active_adapter,
         )

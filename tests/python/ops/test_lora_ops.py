@@ -6,6 +6,7 @@ import tensorflow as tf
 from lora_test_util import RTOL, assert_close, random, run
 
 import tf_lora
+from tf_lora.python.ops import gen_lora_ops
 
 SHAPES = [  # (in, out, r): full and partial row blocks and column tiles, r = 1, large r.
     (1, 1, 1),
@@ -266,3 +267,47 @@ def test_wrong_dtypes():
         tf_lora.lora_merge(*ints)
     with pytest.raises(TypeError, match="int32"):
         tf.function(tf_lora.lora_merge)(*ints)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("dtype", [tf.float32, tf.bfloat16])
+def test_a_non_finite_scale_is_refused_by_every_op(bad, dtype):
+    # Accepted before: every output row it touched became NaN, silently.
+    x, y = tf.ones([3, 4], dtype), tf.ones([3, 5], dtype)
+    a, b, w = tf.ones([4, 2], dtype), tf.ones([2, 5], dtype), tf.ones([4, 5], dtype)
+    s = tf.constant(bad, dtype)
+    scales = tf.constant([1.0, bad], dtype)
+    ids = tf.constant([0, 1, -1])
+    a_stack, b_stack = tf.stack([a, a]), tf.stack([b, b])
+    var = tf.Variable(w)
+    calls = {
+        "LoraMerge: scale": lambda: tf_lora.lora_merge(w, a, b, s),
+        "LoraApply: scale": lambda: tf_lora.lora_apply(y, x, a, b, s),
+        "LoraApplyGrad: scale": lambda: gen_lora_ops.tf_lora_lora_apply_grad(y, x, a, b, s),
+        "BatchedLoraApply: scales": lambda: tf_lora.batched_lora_apply(y, x, a_stack, b_stack, ids, scales),
+        "BatchedLoraApplyGrad: scales": lambda: gen_lora_ops.tf_lora_batched_lora_apply_grad(
+            y, x, a_stack, b_stack, ids, scales
+        ),
+        "ResourceLoraMerge: scale": lambda: tf_lora.merge_into_variable(var, a, b, s),
+    }
+    for message, call in calls.items():
+        with pytest.raises(tf.errors.InvalidArgumentError, match=f"{message} must be finite"):
+            call()
+    np.testing.assert_array_equal(var.numpy(), w.numpy())  # left as it was
+
+
+def test_int64_adapter_ids_are_accepted():
+    # batched_lora_apply refused int64 ids (what tf.data and Keras inputs often give).
+    rng = np.random.default_rng(0)
+    y, x = rng.normal(size=[4, 3]).astype(np.float32), rng.normal(size=[4, 2]).astype(np.float32)
+    a_stack, b_stack = (
+        rng.normal(size=[2, 2, 1]).astype(np.float32),
+        rng.normal(size=[2, 1, 3]).astype(np.float32),
+    )
+    ids = np.array([1, -1, 0, 1])
+    got = tf_lora.batched_lora_apply(y, x, a_stack, b_stack, tf.constant(ids, tf.int64), [1.0, 0.5])
+    want = y.copy()
+    for i, k in enumerate(ids):
+        if k >= 0:
+            want[i] += [1.0, 0.5][k] * (x[i] @ a_stack[k]) @ b_stack[k]
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-6, atol=1e-6)

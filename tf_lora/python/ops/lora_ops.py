@@ -224,7 +224,7 @@ def batched_lora_apply(y, x, a_stack, b_stack, adapter_ids, scales, name=None) -
       x: The layer's input, `[N, in]`, `y`'s dtype.
       a_stack: The adapters' down projections, `[n, in, r]`.
       b_stack: The adapters' up projections, `[n, r, out]`.
-      adapter_ids: Each row's adapter, int32 `[N]`, in `[-1, n)`.
+      adapter_ids: Each row's adapter, int32 or int64 `[N]`, in `[-1, n)`.
       scales: Each adapter's scale, `[n]`.
       name: Optional name of the op.
 
@@ -242,7 +242,9 @@ def batched_lora_apply(y, x, a_stack, b_stack, adapter_ids, scales, name=None) -
            [0., 0.],
            [2., 2.]], dtype=float32)
     """
-    return gen_lora_ops.tf_lora_batched_lora_apply(y, x, a_stack, b_stack, adapter_ids, scales, name=name)
+    return gen_lora_ops.tf_lora_batched_lora_apply(
+        y, x, a_stack, b_stack, _int32_ids(adapter_ids), scales, name=name
+    )
 
 
 def batched_lora_matmul(x, w, a_stack, b_stack, adapter_ids, scales, bias=None, name=None) -> tf.Tensor:
