@@ -213,3 +213,17 @@ def test_dora_is_an_error_not_plain_lora(tmp_path):
     save_numpy(tensors, str(path / "adapter_model.safetensors"))
     with pytest.raises(ValueError, match="DoRA adapter .*is not supported yet"):
         tf_lora.adapters.load_peft(path)
+
+
+def test_rank_zero_is_an_error(tmp_path):
+    # A rank-0 adapter loaded, then divided by zero computing its scale.
+    path = _copy(tmp_path)
+    _write_config(path, r=0)
+    with pytest.raises(ValueError, match="r must be an integer >= 1, got 0"):
+        tf_lora.adapters.load_peft(path)
+    with pytest.raises(ValueError, match="rank must be >= 1"):
+        tf_lora.adapters.Adapter(a=np.zeros([4, 0], np.float32), b=np.zeros([0, 3], np.float32), alpha=8.0)
+    with pytest.raises(ValueError, match="alpha must be finite"):
+        tf_lora.adapters.Adapter(
+            a=np.zeros([4, 1], np.float32), b=np.zeros([1, 3], np.float32), alpha=math.nan
+        )

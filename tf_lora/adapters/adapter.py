@@ -32,6 +32,12 @@ class Adapter:
                 f"Adapter {self.module!r}: expected a [in, r] and b [r, out], "
                 f"got {self.a.shape} and {self.b.shape}"
             )
+        if self.a.shape[1] < 1:
+            raise ValueError(
+                f"Adapter {self.module!r}: rank must be >= 1, got a {self.a.shape}, b {self.b.shape}"
+            )
+        if not math.isfinite(float(self.alpha)):
+            raise ValueError(f"Adapter {self.module!r}: alpha must be finite, got {self.alpha}")
 
     @property
     def rank(self) -> int:

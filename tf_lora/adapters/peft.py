@@ -192,6 +192,8 @@ def _read_config(path):
     missing = [k for k in ("r", "lora_alpha") if not isinstance(config.get(k), int | float)]
     if missing:
         raise ValueError(f"load_peft: {config_path}: missing or non-numeric {missing}")
+    if config["r"] < 1 or config["r"] != int(config["r"]):
+        raise ValueError(f"load_peft: {config_path}: r must be an integer >= 1, got {config['r']}")
     return config
 
 
