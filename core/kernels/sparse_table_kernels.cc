@@ -2,6 +2,7 @@
 
 #define EIGEN_USE_THREADS
 
+#include <cmath>
 #include <string>
 
 #include "core/kernels/exceptions_to_status.h"
@@ -210,6 +211,27 @@ class SparseTablePushOp : public OpKernel {
                 absl::InvalidArgumentError(absl::StrCat(
                     "SparseTablePush: learning_rate must be a scalar; got ",
                     lr.shape().DebugString())));
+    // A NaN or infinite gradient or learning rate would poison every row it
+    // reaches, and the optimizer's slots with it: refused, the table unchanged.
+    const float learning_rate = lr.scalar<float>()();
+    OP_REQUIRES(ctx, std::isfinite(learning_rate) && learning_rate >= 0,
+                absl::InvalidArgumentError(absl::StrCat(
+                    "SparseTablePush: learning_rate must be finite and >= 0; "
+                    "got ",
+                    learning_rate)));
+    const auto g = grads.flat<float>();
+    for (int64_t i = 0; i < g.size(); ++i) {
+      if (!std::isfinite(g(i))) {
+        const int64_t dim = table->table.dim();
+        OP_REQUIRES(
+            ctx, false,
+            absl::InvalidArgumentError(absl::StrCat(
+                "SparseTablePush: grads must be finite; the gradient of "
+                "id ",
+                ids.flat<int64_t>()(i / dim), " (position ", i / dim,
+                ") holds ", g(i), ". The table is unchanged")));
+      }
+    }
     Tensor* step;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({}), &step));
     OP_REQUIRES_OK(
@@ -221,7 +243,7 @@ class SparseTablePushOp : public OpKernel {
                  [&] {
                    step->scalar<int64_t>()() = table->table.Push(
                        ids.flat<int64_t>().data(), ids.NumElements(),
-                       grads.flat<float>().data(), lr.scalar<float>()(),
+                       grads.flat<float>().data(), learning_rate,
                        WorkerThreads(ctx));
                  }));
   }

@@ -6,6 +6,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tf_lora.layers import _optimizer_hook
 from tf_lora.python.ops import sparse_table_ops
 from tf_lora.sparse import initializers, optimizers
 from tf_lora.sparse.table import SparseTable
@@ -16,101 +17,169 @@ _CONTENTS = ("keys", "values", "slots", "update_counts", "last_steps", "step")
 
 @keras.saving.register_keras_serializable(package="tf_lora")
 class SparseEmbedding(keras.layers.Layer):
-    """Embeds int64 ids from an unbounded space; its table trains itself inside `model.fit`.
+    """Embeds int64 ids from an unbounded space; its table trains on the model optimizer's steps.
 
-    Ids may be a dense tensor (`[batch, ...]`, or `[batch, k]` with a combiner) or ragged (`[batch, None]`,
-    multi-hot, with a combiner). Rows come from a `tf_lora.SparseTable`: new ids are inserted while
-    training, and read as zeros otherwise.
+    Ids may be a dense tensor (`[batch, ...]`, or `[batch, k]` with a combiner), ragged (`[batch, None]`,
+    multi-hot) or a `tf.SparseTensor` (`[batch, k]`, what `tf.io.parse_example` gives for VarLen features),
+    ragged and sparse ids with a combiner and optionally per-id `weights` of the same structure. Rows come
+    from a `tf_lora.SparseTable`: new ids are inserted while training, and read as zeros otherwise.
 
-    How the table trains with no push in user code: the layer owns one trainable scalar, `anchor`, that
-    the output does not depend on, and pulls its rows through a `tf.custom_gradient` declared as a function
-    of `anchor`. Keras differentiates its trainable weights, so backpropagation reaches the pull; the
-    gradient function pushes the rows' gradient into the table (with the table's own optimizer and
-    learning rate) and returns a zero gradient for `anchor` computed from the push's output, so that the
-    push runs wherever Keras uses that gradient, eagerly or compiled. The dense layers of the model train
-    with any Keras optimizer.
+    How the table trains: a training call pulls the rows of the batch's distinct ids and adds to them a
+    trainable variable, `pulled_rows` (`[max_ids_per_step, dim]`, always zero), so that the loss's gradient
+    with respect to that variable is the rows' gradient, duplicates summed: the gradient a dense embedding
+    would get. The model's Keras optimizer processes it like any other (unscaled under mixed-precision loss
+    scaling, skipped when not finite, clipped by value, norm or global norm) and, when it applies the step,
+    hands it to the layer instead of updating the variable (tf_lora wraps Keras's per-step update for
+    that), which pushes it into the table with the table's own optimizer. So the rows change exactly when,
+    and only when, the optimizer applies gradients (`model.fit`, `optimizer.apply_gradients` / `apply`),
+    once per applied step; computing a gradient changes nothing. Not supported yet (each is an error, never
+    a wrong update): gradient accumulation (`gradient_accumulation_steps`) and tf.distribute strategies with
+    more than one replica.
 
     Args:
-      dim: Embedding width.
+      dim: Embedding width, in [1, 2^20].
       combiner: None (output `ids.shape + [dim]`), or 'sum', 'mean', 'sqrtn' over the last axis of the ids
-        (output `[batch, dim]`; required for ragged ids).
-      initializer: A `tf_lora.sparse_initializers` object.
-      optimizer: A `tf_lora.sparse_optimizers` object (the table's optimizer; default Adagrad(0.05)).
+        (output `[batch, dim]`; required for ragged and sparse ids).
+      initializer: A `tf_lora.sparse_initializers` object, or Keras's Zeros, RandomUniform, RandomNormal or
+        TruncatedNormal.
+      optimizer: The table's optimizer: a `tf_lora.sparse_optimizers` object or Keras's SGD, Adagrad, Adam
+        or Ftrl (same hyper-parameters; a learning-rate schedule is followed at the model optimizer's
+        step). Default Adagrad(0.05).
+      max_ids_per_step: The most distinct ids the training calls between two optimizer steps may pull
+        (the size of `pulled_rows`); more is an error naming this argument.
 
     >>> layer = tf_lora.layers.SparseEmbedding(4, combiner="mean")
     >>> layer(tf.ragged.constant([[1, 2], [3]], dtype=tf.int64)).shape
     TensorShape([2, 4])
     """
 
-    def __init__(self, dim, combiner=None, initializer=None, optimizer=None, **kwargs):
+    def __init__(
+        self, dim, combiner=None, initializer=None, optimizer=None, max_ids_per_step=65536, **kwargs
+    ):
         super().__init__(**kwargs)
         if combiner not in _COMBINERS:
             raise ValueError(f"SparseEmbedding: combiner must be one of {_COMBINERS}, got {combiner!r}")
+        if int(max_ids_per_step) < 1:
+            raise ValueError(f"SparseEmbedding: max_ids_per_step must be >= 1, got {max_ids_per_step}")
         self.dim = int(dim)
         self.combiner = combiner
-        self.initializer = initializer or initializers.RandomNormal(stddev=0.05)
-        self.table_optimizer = optimizer or optimizers.Adagrad(0.05)
+        self.max_ids_per_step = int(max_ids_per_step)
+        self.initializer = initializers.resolve(initializer, initializers.RandomNormal(stddev=0.05))
+        self.table_optimizer = optimizers.resolve(optimizer, optimizers.Adagrad(0.05))
         self.table = SparseTable(self.dim, self.initializer, self.table_optimizer, name=self.name)
-        self.anchor = self.add_weight(shape=(), initializer="zeros", trainable=True, name="anchor")
+        _optimizer_hook.install()
+        self.pulled_rows = self.add_weight(
+            shape=(self.max_ids_per_step, self.dim), initializer="zeros", trainable=True, name="pulled_rows"
+        )
+        _optimizer_hook.mark(self.pulled_rows, self)
+        # The distinct ids pulled by training calls since the last optimizer step, in pulled_rows' order.
+        self._step_ids = self.add_weight(
+            shape=(self.max_ids_per_step,),
+            dtype="int64",
+            initializer="zeros",
+            trainable=False,
+            name="step_ids",
+        )
+        self._step_count = self.add_weight(
+            shape=(), dtype="int32", initializer="zeros", trainable=False, name="step_count"
+        )
 
-    def call(self, ids, training=None):
-        ragged = isinstance(ids, tf.RaggedTensor)
-        flat = ids.flat_values if ragged else ids
-        if flat.dtype != tf.int64:
-            flat = tf.cast(flat, tf.int64) if flat.dtype.is_integer else flat
-        if flat.dtype != tf.int64:
-            raise TypeError(f"SparseEmbedding: ids must be integers, got {flat.dtype.name}")
-        values = self._pull_and_push(flat) if training else self.table.pull(flat)
-        if ragged:
-            if self.combiner is None:
-                raise ValueError("SparseEmbedding: ragged ids need a combiner ('sum', 'mean' or 'sqrtn')")
-            values = tf.RaggedTensor.from_row_splits(values, ids.row_splits)
-            total = tf.reduce_sum(values, axis=1)
-            count = tf.cast(ids.row_lengths(), values.dtype)[:, None]
-        elif self.combiner is None:
-            return values
+    def call(self, ids, weights=None, training=None):
+        if isinstance(ids, tf.SparseTensor):
+            flat, segments, rows = ids.values, ids.indices[:, 0], ids.dense_shape[0]
+            weights = weights.values if isinstance(weights, tf.SparseTensor) else weights
+        elif isinstance(ids, tf.RaggedTensor):
+            flat, segments, rows = ids.flat_values, ids.value_rowids(), ids.nrows()
+            weights = weights.flat_values if isinstance(weights, tf.RaggedTensor) else weights
         else:
-            total = tf.reduce_sum(values, axis=-2)
-            count = tf.cast(tf.shape(ids)[-1], values.dtype)
+            flat, segments, rows = ids, None, None
+        flat = _int64(flat)
+        values = self._pull_for_training(flat) if training else self.table.pull(flat)
+        if segments is not None:
+            if self.combiner is None:
+                raise ValueError(
+                    "SparseEmbedding: ragged and sparse ids need a combiner ('sum', 'mean' or 'sqrtn')"
+                )
+            return _combine(values, segments, rows, weights, self.combiner)
+        if weights is not None:
+            raise ValueError("SparseEmbedding: weights go with ragged or sparse ids")
+        if self.combiner is None:
+            return values
+        total = tf.reduce_sum(values, axis=-2)
+        count = tf.cast(tf.shape(ids)[-1], values.dtype)
         if self.combiner == "sum":
             return total
         if self.combiner == "mean":
             return tf.math.divide_no_nan(total, count)
         return tf.math.divide_no_nan(total, tf.sqrt(count))
 
-    def _pull_and_push(self, ids):
-        table = self.table
+    def _pull_for_training(self, flat):
+        """The rows of `flat` (inserting new ids), as a view whose gradient reaches pulled_rows."""
+        unique, index = tf.unique(tf.reshape(flat, [-1]), out_idx=tf.int32)
+        start = tf.convert_to_tensor(self._step_count)
+        end = start + tf.shape(unique)[0]
+        fits = tf.debugging.assert_less_equal(
+            end,
+            self.max_ids_per_step,
+            message=f"SparseEmbedding {self.name}: more distinct ids were pulled for training since the last "
+            f"optimizer step than max_ids_per_step={self.max_ids_per_step}; raise it",
+        )
+        with tf.control_dependencies([fits]):
+            slots = tf.range(start, end)
+        self._step_ids.value.scatter_nd_update(slots[:, None], unique)
+        self._step_count.assign(end)
+        # Each position reads its row of pulled_rows (zero) beside the table's: the variable's gradient is
+        # then what tf.gather gives a dense embedding, one slice per position (duplicates not yet summed),
+        # so clipping by value or norm sees what it sees for a dense embedding. pulled_rows may read as the
+        # compute dtype under mixed precision; the rows stay float32.
+        rows = tf.gather(self.table.pull(unique, training=True), index)
+        view = tf.cast(tf.gather(self.pulled_rows, slots[0] + index), tf.float32)
+        return tf.reshape(rows + view, tf.concat([tf.shape(flat), [self.dim]], axis=0))
 
-        @tf.custom_gradient
-        def pull(anchor):
-            values = table.pull(ids, training=True)
-
-            def push(dvalues):
-                lr = tf.cast(tf.convert_to_tensor(table.optimizer.learning_rate), tf.float32)
-                step = sparse_table_ops.push(table.resource_handle, ids, tf.convert_to_tensor(dvalues), lr)
-                # Zero (the step is >= 1), but computed from the push's output: a data dependency that
-                # makes the push run wherever the anchor's gradient is used. A control dependency on a
-                # constant zero is not enough: graph rewriting inside Keras's Adam update dropped it.
-                return tf.cast(tf.minimum(step, 0), anchor.dtype)
-
-            return values, push
-
-        return pull(tf.convert_to_tensor(self.anchor))
+    def _apply_rows_gradient(self, grad, optimizer):
+        """The model optimizer applies a step: push the processed gradient of the rows pulled since the last
+        one into the table, then start over (called by _optimizer_hook)."""
+        if optimizer.gradient_accumulation_steps:
+            raise NotImplementedError(
+                f"SparseEmbedding {self.name}: gradient accumulation (gradient_accumulation_steps="
+                f"{optimizer.gradient_accumulation_steps}) is not supported for table rows yet"
+            )
+        if tf.distribute.get_strategy().num_replicas_in_sync > 1:
+            raise NotImplementedError(
+                f"SparseEmbedding {self.name}: tf.distribute strategies with more than one replica are not "
+                "supported yet"
+            )
+        count = tf.convert_to_tensor(self._step_count)
+        ids = tf.convert_to_tensor(self._step_ids)[:count]
+        if isinstance(grad, tf.IndexedSlices):
+            rows = tf.math.unsorted_segment_sum(grad.values, grad.indices, count)
+        else:
+            rows = tf.convert_to_tensor(grad)[:count]
+        rows = tf.cast(rows, tf.float32)
+        # Rows whose gradient is exactly zero are left alone (the table's optimizers are lazy, as sparse
+        # updates are): among them the rows of training calls whose loss was never applied (a step the
+        # loss scaler skipped, a forward pass that was not trained on), which are still in the list.
+        touched = tf.reduce_any(tf.not_equal(rows, 0), axis=1)
+        lr = self.table_optimizer.learning_rate_at(optimizer.iterations)
+        step = sparse_table_ops.push(
+            self.table.resource_handle, tf.boolean_mask(ids, touched), tf.boolean_mask(rows, touched), lr
+        )
+        with tf.control_dependencies([step]):
+            self._step_count.assign(0)
 
     def compute_output_shape(self, input_shape):
         if self.combiner is None:
             return tuple(input_shape) + (self.dim,)
         return (input_shape[0], self.dim)
 
-    # The table's contents travel with the layer's variables in .keras files.
+    # The table's contents travel with the layer in .keras files (pulled_rows is always zero, and the step's
+    # ids are the current step's only: neither is saved).
     def save_own_variables(self, store):
-        store["0"] = self.anchor
         contents = self.table.export()
         for name in _CONTENTS:
             store[f"table_{name}"] = np.asarray(contents[name])
 
     def load_own_variables(self, store):
-        self.anchor.assign(store["0"])
         self.table.import_({name: np.asarray(store[f"table_{name}"]) for name in _CONTENTS})
 
     def get_config(self):
@@ -120,6 +189,7 @@ class SparseEmbedding(keras.layers.Layer):
             combiner=self.combiner,
             initializer=_serialize(self.initializer),
             optimizer=_serialize(self.table_optimizer),
+            max_ids_per_step=self.max_ids_per_step,
         )
         return config
 
@@ -131,13 +201,47 @@ class SparseEmbedding(keras.layers.Layer):
         return cls(**config)
 
 
+def _int64(ids):
+    if ids.dtype != tf.int64:
+        if not ids.dtype.is_integer:
+            raise TypeError(f"SparseEmbedding: ids must be integers, got {ids.dtype.name}")
+        ids = tf.cast(ids, tf.int64)
+    return ids
+
+
+def _combine(values, segments, rows, weights, combiner):
+    """Combines the rows of each example (segment), weighted, as tf.nn.safe_embedding_lookup_sparse does:
+    'mean' divides by the sum of the weights, 'sqrtn' by the root of the sum of their squares; an example
+    with no ids gives zeros."""
+    segments = tf.cast(segments, tf.int32)
+    rows = tf.cast(rows, tf.int32)
+    if weights is None:
+        weights = tf.ones(tf.shape(values)[:1], values.dtype)
+    weights = tf.cast(weights, values.dtype)
+    total = tf.math.unsorted_segment_sum(values * weights[:, None], segments, rows)
+    if combiner == "sum":
+        return total
+    if combiner == "mean":
+        norm = tf.math.unsorted_segment_sum(weights, segments, rows)
+    else:
+        norm = tf.sqrt(tf.math.unsorted_segment_sum(weights * weights, segments, rows))
+    return tf.math.divide_no_nan(total, norm[:, None])
+
+
 def _serialize(obj):
     fields = {}
     for field in dataclasses.fields(obj):
         value = getattr(obj, field.name)
-        fields[field.name] = value if isinstance(value, int | float) else float(np.asarray(value))
+        if isinstance(value, keras.optimizers.schedules.LearningRateSchedule):
+            fields[field.name] = {"schedule": keras.saving.serialize_keras_object(value)}
+        else:
+            fields[field.name] = value if isinstance(value, int | float) else float(np.asarray(value))
     return {"class_name": type(obj).__name__, "config": fields}
 
 
 def _deserialize(config, module):
-    return getattr(module, config["class_name"])(**config["config"])
+    fields = {
+        k: keras.saving.deserialize_keras_object(v["schedule"]) if isinstance(v, dict) else v
+        for k, v in config["config"].items()
+    }
+    return getattr(module, config["class_name"])(**fields)

@@ -44,3 +44,30 @@ class TruncatedNormal(RandomNormal):
     """New rows are normal with `mean` and `stddev`, values beyond two stddevs drawn again."""
 
     _kind = "truncated_normal"
+
+
+_KERAS = {"Zeros": Zeros, "RandomUniform": RandomUniform, "RandomNormal": RandomNormal}
+_KERAS["TruncatedNormal"] = TruncatedNormal
+
+
+def resolve(initializer, default):
+    """A table initializer from what a user passed: tf_lora's, Keras's Zeros / RandomUniform / RandomNormal /
+    TruncatedNormal (translated: same distribution; rows stay a pure function of (seed, id)), or None."""
+    if initializer is None:
+        return default
+    if isinstance(initializer, Zeros | RandomUniform | RandomNormal):
+        return initializer
+    import keras  # noqa: PLC0415 - only to translate a Keras initializer
+
+    name = type(initializer).__name__
+    if not isinstance(initializer, keras.initializers.Initializer) or name not in _KERAS:
+        raise TypeError(
+            "a table initializer must be a tf_lora.sparse_initializers object (Zeros, RandomUniform, "
+            f"RandomNormal, TruncatedNormal) or the Keras initializer of the same name; got {name}"
+        )
+    config = dict(initializer.get_config())
+    seed = config.pop("seed", None)
+    fields = {k: config[k] for k in ("minval", "maxval", "mean", "stddev") if k in config}
+    if name != "Zeros":
+        fields["seed"] = int(seed or 0)
+    return _KERAS[name](**fields)

@@ -1,15 +1,52 @@
 """Optimizers of a tf_lora.SparseTable, applied by `push` to the rows of the ids pushed.
 
-Hyper-parameters follow Keras's optimizers of the same name. `learning_rate` may be a float, a scalar
-tensor or a `tf.Variable` (read at each push, for schedules).
+Hyper-parameters follow Keras's optimizers of the same name. `learning_rate` may be a non-negative number,
+a scalar tensor or `tf.Variable` (read at each push), or a `keras.optimizers.schedules.LearningRateSchedule`
+(followed at the step of the Keras optimizer that applies the gradients). `from_keras` translates Keras's
+SGD, Adagrad, Adam and Ftrl.
 """
 
 import dataclasses
+import math
 from typing import Any
+
+import keras
+import tensorflow as tf
+
+
+def _check_number(owner, name, value, low=0.0, high=math.inf):
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{owner}: {name} must be a number, got {value!r}")
+    if not (math.isfinite(value) and low <= value <= high):
+        raise ValueError(f"{owner}: {name} must be finite and in [{low}, {high}], got {value}")
+
+
+class _Checked:
+    """Validates the hyper-parameters when an optimizer is made: a learning rate that is not a number, a
+    tensor or a schedule (`SGD("0.1")`), or a negative one, is an error here rather than a poisoned table."""
+
+    _bounds: dict = {}
+
+    def __post_init__(self):
+        owner = type(self).__name__
+        lr = self.learning_rate
+        if not isinstance(
+            lr, tf.Tensor | tf.Variable | keras.Variable | keras.optimizers.schedules.LearningRateSchedule
+        ):
+            _check_number(owner, "learning_rate", lr)
+        for name, (low, high) in self._bounds.items():
+            _check_number(owner, name, getattr(self, name), low, high)
+
+    def learning_rate_at(self, iterations):
+        """The learning rate (float32 scalar) at a Keras optimizer's `iterations`."""
+        lr = self.learning_rate
+        if isinstance(lr, keras.optimizers.schedules.LearningRateSchedule):
+            lr = lr(iterations)
+        return tf.cast(tf.convert_to_tensor(lr), tf.float32)
 
 
 @dataclasses.dataclass
-class SGD:
+class SGD(_Checked):
     """w -= learning_rate * g."""
 
     learning_rate: Any = 0.01
@@ -19,9 +56,11 @@ class SGD:
 
 
 @dataclasses.dataclass
-class Adagrad:
+class Adagrad(_Checked):
     """acc += g^2; w -= learning_rate * g / sqrt(acc + epsilon), as Keras 3; acc starts at
     initial_accumulator_value."""
+
+    _bounds = {"initial_accumulator_value": (0.0, math.inf), "epsilon": (0.0, math.inf)}
 
     learning_rate: Any = 0.001
     initial_accumulator_value: float = 0.1
@@ -36,9 +75,11 @@ class Adagrad:
 
 
 @dataclasses.dataclass
-class Adam:
+class Adam(_Checked):
     """Adam with bias correction, as Keras 3 computes it, on the rows pushed (lazily: a key's moments move
     when it is pushed, and its bias correction counts its own updates)."""
+
+    _bounds = {"beta_1": (0.0, 1.0), "beta_2": (0.0, 1.0), "epsilon": (0.0, math.inf)}
 
     learning_rate: Any = 0.001
     beta_1: float = 0.9
@@ -58,8 +99,15 @@ class Adam:
 
 
 @dataclasses.dataclass
-class Ftrl:
+class Ftrl(_Checked):
     """FTRL-Proximal with l1/l2 regularization, as Keras 3 computes it, on the rows pushed."""
+
+    _bounds = {
+        "learning_rate_power": (-math.inf, 0.0),
+        "initial_accumulator_value": (0.0, math.inf),
+        "l1_regularization_strength": (0.0, math.inf),
+        "l2_regularization_strength": (0.0, math.inf),
+    }
 
     learning_rate: Any = 0.001
     learning_rate_power: float = -0.5
@@ -75,3 +123,57 @@ class Ftrl:
             "l1": self.l1_regularization_strength,
             "l2": self.l2_regularization_strength,
         }
+
+
+_KERAS = {"SGD": SGD, "Adagrad": Adagrad, "Adam": Adam, "Ftrl": Ftrl}
+
+
+def from_keras(optimizer):
+    """The tf_lora optimizer computing what Keras `optimizer` (SGD, Adagrad, Adam or Ftrl) computes on a
+    dense embedding, with its learning rate (a schedule stays a schedule). What tf_lora's have no equivalent
+    of (momentum, Nesterov, AMSGrad, FTRL's beta or l2 shrinkage) is an error, as is another optimizer, and
+    per-optimizer clipping or weight decay: a table's gradients are clipped by the model's optimizer."""
+    name = type(optimizer).__name__
+    if name not in _KERAS or not isinstance(optimizer, keras.optimizers.Optimizer):
+        raise TypeError(
+            "a table optimizer must be a tf_lora.sparse_optimizers object (SGD, Adagrad, Adam, Ftrl) or "
+            f"Keras's SGD, Adagrad, Adam or Ftrl; got {name}"
+        )
+    config = optimizer.get_config()
+    unsupported = {
+        "SGD": {"momentum": 0.0, "nesterov": False},
+        "Adam": {"amsgrad": False},
+        "Ftrl": {"beta": 0.0, "l2_shrinkage_regularization_strength": 0.0},
+    }.get(name, {})
+    unsupported.update({"clipnorm": None, "clipvalue": None, "global_clipnorm": None, "weight_decay": None})
+    for key, default in unsupported.items():
+        if config.get(key, default) not in (default, 0, 0.0) and config.get(key) is not None:
+            raise ValueError(
+                f"tf_lora.sparse_optimizers.{name} has no {key} (Keras's {name} has {key}={config[key]}); "
+                "clipping of a table's gradients comes from the model's optimizer"
+            )
+    lr = optimizer._learning_rate  # noqa: SLF001 - the schedule itself, where Keras's property gives a value
+    if not isinstance(lr, keras.optimizers.schedules.LearningRateSchedule):
+        lr = float(keras.ops.convert_to_numpy(optimizer.learning_rate))
+    names = {
+        "SGD": (),
+        "Adagrad": ("initial_accumulator_value", "epsilon"),
+        "Adam": ("beta_1", "beta_2", "epsilon"),
+        "Ftrl": (
+            "learning_rate_power",
+            "initial_accumulator_value",
+            "l1_regularization_strength",
+            "l2_regularization_strength",
+        ),
+    }[name]
+    fields = {key: config[key] for key in names}
+    return _KERAS[name](learning_rate=lr, **fields)
+
+
+def resolve(optimizer, default):
+    """A table optimizer from what a user passed: tf_lora's, Keras's (translated), or None (`default`)."""
+    if optimizer is None:
+        return default
+    if isinstance(optimizer, _Checked):
+        return optimizer
+    return from_keras(optimizer)

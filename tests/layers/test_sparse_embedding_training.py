@@ -1,0 +1,220 @@
+"""SparseEmbedding under real Keras training: its table must move exactly as a dense keras.layers.Embedding
+moves under the same optimizer (the reference), and only when the optimizer applies a step."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tf_lora
+
+IDS, DIM, SLOTS = 40, 4, 3
+
+
+def _data(n=256, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, IDS, (n, SLOTS)).astype(np.int64)
+    y = (x % 3 == 0).sum(1, keepdims=True).astype(np.float32)
+    return x, y
+
+
+def _models(optimizer, table_optimizer=None, **compile_args):
+    """The same model twice: over a SparseEmbedding (table SGD(0.1) unless given) and over a dense Embedding
+    (the model optimizer's rule); zero initial rows, the same head."""
+    inp = keras.Input((SLOTS,), dtype="int64")
+    emb = tf_lora.layers.SparseEmbedding(
+        DIM,
+        combiner="sum",
+        initializer=tf_lora.sparse_initializers.Zeros(),
+        optimizer=table_optimizer or tf_lora.sparse_optimizers.SGD(0.1),
+    )
+    head = keras.layers.Dense(1, kernel_initializer=keras.initializers.Constant(0.5), bias_initializer="ones")
+    sparse = keras.Model(inp, head(emb(inp)))
+    inp2 = keras.Input((SLOTS,), dtype="int64")
+    dense_emb = keras.layers.Embedding(IDS, DIM, embeddings_initializer="zeros")
+    head2 = keras.layers.Dense(
+        1, kernel_initializer=keras.initializers.Constant(0.5), bias_initializer="ones"
+    )
+    dense = keras.Model(inp2, head2(keras.ops.sum(dense_emb(inp2), axis=1)))
+    sparse.compile(optimizer=optimizer(), loss="mse", **compile_args)
+    dense.compile(optimizer=optimizer(), loss="mse", **compile_args)
+    return sparse, emb, dense, dense_emb
+
+
+def _rows(emb):
+    return emb.table.pull(np.arange(IDS)).numpy()
+
+
+@pytest.fixture
+def mixed_precision():
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    yield
+    keras.mixed_precision.set_global_policy("float32")
+
+
+def _fit_both(optimizer, rtol=1e-5, **compile_args):
+    sparse, emb, dense, dense_emb = _models(optimizer, **compile_args)
+    x, y = _data()
+    sparse.fit(x, y, batch_size=32, epochs=2, shuffle=False, verbose=0)
+    dense.fit(x, y, batch_size=32, epochs=2, shuffle=False, verbose=0)
+    want = dense_emb.embeddings.numpy()
+    assert np.abs(want).max() > 0.01  # the reference did train
+    np.testing.assert_allclose(_rows(emb), want, rtol=rtol, atol=rtol * np.abs(want).max())
+    return emb
+
+
+def test_the_table_moves_as_a_dense_embedding_does():
+    _fit_both(lambda: keras.optimizers.SGD(0.1))
+
+
+def test_mixed_precision_pushes_the_unscaled_gradient(mixed_precision):
+    # The loss-scaled gradient used to reach the table: max |row| 0.18 in float32, 193-243 in mixed_float16.
+    emb = _fit_both(lambda: keras.optimizers.SGD(0.1), rtol=2e-2)
+    assert np.abs(_rows(emb)).max() < 10
+
+
+@pytest.mark.parametrize("clip", [{"clipnorm": 0.05}, {"global_clipnorm": 0.05}, {"clipvalue": 0.01}])
+def test_clipping_reaches_the_table(clip):
+    _fit_both(lambda: keras.optimizers.SGD(0.1, **clip))
+
+
+def test_steps_per_execution_pushes_once_per_step():
+    emb = _fit_both(lambda: keras.optimizers.SGD(0.1), steps_per_execution=4)
+    assert int(emb.table.export()["step"]) == 2 * 256 // 32
+
+
+def _custom_step_model():
+    sparse, emb, _, _ = _models(lambda: keras.optimizers.SGD(0.1))
+    return sparse, emb
+
+
+def test_computing_a_gradient_changes_nothing():
+    # The push ran inside the gradient: a saliency map (a gradient w.r.t. the input embedding only), or two
+    # tape.gradient calls on a persistent tape, changed the table.
+    model, emb = _custom_step_model()
+    x, y = _data(32)
+    emb.table.pull(np.arange(IDS), training=True)
+    before = _rows(emb)
+    with tf.GradientTape(persistent=True) as tape:
+        loss = keras.ops.mean((model(x, training=True) - y) ** 2)
+    tape.gradient(loss, model.trainable_weights)
+    tape.gradient(loss, model.trainable_weights)
+    np.testing.assert_array_equal(_rows(emb), before)
+    # Applying is what moves it, once.
+    grads = tape.gradient(loss, model.trainable_weights)
+    model.optimizer.apply(grads, model.trainable_weights)
+    after = _rows(emb)
+    assert not np.array_equal(after, before)
+    np.testing.assert_array_equal(_rows(emb), after)
+    assert int(emb.table.export()["step"]) == 1
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_a_skipped_non_finite_step_leaves_the_table_alone(compiled, mixed_precision):
+    model, emb = _custom_step_model()  # LossScaleOptimizer under mixed_float16
+    assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+    x, y = _data(32)
+    emb.table.pull(np.arange(IDS), training=True)
+    before = _rows(emb)
+
+    def step(scale):
+        with tf.GradientTape() as tape:
+            loss = keras.ops.mean((model(x, training=True) - y) ** 2) * scale
+            scaled = model.optimizer.scale_loss(loss)
+        model.optimizer.apply(tape.gradient(scaled, model.trainable_weights), model.trainable_weights)
+
+    step = tf.function(step) if compiled else step
+    step(tf.constant(np.inf, "float16"))
+    np.testing.assert_array_equal(_rows(emb), before)
+    step(tf.constant(1.0, "float16"))
+    assert not np.array_equal(_rows(emb), before)
+
+
+def test_keras_optimizers_and_initializers_as_the_table_s():
+    # A Keras optimizer used to fail with "'Adagrad' object has no attribute 'attrs'".
+    x, y = _data()
+    results = []
+    for table_optimizer in (
+        tf_lora.sparse_optimizers.Adagrad(0.1, epsilon=1e-6),
+        keras.optimizers.Adagrad(0.1, epsilon=1e-6),
+    ):
+        sparse, emb, _, _ = _models(lambda: keras.optimizers.SGD(0.1), table_optimizer=table_optimizer)
+        sparse.fit(x, y, batch_size=32, epochs=1, shuffle=False, verbose=0)
+        results.append(_rows(emb))
+    np.testing.assert_array_equal(results[0], results[1])
+    layer = tf_lora.layers.SparseEmbedding(
+        DIM,
+        initializer=keras.initializers.RandomUniform(-0.1, 0.2, seed=4),
+        optimizer=keras.optimizers.Adam(0.01),
+    )
+    assert layer.initializer == tf_lora.sparse_initializers.RandomUniform(-0.1, 0.2, seed=4)
+    assert isinstance(layer.table_optimizer, tf_lora.sparse_optimizers.Adam)
+    assert layer.table_optimizer.learning_rate == pytest.approx(0.01)  # Keras keeps it in float32
+    with pytest.raises(ValueError, match="has no momentum"):
+        tf_lora.layers.SparseEmbedding(DIM, optimizer=keras.optimizers.SGD(0.1, momentum=0.9))
+    with pytest.raises(TypeError, match="tf_lora.sparse_optimizers object .* got RMSprop"):
+        tf_lora.layers.SparseEmbedding(DIM, optimizer=keras.optimizers.RMSprop())
+    with pytest.raises(TypeError, match="tf_lora.sparse_initializers object .* got GlorotUniform"):
+        tf_lora.layers.SparseEmbedding(DIM, initializer=keras.initializers.GlorotUniform())
+
+
+def test_a_learning_rate_schedule_is_followed_at_the_model_s_step():
+    schedule = keras.optimizers.schedules.PiecewiseConstantDecay([3], [0.1, 0.0])
+    sparse, emb, _, _ = _models(
+        lambda: keras.optimizers.SGD(0.1), table_optimizer=keras.optimizers.SGD(schedule)
+    )
+    x, y = _data(32 * 6)
+    sparse.fit(x[: 32 * 4], y[: 32 * 4], batch_size=32, epochs=1, shuffle=False, verbose=0)  # steps 0-3
+    after_four = _rows(emb)
+    sparse.fit(x[32 * 4 :], y[32 * 4 :], batch_size=32, epochs=1, shuffle=False, verbose=0)  # rate 0 now
+    np.testing.assert_array_equal(_rows(emb), after_four)
+    assert np.abs(after_four).max() > 0
+
+
+@pytest.mark.parametrize("bad", ["0.1", -1.0, float("nan"), None])
+def test_bad_learning_rates_are_refused(bad):
+    error = TypeError if isinstance(bad, str | type(None)) else ValueError
+    with pytest.raises(error, match="learning_rate must be"):
+        tf_lora.sparse_optimizers.SGD(bad)
+    if bad is not None and not isinstance(bad, str):
+        with pytest.raises(ValueError, match="learning_rate must be finite and in"):
+            tf_lora.layers.SparseEmbedding(DIM, optimizer=keras.optimizers.Adagrad(learning_rate=bad))
+
+
+def test_a_non_finite_gradient_is_refused_and_the_table_left_whole():
+    table = tf_lora.SparseTable(2, optimizer=tf_lora.sparse_optimizers.Adagrad(0.1))
+    table.push([1, 2], [[1.0, 1.0], [1.0, 1.0]])
+    before = table.export()
+    with pytest.raises(tf.errors.InvalidArgumentError, match="grads must be finite; the gradient of id 2"):
+        table.push([1, 2], [[1.0, 1.0], [np.nan, 1.0]])
+    with pytest.raises(tf.errors.InvalidArgumentError, match="learning_rate must be finite and >= 0"):
+        table.push([1], [[1.0, 1.0]], learning_rate=-0.5)
+    after = table.export()
+    for key in before:
+        np.testing.assert_array_equal(after[key], before[key])
+
+
+def test_gradient_accumulation_is_an_error_not_a_wrong_update():
+    sparse, _, _, _ = _models(lambda: keras.optimizers.SGD(0.1, gradient_accumulation_steps=2))
+    x, y = _data(64)
+    with pytest.raises(NotImplementedError, match="gradient accumulation"):
+        sparse.fit(x, y, batch_size=32, epochs=1, verbose=0)
+
+
+@pytest.mark.parametrize("combiner", ["sum", "mean", "sqrtn"])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_sparse_tensor_ids_match_safe_embedding_lookup_sparse(combiner, weighted):
+    layer = tf_lora.layers.SparseEmbedding(DIM, combiner=combiner)
+    layer.table.pull(np.arange(10), training=True)
+    table = tf.constant(layer.table.pull(np.arange(10)))
+    ids = tf.sparse.from_dense(tf.constant([[1, 2, 0], [4, 0, 0], [0, 0, 0], [2, 2, 7]], tf.int64))
+    # Positive weights: tf.nn.safe_embedding_lookup_sparse drops the others.
+    weights = tf.SparseTensor(ids.indices, tf.constant([0.5, 2.0, 1.0, 1.5, 0.25, 3.0]), ids.dense_shape)
+    got = layer(ids, weights=weights if weighted else None)
+    want = tf.nn.safe_embedding_lookup_sparse(table, ids, weights if weighted else None, combiner=combiner)
+    np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-6, atol=1e-6)
+    ragged = tf.RaggedTensor.from_sparse(ids)
+    ragged_weights = tf.RaggedTensor.from_sparse(weights) if weighted else None
+    np.testing.assert_allclose(
+        layer(ragged, weights=ragged_weights).numpy(), want.numpy(), rtol=1e-6, atol=1e-6
+    )

@@ -1,0 +1,65 @@
+"""Routes a Keras optimizer's update of a SparseEmbedding's pulled-rows variable to a push into its table.
+
+A Keras optimizer processes the gradients it is given (loss-scale unscaling and the skip of non-finite steps
+in LossScaleOptimizer, `loss_scale_factor`, clipping by value, norm or global norm, weight decay) and then,
+once per applied step, runs `_backend_update_step(grads, variables, learning_rate)` with the gradients its
+rule consumes. A SparseEmbedding's rows live in a table, not in a variable the optimizer could update, so
+this module wraps that one method of Keras's TensorFlow optimizer: a variable marked as a table's view of
+the step's rows (`mark`) goes to its layer, which pushes the processed gradient into the table with the
+table's own optimizer; every other variable goes to Keras's own method, unchanged.
+
+This reaches into Keras's private API: `install` checks that the method is there with the signature this
+wraps, and fails loudly otherwise, naming the Keras version.
+"""
+
+import inspect
+import weakref
+
+import keras
+
+_ATTR = "_tf_lora_table_layer"
+_installed = False
+
+
+def mark(variable, layer):
+    """Marks `variable` (a keras.Variable) as `layer`'s view of the rows pulled since its last push."""
+    setattr(variable, _ATTR, weakref.ref(layer))
+
+
+def install():
+    """Wraps TFOptimizer._backend_update_step once per process."""
+    global _installed
+    if _installed:
+        return
+    from keras.src.backend.tensorflow import optimizer as tf_optimizer  # noqa: PLC0415 - private, on use
+
+    cls = getattr(tf_optimizer, "TFOptimizer", None)
+    original = getattr(cls, "_backend_update_step", None)
+    if original is None or list(inspect.signature(original).parameters) != [
+        "self",
+        "grads",
+        "trainable_variables",
+        "learning_rate",
+    ]:
+        raise ImportError(
+            "tf_lora.layers.SparseEmbedding: Keras "
+            f"{keras.__version__} has no TFOptimizer._backend_update_step(self, grads, trainable_variables, "
+            "learning_rate), where tf_lora hands a table's gradients to its push; use the Keras version "
+            "tf_lora was tested with (see requirements.txt)"
+        )
+
+    def _backend_update_step(self, grads, trainable_variables, learning_rate):
+        keep_grads, keep_vars = [], []
+        for grad, variable in zip(grads, trainable_variables, strict=True):
+            owner = getattr(variable, _ATTR, None)
+            layer = owner() if owner is not None else None
+            if layer is None:
+                keep_grads.append(grad)
+                keep_vars.append(variable)
+            elif grad is not None:
+                layer._apply_rows_gradient(grad, self)  # noqa: SLF001 - the layer's half of this hook
+        if keep_vars:
+            original(self, keep_grads, keep_vars, learning_rate)
+
+    cls._backend_update_step = _backend_update_step
+    _installed = True
