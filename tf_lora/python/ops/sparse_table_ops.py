@@ -14,8 +14,8 @@ remove = gen_sparse_table_ops.tf_lora_sparse_table_remove
 evict = gen_sparse_table_ops.tf_lora_sparse_table_evict
 
 # No op of the family has a differentiable input: the table is a resource, ids are int64, and a pull's rows
-# reach the table's values through push (tf_lora.layers.SparseEmbedding does it when the optimizer applies). Said
-# explicitly, so a tape or tf.gradients reaching these ops stops there instead of looking for a gradient.
+# reach the table's values through push (tf_lora.layers.SparseEmbedding pushes when the optimizer applies).
+# Said explicitly, so a tape or tf.gradients reaching these ops stops there instead of looking for a gradient.
 for _op in (
     "SparseTable",
     "SparseTablePull",
