@@ -75,7 +75,9 @@ def test_mixed_precision_pushes_the_unscaled_gradient(mixed_precision):
 
 @pytest.mark.parametrize("clip", [{"clipnorm": 0.05}, {"global_clipnorm": 0.05}, {"clipvalue": 0.01}])
 def test_clipping_reaches_the_table(clip):
-    _fit_both(lambda: keras.optimizers.SGD(0.1, **clip))
+    clipped = _rows(_fit_both(lambda: keras.optimizers.SGD(0.1, **clip)))
+    unclipped = _rows(_fit_both(lambda: keras.optimizers.SGD(0.1)))
+    assert np.abs(clipped - unclipped).max() > 0.01  # the clipping was active
 
 
 def test_steps_per_execution_pushes_once_per_step():

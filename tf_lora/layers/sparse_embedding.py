@@ -24,10 +24,10 @@ class SparseEmbedding(keras.layers.Layer):
     ragged and sparse ids with a combiner and optionally per-id `weights` of the same structure. Rows come
     from a `tf_lora.SparseTable`: new ids are inserted while training, and read as zeros otherwise.
 
-    How the table trains: a training call pulls the rows of the batch's distinct ids and adds to them a
-    trainable variable, `pulled_rows` (`[max_ids_per_step, dim]`, always zero), so that the loss's gradient
-    with respect to that variable is the rows' gradient, duplicates summed: the gradient a dense embedding
-    would get. The model's Keras optimizer processes it like any other (unscaled under mixed-precision loss
+    How the table trains: a training call pulls the rows of its ids and adds to them, one row per id read,
+    a trainable variable, `pulled_rows` (`[max_ids_per_step, dim]`, always zero), so that the loss's
+    gradient with respect to that variable is what `tf.gather` gives a dense embedding: a slice per id
+    read. The model's Keras optimizer processes it like any other (unscaled under mixed-precision loss
     scaling, skipped when not finite, clipped by value, norm or global norm) and, when it applies the step,
     hands it to the layer instead of updating the variable (tf_lora wraps Keras's per-step update for
     that), which pushes it into the table with the table's own optimizer. So the rows change exactly when,
@@ -45,8 +45,9 @@ class SparseEmbedding(keras.layers.Layer):
       optimizer: The table's optimizer: a `tf_lora.sparse_optimizers` object or Keras's SGD, Adagrad, Adam
         or Ftrl (same hyper-parameters; a learning-rate schedule is followed at the model optimizer's
         step). Default Adagrad(0.05).
-      max_ids_per_step: The most distinct ids the training calls between two optimizer steps may pull
-        (the size of `pulled_rows`); more is an error naming this argument.
+      max_ids_per_step: The most ids (repeats counted) the training calls between two optimizer steps may
+        read (the rows of `pulled_rows`: `max_ids_per_step * dim` floats, and the model optimizer's slots
+        for it); more is an error naming this argument.
 
     >>> layer = tf_lora.layers.SparseEmbedding(4, combiner="mean")
     >>> layer(tf.ragged.constant([[1, 2], [3]], dtype=tf.int64)).shape
@@ -72,7 +73,7 @@ class SparseEmbedding(keras.layers.Layer):
             shape=(self.max_ids_per_step, self.dim), initializer="zeros", trainable=True, name="pulled_rows"
         )
         _optimizer_hook.mark(self.pulled_rows, self)
-        # The distinct ids pulled by training calls since the last optimizer step, in pulled_rows' order.
+        # The ids read by training calls since the last optimizer step, in pulled_rows' order.
         self._step_ids = self.add_weight(
             shape=(self.max_ids_per_step,),
             dtype="int64",
@@ -115,26 +116,26 @@ class SparseEmbedding(keras.layers.Layer):
 
     def _pull_for_training(self, flat):
         """The rows of `flat` (inserting new ids), as a view whose gradient reaches pulled_rows."""
-        unique, index = tf.unique(tf.reshape(flat, [-1]), out_idx=tf.int32)
+        ids = tf.reshape(flat, [-1])
         start = tf.convert_to_tensor(self._step_count)
-        end = start + tf.shape(unique)[0]
+        end = start + tf.size(ids)
         fits = tf.debugging.assert_less_equal(
             end,
             self.max_ids_per_step,
-            message=f"SparseEmbedding {self.name}: more distinct ids were pulled for training since the last "
-            f"optimizer step than max_ids_per_step={self.max_ids_per_step}; raise it",
+            message=f"SparseEmbedding {self.name}: more ids were read for training since the last optimizer "
+            f"step than max_ids_per_step={self.max_ids_per_step}; raise it",
         )
         with tf.control_dependencies([fits]):
-            slots = tf.range(start, end)
-        self._step_ids.value.scatter_nd_update(slots[:, None], unique)
+            positions = tf.range(start, end)
+        self._step_ids.value.scatter_nd_update(positions[:, None], ids)
         self._step_count.assign(end)
-        # Each position reads its row of pulled_rows (zero) beside the table's: the variable's gradient is
-        # then what tf.gather gives a dense embedding, one slice per position (duplicates not yet summed),
-        # so clipping by value or norm sees what it sees for a dense embedding. pulled_rows may read as the
-        # compute dtype under mixed precision; the rows stay float32.
-        rows = tf.gather(self.table.pull(unique, training=True), index)
-        view = tf.cast(tf.gather(self.pulled_rows, slots[0] + index), tf.float32)
-        return tf.reshape(rows + view, tf.concat([tf.shape(flat), [self.dim]], axis=0))
+        # Each id read has its own row of pulled_rows (zero) beside the table's; the push sums the
+        # gradients of repeated ids. pulled_rows may read as the compute dtype under mixed precision; the
+        # rows stay float32.
+        rows = self.table.pull(ids, training=True) + tf.cast(
+            tf.gather(self.pulled_rows, positions), tf.float32
+        )
+        return tf.reshape(rows, tf.concat([tf.shape(flat), [self.dim]], axis=0))
 
     def _apply_rows_gradient(self, grad, optimizer):
         """The model optimizer applies a step: push the processed gradient of the rows pulled since the last
