@@ -32,9 +32,9 @@ class SparseEmbedding(keras.layers.Layer):
     hands it to the layer instead of updating the variable (tf_lora wraps Keras's per-step update for
     that), which pushes it into the table with the table's own optimizer. So the rows change exactly when,
     and only when, the optimizer applies gradients (`model.fit`, `optimizer.apply_gradients` / `apply`),
-    once per applied step; computing a gradient changes nothing. Not supported yet (each is an error, never
-    a wrong update): gradient accumulation (`gradient_accumulation_steps`) and tf.distribute strategies with
-    more than one replica.
+    once per applied step; computing a gradient changes nothing. With `gradient_accumulation_steps`, each
+    micro-batch's ids get rows of their own and the applied step pushes the accumulated average. Not
+    supported yet (an error, never a wrong update): tf.distribute strategies with more than one replica.
 
     Args:
       dim: Embedding width, in [1, 2^20].
@@ -45,8 +45,8 @@ class SparseEmbedding(keras.layers.Layer):
       optimizer: The table's optimizer: a `tf_lora.sparse_optimizers` object or Keras's SGD, Adagrad, Adam
         or Ftrl (same hyper-parameters; a learning-rate schedule is followed at the model optimizer's
         step). Default Adagrad(0.05).
-      max_ids_per_step: The most ids (repeats counted) the training calls between two optimizer steps may
-        read (the rows of `pulled_rows`: `max_ids_per_step * dim` floats, and the model optimizer's slots
+      max_ids_per_step: The most ids (repeats counted) the training calls between two applied optimizer
+        steps (all micro-batches, with gradient accumulation) may read (the rows of `pulled_rows`: `max_ids_per_step * dim` floats, and the model optimizer's slots
         for it); more is an error naming this argument.
 
     >>> layer = tf_lora.layers.SparseEmbedding(4, combiner="mean")
@@ -140,11 +140,6 @@ class SparseEmbedding(keras.layers.Layer):
     def _apply_rows_gradient(self, grad, optimizer):
         """The model optimizer applies a step: push the processed gradient of the rows pulled since the last
         one into the table, then start over (called by _optimizer_hook)."""
-        if optimizer.gradient_accumulation_steps:
-            raise NotImplementedError(
-                f"SparseEmbedding {self.name}: gradient accumulation (gradient_accumulation_steps="
-                f"{optimizer.gradient_accumulation_steps}) is not supported for table rows yet"
-            )
         if tf.distribute.get_strategy().num_replicas_in_sync > 1:
             raise NotImplementedError(
                 f"SparseEmbedding {self.name}: tf.distribute strategies with more than one replica are not "
