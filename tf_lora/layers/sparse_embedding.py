@@ -46,8 +46,9 @@ class SparseEmbedding(keras.layers.Layer):
         or Ftrl (same hyper-parameters; a learning-rate schedule is followed at the model optimizer's
         step). Default Adagrad(0.05).
       max_ids_per_step: The most ids (repeats counted) the training calls between two applied optimizer
-        steps (all micro-batches, with gradient accumulation) may read (the rows of `pulled_rows`: `max_ids_per_step * dim` floats, and the model optimizer's slots
-        for it); more is an error naming this argument.
+        steps (all micro-batches, with gradient accumulation) may read: the rows of `pulled_rows`
+        (`max_ids_per_step * dim` floats, and the model optimizer's slots for it). More is an error naming
+        this argument.
 
     >>> layer = tf_lora.layers.SparseEmbedding(4, combiner="mean")
     >>> layer(tf.ragged.constant([[1, 2], [3]], dtype=tf.int64)).shape
