@@ -220,3 +220,25 @@ def test_sparse_tensor_ids_match_safe_embedding_lookup_sparse(combiner, weighted
     np.testing.assert_allclose(
         layer(ragged, weights=ragged_weights).numpy(), want.numpy(), rtol=1e-6, atol=1e-6
     )
+
+
+def test_several_replicas_are_a_clear_error_for_now(run_python):
+    # Not supported yet: an error saying so, never a wrong update (two logical CPUs in a fresh process).
+    out = run_python(
+        """
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import keras, numpy as np, tf_lora
+with tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]).scope():
+    inp = keras.Input((3,), dtype="int64")
+    model = keras.Model(inp, keras.layers.Dense(1)(tf_lora.layers.SparseEmbedding(4, combiner="sum")(inp)))
+    model.compile(optimizer="sgd", loss="mse")
+try:
+    model.fit(np.ones((64, 3), np.int64), np.ones((64, 1), np.float32), batch_size=16, verbose=0)
+except NotImplementedError as e:
+    print("more than one replica (2) is not supported yet" in str(e))
+""",
+        timeout=300,
+    )
+    assert out.strip() == "True"

@@ -117,6 +117,7 @@ class SparseEmbedding(keras.layers.Layer):
 
     def _pull_for_training(self, flat):
         """The rows of `flat` (inserting new ids), as a view whose gradient reaches pulled_rows."""
+        _single_replica(self.name)
         ids = tf.reshape(flat, [-1])
         start = tf.convert_to_tensor(self._step_count)
         end = start + tf.size(ids)
@@ -141,11 +142,7 @@ class SparseEmbedding(keras.layers.Layer):
     def _apply_rows_gradient(self, grad, optimizer):
         """The model optimizer applies a step: push the processed gradient of the rows pulled since the last
         one into the table, then start over (called by _optimizer_hook)."""
-        if tf.distribute.get_strategy().num_replicas_in_sync > 1:
-            raise NotImplementedError(
-                f"SparseEmbedding {self.name}: tf.distribute strategies with more than one replica are not "
-                "supported yet"
-            )
+        _single_replica(self.name)
         count = tf.convert_to_tensor(self._step_count)
         ids = tf.convert_to_tensor(self._step_ids)[:count]
         if isinstance(grad, tf.IndexedSlices):
@@ -196,6 +193,16 @@ class SparseEmbedding(keras.layers.Layer):
         config["initializer"] = _deserialize(config["initializer"], initializers)
         config["optimizer"] = _deserialize(config["optimizer"], optimizers)
         return cls(**config)
+
+
+def _single_replica(name):
+    replicas = tf.distribute.get_strategy().num_replicas_in_sync
+    if replicas > 1:
+        raise NotImplementedError(
+            f"SparseEmbedding {name}: training under a tf.distribute strategy with more than one replica "
+            f"({replicas}) is not supported yet (each replica's ids would need their gradients summed once); "
+            "train with one replica, or push per replica yourself"
+        )
 
 
 def _int64(ids):
