@@ -1,6 +1,8 @@
 """SparseEmbedding under real Keras training: its table must move exactly as a dense keras.layers.Embedding
 moves under the same optimizer (the reference), and only when the optimizer applies a step."""
 
+import pathlib
+
 import keras
 import numpy as np
 import pytest
@@ -222,23 +224,27 @@ def test_sparse_tensor_ids_match_safe_embedding_lookup_sparse(combiner, weighted
     )
 
 
-def test_several_replicas_are_a_clear_error_for_now(run_python):
-    # Not supported yet: an error saying so, never a wrong update (two logical CPUs in a fresh process).
+def test_mirrored_strategy_counts_every_replica_s_gradient_once(run_python):
+    # Two replicas (two logical CPUs, in a fresh process): the table must move as a dense Embedding does
+    # under the same strategy, whose replicas' gradients Keras sums once.
     out = run_python(
-        """
+        f"""
+import sys
 import tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-import keras, numpy as np, tf_lora
+import keras, numpy as np
+sys.path.insert(0, {str(pathlib.Path(__file__).parent)!r})
+import test_sparse_embedding_training as t
 with tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]).scope():
-    inp = keras.Input((3,), dtype="int64")
-    model = keras.Model(inp, keras.layers.Dense(1)(tf_lora.layers.SparseEmbedding(4, combiner="sum")(inp)))
-    model.compile(optimizer="sgd", loss="mse")
-try:
-    model.fit(np.ones((64, 3), np.int64), np.ones((64, 1), np.float32), batch_size=16, verbose=0)
-except NotImplementedError as e:
-    print("more than one replica (2) is not supported yet" in str(e))
+    sparse, emb, dense, dense_emb = t._models(lambda: keras.optimizers.SGD(0.1, global_clipnorm=0.5))
+x, y = t._data()
+sparse.fit(x, y, batch_size=32, epochs=2, shuffle=False, verbose=0)
+dense.fit(x, y, batch_size=32, epochs=2, shuffle=False, verbose=0)
+want = dense_emb.embeddings.numpy()
+print(np.abs(want).max() > 0.01, np.abs(t._rows(emb) - want).max() <= 1e-5 * np.abs(want).max() + 1e-7)
+print(int(emb.table.export()["step"]))
 """,
         timeout=300,
     )
-    assert out.strip() == "True"
+    assert out.split() == ["True", "True", str(2 * 256 // 32)], out

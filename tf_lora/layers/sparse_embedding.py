@@ -33,8 +33,8 @@ class SparseEmbedding(keras.layers.Layer):
     that), which pushes it into the table with the table's own optimizer. So the rows change exactly when,
     and only when, the optimizer applies gradients (`model.fit`, `optimizer.apply_gradients` / `apply`),
     once per applied step; computing a gradient changes nothing. With `gradient_accumulation_steps`, each
-    micro-batch's ids get rows of their own and the applied step pushes the accumulated average. Not
-    supported yet (an error, never a wrong update): tf.distribute strategies with more than one replica.
+    micro-batch's ids get rows of their own and the applied step pushes the accumulated average. Under a
+    tf.distribute strategy each replica keeps its own ids, and one push takes every replica's gradient.
 
     Args:
       dim: Embedding width, in [1, 2^20].
@@ -74,17 +74,15 @@ class SparseEmbedding(keras.layers.Layer):
             shape=(self.max_ids_per_step, self.dim), initializer="zeros", trainable=True, name="pulled_rows"
         )
         _optimizer_hook.mark(self.pulled_rows, self)
-        # The ids read by training calls since the last optimizer step, in pulled_rows' order.
-        self._step_ids = self.add_weight(
-            shape=(self.max_ids_per_step,),
-            dtype="int64",
-            initializer="zeros",
-            trainable=False,
-            name="step_ids",
-        )
-        self._step_count = self.add_weight(
-            shape=(), dtype="int32", initializer="zeros", trainable=False, name="step_count"
-        )
+        # The ids read by training calls since the last optimizer step, in pulled_rows' order: per replica
+        # under a tf.distribute strategy (each replica reads its own ids), never saved.
+        local = {
+            "trainable": False,
+            "synchronization": tf.VariableSynchronization.ON_READ,
+            "aggregation": tf.VariableAggregation.NONE,
+        }
+        self._step_ids = tf.Variable(tf.zeros([self.max_ids_per_step], tf.int64), name="step_ids", **local)
+        self._step_count = tf.Variable(0, dtype=tf.int32, name="step_count", **local)
 
     def call(self, ids, weights=None, training=None):
         if isinstance(ids, tf.SparseTensor):
@@ -117,7 +115,6 @@ class SparseEmbedding(keras.layers.Layer):
 
     def _pull_for_training(self, flat):
         """The rows of `flat` (inserting new ids), as a view whose gradient reaches pulled_rows."""
-        _single_replica(self.name)
         ids = tf.reshape(flat, [-1])
         start = tf.convert_to_tensor(self._step_count)
         end = start + tf.size(ids)
@@ -129,7 +126,12 @@ class SparseEmbedding(keras.layers.Layer):
         )
         with tf.control_dependencies([fits]):
             positions = tf.range(start, end)
-        self._step_ids.value.scatter_nd_update(positions[:, None], ids)
+        if _replicas() > 1:  # a replica's own copy, which takes whole assignments only
+            self._step_ids.assign(
+                tf.tensor_scatter_nd_update(self._step_ids.read_value(), positions[:, None], ids)
+            )
+        else:
+            self._step_ids.scatter_nd_update(positions[:, None], ids)
         self._step_count.assign(end)
         # Each id read has its own row of pulled_rows (zero) beside the table's; the push sums the
         # gradients of repeated ids. pulled_rows may read as the compute dtype under mixed precision; the
@@ -142,7 +144,6 @@ class SparseEmbedding(keras.layers.Layer):
     def _apply_rows_gradient(self, grad, optimizer):
         """The model optimizer applies a step: push the processed gradient of the rows pulled since the last
         one into the table, then start over (called by _optimizer_hook)."""
-        _single_replica(self.name)
         count = tf.convert_to_tensor(self._step_count)
         ids = tf.convert_to_tensor(self._step_ids)[:count]
         if isinstance(grad, tf.IndexedSlices):
@@ -154,10 +155,24 @@ class SparseEmbedding(keras.layers.Layer):
         # updates are): among them the rows of training calls whose loss was never applied (a step the
         # loss scaler skipped, a forward pass that was not trained on), which are still in the list.
         touched = tf.reduce_any(tf.not_equal(rows, 0), axis=1)
-        lr = self.table_optimizer.learning_rate_at(optimizer.iterations)
-        step = sparse_table_ops.push(
-            self.table.resource_handle, tf.boolean_mask(ids, touched), tf.boolean_mask(rows, touched), lr
-        )
+        ids, rows = tf.boolean_mask(ids, touched), tf.boolean_mask(rows, touched)
+
+        def push(ids, rows):
+            lr = self.table_optimizer.learning_rate_at(optimizer.iterations)
+            return sparse_table_ops.push(self.table.resource_handle, ids, rows, lr)
+
+        context = tf.distribute.get_replica_context()
+        if _replicas() > 1 and context is not None:
+            # Each replica holds its own ids and their gradient (taken out before Keras sums the variables'
+            # gradients across replicas): all of them go into one push, which sums the repeats, so every
+            # replica's gradient counts once, as the all-reduce counts it for a dense variable.
+            def push_all(strategy, ids, rows):
+                every = strategy.experimental_local_results
+                return push(tf.concat(every(ids), 0), tf.concat(every(rows), 0))
+
+            step = context.merge_call(push_all, args=(ids, rows))
+        else:
+            step = push(ids, rows)
         with tf.control_dependencies([step]):
             self._step_count.assign(0)
 
@@ -195,14 +210,8 @@ class SparseEmbedding(keras.layers.Layer):
         return cls(**config)
 
 
-def _single_replica(name):
-    replicas = tf.distribute.get_strategy().num_replicas_in_sync
-    if replicas > 1:
-        raise NotImplementedError(
-            f"SparseEmbedding {name}: training under a tf.distribute strategy with more than one replica "
-            f"({replicas}) is not supported yet (each replica's ids would need their gradients summed once); "
-            "train with one replica, or push per replica yourself"
-        )
+def _replicas():
+    return tf.distribute.get_strategy().num_replicas_in_sync
 
 
 def _int64(ids):
