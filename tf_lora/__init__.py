@@ -4,24 +4,27 @@
 >>> merged = tf_lora.lora_merge(w, a, b, scale=alpha / rank)
 """
 
+from tf_lora import _quiet
 from tf_lora._ensure_tf import ensure_tensorflow as _ensure_tensorflow
 
-_ensure_tensorflow()
+# In the `tf-lora` command's process, TensorFlow's start-up lines are held back (tf_lora._quiet).
+with _quiet.command_line_start():
+    _ensure_tensorflow()
 
-from tf_lora import adapters, layers, rewrite  # noqa: E402
-from tf_lora.layers import inject_lora  # noqa: E402
-from tf_lora.python.ops.lora_ops import (  # noqa: E402
-    batched_lora_apply,
-    batched_lora_matmul,
-    lora_apply,
-    lora_matmul,
-    lora_merge,
-    merge_into_variable,
-    unmerge_from_variable,
-)
-from tf_lora.sparse import SparseTable  # noqa: E402
-from tf_lora.sparse import initializers as sparse_initializers  # noqa: E402
-from tf_lora.sparse import optimizers as sparse_optimizers  # noqa: E402
+    from tf_lora import adapters, layers, rewrite
+    from tf_lora.layers import inject_lora
+    from tf_lora.python.ops.lora_ops import (
+        batched_lora_apply,
+        batched_lora_matmul,
+        lora_apply,
+        lora_matmul,
+        lora_merge,
+        merge_into_variable,
+        unmerge_from_variable,
+    )
+    from tf_lora.sparse import SparseTable
+    from tf_lora.sparse import initializers as sparse_initializers
+    from tf_lora.sparse import optimizers as sparse_optimizers
 from tf_lora.version import __version__  # noqa: E402
 
 __all__ = [

@@ -79,9 +79,9 @@ def test_inject_keras_export_through_the_cli(tmp_path, capsys):
     model.export(tmp_path / "model", verbose=False)
     args = ["inject", str(tmp_path / "model"), str(tmp_path / "out"), "--target", "hidden", "--rank", "2"]
     assert cli.main([*args, "--alpha", "4", "--verify"]) == 0
-    err = capsys.readouterr().err
-    assert "hidden/kernel [6, 5]: new adapter hidden/kernel/lora_a, hidden/kernel/lora_b" in err
-    assert "verify serve: max |difference| = 0" in err
+    out = capsys.readouterr().out
+    assert "hidden/kernel [6, 5]: new adapter hidden/kernel/lora_a, hidden/kernel/lora_b" in out
+    assert "verify serve: max |difference| = 0" in out
     loaded = tf.saved_model.load(str(tmp_path / "out"))
     names = [v.name for v in loaded.trainable_variables]
     assert "hidden/kernel/lora_a:0" in names and "hidden/kernel/lora_b:0" in names

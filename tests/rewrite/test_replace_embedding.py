@@ -76,9 +76,9 @@ def test_keras_embedding_through_the_cli(tmp_path, capsys):
     model.export(tmp_path / "model", verbose=False)
     args = ["replace-embedding", str(tmp_path / "model"), str(tmp_path / "out")]
     assert cli.main([*args, "--target", "item", "--verify"]) == 0
-    err = capsys.readouterr().err
-    assert "item/embeddings [20, 4]: sparse table tf_lora_table_item_embeddings" in err
-    assert "verify serve: max |difference| = 0" in err
+    out = capsys.readouterr().out
+    assert "item/embeddings [20, 4]: sparse table tf_lora_table_item_embeddings" in out
+    assert "verify serve: max |difference| = 0" in out
     ids = np.array([[1, 19, 0], [5, 5, 7]], np.int32)
     served = tf.saved_model.load(str(tmp_path / "out"))
     np.testing.assert_allclose(served.serve(ids), model.predict(ids, verbose=0), rtol=1e-6, atol=1e-6)

@@ -81,7 +81,7 @@ def test_fold_tf1_meta_graph_with_checkpoint_through_the_cli(tmp_path, capsys):
     reference = _tf1_model(tmp_path, resource=True)
     meta = str(tmp_path / "ckpt" / "model.meta")
     assert cli.main(["fold", meta, str(tmp_path / "out"), "--verify"]) == 0
-    assert "verify serving_default: max |difference| = " in capsys.readouterr().err
+    assert "verify serving_default: max |difference| = " in capsys.readouterr().out
     assert sorted(os.listdir(tmp_path / "out")) == [
         "checkpoint",
         "model.data-00000-of-00001",

@@ -1,24 +1,31 @@
-"""`tf-lora`: the command line over tf_lora.rewrite (each command is a call into the library)."""
+"""`tf-lora`: the command line over tf_lora.rewrite (each command is a call into the library).
+
+Results go to stdout (text, or one JSON object with --json); progress, warnings and errors go to stderr.
+This module imports no TensorFlow when it loads: `main` first decides how loud TensorFlow may be
+(--verbose, TF_CPP_MIN_LOG_LEVEL), then imports the library.
+"""
 
 import argparse
+import dataclasses
 import json
+import math
+import os
+import re
 import sys
+import traceback
+from typing import ClassVar
 
 from rich.console import Console
 
-from tf_lora.rewrite.embedding import replace_embedding
-from tf_lora.rewrite.fold import fold
-from tf_lora.rewrite.inject import inject
-from tf_lora.rewrite.inspect import inspect
-from tf_lora.rewrite.saved_model import RewriteError
-from tf_lora.rewrite.swap import load_adapter_file, swap_adapter
-from tf_lora.rewrite.verify import verify
+from tf_lora import _quiet
 
 
 def _parser():
     parser = argparse.ArgumentParser(
         prog="tf-lora",
-        description="Inspect and rewrite TensorFlow SavedModels that use (or could use) tf_lora's ops.",
+        description="Inspect and rewrite TensorFlow SavedModels that use (or could use) tf_lora's ops. "
+        "Results go to stdout (--json: one JSON object, also for an error: ok false); progress, warnings "
+        "and errors to stderr. Exit status 2: bad input or a rewrite that cannot be done, nothing written.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -26,7 +33,7 @@ def _parser():
         "inspect", help="signatures, tf_lora ops and adapters, MatMuls, embedding lookups"
     )
     p.add_argument("model", help=_MODEL_HELP)
-    p.add_argument("--json", action="store_true", help="print JSON for machines")
+    _output_options(p)
 
     p = _rewriting(
         commands,
@@ -36,7 +43,11 @@ def _parser():
         "from the model's variables. The output loads and runs without tf_lora (e.g. under TF Serving).",
     )
     p.add_argument(
-        "--adapter", metavar="REGEX", help="fold only adapters whose A variable name matches; drop the others"
+        "--adapter",
+        metavar="REGEX",
+        type=_regex,
+        help="fold only adapters whose A variable name matches (searched); drop the others. One that "
+        "matches no adapter is an error (exit 2) that lists the adapters",
     )
 
     p = _rewriting(
@@ -45,9 +56,13 @@ def _parser():
         help="add new LoRA adapters (A He-uniform, B zero) to the MatMuls of matching weights",
         description="Every MatMul whose weight variable (or its layer, the name without its last part) fully "
         "matches --target gets a LoRA apply with new trainable variables <weight>/lora_a and "
-        "<weight>/lora_b. B starts at zero, so the outputs are unchanged until the adapter is trained.",
+        "<weight>/lora_b. B starts at zero, so the outputs are unchanged until the adapter is trained. "
+        "A matching weight that already has a LoRA adapter is an error (exit 2, nothing written) naming "
+        "it: leave it out of --target, or fold the model first.",
     )
-    p.add_argument("--target", required=True, metavar="REGEX", help="weight variable or layer names to adapt")
+    p.add_argument(
+        "--target", required=True, metavar="REGEX", type=_regex, help="weight variable or layer names"
+    )
     p.add_argument("--rank", type=int, required=True, help="LoRA rank r")
     p.add_argument("--alpha", type=float, required=True, help="LoRA alpha (scale alpha / r)")
     p.add_argument("--seed", type=int, default=0, help="seed of A's He-uniform initialisation")
@@ -60,7 +75,9 @@ def _parser():
         "(or layer) fully matches --target reads from a new SparseTable holding the variable's rows, id = "
         "row index: outputs are unchanged for ids in [0, rows), and the table grows past them when trained.",
     )
-    p.add_argument("--target", required=True, metavar="REGEX", help="embedding variable or layer names")
+    p.add_argument(
+        "--target", required=True, metavar="REGEX", type=_regex, help="embedding variable or layer names"
+    )
 
     p = _rewriting(
         commands,
@@ -81,7 +98,11 @@ def _parser():
         metavar="REGEX=REPLACEMENT",
         help="file module -> layer name, first full match wins (repeatable), e.g. 'model\\.(\\w+)=\\1'",
     )
-    p.add_argument("--partial", action="store_true", help="allow file modules that match no LoRA apply")
+    p.add_argument(
+        "--partial",
+        action="store_true",
+        help="allow file modules that match no LoRA apply (named in a warning)",
+    )
     return parser
 
 
@@ -92,104 +113,424 @@ def _rewriting(commands, name, **kwargs):
     """A rewriting command: MODEL and OUT, and the options every rewrite takes."""
     p = commands.add_parser(name, **kwargs)
     p.add_argument("model", help=_MODEL_HELP + " (not changed)")
-    p.add_argument("out", help="the output directory (written whole or not at all)")
-    _common(p)
+    p.add_argument(
+        "out",
+        help="the output directory: written whole or not at all (nothing is left there when the rewrite or "
+        "--verify fails; an existing OUT replaced with --overwrite stays as it was then)",
+    )
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="run both models on generated inputs and compare, before OUT is written",
+    )
+    p.add_argument(
+        "--tolerance",
+        type=_tolerance,
+        default=1e-4,
+        help="for --verify, relative to the outputs' size (default 1e-4)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--quiet", action="store_true", help="no progress output on stderr")
+    _output_options(p)
     return p
 
 
-def _common(p):
-    p.add_argument("--verify", action="store_true", help="run both models on generated inputs and compare")
+def _output_options(p):
+    p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     p.add_argument(
-        "--tolerance", type=float, default=1e-4, help="for --verify, relative to the outputs' size"
+        "--verbose",
+        action="store_true",
+        help="show TensorFlow's own start-up and C++ logs (hidden unless TF_CPP_MIN_LOG_LEVEL is set), "
+        "and the traceback of an I/O error",
     )
-    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
-    p.add_argument("--quiet", action="store_true", help="no progress output")
+
+
+def _regex(text):
+    try:
+        re.compile(text)
+    except re.error as e:
+        raise argparse.ArgumentTypeError(f"not a regular expression: {text!r} ({e})") from None
+    return text
+
+
+def _tolerance(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"wants a number >= 0, got {text!r}")
+    return value
+
+
+# -- reports -------------------------------------------------------------------------------------------------
+
+
+class Report:
+    """What a command found or did: `text()` for people, `to_json()` (one JSON object) for --json, and
+    `warnings()`, lines for stderr about what the user may not expect (their facts are in both renderings)."""
+
+    def text(self) -> str:
+        raise NotImplementedError
+
+    def to_json(self) -> dict:
+        raise NotImplementedError
+
+    def warnings(self) -> list:
+        return []
+
+
+@dataclasses.dataclass
+class Failure(Report):
+    """A command that failed: nothing was written."""
+
+    command: str
+    error: str
+    exit_code: int = 2
+
+    def text(self):
+        return f"tf-lora {self.command}: {self.error}"
+
+    def to_json(self):
+        return {"command": self.command, "ok": False, "error": self.error, "exit_code": self.exit_code}
+
+
+@dataclasses.dataclass
+class InspectReport(Report):
+    """tf_lora.rewrite.inspect's description of a model (its keys are the JSON's, after command and ok)."""
+
+    info: dict
+
+    def text(self):
+        return _describe(self.info)
+
+    def to_json(self):
+        return {"command": "inspect", "ok": True, **self.info}
+
+
+@dataclasses.dataclass
+class Verification:
+    """--verify: the largest |difference| per signature; `tolerance` None where differences are only reported
+    (swap-adapter changes the outputs on purpose)."""
+
+    max_difference: dict
+    tolerance: float | None
+
+    def lines(self):
+        return [f"verify {name}: max |difference| = {diff:.3g}" for name, diff in self.max_difference.items()]
+
+    def to_json(self):
+        return {
+            "max_difference": {name: _number(diff) for name, diff in self.max_difference.items()},
+            "tolerance": self.tolerance,
+        }
+
+
+@dataclasses.dataclass
+class RewriteReport(Report):
+    """What a rewriting command wrote: MODEL, OUT, the --verify result (None without it) and, in each
+    subclass, the rewrite's own facts (`details` as text lines, `detail_json` as JSON fields)."""
+
+    command: ClassVar[str]
+    model: str
+    out: str
+    verification: Verification | None
+
+    def details(self) -> list:
+        raise NotImplementedError
+
+    def detail_json(self) -> dict:
+        raise NotImplementedError
+
+    def text(self):
+        checked = self.verification.lines() if self.verification is not None else []
+        return "\n".join([*self.details(), *checked, f"wrote {self.out}"])
+
+    def to_json(self):
+        return {
+            "command": self.command,
+            "ok": True,
+            "model": self.model,
+            "out": self.out,
+            **self.detail_json(),
+            "verify": self.verification.to_json() if self.verification is not None else None,
+        }
+
+
+@dataclasses.dataclass
+class FoldResult(RewriteReport):
+    command = "fold"
+    folds: list  # [tf_lora.rewrite.Fold]
+    weights: dict  # weight name -> number of adapters folded into it
+
+    def details(self):
+        return [
+            f"{f.adapter} (rank {f.rank}, scale {f.scale:g}) {'folded into' if f.folded else 'dropped from'} "
+            f"{f.weight}  [{f.function}/{f.node}]"
+            for f in self.folds
+        ]
+
+    def detail_json(self):
+        return {"folds": [dataclasses.asdict(f) for f in self.folds], "weights": dict(self.weights)}
+
+
+@dataclasses.dataclass
+class InjectResult(RewriteReport):
+    command = "inject"
+    injected: list  # [tf_lora.rewrite.Injected]
+
+    def details(self):
+        return [
+            f"{i.weight} {list(i.shape)}: new adapter {i.a}, {i.b} on {', '.join(i.matmuls)}"
+            for i in self.injected
+        ]
+
+    def detail_json(self):
+        return {"injected": [dataclasses.asdict(i) for i in self.injected]}
+
+
+@dataclasses.dataclass
+class ReplaceEmbeddingResult(RewriteReport):
+    command = "replace-embedding"
+    replaced: list  # [tf_lora.rewrite.Replaced]
+
+    def details(self):
+        return [
+            f"{r.variable} {list(r.shape)}: sparse table {r.table} for {', '.join(r.lookups)}"
+            for r in self.replaced
+        ]
+
+    def detail_json(self):
+        return {"replaced": [dataclasses.asdict(r) for r in self.replaced]}
+
+
+@dataclasses.dataclass
+class SwapAdapterResult(RewriteReport):
+    command = "swap-adapter"
+    adapter: str  # the adapter file or directory
+    swapped: dict  # file module -> layer
+    unmatched_modules: list  # file modules that went nowhere (--partial)
+    layers_without_adapter: list  # LoRA applies that kept the model's own adapter
+
+    def details(self):
+        return [f"{module} -> {layer}" for module, layer in self.swapped.items()]
+
+    def detail_json(self):
+        return {
+            "adapter": self.adapter,
+            "swapped": dict(self.swapped),
+            "unmatched_modules": list(self.unmatched_modules),
+            "layers_without_adapter": list(self.layers_without_adapter),
+        }
+
+    def warnings(self):
+        found = []
+        if self.unmatched_modules:
+            found.append(f"modules that matched no LoRA apply: {self.unmatched_modules}")
+        if self.layers_without_adapter:
+            found.append(f"LoRA applies that kept their adapter: {self.layers_without_adapter}")
+        return found
+
+
+def _number(value):
+    """A float for JSON, which has no inf or NaN: those as the strings "inf", "nan"."""
+    value = float(value)
+    return value if math.isfinite(value) else str(value)
+
+
+def _json_default(value):
+    import numpy as np  # numpy scalars only show up once the library has run
+
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+# -- running -------------------------------------------------------------------------------------------------
 
 
 def main(argv=None):
     args = _parser().parse_args(argv)
-    err = Console(stderr=True, quiet=getattr(args, "quiet", False), highlight=False, soft_wrap=True)
+    _import_library(args.verbose)
+    import tensorflow as tf  # imported by _import_library, as quietly as asked
+
+    from tf_lora.rewrite.saved_model import RewriteError
+
+    names = _OutputNames(getattr(args, "out", None))
     try:
-        if args.command == "inspect":
-            report = inspect(args.model)
-            print(json.dumps(report, indent=2) if args.json else _describe(report))
-            return 0
-        with err.status(f"{args.command} {args.model}") as status:
-            if args.command == "fold":
-                report = fold(
-                    args.model,
-                    args.out,
-                    adapter=args.adapter,
-                    overwrite=args.overwrite,
-                    progress=status.update,
-                )
-            elif args.command == "inject":
-                report = inject(
-                    args.model,
-                    args.out,
-                    args.target,
-                    args.rank,
-                    args.alpha,
-                    seed=args.seed,
-                    overwrite=args.overwrite,
-                    progress=status.update,
-                )
-            elif args.command == "replace-embedding":
-                report = replace_embedding(
-                    args.model, args.out, args.target, overwrite=args.overwrite, progress=status.update
-                )
-            else:
-                report = swap_adapter(
-                    args.model,
-                    args.out,
-                    load_adapter_file(args.adapter, sha256=args.sha256),
-                    mapping=[_pair(m) for m in args.map] or None,
-                    strict=not args.partial,
-                    overwrite=args.overwrite,
-                    progress=status.update,
-                )
-        _print_report(err, report)
-        if args.verify:
-            with err.status("verify: running both models"):
-                differences = verify(
-                    args.model,
-                    args.out,
-                    tolerance=args.tolerance,
-                    expect_equal=args.command != "swap-adapter",
-                )
-            for name, diff in differences.items():
-                err.print(f"verify {name}: max |difference| = {diff:.3g}")
-        err.print(f"wrote {args.out}")
-        return 0
+        report = _run(args, names)
     except RewriteError as e:
-        print(f"tf-lora {args.command}: {e}", file=sys.stderr)
-        return e.exit_code
+        return _fail(args, names.clean(_without_prefix(args.command, str(e))), e.exit_code)
+    except (OSError, tf.errors.OpError) as e:
+        if args.verbose:
+            traceback.print_exc()
+        return _fail(args, names.clean(_io_message(e)), 2)
+    for line in report.warnings():
+        print(f"tf-lora {args.command}: warning: {line}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2, default=_json_default))
+    else:
+        print(report.text())
+    return 0
 
 
-def _print_report(err, report):
-    for i in report if isinstance(report, list) else []:
-        if hasattr(i, "table"):
-            err.print(f"{i.variable} {list(i.shape)}: sparse table {i.table} for {', '.join(i.lookups)}")
-        else:
-            err.print(f"{i.weight} {list(i.shape)}: new adapter {i.a}, {i.b} on {', '.join(i.matmuls)}")
-    for f in getattr(report, "folds", []):
-        verb = "folded into" if f.folded else "dropped from"
-        err.print(
-            f"{f.adapter} (rank {f.rank}, scale {f.scale:g}) {verb} {f.weight}  [{f.function}/{f.node}]"
+def _run(args, names) -> Report:
+    from tf_lora.rewrite.saved_model import RewriteError, staged_output
+
+    if args.command == "inspect":
+        from tf_lora.rewrite.inspect import inspect
+
+        return InspectReport(inspect(args.model))
+    if args.command == "inject":
+        _refuse_adapted_weights(args.model, args.target)
+    adapters = mapping = None
+    if args.command == "swap-adapter":
+        from tf_lora.rewrite.swap import load_adapter_file
+
+        adapters = load_adapter_file(args.adapter, sha256=args.sha256)
+        mapping = [_pair(m) for m in args.map] or None
+    existed = os.path.lexists(args.out)
+    err = Console(stderr=True, quiet=args.quiet, highlight=False, soft_wrap=True)
+    # The rewrite writes beside OUT; OUT is replaced only after --verify passed (staged_output).
+    with (
+        staged_output(args.model, args.out, args.overwrite) as staging,
+        err.status(f"{args.command} {args.model}") as status,
+    ):
+        names.staging = staging
+
+        def progress(message):
+            status.update(names.clean(message))
+
+        result = _rewrite(args, staging, progress, adapters, mapping)
+        verification = None
+        if args.verify:
+            from tf_lora.rewrite.verify import verify
+
+            status.update("verify: running both models")
+            equal = args.command != "swap-adapter"
+            try:
+                differences = verify(args.model, staging, tolerance=args.tolerance, expect_equal=equal)
+            except RewriteError as e:
+                kept = f"{args.out} left as it was" if existed else "nothing written"
+                raise RewriteError(f"{e}; {kept}") from None
+            verification = Verification(differences, args.tolerance if equal else None)
+    common = {"model": args.model, "out": args.out, "verification": verification}
+    if args.command == "fold":
+        return FoldResult(**common, folds=result.folds, weights=result.weights)
+    if args.command == "inject":
+        return InjectResult(**common, injected=result)
+    if args.command == "replace-embedding":
+        return ReplaceEmbeddingResult(**common, replaced=result)
+    return SwapAdapterResult(
+        **common,
+        adapter=args.adapter,
+        swapped=result.swapped,
+        unmatched_modules=result.unmatched_modules,
+        layers_without_adapter=result.layers_without_adapter,
+    )
+
+
+def _rewrite(args, out, progress, adapters, mapping):
+    """The library call of a rewriting command, writing to `out` (a fresh path)."""
+    if args.command == "fold":
+        from tf_lora.rewrite.fold import fold
+
+        return fold(args.model, out, adapter=args.adapter, progress=progress)
+    if args.command == "inject":
+        from tf_lora.rewrite.inject import inject
+
+        return inject(args.model, out, args.target, args.rank, args.alpha, seed=args.seed, progress=progress)
+    if args.command == "replace-embedding":
+        from tf_lora.rewrite.embedding import replace_embedding
+
+        return replace_embedding(args.model, out, args.target, progress=progress)
+    from tf_lora.rewrite.swap import swap_adapter
+
+    return swap_adapter(
+        args.model, out, adapters, mapping=mapping, strict=not args.partial, progress=progress
+    )
+
+
+def _refuse_adapted_weights(model, target):
+    """inject on a weight that already has a LoRA adapter is an error naming it (inject itself would leave
+    that MatMul as it is, which is not what `--target` asked for)."""
+    from tf_lora.rewrite.graph_edit import name_matches
+    from tf_lora.rewrite.inspect import inspect
+    from tf_lora.rewrite.saved_model import RewriteError
+
+    pattern = re.compile(target)
+    adapted = {}
+    for entry in inspect(model)["adapters"]:
+        if "weight" in entry and name_matches(pattern, entry["weight"]):
+            adapted.setdefault(entry["weight"], []).append(entry["adapter"])
+    if adapted:
+        named = ", ".join(f"{weight} (adapter {', '.join(a)})" for weight, a in sorted(adapted.items()))
+        raise RewriteError(
+            f"nothing written; --target {target!r} matches weights that already have a LoRA adapter: "
+            f"{named}; leave them out of --target, or fold the model first"
         )
-    for module, layer in getattr(report, "swapped", {}).items():
-        err.print(f"{module} -> {layer}")
-    if getattr(report, "unmatched_modules", None):
-        err.print(f"modules that matched no LoRA apply: {report.unmatched_modules}")
-    if getattr(report, "layers_without_adapter", None):
-        err.print(f"LoRA applies that kept their adapter: {report.layers_without_adapter}")
 
 
 def _pair(text):
+    from tf_lora.rewrite.saved_model import RewriteError
+
     pattern, sep, replacement = text.partition("=")
     if not sep:
         raise RewriteError(f"--map wants REGEX=REPLACEMENT, got {text!r}")
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise RewriteError(f"--map {text!r}: not a regular expression ({e})") from None
     return pattern, replacement
+
+
+def _fail(args, message, exit_code):
+    failure = Failure(args.command, message, exit_code)
+    print(failure.text(), file=sys.stderr)
+    if args.json:
+        print(json.dumps(failure.to_json(), indent=2))
+    return exit_code
+
+
+def _without_prefix(command, message):
+    """The library names the function that failed ("fold: ..."); the command line names it already."""
+    prefix = f"{command}: "
+    return message[len(prefix) :] if message.startswith(prefix) else message
+
+
+def _io_message(error):
+    if isinstance(error, OSError):
+        text = error.strerror or str(error)
+        return f"{error.filename}: {text}" if error.filename else text
+    return (getattr(error, "message", None) or str(error)).strip().splitlines()[0]
+
+
+class _OutputNames:
+    """Shows OUT where a message names a staging path beside it (`.OUT.tf_lora_*`, `..OUT.tf_lora_*`)."""
+
+    def __init__(self, out):
+        self.out, self.staging = out, None
+        self._pattern = None
+        if out is not None:
+            real = os.path.realpath(out)
+            parent, base = re.escape(os.path.dirname(real) + os.sep), re.escape(os.path.basename(real))
+            # The library stages a rewrite of OUT's staging path as `..OUT.tf_lora_stage_N.tf_lora_tmp_N`.
+            self._pattern = re.compile(parent + r"\.+" + base + r"\.tf_lora_[^\s'\",:;)\]]*")
+
+    def clean(self, message):
+        if self._pattern is None:
+            return message
+        if self.staging is not None:
+            message = message.replace(self.staging, self.out)
+        return self._pattern.sub(lambda _m: self.out, message)
+
+
+def _import_library(verbose):
+    """Imports tf_lora.rewrite, and with it TensorFlow, as quietly as asked (tf_lora._quiet): the C++ logs
+    off and the import's stderr held back, unless --verbose or the user's TF_CPP_MIN_LOG_LEVEL say
+    otherwise. Through the console script, `import tf_lora` has done this already."""
+    with _quiet.tensorflow_start(verbose):
+        import tf_lora.rewrite  # noqa: F401
 
 
 def _describe(report):

@@ -55,7 +55,8 @@ def fold(model_dir, out_dir, adapter=None, overwrite=False, progress=None) -> Fo
       out_dir: Where the copy goes (staged, then renamed into place; refused if it exists unless
         `overwrite`).
       adapter: A regex; only adapters whose A variable's name matches it are folded, the other applies are
-        dropped (the model then serves the chosen adapter alone). None folds every adapter.
+        dropped (the model then serves the chosen adapter alone); one that matches no adapter is an error.
+        None folds every adapter.
       progress: Optional callable(str) told about each step.
 
     Raises:
@@ -71,12 +72,14 @@ def fold(model_dir, out_dir, adapter=None, overwrite=False, progress=None) -> Fo
 
     folds, deltas, problems = [], collections.defaultdict(dict), []
     matmuls_folded = collections.defaultdict(set)  # weight node id -> {(function, MatMul node)}
+    applies = []  # (function, nodes, apply node): where --adapter looked
     for original in files.model_functions():
         fdef = functions[original.signature.name]
         nodes = files.nodes(original)
         for node in original.node_def:
             if node.op not in (LORA_APPLY, BATCHED_LORA_APPLY):
                 continue
+            applies.append((original, nodes, node))
             say(f"fold {original.signature.name}/{node.name}")
             try:
                 found = _fold_one(files, original, nodes, node, chooser)
@@ -97,6 +100,9 @@ def fold(model_dir, out_dir, adapter=None, overwrite=False, progress=None) -> Fo
         )
     if not folds and not problems:
         raise RewriteError(f"{files.path}: no LoRA apply to fold")
+    if chooser is not None and folds and not any(f.folded for f in folds):
+        names = sorted({name for apply in applies for name in _adapter_names(files, *apply)})
+        problems.insert(0, f"--adapter {adapter!r} matches no adapter (adapters: {names})")
     problems += _check_weights_only_read_by_folded_matmuls(files, matmuls_folded)
     updates = {}
     for weight_id, per_matmul in deltas.items():
@@ -159,6 +165,19 @@ def _fold_one(files, fdef, nodes, node, chooser):
             )
     info = Fold(fdef.signature.name, node.name, weight.name, adapter_name, a.shape[1], float(scale), chosen)
     return info, weight, matmul, delta
+
+
+def _adapter_names(files, fdef, nodes, node):
+    """What --adapter is matched against: a LoraApply's A variable, each adapter of a BatchedLoraApply."""
+    data = [i for i in node.input if not i.startswith("^")]
+    if node.op == LORA_APPLY:
+        a_var = files.read_variable(fdef, data[2])
+        return [a_var.name if a_var is not None else split_ref(data[2])[0]]
+    try:
+        count = len(files.evaluate(fdef, data[2]))
+    except RewriteError:
+        return []
+    return _stack_names(files, fdef, nodes, data[2], count)
 
 
 def matmul_under(nodes, ref):

@@ -6,6 +6,7 @@ then through call ops into the functions they call), evaluates tensors that depe
 variables (adapter weights, scales), and writes a rewritten copy with new variable values.
 """
 
+import contextlib
 import dataclasses
 import os
 import shutil
@@ -423,11 +424,12 @@ def write_saved_model(files: SavedModelFiles, proto, new_values: dict, out, over
             shutil.rmtree(leftover, ignore_errors=True)
 
 
-def prepare_output(files, out, overwrite):
-    """Checks where a rewrite may write and returns (OUT, a fresh staging path beside it). OUT must not be the
-    input, hold it, or lie inside it; an existing OUT must be a directory and needs `overwrite`."""
+def check_output(source, out, overwrite):
+    """Checks that a rewrite of the model at `source` may write `out`; returns OUT's real path. OUT must not
+    be the input, hold it, or lie inside it; an existing OUT must be a directory and needs `overwrite`; a
+    missing OUT needs an existing ancestor that is a directory (its missing parents are created later)."""
     out = os.path.realpath(os.fspath(out))
-    source = os.path.realpath(files.path)
+    source = os.path.realpath(os.fspath(source))
     model_dir = source if os.path.isdir(source) else os.path.dirname(source)
     if (
         out == model_dir
@@ -441,11 +443,76 @@ def prepare_output(files, out, overwrite):
             raise RewriteError(f"{out} exists and is not a directory; refusing to replace it")
         if not overwrite:
             raise RewriteError(f"{out} exists (pass --overwrite / overwrite=True to replace it)")
+    ancestor = os.path.dirname(out)
+    while not os.path.lexists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        raise RewriteError(f"{out}: cannot be created, {ancestor} is not a directory")
+    return out
+
+
+def make_parents(out):
+    """Creates OUT's missing parent directories; returns those it created (outermost first), for a caller
+    that removes them again when it writes nothing."""
+    missing = []
     parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    staging = os.path.join(parent, f".{os.path.basename(out)}.tf_lora_tmp_{os.getpid()}")
+    while not os.path.isdir(parent):
+        missing.append(parent)
+        parent = os.path.dirname(parent)
+    created = []
+    try:
+        for directory in reversed(missing):
+            os.mkdir(directory)
+            created.append(directory)
+    except OSError as e:
+        remove_if_empty(created)
+        raise RewriteError(f"{out}: cannot be created ({e.strerror}: {e.filename})") from None
+    return created
+
+
+def remove_if_empty(directories):
+    """Removes directories (given outermost first) that are empty, innermost first."""
+    for directory in reversed(directories):
+        try:
+            os.rmdir(directory)
+        except OSError:
+            return
+
+
+def prepare_output(files, out, overwrite):
+    """Checks where a rewrite may write (`check_output`), creates OUT's missing parents and returns
+    (OUT, a fresh staging path beside it)."""
+    out = check_output(files.path, out, overwrite)
+    make_parents(out)
+    staging = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.tf_lora_tmp_{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     return out, staging
+
+
+@contextlib.contextmanager
+def staged_output(source, out, overwrite=False):
+    """For a caller that checks a rewrite before it is installed (the command line's --verify): checks OUT as
+    `prepare_output` does and yields a fresh path beside it for the rewrite to write. When the block ends
+    without an exception, the directory written there replaces OUT (atomically, as `install_output` does);
+    when it raises, that directory and the parents created for OUT are removed, and an existing OUT is left
+    as it was."""
+    out = check_output(source, out, overwrite)
+    created = make_parents(out)
+    staging = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.tf_lora_stage_{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    installed = False
+    try:
+        yield staging
+        if not os.path.isdir(staging):
+            raise RewriteError(f"{out}: the rewrite wrote nothing")
+        if os.path.lexists(out) and not overwrite:
+            raise RewriteError(f"{out} exists (pass --overwrite / overwrite=True to replace it)")
+        install_output(staging, out)
+        installed = True
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        if not installed:
+            remove_if_empty(created)
 
 
 def install_output(final, out):
