@@ -5,8 +5,9 @@
 #   make wheel   leave the wheel in dist/
 #   make format  ruff format (Python) and clang-format (C++, needs Debian's clang-format)
 #
-# Set-up: Debian's bazel-bootstrap (Bazel 4, offline) if bazel is missing, and .venv with the pinned
-# requirements.txt. Builds use .bazelrc (offline, optimised) and .bazelrc.user (tools/configure.py).
+# Set-up: `make bootstrap` (Debian's bazel-bootstrap and g++ when missing, via sudo when not root), and
+# .venv with the pinned requirements.txt. Builds use .bazelrc (offline, optimised) and .bazelrc.user
+# (tools/configure.py); docs/building.md says why.
 
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -16,7 +17,7 @@ PY := $(VENV)/bin/python
 DIST := $(CURDIR)/dist
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: demo test lint format wheel install build configure deps system-deps clean
+.PHONY: demo test lint format wheel install build configure deps bootstrap clean
 
 demo: install
 	$(PY) examples/digits_lora.py
@@ -47,14 +48,20 @@ build: configure
 configure: deps
 	$(PY) tools/configure.py --python $(PY)
 
-deps: system-deps $(VENV)/.requirements-installed
+deps: bootstrap $(VENV)/.requirements-installed
 
-system-deps:
+# The Debian packages the build needs and a fresh machine lacks, installed only when missing (as root, or
+# through sudo): bazel-bootstrap (Bazel 4, which builds offline) and g++ (the kernels' compiler).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+APT := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get
+
+bootstrap:
 	@command -v $(BAZEL) >/dev/null 2>&1 || { \
-	  echo "Installing Debian's bazel-bootstrap (Bazel 4, works offline)"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bazel-bootstrap; }
+	  echo "make bootstrap: installing Debian's bazel-bootstrap (Bazel 4, builds offline): bazel is missing"; \
+	  $(APT) update -qq && $(APT) install -y -qq bazel-bootstrap; }
 	@command -v g++ >/dev/null 2>&1 || { \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++; }
+	  echo "make bootstrap: installing Debian's g++ (compiles the kernels): g++ is missing"; \
+	  $(APT) update -qq && $(APT) install -y -qq g++; }
 
 $(VENV)/.requirements-installed: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

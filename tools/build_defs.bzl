@@ -34,7 +34,7 @@ def tf_lora_copts():
     })
 
 def _gpu_library(name, gpu_srcs, hdrs):
-    """Compiles gpu_srcs with nvcc into an always-linked static library (../shared/BUILD_NOTES.md).
+    """Compiles gpu_srcs with nvcc into an always-linked static library (docs/building.md, CUDA).
 
     No cudart is linked: libtensorflow_framework.so.2 exports the CUDA runtime entry points and forwards
     them to TensorFlow's own CUDA 12 runtime. `.lo` tells Bazel to link the archive whole (alwayslink).

@@ -68,11 +68,13 @@ struct LoraApplyGrad<Eigen::ThreadPoolDevice, T> {
                   const T* b, T scale, T* dx, T* da, T* db, T* dscale) const;
 };
 
-// Multi-adapter LoraApply: row i uses adapter ids[i] of `adapters` stacked
-// ones (a_stack [adapters, in, r], b_stack [adapters, r, out], scales
-// [adapters]); id -1 passes the row through. ids must lie in [-1, adapters)
-// (the caller checks). Rows are grouped by adapter internally; y_out may alias
-// y; no [n, out] temporary.
+// Multi-adapter LoraApply. The `adapters` adapters are stacked along a
+// leading axis: a_stack [adapters, in, r], b_stack [adapters, r, out],
+// scales [adapters]. Row i of y is updated with the adapter whose index is
+// ids[i]: y_out[i] = y[i] + scales[k] * (x[i] @ a_stack[k]) @ b_stack[k] with
+// k = ids[i]; k = -1 leaves the row as it is. The caller checks that every id
+// lies in [-1, adapters). Rows are grouped by adapter internally; y_out may
+// alias y; no [n, out] temporary.
 template <typename Device, typename T>
 struct BatchedLoraApply;
 

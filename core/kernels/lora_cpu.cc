@@ -68,8 +68,8 @@ int64_t NumTiles(int64_t cols) {
 // Scratch memory for a kernel call, from a per-thread pool of buffers that
 // keep their pages: packed operands, x @ a and gradient partials would
 // otherwise be fresh allocations each call, and on a VM first-touch page
-// faults cost more than the work at small sizes (measured: 483 us of page
-// faults and packing around a 17 us N=1 LoraApply). Released buffers go back
+// faults cost more than the work at small sizes (decode, N = 1: see
+// benchmarks/RESULTS.md). Released buffers go back
 // to the pool while it holds at most kMaxPooled buffers of kMaxPooledBytes in
 // all; requests take the smallest buffer that fits.
 template <typename T>
@@ -352,8 +352,8 @@ void RowUpdate(const Eigen::ThreadPoolDevice& d, int64_t rows, int64_t cols,
   const bool stream_out = StreamOut(c_in, c_out, rows, cols);
   // B's column panel stays in L2 (half of it) while the rows pass. A panel
   // as wide as the row (4096 columns at r = 16) keeps each row one long
-  // stream: measured 4096 x 4096, r = 16, 2 threads, half-row panels of
-  // 128 KiB took 20% longer streamed and 10% longer in place.
+  // stream, which the hardware prefetchers and the non-temporal stores
+  // follow better than half-row panels (benchmarks/RESULTS.md).
   constexpr int64_t kPanelBytes = 256 << 10;
   // Rows that fit one register tile read each tile of B once: B as it is
   // serves them. More rows reread it, and a tile's k rows (`cols` apart,

@@ -217,11 +217,11 @@ constexpr size_t kHugeOutputBytes = 8 << 20;
 
 // Advises a large output onto huge pages before the kernel first touches it,
 // unless it is a forwarded input (`input`), already in use. TensorFlow's
-// default CPU allocator maps large tensors afresh, and on the development
-// machine faulting them in 4 KiB at a time cost more than the kernels: a
-// 4096 x 4096 lora_merge took 45 ms with the default allocator, 15 ms advised
-// (6 ms with the BFC allocator, whose memory is already faulted in; there the
-// advice only marks the range). TF_LORA_HUGE_PAGES=0 turns it off.
+// default CPU allocator maps large tensors afresh, and faulting them in 4 KiB
+// at a time can cost more than the kernels themselves (benchmarks/RESULTS.md,
+// "Huge pages for fresh large outputs"); with the BFC allocator, whose memory
+// is already faulted in, the advice only marks the range.
+// TF_LORA_HUGE_PAGES=0 turns it off.
 void AdviseFreshOutput(const Tensor* output, const Tensor* input = nullptr) {
   const auto data = output->tensor_data();
   if (data.size() < kHugeOutputBytes) return;

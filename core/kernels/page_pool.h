@@ -6,9 +6,8 @@
 // a random row. With 4 KiB pages every cold id then costs two TLB misses (a
 // page walk each) besides the cache misses; TensorFlow's dense gather pays
 // one. With the index and the rows on 2 MiB pages a 160 MB table is 80 TLB
-// entries, which the second-level TLB holds. Measured on the development
-// machine (AMD EPYC, THP in "madvise" mode): a pull of 65,536 Zipf ids over
-// 1M keys went from 2.0 to 1.3 ms (benchmarks/RESULTS.md).
+// entries, which the second-level TLB holds (the pull's gain is in
+// benchmarks/RESULTS.md).
 //
 // Small blocks share a chunk (a slab per block size), so tables are not
 // rounded up to 2 MiB per shard. Huge pages are asked for (MADV_HUGEPAGE) only
