@@ -1,12 +1,12 @@
 """tf_lora.adapters.apply: adapters from files onto the layers of a Keras model, all or nothing."""
 
 import dataclasses
-import re
 
 import numpy as np
 
 from tf_lora.adapters.adapter import Adapter
-from tf_lora.layers.lora_dense import _NAME, LoraDense
+from tf_lora.adapters.model_layers import all_layers, module_mapper
+from tf_lora.layers.lora_dense import ADAPTER_NAME, LoraDense
 from tf_lora.python.ops import lora_ops
 
 
@@ -47,10 +47,10 @@ def apply(
     """
     if mode not in ("attach", "merge"):
         raise ValueError(f"apply: mode must be 'attach' or 'merge', got {mode!r}")
-    if mode == "attach" and not _NAME.fullmatch(str(adapter_name)):
+    if mode == "attach" and not ADAPTER_NAME.fullmatch(str(adapter_name)):
         raise ValueError(f"apply: adapter_name must be letters, digits or _, got {adapter_name!r}")
-    layers = {layer.name: layer for layer in _all_layers(model)}
-    to_layer = _mapper(mapping)
+    layers = {layer.name: layer for layer in all_layers(model)}
+    to_layer = module_mapper(mapping)
     pairs, unmatched, problems = [], [], []
     for module, adapter in sorted(adapters.items()):
         name = to_layer(module)
@@ -124,7 +124,7 @@ def from_model(model, adapter_name="default", mapping=None) -> dict:
     """
     to_module = mapping or (lambda name: name)
     adapters = {}
-    for layer in _all_layers(model):
+    for layer in all_layers(model):
         if not isinstance(layer, LoraDense) or adapter_name not in layer.adapter_names:
             continue
         slot = layer._slots[adapter_name]
@@ -145,27 +145,3 @@ def from_model(model, adapter_name="default", mapping=None) -> dict:
     if not adapters:
         raise ValueError(f"from_model: no LoraDense layer of the model has an adapter {adapter_name!r}")
     return adapters
-
-
-def _all_layers(model):
-    for layer in model.layers:
-        yield layer
-        if hasattr(layer, "layers"):
-            yield from _all_layers(layer)
-
-
-def _mapper(mapping):
-    if mapping is None:
-        return lambda module: module
-    if callable(mapping):
-        return mapping
-    compiled = [(re.compile(pattern), replacement) for pattern, replacement in mapping]
-
-    def to_layer(module):
-        for pattern, replacement in compiled:
-            match = pattern.fullmatch(module)
-            if match:
-                return match.expand(replacement)
-        return None
-
-    return to_layer

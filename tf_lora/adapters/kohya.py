@@ -13,7 +13,7 @@ import tempfile
 import numpy as np
 
 from tf_lora.adapters.adapter import Adapter
-from tf_lora.adapters.peft import _check_sha256, _read_safetensors, write_safetensors
+from tf_lora.adapters.safetensors_io import check_sha256, read_safetensors, write_safetensors
 
 _KEY = re.compile(r"^(?P<name>.+)\.(?P<part>lora_down\.weight|lora_up\.weight|alpha)$")
 
@@ -43,8 +43,8 @@ def load_kohya(path, sha256=None, allow_nonfinite=False) -> dict:
     """
     path = _kohya_file(os.fspath(path))
     if sha256 is not None:
-        _check_sha256(path, sha256)
-    tensors = _read_safetensors(path)
+        check_sha256(path, sha256)
+    tensors = read_safetensors(path)
     parts = {}
     for key, value in tensors.items():
         match = _KEY.match(key)

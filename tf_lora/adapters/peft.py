@@ -5,7 +5,6 @@ layout); tf_lora holds `a = A^T` `[in, r]` and `b = B^T` `[r, out]`. The scale i
 `lora_alpha / sqrt(r)` with `use_rslora`, with per-module `rank_pattern` and `alpha_pattern`.
 """
 
-import hashlib
 import json
 import os
 import re
@@ -13,10 +12,9 @@ import shutil
 import tempfile
 
 import numpy as np
-from safetensors import SafetensorError, TensorSpec, serialize_file
-from safetensors.tensorflow import load_file
 
 from tf_lora.adapters.adapter import Adapter
+from tf_lora.adapters.safetensors_io import check_sha256, read_safetensors, write_safetensors
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -42,8 +40,8 @@ def load_peft(path, sha256=None, allow_nonfinite=False) -> dict:
     config = _read_config(path)
     weights_path = os.path.join(path, WEIGHTS)
     if sha256 is not None:
-        _check_sha256(weights_path, sha256)
-    tensors = _read_safetensors(weights_path)
+        check_sha256(weights_path, sha256)
+    tensors = read_safetensors(weights_path)
     if config.get("use_dora"):
         has_magnitude = any(".lora_magnitude_vector" in key for key in tensors)
         raise ValueError(
@@ -195,50 +193,6 @@ def _read_config(path):
     if config["r"] < 1 or config["r"] != int(config["r"]):
         raise ValueError(f"load_peft: {config_path}: r must be an integer >= 1, got {config['r']}")
     return config
-
-
-_DTYPES = ("float32", "float16", "bfloat16", "float64", "int64")
-
-
-def write_safetensors(arrays: dict, path):
-    """Writes numpy arrays (one of _DTYPES, 0-d included: kohya's alphas) as a safetensors file.
-
-    safetensors' numpy and TensorFlow savers take neither bfloat16 nor 0-d arrays, so this goes through its
-    serializer directly; the arrays stay referenced for the whole call, as TensorSpec requires.
-    """
-    arrays = {name: np.asarray(array, order="C") for name, array in arrays.items()}  # keeps 0-d
-    specs = {}
-    for name, array in arrays.items():
-        if array.dtype.name not in _DTYPES:
-            raise ValueError(f"{name}: dtype {array.dtype.name} cannot be written (one of {_DTYPES})")
-        specs[name] = TensorSpec(
-            dtype=array.dtype.name, shape=list(array.shape), data_ptr=array.ctypes.data, data_len=array.nbytes
-        )
-    serialize_file(specs, os.fspath(path), metadata={"format": "pt"})
-
-
-def _read_safetensors(path):
-    try:
-        return load_file(path)
-    except FileNotFoundError:
-        raise ValueError(f"no safetensors file at {path}") from None
-    except (SafetensorError, OSError, ValueError) as e:
-        raise ValueError(f"{path} is not a valid safetensors file: {e}") from None
-
-
-def sha256_file(path) -> str:
-    """The hex SHA-256 of a file, read in 1 MB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _check_sha256(path, expected):
-    actual = sha256_file(path)
-    if actual != expected.lower():
-        raise ValueError(f"{path} has SHA-256 {actual}, expected {expected}")
 
 
 def _pattern_value(patterns, module, default):

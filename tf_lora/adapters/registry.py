@@ -7,9 +7,11 @@ import tempfile
 
 import numpy as np
 
-from tf_lora.adapters.apply import _all_layers, apply
+from tf_lora.adapters.apply import apply
 from tf_lora.adapters.kohya import load_kohya
-from tf_lora.adapters.peft import WEIGHTS, load_peft, sha256_file
+from tf_lora.adapters.model_layers import all_layers
+from tf_lora.adapters.peft import WEIGHTS, load_peft
+from tf_lora.adapters.safetensors_io import sha256_file
 
 MANIFEST = "manifest.json"
 _LOADERS = {"peft": (load_peft, WEIGHTS), "kohya": (load_kohya, None)}
@@ -113,7 +115,7 @@ class Registry:
             layers = set(report.applied.values())
         else:
             layers = set()
-        by_name = {layer.name: layer for layer in _all_layers(self.model)}
+        by_name = {layer.name: layer for layer in all_layers(self.model)}
         for name in layers - set(self._base):
             self._base[name] = np.array(by_name[name].kernel.numpy())
         for name, values in self._base.items():  # back to the base, in place

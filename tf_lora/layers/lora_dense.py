@@ -10,7 +10,8 @@ import tensorflow as tf
 from tf_lora.python.ops import lora_ops
 
 DEFAULT_ADAPTER = "default"
-_NAME = re.compile(r"\w+")
+# What an adapter name may be (it becomes part of variable names).
+ADAPTER_NAME = re.compile(r"\w+")
 
 
 @dataclasses.dataclass
@@ -131,7 +132,7 @@ class LoraDense(keras.layers.Dense):
         return list(self._slots)
 
     def _add_slot(self, name, rank, alpha, use_rslora=False):
-        if not isinstance(name, str) or not _NAME.fullmatch(name):
+        if not isinstance(name, str) or not ADAPTER_NAME.fullmatch(name):
             raise ValueError(f"LoraDense: an adapter name must be letters, digits or _, got {name!r}")
         if name in self._slots:
             raise ValueError(f"LoraDense {self.name}: adapter {name!r} exists already ({self.adapter_names})")
@@ -290,7 +291,7 @@ class LoraDense(keras.layers.Dense):
             if not dropout:
                 y = lora_ops.lora_matmul(x, self.kernel, slot.a, slot.b, scale, bias=bias)
             else:
-                y = lora_ops._matmul_then(
+                y = lora_ops.matmul_then(
                     x,
                     self.kernel,
                     bias,
@@ -311,8 +312,8 @@ class LoraDense(keras.layers.Dense):
                 with tf.control_dependencies([merged_check]):
                     scales = tf.identity(self._stacked_scales())
             a_stack, b_stack = self._stacked_adapters()
-            ids = tf.reshape(lora_ops._int32_ids(ids), [-1])
-            y = lora_ops._matmul_then(
+            ids = tf.reshape(lora_ops.int32_ids(ids), [-1])
+            y = lora_ops.matmul_then(
                 x,
                 self.kernel,
                 bias,

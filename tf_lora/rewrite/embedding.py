@@ -17,8 +17,8 @@ from tensorflow.core.framework import node_def_pb2, types_pb2
 
 from tf_lora.rewrite.graph_edit import ArgumentAdder, checkpoint_graph, name_matches, resave
 from tf_lora.rewrite.saved_model import (
-    _SAVER_FUNCTIONS,
     OBJECT_GRAPH_KEY,
+    SAVER_FUNCTIONS,
     RewriteError,
     SavedModelFiles,
     rename_output,
@@ -164,7 +164,7 @@ def _transplant_table(meta, ckpt, dim, local):
     base = len(objects.nodes)
     new_id = {k: base + i for i, k in enumerate(order)}
     suffix = f"_{uuid.uuid4().int % 10**9}"  # TensorFlow wants function names to end in an integer
-    renamed = {name: name + suffix for name in donor.functions if not name.startswith(_SAVER_FUNCTIONS)}
+    renamed = {name: name + suffix for name in donor.functions if not name.startswith(SAVER_FUNCTIONS)}
     for name, new_name in renamed.items():
         fdef = meta.graph_def.library.function.add()
         fdef.CopyFrom(donor.functions[name])

@@ -82,7 +82,7 @@ def fold(model_dir, out_dir, adapter=None, overwrite=False, progress=None) -> Fo
             applies.append((original, nodes, node))
             say(f"fold {original.signature.name}/{node.name}")
             try:
-                found = _fold_one(files, original, nodes, node, chooser)
+                found = fold_one(files, original, nodes, node, chooser)
             except RewriteError as e:
                 problems.append(str(e))
                 continue
@@ -127,7 +127,7 @@ def fold(model_dir, out_dir, adapter=None, overwrite=False, progress=None) -> Fo
     return FoldReport(folds, dict(counts))
 
 
-def _fold_one(files, fdef, nodes, node, chooser):
+def fold_one(files, fdef, nodes, node, chooser):
     """Checks one LoraApply or BatchedLoraApply node and computes its update of the MatMul weight:
     (Fold, weight Variable, MatMul node, delta or None when dropped)."""
     where = f"{fdef.signature.name}/{node.name}"
@@ -177,7 +177,7 @@ def _adapter_names(files, fdef, nodes, node):
         count = len(files.evaluate(fdef, data[2]))
     except RewriteError:
         return []
-    return _stack_names(files, fdef, nodes, data[2], count)
+    return stack_names(files, fdef, nodes, data[2], count)
 
 
 def matmul_under(nodes, ref):
@@ -195,7 +195,7 @@ def _batched_choice(files, fdef, nodes, node, data, chooser):
     where = f"{fdef.signature.name}/{node.name}"
     a_stack, b_stack = files.evaluate(fdef, data[2]), files.evaluate(fdef, data[3])
     scales = np.atleast_1d(files.evaluate(fdef, data[5]))
-    names = _stack_names(files, fdef, nodes, data[2], len(a_stack))
+    names = stack_names(files, fdef, nodes, data[2], len(a_stack))
     if chooser is not None:
         ks = [k for k, name in enumerate(names) if chooser.search(name)]
         if len(ks) > 1:
@@ -210,7 +210,7 @@ def _batched_choice(files, fdef, nodes, node, data, chooser):
     return names[k], a_stack[k], b_stack[k], float(scales[k]), True
 
 
-def _stack_names(files, fdef, nodes, ref, n, ranks=None):
+def stack_names(files, fdef, nodes, ref, n, ranks=None):
     """Names of the adapters stacked into a_stack: the variables behind a Pack's inputs (through Pad); their
     own ranks (before padding to the stack's) go into `ranks` when given."""
     pack = nodes.get(split_ref(ref)[0])

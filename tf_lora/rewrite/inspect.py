@@ -3,7 +3,7 @@ an adapter, embedding lookups that a sparse table could replace."""
 
 from tensorflow.python.framework import dtypes
 
-from tf_lora.rewrite.fold import BATCHED_LORA_APPLY, LORA_APPLY, _fold_one, _stack_names, matmul_under
+from tf_lora.rewrite.fold import BATCHED_LORA_APPLY, LORA_APPLY, fold_one, matmul_under, stack_names
 from tf_lora.rewrite.saved_model import PLUGIN_PREFIX, RewriteError, SavedModelFiles, split_ref
 
 
@@ -33,7 +33,7 @@ def _batched_entries(files, fdef, nodes, node, adapted):
         ]
     adapted.add(matmul.name)
     ranks = {}
-    names = _stack_names(files, fdef, nodes, data[2], len(a_stack), ranks)
+    names = stack_names(files, fdef, nodes, data[2], len(a_stack), ranks)
     return [
         {
             **base,
@@ -76,7 +76,7 @@ def inspect(model_dir) -> dict:
             if node.op == LORA_APPLY:
                 entry = {"function": fn, "node": node.name}
                 try:
-                    info, weight, matmul, _ = _fold_one(files, fdef, nodes, node, None)
+                    info, weight, matmul, _ = fold_one(files, fdef, nodes, node, None)
                     adapted.add(matmul.name)
                     entry.update(
                         weight=weight.name,

@@ -24,7 +24,7 @@ PLUGIN_PREFIX = "TfLora>"
 VARIABLE_OPS = ("VarHandleOp", "VariableV2", "Variable")
 CALL_OPS = ("StatefulPartitionedCall", "PartitionedCall")
 # Functions TensorFlow writes to save and restore the checkpoint: they touch every variable, never a model op.
-_SAVER_FUNCTIONS = ("__inference__traced_save_", "__inference__traced_restore_")
+SAVER_FUNCTIONS = ("__inference__traced_save_", "__inference__traced_restore_")
 OBJECT_GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"
 
 
@@ -234,7 +234,7 @@ class SavedModelFiles:
         """Where model ops live: the library's functions except TensorFlow's checkpoint save/restore
         functions, and for TF1 models the graph itself (one GraphBody, so its maps are cached too)."""
         if not hasattr(self, "_bodies"):
-            bodies = [f for n, f in self.functions.items() if not n.startswith(_SAVER_FUNCTIONS)]
+            bodies = [f for n, f in self.functions.items() if not n.startswith(SAVER_FUNCTIONS)]
             self._bodies = [*bodies, GraphBody(self.meta)] if self.tf1 else bodies
         return self._bodies
 

@@ -7,8 +7,8 @@ import numpy as np
 from tensorflow.core.framework import node_def_pb2
 from tensorflow.python.framework import dtypes, tensor_util
 
-from tf_lora.adapters.apply import _mapper
 from tf_lora.adapters.kohya import load_kohya
+from tf_lora.adapters.model_layers import module_mapper
 from tf_lora.adapters.peft import load_peft
 from tf_lora.rewrite.fold import LORA_APPLY, matmul_under
 from tf_lora.rewrite.saved_model import GraphBody, RewriteError, SavedModelFiles, split_ref, write_saved_model
@@ -83,7 +83,7 @@ def swap_adapter(model_dir, out_dir, adapters, mapping=None, strict=True, overwr
                 continue
             applies.setdefault(layer, []).append((fdef.signature.name, node.name, a_var, b_var))
 
-    to_layer = _mapper(mapping)
+    to_layer = module_mapper(mapping)
     updates, swapped, unmatched = {}, {}, []
     for module, adapter in sorted(adapters.items()):
         layer = to_layer(module)

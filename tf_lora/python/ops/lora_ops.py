@@ -113,12 +113,12 @@ def lora_matmul(x, w, a, b, scale, bias=None, name=None) -> tf.Tensor:
     TensorShape([2, 5, 4])
     """
     with tf.name_scope(name or "lora_matmul"):
-        return _matmul_then(
+        return matmul_then(
             tf.convert_to_tensor(x, name="x"), w, bias, lambda y, x2: lora_apply(y, x2, a, b, scale)
         )
 
 
-def _int32_ids(adapter_ids):
+def int32_ids(adapter_ids):
     """adapter_ids as int32; int64 ids outside int32 stay out of the adapters' range, never wrap."""
     ids = tf.convert_to_tensor(adapter_ids, dtype_hint=tf.int32, name="adapter_ids")
     if ids.dtype == tf.int64:
@@ -126,7 +126,7 @@ def _int32_ids(adapter_ids):
     return ids
 
 
-def _matmul_then(x, w, bias, apply):
+def matmul_then(x, w, bias, apply):
     """`apply(x2 @ w (+ bias), x2)` on x flattened to [N, in], reshaped back to [..., out]."""
     w = tf.convert_to_tensor(w, dtype_hint=x.dtype, name="w")
     x2 = x if x.shape.rank == 2 else tf.reshape(x, [-1, tf.shape(x)[-1]])
@@ -243,7 +243,7 @@ def batched_lora_apply(y, x, a_stack, b_stack, adapter_ids, scales, name=None) -
            [2., 2.]], dtype=float32)
     """
     return gen_lora_ops.tf_lora_batched_lora_apply(
-        y, x, a_stack, b_stack, _int32_ids(adapter_ids), scales, name=name
+        y, x, a_stack, b_stack, int32_ids(adapter_ids), scales, name=name
     )
 
 
@@ -275,10 +275,8 @@ def batched_lora_matmul(x, w, a_stack, b_stack, adapter_ids, scales, bias=None, 
     """
     with tf.name_scope(name or "batched_lora_matmul"):
         x = tf.convert_to_tensor(x, name="x")
-        ids = tf.reshape(_int32_ids(adapter_ids), [-1])
-        return _matmul_then(
-            x, w, bias, lambda y, x2: batched_lora_apply(y, x2, a_stack, b_stack, ids, scales)
-        )
+        ids = tf.reshape(int32_ids(adapter_ids), [-1])
+        return matmul_then(x, w, bias, lambda y, x2: batched_lora_apply(y, x2, a_stack, b_stack, ids, scales))
 
 
 def merge_into_variable(var, a, b, scale, name=None):
