@@ -700,7 +700,10 @@ int64_t Table::Evict(int64_t min_update_count, int64_t max_age) {
     std::vector<int64_t> doomed;
     for (int64_t r = 0; r < shard.size; ++r) {
       const bool rare = shard.counts[r] < min_update_count;
-      const bool stale = max_age >= 0 && now - shard.last_steps[r] > max_age;
+      // last_steps[r] < now - max_age, not now - last_steps[r] > max_age: an
+      // imported last step may be any int64, and the difference could
+      // overflow (now and max_age are both >= 0 here, so theirs cannot).
+      const bool stale = max_age >= 0 && shard.last_steps[r] < now - max_age;
       if (rare || stale) doomed.push_back(shard.row_keys[r]);
     }
     for (int64_t key : doomed) evicted += shard.Remove(key, Mix(key));

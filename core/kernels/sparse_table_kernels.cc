@@ -123,8 +123,9 @@ class SparseTableOp : public OpKernel {
         ctx, cinfo_.resource_manager()->LookupOrCreate<SparseTableResource>(
                  cinfo_.container(), cinfo_.name(), &table,
                  [this](SparseTableResource** out) {
-                   *out = new SparseTableResource(config_);
-                   return absl::OkStatus();
+                   return ExceptionsToStatus(
+                       "SparseTable", "creating the table",
+                       [&] { *out = new SparseTableResource(config_); });
                  }));
     tensorflow::core::ScopedUnref unref(table);
     const sparse::Config& existing = table->table.config();
@@ -364,8 +365,14 @@ class SparseTableRemoveOp : public OpKernel {
     const Tensor& ids = ctx->input(1);
     Tensor* out;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({}), &out));
-    out->scalar<int64_t>()() =
-        table->table.Remove(ids.flat<int64_t>().data(), ids.NumElements());
+    OP_REQUIRES_OK(
+        ctx,
+        ExceptionsToStatus(
+            "SparseTableRemove",
+            "grouping the ids; the keys removed before that stay removed", [&] {
+              out->scalar<int64_t>()() = table->table.Remove(
+                  ids.flat<int64_t>().data(), ids.NumElements());
+            }));
   }
 };
 
@@ -388,8 +395,16 @@ class SparseTableEvictOp : public OpKernel {
                     max_age.shape().DebugString())));
     Tensor* out;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({}), &out));
-    out->scalar<int64_t>()() = table->table.Evict(min_count.scalar<int64_t>()(),
-                                                  max_age.scalar<int64_t>()());
+    OP_REQUIRES_OK(
+        ctx, ExceptionsToStatus(
+                 "SparseTableEvict",
+                 "listing the keys to evict; the keys evicted before that stay "
+                 "evicted",
+                 [&] {
+                   out->scalar<int64_t>()() =
+                       table->table.Evict(min_count.scalar<int64_t>()(),
+                                          max_age.scalar<int64_t>()());
+                 }));
   }
 };
 

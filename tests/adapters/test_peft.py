@@ -221,6 +221,10 @@ def test_rank_zero_is_an_error(tmp_path):
     _write_config(path, r=0)
     with pytest.raises(ValueError, match="r must be an integer >= 1, got 0"):
         tf_lora.adapters.load_peft(path)
+    for bad in (True, float("inf")):  # was accepted as rank 1 / an OverflowError
+        _write_config(path, r=bad)
+        with pytest.raises(ValueError, match="r must be an integer >= 1"):
+            tf_lora.adapters.load_peft(path)
     with pytest.raises(ValueError, match="rank must be >= 1"):
         tf_lora.adapters.Adapter(a=np.zeros([4, 0], np.float32), b=np.zeros([0, 3], np.float32), alpha=8.0)
     with pytest.raises(ValueError, match="alpha must be finite"):

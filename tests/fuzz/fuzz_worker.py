@@ -352,7 +352,8 @@ def _ref_close(case, got, want, scale, what):
         return f"{what}: shape {got.shape}, expected {want.shape}"
     # Where the terms' magnitudes pass the dtype's largest value, overflow to inf is the right answer.
     finite = np.isfinite(scale) & (scale < 0.5 * float(case.dtype.max))
-    bad = finite & (np.abs(got - want) > tol * (scale + 1e-30) + tol)
+    # Not "<=" is also true where got is NaN and the answer is not: a kernel returning NaN fails.
+    bad = finite & ~(np.abs(got - want) <= tol * (scale + 1e-30) + tol)
     if bad.any():
         i = np.argwhere(bad)[0]
         return f"{what}{i.tolist()}: {got[tuple(i)]}, expected {want[tuple(i)]}"

@@ -315,8 +315,21 @@ def test_an_adapter_added_after_tracing_is_never_silently_skipped():
     layer.set_active_adapter("default")
     np.testing.assert_allclose(model.predict(x, verbose=0), model(x).numpy(), rtol=1e-5, atol=1e-5)
     assert not np.allclose(model(x).numpy(), eager)
-    # Deleting one is refused the same way.
+    # Deleting one is refused the same way, and so is a delete then an add (the same number of adapters,
+    # another one: the old trace still held the deleted adapter's weights).
     layer.delete_adapter("b")
+    with pytest.raises(tf.errors.InvalidArgumentError, match="adapters changed"):
+        model.predict(x, verbose=0)
+    model.compile(optimizer=keras.optimizers.Adam(0.05), loss="mse")
+    layer.add_adapter("x")
+    layer.set_active_adapter("x")
+    model.predict(x, verbose=0)
+    layer.delete_adapter("x")
+    layer.add_adapter("y")
+    layer.set_adapter(
+        np.full((6, 2), 0.5, np.float32), np.full((2, 5), 0.4, np.float32), alpha=4, adapter_name="y"
+    )
+    layer.set_active_adapter("y")
     with pytest.raises(tf.errors.InvalidArgumentError, match="adapters changed"):
         model.predict(x, verbose=0)
 

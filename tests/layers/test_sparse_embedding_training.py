@@ -224,7 +224,7 @@ def test_sparse_tensor_ids_match_safe_embedding_lookup_sparse(combiner, weighted
     )
 
 
-def test_mirrored_strategy_counts_every_replica_s_gradient_once(run_python):
+def test_mirrored_strategy_counts_every_replica_s_gradient_once(run_python, tmp_path):
     # Two replicas (two logical CPUs, in a fresh process): the table must move as a dense Embedding does
     # under the same strategy, whose replicas' gradients Keras sums once.
     out = run_python(
@@ -244,7 +244,112 @@ dense.fit(x, y, batch_size=32, epochs=2, shuffle=False, verbose=0)
 want = dense_emb.embeddings.numpy()
 print(np.abs(want).max() > 0.01, np.abs(t._rows(emb) - want).max() <= 1e-5 * np.abs(want).max() + 1e-7)
 print(int(emb.table.export()["step"]))
+# Checkpoints and SavedModels of a model trained under the strategy (the step's bookkeeping is not state).
+tf.train.Checkpoint(model=sparse).save({str(tmp_path / "ckpt")!r})
+tf.saved_model.save(sparse, {str(tmp_path / "sm")!r})
 """,
         timeout=300,
     )
     assert out.split() == ["True", "True", str(2 * 256 // 32)], out
+
+
+def test_skipped_steps_do_not_fill_the_list_of_ids(mixed_precision):
+    # Each step's ids were kept until an applied step: with room for one step's ids, a step the loss
+    # scaler skipped left the list full and every later training call failed.
+    x, y = _data(32)
+    sparse, emb, _, _ = _models(lambda: keras.optimizers.SGD(0.1))
+    emb_small = tf_lora.layers.SparseEmbedding(DIM, combiner="sum", max_ids_per_step=32 * SLOTS)
+    inp = keras.Input((SLOTS,), dtype="int64")
+    model = keras.Model(inp, keras.layers.Dense(1)(emb_small(inp)))
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    opt = model.optimizer
+
+    @tf.function
+    def step(scale):
+        with tf.GradientTape() as tape:
+            loss = keras.ops.mean((model(x, training=True) - y) ** 2) * scale
+            scaled = opt.scale_loss(loss)
+        opt.apply(tape.gradient(scaled, model.trainable_weights), model.trainable_weights)
+
+    for _ in range(3):
+        step(tf.constant(np.inf, "float16"))  # skipped
+    before = emb_small.table.pull(np.arange(IDS)).numpy()
+    step(tf.constant(1.0, "float16"))
+    assert not np.array_equal(emb_small.table.pull(np.arange(IDS)).numpy(), before)
+    assert int(emb_small.table.export()["step"]) == 1
+
+
+def test_a_frozen_layer_trains_nothing_and_fits():
+    # A frozen layer still counted its ids (no step ever applied them) and failed once the list was full.
+    x, y = _data()
+    sparse, emb, _, _ = _models(lambda: keras.optimizers.SGD(0.1))
+    emb.trainable = False
+    sparse.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    emb.table.pull(np.arange(IDS), training=True)
+    before = emb.table.export()
+    sparse.fit(x, y, batch_size=32, epochs=3, verbose=0)
+    after = emb.table.export()
+    for key in before:
+        np.testing.assert_array_equal(after[key], before[key])
+
+
+def test_a_gradient_applied_twice_moves_the_table_twice_as_a_dense_embedding():
+    # Applying g1 and then g2 (both computed before either was applied) failed with an out-of-range
+    # segment id: the first apply had cleared the ids the second needed.
+    sparse, emb, dense, dense_emb = _models(lambda: keras.optimizers.SGD(0.1))
+    x, y = _data(32)
+    for model in (sparse, dense):
+        grads = []
+        for _ in range(2):
+            with tf.GradientTape() as tape:
+                loss = keras.ops.mean((model(x, training=True) - y) ** 2)
+            grads.append(tape.gradient(loss, model.trainable_weights))
+        for g in grads:
+            model.optimizer.apply(g, model.trainable_weights)
+    want = dense_emb.embeddings.numpy()
+    np.testing.assert_allclose(_rows(emb), want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
+
+
+def test_two_tables_and_a_layer_called_twice_move_as_dense_embeddings():
+    inp = keras.Input((SLOTS,), dtype="int64")
+    inp2 = keras.Input((SLOTS,), dtype="int64")
+    zeros = tf_lora.sparse_initializers.Zeros()
+    # SGD: Keras's Adagrad squares each repeat of an id separately on a dense Embedding (its IndexedSlices
+    # are not summed first) where the table sums them first; SGD is linear, so both agree exactly.
+    sgd = keras.optimizers.SGD(0.3)
+    shared = tf_lora.layers.SparseEmbedding(DIM, combiner="sum", initializer=zeros, optimizer=sgd)
+    other = tf_lora.layers.SparseEmbedding(DIM, combiner="mean", initializer=zeros, optimizer=sgd)
+    ones = keras.initializers.Constant(0.5)
+    head = keras.layers.Dense(1, kernel_initializer=ones, bias_initializer="ones")
+    sparse = keras.Model(
+        [inp, inp2], head(keras.ops.concatenate([shared(inp), shared(inp2), other(inp)], axis=1))
+    )
+    d_shared = keras.layers.Embedding(IDS, DIM, embeddings_initializer="zeros")
+    d_other = keras.layers.Embedding(IDS, DIM, embeddings_initializer="zeros")
+    head2 = keras.layers.Dense(1, kernel_initializer=ones, bias_initializer="ones")
+    features = [
+        keras.ops.sum(d_shared(inp), axis=1),
+        keras.ops.sum(d_shared(inp2), axis=1),
+        keras.ops.mean(d_other(inp), axis=1),
+    ]
+    dense = keras.Model([inp, inp2], head2(keras.ops.concatenate(features, axis=1)))
+    for model in (sparse, dense):
+        model.compile(optimizer=keras.optimizers.SGD(0.3), loss="mse")
+        x, y = _data()
+        x2, _ = _data(seed=1)
+        model.fit([x, x2], y, batch_size=32, epochs=2, shuffle=False, verbose=0)
+    for table, reference in ((shared, d_shared), (other, d_other)):
+        want = reference.embeddings.numpy()
+        assert np.abs(want).max() > 0.01
+        np.testing.assert_allclose(_rows(table), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_unseeded_keras_initializers_give_each_table_its_own_rows():
+    a = tf_lora.layers.SparseEmbedding(DIM, initializer=keras.initializers.RandomNormal())
+    b = tf_lora.layers.SparseEmbedding(DIM, initializer=keras.initializers.RandomNormal())
+    assert not np.array_equal(
+        a.table.pull([1, 2], training=True).numpy(), b.table.pull([1, 2], training=True).numpy()
+    )
+    assert tf_lora.sparse_optimizers.SGD(np.float32(0.1)).learning_rate == np.float32(
+        0.1
+    )  # numpy scalars too

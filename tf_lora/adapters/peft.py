@@ -6,6 +6,7 @@ layout); tf_lora holds `a = A^T` `[in, r]` and `b = B^T` `[r, out]`. The scale i
 """
 
 import json
+import math
 import os
 import re
 import shutil
@@ -190,7 +191,12 @@ def _read_config(path):
     missing = [k for k in ("r", "lora_alpha") if not isinstance(config.get(k), int | float)]
     if missing:
         raise ValueError(f"load_peft: {config_path}: missing or non-numeric {missing}")
-    if config["r"] < 1 or config["r"] != int(config["r"]):
+    if (
+        isinstance(config["r"], bool)
+        or not math.isfinite(config["r"])
+        or config["r"] < 1
+        or config["r"] != int(config["r"])
+    ):
         raise ValueError(f"load_peft: {config_path}: r must be an integer >= 1, got {config['r']}")
     return config
 

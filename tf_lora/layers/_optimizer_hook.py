@@ -1,4 +1,5 @@
-"""Routes a Keras optimizer's update of a SparseEmbedding's pulled-rows variable to a push into its table.
+"""Routes a Keras optimizer's update of a SparseEmbedding's pulled-rows variable to a push into its table
+(and tells the layer of a step the loss scaler skipped).
 
 A Keras optimizer processes the gradients it is given (loss-scale unscaling and the skip of non-finite steps
 in LossScaleOptimizer, `loss_scale_factor`, clipping by value, norm or global norm, weight decay) and then,
@@ -62,4 +63,30 @@ def install():
             original(self, keep_grads, keep_vars, learning_rate)
 
     cls._backend_update_step = _backend_update_step
+    _forget_on_skipped_steps()
     _installed = True
+
+
+def _forget_on_skipped_steps():
+    """A step LossScaleOptimizer skips (non-finite gradients) never reaches _backend_update_step: its layers
+    are told to start their list of ids over all the same, as an applied step does."""
+    from keras.src.optimizers import loss_scale_optimizer  # noqa: PLC0415 - private, on use
+
+    cls = loss_scale_optimizer.LossScaleOptimizer
+    original = getattr(cls, "_stateful_handle_non_finite_grads", None)
+    if original is None or list(inspect.signature(original).parameters) != ["self"]:
+        raise ImportError(
+            f"tf_lora.layers.SparseEmbedding: Keras {keras.__version__}'s LossScaleOptimizer has no "
+            "_stateful_handle_non_finite_grads(self), where tf_lora learns of a skipped step; use the Keras "
+            "version tf_lora was tested with (see requirements.txt)"
+        )
+
+    def _stateful_handle_non_finite_grads(self):
+        original(self)
+        for variable in self.inner_optimizer._trainable_variables:  # noqa: SLF001 - Keras's own list
+            owner = getattr(variable, _ATTR, None)
+            layer = owner() if owner is not None else None
+            if layer is not None:
+                layer.forget_step_ids()
+
+    cls._stateful_handle_non_finite_grads = _stateful_handle_non_finite_grads

@@ -112,6 +112,7 @@ class LoraDense(keras.layers.Dense):
             raise ValueError(f"LoraDense: lora_dropout must be in [0, 1), got {lora_dropout}")
         self.lora_dropout = float(lora_dropout)
         self.train_bias = bool(train_bias)
+        self._adapters_version = 0
         self._slots = {}
         self._add_slot(DEFAULT_ADAPTER, rank, alpha, use_rslora)
         for spec in adapters:
@@ -147,7 +148,8 @@ class LoraDense(keras.layers.Dense):
                 self._build_slot(slot, self.kernel.shape[0], trainable=False)
             finally:
                 self._tracker.lock()
-            self.lora_adapter_count.assign(len(self._slots))
+            self._adapters_version += 1
+            self.lora_adapters_version.assign(self._adapters_version)
         return slot
 
     def _build_slot(self, slot, in_features, trainable):
@@ -189,13 +191,14 @@ class LoraDense(keras.layers.Dense):
             initializer=keras.initializers.Constant(self._index(self._initial_active)),
             trainable=False,
         )
-        # How many adapters the layer holds: a function traced with another set cannot apply the new
-        # ones (their variables did not exist), so it checks this against what it saw and refuses.
-        self.lora_adapter_count = self.add_weight(
-            name="lora_adapter_count",
+        # Which set of adapters the layer holds, counted up by every add_adapter and delete_adapter after
+        # build: a function traced with another set cannot reach the new adapters' variables (and may hold
+        # a deleted one's), so it checks this against the version it saw and refuses.
+        self.lora_adapters_version = self.add_weight(
+            name="lora_adapters_version",
             shape=(),
             dtype="int32",
-            initializer=keras.initializers.Constant(len(self._slots)),
+            initializer=keras.initializers.Constant(self._adapters_version),
             trainable=False,
         )
 
@@ -252,7 +255,8 @@ class LoraDense(keras.layers.Dense):
             self.lora_active_adapter.assign(
                 -1 if active in (None, name) else self.adapter_names.index(active)
             )
-            self.lora_adapter_count.assign(len(self._slots))
+            self._adapters_version += 1
+            self.lora_adapters_version.assign(self._adapters_version)
 
     def set_active_adapter(self, name):
         """Makes adapter `name` (or None: none) the one applied, merged and trained; the others are frozen.
@@ -326,8 +330,8 @@ class LoraDense(keras.layers.Dense):
         deleted after a tf.function traced the layer: Keras's predict or fit functions keep running the
         old trace, which cannot reach the new adapter's variables)."""
         return tf.debugging.assert_equal(
-            tf.convert_to_tensor(self.lora_adapter_count),
-            tf.constant(len(self._slots), tf.int32),
+            tf.convert_to_tensor(self.lora_adapters_version),
+            tf.constant(self._adapters_version, tf.int32),
             message=f"LoraDense {self.name}: its adapters changed after this function was traced "
             f"(it knows {self.adapter_names}). Trace again: model.compile(...) resets Keras's fit, evaluate "
             "and predict functions; retrace your own tf.function",

@@ -1,6 +1,7 @@
 """tf_lora.layers.SparseEmbedding: a Keras embedding over a tf_lora.SparseTable."""
 
 import dataclasses
+import types
 
 import keras
 import numpy as np
@@ -76,13 +77,20 @@ class SparseEmbedding(keras.layers.Layer):
         _optimizer_hook.mark(self.pulled_rows, self)
         # The ids read by training calls since the last optimizer step, in pulled_rows' order: per replica
         # under a tf.distribute strategy (each replica reads its own ids), never saved.
+        # They are the current step's bookkeeping, not the layer's state: held where neither Keras nor
+        # tf.train.Checkpoint / SavedModel track them. `fresh` is 1 once a step was applied (or skipped by
+        # the loss scaler): the next training call starts the list over, while the records stay readable
+        # for a second apply of a gradient computed before.
         local = {
             "trainable": False,
             "synchronization": tf.VariableSynchronization.ON_READ,
             "aggregation": tf.VariableAggregation.NONE,
         }
-        self._step_ids = tf.Variable(tf.zeros([self.max_ids_per_step], tf.int64), name="step_ids", **local)
-        self._step_count = tf.Variable(0, dtype=tf.int32, name="step_count", **local)
+        self._step = types.SimpleNamespace(
+            ids=tf.Variable(tf.zeros([self.max_ids_per_step], tf.int64), name="step_ids", **local),
+            count=tf.Variable(0, dtype=tf.int32, name="step_count", **local),
+            fresh=tf.Variable(1, dtype=tf.int32, name="step_fresh", **local),
+        )
 
     def call(self, ids, weights=None, training=None):
         if isinstance(ids, tf.SparseTensor):
@@ -94,7 +102,8 @@ class SparseEmbedding(keras.layers.Layer):
         else:
             flat, segments, rows = ids, None, None
         flat = _int64(flat)
-        values = self._pull_for_training(flat) if training else self.table.pull(flat)
+        # A frozen layer (trainable=False) reads its table as in inference: its rows never change.
+        values = self._pull_for_training(flat) if training and self.trainable else self.table.pull(flat)
         if segments is not None:
             if self.combiner is None:
                 raise ValueError(
@@ -116,23 +125,24 @@ class SparseEmbedding(keras.layers.Layer):
     def _pull_for_training(self, flat):
         """The rows of `flat` (inserting new ids), as a view whose gradient reaches pulled_rows."""
         ids = tf.reshape(flat, [-1])
-        start = tf.convert_to_tensor(self._step_count)
+        step = self._step
+        start = tf.where(tf.convert_to_tensor(step.fresh) > 0, 0, tf.convert_to_tensor(step.count))
         end = start + tf.size(ids)
         fits = tf.debugging.assert_less_equal(
             end,
             self.max_ids_per_step,
             message=f"SparseEmbedding {self.name}: more ids were read for training since the last optimizer "
-            f"step than max_ids_per_step={self.max_ids_per_step}; raise it",
+            f"step than max_ids_per_step={self.max_ids_per_step}: raise it (training calls whose gradients "
+            "are never applied count too: call with training=False, or forget_step_ids())",
         )
         with tf.control_dependencies([fits]):
             positions = tf.range(start, end)
         if _replicas() > 1:  # a replica's own copy, which takes whole assignments only
-            self._step_ids.assign(
-                tf.tensor_scatter_nd_update(self._step_ids.read_value(), positions[:, None], ids)
-            )
+            step.ids.assign(tf.tensor_scatter_nd_update(step.ids.read_value(), positions[:, None], ids))
         else:
-            self._step_ids.scatter_nd_update(positions[:, None], ids)
-        self._step_count.assign(end)
+            step.ids.scatter_nd_update(positions[:, None], ids)
+        step.count.assign(end)
+        step.fresh.assign(0)
         # Each id read has its own row of pulled_rows (zero) beside the table's; the push sums the
         # gradients of repeated ids. pulled_rows may read as the compute dtype under mixed precision; the
         # rows stay float32.
@@ -144,8 +154,8 @@ class SparseEmbedding(keras.layers.Layer):
     def _apply_rows_gradient(self, grad, optimizer):
         """The model optimizer applies a step: push the processed gradient of the rows pulled since the last
         one into the table, then start over (called by _optimizer_hook)."""
-        count = tf.convert_to_tensor(self._step_count)
-        ids = tf.convert_to_tensor(self._step_ids)[:count]
+        count = tf.convert_to_tensor(self._step.count)
+        ids = tf.convert_to_tensor(self._step.ids)[:count]
         if isinstance(grad, tf.IndexedSlices):
             rows = tf.math.unsorted_segment_sum(grad.values, grad.indices, count)
         else:
@@ -174,7 +184,13 @@ class SparseEmbedding(keras.layers.Layer):
         else:
             step = push(ids, rows)
         with tf.control_dependencies([step]):
-            self._step_count.assign(0)
+            self._step.fresh.assign(1)
+
+    def forget_step_ids(self):
+        """Starts the list of ids read for training over, as an applied step does: for training calls whose
+        gradients will never be applied (e.g. Monte Carlo dropout). Called by tf_lora when the loss scaler
+        skips a step."""
+        self._step.fresh.assign(1)
 
     def compute_output_shape(self, input_shape):
         if self.combiner is None:

@@ -1,6 +1,7 @@
 """Initializers of new rows of a tf_lora.SparseTable: each row is a pure function of (seed, id)."""
 
 import dataclasses
+import os
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,5 +70,9 @@ def resolve(initializer, default):
     seed = config.pop("seed", None)
     fields = {k: config[k] for k in ("minval", "maxval", "mean", "stddev") if k in config}
     if name != "Zeros":
-        fields["seed"] = int(seed or 0)
+        # An unseeded Keras initializer draws differently for every layer: so does this (a seed drawn now
+        # and kept in the layer's config), never the same rows for two tables.
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            seed = int.from_bytes(os.urandom(4), "little") >> 1
+        fields["seed"] = seed
     return _KERAS[name](**fields)

@@ -8,6 +8,7 @@ SGD, Adagrad, Adam and Ftrl.
 
 import dataclasses
 import math
+import numbers
 from typing import Any
 
 import keras
@@ -15,7 +16,7 @@ import tensorflow as tf
 
 
 def _check_number(owner, name, value, low=0.0, high=math.inf):
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{owner}: {name} must be a number, got {value!r}")
     if not (math.isfinite(value) and low <= value <= high):
         raise ValueError(f"{owner}: {name} must be finite and in [{low}, {high}], got {value}")
@@ -145,12 +146,23 @@ def from_keras(optimizer):
         "Adam": {"amsgrad": False},
         "Ftrl": {"beta": 0.0, "l2_shrinkage_regularization_strength": 0.0},
     }.get(name, {})
-    unsupported.update({"clipnorm": None, "clipvalue": None, "global_clipnorm": None, "weight_decay": None})
+    unsupported.update(
+        {
+            "clipnorm": None,
+            "clipvalue": None,
+            "global_clipnorm": None,
+            "weight_decay": None,
+            "use_ema": False,
+            "loss_scale_factor": None,
+            "gradient_accumulation_steps": None,
+        }
+    )
     for key, default in unsupported.items():
         if config.get(key, default) not in (default, 0, 0.0) and config.get(key) is not None:
             raise ValueError(
                 f"tf_lora.sparse_optimizers.{name} has no {key} (Keras's {name} has {key}={config[key]}); "
-                "clipping of a table's gradients comes from the model's optimizer"
+                "clipping, loss scaling and accumulation of a table's gradients come from the model's "
+                "optimizer"
             )
     lr = optimizer._learning_rate  # noqa: SLF001 - the schedule itself, where Keras's property gives a value
     if not isinstance(lr, keras.optimizers.schedules.LearningRateSchedule):
