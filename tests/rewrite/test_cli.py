@@ -12,6 +12,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from test_fold import Chained  # two adapters on one MatMul (sql_a, chat_a)
 
 import tf_lora
 from tf_lora.rewrite import RewriteError, cli
@@ -46,21 +47,6 @@ class Noisy(Adapted):
         # tf.random.uniform would get fixed seeds, the same in the rewritten copy, and verify would pass).
         noise = tf.raw_ops.RandomUniform(shape=tf.shape(y), dtype=tf.float32, seed=0, seed2=0)
         return {"y": y, "noise": noise}
-
-
-class Chained(tf.Module):
-    """Two adapters (sql_a, chat_a) on one MatMul."""
-
-    def __init__(self):
-        super().__init__()
-        self.w = _var((6, 4), "w")
-        self.a1, self.b1 = _var((6, 2), "sql_a"), _var((2, 4), "sql_b")
-        self.a2, self.b2 = _var((6, 3), "chat_a"), _var((3, 4), "chat_b")
-
-    @tf.function(input_signature=[tf.TensorSpec([None, 6], tf.float32)])
-    def __call__(self, x):
-        y = tf_lora.lora_matmul(x, self.w, self.a1, self.b1, 1.5)
-        return {"y": tf_lora.lora_apply(y, x, self.a2, self.b2, 0.25)}
 
 
 class Lookup(tf.Module):
