@@ -99,6 +99,12 @@ class Case:
             dims["optimizer"] = str(self.rng.choice(["sgd", "adagrad", "adam", "ftrl"]))
             if "S" in dims and self.rng.random() < 0.7:
                 dims["S"] = dims.get("D", 1) * {"sgd": 0, "adagrad": 1}.get(dims["optimizer"], 2)
+            if "N" in dims and self.rng.random() < 0.04:
+                # Many rows, narrow ones: past the gradient's 1,024-row shards and the threshold where the
+                # kernels' parallel loops use more than one thread, which small cases never reach.
+                dims["N"] = int(self.rng.choice([1025, 2049, 4100]))
+                for s in ("in", "out", "r"):
+                    dims[s] = min(dims.get(s, 1), 7)
             if all(self._fits(spec, dims) for spec in specs):
                 return dims
         return {s: 2 for s in symbols} | {"*": [2], "optimizer": "sgd"}
