@@ -96,6 +96,29 @@ void Dedup(const int64_t* ids, int64_t n, Workspace* ws) {
   }
 }
 
+// The index of the first NaN or infinity among values[0, n), or -1. On the
+// push's path: the exponent bits are tested without a branch per value, so the
+// scan vectorizes, a block at a time.
+int64_t FirstNonFinite(const float* values, int64_t n) {
+  constexpr uint32_t kExponent = 0x7f800000u;
+  constexpr int64_t kBlock = 4096;
+  for (int64_t begin = 0; begin < n; begin += kBlock) {
+    const int64_t end = std::min(n, begin + kBlock);
+    uint32_t any = 0;
+    for (int64_t i = begin; i < end; ++i) {
+      uint32_t bits;
+      std::memcpy(&bits, values + i, sizeof(bits));
+      any |= static_cast<uint32_t>((bits & kExponent) == kExponent);
+    }
+    if (any != 0) {
+      for (int64_t i = begin; i < end; ++i) {
+        if (!std::isfinite(values[i])) return i;
+      }
+    }
+  }
+  return -1;
+}
+
 // Takes every shard's lock for reading (in shard order), and gives them back
 // however the scope is left.
 class ReadLockAll {
@@ -377,7 +400,7 @@ struct Table::Shard {
   std::vector<int64_t> counts, last_steps, row_keys;
 };
 
-std::string Config::Check() const {
+std::string Config::CheckDim(int64_t dim) {
   if (dim < 1 || dim > kMaxDim) {
     return "dim must be in [1, " + std::to_string(kMaxDim) + "]; got " +
            std::to_string(dim);
@@ -628,8 +651,8 @@ void Table::PullUnique(const int64_t* ids, int64_t n, bool training,
 }
 
 int64_t Table::Push(const int64_t* ids, int64_t n, const float* grads,
-                    float learning_rate, const ParallelFor& parallel_for) {
-  const int64_t step = ++step_;
+                    float learning_rate, const ParallelFor& parallel_for,
+                    int64_t* non_finite_id) {
   const int64_t dim = config_.dim;
   // Sum the gradients of each distinct id, in the order given.
   Workspace& ws = ThreadWorkspace();
@@ -642,6 +665,14 @@ int64_t Table::Push(const int64_t* ids, int64_t n, const float* grads,
     const float* __restrict g = grads + i * dim;
     for (int64_t j = 0; j < dim; ++j) dst[j] += g[j];
   }
+  // Checked on the sums, in cache and one row per distinct id: a NaN or an
+  // infinity in any gradient of an id leaves its sum non-finite.
+  const int64_t bad = FirstNonFinite(summed, m * dim);
+  if (bad >= 0) {
+    if (non_finite_id != nullptr) *non_finite_id = ws.unique[bad / dim];
+    return 0;
+  }
+  const int64_t step = ++step_;
   GroupByShard(ws.unique.data(), m, &ws.start, &ws.order, &ws.next);
   const std::vector<int64_t>& start = ws.start;
   const std::vector<int64_t>& order = ws.order;

@@ -85,8 +85,11 @@ struct Config {
   Initializer initializer;
   Optimizer optimizer;
 
+  // "" when `dim` is in [1, kMaxDim], else what is wrong: the one check of a
+  // row width, for the op's shape functions and kernels too.
+  static std::string CheckDim(int64_t dim);
   // "" when the table can be built, else what is wrong (dim out of range).
-  std::string Check() const;
+  std::string Check() const { return CheckDim(dim); }
 };
 
 // Parallel-for over [0, n): calls fn(begin, end) for disjoint ranges; each
@@ -121,9 +124,13 @@ class Table {
   // Sums the gradients of duplicate ids, then applies the optimizer once per
   // unique id (inserting ids not present), counts the update and stamps the
   // table's step, which each push advances by one.
-  // Returns the step this push stamped.
+  // Returns the step this push stamped. A summed gradient holding a NaN or an
+  // infinity (any gradient of the id that does) would poison the row and its
+  // slots: then nothing changes, not even the step, the result is 0, and
+  // *non_finite_id (when given) is that id.
   int64_t Push(const int64_t* ids, int64_t n, const float* grads,
-               float learning_rate, const ParallelFor& parallel_for);
+               float learning_rate, const ParallelFor& parallel_for,
+               int64_t* non_finite_id = nullptr);
 
   // Removes the given keys (absent ones are ignored); returns how many went.
   int64_t Remove(const int64_t* ids, int64_t n);

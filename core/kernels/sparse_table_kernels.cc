@@ -156,10 +156,10 @@ class SparseTablePullOp : public OpKernel {
   explicit SparseTablePullOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("dim", &dim_));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("training", &training_));
-    OP_REQUIRES(ctx, dim_ >= 1 && dim_ <= sparse::Config::kMaxDim,
-                absl::InvalidArgumentError(
-                    absl::StrCat("SparseTablePull: dim must be in [1, ",
-                                 sparse::Config::kMaxDim, "]; got ", dim_)));
+    const std::string error = sparse::Config::CheckDim(dim_);
+    OP_REQUIRES(
+        ctx, error.empty(),
+        absl::InvalidArgumentError(absl::StrCat("SparseTablePull: ", error)));
   }
 
   void Compute(OpKernelContext* ctx) override {
@@ -213,28 +213,17 @@ class SparseTablePushOp : public OpKernel {
                     "SparseTablePush: learning_rate must be a scalar; got ",
                     lr.shape().DebugString())));
     // A NaN or infinite gradient or learning rate would poison every row it
-    // reaches, and the optimizer's slots with it: refused, the table unchanged.
+    // reaches, and the optimizer's slots with it: refused, the table unchanged
+    // (the gradients are checked by Table::Push, on the per-id sums).
     const float learning_rate = lr.scalar<float>()();
     OP_REQUIRES(ctx, std::isfinite(learning_rate) && learning_rate >= 0,
                 absl::InvalidArgumentError(absl::StrCat(
                     "SparseTablePush: learning_rate must be finite and >= 0; "
                     "got ",
                     learning_rate)));
-    const auto g = grads.flat<float>();
-    for (int64_t i = 0; i < g.size(); ++i) {
-      if (!std::isfinite(g(i))) {
-        const int64_t dim = table->table.dim();
-        OP_REQUIRES(
-            ctx, false,
-            absl::InvalidArgumentError(absl::StrCat(
-                "SparseTablePush: grads must be finite; the gradient of "
-                "id ",
-                ids.flat<int64_t>()(i / dim), " (position ", i / dim,
-                ") holds ", g(i), ". The table is unchanged")));
-      }
-    }
     Tensor* step;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({}), &step));
+    int64_t non_finite_id = 0;
     OP_REQUIRES_OK(
         ctx, ExceptionsToStatus(
                  "SparseTablePush",
@@ -245,8 +234,15 @@ class SparseTablePushOp : public OpKernel {
                    step->scalar<int64_t>()() = table->table.Push(
                        ids.flat<int64_t>().data(), ids.NumElements(),
                        grads.flat<float>().data(), learning_rate,
-                       WorkerThreads(ctx));
+                       WorkerThreads(ctx), &non_finite_id);
                  }));
+    OP_REQUIRES(
+        ctx, step->scalar<int64_t>()() > 0,
+        absl::InvalidArgumentError(absl::StrCat(
+            "SparseTablePush: grads must be finite; the gradient of id ",
+            non_finite_id,
+            " (summed over its repeats) holds a NaN or an infinity. "
+            "The table is unchanged")));
   }
 };
 

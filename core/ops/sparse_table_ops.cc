@@ -15,10 +15,9 @@ using ::tensorflow::shape_inference::ShapeHandle;
 // built (the kernels check it again).
 absl::Status GetDim(InferenceContext* c, const char* op, int64_t* dim) {
   TF_RETURN_IF_ERROR(c->GetAttr("dim", dim));
-  if (*dim > sparse::Config::kMaxDim) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        op, ": dim must be in [1, ", sparse::Config::kMaxDim, "]; got ", *dim));
-  }
+  const std::string error = sparse::Config::CheckDim(*dim);
+  if (!error.empty())
+    return absl::InvalidArgumentError(absl::StrCat(op, ": ", error));
   return absl::OkStatus();
 }
 

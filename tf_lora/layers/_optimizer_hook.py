@@ -27,6 +27,12 @@ def mark(variable, layer):
     setattr(variable, _ATTR, weakref.ref(layer))
 
 
+def _layer_of(variable):
+    """The SparseEmbedding `variable` is the view of (still alive), or None."""
+    owner = getattr(variable, _ATTR, None)
+    return owner() if owner is not None else None
+
+
 def install():
     """Wraps TFOptimizer._backend_update_step once per process."""
     global _installed
@@ -52,8 +58,7 @@ def install():
     def _backend_update_step(self, grads, trainable_variables, learning_rate):
         keep_grads, keep_vars = [], []
         for grad, variable in zip(grads, trainable_variables, strict=True):
-            owner = getattr(variable, _ATTR, None)
-            layer = owner() if owner is not None else None
+            layer = _layer_of(variable)
             if layer is None:
                 keep_grads.append(grad)
                 keep_vars.append(variable)
@@ -84,8 +89,7 @@ def _forget_on_skipped_steps():
     def _stateful_handle_non_finite_grads(self):
         original(self)
         for variable in self.inner_optimizer._trainable_variables:  # noqa: SLF001 - Keras's own list
-            owner = getattr(variable, _ATTR, None)
-            layer = owner() if owner is not None else None
+            layer = _layer_of(variable)
             if layer is not None:
                 layer.forget_step_ids()
 

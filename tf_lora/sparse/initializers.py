@@ -47,8 +47,12 @@ class TruncatedNormal(RandomNormal):
     _kind = "truncated_normal"
 
 
-_KERAS = {"Zeros": Zeros, "RandomUniform": RandomUniform, "RandomNormal": RandomNormal}
-_KERAS["TruncatedNormal"] = TruncatedNormal
+_KERAS = {
+    "Zeros": Zeros,
+    "RandomUniform": RandomUniform,
+    "RandomNormal": RandomNormal,
+    "TruncatedNormal": TruncatedNormal,
+}
 
 
 def resolve(initializer, default):

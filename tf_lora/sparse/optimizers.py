@@ -14,6 +14,8 @@ from typing import Any
 import keras
 import tensorflow as tf
 
+LearningRateSchedule = keras.optimizers.schedules.LearningRateSchedule
+
 
 def _check_number(owner, name, value, low=0.0, high=math.inf):
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
@@ -31,9 +33,7 @@ class _Checked:
     def __post_init__(self):
         owner = type(self).__name__
         lr = self.learning_rate
-        if not isinstance(
-            lr, tf.Tensor | tf.Variable | keras.Variable | keras.optimizers.schedules.LearningRateSchedule
-        ):
+        if not isinstance(lr, tf.Tensor | tf.Variable | keras.Variable | LearningRateSchedule):
             _check_number(owner, "learning_rate", lr)
         for name, (low, high) in self._bounds.items():
             _check_number(owner, name, getattr(self, name), low, high)
@@ -41,7 +41,7 @@ class _Checked:
     def learning_rate_at(self, iterations):
         """The learning rate (float32 scalar) at a Keras optimizer's `iterations`."""
         lr = self.learning_rate
-        if isinstance(lr, keras.optimizers.schedules.LearningRateSchedule):
+        if isinstance(lr, LearningRateSchedule):
             lr = lr(iterations)
         return tf.cast(tf.convert_to_tensor(lr), tf.float32)
 
@@ -158,28 +158,19 @@ def from_keras(optimizer):
         }
     )
     for key, default in unsupported.items():
-        if config.get(key, default) not in (default, 0, 0.0) and config.get(key) is not None:
+        if config.get(key) not in (None, default, 0):
             raise ValueError(
                 f"tf_lora.sparse_optimizers.{name} has no {key} (Keras's {name} has {key}={config[key]}); "
                 "clipping, loss scaling and accumulation of a table's gradients come from the model's "
                 "optimizer"
             )
     lr = optimizer._learning_rate  # noqa: SLF001 - the schedule itself, where Keras's property gives a value
-    if not isinstance(lr, keras.optimizers.schedules.LearningRateSchedule):
+    if not isinstance(lr, LearningRateSchedule):
         lr = float(keras.ops.convert_to_numpy(optimizer.learning_rate))
-    names = {
-        "SGD": (),
-        "Adagrad": ("initial_accumulator_value", "epsilon"),
-        "Adam": ("beta_1", "beta_2", "epsilon"),
-        "Ftrl": (
-            "learning_rate_power",
-            "initial_accumulator_value",
-            "l1_regularization_strength",
-            "l2_regularization_strength",
-        ),
-    }[name]
-    fields = {key: config[key] for key in names}
-    return _KERAS[name](learning_rate=lr, **fields)
+    # tf_lora's fields carry Keras's names.
+    cls = _KERAS[name]
+    fields = {f.name: config[f.name] for f in dataclasses.fields(cls) if f.name != "learning_rate"}
+    return cls(learning_rate=lr, **fields)
 
 
 def resolve(optimizer, default):

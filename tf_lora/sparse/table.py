@@ -83,13 +83,12 @@ class SparseTable(tf.saved_model.experimental.TrackableResource):
         grads = tf.convert_to_tensor(grads, dtype=tf.float32)
         if learning_rate is None:
             learning_rate = self._optimizer.learning_rate
-            if not isinstance(learning_rate, float | int | tf.Tensor | tf.Variable):
-                if not hasattr(learning_rate, "dtype"):
-                    raise ValueError(
-                        "SparseTable.push: the table's learning rate is a schedule, which needs a step: pass "
-                        "learning_rate= (or train through tf_lora.layers.SparseEmbedding, which follows the "
-                        "model optimizer's step)"
-                    )
+            if isinstance(learning_rate, optimizers.LearningRateSchedule):
+                raise ValueError(
+                    "SparseTable.push: the table's learning rate is a schedule, which needs a step: pass "
+                    "learning_rate= (or train through tf_lora.layers.SparseEmbedding, which follows the "
+                    "model optimizer's step)"
+                )
         learning_rate = tf.cast(tf.convert_to_tensor(learning_rate), tf.float32)
         step = sparse_table_ops.push(self.resource_handle, ids, grads, learning_rate)
         return None if tf.inside_function() or tf.executing_eagerly() else step.op
