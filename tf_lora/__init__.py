@@ -11,7 +11,7 @@ from tf_lora._ensure_tf import ensure_tensorflow as _ensure_tensorflow
 with _quiet.command_line_start():
     _ensure_tensorflow()
 
-    from tf_lora import adapters, layers, rewrite
+    from tf_lora import adapters, layers
     from tf_lora.layers import inject_lora
     from tf_lora.python.ops.lora_ops import (
         batched_lora_apply,
@@ -26,6 +26,17 @@ with _quiet.command_line_start():
     from tf_lora.sparse import initializers as sparse_initializers
     from tf_lora.sparse import optimizers as sparse_optimizers
 from tf_lora.version import __version__  # noqa: E402
+
+
+def __getattr__(name):
+    """`tf_lora.rewrite` (the SavedModel rewrites' protobuf surgery) is imported on first use, not by
+    `import tf_lora`."""
+    if name == "rewrite":
+        import importlib  # noqa: PLC0415
+
+        return importlib.import_module("tf_lora.rewrite")
+    raise AttributeError(f"module 'tf_lora' has no attribute {name!r}")
+
 
 __all__ = [
     "__version__",

@@ -105,7 +105,7 @@ def test_fold_matches_numpy_and_runs_under_saved_model_cli_without_tf_lora(tmp_p
 
     info = tf_lora.rewrite.inspect(tmp_path / "folded")
     assert info["tf_lora_ops"] == [] and info["adapters"] == []
-    saved = tf_lora.rewrite.saved_model.SavedModelFiles(tmp_path / "folded")
+    saved = tf_lora.rewrite.model_files.ModelFiles(tmp_path / "folded")
     assert not [
         op.name for op in saved.meta.meta_info_def.stripped_op_list.op if op.name.startswith("TfLora")
     ]

@@ -93,7 +93,7 @@ def test_mismatches_write_nothing(tmp_path):
         tf_lora.rewrite.swap_adapter(
             src,
             tmp_path / "out",
-            tf_lora.rewrite.swap.load_adapter_file(FIXTURES / "peft_f32", sha256="0" * 64),
+            tf_lora.rewrite.adapter_swap.load_adapter_file(FIXTURES / "peft_f32", sha256="0" * 64),
         )
     merged = _exported(tmp_path / "m", FIXTURES / "peft_f32", {"q": 2, "v": 3, "out": 2}, merged=True)
     with pytest.raises(RewriteError, match="scale 0, the adapter is merged into q/kernel"):

@@ -231,8 +231,8 @@ def test_fold_bare_graph_def_with_checkpoint(tmp_path, as_text):
     np.testing.assert_allclose(
         reader.get_tensor("w"), values["w"] + 0.5 * values["a"] @ values["b"], rtol=1e-6
     )
-    folded = tf_lora.rewrite.saved_model.SavedModelFiles(tmp_path / "out" / "model.pb")
-    assert tf_lora.rewrite.saved_model.plugin_nodes(folded.meta) == []
+    folded = tf_lora.rewrite.model_files.ModelFiles(tmp_path / "out" / "model.pb")
+    assert tf_lora.rewrite.graph_defs.plugin_nodes(folded.meta) == []
     with pytest.raises(RewriteError, match="bare GraphDef, with no signatures to run"):
         tf_lora.rewrite.verify(tmp_path / name, tmp_path / "out")
     with pytest.raises(RewriteError, match="needs a MetaGraphDef"):

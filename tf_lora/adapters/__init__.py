@@ -1,8 +1,8 @@
 """LoRA adapters in files: PEFT and kohya safetensors formats, in TensorFlow layout."""
 
 from tf_lora.adapters.adapter import Adapter
-from tf_lora.adapters.apply import ApplyReport, apply, from_model
 from tf_lora.adapters.kohya import load_kohya, save_kohya
+from tf_lora.adapters.model_apply import ApplyReport, apply, from_model
 from tf_lora.adapters.peft import load_peft, save_peft
 from tf_lora.adapters.registry import Registry
 

@@ -7,8 +7,8 @@ import tempfile
 
 import numpy as np
 
-from tf_lora.adapters.apply import apply
 from tf_lora.adapters.kohya import load_kohya
+from tf_lora.adapters.model_apply import apply
 from tf_lora.adapters.model_layers import all_layers
 from tf_lora.adapters.peft import WEIGHTS, load_peft
 from tf_lora.adapters.safetensors_io import sha256_file

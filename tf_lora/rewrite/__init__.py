@@ -1,24 +1,31 @@
-"""Rewrites of trained SavedModels: inspect, fold, swap-adapter (`tf-lora --help` for the command line)."""
+"""Rewrites of trained models (TF2 and TF1 SavedModels, MetaGraphDefs, GraphDefs): inspect, verify, fold,
+inject, replace-embedding, swap-adapter (`tf-lora --help` for the command line).
 
-from tf_lora.rewrite.embedding import Replaced, replace_embedding
-from tf_lora.rewrite.fold import Fold, FoldReport, fold
-from tf_lora.rewrite.inject import Injected, inject
-from tf_lora.rewrite.inspect import inspect
-from tf_lora.rewrite.saved_model import RewriteError
-from tf_lora.rewrite.swap import SwapReport, swap_adapter
-from tf_lora.rewrite.verify import verify
+Each command is a function here, defined in a module named for what it does (`folding`, `injection`,
+`inspection`, `verification`, `embedding_replacement`, `adapter_swap`); the modules under them read models
+(`model_files`, `variables`, `graph_defs`, `constant_eval`, `lora_patterns`), edit them (`graph_edit`,
+`tf1_session`) and write them (`saved_model_writer`, `output_dir`).
+"""
+
+from tf_lora.rewrite.adapter_swap import SwapReport, swap_adapter
+from tf_lora.rewrite.embedding_replacement import Replaced, replace_embedding
+from tf_lora.rewrite.errors import RewriteError
+from tf_lora.rewrite.folding import Fold, FoldReport, fold
+from tf_lora.rewrite.injection import Injected, inject
+from tf_lora.rewrite.inspection import inspect
+from tf_lora.rewrite.verification import verify
 
 __all__ = [
-    "Injected",
-    "Replaced",
-    "replace_embedding",
-    "inject",
     "Fold",
     "FoldReport",
+    "Injected",
+    "Replaced",
     "RewriteError",
     "SwapReport",
     "fold",
+    "inject",
     "inspect",
+    "replace_embedding",
     "swap_adapter",
     "verify",
 ]

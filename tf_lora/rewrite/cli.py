@@ -7,6 +7,7 @@ This module imports no TensorFlow when it loads: `main` first decides how loud T
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -33,11 +34,13 @@ def _parser():
         "inspect", help="signatures, tf_lora ops and adapters, MatMuls, embedding lookups"
     )
     p.add_argument("model", help=_MODEL_HELP)
+    p.set_defaults(run=_inspect)
     _output_options(p)
 
     p = _rewriting(
         commands,
         "fold",
+        _fold,
         help="fold LoRA adapters into their MatMul weights: the output runs on stock TensorFlow",
         description="Each LoRA apply on a MatMul becomes that MatMul with W' = W + scale * A @ B, computed "
         "from the model's variables. The output loads and runs without tf_lora (e.g. under TF Serving).",
@@ -53,6 +56,7 @@ def _parser():
     p = _rewriting(
         commands,
         "inject",
+        _inject,
         help="add new LoRA adapters (A He-uniform, B zero) to the MatMuls of matching weights",
         description="Every MatMul whose weight variable (or its layer, the name without its last part) fully "
         "matches --target gets a LoRA apply with new trainable variables <weight>/lora_a and "
@@ -70,6 +74,7 @@ def _parser():
     p = _rewriting(
         commands,
         "replace-embedding",
+        _replace_embedding,
         help="embedding gathers on matching variables become pulls from a tf_lora sparse table",
         description="Every GatherV2 (axis 0) or ResourceGather on a float32 [rows, dim] variable whose name "
         "(or layer) fully matches --target reads from a new SparseTable holding the variable's rows, id = "
@@ -82,6 +87,8 @@ def _parser():
     p = _rewriting(
         commands,
         "swap-adapter",
+        _swap_adapter,
+        outputs_change=True,
         help="put the weights of a PEFT or kohya adapter file into the model's LoRA applies",
         description="Each LoRA apply is named by its base weight's layer (q_proj/kernel -> q_proj); the "
         "file's modules map to those names (--map). A and B go into the adapter's variables (same rank), the "
@@ -109,9 +116,12 @@ def _parser():
 _MODEL_HELP = "a SavedModel directory (TF2 or TF1), a .meta file or a GraphDef .pb/.pbtxt with its checkpoint"
 
 
-def _rewriting(commands, name, **kwargs):
-    """A rewriting command: MODEL and OUT, and the options every rewrite takes."""
+def _rewriting(commands, name, rewrite, outputs_change=False, **kwargs):
+    """A rewriting command: MODEL and OUT, and the options every rewrite takes. `rewrite(args, out, progress)`
+    writes the rewrite to `out` and returns the command's report class with its own fields filled in
+    (`functools.partial`); `outputs_change`: --verify reports differences instead of checking them."""
     p = commands.add_parser(name, **kwargs)
+    p.set_defaults(run=_run_rewrite, rewrite=rewrite, outputs_change=outputs_change)
     p.add_argument("model", help=_MODEL_HELP + " (not changed)")
     p.add_argument(
         "out",
@@ -354,11 +364,11 @@ def main(argv=None):
     _import_library(args.verbose)
     import tensorflow as tf  # imported by _import_library, as quietly as asked
 
-    from tf_lora.rewrite.saved_model import RewriteError
+    from tf_lora.rewrite import RewriteError
 
     names = _OutputNames(getattr(args, "out", None))
     try:
-        report = _run(args, names)
+        report = args.run(args, names)
     except RewriteError as e:
         return _fail(args, names.clean(_without_prefix(args.command, str(e))), e.exit_code)
     except (OSError, tf.errors.OpError) as e:
@@ -374,24 +384,20 @@ def main(argv=None):
     return 0
 
 
-def _run(args, names) -> Report:
-    from tf_lora.rewrite.saved_model import RewriteError, staged_output
+def _inspect(args, names) -> Report:
+    from tf_lora.rewrite import inspect
 
-    if args.command == "inspect":
-        from tf_lora.rewrite.inspect import inspect
+    return InspectReport(inspect(args.model))
 
-        return InspectReport(inspect(args.model))
-    if args.command == "inject":
-        _refuse_adapted_weights(args.model, args.target)
-    adapters = mapping = None
-    if args.command == "swap-adapter":
-        from tf_lora.rewrite.swap import load_adapter_file
 
-        adapters = load_adapter_file(args.adapter, sha256=args.sha256)
-        mapping = [_pair(m) for m in args.map] or None
+def _run_rewrite(args, names) -> Report:
+    """Runs a rewriting command: the rewrite writes beside OUT; OUT is replaced only after --verify passed
+    (staged_output)."""
+    from tf_lora.rewrite import RewriteError, verify
+    from tf_lora.rewrite.output_dir import staged_output
+
     existed = os.path.lexists(args.out)
     err = Console(stderr=True, quiet=args.quiet, highlight=False, soft_wrap=True)
-    # The rewrite writes beside OUT; OUT is replaced only after --verify passed (staged_output).
     with (
         staged_output(args.model, args.out, args.overwrite) as staging,
         err.status(f"{args.command} {args.model}") as status,
@@ -401,28 +407,53 @@ def _run(args, names) -> Report:
         def progress(message):
             status.update(names.clean(message))
 
-        result = _rewrite(args, staging, progress, adapters, mapping)
+        report = args.rewrite(args, staging, progress)
         verification = None
         if args.verify:
-            from tf_lora.rewrite.verify import verify
-
             status.update("verify: running both models")
-            equal = args.command != "swap-adapter"
+            equal = not args.outputs_change
             try:
                 differences = verify(args.model, staging, tolerance=args.tolerance, expect_equal=equal)
             except RewriteError as e:
                 kept = f"{args.out} left as it was" if existed else "nothing written"
                 raise RewriteError(f"{e}; {kept}") from None
             verification = Verification(differences, args.tolerance if equal else None)
-    common = {"model": args.model, "out": args.out, "verification": verification}
-    if args.command == "fold":
-        return FoldResult(**common, folds=result.folds, weights=result.weights)
-    if args.command == "inject":
-        return InjectResult(**common, injected=result)
-    if args.command == "replace-embedding":
-        return ReplaceEmbeddingResult(**common, replaced=result)
-    return SwapAdapterResult(
-        **common,
+    return report(model=args.model, out=args.out, verification=verification)
+
+
+def _fold(args, out, progress):
+    from tf_lora.rewrite import fold
+
+    result = fold(args.model, out, adapter=args.adapter, progress=progress)
+    return functools.partial(FoldResult, folds=result.folds, weights=result.weights)
+
+
+def _inject(args, out, progress):
+    from tf_lora.rewrite import inject
+
+    _refuse_adapted_weights(args.model, args.target)
+    injected = inject(args.model, out, args.target, args.rank, args.alpha, seed=args.seed, progress=progress)
+    return functools.partial(InjectResult, injected=injected)
+
+
+def _replace_embedding(args, out, progress):
+    from tf_lora.rewrite import replace_embedding
+
+    replaced = replace_embedding(args.model, out, args.target, progress=progress)
+    return functools.partial(ReplaceEmbeddingResult, replaced=replaced)
+
+
+def _swap_adapter(args, out, progress):
+    from tf_lora.rewrite import swap_adapter
+    from tf_lora.rewrite.adapter_swap import load_adapter_file
+
+    adapters = load_adapter_file(args.adapter, sha256=args.sha256)
+    mapping = [_pair(m) for m in args.map] or None
+    result = swap_adapter(
+        args.model, out, adapters, mapping=mapping, strict=not args.partial, progress=progress
+    )
+    return functools.partial(
+        SwapAdapterResult,
         adapter=args.adapter,
         swapped=result.swapped,
         unmatched_modules=result.unmatched_modules,
@@ -430,33 +461,11 @@ def _run(args, names) -> Report:
     )
 
 
-def _rewrite(args, out, progress, adapters, mapping):
-    """The library call of a rewriting command, writing to `out` (a fresh path)."""
-    if args.command == "fold":
-        from tf_lora.rewrite.fold import fold
-
-        return fold(args.model, out, adapter=args.adapter, progress=progress)
-    if args.command == "inject":
-        from tf_lora.rewrite.inject import inject
-
-        return inject(args.model, out, args.target, args.rank, args.alpha, seed=args.seed, progress=progress)
-    if args.command == "replace-embedding":
-        from tf_lora.rewrite.embedding import replace_embedding
-
-        return replace_embedding(args.model, out, args.target, progress=progress)
-    from tf_lora.rewrite.swap import swap_adapter
-
-    return swap_adapter(
-        args.model, out, adapters, mapping=mapping, strict=not args.partial, progress=progress
-    )
-
-
 def _refuse_adapted_weights(model, target):
     """inject on a weight that already has a LoRA adapter is an error naming it (inject itself would leave
     that MatMul as it is, which is not what `--target` asked for)."""
+    from tf_lora.rewrite import RewriteError, inspect
     from tf_lora.rewrite.graph_edit import name_matches
-    from tf_lora.rewrite.inspect import inspect
-    from tf_lora.rewrite.saved_model import RewriteError
 
     pattern = re.compile(target)
     adapted = {}
@@ -472,7 +481,7 @@ def _refuse_adapted_weights(model, target):
 
 
 def _pair(text):
-    from tf_lora.rewrite.saved_model import RewriteError
+    from tf_lora.rewrite import RewriteError
 
     pattern, sep, replacement = text.partition("=")
     if not sep:

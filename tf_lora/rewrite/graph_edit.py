@@ -9,7 +9,8 @@ import tensorflow as tf
 from tensorflow.core.framework import types_pb2
 from tensorflow.core.protobuf import trackable_object_graph_pb2
 
-from tf_lora.rewrite.saved_model import CALL_OPS, RewriteError
+from tf_lora.rewrite.errors import RewriteError
+from tf_lora.rewrite.graph_defs import CALL_OPS
 
 
 def checkpoint_graph(files):

@@ -1,4 +1,5 @@
-"""inject: new LoRA adapters (A He-uniform, B zero) on the MatMuls of chosen weights of a TF2 SavedModel."""
+"""inject: new LoRA adapters (A He-uniform, B zero) on the MatMuls of chosen weights of a model (a TF2
+SavedModel rewritten as protos; TF1 graphs in a session)."""
 
 import dataclasses
 import re
@@ -9,14 +10,15 @@ from tensorflow.core.framework import node_def_pb2
 from tensorflow.core.protobuf import saved_object_graph_pb2
 from tensorflow.python.framework import dtypes, tensor_util
 
-from tf_lora.rewrite.fold import BATCHED_LORA_APPLY, LORA_APPLY, matmul_under
+from tf_lora.python.ops import lora_ops
+from tf_lora.rewrite.errors import RewriteError
 from tf_lora.rewrite.graph_edit import ArgumentAdder, checkpoint_graph, name_matches, resave
-from tf_lora.rewrite.saved_model import (
-    OBJECT_GRAPH_KEY,
-    RewriteError,
-    SavedModelFiles,
-    write_saved_model,
-)
+from tf_lora.rewrite.lora_patterns import BATCHED_LORA_APPLY, LORA_APPLY, matmul_under
+from tf_lora.rewrite.model_files import OBJECT_GRAPH_KEY, ModelFiles
+from tf_lora.rewrite.saved_model_writer import write_saved_model
+from tf_lora.rewrite.tf1_session import all_variables, rewire, session_model, variable_of, write_session
+
+v1 = tf.compat.v1
 
 
 @dataclasses.dataclass
@@ -48,11 +50,9 @@ def inject(model_dir, out_dir, target, rank, alpha, seed=0, overwrite=False, pro
     if int(rank) < 1:
         raise RewriteError(f"inject: rank must be >= 1, got {rank}")
     pattern = re.compile(target)
-    files = SavedModelFiles(model_dir)
+    files = ModelFiles(model_dir)
     if files.tf1:
-        from tf_lora.rewrite.tf1 import inject_tf1  # noqa: PLC0415
-
-        result = inject_tf1(
+        result = _inject_tf1(
             files, out_dir, lambda name: name_matches(pattern, name), int(rank), alpha, seed, overwrite, say
         )
         if result is None:
@@ -210,3 +210,69 @@ def _insert_apply(fdef, matmul_name, a_arg, b_arg, scale):
         if ref == product:
             fdef.ret[key] = f"{apply.name}:y_out:0"
     fdef.node_def.append(apply)
+
+
+def _inject_tf1(files, out_dir, matches, rank, alpha, seed, overwrite, say):
+    """inject on a TF1 graph, in a session (tf1_session)."""
+    rng = np.random.default_rng(seed)
+    injected = []
+    with session_model(files) as (graph, session, signatures):
+        sites = {}
+        for op in graph.get_operations():
+            if op.type != "MatMul" or op.get_attr("transpose_a") or _adapted(op):
+                continue
+            variable = variable_of(op.inputs[1])
+            if variable is not None and matches(variable.name) and op.inputs[1].shape.rank == 2:
+                sites.setdefault(variable.name, []).append(op)
+        if not sites:
+            return None
+        mixed = [n for n, ops in sites.items() if len({op.get_attr("transpose_b") for op in ops}) > 1]
+        if mixed:
+            raise RewriteError(
+                f"inject: nothing written; weights used both as is and transposed: {mixed}; one adapter "
+                "cannot fit both"
+            )
+        new_variables = []
+        for name, matmuls in sorted(sites.items()):
+            weight = matmuls[0].inputs[1]
+            transpose_b = matmuls[0].get_attr("transpose_b")
+            rows, cols = weight.shape.as_list()
+            fan_in, fan_out = (cols, rows) if transpose_b else (rows, cols)
+            limit = np.sqrt(6.0 / fan_in)
+            dtype = weight.dtype
+            with graph.as_default():
+                a = v1.get_variable(
+                    f"{name}/lora_a",
+                    initializer=rng.uniform(-limit, limit, (fan_in, rank)).astype(dtype.as_numpy_dtype),
+                    use_resource=True,
+                )
+                b = v1.get_variable(
+                    f"{name}/lora_b",
+                    initializer=np.zeros((rank, fan_out), dtype.as_numpy_dtype),
+                    use_resource=True,
+                )
+                new_variables += [a, b]
+                for matmul in matmuls:
+                    say(f"inject {matmul.name}")
+                    y = matmul.outputs[0]
+                    out = lora_ops.lora_apply(y, matmul.inputs[0], a, b, float(alpha) / rank)
+                    rewire(y, out, signatures, keep={out.op})
+            injected.append(
+                Injected(name, a.op.name, b.op.name, (fan_in, fan_out), [m.name for m in matmuls])
+            )
+        session.run(v1.variables_initializer(new_variables))
+        say(f"write {out_dir}")
+        write_session(files, session, signatures, out_dir, overwrite, all_variables(graph))
+    return injected
+
+
+def _adapted(matmul):
+    """Whether a MatMul's product already feeds a LoRA apply (directly or after a bias)."""
+    tensors = [matmul.outputs[0]]
+    while tensors:
+        for consumer in tensors.pop().consumers():
+            if consumer.type.startswith("TfLora>") and "LoraApply" in consumer.type:
+                return True
+            if consumer.type in ("BiasAdd", "Identity"):
+                tensors.append(consumer.outputs[0])
+    return False

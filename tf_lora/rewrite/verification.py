@@ -5,8 +5,9 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from tf_lora.rewrite.saved_model import RewriteError, SavedModelFiles
-from tf_lora.rewrite.tf1 import load_into
+from tf_lora.rewrite.errors import RewriteError
+from tf_lora.rewrite.model_files import ModelFiles
+from tf_lora.rewrite.tf1_session import load_into
 
 
 def _example(dtype, shape, rng, batch):
@@ -51,7 +52,7 @@ class _TF1:
     """A TF1 SavedModel or MetaGraphDef + checkpoint, run in a session through its signature_defs."""
 
     def __init__(self, path):
-        files = SavedModelFiles(path)
+        files = ModelFiles(path)
         if files.kind == "graph_def":
             raise RewriteError(f"verify: {path} is a bare GraphDef, with no signatures to run")
         self.graph = tf.Graph()
@@ -78,7 +79,7 @@ class _TF1:
 
 
 def _open(path):
-    return _TF2(path) if SavedModelFiles(path).kind == "saved_model" else _TF1(path)
+    return _TF2(path) if ModelFiles(path).kind == "saved_model" else _TF1(path)
 
 
 def verify(

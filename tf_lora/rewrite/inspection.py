@@ -3,8 +3,11 @@ an adapter, embedding lookups that a sparse table could replace."""
 
 from tensorflow.python.framework import dtypes
 
-from tf_lora.rewrite.fold import BATCHED_LORA_APPLY, LORA_APPLY, fold_one, matmul_under, stack_names
-from tf_lora.rewrite.saved_model import PLUGIN_PREFIX, RewriteError, SavedModelFiles, split_ref
+from tf_lora.rewrite.errors import RewriteError
+from tf_lora.rewrite.folding import fold_one
+from tf_lora.rewrite.graph_defs import PLUGIN_PREFIX, split_ref
+from tf_lora.rewrite.lora_patterns import BATCHED_LORA_APPLY, LORA_APPLY, matmul_under, stack_names
+from tf_lora.rewrite.model_files import ModelFiles
 
 
 def _tensor_info(info):
@@ -56,7 +59,7 @@ def inspect(model_dir) -> dict:
        "adapters": [...], "matmul_candidates": [...], "embedding_lookups": [...]}; each op entry names its
       function and node, variables by name with their shapes.
     """
-    files = SavedModelFiles(model_dir)
+    files = ModelFiles(model_dir)
     signatures = {
         name: {
             "inputs": {k: _tensor_info(v) for k, v in sorted(sig.inputs.items())},

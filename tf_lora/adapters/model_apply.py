@@ -1,4 +1,4 @@
-"""tf_lora.adapters.apply: adapters from files onto the layers of a Keras model, all or nothing."""
+"""tf_lora.adapters.apply (defined here): file adapters onto the layers of a Keras model, all or nothing."""
 
 import dataclasses
 

@@ -10,8 +10,11 @@ from tensorflow.python.framework import dtypes, tensor_util
 from tf_lora.adapters.kohya import load_kohya
 from tf_lora.adapters.model_layers import module_mapper
 from tf_lora.adapters.peft import load_peft
-from tf_lora.rewrite.fold import LORA_APPLY, matmul_under
-from tf_lora.rewrite.saved_model import GraphBody, RewriteError, SavedModelFiles, split_ref, write_saved_model
+from tf_lora.rewrite.errors import RewriteError
+from tf_lora.rewrite.graph_defs import GraphBody, split_ref
+from tf_lora.rewrite.lora_patterns import LORA_APPLY, matmul_under
+from tf_lora.rewrite.model_files import ModelFiles
+from tf_lora.rewrite.saved_model_writer import write_saved_model
 
 
 @dataclasses.dataclass
@@ -50,7 +53,7 @@ def swap_adapter(model_dir, out_dir, adapters, mapping=None, strict=True, overwr
     say = progress or (lambda _msg: None)
     if not isinstance(adapters, dict):
         adapters = load_adapter_file(adapters)
-    files = SavedModelFiles(model_dir)
+    files = ModelFiles(model_dir)
     proto, meta = files.copy_proto()
     functions = {f.signature.name: f for f in meta.graph_def.library.function}
     if files.tf1:

@@ -6,23 +6,19 @@ import re
 
 import numpy as np
 
-from tf_lora.rewrite.saved_model import (
+from tf_lora.rewrite.errors import RewriteError
+from tf_lora.rewrite.graph_defs import (
     CALL_OPS,
-    PLUGIN_PREFIX,
     VARIABLE_OPS,
     GraphBody,
-    RewriteError,
-    SavedModelFiles,
     plugin_nodes,
     rename_output,
     split_ref,
-    write_saved_model,
 )
+from tf_lora.rewrite.lora_patterns import BATCHED_LORA_APPLY, LORA_APPLY, matmul_under, stack_names
+from tf_lora.rewrite.model_files import ModelFiles
+from tf_lora.rewrite.saved_model_writer import write_saved_model
 
-LORA_APPLY = PLUGIN_PREFIX + "LoraApply"
-BATCHED_LORA_APPLY = PLUGIN_PREFIX + "BatchedLoraApply"
-# Ops between a MatMul and the LoRA apply that adds to its product: the bias, and other adapters' applies.
-_PASS_THROUGH = ("BiasAdd", "Identity", LORA_APPLY, BATCHED_LORA_APPLY)
 # What a TF1 graph does to every variable besides reading it: initialize it and check that it is.
 _TF1_INIT_OPS = ("VarIsInitializedOp", "AssignVariableOp", "Assign", "IsVariableInitialized")
 
@@ -63,7 +59,7 @@ def fold(model_dir, out_dir, adapter=None, overwrite=False, progress=None) -> Fo
       RewriteError: a pattern that cannot be folded (named), or an unreadable model; nothing is written.
     """
     say = progress or (lambda _msg: None)
-    files = SavedModelFiles(model_dir)
+    files = ModelFiles(model_dir)
     proto, meta = files.copy_proto()
     functions = {f.signature.name: f for f in meta.graph_def.library.function}
     if files.tf1:
@@ -180,15 +176,6 @@ def _adapter_names(files, fdef, nodes, node):
     return stack_names(files, fdef, nodes, data[2], count)
 
 
-def matmul_under(nodes, ref):
-    """The MatMul whose product a LoRA apply's `y` is, through a bias and other applies; None if there is
-    none."""
-    node = nodes.get(split_ref(ref)[0])
-    while node is not None and node.op in _PASS_THROUGH:
-        node = nodes.get(split_ref(node.input[0])[0])
-    return node if node is not None and node.op == "MatMul" else None
-
-
 def _batched_choice(files, fdef, nodes, node, data, chooser):
     """The one adapter of a BatchedLoraApply that folding keeps: the one `chooser` names, else the one every
     row uses (LoraDense's active adapter: ids filled with one value). (name, a, b, scale, chosen)."""
@@ -208,25 +195,6 @@ def _batched_choice(files, fdef, nodes, node, data, chooser):
     if k >= len(a_stack):
         raise RewriteError(f"{where}: adapter id {k} is out of range for {len(a_stack)} adapters")
     return names[k], a_stack[k], b_stack[k], float(scales[k]), True
-
-
-def stack_names(files, fdef, nodes, ref, n, ranks=None):
-    """Names of the adapters stacked into a_stack: the variables behind a Pack's inputs (through Pad); their
-    own ranks (before padding to the stack's) go into `ranks` when given."""
-    pack = nodes.get(split_ref(ref)[0])
-    names = [f"{split_ref(ref)[0]}[{k}]" for k in range(n)]
-    if pack is not None and pack.op == "Pack":
-        for k, item in enumerate(i for i in pack.input if not i.startswith("^")):
-            source = nodes.get(split_ref(item)[0])
-            while source is not None and source.op in ("Pad", "PadV2", "Identity"):
-                item = source.input[0]
-                source = nodes.get(split_ref(item)[0])
-            variable = files.read_variable(fdef, item)
-            if variable is not None and k < n:
-                names[k] = variable.name
-                if ranks is not None and len(variable.shape) == 2:
-                    ranks[k] = variable.shape[1]
-    return names
 
 
 def _uniform_id(files, fdef, nodes, ref, where):

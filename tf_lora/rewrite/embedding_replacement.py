@@ -1,5 +1,5 @@
 """replace-embedding: embedding gathers on chosen variables become pulls from a tf_lora.SparseTable that holds
-the variable's rows (id = row index), in a TF2 SavedModel.
+the variable's rows (id = row index), in a TF2 SavedModel (rewritten as protos) or a TF1 graph (in a session).
 
 The table's SavedModel pieces (its resource node, creator/initializer/destroyer functions and checkpoint
 save/restore functions) come from a donor: a one-table tf.Module that TensorFlow itself saves, transplanted
@@ -15,19 +15,18 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.core.framework import node_def_pb2, types_pb2
 
+from tf_lora.python.ops import sparse_table_ops
+from tf_lora.rewrite.errors import RewriteError
+from tf_lora.rewrite.graph_defs import SAVER_FUNCTIONS, rename_output, split_ref
 from tf_lora.rewrite.graph_edit import ArgumentAdder, checkpoint_graph, name_matches, resave
-from tf_lora.rewrite.saved_model import (
-    OBJECT_GRAPH_KEY,
-    SAVER_FUNCTIONS,
-    RewriteError,
-    SavedModelFiles,
-    rename_output,
-    split_ref,
-    write_saved_model,
-)
+from tf_lora.rewrite.model_files import OBJECT_GRAPH_KEY, ModelFiles
+from tf_lora.rewrite.saved_model_writer import write_saved_model
+from tf_lora.rewrite.tf1_session import all_variables, rewire, session_model, variable_of, write_session
 from tf_lora.sparse.table import SparseTable
 
 PULL = "TfLora>SparseTablePull"
+
+v1 = tf.compat.v1
 
 
 @dataclasses.dataclass
@@ -50,11 +49,9 @@ def replace_embedding(model_dir, out_dir, target, overwrite=False, progress=None
     """
     say = progress or (lambda _msg: None)
     pattern = re.compile(target)
-    files = SavedModelFiles(model_dir)
+    files = ModelFiles(model_dir)
     if files.tf1:
-        from tf_lora.rewrite.tf1 import replace_embedding_tf1  # noqa: PLC0415
-
-        result, found = replace_embedding_tf1(
+        result, found = _replace_embedding_tf1(
             files, out_dir, lambda name: name_matches(pattern, name), overwrite, say
         )
         if result is None:
@@ -141,7 +138,7 @@ def _donor(dim):
     module = tf.Module()
     module.table = SparseTable(dim, name=f"replaced_{uuid.uuid4().hex[:12]}")  # a table of its own
     tf.saved_model.save(module, directory)
-    return SavedModelFiles(directory)
+    return ModelFiles(directory)
 
 
 def _transplant_table(meta, ckpt, dim, local):
@@ -227,3 +224,68 @@ def _replace_with_pull(fdef, node_name, ids_ref, table_arg, dim):
     node.attr["dim"].i = dim
     node.attr["training"].b = False
     rename_output(fdef, node_name, "output", "values")
+
+
+def _replace_embedding_tf1(files, out_dir, matches, overwrite, say):
+    """replace-embedding on a TF1 graph, in a session (tf1_session)."""
+    replaced, found, problems = [], [], []
+    with session_model(files) as (graph, session, signatures):
+        sites = {}
+        for op in graph.get_operations():
+            if op.type not in ("GatherV2", "ResourceGather") or op.get_attr("batch_dims") != 0:
+                continue
+            if op.type == "GatherV2" and session.run(op.inputs[2]) != 0:
+                continue
+            variable = variable_of(op.inputs[0])
+            if variable is None:
+                continue
+            found.append(variable.name)
+            if matches(variable.name):
+                sites.setdefault(variable.name, []).append(op)
+        if not sites:
+            return None, sorted(set(found))
+        tables = []
+        for name, gathers in sorted(sites.items()):
+            value = session.run(_read_gathered(graph, gathers[0]))
+            if value.dtype != np.float32 or value.ndim != 2:
+                problems.append(
+                    f"{name}: a {value.dtype} {list(value.shape)} variable; tables hold float32 [rows, dim]"
+                )
+                continue
+            rows, dim = value.shape
+            with graph.as_default():
+                table = SparseTable(dim, name=f"tf_lora_table_{name.replace('/', '_')}")
+                for gather in gathers:
+                    say(f"replace {gather.name}")
+                    ids = tf.cast(gather.inputs[1], tf.int64)
+                    pull = sparse_table_ops.pull(table.resource_handle, ids, dim=dim, training=False)
+                    rewire(gather.outputs[0], pull, signatures)
+                load = table.import_(
+                    {
+                        "keys": np.arange(rows, dtype=np.int64),
+                        "values": value,
+                        "slots": np.zeros((rows, 0), np.float32),
+                        "update_counts": np.zeros(rows, np.int64),
+                        "last_steps": np.zeros(rows, np.int64),
+                        "step": np.array(0, np.int64),
+                    }
+                )
+            session.run(load)
+            tables.append(table)
+            replaced.append(
+                Replaced(name, (rows, dim), table.resource_handle.op.name, [g.name for g in gathers])
+            )
+        if problems:
+            raise RewriteError("replace-embedding: nothing written; " + "; ".join(problems))
+        say(f"write {out_dir}")
+        write_session(files, session, signatures, out_dir, overwrite, [*all_variables(graph), *tables])
+    return replaced, None
+
+
+def _read_gathered(graph, gather):
+    """A tensor holding the gathered variable's value."""
+    source = gather.inputs[0]
+    if source.dtype == tf.resource:
+        with graph.as_default():
+            return v1.raw_ops.ReadVariableOp(resource=source, dtype=gather.get_attr("dtype"))
+    return source

@@ -1,0 +1,68 @@
+"""Reading and editing the node lists of GraphDefs and FunctionDefs: the op names rewrites look for, tensor
+references (`node:out_arg:index` in functions, `node:index` in graphs), a TF1 graph read like a function,
+and renaming a node's outputs."""
+
+import types
+
+PLUGIN_PREFIX = "TfLora>"
+VARIABLE_OPS = ("VarHandleOp", "VariableV2", "Variable")
+CALL_OPS = ("StatefulPartitionedCall", "PartitionedCall")
+# Functions TensorFlow writes to save and restore the checkpoint: they touch every variable, never a model op.
+SAVER_FUNCTIONS = ("__inference__traced_save_", "__inference__traced_restore_")
+
+
+def split_ref(ref):
+    """A FunctionDef input `node:out_arg:index` (or an argument name), or a GraphDef input `node:index` (or
+    `node`), as (node, out_arg or None, index)."""
+    parts = ref.split(":")
+    if len(parts) == 1:
+        return parts[0], None, 0
+    if len(parts) == 2:
+        return parts[0], None, int(parts[1])
+    return parts[0], parts[1], int(parts[2])
+
+
+class GraphBody:
+    """The top-level graph of a TF1 model, read like a FunctionDef: `signature.name`, `node_def`, and `ret`
+    (the tensors the signatures fetch, so that they count as consumers)."""
+
+    def __init__(self, meta):
+        self.signature = types.SimpleNamespace(name="graph")
+        self.node_def = meta.graph_def.node
+        self.ret = {
+            f"{name}/{key}": info.name
+            for name, sig in meta.signature_def.items()
+            for key, info in sig.outputs.items()
+            if info.name
+        }
+
+
+def rename_output(fdef, node_name, old_arg, new_arg):
+    """References to `node_name`'s output `old_arg` (FunctionDef naming) become `new_arg`: what a node that
+    changes op in place needs (GraphDef references name outputs by index, so there is nothing to do)."""
+    old, new = f"{node_name}:{old_arg}:", f"{node_name}:{new_arg}:"
+    for node in fdef.node_def:
+        for k, ref in enumerate(node.input):
+            if ref.startswith(old):
+                node.input[k] = new + ref[len(old) :]
+    for key, ref in fdef.ret.items():
+        if ref.startswith(old):
+            fdef.ret[key] = new + ref[len(old) :]
+
+
+def stripped_op_names(meta):
+    """Every op the meta graph's graph and functions use."""
+    ops = {n.op for n in meta.graph_def.node}
+    for f in meta.graph_def.library.function:
+        ops.update(n.op for n in f.node_def)
+    return ops
+
+
+def plugin_nodes(meta):
+    """`function/node (op)` for every tf_lora op left in the meta graph."""
+    found = [f"{n.name} ({n.op})" for n in meta.graph_def.node if n.op.startswith(PLUGIN_PREFIX)]
+    for f in meta.graph_def.library.function:
+        found += [
+            f"{f.signature.name}/{n.name} ({n.op})" for n in f.node_def if n.op.startswith(PLUGIN_PREFIX)
+        ]
+    return found
