@@ -5,7 +5,7 @@
 #   make wheel   leave the wheel in dist/
 #   make format  ruff format (Python) and clang-format (C++, needs Debian's clang-format)
 #
-# Set-up: `make bootstrap` (Debian's bazel-bootstrap and g++ when missing, via sudo when not root), and
+# Set-up: `make bootstrap` (Debian's bazel-bootstrap, g++ and googletest when missing, via sudo when not root), and
 # .venv with the pinned requirements.txt. Builds use .bazelrc (offline, optimised) and .bazelrc.user
 # (tools/configure.py); docs/building.md says why.
 
@@ -35,9 +35,17 @@ format: deps
 	clang-format -i core/*/*.cc core/*/*.h
 	clang-format -i --assume-filename=x.cc core/*/*.inc
 
+# The wheel Bazel writes is tagged linux_x86_64; auditwheel checks that its libraries need nothing newer than
+# the manylinux_2_27 policy allows (TensorFlow's own tag) and retags it. libtensorflow_framework.so.2 is
+# TensorFlow's, loaded by TensorFlow before any op library: never copied into the wheel.
+MANYLINUX := manylinux_2_27_x86_64
+
 wheel: build
-	rm -f $(DIST)/tf_lora-*.whl
-	bazel-bin/pip_package/build_pip_package $(DIST)
+	rm -rf $(DIST)/tf_lora-*.whl $(DIST)/.linux
+	bazel-bin/pip_package/build_pip_package $(DIST)/.linux
+	PATH=$(VENV)/bin:$$PATH $(VENV)/bin/auditwheel repair --plat $(MANYLINUX) --only-plat \
+	  --exclude libtensorflow_framework.so.2 -w $(DIST) $(DIST)/.linux/tf_lora-*.whl
+	rm -rf $(DIST)/.linux
 
 install: wheel
 	$(PY) -m pip install --quiet --no-deps --force-reinstall $(DIST)/tf_lora-*.whl
@@ -51,7 +59,8 @@ configure: deps
 deps: bootstrap $(VENV)/.requirements-installed
 
 # The Debian packages the build needs and a fresh machine lacks, installed only when missing (as root, or
-# through sudo): bazel-bootstrap (Bazel 4, which builds offline) and g++ (the kernels' compiler).
+# through sudo): bazel-bootstrap (Bazel 4, which builds offline), g++ (the kernels' compiler) and googletest
+# (the C++ tests' framework, built from its sources by Bazel: third_party/googletest).
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get
 
@@ -62,6 +71,9 @@ bootstrap:
 	@command -v g++ >/dev/null 2>&1 || { \
 	  echo "make bootstrap: installing Debian's g++ (compiles the kernels): g++ is missing"; \
 	  $(APT) update -qq && $(APT) install -y -qq g++; }
+	@test -f /usr/src/googletest/googletest/src/gtest-all.cc || { \
+	  echo "make bootstrap: installing Debian's googletest (sources of the C++ tests' framework): missing"; \
+	  $(APT) update -qq && $(APT) install -y -qq googletest; }
 
 $(VENV)/.requirements-installed: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

@@ -3,11 +3,7 @@
 // 4096 x 4096 out of place and in place on 2 threads, against a copy-and-add
 // pass over w.
 //
-//   g++ -O3 -DNDEBUG -ffp-contract=fast $(.venv/bin/python -c "import \
-//     tensorflow as tf; print(' '.join(tf.sysconfig.get_compile_flags()))") \
-//     -I. benchmarks/harness/lora_merge.cc core/kernels/lora_cpu.cc \
-//     -o /tmp/lora_merge -lpthread
-//   /tmp/lora_merge 16        # the rank
+//   bazel run //benchmarks/harness:lora_merge -- 16   # the rank
 #define EIGEN_USE_THREADS
 #include <algorithm>
 #include <chrono>

@@ -6,12 +6,8 @@
 //   .venv/bin/python -c "import numpy as np; r = np.random.default_rng(0); \
 //     ((r.zipf(1.2, 65536) - 1) %
 //     1000000).astype(np.int64).tofile('/tmp/ids.bin')"
-//   g++ -O3 -march=haswell $(.venv/bin/python -c "import tensorflow as tf; \
-//     print(' '.join(tf.sysconfig.get_compile_flags()))") -I. \
-//     benchmarks/harness/sparse_pull.cc core/kernels/sparse_table.cc \
-//     core/kernels/page_pool.cc -o /tmp/sparse_pull -lpthread
-//   /tmp/sparse_pull 300 /tmp/ids.bin      # TF_LORA_HUGE_PAGES=0 for small
-//   pages
+//   bazel run //benchmarks/harness:sparse_pull -- 300 /tmp/ids.bin
+//   (TF_LORA_HUGE_PAGES=0 for small pages)
 #include <algorithm>
 #include <chrono>
 #include <cstdio>

@@ -115,6 +115,10 @@ TF_LORA_DECLARE_CPU(Eigen::half)
 TF_LORA_DECLARE_CPU(Eigen::bfloat16)
 #undef TF_LORA_DECLARE_CPU
 
+// The CPU code the functors run: "avx2" (AVX2 + FMA + F16C) or "baseline",
+// chosen once per process from the CPU and TF_LORA_CPU_ISA=baseline.
+const char* CpuCodePath();
+
 }  // namespace functor
 }  // namespace tf_lora
 

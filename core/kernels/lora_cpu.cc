@@ -439,6 +439,8 @@ void ApplyRows(const Eigen::ThreadPoolDevice& d, int64_t rows,
 
 }  // namespace
 
+const char* CpuCodePath() { return UseAvx2() ? "avx2" : "baseline"; }
+
 template <typename T>
 void LoraMerge<Eigen::ThreadPoolDevice, T>::operator()(
     const Eigen::ThreadPoolDevice& d, int64_t in, int64_t out, int64_t r,

@@ -1,6 +1,7 @@
 // Tests of the CPU functors of lora.h against a naive double-precision
-// reference. Self-contained (no gtest offline): prints one line per case and
-// exits non-zero on any failure.
+// reference, with no OpKernel in the way. The target lora_cpu_baseline_test
+// runs them again with TF_LORA_CPU_ISA=baseline: the code for CPUs without
+// AVX2.
 
 #define EIGEN_USE_THREADS
 
@@ -14,12 +15,11 @@
 #include <vector>
 
 #include "core/kernels/lora.h"
+#include "gtest/gtest.h"
 #include "unsupported/Eigen/CXX11/Tensor"
 
 namespace tf_lora {
 namespace {
-
-int failures = 0;
 
 // 64-byte aligned, as TensorFlow's allocator hands out buffers.
 template <typename T>
@@ -61,12 +61,9 @@ void CheckMerge(const Eigen::ThreadPoolDevice& d, const char* type, int64_t in,
       if (!(err <= max_err)) max_err = err;  // NaN propagates into max_err.
     }
   }
-  const bool ok = max_err <= tol;
-  failures += !ok;
-  std::printf("%s LoraMerge<%s> in=%lld out=%lld r=%lld%s max_err=%.3g\n",
-              ok ? "PASS" : "FAIL", type, static_cast<long long>(in),
-              static_cast<long long>(out), static_cast<long long>(r),
-              in_place ? " in-place" : "", max_err);
+  EXPECT_LE(max_err, tol) << "LoraMerge<" << type << "> in=" << in
+                          << " out=" << out << " r=" << r
+                          << (in_place ? " in-place" : "");
 }
 
 template <typename T>
@@ -123,13 +120,9 @@ void CheckApply(const Eigen::ThreadPoolDevice& d, const char* type, int64_t n,
       if (!(err <= max_err)) max_err = err;
     }
   }
-  const bool ok = max_err <= tol;
-  failures += !ok;
-  std::printf(
-      "%s LoraApply<%s> n=%lld in=%lld out=%lld r=%lld%s max_err=%.3g\n",
-      ok ? "PASS" : "FAIL", type, static_cast<long long>(n),
-      static_cast<long long>(in), static_cast<long long>(out),
-      static_cast<long long>(r), in_place ? " in-place" : "", max_err);
+  EXPECT_LE(max_err, tol) << "LoraApply<" << type << "> n=" << n << " in=" << in
+                          << " out=" << out << " r=" << r
+                          << (in_place ? " in-place" : "");
 }
 
 template <typename T>
@@ -215,13 +208,8 @@ void CheckApplyGrad(const Eigen::ThreadPoolDevice& d, const char* type,
     }
   }
   check(static_cast<double>(dscale), ref_dscale, double(n) * r * (in + out));
-  const bool ok = err <= tol;
-  failures += !ok;
-  std::printf(
-      "%s LoraApplyGrad<%s> n=%lld in=%lld out=%lld r=%lld max_err=%.3g\n",
-      ok ? "PASS" : "FAIL", type, static_cast<long long>(n),
-      static_cast<long long>(in), static_cast<long long>(out),
-      static_cast<long long>(r), err);
+  EXPECT_LE(err, tol) << "LoraApplyGrad<" << type << "> n=" << n << " in=" << in
+                      << " out=" << out << " r=" << r;
 }
 
 template <typename T>
@@ -312,14 +300,10 @@ void CheckBatched(const Eigen::ThreadPoolDevice& d, const char* type, int64_t n,
     ok &= std::equal(dbk.begin(), dbk.end(), db.begin() + k * r * out);
     ok &= static_cast<float>(dsk) == static_cast<float>(ds[k]);
   }
-  failures += !ok;
-  std::printf(
-      "%s BatchedLoraApply<%s> n=%lld in=%lld out=%lld r=%lld "
-      "adapters=%lld%s equals per-row applies and per-adapter grads\n",
-      ok ? "PASS" : "FAIL", type, static_cast<long long>(n),
-      static_cast<long long>(in), static_cast<long long>(out),
-      static_cast<long long>(r), static_cast<long long>(adapters),
-      in_place ? " in-place" : "");
+  EXPECT_TRUE(ok) << "BatchedLoraApply<" << type << "> n=" << n << " in=" << in
+                  << " out=" << out << " r=" << r << " adapters=" << adapters
+                  << (in_place ? " in-place" : "")
+                  << ": differs from per-row applies and per-adapter grads";
 }
 
 template <typename T>
@@ -343,7 +327,7 @@ void CheckBatchedShapes(const Eigen::ThreadPoolDevice& d, const char* type) {
 
 // Every output element is computed by the same code on the same inputs
 // whatever the sharding, so results must not depend on the thread count.
-void CheckThreadIndependence() {
+TEST(LoraCpu, ResultsDoNotDependOnTheThreadCount) {
   std::mt19937 rng(11);
   const int64_t n = 203, in = 77, out = 301, r = 12;
   Buffer<float> y = Random<float>(n * out, &rng),
@@ -375,11 +359,12 @@ void CheckThreadIndependence() {
   functor::LoraApplyGrad<Eigen::ThreadPoolDevice, float>()(
       d3, n, in, out, r, g.data(), x.data(), a.data(), b.data(), 0.5f,
       dx3.data(), da3.data(), db3.data(), &ds3);
-  const bool ok = one == many && m1 == m3 && dx1 == dx3 && da1 == da3 &&
-                  db1 == db3 && ds1 == ds3;
-  failures += !ok;
-  std::printf("%s results identical on 1 and 3 threads\n",
-              ok ? "PASS" : "FAIL");
+  EXPECT_EQ(one, many);
+  EXPECT_EQ(m1, m3);
+  EXPECT_EQ(dx1, dx3);
+  EXPECT_EQ(da1, da3);
+  EXPECT_EQ(db1, db3);
+  EXPECT_EQ(ds1, ds3);
 }
 
 // Rounding to T must be bit-exact with static_cast<T> (Eigen's
@@ -416,12 +401,66 @@ void CheckRoundingMatchesEigen(const Eigen::ThreadPoolDevice& d,
     std::memcpy(&gb, static_cast<const void*>(&merged[j]), 2);
     mismatches += ref_nan ? !got_nan : rb != gb;
   }
-  failures += mismatches != 0;
-  std::printf(
-      "%s rounding to %s matches static_cast on %lld values (%lld "
-      "mismatches)\n",
-      mismatches ? "FAIL" : "PASS", type, static_cast<long long>(out),
-      static_cast<long long>(mismatches));
+  EXPECT_EQ(mismatches, 0) << "rounding to " << type << " differs from "
+                           << "static_cast on " << mismatches << " of " << out
+                           << " values";
+}
+
+// The baseline target must run the baseline code; the other runs the AVX2
+// code wherever the CPU has it.
+TEST(LoraCpu, RunsTheCodePathAsked) {
+  const char* isa = std::getenv("TF_LORA_CPU_ISA");
+  const bool baseline = isa != nullptr && std::strcmp(isa, "baseline") == 0;
+#if defined(__x86_64__)
+  const bool avx2 = __builtin_cpu_supports("avx2") &&
+                    __builtin_cpu_supports("fma") &&
+                    __builtin_cpu_supports("f16c");
+#else
+  const bool avx2 = false;
+#endif
+  EXPECT_STREQ(functor::CpuCodePath(), !baseline && avx2 ? "avx2" : "baseline");
+}
+
+// As TensorFlow's CPU device runs the functors: a pool of worker threads.
+const Eigen::ThreadPoolDevice& Device() {
+  static Eigen::ThreadPool* pool = new Eigen::ThreadPool(4);
+  static Eigen::ThreadPoolDevice* device = new Eigen::ThreadPoolDevice(pool, 4);
+  return *device;
+}
+
+// Half types: one rounding of the float32 result (2^-11 and 2^-8 relative),
+// plus float32 sums.
+TEST(LoraCpu, MergeMatchesTheReference) {
+  CheckAllShapes<float>(Device(), "float", 1e-6);
+  CheckAllShapes<double>(Device(), "double", 1e-14);
+  CheckAllShapes<Eigen::half>(Device(), "half", 1e-3);
+  CheckAllShapes<Eigen::bfloat16>(Device(), "bfloat16", 4e-3);
+}
+
+TEST(LoraCpu, ApplyMatchesTheReference) {
+  CheckApplyShapes<float>(Device(), "float", 1e-5);
+  CheckApplyShapes<double>(Device(), "double", 1e-14);
+  CheckApplyShapes<Eigen::half>(Device(), "half", 1e-3);
+  CheckApplyShapes<Eigen::bfloat16>(Device(), "bfloat16", 4e-3);
+}
+
+TEST(LoraCpu, ApplyGradMatchesTheReference) {
+  CheckApplyGradShapes<float>(Device(), "float", 1e-5);
+  CheckApplyGradShapes<double>(Device(), "double", 1e-13);
+  CheckApplyGradShapes<Eigen::half>(Device(), "half", 2e-3);
+  CheckApplyGradShapes<Eigen::bfloat16>(Device(), "bfloat16", 8e-3);
+}
+
+TEST(LoraCpu, BatchedEqualsPerAdapterCalls) {
+  CheckBatchedShapes<float>(Device(), "float");
+  CheckBatchedShapes<double>(Device(), "double");
+  CheckBatchedShapes<Eigen::half>(Device(), "half");
+  CheckBatchedShapes<Eigen::bfloat16>(Device(), "bfloat16");
+}
+
+TEST(LoraCpu, RoundingToHalfTypesMatchesStaticCast) {
+  CheckRoundingMatchesEigen<Eigen::half>(Device(), "half");
+  CheckRoundingMatchesEigen<Eigen::bfloat16>(Device(), "bfloat16");
 }
 
 }  // namespace
@@ -429,32 +468,3 @@ void CheckRoundingMatchesEigen(const Eigen::ThreadPoolDevice& d,
 
 // --baseline runs the baseline-ISA code instead of the AVX2 code the CPU may
 // have.
-int main(int argc, char** argv) {
-  if (argc > 1 && std::strcmp(argv[1], "--baseline") == 0)
-    setenv("TF_LORA_CPU_ISA", "baseline", 1);
-  Eigen::ThreadPool pool(4);
-  Eigen::ThreadPoolDevice device(&pool, 4);
-  // Half types: one rounding of the float32 result (2^-11 and 2^-8 relative),
-  // plus float32 sums.
-  tf_lora::CheckAllShapes<float>(device, "float", 1e-6);
-  tf_lora::CheckAllShapes<double>(device, "double", 1e-14);
-  tf_lora::CheckAllShapes<Eigen::half>(device, "half", 1e-3);
-  tf_lora::CheckAllShapes<Eigen::bfloat16>(device, "bfloat16", 4e-3);
-  tf_lora::CheckApplyShapes<float>(device, "float", 1e-5);
-  tf_lora::CheckApplyShapes<double>(device, "double", 1e-14);
-  tf_lora::CheckApplyShapes<Eigen::half>(device, "half", 1e-3);
-  tf_lora::CheckApplyShapes<Eigen::bfloat16>(device, "bfloat16", 4e-3);
-  tf_lora::CheckApplyGradShapes<float>(device, "float", 1e-5);
-  tf_lora::CheckApplyGradShapes<double>(device, "double", 1e-13);
-  tf_lora::CheckApplyGradShapes<Eigen::half>(device, "half", 2e-3);
-  tf_lora::CheckApplyGradShapes<Eigen::bfloat16>(device, "bfloat16", 8e-3);
-  tf_lora::CheckBatchedShapes<float>(device, "float");
-  tf_lora::CheckBatchedShapes<double>(device, "double");
-  tf_lora::CheckBatchedShapes<Eigen::half>(device, "half");
-  tf_lora::CheckBatchedShapes<Eigen::bfloat16>(device, "bfloat16");
-  tf_lora::CheckThreadIndependence();
-  tf_lora::CheckRoundingMatchesEigen<Eigen::half>(device, "half");
-  tf_lora::CheckRoundingMatchesEigen<Eigen::bfloat16>(device, "bfloat16");
-  std::printf("%d failed\n", tf_lora::failures);
-  return tf_lora::failures == 0 ? 0 : 1;
-}

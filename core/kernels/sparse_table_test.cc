@@ -1,5 +1,4 @@
-// Tests of the sparse table alone (no TensorFlow runtime). Self-contained:
-// prints one line per check and exits non-zero on any failure.
+// Tests of the sparse table alone (no TensorFlow runtime).
 
 #include "core/kernels/sparse_table.h"
 
@@ -20,17 +19,11 @@
 #include <vector>
 
 #include "core/kernels/worker_exceptions.h"
+#include "gtest/gtest.h"
 
 namespace tf_lora {
 namespace sparse {
 namespace {
-
-int failures = 0;
-
-void Check(bool ok, const char* what) {
-  failures += !ok;
-  std::printf("%s %s\n", ok ? "PASS" : "FAIL", what);
-}
 
 // Splits [0, n) over 4 threads.
 void Threads(int64_t n, double, std::function<void(int64_t, int64_t)> fn) {
@@ -52,7 +45,7 @@ Config MakeConfig(Optimizer::Kind opt, Initializer::Kind init, int64_t dim) {
   return c;
 }
 
-void TestPullInsertsAndInitIsPerKey() {
+TEST(SparseTable, PullInsertsAndInitIsPerKey) {
   const int64_t dim = 7;
   Table t1(MakeConfig(Optimizer::Kind::kSgd, Initializer::Kind::kNormal, dim));
   Table t2(MakeConfig(Optimizer::Kind::kSgd, Initializer::Kind::kNormal, dim));
@@ -69,17 +62,18 @@ void TestPullInsertsAndInitIsPerKey() {
     same &= std::equal(v1.begin() + i * dim, v1.begin() + (i + 1) * dim,
                        v2.begin() + j * dim);
   }
-  Check(same, "initial rows are a function of (seed, key), not of order");
-  Check(t1.Size() == t2.Size() && t1.Size() > 2000 && t1.Size() <= 3000,
-        "training pulls insert each distinct key once");
+  EXPECT_TRUE(same)
+      << "initial rows are a function of (seed, key), not of order";
+  EXPECT_TRUE(t1.Size() == t2.Size() && t1.Size() > 2000 && t1.Size() <= 3000)
+      << "training pulls insert each distinct key once";
   double sum = 0, sq = 0;
   for (float x : v1) sum += x, sq += x * x;
   const double mean = sum / v1.size(), var = sq / v1.size() - mean * mean;
-  Check(std::abs(mean) < 0.05 && std::abs(var - 1) < 0.1,
-        "normal initializer has mean 0 and variance 1");
+  EXPECT_TRUE(std::abs(mean) < 0.05 && std::abs(var - 1) < 0.1)
+      << "normal initializer has mean 0 and variance 1";
 }
 
-void TestInferencePullInsertsNothing() {
+TEST(SparseTable, InferencePullInsertsNothing) {
   Table t(MakeConfig(Optimizer::Kind::kSgd, Initializer::Kind::kUniform, 4));
   const int64_t known = 42, unknown = 43;
   std::vector<float> v(4);
@@ -88,14 +82,14 @@ void TestInferencePullInsertsNothing() {
   const int64_t ids[2] = {unknown, known};
   std::vector<float> out(8, -1.f);
   t.Pull(ids, 2, false, out.data(), Threads);
-  Check(t.Size() == 1, "inference pull inserts nothing");
-  Check(std::all_of(out.begin(), out.begin() + 4,
-                    [](float x) { return x == 0; }) &&
-            std::equal(row.begin(), row.end(), out.begin() + 4),
-        "inference pull: unknown ids read zeros, known ids their row");
+  EXPECT_TRUE(t.Size() == 1) << "inference pull inserts nothing";
+  EXPECT_TRUE(std::all_of(out.begin(), out.begin() + 4,
+                          [](float x) { return x == 0; }) &&
+              std::equal(row.begin(), row.end(), out.begin() + 4))
+      << "inference pull: unknown ids read zeros, known ids their row";
 }
 
-void TestSgdSumsDuplicatesExactly() {
+TEST(SparseTable, SgdSumsDuplicatesExactly) {
   Table t(MakeConfig(Optimizer::Kind::kSgd, Initializer::Kind::kZeros, 3));
   const int64_t ids[5] = {7, 9, 7, 7, 11};
   const float grads[15] = {1, 2, 3, 10, 20, 30, 1, 2, 3, 1, 2, 3, 5, 5, 5};
@@ -105,17 +99,17 @@ void TestSgdSumsDuplicatesExactly() {
   t.Pull(q, 3, false, v.data(), Threads);
   const std::vector<float> want = {-1.5f, -3,    -4.5f, -5,   -10,
                                    -15,   -2.5f, -2.5f, -2.5f};
-  Check(v == want, "SGD: duplicates summed, one update per key");
+  EXPECT_TRUE(v == want) << "SGD: duplicates summed, one update per key";
   const Table::Contents c = t.Export();
   int64_t count7 = -1;
   for (size_t i = 0; i < c.keys.size(); ++i) {
     if (c.keys[i] == 7) count7 = c.update_counts[i];
   }
-  Check(count7 == 1 && t.step() == 1,
-        "a push counts one update per unique key");
+  EXPECT_TRUE(count7 == 1 && t.step() == 1)
+      << "a push counts one update per unique key";
 }
 
-void TestAdagrad() {
+TEST(SparseTable, Adagrad) {
   Config config =
       MakeConfig(Optimizer::Kind::kAdagrad, Initializer::Kind::kZeros, 2);
   config.optimizer.initial_accumulator = 0.1f;
@@ -134,15 +128,15 @@ void TestAdagrad() {
     }
   }
   const Table::Contents c = t.Export();
-  Check(c.keys.size() == 1 && std::abs(c.values[0] - w[0]) < 1e-6 &&
-            std::abs(c.values[1] - w[1]) < 1e-6 &&
-            std::abs(c.slots[0] - acc[0]) < 1e-5 &&
-            std::abs(c.slots[1] - acc[1]) < 1e-5 && c.update_counts[0] == 2 &&
-            c.last_steps[0] == 2,
-        "Adagrad matches the Keras 3 update, slots and metadata exported");
+  EXPECT_TRUE(c.keys.size() == 1 && std::abs(c.values[0] - w[0]) < 1e-6 &&
+              std::abs(c.values[1] - w[1]) < 1e-6 &&
+              std::abs(c.slots[0] - acc[0]) < 1e-5 &&
+              std::abs(c.slots[1] - acc[1]) < 1e-5 && c.update_counts[0] == 2 &&
+              c.last_steps[0] == 2)
+      << "Adagrad matches the Keras 3 update, slots and metadata exported";
 }
 
-void TestImportRoundTripAndRejectsDuplicates() {
+TEST(SparseTable, ImportRoundTripAndRejectsDuplicates) {
   Table t(
       MakeConfig(Optimizer::Kind::kAdagrad, Initializer::Kind::kUniform, 5));
   std::vector<int64_t> ids(3000);
@@ -151,7 +145,8 @@ void TestImportRoundTripAndRejectsDuplicates() {
   t.Push(ids.data(), ids.size(), grads.data(), 0.1f, Threads);
   const Table::Contents before = t.Export();
   Table u(t.config());
-  Check(u.Import(before, t.step()).empty(), "import of an export succeeds");
+  EXPECT_TRUE(u.Import(before, t.step()).empty())
+      << "import of an export succeeds";
   const Table::Contents after = u.Export();
   std::vector<size_t> a(before.keys.size()), b(after.keys.size());
   bool same = before.keys.size() == after.keys.size() && u.step() == t.step();
@@ -160,17 +155,17 @@ void TestImportRoundTripAndRejectsDuplicates() {
   t.Pull(ids.data(), ids.size(), false, va.data(), Threads);
   u.Pull(ids.data(), ids.size(), false, vb.data(), Threads);
   same &= va == vb;
-  Check(same, "export -> import round trip is exact");
+  EXPECT_TRUE(same) << "export -> import round trip is exact";
   Table::Contents dup = before;
   dup.keys[1] = dup.keys[0];
   const std::string error = u.Import(dup, 99);
   std::vector<float> vc(ids.size() * 5);
   u.Pull(ids.data(), ids.size(), false, vc.data(), Threads);
-  Check(!error.empty() && vc == vb && u.step() == t.step(),
-        "import with a duplicate key fails and leaves the table as it was");
+  EXPECT_TRUE(!error.empty() && vc == vb && u.step() == t.step())
+      << "import with a duplicate key fails and leaves the table as it was";
 }
 
-void TestConcurrentPushesLoseNothing() {
+TEST(SparseTable, ConcurrentPushesLoseNothing) {
   Table t(MakeConfig(Optimizer::Kind::kSgd, Initializer::Kind::kZeros, 2));
   const int kThreads = 4, kPushes = 200, kIds = 64;
   std::vector<std::thread> threads;
@@ -194,15 +189,15 @@ void TestConcurrentPushesLoseNothing() {
   for (float v : c.values) total += v;
   for (int64_t u : c.update_counts) updates += u;
   // Every pushed gradient of 1 moved its value by exactly -1.
-  Check(total == -2.0 * kThreads * kPushes * kIds &&
-            t.step() == kThreads * kPushes && updates > 0,
-        "concurrent pushes and pulls: exact SGD sums, no lost inserts");
+  EXPECT_TRUE(total == -2.0 * kThreads * kPushes * kIds &&
+              t.step() == kThreads * kPushes && updates > 0)
+      << "concurrent pushes and pulls: exact SGD sums, no lost inserts";
 }
 
 // Removal against a reference set, through many inserts and removals, so
 // backward-shift deletion and row moves meet every case (wrap-around probes,
 // moved rows, emptied blocks).
-void TestRemoveAndEvict() {
+TEST(SparseTable, RemoveAndEvict) {
   Table t(MakeConfig(Optimizer::Kind::kSgd, Initializer::Kind::kUniform, 3));
   std::mt19937_64 rng(5);
   std::vector<int64_t> ids(20000);
@@ -227,7 +222,8 @@ void TestRemoveAndEvict() {
       ok &= after[i * 3 + j] == want;
     }
   }
-  Check(ok, "remove: removed keys read zeros, every other key keeps its row");
+  EXPECT_TRUE(ok)
+      << "remove: removed keys read zeros, every other key keeps its row";
   // Evict: keys pushed twice stay, the rest go (min_update_count 2).
   const int64_t keep[3] = {1, 2, 4};
   const float g[9] = {1, 1, 1, 1, 1, 1, 1, 1, 1};
@@ -235,16 +231,16 @@ void TestRemoveAndEvict() {
   t.Push(keep, 3, g, 0.1f, Threads);
   const int64_t size_before = t.Size();
   const int64_t evicted = t.Evict(/*min_update_count=*/2, /*max_age=*/-1);
-  Check(t.Size() == 3 && evicted == size_before - 3,
-        "evict by update count keeps the keys updated often enough");
+  EXPECT_TRUE(t.Size() == 3 && evicted == size_before - 3)
+      << "evict by update count keeps the keys updated often enough";
   t.Push(keep, 1, g, 0.1f, Threads);  // key 1 is fresh; 2 and 4 one step older
-  Check(t.Evict(0, /*max_age=*/0) == 2 && t.Size() == 1,
-        "evict by age removes keys not updated within max_age steps");
+  EXPECT_TRUE(t.Evict(0, /*max_age=*/0) == 2 && t.Size() == 1)
+      << "evict by age removes keys not updated within max_age steps";
 }
 
 // The pool: aligned, disjoint blocks of every kind (heap, slab, own mapping);
 // memory goes back once freed; huge pages asked for past the threshold.
-void TestPagePool() {
+TEST(SparseTable, PagePool) {
   PagePool pool;
   const size_t sizes[] = {1000,      PagePool::kMinPooled,
                           64 << 10,  (64 << 10) + 100,
@@ -270,9 +266,10 @@ void TestPagePool() {
     intact &= std::all_of(b.p, b.p + b.bytes,
                           [&](unsigned char c) { return c == b.fill; });
   }
-  Check(aligned && intact, "page pool: 64-byte aligned, disjoint blocks");
-  Check(pool.huge() == (std::getenv("TF_LORA_HUGE_PAGES") == nullptr),
-        "page pool: asks for huge pages once it holds enough chunks");
+  EXPECT_TRUE(aligned && intact)
+      << "page pool: 64-byte aligned, disjoint blocks";
+  EXPECT_TRUE(pool.huge() == (std::getenv("TF_LORA_HUGE_PAGES") == nullptr))
+      << "page pool: asks for huge pages once it holds enough chunks";
   // Free every other block of each size, reuse the room, then free all.
   const size_t kinds = std::size(sizes);
   const auto freed = [&](size_t i) { return (i / kinds) % 2 == 0; };
@@ -284,17 +281,18 @@ void TestPagePool() {
     if (!freed(i)) continue;
     blocks[i].p = static_cast<unsigned char*>(pool.Allocate(blocks[i].bytes));
   }
-  Check(pool.slab_chunks() == chunks, "page pool: freed slots are reused");
+  EXPECT_TRUE(pool.slab_chunks() == chunks)
+      << "page pool: freed slots are reused";
   for (const Block& b : blocks) pool.Free(b.p, b.bytes);
   // At most one spare chunk per slab size is kept.
-  Check(pool.slab_chunks() <= 4 && pool.large_bytes() == 0,
-        "page pool: memory goes back to the system once freed");
+  EXPECT_TRUE(pool.slab_chunks() <= 4 && pool.large_bytes() == 0)
+      << "page pool: memory goes back to the system once freed";
 }
 
 // A table past the pool's huge-page threshold (250K keys x 128-byte rows):
 // rows and indexes keep their contents through growth, removal and eviction,
 // and the memory goes back when the keys go.
-void TestLargeTable() {
+TEST(SparseTable, LargeTable) {
   const int64_t dim = 16;
   Table t(
       MakeConfig(Optimizer::Kind::kAdagrad, Initializer::Kind::kNormal, dim));
@@ -307,9 +305,9 @@ void TestLargeTable() {
   t.Pull(ids.data(), ids.size(), true, first.data(), Threads);
   t.Pull(ids.data(), ids.size(), false, again.data(), Threads);
   const bool huge = t.pool().huge();
-  Check(t.Size() == 250000 && first == again &&
-            huge == (std::getenv("TF_LORA_HUGE_PAGES") == nullptr),
-        "large table: every key once, rows read back exactly");
+  EXPECT_TRUE(t.Size() == 250000 && first == again &&
+              huge == (std::getenv("TF_LORA_HUGE_PAGES") == nullptr))
+      << "large table: every key once, rows read back exactly";
   std::vector<int64_t> doomed;
   for (size_t i = 0; i < ids.size(); i += 3) doomed.push_back(ids[i]);
   const int chunks = t.pool().slab_chunks();
@@ -321,18 +319,18 @@ void TestLargeTable() {
       ok &= again[i * dim + j] == (i % 3 == 0 ? 0.f : first[i * dim + j]);
     }
   }
-  Check(ok, "large table: removal keeps the other rows");
+  EXPECT_TRUE(ok) << "large table: removal keeps the other rows";
   // As many new keys as went: the freed blocks take them, no new chunks.
   for (int64_t& id : doomed) id = -id - 1;
   std::vector<float> fresh(doomed.size() * dim);
   t.Pull(doomed.data(), doomed.size(), true, fresh.data(), Threads);
-  Check(t.Size() == 250000 && t.pool().slab_chunks() <= chunks,
-        "large table: blocks freed by removal are reused");
+  EXPECT_TRUE(t.Size() == 250000 && t.pool().slab_chunks() <= chunks)
+      << "large table: blocks freed by removal are reused";
   const int64_t size = t.Size();
-  Check(t.Evict(/*min_update_count=*/1, -1) == size && t.Size() == 0,
-        "large table: eviction empties it");
-  Check(t.pool().slab_chunks() <= 4 && t.pool().large_bytes() == 0,
-        "large table: an empty table gives its memory back");
+  EXPECT_TRUE(t.Evict(/*min_update_count=*/1, -1) == size && t.Size() == 0)
+      << "large table: eviction empties it";
+  EXPECT_TRUE(t.pool().slab_chunks() <= 4 && t.pool().large_bytes() == 0)
+      << "large table: an empty table gives its memory back";
 }
 
 // The process's address space in bytes (first field of /proc/self/statm).
@@ -348,7 +346,7 @@ int64_t AddressSpaceBytes() {
 // std::bad_alloc reaches the caller (here, and through a worker thread in the
 // kernels, which turn it into ResourceExhausted), and the table stays whole:
 // its size matches its contents, and the keys it had keep their rows.
-void TestOutOfMemoryLeavesTableWhole() {
+TEST(SparseTable, OutOfMemoryLeavesTableWhole) {
   const int64_t dim = 32;
   Table t(MakeConfig(Optimizer::Kind::kSgd, Initializer::Kind::kNormal, dim));
   const auto serial = [](int64_t n, double,
@@ -381,7 +379,8 @@ void TestOutOfMemoryLeavesTableWhole() {
     }
     setrlimit(RLIMIT_AS, &old_limit);
   }
-  Check(threw, "out of memory: a push past the limit throws std::bad_alloc");
+  EXPECT_TRUE(threw)
+      << "out of memory: a push past the limit throws std::bad_alloc";
   std::vector<float> after(old_ids.size() * dim);
   t.Pull(old_ids.data(), old_ids.size(), false, after.data(), serial);
   const Table::Contents c = t.Export();
@@ -392,80 +391,76 @@ void TestOutOfMemoryLeavesTableWhole() {
     rows_match &=
         std::equal(row.begin(), row.end(), c.values.begin() + k * dim);
   }
-  Check(before == after && static_cast<int64_t>(c.keys.size()) == t.Size() &&
-            rows_match,
-        "out of memory: the table stays whole (old rows, size, contents)");
+  EXPECT_TRUE(before == after &&
+              static_cast<int64_t>(c.keys.size()) == t.Size() && rows_match)
+      << "out of memory: the table stays whole (old rows, size, contents)";
   // Memory is back: the table grows again.
   for (int64_t i = 0; i < batch; ++i) ids[i] = (int64_t{1} << 40) + i;
   t.Push(ids.data(), batch, batch_grads.data(), 0.1f, serial);
-  Check(t.Size() == static_cast<int64_t>(c.keys.size()) + batch,
-        "out of memory: pushes work again once memory is available");
+  EXPECT_TRUE(t.Size() == static_cast<int64_t>(c.keys.size()) + batch)
+      << "out of memory: pushes work again once memory is available";
 }
 
 // dim * (1 + slots) once wrapped past int64: the block-size loop never ended
 // (sgd) and export asked for a negative slot width (adam). Check() bounds dim;
 // the widest table allowed works.
-void TestDimBounds() {
+TEST(SparseTable, DimBounds) {
   for (int64_t dim : {int64_t{0}, Config::kMaxDim + 1, int64_t{1} << 60,
                       int64_t{1} << 62, std::numeric_limits<int64_t>::max()}) {
     Config c =
         MakeConfig(Optimizer::Kind::kAdam, Initializer::Kind::kZeros, dim);
-    Check(!c.Check().empty(), "dim out of [1, kMaxDim] is refused");
+    EXPECT_TRUE(!c.Check().empty()) << "dim out of [1, kMaxDim] is refused";
   }
   Config c = MakeConfig(Optimizer::Kind::kFtrl, Initializer::Kind::kZeros,
                         Config::kMaxDim);
-  Check(c.Check().empty(), "dim kMaxDim is allowed");
+  EXPECT_TRUE(c.Check().empty()) << "dim kMaxDim is allowed";
   Table t(c);
   const int64_t id = 3;
   std::vector<float> grad(Config::kMaxDim, 1.f);
   t.Push(&id, 1, grad.data(), 0.1f, Threads);
   const Table::Contents out = t.Export();
-  Check(out.keys.size() == 1 &&
-            out.values.size() == static_cast<size_t>(Config::kMaxDim) &&
-            out.slots.size() == static_cast<size_t>(2 * Config::kMaxDim),
-        "a table of the widest rows pushes and exports");
+  EXPECT_TRUE(out.keys.size() == 1 &&
+              out.values.size() == static_cast<size_t>(Config::kMaxDim) &&
+              out.slots.size() == static_cast<size_t>(2 * Config::kMaxDim))
+      << "a table of the widest rows pushes and exports";
 }
 
 // An exception thrown on a worker thread reaches the caller (it would end
 // the process on the thread that threw it).
-void TestWorkerExceptionsReachTheCaller() {
+// What a worker threw reaches the caller as what it means to a kernel: out of
+// memory, or an error with its message.
+TEST(SparseTable, WorkerExceptionsReachTheCaller) {
   WorkerExceptions errors;
   Threads(4, 0, [&](int64_t begin, int64_t) {
     errors.Run([&] {
       if (begin == 1) throw std::length_error("worker 1");
     });
   });
-  bool caught = false;
   try {
     errors.Rethrow();
-  } catch (const std::length_error& e) {
-    caught = std::string(e.what()) == "worker 1";
+    ADD_FAILURE() << "nothing rethrown";
+  } catch (const std::runtime_error& e) {
+    EXPECT_STREQ(e.what(), "worker 1");
   }
-  Check(caught, "a worker's exception is rethrown on the calling thread");
+
+  WorkerExceptions oom;
+  Threads(4, 0, [&](int64_t begin, int64_t) {
+    oom.Run([&] {
+      if (begin == 2) throw std::bad_alloc();
+    });
+  });
+  EXPECT_THROW(oom.Rethrow(), std::bad_alloc);
+
+  WorkerExceptions odd;
+  odd.Run([] { throw 42; });
+  odd.Run([] { throw std::bad_alloc(); });  // only the first is kept
+  EXPECT_THROW(odd.Rethrow(), std::runtime_error);
+
   WorkerExceptions none;
   Threads(4, 0, [&](int64_t, int64_t) { none.Run([] {}); });
-  none.Rethrow();  // nothing to throw
-  Check(true, "no exception, nothing rethrown");
+  EXPECT_NO_THROW(none.Rethrow());
 }
 
 }  // namespace
 }  // namespace sparse
 }  // namespace tf_lora
-
-int main() {
-  using namespace tf_lora::sparse;
-  TestPullInsertsAndInitIsPerKey();
-  TestInferencePullInsertsNothing();
-  TestSgdSumsDuplicatesExactly();
-  TestAdagrad();
-  TestImportRoundTripAndRejectsDuplicates();
-  TestConcurrentPushesLoseNothing();
-  TestRemoveAndEvict();
-  TestPagePool();
-  TestLargeTable();
-  TestOutOfMemoryLeavesTableWhole();
-  TestDimBounds();
-  TestWorkerExceptionsReachTheCaller();
-  std::printf("%d failed\n", failures);
-  return failures == 0 ? 0 : 1;
-}

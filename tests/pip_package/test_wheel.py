@@ -68,3 +68,62 @@ def test_wheel_in_fresh_venv(tmp_path):
         timeout=300,
     )
     assert cli.returncode == 0 and "usage: tf-lora fold" in cli.stdout, cli.stderr[-4000:]
+
+
+# What the manylinux_2_27 policy (PEP 600; auditwheel's policy file) lets a library need from the system:
+# the newest symbol version of each library family.
+MANYLINUX_2_27 = {"GLIBC": (2, 27), "GLIBCXX": (3, 4, 24), "CXXABI": (1, 3, 11), "GCC": (7, 0, 0)}
+
+
+def _needed_versions(data):
+    """{family: [version tuples]} of the symbol versions an ELF shared library needs."""
+    import io
+
+    from elftools.elf.elffile import ELFFile
+    from elftools.elf.gnuversions import GNUVerNeedSection
+
+    found = {}
+    elf = ELFFile(io.BytesIO(data))
+    for section in elf.iter_sections():
+        if isinstance(section, GNUVerNeedSection):
+            for _library, auxiliaries in section.iter_versions():
+                for aux in auxiliaries:
+                    family, _, number = aux.name.partition("_")
+                    found.setdefault(family, []).append(tuple(int(p) for p in number.split(".")))
+    return found
+
+
+def test_wheel_is_manylinux_2_27():
+    """The wheel carries TensorFlow's own platform tag, and its libraries need nothing newer than that
+    policy allows: glibc, libstdc++ and libgcc symbol versions, no grafted libraries, no TensorFlow."""
+    import zipfile
+
+    wheel = _wheel()
+    assert os.path.basename(wheel).endswith("-manylinux_2_27_x86_64.whl"), wheel
+    with zipfile.ZipFile(wheel) as z:
+        names = z.namelist()
+        tags = [
+            line.split(":", 1)[1].strip()
+            for info in names
+            if info.endswith(".dist-info/WHEEL")
+            for line in z.read(info).decode().splitlines()
+            if line.startswith("Tag:")
+        ]
+        libraries = {n: z.read(n) for n in names if n.endswith(".so") or ".so." in n}
+    assert tags and all(tag.endswith("-manylinux_2_27_x86_64") for tag in tags), tags
+    assert sorted(libraries) == ["tf_lora/python/ops/_lora_ops.so", "tf_lora/python/ops/_sparse_table_ops.so"]
+    for name, data in libraries.items():
+        for family, versions in _needed_versions(data).items():
+            if family in MANYLINUX_2_27:
+                assert max(versions) <= MANYLINUX_2_27[family], (name, family, max(versions))
+
+
+def test_version_check_reads_what_a_newer_toolchain_needs():
+    """The check above can fail: it reads that the build machine's own libstdc++ (Debian 12, GCC 12) needs a
+    glibc newer than the policy allows."""
+    libstdcxx = subprocess.run(
+        ["g++", "-print-file-name=libstdc++.so.6"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    with open(os.path.realpath(libstdcxx), "rb") as f:
+        versions = _needed_versions(f.read())
+    assert max(versions["GLIBC"]) > MANYLINUX_2_27["GLIBC"]
