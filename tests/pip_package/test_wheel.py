@@ -127,3 +127,14 @@ def test_version_check_reads_what_a_newer_toolchain_needs():
     with open(os.path.realpath(libstdcxx), "rb") as f:
         versions = _needed_versions(f.read())
     assert max(versions["GLIBC"]) > MANYLINUX_2_27["GLIBC"]
+
+
+def test_wheel_holds_every_module_of_the_source_tree():
+    import zipfile
+
+    source = {str(p.relative_to(REPO_ROOT)) for p in (REPO_ROOT / "tf_lora").rglob("*.py")}
+    with zipfile.ZipFile(_wheel()) as z:
+        packaged = {n for n in z.namelist() if n.endswith(".py")}
+    assert not source - packaged, (
+        f"modules missing from the wheel (its BUILD srcs): {sorted(source - packaged)}"
+    )

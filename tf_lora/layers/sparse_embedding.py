@@ -60,6 +60,9 @@ class SparseEmbedding(keras.layers.Layer):
         self, dim, combiner=None, initializer=None, optimizer=None, max_ids_per_step=65536, **kwargs
     ):
         super().__init__(**kwargs)
+        # Its table lives in host memory, which XLA cannot compile: Keras' jit_compile="auto" (XLA on GPUs)
+        # then compiles the model without XLA; jit_compile=True is refused with a message (ops.xla).
+        self.supports_jit = False
         if combiner not in _COMBINERS:
             raise ValueError(f"SparseEmbedding: combiner must be one of {_COMBINERS}, got {combiner!r}")
         if int(max_ids_per_step) < 1:

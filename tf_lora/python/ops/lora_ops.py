@@ -3,6 +3,7 @@
 import tensorflow as tf
 
 from tf_lora.python.ops import gen_lora_ops
+from tf_lora.python.ops.xla import in_xla_context
 
 _HALF_TYPES = (tf.float16, tf.bfloat16)
 
@@ -39,6 +40,8 @@ def lora_merge(w, a, b, scale, name=None) -> tf.Tensor:
     array([[ 0.5,  0. , -0.5],
            [ 1. ,  0. , -1. ]], dtype=float32)
     """
+    if in_xla_context():
+        return _composed_merge(w, a, b, scale, name)
     return gen_lora_ops.tf_lora_lora_merge(w, a, b, scale, name=name)
 
 
@@ -85,6 +88,8 @@ def lora_apply(y, x, a, b, scale, name=None) -> tf.Tensor:
     >>> tf_lora.lora_apply(y, x, a, b, 2.0).numpy()
     array([[ 6.,  0., -6.]], dtype=float32)
     """
+    if in_xla_context():
+        return _composed_apply(y, x, a, b, scale, name)
     return gen_lora_ops.tf_lora_lora_apply(y, x, a, b, scale, name=name)
 
 
@@ -242,6 +247,8 @@ def batched_lora_apply(y, x, a_stack, b_stack, adapter_ids, scales, name=None) -
            [0., 0.],
            [2., 2.]], dtype=float32)
     """
+    if in_xla_context():
+        return _composed_batched_apply(y, x, a_stack, b_stack, int32_ids(adapter_ids), scales, name)
     return gen_lora_ops.tf_lora_batched_lora_apply(
         y, x, a_stack, b_stack, int32_ids(adapter_ids), scales, name=name
     )
@@ -308,7 +315,13 @@ def merge_into_variable(var, a, b, scale, name=None):
     array([[0.5, 0.5, 0.5],
            [0.5, 0.5, 0.5]], dtype=float32)
     """
-    op = gen_lora_ops.tf_lora_resource_lora_merge(_variable_handle(var), a, b, scale, name=name)
+    handle = _variable_handle(var)
+    if in_xla_context():
+        variable = var if isinstance(var, tf.Variable) else var.value
+        with tf.name_scope(name or "merge_into_variable"):
+            variable.assign(_composed_merge(variable, a, b, scale, None))
+        return None
+    op = gen_lora_ops.tf_lora_resource_lora_merge(handle, a, b, scale, name=name)
     return None if tf.inside_function() else op
 
 
@@ -344,3 +357,48 @@ def _variable_handle(var):
 
 
 tf.no_gradient("TfLora>ResourceLoraMerge")
+
+
+# -- under XLA (tf_lora.python.ops.xla): the same math as stock ops, which XLA compiles and fuses ---------
+# Half types accumulate in float32 and round once, as the kernels do. Gradients are TensorFlow's own.
+
+
+def _accumulator(dtype):
+    return tf.float32 if dtype in _HALF_TYPES else dtype
+
+
+def _composed_merge(w, a, b, scale, name):
+    with tf.name_scope(name or "lora_merge_xla"):
+        w = tf.convert_to_tensor(w)
+        acc = _accumulator(w.dtype)
+        delta = tf.matmul(tf.cast(a, acc), tf.cast(b, acc)) * tf.cast(scale, acc)
+        return tf.cast(tf.cast(w, acc) + delta, w.dtype)
+
+
+def _composed_apply(y, x, a, b, scale, name):
+    with tf.name_scope(name or "lora_apply_xla"):
+        y = tf.convert_to_tensor(y)
+        acc = _accumulator(y.dtype)
+        xa = tf.matmul(tf.cast(x, acc), tf.cast(a, acc))
+        delta = tf.matmul(xa * tf.cast(scale, acc), tf.cast(b, acc))
+        return tf.cast(tf.cast(y, acc) + delta, y.dtype)
+
+
+def _composed_batched_apply(y, x, a_stack, b_stack, ids, scales, name):
+    """x against every adapter at once (`[N, n * r]`, two GEMMs), each row masked to its own adapter
+    scaled: no per-row copy of the adapters. XLA cannot raise on data, so a row whose id is outside
+    [-1, n) comes out NaN instead of the op's InvalidArgument: never a plausible wrong value."""
+    with tf.name_scope(name or "batched_lora_apply_xla"):
+        y = tf.convert_to_tensor(y)
+        acc = _accumulator(y.dtype)
+        a_stack, b_stack = tf.cast(a_stack, acc), tf.cast(b_stack, acc)
+        n, d_in, r = tf.shape(a_stack)[0], tf.shape(a_stack)[1], tf.shape(a_stack)[2]
+        d_out = tf.shape(b_stack)[2]
+        a_all = tf.reshape(tf.transpose(a_stack, [1, 0, 2]), [d_in, n * r])
+        xa = tf.reshape(tf.matmul(tf.cast(x, acc), a_all), [-1, n, r])
+        mask = tf.one_hot(ids, n, dtype=acc) * tf.cast(scales, acc)[tf.newaxis, :]
+        xa = tf.reshape(xa * mask[:, :, tf.newaxis], [-1, n * r])
+        out = tf.cast(y, acc) + tf.matmul(xa, tf.reshape(b_stack, [n * r, d_out]))
+        bad = (ids < -1) | (ids >= n)
+        out = tf.where(bad[:, tf.newaxis], tf.constant(float("nan"), acc), out)
+        return tf.cast(out, y.dtype)
