@@ -1,0 +1,480 @@
+// LoRA GPU kernels and their launchers (lora_gpu.h says what and why).
+// Compiled by nvcc for the GPU; compiled as C++ it runs on the CPU emulation
+// of gpu_portability.h, which tests the index arithmetic without a GPU.
+
+#include "core/kernels/lora_gpu.h"
+
+#include <algorithm>
+#include <climits>
+
+namespace tf_lora {
+namespace gpu {
+namespace {
+
+constexpr int kTileRows = 32;        // rows per tile (one adapter per tile)
+constexpr int kShrinkCols = 64;      // columns of x @ a per shrink block
+constexpr int kShrinkK = 64;         // `in` per shared-memory step
+constexpr int kShrinkThreads = 256;  // 16 x 16, each 2 rows x 4 columns
+constexpr int kExpandK = 32;         // r per shared-memory step
+constexpr int kExpandRows = 8;       // blockDim.y of the expand kernel
+constexpr int kRowsPerThread = kTileRows / kExpandRows;
+constexpr int kTargetBlocks = 512;  // shrink blocks worth splitting `in` for
+
+template <typename I>
+TF_LORA_DEVICE I Min(I a, I b) {
+  return a < b ? a : b;
+}
+
+inline int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+enum class Mode { kUniform, kPerRow, kGrouped };
+
+// Which rows a tile (a block's blockIdx.x) covers, and its adapter.
+struct TileMap {
+  Mode mode;
+  int64_t rows;
+  int tile_rows;
+  int adapters;
+  const int32_t* ids;      // kPerRow: each row's adapter
+  const int* order;        // kGrouped: rows sorted by adapter
+  const int* seg_start;    // kGrouped: [buckets + 1] first position of each
+  const int* tile_prefix;  // kGrouped: [buckets + 1] first tile of each
+  int buckets;             // kGrouped: adapters + 1 (the last: -1, bad ids)
+};
+
+// adapter -1: the tile's rows stay as they are.
+struct Tile {
+  int adapter;
+  int64_t first;
+  int count;
+};
+
+TF_LORA_DEVICE Tile FindTile(const TileMap& m, int64_t tile) {
+  Tile t{-1, 0, 0};
+  if (m.mode == Mode::kUniform) {
+    t.adapter = 0;
+    t.first = tile * m.tile_rows;
+    if (t.first < m.rows) {
+      t.count = static_cast<int>(Min<int64_t>(m.tile_rows, m.rows - t.first));
+    }
+  } else if (m.mode == Mode::kPerRow) {
+    t.first = tile;
+    if (tile < m.rows) {
+      t.count = 1;
+      const int k = m.ids[tile];
+      t.adapter = k >= 0 && k < m.adapters ? k : -1;
+    }
+  } else if (tile < m.tile_prefix[m.buckets]) {
+    int lo = 0, hi = m.buckets - 1;  // the last bucket whose first tile <= tile
+    while (lo < hi) {
+      const int mid = (lo + hi + 1) / 2;
+      if (m.tile_prefix[mid] <= tile) {
+        lo = mid;
+      } else {
+        hi = mid - 1;
+      }
+    }
+    t.adapter = lo < m.adapters ? lo : -1;
+    t.first = m.seg_start[lo] + (tile - m.tile_prefix[lo]) * m.tile_rows;
+    t.count = static_cast<int>(
+        Min<int64_t>(m.tile_rows, m.seg_start[lo + 1] - t.first));
+  }
+  return t;
+}
+
+TF_LORA_DEVICE int64_t RowOf(const TileMap& m, const Tile& t, int i) {
+  return m.mode == Mode::kGrouped ? m.order[t.first + i] : t.first + i;
+}
+
+// partial[split][row][c0 + c] = x[row, split's range of in] @ a[.., c0 + c]
+// for the tile's rows: blockIdx.x the tile, blockIdx.y the split of `in`,
+// blockIdx.z the 64 columns of r.
+template <typename T>
+TF_LORA_GLOBAL void Shrink(TileMap m, const T* x, int64_t in, const T* a,
+                           int64_t r, int64_t split_len, float* partial) {
+  TF_LORA_SHARED float xs[kTileRows][kShrinkK + 1];
+  TF_LORA_SHARED float as[kShrinkK][kShrinkCols];
+  const Tile tile = FindTile(m, blockIdx.x);
+  if (tile.count == 0 || tile.adapter < 0) return;
+  const int tid = threadIdx.x, ty = tid / 16, tx = tid % 16;
+  const int64_t c0 = static_cast<int64_t>(blockIdx.z) * kShrinkCols;
+  const int cols = static_cast<int>(Min<int64_t>(kShrinkCols, r - c0));
+  const int64_t k_begin = blockIdx.y * split_len;
+  const int64_t k_end = Min<int64_t>(in, k_begin + split_len);
+  const T* a_k = a + tile.adapter * in * r;
+  float acc[2][4] = {};
+  for (int64_t k0 = k_begin; k0 < k_end; k0 += kShrinkK) {
+    const int kc = static_cast<int>(Min<int64_t>(kShrinkK, k_end - k0));
+    for (int e = tid; e < kTileRows * kShrinkK; e += kShrinkThreads) {
+      const int i = e / kShrinkK, kk = e % kShrinkK;
+      float v = 0.f;
+      if (i < tile.count && kk < kc) {
+        v = ToFloat(x[RowOf(m, tile, i) * in + k0 + kk]);
+      }
+      xs[i][kk] = v;
+    }
+    for (int e = tid; e < kShrinkK * kShrinkCols; e += kShrinkThreads) {
+      const int kk = e / kShrinkCols, c = e % kShrinkCols;
+      as[kk][c] = kk < kc && c < cols ? ToFloat(a_k[(k0 + kk) * r + c0 + c])
+                                      : 0.f;
+    }
+    SyncThreads();
+    for (int kk = 0; kk < kc; ++kk) {
+      const float x0 = xs[ty * 2][kk], x1 = xs[ty * 2 + 1][kk];
+      for (int j = 0; j < 4; ++j) {
+        const float av = as[kk][tx * 4 + j];
+        acc[0][j] += x0 * av;
+        acc[1][j] += x1 * av;
+      }
+    }
+    SyncThreads();
+  }
+  for (int q = 0; q < 2; ++q) {
+    const int i = ty * 2 + q;
+    if (i >= tile.count) continue;
+    float* p =
+        partial + (blockIdx.y * m.rows + RowOf(m, tile, i)) * r + c0 + tx * 4;
+    for (int j = 0; j < 4; ++j) {
+      if (tx * 4 + j < cols) p[j] = acc[q][j];
+    }
+  }
+}
+
+// y_out[row, cols] = y[row, cols] + (scale * s[row, :]) @ b[:, cols] for the
+// tile's rows: blockIdx.x the tile, blockIdx.y 32 * V columns. s is the sum of
+// the shrink's partials (`partial`, `splits` of them) or a matrix [rows, r]
+// (`s_matrix`, for merge). Tiles without an adapter copy their rows; in
+// per-row mode they also report a bad id.
+template <typename T, int V>
+TF_LORA_GLOBAL void Expand(TileMap m, const T* y, T* y_out, int64_t out,
+                           int64_t r, const T* s_matrix, const float* partial,
+                           int splits, const T* b, const T* scales, float scale,
+                           int* bad_row) {
+  constexpr int kCols = 32 * V;
+  TF_LORA_SHARED float ss[kTileRows][kExpandK + 1];
+  TF_LORA_SHARED float bs[kExpandK][kCols];
+  const Tile tile = FindTile(m, blockIdx.x);
+  if (tile.count == 0) return;
+  const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * 32 + tx;
+  const int64_t col0 = static_cast<int64_t>(blockIdx.y) * kCols;
+  if (tile.adapter < 0) {
+    if (m.mode == Mode::kPerRow && tid == 0 && blockIdx.y == 0 &&
+        m.ids[tile.first] != -1) {
+      AtomicMin(bad_row, static_cast<int>(tile.first));
+    }
+    if (y == y_out) return;
+    for (int i = ty; i < tile.count; i += kExpandRows) {
+      const int64_t row = RowOf(m, tile, i);
+      for (int c = tx; c < kCols && col0 + c < out; c += 32) {
+        y_out[row * out + col0 + c] = y[row * out + col0 + c];
+      }
+    }
+    return;
+  }
+  const float a_scale = scales != nullptr ? ToFloat(scales[tile.adapter]) : scale;
+  const T* b_k = b + tile.adapter * r * out;
+  float acc[kRowsPerThread][V] = {};
+  for (int64_t k0 = 0; k0 < r; k0 += kExpandK) {
+    const int kc = static_cast<int>(Min<int64_t>(kExpandK, r - k0));
+    for (int e = tid; e < kTileRows * kExpandK; e += 32 * kExpandRows) {
+      const int i = e / kExpandK, k = e % kExpandK;
+      float v = 0.f;
+      if (i < tile.count && k < kc) {
+        const int64_t row = RowOf(m, tile, i);
+        if (partial != nullptr) {
+          for (int s = 0; s < splits; ++s) {
+            v += partial[(s * m.rows + row) * r + k0 + k];
+          }
+        } else {
+          v = ToFloat(s_matrix[row * r + k0 + k]);
+        }
+        v *= a_scale;
+      }
+      ss[i][k] = v;
+    }
+    for (int e = tid; e < kExpandK * kCols; e += 32 * kExpandRows) {
+      const int k = e / kCols, c = e % kCols;
+      bs[k][c] = k < kc && col0 + c < out
+                     ? ToFloat(b_k[(k0 + k) * out + col0 + c])
+                     : 0.f;
+    }
+    SyncThreads();
+    for (int k = 0; k < kc; ++k) {
+      float bv[V];
+      for (int v = 0; v < V; ++v) bv[v] = bs[k][tx * V + v];
+      for (int q = 0; q < kRowsPerThread; ++q) {
+        const float s = ss[ty + kExpandRows * q][k];
+        for (int v = 0; v < V; ++v) acc[q][v] += s * bv[v];
+      }
+    }
+    SyncThreads();
+  }
+  const int64_t c = col0 + tx * V;
+  for (int q = 0; q < kRowsPerThread; ++q) {
+    const int i = ty + kExpandRows * q;
+    if (i >= tile.count) continue;
+    const int64_t at = RowOf(m, tile, i) * out + c;
+    if (V > 1 && c + V <= out) {  // whole, 16-byte aligned (the launcher's V)
+      alignas(16) T vals[V];
+      Copy16(vals, y + at);
+      for (int v = 0; v < V; ++v) {
+        vals[v] = FromFloat<T>(ToFloat(vals[v]) + acc[q][v]);
+      }
+      Copy16(y_out + at, vals);
+    } else {
+      for (int v = 0; v < V && c + v < out; ++v) {
+        y_out[at + v] = FromFloat<T>(ToFloat(y[at + v]) + acc[q][v]);
+      }
+    }
+  }
+}
+
+// -- grouping rows by adapter (kGrouped) --------------------------------------
+
+TF_LORA_GLOBAL void CountRows(int64_t n, const int32_t* ids, int adapters,
+                              int* counts, int* bad_row) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  int k = ids[i];
+  if (k < -1 || k >= adapters) {
+    AtomicMin(bad_row, static_cast<int>(i));
+    k = -1;
+  }
+  AtomicAdd(&counts[k < 0 ? adapters : k], 1);
+}
+
+// One thread: segments and tiles per bucket (a few thousand at most).
+TF_LORA_GLOBAL void PlanSegments(int buckets, int tile_rows, const int* counts,
+                                 int* seg_start, int* tile_prefix,
+                                 int* cursor) {
+  if (threadIdx.x != 0 || blockIdx.x != 0) return;
+  int rows = 0, tiles = 0;
+  for (int b = 0; b < buckets; ++b) {
+    seg_start[b] = rows;
+    tile_prefix[b] = tiles;
+    rows += counts[b];
+    tiles += (counts[b] + tile_rows - 1) / tile_rows;
+    cursor[b] = 0;
+  }
+  seg_start[buckets] = rows;
+  tile_prefix[buckets] = tiles;
+}
+
+// Rows land in their bucket in any order: each row's sums do not depend on
+// where it sits.
+TF_LORA_GLOBAL void ScatterRows(int64_t n, const int32_t* ids, int adapters,
+                                const int* seg_start, int* cursor,
+                                int* order) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  const int k = ids[i];
+  const int b = k < 0 || k >= adapters ? adapters : k;
+  order[seg_start[b] + AtomicAdd(&cursor[b], 1)] = static_cast<int>(i);
+}
+
+TF_LORA_GLOBAL void CheckIds(int64_t n, const int32_t* ids, int adapters,
+                             int* bad_row) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < n && (ids[i] < -1 || ids[i] >= adapters)) {
+    AtomicMin(bad_row, static_cast<int>(i));
+  }
+}
+
+// -- launchers -----------------------------------------------------------------
+
+// Splits of `in` that give the shrink about kTargetBlocks blocks, each at
+// least 4 steps of kShrinkK long.
+int Splits(int64_t tiles, int64_t in, int64_t r) {
+  const int64_t blocks = std::max<int64_t>(1, tiles * CeilDiv(r, kShrinkCols));
+  const int64_t most = std::max<int64_t>(1, CeilDiv(in, 4 * kShrinkK));
+  return static_cast<int>(
+      std::min(most, std::max<int64_t>(1, CeilDiv(kTargetBlocks, blocks))));
+}
+
+int64_t SplitLen(int64_t in, int splits) {
+  return CeilDiv(CeilDiv(in, splits), kShrinkK) * kShrinkK;
+}
+
+size_t Align16(size_t bytes) { return (bytes + 15) / 16 * 16; }
+
+bool Aligned16(const void* p) {
+  return reinterpret_cast<uintptr_t>(p) % 16 == 0;
+}
+
+// The expand kernel with 16-byte accesses where every row allows them.
+template <typename T>
+Error LaunchExpand(Stream stream, const TileMap& m, int64_t tiles, const T* y,
+                   T* y_out, int64_t out, int64_t r, const T* s_matrix,
+                   const float* partial, int splits, const T* b,
+                   const T* scales, float scale, int* bad_row) {
+  constexpr int kVec = 16 / sizeof(T);
+  const dim3 block(32, kExpandRows);
+  if (out % kVec == 0 && Aligned16(y) && Aligned16(y_out)) {
+    const int64_t col_tiles = CeilDiv(out, 32 * kVec);
+    if (col_tiles > 65535) return kInvalidValue;
+    auto* kernel = Expand<T, kVec>;
+    TF_LORA_LAUNCH(kernel, dim3(tiles, col_tiles), block, stream, m, y, y_out,
+                   out, r, s_matrix, partial, splits, b, scales, scale,
+                   bad_row);
+  } else {
+    const int64_t col_tiles = CeilDiv(out, 32);
+    if (col_tiles > 65535) return kInvalidValue;
+    auto* kernel = Expand<T, 1>;
+    TF_LORA_LAUNCH(kernel, dim3(tiles, col_tiles), block, stream, m, y, y_out,
+                   out, r, s_matrix, partial, splits, b, scales, scale,
+                   bad_row);
+  }
+  return LastLaunchError();
+}
+
+template <typename T>
+Error LaunchShrink(Stream stream, const TileMap& m, int64_t tiles,
+                   const T* x, int64_t in, const T* a, int64_t r, int splits,
+                   float* partial) {
+  const int64_t col_chunks = CeilDiv(r, kShrinkCols);
+  if (col_chunks > 65535) return kInvalidValue;
+  auto* kernel = Shrink<T>;
+  TF_LORA_LAUNCH(kernel, dim3(tiles, splits, col_chunks),
+                 dim3(kShrinkThreads), stream, m, x, in, a, r,
+                 SplitLen(in, splits), partial);
+  return LastLaunchError();
+}
+
+Error CopyRows(Stream stream, const void* y, void* y_out, size_t bytes) {
+  return y == y_out ? kSuccess : CopyAsync(y_out, y, bytes, stream);
+}
+
+// How a batched apply runs: tiles (an upper bound in kGrouped mode), splits,
+// and the workspace: grouping ints, then the partial sums.
+struct BatchedPlan {
+  Mode mode;
+  int64_t tiles;
+  int splits;
+  size_t int_bytes, bytes;
+};
+
+BatchedPlan PlanBatched(int64_t n, int64_t in, int64_t r, int64_t adapters) {
+  BatchedPlan p;
+  const int64_t buckets = adapters + 1;
+  if (n <= kPerRowTilesUpTo) {
+    p.mode = Mode::kPerRow;
+    p.tiles = n;
+    p.int_bytes = 0;
+  } else {
+    p.mode = Mode::kGrouped;
+    p.tiles = CeilDiv(n, kTileRows) + buckets;
+    p.int_bytes = Align16(sizeof(int) * (4 * buckets + 2 + n));
+  }
+  p.splits = Splits(p.tiles, in, r);
+  p.bytes = p.int_bytes + Align16(sizeof(float) * p.splits * n * r);
+  return p;
+}
+
+}  // namespace
+
+template <typename T>
+Error LoraMerge(Stream stream, int64_t in, int64_t out, int64_t r, const T* w,
+                const T* a, const T* b, float scale, T* result) {
+  if (in == 0 || out == 0) return kSuccess;
+  if (r == 0) return CopyRows(stream, w, result, sizeof(T) * in * out);
+  if (in > INT_MAX) return kInvalidValue;
+  const TileMap m{Mode::kUniform, in, kTileRows, 1};
+  return LaunchExpand<T>(stream, m, CeilDiv(in, kTileRows), w, result, out, r,
+                         a, nullptr, 0, b, nullptr, scale, nullptr);
+}
+
+size_t LoraApplyWorkspaceBytes(int64_t n, int64_t in, int64_t r) {
+  return Align16(sizeof(float) * Splits(CeilDiv(n, kTileRows), in, r) * n * r);
+}
+
+template <typename T>
+Error LoraApply(Stream stream, int64_t n, int64_t in, int64_t out, int64_t r,
+                const T* y, const T* x, const T* a, const T* b, float scale,
+                T* y_out, void* workspace) {
+  if (n == 0 || out == 0) return kSuccess;
+  if (r == 0 || in == 0) return CopyRows(stream, y, y_out, sizeof(T) * n * out);
+  if (n > INT_MAX) return kInvalidValue;
+  const TileMap m{Mode::kUniform, n, kTileRows, 1};
+  const int64_t tiles = CeilDiv(n, kTileRows);
+  const int splits = Splits(tiles, in, r);
+  float* partial = static_cast<float*>(workspace);
+  Error e = LaunchShrink<T>(stream, m, tiles, x, in, a, r, splits, partial);
+  if (e != kSuccess) return e;
+  return LaunchExpand<T>(stream, m, tiles, y, y_out, out, r, nullptr, partial,
+                         splits, b, nullptr, scale, nullptr);
+}
+
+size_t BatchedLoraApplyWorkspaceBytes(int64_t n, int64_t in, int64_t r,
+                                      int64_t adapters) {
+  return PlanBatched(n, in, r, adapters).bytes;
+}
+
+template <typename T>
+Error BatchedLoraApply(Stream stream, int64_t n, int64_t in, int64_t out,
+                       int64_t r, int64_t adapters, const T* y, const T* x,
+                       const T* a_stack, const T* b_stack, const int32_t* ids,
+                       const T* scales, T* y_out, void* workspace,
+                       int* bad_row) {
+  Error e = MemsetAsync(bad_row, 0x7f, sizeof(int), stream);  // kNoBadRow
+  if (e != kSuccess || n == 0) return e;
+  if (n > INT_MAX || adapters >= INT_MAX) return kInvalidValue;
+  const int n_adapters = static_cast<int>(adapters);
+  const BatchedPlan plan = PlanBatched(n, in, r, adapters);
+  if (out == 0 || r == 0 || in == 0 || n_adapters == 0) {
+    // Nothing to add; the ids are still checked.
+    TF_LORA_LAUNCH(CheckIds, dim3(CeilDiv(n, 256)), dim3(256), stream, n, ids,
+                   n_adapters, bad_row);
+    e = LastLaunchError();
+    if (e != kSuccess || out == 0) return e;
+    return CopyRows(stream, y, y_out, sizeof(T) * n * out);
+  }
+  TileMap m{plan.mode, n, plan.mode == Mode::kPerRow ? 1 : kTileRows,
+            n_adapters, ids};
+  if (plan.mode == Mode::kGrouped) {
+    const int buckets = n_adapters + 1;
+    int* ints = static_cast<int*>(workspace);
+    int* counts = ints;
+    int* seg_start = counts + buckets;
+    int* tile_prefix = seg_start + buckets + 1;
+    int* cursor = tile_prefix + buckets + 1;
+    int* order = cursor + buckets;
+    e = MemsetAsync(counts, 0, sizeof(int) * buckets, stream);
+    if (e != kSuccess) return e;
+    TF_LORA_LAUNCH(CountRows, dim3(CeilDiv(n, 256)), dim3(256), stream, n, ids,
+                   n_adapters, counts, bad_row);
+    TF_LORA_LAUNCH(PlanSegments, dim3(1), dim3(1), stream, buckets, kTileRows,
+                   counts, seg_start, tile_prefix, cursor);
+    TF_LORA_LAUNCH(ScatterRows, dim3(CeilDiv(n, 256)), dim3(256), stream, n,
+                   ids, n_adapters, seg_start, cursor, order);
+    e = LastLaunchError();
+    if (e != kSuccess) return e;
+    m.order = order;
+    m.seg_start = seg_start;
+    m.tile_prefix = tile_prefix;
+    m.buckets = buckets;
+  }
+  float* partial = reinterpret_cast<float*>(static_cast<char*>(workspace) +
+                                            plan.int_bytes);
+  e = LaunchShrink<T>(stream, m, plan.tiles, x, in, a_stack, r, plan.splits,
+                      partial);
+  if (e != kSuccess) return e;
+  return LaunchExpand<T>(stream, m, plan.tiles, y, y_out, out, r, nullptr,
+                         partial, plan.splits, b_stack, scales, 1.f, bad_row);
+}
+
+#define TF_LORA_INSTANTIATE(T)                                                 \
+  template Error LoraMerge<T>(Stream, int64_t, int64_t, int64_t, const T*,     \
+                              const T*, const T*, float, T*);                  \
+  template Error LoraApply<T>(Stream, int64_t, int64_t, int64_t, int64_t,      \
+                              const T*, const T*, const T*, const T*, float,   \
+                              T*, void*);                                      \
+  template Error BatchedLoraApply<T>(                                          \
+      Stream, int64_t, int64_t, int64_t, int64_t, int64_t, const T*, const T*, \
+      const T*, const T*, const int32_t*, const T*, T*, void*, int*);
+TF_LORA_INSTANTIATE(float)
+TF_LORA_INSTANTIATE(Half)
+TF_LORA_INSTANTIATE(BFloat16)
+#undef TF_LORA_INSTANTIATE
+
+}  // namespace gpu
+}  // namespace tf_lora

@@ -1,0 +1,264 @@
+"""The LoRA GPU kernels (core/kernels/lora_gpu.cu.cc) against a float64 numpy reference, with no TensorFlow.
+
+Two backends run the same tests:
+- `emulation` (CI, any machine): the kernels compiled as C++ for gpu_portability.h's CPU emulation (blocks
+  of threads meeting at barriers), on numpy buffers: it checks the index arithmetic, tiling, grouping and
+  edge cases, on smaller shapes.
+- `cuda` (tests/gpu/run.sh on a GPU machine): the kernels built by nvcc, on PyTorch CUDA buffers, over the
+  full shape sweep.
+The backend and library come from TF_LORA_GPU_BACKEND / TF_LORA_GPU_LIB (default: the emulation library
+Bazel builds, bazel-bin/tests/gpu/liblora_gpu_emulation.so).
+"""
+
+import os
+import pathlib
+
+import lora_gpu_lib
+import numpy as np
+import pytest
+from lora_gpu_lib import DTYPES, decode, encode
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+BACKEND = os.environ.get("TF_LORA_GPU_BACKEND", "emulation")
+LIB = os.environ.get("TF_LORA_GPU_LIB", str(REPO / "bazel-bin/tests/gpu/liblora_gpu_emulation.so"))
+FULL = BACKEND == "cuda"
+# One rounding of a float32 result, plus float32 sums, relative to the output's size.
+TOLERANCE = {"float32": 2e-5, "float16": 2e-3, "bfloat16": 1.6e-2}
+
+
+def _lib():
+    if not os.path.exists(LIB):
+        pytest.fail(f"{LIB} is missing: `bazel build //tests/gpu:liblora_gpu_emulation.so` (make test does)")
+    return lora_gpu_lib.load(LIB)
+
+
+# -- backends: put numpy storage on the device, get it back -------------------------------------------------
+
+
+class Emulation:
+    def put(self, array):
+        return np.ascontiguousarray(array).copy()
+
+    def empty(self, nbytes):
+        return np.zeros(max(int(nbytes), 16) + 16, np.uint8)  # room to align
+
+    def ptr(self, buf):
+        address = buf.ctypes.data
+        return address + (-address % 16) if buf.dtype == np.uint8 else address
+
+    def get(self, buf, like):
+        return buf.copy()
+
+    stream = None
+
+    def sync(self):
+        pass
+
+
+class Cuda:
+    def __init__(self):
+        import torch
+
+        self.torch = torch
+        self.stream = torch.cuda.current_stream().cuda_stream
+
+    def put(self, array):
+        array = np.ascontiguousarray(array)
+        raw = self.torch.from_numpy(array.view(np.uint8).reshape(-1).copy())
+        return raw.cuda()
+
+    def empty(self, nbytes):
+        return self.torch.zeros(max(int(nbytes), 16), dtype=self.torch.uint8, device="cuda")
+
+    def ptr(self, buf):
+        return buf.data_ptr()
+
+    def get(self, buf, like):
+        self.sync()
+        return buf.cpu().numpy().view(like.dtype).reshape(like.shape)
+
+    def sync(self):
+        self.torch.cuda.synchronize()
+
+
+@pytest.fixture(scope="module")
+def gpu():
+    lib = _lib()
+    return lib, Cuda() if BACKEND == "cuda" else Emulation()
+
+
+def _random(rng, shape, dtype, scale=1.0):
+    return encode(rng.standard_normal(shape).astype(np.float32) * scale, dtype)
+
+
+def _check(got, want, dtype, what):
+    size = max(1.0, float(np.abs(want).max())) if want.size else 1.0
+    err = float(np.abs(got - want).max()) / size if want.size else 0.0
+    assert err <= TOLERANCE[dtype], f"{what}: max error {err:.3g} (relative to {size:.3g})"
+
+
+# -- merge ------------------------------------------------------------------------------------------------
+
+MERGE_SHAPES = [(1, 1, 1), (7, 9, 3), (33, 65, 16), (64, 128, 8), (70, 40, 33), (5, 3, 0), (0, 4, 2)]
+if FULL:
+    MERGE_SHAPES += [(4096, 4096, 16), (4096, 4096, 64), (1000, 1001, 128), (4097, 257, 1)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", MERGE_SHAPES, ids=str)
+@pytest.mark.parametrize("in_place", [False, True])
+def test_merge(gpu, dtype, shape, in_place):
+    lib, dev = gpu
+    d_in, d_out, r = shape
+    rng = np.random.default_rng(d_in * 7 + d_out + r)
+    w, a, b = (_random(rng, s, dtype) for s in [(d_in, d_out), (d_in, r), (r, d_out)])
+    bw, ba, bb = dev.put(w), dev.put(a), dev.put(b)
+    result = bw if in_place else dev.put(np.zeros_like(w))
+    rc = lib.tfl_lora_merge(
+        DTYPES[dtype],
+        dev.stream,
+        d_in,
+        d_out,
+        r,
+        dev.ptr(bw),
+        dev.ptr(ba),
+        dev.ptr(bb),
+        0.75,
+        dev.ptr(result),
+    )
+    assert rc == 0
+    want = decode(w, dtype) + 0.75 * decode(a, dtype) @ decode(b, dtype)
+    _check(decode(dev.get(result, w), dtype), want, dtype, f"merge {dtype} {shape}")
+
+
+# -- apply ------------------------------------------------------------------------------------------------
+
+APPLY_SHAPES = [
+    (1, 9, 7, 1),
+    (7, 33, 65, 8),
+    (40, 64, 128, 16),
+    (33, 300, 20, 64),
+    (3, 5, 6, 0),
+    (0, 4, 4, 2),
+]
+APPLY_SHAPES += [(2, 0, 5, 3), (300, 70, 9, 128)]
+if FULL:
+    APPLY_SHAPES += [
+        (4096, 4096, 4096, 16),
+        (4097, 1000, 1001, 64),
+        (1, 4096, 4096, 16),
+        (7, 4096, 11008, 128),
+    ]
+
+
+def _apply_reference(y, x, a, b, scale, dtype):
+    return decode(y, dtype) + scale * (decode(x, dtype) @ decode(a, dtype)) @ decode(b, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", APPLY_SHAPES, ids=str)
+@pytest.mark.parametrize("in_place", [False, True])
+def test_apply(gpu, dtype, shape, in_place):
+    lib, dev = gpu
+    n, d_in, d_out, r = shape
+    rng = np.random.default_rng(n + d_in * 3 + d_out * 5 + r)
+    y, x = _random(rng, (n, d_out), dtype), _random(rng, (n, d_in), dtype)
+    a, b = _random(rng, (d_in, r), dtype, 0.3), _random(rng, (r, d_out), dtype, 0.3)
+    by, bx, ba, bb = dev.put(y), dev.put(x), dev.put(a), dev.put(b)
+    out = by if in_place else dev.put(np.zeros_like(y))
+    work = dev.empty(lib.tfl_lora_apply_workspace(n, d_in, r))
+    rc = lib.tfl_lora_apply(
+        DTYPES[dtype],
+        dev.stream,
+        n,
+        d_in,
+        d_out,
+        r,
+        *map(dev.ptr, (by, bx, ba, bb)),
+        1.5,
+        dev.ptr(out),
+        dev.ptr(work),
+    )
+    assert rc == 0
+    want = _apply_reference(y, x, a, b, 1.5, dtype)
+    _check(decode(dev.get(out, y), dtype), want, dtype, f"apply {dtype} {shape}")
+
+
+# -- batched apply ----------------------------------------------------------------------------------------
+
+# (rows, in, out, r, adapters): few rows take one tile per row, more are grouped by adapter.
+BATCHED_SHAPES = [(1, 9, 7, 4, 1), (7, 33, 65, 8, 8), (64, 40, 24, 16, 64), (65, 40, 24, 16, 8)]
+BATCHED_SHAPES += [(300, 70, 130, 16, 8), (200, 16, 8, 128, 3), (5, 4, 4, 2, 0)]
+if FULL:
+    BATCHED_SHAPES += [(4097, 1000, 1001, 16, 64), (32, 4096, 4096, 16, 32), (4096, 4096, 4096, 64, 8)]
+
+
+def _batched(gpu, dtype, shape, ids, in_place=False):
+    lib, dev = gpu
+    n, d_in, d_out, r, k = shape
+    rng = np.random.default_rng(n * 11 + d_in + d_out * 3 + r + k)
+    y, x = _random(rng, (n, d_out), dtype), _random(rng, (n, d_in), dtype)
+    a, b = _random(rng, (k, d_in, r), dtype, 0.3), _random(rng, (k, r, d_out), dtype, 0.3)
+    scales = encode(rng.uniform(-2, 2, k), dtype)
+    bufs = [dev.put(v) for v in (y, x, a, b)]
+    b_ids, b_scales = dev.put(ids.astype(np.int32)), dev.put(scales)
+    out = bufs[0] if in_place else dev.put(np.zeros_like(y))
+    bad = dev.put(np.zeros(4, np.int32))
+    work = dev.empty(lib.tfl_batched_lora_apply_workspace(n, d_in, r, k))
+    rc = lib.tfl_batched_lora_apply(
+        DTYPES[dtype],
+        dev.stream,
+        n,
+        d_in,
+        d_out,
+        r,
+        k,
+        *map(dev.ptr, bufs),
+        dev.ptr(b_ids),
+        dev.ptr(b_scales),
+        dev.ptr(out),
+        dev.ptr(work),
+        dev.ptr(bad),
+    )
+    assert rc == 0
+    want = decode(y, dtype).copy()
+    for i, adapter in enumerate(ids):
+        if 0 <= adapter < k:
+            xa = decode(x[i], dtype) @ decode(a[adapter], dtype)
+            want[i] += decode(scales, dtype)[adapter] * xa @ decode(b[adapter], dtype)
+    got = decode(dev.get(out, y), dtype)
+    bad_row = int(dev.get(bad, np.zeros(4, np.int32))[0])
+    return got, want, bad_row
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", BATCHED_SHAPES, ids=str)
+def test_batched_apply_unsorted_ids_with_minus_one(gpu, dtype, shape):
+    n, k = shape[0], shape[4]
+    ids = np.random.default_rng(n + k).integers(-1, k, n) if k else np.full(n, -1)
+    got, want, bad_row = _batched(gpu, dtype, shape, ids)
+    _check(got, want, dtype, f"batched {dtype} {shape}")
+    assert bad_row == gpu[0].tfl_no_bad_row()
+
+
+@pytest.mark.parametrize("shape", [(7, 33, 65, 8, 4), (300, 40, 24, 16, 4)], ids=str)
+def test_batched_apply_in_place(gpu, shape):
+    ids = np.random.default_rng(1).integers(-1, shape[4], shape[0])
+    got, want, _ = _batched(gpu, "float32", shape, ids, in_place=True)
+    _check(got, want, "float32", f"batched in place {shape}")
+
+
+@pytest.mark.parametrize("shape", [(7, 9, 5, 2, 3), (300, 9, 5, 2, 3)], ids=["per-row", "grouped"])
+def test_batched_apply_bad_ids_are_reported_never_read(gpu, shape):
+    n = shape[0]
+    ids = np.random.default_rng(2).integers(-1, 3, n)
+    ids[4], ids[n - 1] = 3, -7  # past the last adapter; below -1
+    got, want, bad_row = _batched(gpu, "float32", shape, ids)
+    assert bad_row == 4  # the first bad row
+    _check(got, want, "float32", "rows with good ids")  # rows 4 and n - 1 stay as they were (reference: y)
+
+
+def test_batched_apply_with_nothing_to_add_still_checks_ids(gpu):
+    got, want, bad_row = _batched(gpu, "float32", (4, 3, 2, 0, 2), np.array([0, 1, 2, -1]))
+    assert bad_row == 2
+    _check(got, want, "float32", "r = 0")
