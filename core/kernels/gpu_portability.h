@@ -112,8 +112,8 @@ void Launch(dim3 grid, dim3 block, Fn fn) {
   std::vector<std::thread> pool;
   for (unsigned t = 0; t < threads; ++t) {
     pool.emplace_back([&, t] {
-      thread_idx = dim3(t % block.x, (t / block.x) % block.y,
-                        t / (block.x * block.y));
+      thread_idx =
+          dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
       for (unsigned z = 0; z < grid.z; ++z) {
         for (unsigned y = 0; y < grid.y; ++y) {
           for (unsigned x = 0; x < grid.x; ++x) {
@@ -173,7 +173,8 @@ inline BFloat16 FromFloat<BFloat16>(float v) {
   uint32_t u;
   std::memcpy(&u, &v, 4);
   if (v != v) return BFloat16{static_cast<uint16_t>((u >> 16) | 0x40)};
-  return BFloat16{static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16)};
+  return BFloat16{
+      static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16)};
 }
 
 inline void Copy16(void* dst, const void* src) { std::memcpy(dst, src, 16); }

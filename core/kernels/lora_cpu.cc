@@ -6,8 +6,9 @@
 //              (LoraMerge: c = w, A = a; LoraApply: c = y, A = x @ a)
 //   XaProduct  xa[rows, r] = x[rows, in] @ a[in, r]
 // Their vector code (lora_cpu_simd.inc, GCC vector extensions) is compiled
-// twice: for AVX2+FMA+F16C, picked at run time when the CPU has them, and for
-// the baseline ISA, so the wheel needs no more of the CPU than TensorFlow does.
+// three times: for AVX-512 and for AVX2+FMA+F16C, picked at run time when the
+// CPU has them, and for the baseline ISA, so the wheel needs no more of the
+// CPU than TensorFlow does.
 
 #define EIGEN_USE_THREADS
 
@@ -45,7 +46,7 @@ struct Accum<double> {
 };
 
 // Rows per parallel block (each ISA's register tile height divides it).
-constexpr int kRows = 4;
+constexpr int kRows = 8;
 
 // RowUpdate writes outputs of at least this size with non-temporal stores.
 constexpr int64_t kStreamOutBytes = 8 << 20;
@@ -280,8 +281,32 @@ namespace avx2 {
 }  // namespace avx2
 #pragma GCC pop_options
 
-// TF_LORA_CPU_ISA=baseline forces the baseline code (to test it, or to
-// compare), like oneDNN's ONEDNN_MAX_CPU_ISA.
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,f16c")
+namespace avx512 {
+#define TF_LORA_SIMD_AVX2 0
+#define TF_LORA_SIMD_AVX512 1
+#include "core/kernels/lora_cpu_simd.inc"
+#undef TF_LORA_SIMD_AVX512
+#undef TF_LORA_SIMD_AVX2
+}  // namespace avx512
+#pragma GCC pop_options
+
+// The AVX-512 code where the CPU has AVX-512 (F, VL, BW, DQ). TF_LORA_CPU_ISA
+// (baseline, avx2 or avx512) caps the code path, like oneDNN's
+// ONEDNN_MAX_CPU_ISA: to test each path, or to compare them.
+bool UseAvx512() {
+  static const bool use = [] {
+    const char* isa = std::getenv("TF_LORA_CPU_ISA");
+    if (isa != nullptr && std::strcmp(isa, "avx512") != 0) return false;
+    return __builtin_cpu_supports("avx512f") &&
+           __builtin_cpu_supports("avx512vl") &&
+           __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("fma");
+  }();
+  return use;
+}
+
 bool UseAvx2() {
   static const bool use = [] {
     const char* isa = std::getenv("TF_LORA_CPU_ISA");
@@ -293,6 +318,7 @@ bool UseAvx2() {
 }
 #else
 bool UseAvx2() { return false; }
+bool UseAvx512() { return false; }
 #endif
 
 namespace baseline {
@@ -303,6 +329,7 @@ namespace baseline {
 
 #if !(defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__))
 namespace avx2 = baseline;  // UseAvx2() is false: never taken
+namespace avx512 = baseline;
 #endif
 
 // d.parallelFor, with any exception a worker throws (a scratch vector that
@@ -323,8 +350,10 @@ template <typename Args>
 using BlockKernel = void (*)(const Args&, int64_t, int64_t);
 
 template <typename Args>
-BlockKernel<Args> Pick(BlockKernel<Args> avx2_kernel,
+BlockKernel<Args> Pick(BlockKernel<Args> avx512_kernel,
+                       BlockKernel<Args> avx2_kernel,
                        BlockKernel<Args> baseline_kernel) {
+  if (UseAvx512()) return avx512_kernel;
   return UseAvx2() ? avx2_kernel : baseline_kernel;
 }
 
@@ -374,7 +403,8 @@ void RowUpdate(const Eigen::ThreadPoolDevice& d, int64_t rows, int64_t cols,
                                rows_map,
                                stream_out};
   const auto kernel = Pick<RowUpdateArgs<T, TA>>(
-      &avx2::RowUpdateBlocks<T, TA>, &baseline::RowUpdateBlocks<T, TA>);
+      &avx512::RowUpdateBlocks<T, TA>, &avx2::RowUpdateBlocks<T, TA>,
+      &baseline::RowUpdateBlocks<T, TA>);
   const double row_bytes = static_cast<double>(cols * sizeof(T));
   const Eigen::TensorOpCost cost(
       kRows * (row_bytes + k * sizeof(TA)), kRows * row_bytes,
@@ -426,7 +456,8 @@ void ApplyRows(const Eigen::ThreadPoolDevice& d, int64_t rows,
   Scratch<Acc> xa(rows * lda);
   const XaArgs<T> p{rows, in, r, x, a_tiles.tiles(), xa.data(), rows_map};
   const auto kernel =
-      Pick<XaArgs<T>>(&avx2::XaRowBlocks<T>, &baseline::XaRowBlocks<T>);
+      Pick<XaArgs<T>>(&avx512::XaRowBlocks<T>, &avx2::XaRowBlocks<T>,
+                      &baseline::XaRowBlocks<T>);
   const Eigen::TensorOpCost cost(
       kRows * in * sizeof(T), kRows * lda * sizeof(Acc),
       kRows * static_cast<double>(in) * lda / kMaddsPerCycle);
@@ -439,7 +470,10 @@ void ApplyRows(const Eigen::ThreadPoolDevice& d, int64_t rows,
 
 }  // namespace
 
-const char* CpuCodePath() { return UseAvx2() ? "avx2" : "baseline"; }
+const char* CpuCodePath() {
+  if (UseAvx512()) return "avx512";
+  return UseAvx2() ? "avx2" : "baseline";
+}
 
 template <typename T>
 void LoraMerge<Eigen::ThreadPoolDevice, T>::operator()(
@@ -539,7 +573,8 @@ void GradRows(const Eigen::ThreadPoolDevice& d, int64_t n,
                           dscale_parts.data(),
                           rows_map,
                           StreamOut<T>(nullptr, dx, n, in)};
-  const auto kernel = Pick<LoraGradArgs<T>>(&avx2::LoraGradShards<T>,
+  const auto kernel = Pick<LoraGradArgs<T>>(&avx512::LoraGradShards<T>,
+                                            &avx2::LoraGradShards<T>,
                                             &baseline::LoraGradShards<T>);
   const double madds = 5.0 * shard_rows * r * (in + out) / kMaddsPerCycle;
   ParallelFor(d, shards,

@@ -406,19 +406,30 @@ void CheckRoundingMatchesEigen(const Eigen::ThreadPoolDevice& d,
                            << " values";
 }
 
-// The baseline target must run the baseline code; the other runs the AVX2
-// code wherever the CPU has it.
+// Each target runs the code path its TF_LORA_CPU_ISA caps (none: the widest
+// the CPU has), so the AVX-512, AVX2 and baseline code are all tested on a
+// machine with AVX-512.
 TEST(LoraCpu, RunsTheCodePathAsked) {
-  const char* isa = std::getenv("TF_LORA_CPU_ISA");
-  const bool baseline = isa != nullptr && std::strcmp(isa, "baseline") == 0;
+  const char* env = std::getenv("TF_LORA_CPU_ISA");
+  const std::string cap = env != nullptr ? env : "avx512";
 #if defined(__x86_64__)
   const bool avx2 = __builtin_cpu_supports("avx2") &&
                     __builtin_cpu_supports("fma") &&
                     __builtin_cpu_supports("f16c");
+  const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") &&
+                      __builtin_cpu_supports("avx512vl") &&
+                      __builtin_cpu_supports("avx512bw") &&
+                      __builtin_cpu_supports("avx512dq");
 #else
-  const bool avx2 = false;
+  const bool avx2 = false, avx512 = false;
 #endif
-  EXPECT_STREQ(functor::CpuCodePath(), !baseline && avx2 ? "avx2" : "baseline");
+  std::string want = "baseline";
+  if (cap == "avx512" && avx512) {
+    want = "avx512";
+  } else if (cap != "baseline" && avx2) {
+    want = "avx2";
+  }
+  EXPECT_EQ(functor::CpuCodePath(), want);
 }
 
 // As TensorFlow's CPU device runs the functors: a pool of worker threads.
@@ -465,6 +476,3 @@ TEST(LoraCpu, RoundingToHalfTypesMatchesStaticCast) {
 
 }  // namespace
 }  // namespace tf_lora
-
-// --baseline runs the baseline-ISA code instead of the AVX2 code the CPU may
-// have.

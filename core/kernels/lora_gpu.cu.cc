@@ -115,8 +115,8 @@ TF_LORA_GLOBAL void Shrink(TileMap m, const T* x, int64_t in, const T* a,
     }
     for (int e = tid; e < kShrinkK * kShrinkCols; e += kShrinkThreads) {
       const int kk = e / kShrinkCols, c = e % kShrinkCols;
-      as[kk][c] = kk < kc && c < cols ? ToFloat(a_k[(k0 + kk) * r + c0 + c])
-                                      : 0.f;
+      as[kk][c] =
+          kk < kc && c < cols ? ToFloat(a_k[(k0 + kk) * r + c0 + c]) : 0.f;
     }
     SyncThreads();
     for (int kk = 0; kk < kc; ++kk) {
@@ -171,7 +171,8 @@ TF_LORA_GLOBAL void Expand(TileMap m, const T* y, T* y_out, int64_t out,
     }
     return;
   }
-  const float a_scale = scales != nullptr ? ToFloat(scales[tile.adapter]) : scale;
+  const float a_scale =
+      scales != nullptr ? ToFloat(scales[tile.adapter]) : scale;
   const T* b_k = b + tile.adapter * r * out;
   float acc[kRowsPerThread][V] = {};
   for (int64_t k0 = 0; k0 < r; k0 += kExpandK) {
@@ -263,8 +264,7 @@ TF_LORA_GLOBAL void PlanSegments(int buckets, int tile_rows, const int* counts,
 // Rows land in their bucket in any order: each row's sums do not depend on
 // where it sits.
 TF_LORA_GLOBAL void ScatterRows(int64_t n, const int32_t* ids, int adapters,
-                                const int* seg_start, int* cursor,
-                                int* order) {
+                                const int* seg_start, int* cursor, int* order) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= n) return;
   const int k = ids[i];
@@ -280,7 +280,8 @@ TF_LORA_GLOBAL void CheckIds(int64_t n, const int32_t* ids, int adapters,
   }
 }
 
-// -- launchers -----------------------------------------------------------------
+// -- launchers
+// -----------------------------------------------------------------
 
 // Splits of `in` that give the shrink about kTargetBlocks blocks, each at
 // least 4 steps of kShrinkK long.
@@ -328,15 +329,14 @@ Error LaunchExpand(Stream stream, const TileMap& m, int64_t tiles, const T* y,
 }
 
 template <typename T>
-Error LaunchShrink(Stream stream, const TileMap& m, int64_t tiles,
-                   const T* x, int64_t in, const T* a, int64_t r, int splits,
+Error LaunchShrink(Stream stream, const TileMap& m, int64_t tiles, const T* x,
+                   int64_t in, const T* a, int64_t r, int splits,
                    float* partial) {
   const int64_t col_chunks = CeilDiv(r, kShrinkCols);
   if (col_chunks > 65535) return kInvalidValue;
   auto* kernel = Shrink<T>;
-  TF_LORA_LAUNCH(kernel, dim3(tiles, splits, col_chunks),
-                 dim3(kShrinkThreads), stream, m, x, in, a, r,
-                 SplitLen(in, splits), partial);
+  TF_LORA_LAUNCH(kernel, dim3(tiles, splits, col_chunks), dim3(kShrinkThreads),
+                 stream, m, x, in, a, r, SplitLen(in, splits), partial);
   return LastLaunchError();
 }
 
@@ -453,8 +453,8 @@ Error BatchedLoraApply(Stream stream, int64_t n, int64_t in, int64_t out,
     m.tile_prefix = tile_prefix;
     m.buckets = buckets;
   }
-  float* partial = reinterpret_cast<float*>(static_cast<char*>(workspace) +
-                                            plan.int_bytes);
+  float* partial =
+      reinterpret_cast<float*>(static_cast<char*>(workspace) + plan.int_bytes);
   e = LaunchShrink<T>(stream, m, plan.tiles, x, in, a_stack, r, plan.splits,
                       partial);
   if (e != kSuccess) return e;

@@ -59,14 +59,15 @@ def test_apply_and_gradient_with_streamed_outputs():
 
 OUT_OF_MEMORY = """
 import numpy as np, tensorflow as tf, tf_lora
-out = 1 << 22  # b packed for 5 rows: 16 x 4M floats = 256 MiB of scratch
-y, x, a, b = tf.ones([5, out]), tf.ones([5, 1]), tf.ones([1, 16]), tf.ones([16, out])
-var = tf.Variable(tf.ones([5, out]))
+out = 1 << 22  # b packed for 9 rows: 16 x 4M floats = 256 MiB of scratch
+rows = 9  # more than one parallel block of rows (kRows, 8): b is packed, not read in place
+y, x, a, b = tf.ones([rows, out]), tf.ones([rows, 1]), tf.ones([1, 16]), tf.ones([16, out])
+var = tf.Variable(tf.ones([rows, out]))
 errors = []
 with address_space_headroom(160 << 20):
     for name, call in [
         ("LoraApply", lambda: tf_lora.lora_apply(y, x, a, b, 1.0)),
-        ("ResourceLoraMerge", lambda: tf_lora.merge_into_variable(var, tf.ones([5, 16]), b, 1.0)),
+        ("ResourceLoraMerge", lambda: tf_lora.merge_into_variable(var, tf.ones([rows, 16]), b, 1.0)),
     ]:
         try:
             call()
@@ -76,13 +77,13 @@ with address_space_headroom(160 << 20):
 assert errors == ["LoraApply", "ResourceLoraMerge"], errors
 assert np.all(var.numpy() == 1.0), "the variable must be unchanged"
 got = tf_lora.lora_apply(y[:, :1000], x, a, b[:, :1000], 1.0).numpy()
-np.testing.assert_array_equal(got, np.full((5, 1000), 17.0))
+np.testing.assert_array_equal(got, np.full((rows, 1000), 17.0))
 print("OK")
 """
 
 
 def test_out_of_memory_for_scratch_is_an_error(run_python):
-    # The kernels' scratch (here b packed for 5 rows, 256 MiB) cannot be had under an address-space limit:
+    # The kernels' scratch (here b packed for 9 rows, 256 MiB) cannot be had under an address-space limit:
     # a ResourceExhausted error, not a dead process (a std::bad_alloc through TensorFlow's frames would
     # abort), and merge_into_variable leaves the variable as it was.
     assert "OK" in run_python(OUT_OF_MEMORY)
