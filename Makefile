@@ -32,7 +32,7 @@ lint: deps
 
 format: deps
 	$(VENV)/bin/ruff format .
-	clang-format -i core/*/*.cc core/*/*.h
+	clang-format -i core/*/*.cc core/*/*.h tests/gpu/*.cc
 	clang-format -i --assume-filename=x.cc core/*/*.inc
 
 # The wheel Bazel writes is tagged linux_x86_64; auditwheel checks that its libraries need nothing newer than

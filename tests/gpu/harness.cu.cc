@@ -60,9 +60,9 @@ int tfl_lora_apply(int dtype, void* stream, int64_t n, int64_t in, int64_t out,
                    const void* b, float scale, void* y_out, void* workspace) {
   return ByDtype(dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    return tf_lora::gpu::LoraApply<T>(
-        static_cast<Stream>(stream), n, in, out, r, In<T>(y), In<T>(x),
-        In<T>(a), In<T>(b), scale, static_cast<T*>(y_out), workspace);
+    return tf_lora::gpu::LoraApply<T>(static_cast<Stream>(stream), n, in, out,
+                                      r, In<T>(y), In<T>(x), In<T>(a), In<T>(b),
+                                      scale, static_cast<T*>(y_out), workspace);
   });
 }
 
