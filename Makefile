@@ -5,8 +5,9 @@
 #   make wheel   leave the wheel in dist/
 #   make format  ruff format (Python) and clang-format (C++, needs Debian's clang-format)
 #
-# Set-up: `make bootstrap` (Debian's bazel-bootstrap, g++ and googletest when missing, via sudo when not root), and
-# .venv with the pinned requirements.txt. Builds use .bazelrc (offline, optimised) and .bazelrc.user
+# Set-up: `make bootstrap` (Debian's bazel-bootstrap, g++ and googletest when missing, via sudo when not root),
+# .venv with the pinned requirements.txt, and .cuda/ (tools/cuda_toolchain.py: the pinned CUDA 11.8 compiler
+# the GPU kernels are built with, downloaded once). Builds use .bazelrc (offline, optimised) and .bazelrc.user
 # (tools/configure.py); docs/building.md says why.
 
 SHELL := /bin/bash
@@ -54,6 +55,7 @@ build: configure
 	$(BAZEL) build //...
 
 configure: deps
+	$(PY) tools/cuda_toolchain.py --python $(PY)
 	$(PY) tools/configure.py --python $(PY)
 
 deps: bootstrap $(VENV)/.requirements-installed

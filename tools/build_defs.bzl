@@ -37,6 +37,23 @@ _CUDA_COPTS = ["-DGOOGLE_CUDA=1"]
 
 _TF_HEADERS = ["@local_config_tf//:tf_header_lib"]
 
+# nvcc (CUDA 11.8: tools/cuda_toolchain.py, docs/building.md "CUDA"). Device code for the architectures
+# TensorFlow 2.21's own kernels target (sm_60, sm_70, sm_80, sm_89, sm_90) and PTX for sm_90, which newer
+# GPUs compile when they load it. The CUDA sources include no TensorFlow header. GCC 12 is newer than
+# nvcc 11.8 lists; the sources are plain C++17 it compiles.
+_CUDA_ARCHS = ["60", "70", "80", "89", "90"]
+_NVCC_FLAGS = [
+    "-std=c++17",
+    "-O3",
+    "-DNDEBUG",
+    "-DGOOGLE_CUDA=1",
+    "-I.",
+    "-Xcompiler -fPIC",
+    "-allow-unsupported-compiler",
+] + ["-gencode arch=compute_%s,code=sm_%s" % (a, a) for a in _CUDA_ARCHS] + [
+    "-gencode arch=compute_90,code=compute_90",
+]
+
 # Every translation unit of the op libraries starts with core/platform/manylinux.h, and every op library
 # links core/platform/manylinux.cc: the libraries then need no glibc or libstdc++ newer than the
 # manylinux_2_27 policy allows (docs/building.md, "A manylinux wheel").
@@ -76,19 +93,15 @@ def tf_lora_gpu_library(name, srcs, hdrs = [], deps = []):
         outs = [name + ".lo"],
         cmd = " && ".join([
             "NVCC=$${NVCC:-nvcc}",
-            "INC=$$(dirname $(location @local_config_tf//:tf_version.txt))/include",
             "OBJ=$$(mktemp -d)",
         ] + [
-            ("$$NVCC -x cu -c $(location %s) -o $$OBJ/%s -DGOOGLE_CUDA=1 -DNDEBUG -O3 " +
-             "--expt-relaxed-constexpr -Xcompiler -fPIC -I. -I$(GENDIR) -isystem $$INC " +
-             "-isystem $$INC/third_party/gpus/cuda/include %s") % (src, obj, " ".join(TF_COPTS))
+            ("$$NVCC -x cu -c $(location %s) -o $$OBJ/%s %s") % (src, obj, " ".join(_NVCC_FLAGS))
             for src, obj in zip(srcs, objs)
         ] + [
             "ar rcs $@ " + " ".join(["$$OBJ/" + obj for obj in objs]),
             "rm -rf $$OBJ",
         ]),
         tags = ["manual"],
-        tools = ["@local_config_tf//:tf_version.txt"],
         message = "Compiling CUDA sources of " + name,
     )
     native.cc_library(

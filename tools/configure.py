@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
-"""Points the Bazel build at a Python interpreter that has TensorFlow.
+"""Points the Bazel build at a Python interpreter that has TensorFlow (and at nvcc, when there is one).
 
 Writes .bazelrc.user (read by .bazelrc through try-import) with PYTHON_BIN_PATH, which the
-@local_config_tf repository rule uses to ask that interpreter for tf.sysconfig. Checks first that the
+@local_config_tf repository rule uses to ask that interpreter for tf.sysconfig, and, when
+tools/cuda_toolchain.py has assembled .cuda/, `--config=cuda` with its nvcc: the op libraries are then
+built with their GPU kernels. Checks first that the
 interpreter imports a TensorFlow inside the range tf_lora/version.py pins. Rewrites the file only when
 its contents change, so repeated runs keep Bazel's cache.
 
@@ -51,12 +53,16 @@ def main(argv=None):
     lines = ["# Written by tools/configure.py; do not edit."]
     for command in ("build", "query", "fetch", "sync"):
         lines.append(f"{command} --repo_env=PYTHON_BIN_PATH={python}")
+    nvcc = os.path.join(ROOT, ".cuda", "bin", "nvcc")
+    if os.path.exists(nvcc):  # tools/cuda_toolchain.py: the op libraries get their GPU kernels
+        lines += ["build --config=cuda", f"build --action_env=NVCC={nvcc}"]
     content = "\n".join(lines) + "\n"
     old = open(BAZELRC_USER).read() if os.path.exists(BAZELRC_USER) else None
     if old != content:
         with open(BAZELRC_USER, "w") as f:
             f.write(content)
-    print(f"configure: Bazel builds against TensorFlow {tf_version} of {python}")
+    gpu = "with GPU kernels (nvcc " + nvcc + ")" if os.path.exists(nvcc) else "CPU kernels only (no .cuda/)"
+    print(f"configure: Bazel builds against TensorFlow {tf_version} of {python}; {gpu}")
 
 
 if __name__ == "__main__":

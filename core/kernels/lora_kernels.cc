@@ -12,6 +12,7 @@
 #include "core/kernels/exceptions_to_status.h"
 #include "core/kernels/huge_pages.h"
 #include "core/kernels/lora.h"
+#include "core/kernels/lora_checks.h"
 #include "core/kernels/resource_handle.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/resource_mgr.h"
@@ -32,178 +33,11 @@ using CPUDevice = Eigen::ThreadPoolDevice;
 
 namespace {
 
-using Named = std::pair<const char*, const TensorShape*>;
-
-// "; got y [4,8], x [4,3], ..." for error messages.
-std::string Received(std::initializer_list<Named> shapes) {
-  std::string out = "; got";
-  const char* sep = " ";
-  for (const auto& [name, shape] : shapes) {
-    absl::StrAppend(&out, sep, name, " ", shape->DebugString());
-    sep = ", ";
-  }
-  return out;
-}
-
-// LoraMerge and ResourceLoraMerge: w [in, out], a [in, r], b [r, out], [].
-absl::Status CheckMergeInputs(const char* op, const char* w_name,
-                              const TensorShape& w, const Tensor& a,
-                              const Tensor& b, const Tensor& scale) {
-  const auto got = [&] {
-    return Received({{w_name, &w},
-                     {"a", &a.shape()},
-                     {"b", &b.shape()},
-                     {"scale", &scale.shape()}});
-  };
-  if (!TensorShapeUtils::IsMatrix(w) ||
-      !TensorShapeUtils::IsMatrix(a.shape()) ||
-      !TensorShapeUtils::IsMatrix(b.shape()) ||
-      !TensorShapeUtils::IsScalar(scale.shape())) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        op, ": expected ", w_name,
-        " [in, out], a [in, r], b [r, out] and a scalar scale", got()));
-  }
-  if (a.dim_size(0) != w.dim_size(0) || b.dim_size(0) != a.dim_size(1) ||
-      b.dim_size(1) != w.dim_size(1)) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        op, ": expected a [", w.dim_size(0), ", r] and b [r, ", w.dim_size(1),
-        "] to match ", w_name, " [in, out] and each other", got()));
-  }
-  return absl::OkStatus();
-}
-
-// LoraApply and LoraApplyGrad: lead (y or grad) [N, out], x [N, in],
-// a [in, r], b [r, out], scale [].
-absl::Status CheckApplyInputs(const char* op, const char* lead_name,
-                              const Tensor& lead, const Tensor& x,
-                              const Tensor& a, const Tensor& b,
-                              const Tensor& scale) {
-  const auto got = [&] {
-    return Received({{lead_name, &lead.shape()},
-                     {"x", &x.shape()},
-                     {"a", &a.shape()},
-                     {"b", &b.shape()},
-                     {"scale", &scale.shape()}});
-  };
-  if (!TensorShapeUtils::IsMatrix(lead.shape()) ||
-      !TensorShapeUtils::IsMatrix(x.shape()) ||
-      !TensorShapeUtils::IsMatrix(a.shape()) ||
-      !TensorShapeUtils::IsMatrix(b.shape()) ||
-      !TensorShapeUtils::IsScalar(scale.shape())) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        op, ": expected ", lead_name,
-        " [N, out], x [N, in], a [in, r], b [r, out] and a scalar scale",
-        got()));
-  }
-  const int64_t n = lead.dim_size(0), out = lead.dim_size(1);
-  if (x.dim_size(0) != n || a.dim_size(0) != x.dim_size(1) ||
-      b.dim_size(0) != a.dim_size(1) || b.dim_size(1) != out) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        op, ": expected x [", n, ", in], a [in, r] and b [r, ", out,
-        "] to match ", lead_name, " [N, out] and each other", got()));
-  }
-  return absl::OkStatus();
-}
-
-// BatchedLoraApply(Grad): lead [N, out], x [N, in], a_stack [n, in, r],
-// b_stack [n, r, out], adapter_ids [N] in [-1, n), scales [n].
-absl::Status CheckBatchedInputs(const char* op, const char* lead_name,
-                                const Tensor& lead, const Tensor& x,
-                                const Tensor& a_stack, const Tensor& b_stack,
-                                const Tensor& ids, const Tensor& scales) {
-  const auto got = [&] {
-    return Received({{lead_name, &lead.shape()},
-                     {"x", &x.shape()},
-                     {"a_stack", &a_stack.shape()},
-                     {"b_stack", &b_stack.shape()},
-                     {"adapter_ids", &ids.shape()},
-                     {"scales", &scales.shape()}});
-  };
-  if (!TensorShapeUtils::IsMatrix(lead.shape()) ||
-      !TensorShapeUtils::IsMatrix(x.shape()) || a_stack.dims() != 3 ||
-      b_stack.dims() != 3 || !TensorShapeUtils::IsVector(ids.shape()) ||
-      !TensorShapeUtils::IsVector(scales.shape())) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(op, ": expected ", lead_name,
-                     " [N, out], x [N, in], a_stack [n, in, r], b_stack "
-                     "[n, r, out], adapter_ids [N] and scales [n]",
-                     got()));
-  }
-  const int64_t n = lead.dim_size(0), out = lead.dim_size(1);
-  const int64_t adapters = a_stack.dim_size(0);
-  if (b_stack.dim_size(0) != adapters || scales.dim_size(0) != adapters) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        op,
-        ": a_stack, b_stack and scales must hold the same number of "
-        "adapters, got ",
-        adapters, ", ", b_stack.dim_size(0), " and ", scales.dim_size(0),
-        got()));
-  }
-  if (x.dim_size(0) != n || ids.dim_size(0) != n ||
-      a_stack.dim_size(1) != x.dim_size(1) ||
-      b_stack.dim_size(1) != a_stack.dim_size(2) ||
-      b_stack.dim_size(2) != out) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        op, ": expected x [", n, ", in], adapter_ids [", n,
-        "], a_stack [n, in, r] and b_stack [n, r, ", out, "] to match ",
-        lead_name, " [N, out] and each other", got()));
-  }
-  const auto id = ids.flat<int32_t>();
-  for (int64_t i = 0; i < n; ++i) {
-    if (id(i) < -1 || id(i) >= adapters) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          op, ": adapter_ids[", i, "] = ", id(i), " is out of range [-1, ",
-          adapters, ") (", adapters, " adapters; -1 means no adapter)"));
-    }
-  }
-  return absl::OkStatus();
-}
-
-// A LoRA scale (or each adapter's, for the batched ops) must be finite: a NaN
-// or an infinity would turn every output it touches into NaN or Inf, silent
-// garbage that no caller means.
-template <typename T>
-absl::Status CheckFiniteScales(const char* op, const char* name,
-                               const Tensor& scales) {
-  const auto flat = scales.flat<T>();
-  for (int64_t i = 0; i < flat.size(); ++i) {
-    const float value = static_cast<float>(flat(i));
-    if (!std::isfinite(value)) {
-      return absl::InvalidArgumentError(
-          scales.dims() == 0
-              ? absl::StrCat(op, ": ", name, " must be finite; got ", value)
-              : absl::StrCat(op, ": ", name, " must be finite; got ", name, "[",
-                             i, "] = ", value));
-    }
-  }
-  return absl::OkStatus();
-}
-
-// The functors size their scratch from products of the dimensions (x @ a is
-// [N, r], packed operands and the gradient's per-shard partials about
-// 16 * r * in and 16 * r * out, each rounded up to whole tiles). With every
-// dimension at least 1 each operand holds real data, so these products are
-// bounded by memory in any sane call; they are still checked, with margin,
-// before anything runs. Work with an empty dimension is not checked: the
-// functors return at once (or fill zeros) without scratch, and such inputs
-// are valid whatever the other dimensions (a [0, 2^62] is an empty tensor).
-absl::Status CheckWorkSizes(const char* op, int64_t n, int64_t in, int64_t out,
-                            int64_t r) {
-  if (n == 0 || in == 0 || out == 0 || r == 0) return absl::OkStatus();
-  constexpr int64_t kPad = 64, kScratchFactor = 16 * 8;  // tiles, bytes
-  constexpr int64_t kMax = std::numeric_limits<int64_t>::max() - kPad;
-  const auto fits = [](int64_t rows, int64_t cols) {
-    if (rows > kMax || cols > kMax) return false;
-    const int64_t elements =
-        tensorflow::MultiplyWithoutOverflow(rows + kPad, cols + kPad);
-    return elements >= 0 &&
-           tensorflow::MultiplyWithoutOverflow(elements, kScratchFactor) >= 0;
-  };
-  if (fits(n, r) && fits(r, in) && fits(r, out)) return absl::OkStatus();
-  return absl::InvalidArgumentError(absl::StrCat(
-      op, ": N = ", n, ", in = ", in, ", out = ", out, " and r = ", r,
-      " need scratch buffers whose sizes overflow 64-bit integers"));
-}
+using lora_checks::CheckApplyInputs;
+using lora_checks::CheckBatchedInputs;
+using lora_checks::CheckFiniteScales;
+using lora_checks::CheckMergeInputs;
+using lora_checks::CheckWorkSizes;
 
 // ExceptionsToStatus's `what` for the functors. They take their scratch
 // buffers (packed operands, x @ a, gradient partials: the allocations that

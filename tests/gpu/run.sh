@@ -14,7 +14,8 @@ ARCH=${ARCH:-$($PYTHON -c "import torch; m, n = torch.cuda.get_device_capability
 echo "== build (nvcc, sm_$ARCH)"
 nvcc -std=c++17 -O3 -x cu -shared -Xcompiler -fPIC -I. -Xptxas -v \
   -gencode "arch=compute_$ARCH,code=sm_$ARCH" \
-  core/kernels/lora_gpu.cu.cc tests/gpu/harness.cu.cc -o "$OUT/liblora_gpu_cuda.so" 2> "$OUT/ptxas.txt"
+  core/kernels/lora_gpu.cu.cc core/kernels/lora_gpu_launch.cu.cc tests/gpu/harness.cu.cc \
+  -o "$OUT/liblora_gpu_cuda.so" 2> "$OUT/ptxas.txt"
 grep -c "spill stores" "$OUT/ptxas.txt" > /dev/null && grep -E "spill (stores|loads)" "$OUT/ptxas.txt" \
   | grep -v " 0 bytes spill stores, 0 bytes spill loads" || echo "no register spills"
 

@@ -1,0 +1,48 @@
+// The LoRA GPU launchers (lora_gpu.h) behind types any C++ compiler knows: a
+// dtype tag, void pointers and the stream as void*. The TensorFlow glue
+// (lora_kernels_gpu.cc, compiled by the host compiler without CUDA headers)
+// and the test harness (tests/gpu) call these; nvcc compiles them
+// (lora_gpu_launch.cu.cc). Each returns 0 or the CUDA error, named by
+// ErrorString.
+
+#ifndef TF_LORA_CORE_KERNELS_LORA_GPU_LAUNCH_H_
+#define TF_LORA_CORE_KERNELS_LORA_GPU_LAUNCH_H_
+
+#include <cstddef>
+#include <cstdint>
+
+namespace tf_lora {
+namespace gpu {
+
+enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+int LaunchLoraMerge(DType dtype, void* stream, int64_t in, int64_t out,
+                    int64_t r, const void* w, const void* a, const void* b,
+                    float scale, void* result);
+
+size_t LoraApplyWorkspace(int64_t n, int64_t in, int64_t r);
+
+int LaunchLoraApply(DType dtype, void* stream, int64_t n, int64_t in,
+                    int64_t out, int64_t r, const void* y, const void* x,
+                    const void* a, const void* b, float scale, void* y_out,
+                    void* workspace);
+
+size_t BatchedLoraApplyWorkspace(int64_t n, int64_t in, int64_t r,
+                                 int64_t adapters);
+
+// ids, scales (dtype) and bad_row are device memory; *bad_row is set to
+// NoBadRow() when every id is in [-1, adapters), else to the first bad row.
+int LaunchBatchedLoraApply(DType dtype, void* stream, int64_t n, int64_t in,
+                           int64_t out, int64_t r, int64_t adapters,
+                           const void* y, const void* x, const void* a_stack,
+                           const void* b_stack, const int32_t* ids,
+                           const void* scales, void* y_out, void* workspace,
+                           int* bad_row);
+
+int NoBadRow();
+const char* ErrorString(int error);
+
+}  // namespace gpu
+}  // namespace tf_lora
+
+#endif  // TF_LORA_CORE_KERNELS_LORA_GPU_LAUNCH_H_

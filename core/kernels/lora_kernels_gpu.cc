@@ -1,0 +1,215 @@
+// LoRA op family: GPU OpKernel glue (built with --config=cuda). The same
+// input checks and contracts as the CPU kernels (lora_checks.h), then the
+// CUDA launchers of lora_gpu_launch.h on the op's stream. Scalars the checks
+// read (scale, scales) arrive in host memory; adapter ids stay on the device,
+// where the kernel checks them, and a bad id is read back to name its row.
+//
+// GPU kernels so far: LoraMerge, LoraApply, BatchedLoraApply (float32,
+// float16, bfloat16). The gradients and ResourceLoraMerge run on the CPU.
+
+#include <cstdint>
+#include <string>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "core/kernels/lora_checks.h"
+#include "core/kernels/lora_gpu_launch.h"
+#include "tensorflow/core/framework/device_base.h"
+#include "tensorflow/core/framework/op_kernel.h"
+#include "tensorflow/core/framework/tensor.h"
+#include "tensorflow/core/framework/types.h"
+#include "xla/stream_executor/device_address.h"
+#include "xla/stream_executor/stream.h"
+
+namespace tf_lora {
+
+using ::tensorflow::OpKernel;
+using ::tensorflow::OpKernelConstruction;
+using ::tensorflow::OpKernelContext;
+using ::tensorflow::Tensor;
+using ::tensorflow::TensorShape;
+
+namespace {
+
+using lora_checks::CheckApplyInputs;
+using lora_checks::CheckBatchedInputs;
+using lora_checks::CheckFiniteScales;
+using lora_checks::CheckMergeInputs;
+
+template <typename T>
+constexpr gpu::DType kDType = gpu::DType::kFloat32;
+template <>
+constexpr gpu::DType kDType<Eigen::half> = gpu::DType::kFloat16;
+template <>
+constexpr gpu::DType kDType<Eigen::bfloat16> = gpu::DType::kBFloat16;
+
+stream_executor::Stream* StreamOf(OpKernelContext* ctx) {
+  return ctx->op_device_context()->stream();
+}
+
+void* CudaStream(OpKernelContext* ctx) {
+  return StreamOf(ctx)->platform_specific_handle().stream;
+}
+
+absl::Status Launched(const char* op, int error) {
+  if (error == 0) return absl::OkStatus();
+  return absl::InternalError(absl::StrCat(op, ": CUDA kernel launch failed (",
+                                          gpu::ErrorString(error), ")"));
+}
+
+// Scratch on the device: `bytes` as an int8 tensor that lives for the call.
+absl::Status Workspace(OpKernelContext* ctx, size_t bytes, Tensor* out) {
+  return ctx->allocate_temp(tensorflow::DT_INT8,
+                            TensorShape({static_cast<int64_t>(bytes)}), out);
+}
+
+template <typename T>
+class LoraMergeGpuOp : public OpKernel {
+ public:
+  explicit LoraMergeGpuOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& w = ctx->input(0);
+    const Tensor& a = ctx->input(1);
+    const Tensor& b = ctx->input(2);
+    const Tensor& scale = ctx->input(3);
+    OP_REQUIRES_OK(ctx,
+                   CheckMergeInputs("LoraMerge", "w", w.shape(), a, b, scale));
+    OP_REQUIRES_OK(ctx, CheckFiniteScales<T>("LoraMerge", "scale", scale));
+    Tensor* merged = nullptr;
+    OP_REQUIRES_OK(
+        ctx, ctx->forward_input_or_allocate_output({0}, 0, w.shape(), &merged));
+    OP_REQUIRES_OK(
+        ctx, Launched("LoraMerge",
+                      gpu::LaunchLoraMerge(
+                          kDType<T>, CudaStream(ctx), w.dim_size(0),
+                          w.dim_size(1), a.dim_size(1), w.flat<T>().data(),
+                          a.flat<T>().data(), b.flat<T>().data(),
+                          static_cast<float>(scale.scalar<T>()()),
+                          merged->flat<T>().data())));
+  }
+};
+
+template <typename T>
+class LoraApplyGpuOp : public OpKernel {
+ public:
+  explicit LoraApplyGpuOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& y = ctx->input(0);
+    const Tensor& x = ctx->input(1);
+    const Tensor& a = ctx->input(2);
+    const Tensor& b = ctx->input(3);
+    const Tensor& scale = ctx->input(4);
+    OP_REQUIRES_OK(ctx, CheckApplyInputs("LoraApply", "y", y, x, a, b, scale));
+    OP_REQUIRES_OK(ctx, CheckFiniteScales<T>("LoraApply", "scale", scale));
+    const int64_t n = y.dim_size(0), in = x.dim_size(1), out = y.dim_size(1),
+                  r = a.dim_size(1);
+    Tensor* y_out = nullptr;
+    OP_REQUIRES_OK(
+        ctx, ctx->forward_input_or_allocate_output({0}, 0, y.shape(), &y_out));
+    Tensor work;
+    OP_REQUIRES_OK(ctx,
+                   Workspace(ctx, gpu::LoraApplyWorkspace(n, in, r), &work));
+    OP_REQUIRES_OK(ctx, Launched("LoraApply",
+                                 gpu::LaunchLoraApply(
+                                     kDType<T>, CudaStream(ctx), n, in, out, r,
+                                     y.flat<T>().data(), x.flat<T>().data(),
+                                     a.flat<T>().data(), b.flat<T>().data(),
+                                     static_cast<float>(scale.scalar<T>()()),
+                                     y_out->flat<T>().data(), work.data())));
+  }
+};
+
+template <typename T>
+class BatchedLoraApplyGpuOp : public OpKernel {
+ public:
+  explicit BatchedLoraApplyGpuOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
+
+  void Compute(OpKernelContext* ctx) override {
+    constexpr char kOp[] = "BatchedLoraApply";
+    const Tensor& y = ctx->input(0);
+    const Tensor& x = ctx->input(1);
+    const Tensor& a_stack = ctx->input(2);
+    const Tensor& b_stack = ctx->input(3);
+    const Tensor& ids = ctx->input(4);
+    const Tensor& scales = ctx->input(5);  // host memory
+    OP_REQUIRES_OK(
+        ctx, CheckBatchedInputs(kOp, "y", y, x, a_stack, b_stack, ids, scales,
+                                /*ids_on_host=*/false));
+    OP_REQUIRES_OK(ctx, CheckFiniteScales<T>(kOp, "scales", scales));
+    const int64_t n = y.dim_size(0), in = x.dim_size(1), out = y.dim_size(1),
+                  r = a_stack.dim_size(2), adapters = a_stack.dim_size(0);
+    Tensor* y_out = nullptr;
+    OP_REQUIRES_OK(
+        ctx, ctx->forward_input_or_allocate_output({0}, 0, y.shape(), &y_out));
+    stream_executor::Stream* stream = StreamOf(ctx);
+    // The scales the checks read on the host, for the kernel on the device.
+    Tensor device_scales, bad_row, work;
+    OP_REQUIRES_OK(ctx, ctx->allocate_temp(scales.dtype(), scales.shape(),
+                                           &device_scales));
+    OP_REQUIRES_OK(ctx, ctx->allocate_temp(tensorflow::DT_INT32,
+                                           TensorShape({1}), &bad_row));
+    OP_REQUIRES_OK(
+        ctx, Workspace(ctx, gpu::BatchedLoraApplyWorkspace(n, in, r, adapters),
+                       &work));
+    if (scales.NumElements() > 0) {
+      stream_executor::DeviceAddressBase dst(device_scales.data(),
+                                             device_scales.TotalBytes());
+      OP_REQUIRES_OK(ctx,
+                     stream->Memcpy(&dst, scales.data(), scales.TotalBytes()));
+    }
+    int32_t* bad = bad_row.flat<int32_t>().data();
+    OP_REQUIRES_OK(
+        ctx,
+        Launched(kOp, gpu::LaunchBatchedLoraApply(
+                          kDType<T>, CudaStream(ctx), n, in, out, r, adapters,
+                          y.flat<T>().data(), x.flat<T>().data(),
+                          a_stack.flat<T>().data(), b_stack.flat<T>().data(),
+                          ids.flat<int32_t>().data(), device_scales.data(),
+                          y_out->flat<T>().data(), work.data(), bad)));
+    if (n == 0) return;
+    // The ids are checked on the device; one 4-byte read (and a wait for the
+    // stream) tells whether any was out of range, as the CPU kernel reports.
+    int32_t first_bad = 0;
+    stream_executor::DeviceAddressBase bad_mem(bad, sizeof(int32_t));
+    OP_REQUIRES_OK(ctx, stream->Memcpy(&first_bad, bad_mem, sizeof(int32_t)));
+    OP_REQUIRES_OK(ctx, stream->BlockHostUntilDone());
+    if (first_bad == gpu::NoBadRow()) return;
+    int32_t id = 0;
+    stream_executor::DeviceAddressBase id_mem(
+        const_cast<int32_t*>(ids.flat<int32_t>().data()) + first_bad,
+        sizeof(int32_t));
+    OP_REQUIRES_OK(ctx, stream->Memcpy(&id, id_mem, sizeof(int32_t)));
+    OP_REQUIRES_OK(ctx, stream->BlockHostUntilDone());
+    ctx->SetStatus(absl::InvalidArgumentError(absl::StrCat(
+        kOp, ": adapter_ids[", first_bad, "] = ", id, " is out of range [-1, ",
+        adapters, ") (", adapters, " adapters; -1 means no adapter)")));
+  }
+};
+
+}  // namespace
+
+#define TF_LORA_REGISTER_GPU(T)                                 \
+  REGISTER_KERNEL_BUILDER(Name("TfLora>LoraMerge")              \
+                              .Device(::tensorflow::DEVICE_GPU) \
+                              .TypeConstraint<T>("T")           \
+                              .HostMemory("scale"),             \
+                          LoraMergeGpuOp<T>);                   \
+  REGISTER_KERNEL_BUILDER(Name("TfLora>LoraApply")              \
+                              .Device(::tensorflow::DEVICE_GPU) \
+                              .TypeConstraint<T>("T")           \
+                              .HostMemory("scale"),             \
+                          LoraApplyGpuOp<T>);                   \
+  REGISTER_KERNEL_BUILDER(Name("TfLora>BatchedLoraApply")       \
+                              .Device(::tensorflow::DEVICE_GPU) \
+                              .TypeConstraint<T>("T")           \
+                              .HostMemory("scales"),            \
+                          BatchedLoraApplyGpuOp<T>)
+
+TF_LORA_REGISTER_GPU(float);
+TF_LORA_REGISTER_GPU(Eigen::half);
+TF_LORA_REGISTER_GPU(Eigen::bfloat16);
+#undef TF_LORA_REGISTER_GPU
+
+}  // namespace tf_lora
