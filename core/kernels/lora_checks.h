@@ -14,6 +14,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/tensor.h"
 #include "tensorflow/core/framework/tensor_shape.h"
 #include "tensorflow/core/util/overflow.h"
@@ -201,6 +202,86 @@ inline absl::Status CheckWorkSizes(const char* op, int64_t n, int64_t in,
   return absl::InvalidArgumentError(absl::StrCat(
       op, ": N = ", n, ", in = ", in, ", out = ", out, " and r = ", r,
       " need scratch buffers whose sizes overflow 64-bit integers"));
+}
+
+// -- each op's inputs, read from the context and checked ---------------------
+
+// LoraMerge: w [in, out], a [in, r], b [r, out], scale.
+struct MergeInputs {
+  const Tensor* w;
+  const Tensor* a;
+  const Tensor* b;
+  const Tensor* scale;
+  int64_t in() const { return w->dim_size(0); }
+  int64_t out() const { return w->dim_size(1); }
+  int64_t r() const { return a->dim_size(1); }
+};
+
+template <typename T>
+absl::Status ReadMergeInputs(::tensorflow::OpKernelContext* ctx,
+                             MergeInputs* in) {
+  *in = {&ctx->input(0), &ctx->input(1), &ctx->input(2), &ctx->input(3)};
+  absl::Status s = CheckMergeInputs("LoraMerge", "w", in->w->shape(), *in->a,
+                                    *in->b, *in->scale);
+  if (s.ok()) s = CheckFiniteScales<T>("LoraMerge", "scale", *in->scale);
+  if (s.ok()) s = CheckWorkSizes("LoraMerge", in->in(), 1, in->out(), in->r());
+  return s;
+}
+
+// LoraApply and LoraApplyGrad: lead (y or grad) [N, out], x [N, in],
+// a [in, r], b [r, out], scale.
+struct ApplyInputs {
+  const Tensor* lead;
+  const Tensor* x;
+  const Tensor* a;
+  const Tensor* b;
+  const Tensor* scale;
+  int64_t n() const { return lead->dim_size(0); }
+  int64_t in() const { return x->dim_size(1); }
+  int64_t out() const { return lead->dim_size(1); }
+  int64_t r() const { return a->dim_size(1); }
+};
+
+template <typename T>
+absl::Status ReadApplyInputs(::tensorflow::OpKernelContext* ctx, const char* op,
+                             const char* lead_name, ApplyInputs* in) {
+  *in = {&ctx->input(0), &ctx->input(1), &ctx->input(2), &ctx->input(3),
+         &ctx->input(4)};
+  absl::Status s = CheckApplyInputs(op, lead_name, *in->lead, *in->x, *in->a,
+                                    *in->b, *in->scale);
+  if (s.ok()) s = CheckFiniteScales<T>(op, "scale", *in->scale);
+  if (s.ok()) s = CheckWorkSizes(op, in->n(), in->in(), in->out(), in->r());
+  return s;
+}
+
+// BatchedLoraApply(Grad): lead [N, out], x [N, in], a_stack [n, in, r],
+// b_stack [n, r, out], adapter_ids [N], scales [n].
+struct BatchedInputs {
+  const Tensor* lead;
+  const Tensor* x;
+  const Tensor* a_stack;
+  const Tensor* b_stack;
+  const Tensor* ids;
+  const Tensor* scales;
+  int64_t n() const { return lead->dim_size(0); }
+  int64_t in() const { return x->dim_size(1); }
+  int64_t out() const { return lead->dim_size(1); }
+  int64_t r() const { return a_stack->dim_size(2); }
+  int64_t adapters() const { return a_stack->dim_size(0); }
+};
+
+template <typename T>
+absl::Status ReadBatchedInputs(::tensorflow::OpKernelContext* ctx,
+                               const char* op, const char* lead_name,
+                               bool ids_on_host, BatchedInputs* in) {
+  *in = {&ctx->input(0), &ctx->input(1), &ctx->input(2),
+         &ctx->input(3), &ctx->input(4), &ctx->input(5)};
+  absl::Status s =
+      CheckBatchedInputs(op, lead_name, *in->lead, *in->x, *in->a_stack,
+                         *in->b_stack, *in->ids, *in->scales, ids_on_host);
+  if (s.ok()) s = CheckFiniteScales<T>(op, "scales", *in->scales);
+  if (s.ok()) s = CheckWorkSizes(op, in->n(), in->in(), in->out(), in->r());
+  return s;
 }
 
 }  // namespace lora_checks

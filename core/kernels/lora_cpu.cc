@@ -283,6 +283,10 @@ namespace avx2 {
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,f16c")
+// GCC 12's own avx512fintrin.h builds "undefined" vectors as `__m512 __Y =
+// __Y;`, which its -Wmaybe-uninitialized then reports in every caller.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 namespace avx512 {
 #define TF_LORA_SIMD_AVX2 0
 #define TF_LORA_SIMD_AVX512 1
@@ -290,6 +294,7 @@ namespace avx512 {
 #undef TF_LORA_SIMD_AVX512
 #undef TF_LORA_SIMD_AVX2
 }  // namespace avx512
+#pragma GCC diagnostic pop
 #pragma GCC pop_options
 
 // The AVX-512 code where the CPU has AVX-512 (F, VL, BW, DQ). TF_LORA_CPU_ISA

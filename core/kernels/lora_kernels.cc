@@ -33,11 +33,15 @@ using CPUDevice = Eigen::ThreadPoolDevice;
 
 namespace {
 
-using lora_checks::CheckApplyInputs;
-using lora_checks::CheckBatchedInputs;
+using lora_checks::ApplyInputs;
+using lora_checks::BatchedInputs;
 using lora_checks::CheckFiniteScales;
 using lora_checks::CheckMergeInputs;
 using lora_checks::CheckWorkSizes;
+using lora_checks::MergeInputs;
+using lora_checks::ReadApplyInputs;
+using lora_checks::ReadBatchedInputs;
+using lora_checks::ReadMergeInputs;
 
 // ExceptionsToStatus's `what` for the functors. They take their scratch
 // buffers (packed operands, x @ a, gradient partials: the allocations that
@@ -71,25 +75,18 @@ class LoraMergeOp : public OpKernel {
   explicit LoraMergeOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
 
   void Compute(OpKernelContext* ctx) override {
-    const Tensor& w = ctx->input(0);
-    const Tensor& a = ctx->input(1);
-    const Tensor& b = ctx->input(2);
-    const Tensor& scale = ctx->input(3);
-    OP_REQUIRES_OK(ctx,
-                   CheckMergeInputs("LoraMerge", "w", w.shape(), a, b, scale));
-    OP_REQUIRES_OK(ctx, CheckFiniteScales<T>("LoraMerge", "scale", scale));
-    OP_REQUIRES_OK(ctx, CheckWorkSizes("LoraMerge", w.dim_size(0), 1,
-                                       w.dim_size(1), a.dim_size(1)));
+    MergeInputs in;
+    OP_REQUIRES_OK(ctx, ReadMergeInputs<T>(ctx, &in));
     Tensor* merged = nullptr;
-    OP_REQUIRES_OK(
-        ctx, ctx->forward_input_or_allocate_output({0}, 0, w.shape(), &merged));
-    AdviseFreshOutput(merged, &w);
+    OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output(
+                            {0}, 0, in.w->shape(), &merged));
+    AdviseFreshOutput(merged, in.w);
     OP_REQUIRES_OK(ctx, ExceptionsToStatus("LoraMerge", kScratch, [&] {
                      functor::LoraMerge<Device, T>()(
-                         ctx->eigen_device<Device>(), w.dim_size(0),
-                         w.dim_size(1), a.dim_size(1), w.flat<T>().data(),
-                         a.flat<T>().data(), b.flat<T>().data(),
-                         scale.scalar<T>()(), merged->flat<T>().data());
+                         ctx->eigen_device<Device>(), in.in(), in.out(), in.r(),
+                         in.w->flat<T>().data(), in.a->flat<T>().data(),
+                         in.b->flat<T>().data(), in.scale->scalar<T>()(),
+                         merged->flat<T>().data());
                    }));
   }
 };
@@ -100,27 +97,19 @@ class LoraApplyOp : public OpKernel {
   explicit LoraApplyOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
 
   void Compute(OpKernelContext* ctx) override {
-    const Tensor& y = ctx->input(0);
-    const Tensor& x = ctx->input(1);
-    const Tensor& a = ctx->input(2);
-    const Tensor& b = ctx->input(3);
-    const Tensor& scale = ctx->input(4);
-    OP_REQUIRES_OK(ctx, CheckApplyInputs("LoraApply", "y", y, x, a, b, scale));
-    OP_REQUIRES_OK(ctx, CheckFiniteScales<T>("LoraApply", "scale", scale));
-    OP_REQUIRES_OK(ctx,
-                   CheckWorkSizes("LoraApply", y.dim_size(0), x.dim_size(1),
-                                  y.dim_size(1), a.dim_size(1)));
+    ApplyInputs in;
+    OP_REQUIRES_OK(ctx, ReadApplyInputs<T>(ctx, "LoraApply", "y", &in));
     Tensor* y_out = nullptr;
-    OP_REQUIRES_OK(
-        ctx, ctx->forward_input_or_allocate_output({0}, 0, y.shape(), &y_out));
-    AdviseFreshOutput(y_out, &y);
+    OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output(
+                            {0}, 0, in.lead->shape(), &y_out));
+    AdviseFreshOutput(y_out, in.lead);
     OP_REQUIRES_OK(ctx, ExceptionsToStatus("LoraApply", kScratch, [&] {
                      functor::LoraApply<Device, T>()(
-                         ctx->eigen_device<Device>(), y.dim_size(0),
-                         x.dim_size(1), y.dim_size(1), a.dim_size(1),
-                         y.flat<T>().data(), x.flat<T>().data(),
-                         a.flat<T>().data(), b.flat<T>().data(),
-                         scale.scalar<T>()(), y_out->flat<T>().data());
+                         ctx->eigen_device<Device>(), in.n(), in.in(), in.out(),
+                         in.r(), in.lead->flat<T>().data(),
+                         in.x->flat<T>().data(), in.a->flat<T>().data(),
+                         in.b->flat<T>().data(), in.scale->scalar<T>()(),
+                         y_out->flat<T>().data());
                    }));
   }
 };
@@ -131,32 +120,23 @@ class LoraApplyGradOp : public OpKernel {
   explicit LoraApplyGradOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
 
   void Compute(OpKernelContext* ctx) override {
-    const Tensor& g = ctx->input(0);
-    const Tensor& x = ctx->input(1);
-    const Tensor& a = ctx->input(2);
-    const Tensor& b = ctx->input(3);
-    const Tensor& scale = ctx->input(4);
-    OP_REQUIRES_OK(
-        ctx, CheckApplyInputs("LoraApplyGrad", "grad", g, x, a, b, scale));
-    OP_REQUIRES_OK(ctx, CheckFiniteScales<T>("LoraApplyGrad", "scale", scale));
-    OP_REQUIRES_OK(ctx,
-                   CheckWorkSizes("LoraApplyGrad", g.dim_size(0), x.dim_size(1),
-                                  g.dim_size(1), a.dim_size(1)));
+    ApplyInputs in;
+    OP_REQUIRES_OK(ctx, ReadApplyInputs<T>(ctx, "LoraApplyGrad", "grad", &in));
     Tensor *dx, *da, *db, *dscale;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, x.shape(), &dx));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, in.x->shape(), &dx));
     AdviseFreshOutput(dx);
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, a.shape(), &da));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(2, b.shape(), &db));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(3, scale.shape(), &dscale));
-    OP_REQUIRES_OK(
-        ctx, ExceptionsToStatus("LoraApplyGrad", kScratch, [&] {
-          functor::LoraApplyGrad<Device, T>()(
-              ctx->eigen_device<Device>(), g.dim_size(0), x.dim_size(1),
-              g.dim_size(1), a.dim_size(1), g.flat<T>().data(),
-              x.flat<T>().data(), a.flat<T>().data(), b.flat<T>().data(),
-              scale.scalar<T>()(), dx->flat<T>().data(), da->flat<T>().data(),
-              db->flat<T>().data(), dscale->flat<T>().data());
-        }));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, in.a->shape(), &da));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(2, in.b->shape(), &db));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(3, in.scale->shape(), &dscale));
+    OP_REQUIRES_OK(ctx, ExceptionsToStatus("LoraApplyGrad", kScratch, [&] {
+                     functor::LoraApplyGrad<Device, T>()(
+                         ctx->eigen_device<Device>(), in.n(), in.in(), in.out(),
+                         in.r(), in.lead->flat<T>().data(),
+                         in.x->flat<T>().data(), in.a->flat<T>().data(),
+                         in.b->flat<T>().data(), in.scale->scalar<T>()(),
+                         dx->flat<T>().data(), da->flat<T>().data(),
+                         db->flat<T>().data(), dscale->flat<T>().data());
+                   }));
   }
 };
 
@@ -166,31 +146,21 @@ class BatchedLoraApplyOp : public OpKernel {
   explicit BatchedLoraApplyOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
 
   void Compute(OpKernelContext* ctx) override {
-    const Tensor& y = ctx->input(0);
-    const Tensor& x = ctx->input(1);
-    const Tensor& a_stack = ctx->input(2);
-    const Tensor& b_stack = ctx->input(3);
-    const Tensor& ids = ctx->input(4);
-    const Tensor& scales = ctx->input(5);
-    OP_REQUIRES_OK(ctx, CheckBatchedInputs("BatchedLoraApply", "y", y, x,
-                                           a_stack, b_stack, ids, scales));
-    OP_REQUIRES_OK(ctx,
-                   CheckFiniteScales<T>("BatchedLoraApply", "scales", scales));
-    OP_REQUIRES_OK(
-        ctx, CheckWorkSizes("BatchedLoraApply", y.dim_size(0), x.dim_size(1),
-                            y.dim_size(1), a_stack.dim_size(2)));
+    BatchedInputs in;
+    OP_REQUIRES_OK(ctx, ReadBatchedInputs<T>(ctx, "BatchedLoraApply", "y",
+                                             /*ids_on_host=*/true, &in));
     Tensor* y_out = nullptr;
-    OP_REQUIRES_OK(
-        ctx, ctx->forward_input_or_allocate_output({0}, 0, y.shape(), &y_out));
-    AdviseFreshOutput(y_out, &y);
+    OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output(
+                            {0}, 0, in.lead->shape(), &y_out));
+    AdviseFreshOutput(y_out, in.lead);
     OP_REQUIRES_OK(ctx, ExceptionsToStatus("BatchedLoraApply", kScratch, [&] {
                      functor::BatchedLoraApply<Device, T>()(
-                         ctx->eigen_device<Device>(), y.dim_size(0),
-                         x.dim_size(1), y.dim_size(1), a_stack.dim_size(2),
-                         a_stack.dim_size(0), y.flat<T>().data(),
-                         x.flat<T>().data(), a_stack.flat<T>().data(),
-                         b_stack.flat<T>().data(), ids.flat<int32_t>().data(),
-                         scales.flat<T>().data(), y_out->flat<T>().data());
+                         ctx->eigen_device<Device>(), in.n(), in.in(), in.out(),
+                         in.r(), in.adapters(), in.lead->flat<T>().data(),
+                         in.x->flat<T>().data(), in.a_stack->flat<T>().data(),
+                         in.b_stack->flat<T>().data(),
+                         in.ids->flat<int32_t>().data(),
+                         in.scales->flat<T>().data(), y_out->flat<T>().data());
                    }));
   }
 };
@@ -201,34 +171,24 @@ class BatchedLoraApplyGradOp : public OpKernel {
   explicit BatchedLoraApplyGradOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
 
   void Compute(OpKernelContext* ctx) override {
-    const Tensor& g = ctx->input(0);
-    const Tensor& x = ctx->input(1);
-    const Tensor& a_stack = ctx->input(2);
-    const Tensor& b_stack = ctx->input(3);
-    const Tensor& ids = ctx->input(4);
-    const Tensor& scales = ctx->input(5);
-    OP_REQUIRES_OK(ctx, CheckBatchedInputs("BatchedLoraApplyGrad", "grad", g, x,
-                                           a_stack, b_stack, ids, scales));
-    OP_REQUIRES_OK(
-        ctx, CheckFiniteScales<T>("BatchedLoraApplyGrad", "scales", scales));
-    OP_REQUIRES_OK(
-        ctx, CheckWorkSizes("BatchedLoraApplyGrad", g.dim_size(0),
-                            x.dim_size(1), g.dim_size(1), a_stack.dim_size(2)));
+    BatchedInputs in;
+    OP_REQUIRES_OK(ctx,
+                   ReadBatchedInputs<T>(ctx, "BatchedLoraApplyGrad", "grad",
+                                        /*ids_on_host=*/true, &in));
     Tensor *dx, *da, *db, *dscales;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, x.shape(), &dx));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, in.x->shape(), &dx));
     AdviseFreshOutput(dx);
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, a_stack.shape(), &da));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(2, b_stack.shape(), &db));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(3, scales.shape(), &dscales));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, in.a_stack->shape(), &da));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(2, in.b_stack->shape(), &db));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(3, in.scales->shape(), &dscales));
     OP_REQUIRES_OK(
         ctx, ExceptionsToStatus("BatchedLoraApplyGrad", kScratch, [&] {
           functor::BatchedLoraApplyGrad<Device, T>()(
-              ctx->eigen_device<Device>(), g.dim_size(0), x.dim_size(1),
-              g.dim_size(1), a_stack.dim_size(2), a_stack.dim_size(0),
-              g.flat<T>().data(), x.flat<T>().data(), a_stack.flat<T>().data(),
-              b_stack.flat<T>().data(), ids.flat<int32_t>().data(),
-              scales.flat<T>().data(), dx->flat<T>().data(),
-              da->flat<T>().data(), db->flat<T>().data(),
+              ctx->eigen_device<Device>(), in.n(), in.in(), in.out(), in.r(),
+              in.adapters(), in.lead->flat<T>().data(), in.x->flat<T>().data(),
+              in.a_stack->flat<T>().data(), in.b_stack->flat<T>().data(),
+              in.ids->flat<int32_t>().data(), in.scales->flat<T>().data(),
+              dx->flat<T>().data(), da->flat<T>().data(), db->flat<T>().data(),
               dscales->flat<T>().data());
         }));
   }

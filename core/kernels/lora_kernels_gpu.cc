@@ -31,10 +31,12 @@ using ::tensorflow::TensorShape;
 
 namespace {
 
-using lora_checks::CheckApplyInputs;
-using lora_checks::CheckBatchedInputs;
-using lora_checks::CheckFiniteScales;
-using lora_checks::CheckMergeInputs;
+using lora_checks::ApplyInputs;
+using lora_checks::BatchedInputs;
+using lora_checks::MergeInputs;
+using lora_checks::ReadApplyInputs;
+using lora_checks::ReadBatchedInputs;
+using lora_checks::ReadMergeInputs;
 
 template <typename T>
 constexpr gpu::DType kDType = gpu::DType::kFloat32;
@@ -69,23 +71,18 @@ class LoraMergeGpuOp : public OpKernel {
   explicit LoraMergeGpuOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
 
   void Compute(OpKernelContext* ctx) override {
-    const Tensor& w = ctx->input(0);
-    const Tensor& a = ctx->input(1);
-    const Tensor& b = ctx->input(2);
-    const Tensor& scale = ctx->input(3);
-    OP_REQUIRES_OK(ctx,
-                   CheckMergeInputs("LoraMerge", "w", w.shape(), a, b, scale));
-    OP_REQUIRES_OK(ctx, CheckFiniteScales<T>("LoraMerge", "scale", scale));
+    MergeInputs in;
+    OP_REQUIRES_OK(ctx, ReadMergeInputs<T>(ctx, &in));
     Tensor* merged = nullptr;
-    OP_REQUIRES_OK(
-        ctx, ctx->forward_input_or_allocate_output({0}, 0, w.shape(), &merged));
+    OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output(
+                            {0}, 0, in.w->shape(), &merged));
     OP_REQUIRES_OK(
         ctx, Launched("LoraMerge",
                       gpu::LaunchLoraMerge(
-                          kDType<T>, CudaStream(ctx), w.dim_size(0),
-                          w.dim_size(1), a.dim_size(1), w.flat<T>().data(),
-                          a.flat<T>().data(), b.flat<T>().data(),
-                          static_cast<float>(scale.scalar<T>()()),
+                          kDType<T>, CudaStream(ctx), in.in(), in.out(), in.r(),
+                          in.w->flat<T>().data(), in.a->flat<T>().data(),
+                          in.b->flat<T>().data(),
+                          static_cast<float>(in.scale->scalar<T>()()),
                           merged->flat<T>().data())));
   }
 };
@@ -96,28 +93,24 @@ class LoraApplyGpuOp : public OpKernel {
   explicit LoraApplyGpuOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
 
   void Compute(OpKernelContext* ctx) override {
-    const Tensor& y = ctx->input(0);
-    const Tensor& x = ctx->input(1);
-    const Tensor& a = ctx->input(2);
-    const Tensor& b = ctx->input(3);
-    const Tensor& scale = ctx->input(4);
-    OP_REQUIRES_OK(ctx, CheckApplyInputs("LoraApply", "y", y, x, a, b, scale));
-    OP_REQUIRES_OK(ctx, CheckFiniteScales<T>("LoraApply", "scale", scale));
-    const int64_t n = y.dim_size(0), in = x.dim_size(1), out = y.dim_size(1),
-                  r = a.dim_size(1);
+    ApplyInputs in;
+    OP_REQUIRES_OK(ctx, ReadApplyInputs<T>(ctx, "LoraApply", "y", &in));
     Tensor* y_out = nullptr;
-    OP_REQUIRES_OK(
-        ctx, ctx->forward_input_or_allocate_output({0}, 0, y.shape(), &y_out));
+    OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output(
+                            {0}, 0, in.lead->shape(), &y_out));
     Tensor work;
-    OP_REQUIRES_OK(ctx,
-                   Workspace(ctx, gpu::LoraApplyWorkspace(n, in, r), &work));
-    OP_REQUIRES_OK(ctx, Launched("LoraApply",
-                                 gpu::LaunchLoraApply(
-                                     kDType<T>, CudaStream(ctx), n, in, out, r,
-                                     y.flat<T>().data(), x.flat<T>().data(),
-                                     a.flat<T>().data(), b.flat<T>().data(),
-                                     static_cast<float>(scale.scalar<T>()()),
-                                     y_out->flat<T>().data(), work.data())));
+    OP_REQUIRES_OK(
+        ctx, Workspace(ctx, gpu::LoraApplyWorkspace(in.n(), in.in(), in.r()),
+                       &work));
+    OP_REQUIRES_OK(
+        ctx,
+        Launched("LoraApply",
+                 gpu::LaunchLoraApply(
+                     kDType<T>, CudaStream(ctx), in.n(), in.in(), in.out(),
+                     in.r(), in.lead->flat<T>().data(), in.x->flat<T>().data(),
+                     in.a->flat<T>().data(), in.b->flat<T>().data(),
+                     static_cast<float>(in.scale->scalar<T>()()),
+                     y_out->flat<T>().data(), work.data())));
   }
 };
 
@@ -128,18 +121,13 @@ class BatchedLoraApplyGpuOp : public OpKernel {
 
   void Compute(OpKernelContext* ctx) override {
     constexpr char kOp[] = "BatchedLoraApply";
-    const Tensor& y = ctx->input(0);
-    const Tensor& x = ctx->input(1);
-    const Tensor& a_stack = ctx->input(2);
-    const Tensor& b_stack = ctx->input(3);
-    const Tensor& ids = ctx->input(4);
-    const Tensor& scales = ctx->input(5);  // host memory
-    OP_REQUIRES_OK(
-        ctx, CheckBatchedInputs(kOp, "y", y, x, a_stack, b_stack, ids, scales,
-                                /*ids_on_host=*/false));
-    OP_REQUIRES_OK(ctx, CheckFiniteScales<T>(kOp, "scales", scales));
-    const int64_t n = y.dim_size(0), in = x.dim_size(1), out = y.dim_size(1),
-                  r = a_stack.dim_size(2), adapters = a_stack.dim_size(0);
+    BatchedInputs in;  // scales in host memory; ids on the device
+    OP_REQUIRES_OK(ctx, ReadBatchedInputs<T>(ctx, kOp, "y",
+                                             /*ids_on_host=*/false, &in));
+    const Tensor& y = *in.lead;
+    const Tensor& ids = *in.ids;
+    const Tensor& scales = *in.scales;
+    const int64_t n = in.n(), adapters = in.adapters();
     Tensor* y_out = nullptr;
     OP_REQUIRES_OK(
         ctx, ctx->forward_input_or_allocate_output({0}, 0, y.shape(), &y_out));
@@ -150,9 +138,10 @@ class BatchedLoraApplyGpuOp : public OpKernel {
                                            &device_scales));
     OP_REQUIRES_OK(ctx, ctx->allocate_temp(tensorflow::DT_INT32,
                                            TensorShape({1}), &bad_row));
-    OP_REQUIRES_OK(
-        ctx, Workspace(ctx, gpu::BatchedLoraApplyWorkspace(n, in, r, adapters),
-                       &work));
+    OP_REQUIRES_OK(ctx, Workspace(ctx,
+                                  gpu::BatchedLoraApplyWorkspace(
+                                      n, in.in(), in.r(), adapters),
+                                  &work));
     if (scales.NumElements() > 0) {
       stream_executor::DeviceAddressBase dst(device_scales.data(),
                                              device_scales.TotalBytes());
@@ -162,12 +151,13 @@ class BatchedLoraApplyGpuOp : public OpKernel {
     int32_t* bad = bad_row.flat<int32_t>().data();
     OP_REQUIRES_OK(
         ctx,
-        Launched(kOp, gpu::LaunchBatchedLoraApply(
-                          kDType<T>, CudaStream(ctx), n, in, out, r, adapters,
-                          y.flat<T>().data(), x.flat<T>().data(),
-                          a_stack.flat<T>().data(), b_stack.flat<T>().data(),
-                          ids.flat<int32_t>().data(), device_scales.data(),
-                          y_out->flat<T>().data(), work.data(), bad)));
+        Launched(kOp,
+                 gpu::LaunchBatchedLoraApply(
+                     kDType<T>, CudaStream(ctx), n, in.in(), in.out(), in.r(),
+                     adapters, y.flat<T>().data(), in.x->flat<T>().data(),
+                     in.a_stack->flat<T>().data(), in.b_stack->flat<T>().data(),
+                     ids.flat<int32_t>().data(), device_scales.data(),
+                     y_out->flat<T>().data(), work.data(), bad)));
     if (n == 0) return;
     // The ids are checked on the device; one 4-byte read (and a wait for the
     // stream) tells whether any was out of range, as the CPU kernel reports.
