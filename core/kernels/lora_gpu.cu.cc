@@ -88,8 +88,9 @@ TF_LORA_DEVICE int64_t RowOf(const TileMap& m, const Tile& t, int i) {
 
 // partial[split][row][c0 + c] = x[row, split's range of in] @ a[.., c0 + c]
 // for the tile's rows: blockIdx.x the tile, blockIdx.y the split of `in`,
-// blockIdx.z the 64 columns of r.
-template <typename T>
+// blockIdx.z the 64 columns of r. kTransposedA: a is stored [r, in] (the
+// gradient's g @ b^T, with b [r, out]).
+template <typename T, bool kTransposedA>
 TF_LORA_GLOBAL void Shrink(TileMap m, const T* x, int64_t in, const T* a,
                            int64_t r, int64_t split_len, float* partial) {
   TF_LORA_SHARED float xs[kTileRows][kShrinkK + 1];
@@ -115,8 +116,12 @@ TF_LORA_GLOBAL void Shrink(TileMap m, const T* x, int64_t in, const T* a,
     }
     for (int e = tid; e < kShrinkK * kShrinkCols; e += kShrinkThreads) {
       const int kk = e / kShrinkCols, c = e % kShrinkCols;
-      as[kk][c] =
-          kk < kc && c < cols ? ToFloat(a_k[(k0 + kk) * r + c0 + c]) : 0.f;
+      float v = 0.f;
+      if (kk < kc && c < cols) {
+        v = ToFloat(kTransposedA ? a_k[(c0 + c) * in + k0 + kk]
+                                 : a_k[(k0 + kk) * r + c0 + c]);
+      }
+      as[kk][c] = v;
     }
     SyncThreads();
     for (int kk = 0; kk < kc; ++kk) {
@@ -143,11 +148,13 @@ TF_LORA_GLOBAL void Shrink(TileMap m, const T* x, int64_t in, const T* a,
 // y_out[row, cols] = y[row, cols] + (scale * s[row, :]) @ b[:, cols] for the
 // tile's rows: blockIdx.x the tile, blockIdx.y 32 * V columns. s is the sum of
 // the shrink's partials (`partial`, `splits` of them) or a matrix [rows, r]
-// (`s_matrix`, for merge). Tiles without an adapter copy their rows; in
-// per-row mode they also report a bad id.
-template <typename T, int V>
+// (`s_matrix`: a for merge, g @ b^T for the gradient's dx). y null: zero.
+// kTransposedB: b is stored [out, r] (dx = (g b^T) a^T, with a [in, r]).
+// Tiles without an adapter copy their rows; in per-row mode they also report a
+// bad id.
+template <typename T, typename S, int V, bool kTransposedB>
 TF_LORA_GLOBAL void Expand(TileMap m, const T* y, T* y_out, int64_t out,
-                           int64_t r, const T* s_matrix, const float* partial,
+                           int64_t r, const S* s_matrix, const float* partial,
                            int splits, const T* b, const T* scales, float scale,
                            int* bad_row) {
   constexpr int kCols = 32 * V;
@@ -195,9 +202,12 @@ TF_LORA_GLOBAL void Expand(TileMap m, const T* y, T* y_out, int64_t out,
     }
     for (int e = tid; e < kExpandK * kCols; e += 32 * kExpandRows) {
       const int k = e / kCols, c = e % kCols;
-      bs[k][c] = k < kc && col0 + c < out
-                     ? ToFloat(b_k[(k0 + k) * out + col0 + c])
-                     : 0.f;
+      float v = 0.f;
+      if (k < kc && col0 + c < out) {
+        v = ToFloat(kTransposedB ? b_k[(col0 + c) * r + k0 + k]
+                                 : b_k[(k0 + k) * out + col0 + c]);
+      }
+      bs[k][c] = v;
     }
     SyncThreads();
     for (int k = 0; k < kc; ++k) {
@@ -217,17 +227,118 @@ TF_LORA_GLOBAL void Expand(TileMap m, const T* y, T* y_out, int64_t out,
     const int64_t at = RowOf(m, tile, i) * out + c;
     if (V > 1 && c + V <= out) {  // whole, 16-byte aligned (the launcher's V)
       alignas(16) T vals[V];
-      Copy16(vals, y + at);
+      if (y != nullptr) {
+        Copy16(vals, y + at);
+      } else {
+        for (int v = 0; v < V; ++v) vals[v] = FromFloat<T>(0.f);
+      }
       for (int v = 0; v < V; ++v) {
         vals[v] = FromFloat<T>(ToFloat(vals[v]) + acc[q][v]);
       }
       Copy16(y_out + at, vals);
     } else {
       for (int v = 0; v < V && c + v < out; ++v) {
-        y_out[at + v] = FromFloat<T>(ToFloat(y[at + v]) + acc[q][v]);
+        const float base = y != nullptr ? ToFloat(y[at + v]) : 0.f;
+        y_out[at + v] = FromFloat<T>(base + acc[q][v]);
       }
     }
   }
+}
+
+// -- the gradient's reductions over rows
+// ----------------------------------------
+
+constexpr int kReduceCols = 64;  // of x's columns (and of r) per block
+constexpr int kReduceRows = 32;  // rows per shared-memory step
+
+// partial[split][i][k] = sum over the split's rows n of x[n, i] * g[n, k]:
+// x [rows, cols] of T, g [rows, r] of float. blockIdx.x 64 of x's columns,
+// blockIdx.y the split of rows, blockIdx.z 64 of r. da = x^T (g b^T) and
+// db^T = g^T (x a) are these, with the roles of x and g as named there.
+template <typename T>
+TF_LORA_GLOBAL void ReduceRows(int64_t rows, int64_t cols, int64_t r,
+                               const T* x, const float* g, int64_t split_len,
+                               float* partial) {
+  TF_LORA_SHARED float xs[kReduceRows][kReduceCols + 1];
+  TF_LORA_SHARED float gs[kReduceRows][kReduceCols + 1];
+  const int tid = threadIdx.x, ty = tid / 16, tx = tid % 16;
+  const int64_t i0 = static_cast<int64_t>(blockIdx.x) * kReduceCols;
+  const int64_t k0 = static_cast<int64_t>(blockIdx.z) * kReduceCols;
+  const int64_t n_begin = blockIdx.y * split_len;
+  const int64_t n_end = Min<int64_t>(rows, n_begin + split_len);
+  float acc[4][4] = {};
+  for (int64_t n0 = n_begin; n0 < n_end; n0 += kReduceRows) {
+    const int nc = static_cast<int>(Min<int64_t>(kReduceRows, n_end - n0));
+    for (int e = tid; e < kReduceRows * kReduceCols; e += kShrinkThreads) {
+      const int n = e / kReduceCols, c = e % kReduceCols;
+      const bool row = n < nc;
+      xs[n][c] =
+          row && i0 + c < cols ? ToFloat(x[(n0 + n) * cols + i0 + c]) : 0.f;
+      gs[n][c] = row && k0 + c < r ? g[(n0 + n) * r + k0 + c] : 0.f;
+    }
+    SyncThreads();
+    for (int n = 0; n < nc; ++n) {
+      float xv[4], gv[4];
+      for (int j = 0; j < 4; ++j) {
+        xv[j] = xs[n][ty * 4 + j];
+        gv[j] = gs[n][tx * 4 + j];
+      }
+      for (int p = 0; p < 4; ++p) {
+        for (int q = 0; q < 4; ++q) acc[p][q] += xv[p] * gv[q];
+      }
+    }
+    SyncThreads();
+  }
+  for (int p = 0; p < 4; ++p) {
+    const int64_t i = i0 + ty * 4 + p;
+    if (i >= cols) continue;
+    for (int q = 0; q < 4; ++q) {
+      const int64_t k = k0 + tx * 4 + q;
+      if (k < r) partial[(blockIdx.y * cols + i) * r + k] = acc[p][q];
+    }
+  }
+}
+
+// out = scale * (sum of the splits' partials) [cols, r], stored as is or
+// transposed ([r, cols]).
+template <typename T>
+TF_LORA_GLOBAL void FinishReduce(int64_t cols, int64_t r, int splits,
+                                 const float* partial, float scale,
+                                 bool transposed, T* out) {
+  const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (e >= cols * r) return;
+  float v = 0.f;
+  for (int s = 0; s < splits; ++s) v += partial[s * cols * r + e];
+  const int64_t i = e / r, k = e % r;
+  out[transposed ? k * cols + i : e] = FromFloat<T>(scale * v);
+}
+
+// dense[e] = sum of the splits' partials (the shrink's x @ a), [rows * r].
+TF_LORA_GLOBAL void SumSplits(int64_t size, int splits, const float* partial,
+                              float* dense) {
+  const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (e >= size) return;
+  float v = 0.f;
+  for (int s = 0; s < splits; ++s) v += partial[s * size + e];
+  dense[e] = v;
+}
+
+// *out = sum of p[e] * q[e] (dscale = sum of (x a) * (g b^T)): one block,
+// a fixed order, so the result does not depend on timing.
+template <typename T>
+TF_LORA_GLOBAL void Dot(int64_t size, const float* p, const float* q, T* out) {
+  constexpr int kThreads = 256;
+  TF_LORA_SHARED float sums[kThreads];
+  const int tid = threadIdx.x;
+  float v = 0.f;
+  for (int64_t e = tid; e < size; e += kThreads) v += p[e] * q[e];
+  sums[tid] = v;
+  SyncThreads();
+  for (int half = kThreads / 2; half > 0; half /= 2) {
+    if (tid < half) sums[tid] += sums[tid + half];
+    SyncThreads();
+  }
+  if (tid == 0) *out = FromFloat<T>(sums[0]);
 }
 
 // -- grouping rows by adapter (kGrouped) --------------------------------------
@@ -303,9 +414,9 @@ bool Aligned16(const void* p) {
 }
 
 // The expand kernel with 16-byte accesses where every row allows them.
-template <typename T>
+template <typename T, typename S = T, bool kTransposedB = false>
 Error LaunchExpand(Stream stream, const TileMap& m, int64_t tiles, const T* y,
-                   T* y_out, int64_t out, int64_t r, const T* s_matrix,
+                   T* y_out, int64_t out, int64_t r, const S* s_matrix,
                    const float* partial, int splits, const T* b,
                    const T* scales, float scale, int* bad_row) {
   constexpr int kVec = 16 / sizeof(T);
@@ -313,14 +424,14 @@ Error LaunchExpand(Stream stream, const TileMap& m, int64_t tiles, const T* y,
   if (out % kVec == 0 && Aligned16(y) && Aligned16(y_out)) {
     const int64_t col_tiles = CeilDiv(out, 32 * kVec);
     if (col_tiles > 65535) return kInvalidValue;
-    auto* kernel = Expand<T, kVec>;
+    auto* kernel = Expand<T, S, kVec, kTransposedB>;
     TF_LORA_LAUNCH(kernel, dim3(tiles, col_tiles), block, stream, m, y, y_out,
                    out, r, s_matrix, partial, splits, b, scales, scale,
                    bad_row);
   } else {
     const int64_t col_tiles = CeilDiv(out, 32);
     if (col_tiles > 65535) return kInvalidValue;
-    auto* kernel = Expand<T, 1>;
+    auto* kernel = Expand<T, S, 1, kTransposedB>;
     TF_LORA_LAUNCH(kernel, dim3(tiles, col_tiles), block, stream, m, y, y_out,
                    out, r, s_matrix, partial, splits, b, scales, scale,
                    bad_row);
@@ -328,16 +439,21 @@ Error LaunchExpand(Stream stream, const TileMap& m, int64_t tiles, const T* y,
   return LastLaunchError();
 }
 
-template <typename T>
+template <typename T, bool kTransposedA = false>
 Error LaunchShrink(Stream stream, const TileMap& m, int64_t tiles, const T* x,
                    int64_t in, const T* a, int64_t r, int splits,
                    float* partial) {
   const int64_t col_chunks = CeilDiv(r, kShrinkCols);
   if (col_chunks > 65535) return kInvalidValue;
-  auto* kernel = Shrink<T>;
+  auto* kernel = Shrink<T, kTransposedA>;
   TF_LORA_LAUNCH(kernel, dim3(tiles, splits, col_chunks), dim3(kShrinkThreads),
                  stream, m, x, in, a, r, SplitLen(in, splits), partial);
   return LastLaunchError();
+}
+
+template <typename T>
+const T* NoMatrix() {
+  return nullptr;
 }
 
 Error CopyRows(Stream stream, const void* y, void* y_out, size_t bytes) {
@@ -400,8 +516,112 @@ Error LoraApply(Stream stream, int64_t n, int64_t in, int64_t out, int64_t r,
   float* partial = static_cast<float*>(workspace);
   Error e = LaunchShrink<T>(stream, m, tiles, x, in, a, r, splits, partial);
   if (e != kSuccess) return e;
-  return LaunchExpand<T>(stream, m, tiles, y, y_out, out, r, nullptr, partial,
-                         splits, b, nullptr, scale, nullptr);
+  return LaunchExpand<T>(stream, m, tiles, y, y_out, out, r, NoMatrix<T>(),
+                         partial, splits, b, nullptr, scale, nullptr);
+}
+
+namespace {
+
+// The gradient's workspace: the shrinks' partials for x a and g b^T, both
+// summed ([n, r] floats each), and the row reductions' partials.
+struct GradPlan {
+  int64_t tiles;
+  int xa_splits, gb_splits, reduce_splits;
+  size_t xa_parts, gb_parts, xa, gb, reduce, bytes;  // offsets, bytes
+};
+
+GradPlan PlanGrad(int64_t n, int64_t in, int64_t out, int64_t r) {
+  GradPlan p;
+  p.tiles = CeilDiv(n, kTileRows);
+  p.xa_splits = Splits(p.tiles, in, r);
+  p.gb_splits = Splits(p.tiles, out, r);
+  const int64_t col_blocks = std::max<int64_t>(
+      1, CeilDiv(std::max(in, out), kReduceCols) * CeilDiv(r, kReduceCols));
+  p.reduce_splits = static_cast<int>(std::min<int64_t>(
+      std::max<int64_t>(1, CeilDiv(n, 4 * kReduceRows)),
+      std::max<int64_t>(1, CeilDiv(kTargetBlocks, col_blocks))));
+  size_t at = 0;
+  const auto take = [&at](size_t bytes) {
+    const size_t here = at;
+    at += Align16(bytes);
+    return here;
+  };
+  p.xa_parts = take(sizeof(float) * p.xa_splits * n * r);
+  p.gb_parts = take(sizeof(float) * p.gb_splits * n * r);
+  p.xa = take(sizeof(float) * n * r);
+  p.gb = take(sizeof(float) * n * r);
+  p.reduce = take(sizeof(float) * p.reduce_splits * std::max(in, out) * r);
+  p.bytes = at;
+  return p;
+}
+
+template <typename T>
+Error ReduceInto(Stream stream, const GradPlan& p, int64_t n, int64_t cols,
+                 int64_t r, const T* x, const float* g, float scale,
+                 bool transposed, float* partial, T* out) {
+  auto* reduce = ReduceRows<T>;
+  TF_LORA_LAUNCH(
+      reduce,
+      dim3(CeilDiv(cols, kReduceCols), p.reduce_splits,
+           CeilDiv(r, kReduceCols)),
+      dim3(kShrinkThreads), stream, n, cols, r, x, g,
+      CeilDiv(CeilDiv(n, p.reduce_splits), kReduceRows) * kReduceRows, partial);
+  auto* finish = FinishReduce<T>;
+  TF_LORA_LAUNCH(finish, dim3(CeilDiv(cols * r, 256)), dim3(256), stream, cols,
+                 r, p.reduce_splits, partial, scale, transposed, out);
+  return LastLaunchError();
+}
+
+}  // namespace
+
+size_t LoraApplyGradWorkspaceBytes(int64_t n, int64_t in, int64_t out,
+                                   int64_t r) {
+  return PlanGrad(n, in, out, r).bytes;
+}
+
+template <typename T>
+Error LoraApplyGrad(Stream stream, int64_t n, int64_t in, int64_t out,
+                    int64_t r, const T* g, const T* x, const T* a, const T* b,
+                    float scale, T* dx, T* da, T* db, T* dscale,
+                    void* workspace) {
+  if (n == 0 || in == 0 || out == 0 || r == 0) {  // every product is zero
+    Error e = MemsetAsync(dx, 0, sizeof(T) * n * in, stream);
+    if (e == kSuccess) e = MemsetAsync(da, 0, sizeof(T) * in * r, stream);
+    if (e == kSuccess) e = MemsetAsync(db, 0, sizeof(T) * r * out, stream);
+    if (e == kSuccess) e = MemsetAsync(dscale, 0, sizeof(T), stream);
+    return e;
+  }
+  if (n > INT_MAX) return kInvalidValue;
+  const GradPlan p = PlanGrad(n, in, out, r);
+  char* base = static_cast<char*>(workspace);
+  float* xa_parts = reinterpret_cast<float*>(base + p.xa_parts);
+  float* gb_parts = reinterpret_cast<float*>(base + p.gb_parts);
+  float* xa = reinterpret_cast<float*>(base + p.xa);
+  float* gb = reinterpret_cast<float*>(base + p.gb);
+  float* reduce = reinterpret_cast<float*>(base + p.reduce);
+  const TileMap m{Mode::kUniform, n, kTileRows, 1};
+  // x a and g b^T, summed: [n, r] floats.
+  Error e =
+      LaunchShrink<T>(stream, m, p.tiles, x, in, a, r, p.xa_splits, xa_parts);
+  if (e == kSuccess) {
+    e = LaunchShrink<T, true>(stream, m, p.tiles, g, out, b, r, p.gb_splits,
+                              gb_parts);
+  }
+  if (e != kSuccess) return e;
+  TF_LORA_LAUNCH(SumSplits, dim3(CeilDiv(n * r, 256)), dim3(256), stream, n * r,
+                 p.xa_splits, xa_parts, xa);
+  TF_LORA_LAUNCH(SumSplits, dim3(CeilDiv(n * r, 256)), dim3(256), stream, n * r,
+                 p.gb_splits, gb_parts, gb);
+  // dscale = sum (x a) * (g b^T); dx = scale (g b^T) a^T.
+  auto* dot = Dot<T>;
+  TF_LORA_LAUNCH(dot, dim3(1), dim3(256), stream, n * r, xa, gb, dscale);
+  e = LaunchExpand<T, float, true>(stream, m, p.tiles, nullptr, dx, in, r, gb,
+                                   nullptr, 0, a, nullptr, scale, nullptr);
+  if (e != kSuccess) return e;
+  // da = scale x^T (g b^T) [in, r]; db = scale (x a)^T g, as (g^T (x a))^T.
+  e = ReduceInto<T>(stream, p, n, in, r, x, gb, scale, false, reduce, da);
+  if (e != kSuccess) return e;
+  return ReduceInto<T>(stream, p, n, out, r, g, xa, scale, true, reduce, db);
 }
 
 size_t BatchedLoraApplyWorkspaceBytes(int64_t n, int64_t in, int64_t r,
@@ -458,7 +678,7 @@ Error BatchedLoraApply(Stream stream, int64_t n, int64_t in, int64_t out,
   e = LaunchShrink<T>(stream, m, plan.tiles, x, in, a_stack, r, plan.splits,
                       partial);
   if (e != kSuccess) return e;
-  return LaunchExpand<T>(stream, m, plan.tiles, y, y_out, out, r, nullptr,
+  return LaunchExpand<T>(stream, m, plan.tiles, y, y_out, out, r, NoMatrix<T>(),
                          partial, plan.splits, b_stack, scales, 1.f, bad_row);
 }
 
@@ -468,6 +688,9 @@ Error BatchedLoraApply(Stream stream, int64_t n, int64_t in, int64_t out,
   template Error LoraApply<T>(Stream, int64_t, int64_t, int64_t, int64_t,      \
                               const T*, const T*, const T*, const T*, float,   \
                               T*, void*);                                      \
+  template Error LoraApplyGrad<T>(Stream, int64_t, int64_t, int64_t, int64_t,  \
+                                  const T*, const T*, const T*, const T*,      \
+                                  float, T*, T*, T*, T*, void*);               \
   template Error BatchedLoraApply<T>(                                          \
       Stream, int64_t, int64_t, int64_t, int64_t, int64_t, const T*, const T*, \
       const T*, const T*, const int32_t*, const T*, T*, void*, int*);

@@ -51,6 +51,19 @@ Error LoraApply(Stream stream, int64_t n, int64_t in, int64_t out, int64_t r,
                 const T* y, const T* x, const T* a, const T* b, float scale,
                 T* y_out, void* workspace);
 
+size_t LoraApplyGradWorkspaceBytes(int64_t n, int64_t in, int64_t out,
+                                   int64_t r);
+
+// The gradients of LoraApply (the CPU kernel's LoraApplyGrad): with
+// g = dL/dy_out [n, out], dx = scale * (g b^T) a^T [n, in],
+// da = scale * x^T (g b^T) [in, r], db = scale * (x a)^T g [r, out] and
+// dscale = sum((x a) * (g b^T)) (a device scalar).
+template <typename T>
+Error LoraApplyGrad(Stream stream, int64_t n, int64_t in, int64_t out,
+                    int64_t r, const T* g, const T* x, const T* a, const T* b,
+                    float scale, T* dx, T* da, T* db, T* dscale,
+                    void* workspace);
+
 size_t BatchedLoraApplyWorkspaceBytes(int64_t n, int64_t in, int64_t r,
                                       int64_t adapters);
 

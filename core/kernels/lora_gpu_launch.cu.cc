@@ -57,6 +57,23 @@ int LaunchLoraApply(DType dtype, void* stream, int64_t n, int64_t in,
   });
 }
 
+size_t LoraApplyGradWorkspace(int64_t n, int64_t in, int64_t out, int64_t r) {
+  return LoraApplyGradWorkspaceBytes(n, in, out, r);
+}
+
+int LaunchLoraApplyGrad(DType dtype, void* stream, int64_t n, int64_t in,
+                        int64_t out, int64_t r, const void* g, const void* x,
+                        const void* a, const void* b, float scale, void* dx,
+                        void* da, void* db, void* dscale, void* workspace) {
+  return ByDtype(dtype, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    return LoraApplyGrad<T>(
+        static_cast<Stream>(stream), n, in, out, r, In<T>(g), In<T>(x),
+        In<T>(a), In<T>(b), scale, static_cast<T*>(dx), static_cast<T*>(da),
+        static_cast<T*>(db), static_cast<T*>(dscale), workspace);
+  });
+}
+
 size_t BatchedLoraApplyWorkspace(int64_t n, int64_t in, int64_t r,
                                  int64_t adapters) {
   return BatchedLoraApplyWorkspaceBytes(n, in, r, adapters);

@@ -27,6 +27,14 @@ int LaunchLoraApply(DType dtype, void* stream, int64_t n, int64_t in,
                     const void* a, const void* b, float scale, void* y_out,
                     void* workspace);
 
+size_t LoraApplyGradWorkspace(int64_t n, int64_t in, int64_t out, int64_t r);
+
+// dscale is device memory (one element).
+int LaunchLoraApplyGrad(DType dtype, void* stream, int64_t n, int64_t in,
+                        int64_t out, int64_t r, const void* g, const void* x,
+                        const void* a, const void* b, float scale, void* dx,
+                        void* da, void* db, void* dscale, void* workspace);
+
 size_t BatchedLoraApplyWorkspace(int64_t n, int64_t in, int64_t r,
                                  int64_t adapters);
 

@@ -4,8 +4,9 @@
 // read (scale, scales) arrive in host memory; adapter ids stay on the device,
 // where the kernel checks them, and a bad id is read back to name its row.
 //
-// GPU kernels so far: LoraMerge, LoraApply, BatchedLoraApply (float32,
-// float16, bfloat16). The gradients and ResourceLoraMerge run on the CPU.
+// GPU kernels so far: LoraMerge, LoraApply, LoraApplyGrad, BatchedLoraApply
+// (float32, float16, bfloat16). BatchedLoraApplyGrad and ResourceLoraMerge
+// run on the CPU.
 
 #include <cstdint>
 #include <string>
@@ -115,6 +116,38 @@ class LoraApplyGpuOp : public OpKernel {
 };
 
 template <typename T>
+class LoraApplyGradGpuOp : public OpKernel {
+ public:
+  explicit LoraApplyGradGpuOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
+
+  void Compute(OpKernelContext* ctx) override {
+    ApplyInputs in;
+    OP_REQUIRES_OK(ctx, ReadApplyInputs<T>(ctx, "LoraApplyGrad", "grad", &in));
+    Tensor *dx, *da, *db, *dscale;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, in.x->shape(), &dx));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, in.a->shape(), &da));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(2, in.b->shape(), &db));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(3, in.scale->shape(), &dscale));
+    Tensor work;
+    OP_REQUIRES_OK(ctx, Workspace(ctx,
+                                  gpu::LoraApplyGradWorkspace(in.n(), in.in(),
+                                                              in.out(), in.r()),
+                                  &work));
+    OP_REQUIRES_OK(
+        ctx,
+        Launched(
+            "LoraApplyGrad",
+            gpu::LaunchLoraApplyGrad(
+                kDType<T>, CudaStream(ctx), in.n(), in.in(), in.out(), in.r(),
+                in.lead->flat<T>().data(), in.x->flat<T>().data(),
+                in.a->flat<T>().data(), in.b->flat<T>().data(),
+                static_cast<float>(in.scale->scalar<T>()()),
+                dx->flat<T>().data(), da->flat<T>().data(),
+                db->flat<T>().data(), dscale->flat<T>().data(), work.data())));
+  }
+};
+
+template <typename T>
 class BatchedLoraApplyGpuOp : public OpKernel {
  public:
   explicit BatchedLoraApplyGpuOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
@@ -180,26 +213,24 @@ class BatchedLoraApplyGpuOp : public OpKernel {
 
 }  // namespace
 
-#define TF_LORA_REGISTER_GPU(T)                                 \
-  REGISTER_KERNEL_BUILDER(Name("TfLora>LoraMerge")              \
+// One GPU kernel: op OP, type T, the input read on the host (the scalars the
+// checks read).
+#define TF_LORA_GPU_KERNEL(OP, T, HOST_INPUT)                   \
+  REGISTER_KERNEL_BUILDER(Name("TfLora>" #OP)                   \
                               .Device(::tensorflow::DEVICE_GPU) \
                               .TypeConstraint<T>("T")           \
-                              .HostMemory("scale"),             \
-                          LoraMergeGpuOp<T>);                   \
-  REGISTER_KERNEL_BUILDER(Name("TfLora>LoraApply")              \
-                              .Device(::tensorflow::DEVICE_GPU) \
-                              .TypeConstraint<T>("T")           \
-                              .HostMemory("scale"),             \
-                          LoraApplyGpuOp<T>);                   \
-  REGISTER_KERNEL_BUILDER(Name("TfLora>BatchedLoraApply")       \
-                              .Device(::tensorflow::DEVICE_GPU) \
-                              .TypeConstraint<T>("T")           \
-                              .HostMemory("scales"),            \
-                          BatchedLoraApplyGpuOp<T>)
+                              .HostMemory(HOST_INPUT),          \
+                          OP##GpuOp<T>)
+#define TF_LORA_REGISTER_GPU(T)                  \
+  TF_LORA_GPU_KERNEL(LoraMerge, T, "scale");     \
+  TF_LORA_GPU_KERNEL(LoraApply, T, "scale");     \
+  TF_LORA_GPU_KERNEL(LoraApplyGrad, T, "scale"); \
+  TF_LORA_GPU_KERNEL(BatchedLoraApply, T, "scales")
 
 TF_LORA_REGISTER_GPU(float);
 TF_LORA_REGISTER_GPU(Eigen::half);
 TF_LORA_REGISTER_GPU(Eigen::bfloat16);
+#undef TF_LORA_GPU_KERNEL
 #undef TF_LORA_REGISTER_GPU
 
 }  // namespace tf_lora

@@ -177,6 +177,52 @@ def main():
             )
         )
 
+        # -- apply's gradients: dx, da, db, dscale from g (the upstream gradient)
+        g = rand(size, size, dtype=dtype)
+        dx, da, db = torch.empty_like(x), torch.empty_like(a), torch.empty_like(b)
+        dscale = torch.empty(1, dtype=dtype, device=dev)
+        grad_work = workspace(lib.tfl_lora_apply_grad_workspace(size, size, size, 16))
+
+        def grad(g=g, x=x, a=a, b=b, dx=dx, da=da, db=db, dscale=dscale, work=grad_work, dtype=dtype):
+            lib.tfl_lora_apply_grad(
+                CODES[dtype],
+                stream,
+                size,
+                size,
+                size,
+                16,
+                g.data_ptr(),
+                x.data_ptr(),
+                a.data_ptr(),
+                b.data_ptr(),
+                1.5,
+                dx.data_ptr(),
+                da.data_ptr(),
+                db.data_ptr(),
+                dscale.data_ptr(),
+                work.data_ptr(),
+            )
+
+        def torch_grad(g=g, x=x, a=a, b=b):
+            gbt = g @ b.T
+            return 1.5 * (gbt @ a.T), 1.5 * (x.T @ gbt), 1.5 * ((x @ a).T @ g)
+
+        t = interleaved(timer, {"ours": grad, "torch": torch_grad}, iters, rounds)
+        want = torch_grad()
+        for name, got, expected in zip(["dx", "da", "db"], [dx, da, db], want, strict=True):
+            check(got, expected, f"grad {name} {tag}")
+        frac = 3 * nbytes(x) / t["ours"] / 1e6 / copy_gbs  # g and x read, dx written
+        ratio = t["torch"] / t["ours"]
+        rows.append(
+            (
+                f"apply grad r=16 {tag}",
+                f"N={size}",
+                f"{t['ours']:.4f}",
+                f"torch {t['torch']:.4f} ({ratio:.2f}x)",
+                f"{frac:.0%} of copy",
+            )
+        )
+
     # -- batched apply, bfloat16
     dtype, d = torch.bfloat16, size
     w = rand(d, d, dtype=dtype)

@@ -32,6 +32,20 @@ int tfl_lora_apply(int dtype, void* stream, int64_t n, int64_t in, int64_t out,
                               out, r, y, x, a, b, scale, y_out, workspace);
 }
 
+size_t tfl_lora_apply_grad_workspace(int64_t n, int64_t in, int64_t out,
+                                     int64_t r) {
+  return gpu::LoraApplyGradWorkspace(n, in, out, r);
+}
+
+int tfl_lora_apply_grad(int dtype, void* stream, int64_t n, int64_t in,
+                        int64_t out, int64_t r, const void* g, const void* x,
+                        const void* a, const void* b, float scale, void* dx,
+                        void* da, void* db, void* dscale, void* workspace) {
+  return gpu::LaunchLoraApplyGrad(static_cast<gpu::DType>(dtype), stream, n, in,
+                                  out, r, g, x, a, b, scale, dx, da, db, dscale,
+                                  workspace);
+}
+
 size_t tfl_batched_lora_apply_workspace(int64_t n, int64_t in, int64_t r,
                                         int64_t adapters) {
   return gpu::BatchedLoraApplyWorkspace(n, in, r, adapters);
@@ -43,10 +57,9 @@ int tfl_batched_lora_apply(int dtype, void* stream, int64_t n, int64_t in,
                            const void* b_stack, const int32_t* ids,
                            const void* scales, void* y_out, void* workspace,
                            int* bad_row) {
-  return gpu::LaunchBatchedLoraApply(static_cast<gpu::DType>(dtype), stream, n,
-                                     in, out, r, adapters, y, x, a_stack,
-                                     b_stack, ids, scales, y_out, workspace,
-                                     bad_row);
+  return gpu::LaunchBatchedLoraApply(
+      static_cast<gpu::DType>(dtype), stream, n, in, out, r, adapters, y, x,
+      a_stack, b_stack, ids, scales, y_out, workspace, bad_row);
 }
 
 }  // extern "C"

@@ -262,3 +262,43 @@ def test_batched_apply_with_nothing_to_add_still_checks_ids(gpu):
     got, want, bad_row = _batched(gpu, "float32", (4, 3, 2, 0, 2), np.array([0, 1, 2, -1]))
     assert bad_row == 2
     _check(got, want, "float32", "r = 0")
+
+
+# -- apply's gradients ---------------------------------------------------------------------------------------
+
+GRAD_SHAPES = [(1, 9, 7, 1), (7, 33, 65, 8), (40, 64, 128, 16), (130, 70, 9, 64), (33, 20, 300, 3)]
+GRAD_SHAPES += [(0, 4, 5, 2), (3, 0, 5, 2), (3, 4, 5, 0)]
+if FULL:
+    GRAD_SHAPES += [(4096, 4096, 4096, 16), (4097, 1000, 1001, 64), (2, 4096, 11008, 128)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", GRAD_SHAPES, ids=str)
+def test_apply_grad(gpu, dtype, shape):
+    lib, dev = gpu
+    n, d_in, d_out, r = shape
+    rng = np.random.default_rng(n * 5 + d_in + d_out * 7 + r)
+    g, x = _random(rng, (n, d_out), dtype), _random(rng, (n, d_in), dtype)
+    a, b = _random(rng, (d_in, r), dtype, 0.3), _random(rng, (r, d_out), dtype, 0.3)
+    outs = [np.full(s, 7, g.dtype) for s in [(n, d_in), (d_in, r), (r, d_out), (1,)]]  # garbage to overwrite
+    bufs = [dev.put(v) for v in (g, x, a, b)]
+    out_bufs = [dev.put(v) for v in outs]
+    work = dev.empty(lib.tfl_lora_apply_grad_workspace(n, d_in, d_out, r))
+    rc = lib.tfl_lora_apply_grad(
+        DTYPES[dtype],
+        dev.stream,
+        n,
+        d_in,
+        d_out,
+        r,
+        *[dev.ptr(v) for v in bufs],
+        0.75,
+        *[dev.ptr(v) for v in out_bufs],
+        dev.ptr(work),
+    )
+    assert rc == 0
+    g64, x64, a64, b64 = (decode(v, dtype) for v in (g, x, a, b))
+    xa, gbt = x64 @ a64, g64 @ b64.T
+    wants = [0.75 * gbt @ a64.T, 0.75 * x64.T @ gbt, 0.75 * xa.T @ g64, np.array([np.sum(xa * gbt)])]
+    for name, buf, like, want in zip(["dx", "da", "db", "dscale"], out_bufs, outs, wants, strict=True):
+        _check(decode(dev.get(buf, like), dtype), want, dtype, f"{name} {dtype} {shape}")

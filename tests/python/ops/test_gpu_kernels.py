@@ -14,7 +14,7 @@ from tensorflow.python.framework import kernels
 import tf_lora
 
 REPO = pathlib.Path(__file__).resolve().parents[3]
-GPU_OPS = {"LoraMerge": "scale", "LoraApply": "scale", "BatchedLoraApply": "scales"}
+GPU_OPS = {"LoraMerge": "scale", "LoraApply": "scale", "LoraApplyGrad": "scale", "BatchedLoraApply": "scales"}
 GPU_DTYPES = {tf.float32, tf.float16, tf.bfloat16}
 HAS_GPU = bool(tf.config.list_physical_devices("GPU"))
 
@@ -30,7 +30,7 @@ def test_gpu_kernels_are_registered_for_every_dtype(op):
 
 
 def test_ops_without_gpu_kernels_yet_run_on_the_cpu():
-    for op in ("LoraApplyGrad", "BatchedLoraApplyGrad", "ResourceLoraMerge"):
+    for op in ("BatchedLoraApplyGrad", "ResourceLoraMerge"):
         devices = {k.device_type for k in kernels.get_registered_kernels_for_op("TfLora>" + op).kernel}
         assert devices == {"CPU"}, op
 
@@ -67,9 +67,13 @@ def test_ops_on_the_gpu_match_the_cpu(dtype):
     ids = tf.constant(rng.integers(-1, 2, 70), tf.int32)
 
     def run():
+        with tf.GradientTape() as tape:
+            tape.watch([x, a, b])
+            applied = tf_lora.lora_apply(y, x, a, b, 0.5)
         return [
             tf_lora.lora_merge(w, a, b, 0.5),
-            tf_lora.lora_apply(y, x, a, b, 0.5),
+            applied,
+            *tape.gradient(tf.reduce_sum(tf.cast(applied, tf.float32) ** 2), [x, a, b]),
             tf_lora.batched_lora_apply(y, x, a_stack, b_stack, ids, tf.constant([0.5, 1.5], dtype)),
         ]
 
