@@ -14,7 +14,10 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "core/kernels/resource_handle.h"
 #include "tensorflow/core/framework/op_kernel.h"
+#include "tensorflow/core/framework/resource_mgr.h"
+#include "tensorflow/core/framework/resource_var.h"
 #include "tensorflow/core/framework/tensor.h"
 #include "tensorflow/core/framework/tensor_shape.h"
 #include "tensorflow/core/util/overflow.h"
@@ -281,6 +284,48 @@ absl::Status ReadBatchedInputs(::tensorflow::OpKernelContext* ctx,
                          *in->b_stack, *in->ids, *in->scales, ids_on_host);
   if (s.ok()) s = CheckFiniteScales<T>(op, "scales", *in->scales);
   if (s.ok()) s = CheckWorkSizes(op, in->n(), in->in(), in->out(), in->r());
+  return s;
+}
+
+// ResourceLoraMerge's variable (input 0): the handle checked and looked up.
+inline absl::Status LookupMergeVariable(
+    ::tensorflow::OpKernelContext* ctx,
+    ::tensorflow::core::RefCountPtr<::tensorflow::Var>* var) {
+  absl::Status s = CheckScalarHandle(ctx, "ResourceLoraMerge", "var");
+  if (!s.ok()) return s;
+  const absl::Status lookup = ::tensorflow::LookupResource(
+      ctx, ::tensorflow::HandleFromInput(ctx, 0), var);
+  if (lookup.ok()) return absl::OkStatus();
+  return absl::InvalidArgumentError(absl::StrCat(
+      "ResourceLoraMerge: var must be the handle of a resource variable: ",
+      lookup.message()));
+}
+
+// With the variable's lock held: its value, a, b and scale (inputs 1-3).
+template <typename T>
+absl::Status CheckMergeVariable(::tensorflow::OpKernelContext* ctx,
+                                ::tensorflow::Var* var) {
+  if (!var->is_initialized) {
+    return absl::FailedPreconditionError(
+        "ResourceLoraMerge: the variable is not initialized");
+  }
+  const Tensor& w = *var->tensor();
+  const ::tensorflow::DataType want = ::tensorflow::DataTypeToEnum<T>::v();
+  if (w.dtype() != want) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "ResourceLoraMerge: the variable has dtype ",
+        ::tensorflow::DataTypeString(w.dtype()),
+        " but a, b and scale have dtype ", ::tensorflow::DataTypeString(want)));
+  }
+  const Tensor& a = ctx->input(1);
+  absl::Status s = CheckMergeInputs("ResourceLoraMerge", "var", w.shape(), a,
+                                    ctx->input(2), ctx->input(3));
+  if (s.ok())
+    s = CheckFiniteScales<T>("ResourceLoraMerge", "scale", ctx->input(3));
+  if (s.ok()) {
+    s = CheckWorkSizes("ResourceLoraMerge", w.dim_size(0), 1, w.dim_size(1),
+                       a.dim_size(1));
+  }
   return s;
 }
 

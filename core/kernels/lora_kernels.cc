@@ -35,9 +35,8 @@ namespace {
 
 using lora_checks::ApplyInputs;
 using lora_checks::BatchedInputs;
-using lora_checks::CheckFiniteScales;
-using lora_checks::CheckMergeInputs;
-using lora_checks::CheckWorkSizes;
+using lora_checks::CheckMergeVariable;
+using lora_checks::LookupMergeVariable;
 using lora_checks::MergeInputs;
 using lora_checks::ReadApplyInputs;
 using lora_checks::ReadBatchedInputs;
@@ -200,36 +199,14 @@ class ResourceLoraMergeOp : public OpKernel {
   explicit ResourceLoraMergeOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
 
   void Compute(OpKernelContext* ctx) override {
+    tensorflow::core::RefCountPtr<tensorflow::Var> var;
+    OP_REQUIRES_OK(ctx, LookupMergeVariable(ctx, &var));
+    tensorflow::mutex_lock lock(*var->mu());
+    OP_REQUIRES_OK(ctx, CheckMergeVariable<T>(ctx, var.get()));
+    Tensor* w = var->tensor();
     const Tensor& a = ctx->input(1);
     const Tensor& b = ctx->input(2);
     const Tensor& scale = ctx->input(3);
-    OP_REQUIRES_OK(ctx, CheckScalarHandle(ctx, "ResourceLoraMerge", "var"));
-    tensorflow::core::RefCountPtr<tensorflow::Var> var;
-    const absl::Status lookup = tensorflow::LookupResource(
-        ctx, tensorflow::HandleFromInput(ctx, 0), &var);
-    OP_REQUIRES(ctx, lookup.ok(),
-                absl::InvalidArgumentError(absl::StrCat(
-                    "ResourceLoraMerge: var must be the handle of a resource "
-                    "variable: ",
-                    lookup.message())));
-    tensorflow::mutex_lock lock(*var->mu());
-    Tensor* w = var->tensor();
-    OP_REQUIRES(ctx, var->is_initialized,
-                absl::FailedPreconditionError(
-                    "ResourceLoraMerge: the variable is not initialized"));
-    OP_REQUIRES(
-        ctx, w->dtype() == tensorflow::DataTypeToEnum<T>::v(),
-        absl::InvalidArgumentError(absl::StrCat(
-            "ResourceLoraMerge: the variable has dtype ",
-            tensorflow::DataTypeString(w->dtype()),
-            " but a, b and scale have dtype ",
-            tensorflow::DataTypeString(tensorflow::DataTypeToEnum<T>::v()))));
-    OP_REQUIRES_OK(ctx, CheckMergeInputs("ResourceLoraMerge", "var", w->shape(),
-                                         a, b, scale));
-    OP_REQUIRES_OK(ctx,
-                   CheckFiniteScales<T>("ResourceLoraMerge", "scale", scale));
-    OP_REQUIRES_OK(ctx, CheckWorkSizes("ResourceLoraMerge", w->dim_size(0), 1,
-                                       w->dim_size(1), a.dim_size(1)));
     // As TensorFlow's ResourceApply* ops: while a read still shares the
     // variable's buffer (or reads copy on read), write the result to a new
     // buffer, in the same single pass, and swap it in.

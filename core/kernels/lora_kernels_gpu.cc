@@ -4,9 +4,9 @@
 // read (scale, scales) arrive in host memory; adapter ids stay on the device,
 // where the kernel checks them, and a bad id is read back to name its row.
 //
-// GPU kernels so far: LoraMerge, LoraApply, LoraApplyGrad, BatchedLoraApply
-// (float32, float16, bfloat16). BatchedLoraApplyGrad and ResourceLoraMerge
-// run on the CPU.
+// GPU kernels so far: LoraMerge, ResourceLoraMerge, LoraApply, LoraApplyGrad,
+// BatchedLoraApply (float32, float16, bfloat16). BatchedLoraApplyGrad runs on
+// the CPU.
 
 #include <cstdint>
 #include <string>
@@ -17,6 +17,8 @@
 #include "core/kernels/lora_gpu_launch.h"
 #include "tensorflow/core/framework/device_base.h"
 #include "tensorflow/core/framework/op_kernel.h"
+#include "tensorflow/core/framework/resource_mgr.h"
+#include "tensorflow/core/framework/resource_var.h"
 #include "tensorflow/core/framework/tensor.h"
 #include "tensorflow/core/framework/types.h"
 #include "xla/stream_executor/device_address.h"
@@ -34,6 +36,8 @@ namespace {
 
 using lora_checks::ApplyInputs;
 using lora_checks::BatchedInputs;
+using lora_checks::CheckMergeVariable;
+using lora_checks::LookupMergeVariable;
 using lora_checks::MergeInputs;
 using lora_checks::ReadApplyInputs;
 using lora_checks::ReadBatchedInputs;
@@ -147,6 +151,41 @@ class LoraApplyGradGpuOp : public OpKernel {
   }
 };
 
+// In place on the variable's device buffer, as the CPU kernel: while a read
+// still shares the buffer (or the variable copies on read), the result goes
+// to a new buffer in the same single pass and is swapped in.
+template <typename T>
+class ResourceLoraMergeGpuOp : public OpKernel {
+ public:
+  explicit ResourceLoraMergeGpuOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
+
+  void Compute(OpKernelContext* ctx) override {
+    tensorflow::core::RefCountPtr<tensorflow::Var> var;
+    OP_REQUIRES_OK(ctx, LookupMergeVariable(ctx, &var));
+    tensorflow::mutex_lock lock(*var->mu());
+    OP_REQUIRES_OK(ctx, CheckMergeVariable<T>(ctx, var.get()));
+    Tensor* w = var->tensor();
+    const Tensor& a = ctx->input(1);
+    const Tensor& b = ctx->input(2);
+    const Tensor& scale = ctx->input(3);
+    Tensor* target = w;
+    Tensor fresh;
+    if (var->copy_on_read_mode.load() || !w->RefCountIsOne()) {
+      OP_REQUIRES_OK(ctx, ctx->allocate_temp(w->dtype(), w->shape(), &fresh));
+      target = &fresh;
+    }
+    OP_REQUIRES_OK(
+        ctx, Launched("ResourceLoraMerge",
+                      gpu::LaunchLoraMerge(
+                          kDType<T>, CudaStream(ctx), w->dim_size(0),
+                          w->dim_size(1), a.dim_size(1), w->flat<T>().data(),
+                          a.flat<T>().data(), b.flat<T>().data(),
+                          static_cast<float>(scale.scalar<T>()()),
+                          target->flat<T>().data())));
+    if (target == &fresh) *w = fresh;
+  }
+};
+
 template <typename T>
 class BatchedLoraApplyGpuOp : public OpKernel {
  public:
@@ -221,11 +260,12 @@ class BatchedLoraApplyGpuOp : public OpKernel {
                               .TypeConstraint<T>("T")           \
                               .HostMemory(HOST_INPUT),          \
                           OP##GpuOp<T>)
-#define TF_LORA_REGISTER_GPU(T)                  \
-  TF_LORA_GPU_KERNEL(LoraMerge, T, "scale");     \
-  TF_LORA_GPU_KERNEL(LoraApply, T, "scale");     \
-  TF_LORA_GPU_KERNEL(LoraApplyGrad, T, "scale"); \
-  TF_LORA_GPU_KERNEL(BatchedLoraApply, T, "scales")
+#define TF_LORA_REGISTER_GPU(T)                      \
+  TF_LORA_GPU_KERNEL(LoraMerge, T, "scale");         \
+  TF_LORA_GPU_KERNEL(LoraApply, T, "scale");         \
+  TF_LORA_GPU_KERNEL(LoraApplyGrad, T, "scale");     \
+  TF_LORA_GPU_KERNEL(BatchedLoraApply, T, "scales"); \
+  TF_LORA_GPU_KERNEL(ResourceLoraMerge, T, "scale")
 
 TF_LORA_REGISTER_GPU(float);
 TF_LORA_REGISTER_GPU(Eigen::half);

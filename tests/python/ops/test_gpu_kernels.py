@@ -14,7 +14,13 @@ from tensorflow.python.framework import kernels
 import tf_lora
 
 REPO = pathlib.Path(__file__).resolve().parents[3]
-GPU_OPS = {"LoraMerge": "scale", "LoraApply": "scale", "LoraApplyGrad": "scale", "BatchedLoraApply": "scales"}
+GPU_OPS = {
+    "LoraMerge": "scale",
+    "ResourceLoraMerge": "scale",
+    "LoraApply": "scale",
+    "LoraApplyGrad": "scale",
+    "BatchedLoraApply": "scales",
+}
 GPU_DTYPES = {tf.float32, tf.float16, tf.bfloat16}
 HAS_GPU = bool(tf.config.list_physical_devices("GPU"))
 
@@ -30,7 +36,7 @@ def test_gpu_kernels_are_registered_for_every_dtype(op):
 
 
 def test_ops_without_gpu_kernels_yet_run_on_the_cpu():
-    for op in ("BatchedLoraApplyGrad", "ResourceLoraMerge"):
+    for op in ("BatchedLoraApplyGrad",):
         devices = {k.device_type for k in kernels.get_registered_kernels_for_op("TfLora>" + op).kernel}
         assert devices == {"CPU"}, op
 
@@ -79,11 +85,17 @@ def test_ops_on_the_gpu_match_the_cpu(dtype):
 
     with tf.device("/CPU:0"):
         want = run()
+        var_cpu = tf.Variable(w)
+        tf_lora.merge_into_variable(var_cpu, a, b, 0.5)
     with tf.device("/GPU:0"):
         got = run()
+        var_gpu = tf.Variable(w)
+        tf_lora.merge_into_variable(var_gpu, a, b, 0.5)
         with pytest.raises(tf.errors.InvalidArgumentError, match=r"adapter_ids\[3\] = 2 is out of range"):
             bad = tf.tensor_scatter_nd_update(ids, [[3]], [2])
             tf_lora.batched_lora_apply(y, x, a_stack, b_stack, bad, tf.constant([0.5, 1.5], dtype)).numpy()
+    want.append(var_cpu.value())
+    got.append(var_gpu.value())
     tol = 1e-4 if dtype == tf.float32 else 3e-2
     for g, e in zip(got, want, strict=True):
         np.testing.assert_allclose(tf.cast(g, tf.float32), tf.cast(e, tf.float32), rtol=tol, atol=tol * 10)
