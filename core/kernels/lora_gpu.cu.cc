@@ -173,7 +173,8 @@ TF_LORA_GLOBAL void Expand(TileMap m, const T* y, T* y_out, int64_t out,
     for (int i = ty; i < tile.count; i += kExpandRows) {
       const int64_t row = RowOf(m, tile, i);
       for (int c = tx; c < kCols && col0 + c < out; c += 32) {
-        y_out[row * out + col0 + c] = y[row * out + col0 + c];
+        const int64_t at = row * out + col0 + c;
+        y_out[at] = y != nullptr ? y[at] : FromFloat<T>(0.f);
       }
     }
     return;
@@ -339,6 +340,88 @@ TF_LORA_GLOBAL void Dot(int64_t size, const float* p, const float* q, T* out) {
     SyncThreads();
   }
   if (tid == 0) *out = FromFloat<T>(sums[0]);
+}
+
+// out[k] = scales[k] * sum over adapter k's rows n of x[n, i] * g[n, k'] for
+// [cols, r], stored as is or transposed ([r, cols]), from the grouping's
+// segments: blockIdx.x 64 of x's columns, blockIdx.y the adapter, blockIdx.z
+// 64 of r. The batched gradient's da and db.
+template <typename T>
+TF_LORA_GLOBAL void ReduceSegments(int64_t cols, int64_t r, const int* order,
+                                   const int* seg_start, const T* x,
+                                   const float* g, const T* scales,
+                                   bool transposed, T* out) {
+  TF_LORA_SHARED float xs[kReduceRows][kReduceCols + 1];
+  TF_LORA_SHARED float gs[kReduceRows][kReduceCols + 1];
+  const int tid = threadIdx.x, ty = tid / 16, tx = tid % 16;
+  const int adapter = blockIdx.y;
+  const int64_t i0 = static_cast<int64_t>(blockIdx.x) * kReduceCols;
+  const int64_t k0 = static_cast<int64_t>(blockIdx.z) * kReduceCols;
+  const int begin = seg_start[adapter], end = seg_start[adapter + 1];
+  float acc[4][4] = {};
+  for (int n0 = begin; n0 < end; n0 += kReduceRows) {
+    const int nc = Min(kReduceRows, end - n0);
+    for (int e = tid; e < kReduceRows * kReduceCols; e += kShrinkThreads) {
+      const int n = e / kReduceCols, c = e % kReduceCols;
+      float xv = 0.f, gv = 0.f;
+      if (n < nc) {
+        const int64_t row = order[n0 + n];
+        if (i0 + c < cols) xv = ToFloat(x[row * cols + i0 + c]);
+        if (k0 + c < r) gv = g[row * r + k0 + c];
+      }
+      xs[n][c] = xv;
+      gs[n][c] = gv;
+    }
+    SyncThreads();
+    for (int n = 0; n < nc; ++n) {
+      float xv[4], gv[4];
+      for (int j = 0; j < 4; ++j) {
+        xv[j] = xs[n][ty * 4 + j];
+        gv[j] = gs[n][tx * 4 + j];
+      }
+      for (int p = 0; p < 4; ++p) {
+        for (int q = 0; q < 4; ++q) acc[p][q] += xv[p] * gv[q];
+      }
+    }
+    SyncThreads();
+  }
+  const float scale = ToFloat(scales[adapter]);
+  T* out_k = out + adapter * cols * r;
+  for (int p = 0; p < 4; ++p) {
+    const int64_t i = i0 + ty * 4 + p;
+    if (i >= cols) continue;
+    for (int q = 0; q < 4; ++q) {
+      const int64_t k = k0 + tx * 4 + q;
+      if (k < r) {
+        out_k[transposed ? k * cols + i : i * r + k] =
+            FromFloat<T>(scale * acc[p][q]);
+      }
+    }
+  }
+}
+
+// out[k] = sum over adapter k's rows of p[row, :] . q[row, :] (the batched
+// gradient's dscales): one block per adapter, a fixed order.
+template <typename T>
+TF_LORA_GLOBAL void SegmentDots(int64_t r, const int* order,
+                                const int* seg_start, const float* p,
+                                const float* q, T* out) {
+  constexpr int kThreads = 256;
+  TF_LORA_SHARED float sums[kThreads];
+  const int tid = threadIdx.x, adapter = blockIdx.x;
+  const int64_t begin = seg_start[adapter], end = seg_start[adapter + 1];
+  float v = 0.f;
+  for (int64_t e = begin * r + tid; e < end * r; e += kThreads) {
+    const int64_t at = order[e / r] * r + e % r;
+    v += p[at] * q[at];
+  }
+  sums[tid] = v;
+  SyncThreads();
+  for (int half = kThreads / 2; half > 0; half /= 2) {
+    if (tid < half) sums[tid] += sums[tid + half];
+    SyncThreads();
+  }
+  if (tid == 0) out[adapter] = FromFloat<T>(sums[0]);
 }
 
 // -- grouping rows by adapter (kGrouped) --------------------------------------
@@ -682,6 +765,134 @@ Error BatchedLoraApply(Stream stream, int64_t n, int64_t in, int64_t out,
                          partial, plan.splits, b_stack, scales, 1.f, bad_row);
 }
 
+namespace {
+
+// The batched gradient's workspace: the grouping, the shrinks' partials for
+// x a and g b^T (zeroed: rows without an adapter are never written), both
+// summed ([n, r] floats each).
+struct BatchedGradPlan {
+  int64_t tiles;
+  int xa_splits, gb_splits;
+  size_t xa_parts, gb_parts, xa, gb, bytes;
+};
+
+BatchedGradPlan PlanBatchedGrad(int64_t n, int64_t in, int64_t out, int64_t r,
+                                int64_t adapters) {
+  BatchedGradPlan p;
+  const int64_t buckets = adapters + 1;
+  p.tiles = CeilDiv(n, kTileRows) + buckets;
+  p.xa_splits = Splits(p.tiles, in, r);
+  p.gb_splits = Splits(p.tiles, out, r);
+  size_t at = Align16(sizeof(int) * (4 * buckets + 2 + n));
+  const auto take = [&at](size_t bytes) {
+    const size_t here = at;
+    at += Align16(bytes);
+    return here;
+  };
+  p.xa_parts = take(sizeof(float) * p.xa_splits * n * r);
+  p.gb_parts = take(sizeof(float) * p.gb_splits * n * r);
+  p.xa = take(sizeof(float) * n * r);
+  p.gb = take(sizeof(float) * n * r);
+  p.bytes = at;
+  return p;
+}
+
+}  // namespace
+
+size_t BatchedLoraApplyGradWorkspaceBytes(int64_t n, int64_t in, int64_t out,
+                                          int64_t r, int64_t adapters) {
+  return PlanBatchedGrad(n, in, out, r, adapters).bytes;
+}
+
+template <typename T>
+Error BatchedLoraApplyGrad(Stream stream, int64_t n, int64_t in, int64_t out,
+                           int64_t r, int64_t adapters, const T* g, const T* x,
+                           const T* a_stack, const T* b_stack,
+                           const int32_t* ids, const T* scales, T* dx, T* da,
+                           T* db, T* dscales, void* workspace, int* bad_row) {
+  Error e = MemsetAsync(bad_row, 0x7f, sizeof(int), stream);  // kNoBadRow
+  if (e != kSuccess) return e;
+  if (n > INT_MAX || adapters >= INT_MAX) return kInvalidValue;
+  const int n_adapters = static_cast<int>(adapters);
+  if (n == 0 || in == 0 || out == 0 || r == 0 || n_adapters == 0) {
+    // Every product is zero; the ids are still checked.
+    if (n > 0) {
+      TF_LORA_LAUNCH(CheckIds, dim3(CeilDiv(n, 256)), dim3(256), stream, n, ids,
+                     n_adapters, bad_row);
+    }
+    e = MemsetAsync(dx, 0, sizeof(T) * n * in, stream);
+    if (e == kSuccess) {
+      e = MemsetAsync(da, 0, sizeof(T) * adapters * in * r, stream);
+    }
+    if (e == kSuccess) {
+      e = MemsetAsync(db, 0, sizeof(T) * adapters * r * out, stream);
+    }
+    if (e == kSuccess)
+      e = MemsetAsync(dscales, 0, sizeof(T) * adapters, stream);
+    return e == kSuccess ? LastLaunchError() : e;
+  }
+  const BatchedGradPlan p = PlanBatchedGrad(n, in, out, r, adapters);
+  char* base = static_cast<char*>(workspace);
+  const int buckets = n_adapters + 1;
+  int* counts = reinterpret_cast<int*>(base);
+  int* seg_start = counts + buckets;
+  int* tile_prefix = seg_start + buckets + 1;
+  int* cursor = tile_prefix + buckets + 1;
+  int* order = cursor + buckets;
+  float* xa_parts = reinterpret_cast<float*>(base + p.xa_parts);
+  float* gb_parts = reinterpret_cast<float*>(base + p.gb_parts);
+  float* xa = reinterpret_cast<float*>(base + p.xa);
+  float* gb = reinterpret_cast<float*>(base + p.gb);
+  e = MemsetAsync(counts, 0, sizeof(int) * buckets, stream);
+  if (e == kSuccess) {
+    e = MemsetAsync(xa_parts, 0, p.xa - p.xa_parts, stream);  // both partials
+  }
+  if (e != kSuccess) return e;
+  TF_LORA_LAUNCH(CountRows, dim3(CeilDiv(n, 256)), dim3(256), stream, n, ids,
+                 n_adapters, counts, bad_row);
+  TF_LORA_LAUNCH(PlanSegments, dim3(1), dim3(1), stream, buckets, kTileRows,
+                 counts, seg_start, tile_prefix, cursor);
+  TF_LORA_LAUNCH(ScatterRows, dim3(CeilDiv(n, 256)), dim3(256), stream, n, ids,
+                 n_adapters, seg_start, cursor, order);
+  TileMap m{Mode::kGrouped, n, kTileRows, n_adapters, ids};
+  m.order = order;
+  m.seg_start = seg_start;
+  m.tile_prefix = tile_prefix;
+  m.buckets = buckets;
+  // x a_k and g b_k^T per row, summed: [n, r] floats (zero without adapter).
+  e = LaunchShrink<T>(stream, m, p.tiles, x, in, a_stack, r, p.xa_splits,
+                      xa_parts);
+  if (e == kSuccess) {
+    e = LaunchShrink<T, true>(stream, m, p.tiles, g, out, b_stack, r,
+                              p.gb_splits, gb_parts);
+  }
+  if (e != kSuccess) return e;
+  TF_LORA_LAUNCH(SumSplits, dim3(CeilDiv(n * r, 256)), dim3(256), stream, n * r,
+                 p.xa_splits, xa_parts, xa);
+  TF_LORA_LAUNCH(SumSplits, dim3(CeilDiv(n * r, 256)), dim3(256), stream, n * r,
+                 p.gb_splits, gb_parts, gb);
+  // dx = scales_k (g b_k^T) a_k^T per row (zero rows without an adapter).
+  e = LaunchExpand<T, float, true>(stream, m, p.tiles, nullptr, dx, in, r, gb,
+                                   nullptr, 0, a_stack, scales, 1.f, nullptr);
+  if (e != kSuccess) return e;
+  // da_k = scales_k x^T (g b_k^T), db_k = scales_k (x a_k)^T g over adapter
+  // k's rows; dscales_k = sum (x a_k) * (g b_k^T) over them.
+  const dim3 block(kShrinkThreads);
+  auto* reduce = ReduceSegments<T>;
+  TF_LORA_LAUNCH(
+      reduce,
+      dim3(CeilDiv(in, kReduceCols), n_adapters, CeilDiv(r, kReduceCols)),
+      block, stream, in, r, order, seg_start, x, gb, scales, false, da);
+  TF_LORA_LAUNCH(
+      reduce,
+      dim3(CeilDiv(out, kReduceCols), n_adapters, CeilDiv(r, kReduceCols)),
+      block, stream, out, r, order, seg_start, g, xa, scales, true, db);
+  auto* dots = SegmentDots<T>;
+  TF_LORA_LAUNCH(dots, dim3(n_adapters), dim3(256), stream, r, order, seg_start,
+                 xa, gb, dscales);
+  return LastLaunchError();
+}
+
 #define TF_LORA_INSTANTIATE(T)                                                 \
   template Error LoraMerge<T>(Stream, int64_t, int64_t, int64_t, const T*,     \
                               const T*, const T*, float, T*);                  \
@@ -691,6 +902,10 @@ Error BatchedLoraApply(Stream stream, int64_t n, int64_t in, int64_t out,
   template Error LoraApplyGrad<T>(Stream, int64_t, int64_t, int64_t, int64_t,  \
                                   const T*, const T*, const T*, const T*,      \
                                   float, T*, T*, T*, T*, void*);               \
+  template Error BatchedLoraApplyGrad<T>(                                      \
+      Stream, int64_t, int64_t, int64_t, int64_t, int64_t, const T*, const T*, \
+      const T*, const T*, const int32_t*, const T*, T*, T*, T*, T*, void*,     \
+      int*);                                                                   \
   template Error BatchedLoraApply<T>(                                          \
       Stream, int64_t, int64_t, int64_t, int64_t, int64_t, const T*, const T*, \
       const T*, const T*, const int32_t*, const T*, T*, void*, int*);

@@ -78,6 +78,21 @@ Error BatchedLoraApply(Stream stream, int64_t n, int64_t in, int64_t out,
                        const T* scales, T* y_out, void* workspace,
                        int* bad_row);
 
+size_t BatchedLoraApplyGradWorkspaceBytes(int64_t n, int64_t in, int64_t out,
+                                          int64_t r, int64_t adapters);
+
+// The gradients of BatchedLoraApply (the CPU kernel's BatchedLoraApplyGrad):
+// dx [n, in] (zero for rows without an adapter), da [adapters, in, r],
+// db [adapters, r, out], dscales [adapters], each adapter's from its own rows.
+// Ids as in BatchedLoraApply (bad ones reported in *bad_row, never read
+// through); scales, dscales and bad_row are device memory.
+template <typename T>
+Error BatchedLoraApplyGrad(Stream stream, int64_t n, int64_t in, int64_t out,
+                           int64_t r, int64_t adapters, const T* g, const T* x,
+                           const T* a_stack, const T* b_stack,
+                           const int32_t* ids, const T* scales, T* dx, T* da,
+                           T* db, T* dscales, void* workspace, int* bad_row);
+
 }  // namespace gpu
 }  // namespace tf_lora
 

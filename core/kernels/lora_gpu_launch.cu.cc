@@ -94,6 +94,28 @@ int LaunchBatchedLoraApply(DType dtype, void* stream, int64_t n, int64_t in,
   });
 }
 
+size_t BatchedLoraApplyGradWorkspace(int64_t n, int64_t in, int64_t out,
+                                     int64_t r, int64_t adapters) {
+  return BatchedLoraApplyGradWorkspaceBytes(n, in, out, r, adapters);
+}
+
+int LaunchBatchedLoraApplyGrad(DType dtype, void* stream, int64_t n, int64_t in,
+                               int64_t out, int64_t r, int64_t adapters,
+                               const void* g, const void* x,
+                               const void* a_stack, const void* b_stack,
+                               const int32_t* ids, const void* scales, void* dx,
+                               void* da, void* db, void* dscales,
+                               void* workspace, int* bad_row) {
+  return ByDtype(dtype, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    return BatchedLoraApplyGrad<T>(
+        static_cast<Stream>(stream), n, in, out, r, adapters, In<T>(g),
+        In<T>(x), In<T>(a_stack), In<T>(b_stack), ids, In<T>(scales),
+        static_cast<T*>(dx), static_cast<T*>(da), static_cast<T*>(db),
+        static_cast<T*>(dscales), workspace, bad_row);
+  });
+}
+
 int NoBadRow() { return kNoBadRow; }
 
 #if defined(__CUDACC__)

@@ -47,6 +47,18 @@ int LaunchBatchedLoraApply(DType dtype, void* stream, int64_t n, int64_t in,
                            const void* scales, void* y_out, void* workspace,
                            int* bad_row);
 
+size_t BatchedLoraApplyGradWorkspace(int64_t n, int64_t in, int64_t out,
+                                     int64_t r, int64_t adapters);
+
+// ids, scales, dscales and bad_row are device memory.
+int LaunchBatchedLoraApplyGrad(DType dtype, void* stream, int64_t n, int64_t in,
+                               int64_t out, int64_t r, int64_t adapters,
+                               const void* g, const void* x,
+                               const void* a_stack, const void* b_stack,
+                               const int32_t* ids, const void* scales, void* dx,
+                               void* da, void* db, void* dscales,
+                               void* workspace, int* bad_row);
+
 int NoBadRow();
 const char* ErrorString(int error);
 

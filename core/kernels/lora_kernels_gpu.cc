@@ -4,9 +4,7 @@
 // read (scale, scales) arrive in host memory; adapter ids stay on the device,
 // where the kernel checks them, and a bad id is read back to name its row.
 //
-// GPU kernels so far: LoraMerge, ResourceLoraMerge, LoraApply, LoraApplyGrad,
-// BatchedLoraApply (float32, float16, bfloat16). BatchedLoraApplyGrad runs on
-// the CPU.
+// GPU kernels for every op of the family (float32, float16, bfloat16).
 
 #include <cstdint>
 #include <string>
@@ -186,6 +184,47 @@ class ResourceLoraMergeGpuOp : public OpKernel {
   }
 };
 
+// The per-adapter scales, read by the checks in host memory, copied to the
+// device for the kernel; and a device int for the kernel's first bad row.
+absl::Status BatchedTemps(OpKernelContext* ctx, const Tensor& scales,
+                          Tensor* device_scales, Tensor* bad_row) {
+  absl::Status s =
+      ctx->allocate_temp(scales.dtype(), scales.shape(), device_scales);
+  if (s.ok()) {
+    s = ctx->allocate_temp(tensorflow::DT_INT32, TensorShape({1}), bad_row);
+  }
+  if (!s.ok() || scales.NumElements() == 0) return s;
+  stream_executor::DeviceAddressBase dst(device_scales->data(),
+                                         device_scales->TotalBytes());
+  return StreamOf(ctx)->Memcpy(&dst, scales.data(), scales.TotalBytes());
+}
+
+// After a batched kernel: the ids were checked on the device; one 4-byte read
+// (and a wait for the stream) tells whether any was out of range, reported
+// as the CPU kernel reports it.
+absl::Status CheckedIds(OpKernelContext* ctx, const char* op, const Tensor& ids,
+                        int64_t adapters, const Tensor& bad_row) {
+  if (ids.NumElements() == 0) return absl::OkStatus();
+  stream_executor::Stream* stream = StreamOf(ctx);
+  int32_t first_bad = 0;
+  stream_executor::DeviceAddressBase bad_mem(
+      const_cast<void*>(static_cast<const void*>(bad_row.data())),
+      sizeof(int32_t));
+  absl::Status s = stream->Memcpy(&first_bad, bad_mem, sizeof(int32_t));
+  if (s.ok()) s = stream->BlockHostUntilDone();
+  if (!s.ok() || first_bad == gpu::NoBadRow()) return s;
+  int32_t id = 0;
+  stream_executor::DeviceAddressBase id_mem(
+      const_cast<int32_t*>(ids.flat<int32_t>().data()) + first_bad,
+      sizeof(int32_t));
+  s = stream->Memcpy(&id, id_mem, sizeof(int32_t));
+  if (s.ok()) s = stream->BlockHostUntilDone();
+  if (!s.ok()) return s;
+  return absl::InvalidArgumentError(absl::StrCat(
+      op, ": adapter_ids[", first_bad, "] = ", id, " is out of range [-1, ",
+      adapters, ") (", adapters, " adapters; -1 means no adapter)"));
+}
+
 template <typename T>
 class BatchedLoraApplyGpuOp : public OpKernel {
  public:
@@ -196,57 +235,66 @@ class BatchedLoraApplyGpuOp : public OpKernel {
     BatchedInputs in;  // scales in host memory; ids on the device
     OP_REQUIRES_OK(ctx, ReadBatchedInputs<T>(ctx, kOp, "y",
                                              /*ids_on_host=*/false, &in));
-    const Tensor& y = *in.lead;
-    const Tensor& ids = *in.ids;
-    const Tensor& scales = *in.scales;
-    const int64_t n = in.n(), adapters = in.adapters();
     Tensor* y_out = nullptr;
-    OP_REQUIRES_OK(
-        ctx, ctx->forward_input_or_allocate_output({0}, 0, y.shape(), &y_out));
-    stream_executor::Stream* stream = StreamOf(ctx);
-    // The scales the checks read on the host, for the kernel on the device.
+    OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output(
+                            {0}, 0, in.lead->shape(), &y_out));
     Tensor device_scales, bad_row, work;
-    OP_REQUIRES_OK(ctx, ctx->allocate_temp(scales.dtype(), scales.shape(),
-                                           &device_scales));
-    OP_REQUIRES_OK(ctx, ctx->allocate_temp(tensorflow::DT_INT32,
-                                           TensorShape({1}), &bad_row));
+    OP_REQUIRES_OK(ctx,
+                   BatchedTemps(ctx, *in.scales, &device_scales, &bad_row));
     OP_REQUIRES_OK(ctx, Workspace(ctx,
                                   gpu::BatchedLoraApplyWorkspace(
-                                      n, in.in(), in.r(), adapters),
+                                      in.n(), in.in(), in.r(), in.adapters()),
                                   &work));
-    if (scales.NumElements() > 0) {
-      stream_executor::DeviceAddressBase dst(device_scales.data(),
-                                             device_scales.TotalBytes());
-      OP_REQUIRES_OK(ctx,
-                     stream->Memcpy(&dst, scales.data(), scales.TotalBytes()));
-    }
-    int32_t* bad = bad_row.flat<int32_t>().data();
     OP_REQUIRES_OK(
         ctx,
-        Launched(kOp,
-                 gpu::LaunchBatchedLoraApply(
-                     kDType<T>, CudaStream(ctx), n, in.in(), in.out(), in.r(),
-                     adapters, y.flat<T>().data(), in.x->flat<T>().data(),
-                     in.a_stack->flat<T>().data(), in.b_stack->flat<T>().data(),
-                     ids.flat<int32_t>().data(), device_scales.data(),
-                     y_out->flat<T>().data(), work.data(), bad)));
-    if (n == 0) return;
-    // The ids are checked on the device; one 4-byte read (and a wait for the
-    // stream) tells whether any was out of range, as the CPU kernel reports.
-    int32_t first_bad = 0;
-    stream_executor::DeviceAddressBase bad_mem(bad, sizeof(int32_t));
-    OP_REQUIRES_OK(ctx, stream->Memcpy(&first_bad, bad_mem, sizeof(int32_t)));
-    OP_REQUIRES_OK(ctx, stream->BlockHostUntilDone());
-    if (first_bad == gpu::NoBadRow()) return;
-    int32_t id = 0;
-    stream_executor::DeviceAddressBase id_mem(
-        const_cast<int32_t*>(ids.flat<int32_t>().data()) + first_bad,
-        sizeof(int32_t));
-    OP_REQUIRES_OK(ctx, stream->Memcpy(&id, id_mem, sizeof(int32_t)));
-    OP_REQUIRES_OK(ctx, stream->BlockHostUntilDone());
-    ctx->SetStatus(absl::InvalidArgumentError(absl::StrCat(
-        kOp, ": adapter_ids[", first_bad, "] = ", id, " is out of range [-1, ",
-        adapters, ") (", adapters, " adapters; -1 means no adapter)")));
+        Launched(kOp, gpu::LaunchBatchedLoraApply(
+                          kDType<T>, CudaStream(ctx), in.n(), in.in(), in.out(),
+                          in.r(), in.adapters(), in.lead->flat<T>().data(),
+                          in.x->flat<T>().data(), in.a_stack->flat<T>().data(),
+                          in.b_stack->flat<T>().data(),
+                          in.ids->flat<int32_t>().data(), device_scales.data(),
+                          y_out->flat<T>().data(), work.data(),
+                          bad_row.flat<int32_t>().data())));
+    OP_REQUIRES_OK(ctx, CheckedIds(ctx, kOp, *in.ids, in.adapters(), bad_row));
+  }
+};
+
+template <typename T>
+class BatchedLoraApplyGradGpuOp : public OpKernel {
+ public:
+  explicit BatchedLoraApplyGradGpuOp(OpKernelConstruction* ctx)
+      : OpKernel(ctx) {}
+
+  void Compute(OpKernelContext* ctx) override {
+    constexpr char kOp[] = "BatchedLoraApplyGrad";
+    BatchedInputs in;
+    OP_REQUIRES_OK(ctx, ReadBatchedInputs<T>(ctx, kOp, "grad",
+                                             /*ids_on_host=*/false, &in));
+    Tensor *dx, *da, *db, *dscales;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, in.x->shape(), &dx));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, in.a_stack->shape(), &da));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(2, in.b_stack->shape(), &db));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(3, in.scales->shape(), &dscales));
+    Tensor device_scales, bad_row, work;
+    OP_REQUIRES_OK(ctx,
+                   BatchedTemps(ctx, *in.scales, &device_scales, &bad_row));
+    OP_REQUIRES_OK(
+        ctx, Workspace(ctx,
+                       gpu::BatchedLoraApplyGradWorkspace(
+                           in.n(), in.in(), in.out(), in.r(), in.adapters()),
+                       &work));
+    OP_REQUIRES_OK(
+        ctx,
+        Launched(kOp, gpu::LaunchBatchedLoraApplyGrad(
+                          kDType<T>, CudaStream(ctx), in.n(), in.in(), in.out(),
+                          in.r(), in.adapters(), in.lead->flat<T>().data(),
+                          in.x->flat<T>().data(), in.a_stack->flat<T>().data(),
+                          in.b_stack->flat<T>().data(),
+                          in.ids->flat<int32_t>().data(), device_scales.data(),
+                          dx->flat<T>().data(), da->flat<T>().data(),
+                          db->flat<T>().data(), dscales->flat<T>().data(),
+                          work.data(), bad_row.flat<int32_t>().data())));
+    OP_REQUIRES_OK(ctx, CheckedIds(ctx, kOp, *in.ids, in.adapters(), bad_row));
   }
 };
 
@@ -260,11 +308,12 @@ class BatchedLoraApplyGpuOp : public OpKernel {
                               .TypeConstraint<T>("T")           \
                               .HostMemory(HOST_INPUT),          \
                           OP##GpuOp<T>)
-#define TF_LORA_REGISTER_GPU(T)                      \
-  TF_LORA_GPU_KERNEL(LoraMerge, T, "scale");         \
-  TF_LORA_GPU_KERNEL(LoraApply, T, "scale");         \
-  TF_LORA_GPU_KERNEL(LoraApplyGrad, T, "scale");     \
-  TF_LORA_GPU_KERNEL(BatchedLoraApply, T, "scales"); \
+#define TF_LORA_REGISTER_GPU(T)                          \
+  TF_LORA_GPU_KERNEL(LoraMerge, T, "scale");             \
+  TF_LORA_GPU_KERNEL(LoraApply, T, "scale");             \
+  TF_LORA_GPU_KERNEL(LoraApplyGrad, T, "scale");         \
+  TF_LORA_GPU_KERNEL(BatchedLoraApply, T, "scales");     \
+  TF_LORA_GPU_KERNEL(BatchedLoraApplyGrad, T, "scales"); \
   TF_LORA_GPU_KERNEL(ResourceLoraMerge, T, "scale")
 
 TF_LORA_REGISTER_GPU(float);

@@ -62,4 +62,21 @@ int tfl_batched_lora_apply(int dtype, void* stream, int64_t n, int64_t in,
       a_stack, b_stack, ids, scales, y_out, workspace, bad_row);
 }
 
+size_t tfl_batched_lora_apply_grad_workspace(int64_t n, int64_t in, int64_t out,
+                                             int64_t r, int64_t adapters) {
+  return gpu::BatchedLoraApplyGradWorkspace(n, in, out, r, adapters);
+}
+
+int tfl_batched_lora_apply_grad(int dtype, void* stream, int64_t n, int64_t in,
+                                int64_t out, int64_t r, int64_t adapters,
+                                const void* g, const void* x,
+                                const void* a_stack, const void* b_stack,
+                                const int32_t* ids, const void* scales,
+                                void* dx, void* da, void* db, void* dscales,
+                                void* workspace, int* bad_row) {
+  return gpu::LaunchBatchedLoraApplyGrad(
+      static_cast<gpu::DType>(dtype), stream, n, in, out, r, adapters, g, x,
+      a_stack, b_stack, ids, scales, dx, da, db, dscales, workspace, bad_row);
+}
+
 }  // extern "C"

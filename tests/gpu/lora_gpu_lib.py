@@ -21,6 +21,9 @@ def load(path):
     lib.tfl_batched_lora_apply_workspace.argtypes = [i64, i64, i64, i64]
     lib.tfl_batched_lora_apply_workspace.restype = ctypes.c_size_t
     lib.tfl_batched_lora_apply.argtypes = [ctypes.c_int, ptr, *[i64] * 5, *[ptr] * 9]
+    lib.tfl_batched_lora_apply_grad_workspace.argtypes = [i64] * 5
+    lib.tfl_batched_lora_apply_grad_workspace.restype = ctypes.c_size_t
+    lib.tfl_batched_lora_apply_grad.argtypes = [ctypes.c_int, ptr, *[i64] * 5, *[ptr] * 12]
     return lib
 
 

@@ -302,3 +302,72 @@ def test_apply_grad(gpu, dtype, shape):
     wants = [0.75 * gbt @ a64.T, 0.75 * x64.T @ gbt, 0.75 * xa.T @ g64, np.array([np.sum(xa * gbt)])]
     for name, buf, like, want in zip(["dx", "da", "db", "dscale"], out_bufs, outs, wants, strict=True):
         _check(decode(dev.get(buf, like), dtype), want, dtype, f"{name} {dtype} {shape}")
+
+
+# -- batched apply's gradients -------------------------------------------------------------------------------
+
+BATCHED_GRAD_SHAPES = [(1, 9, 7, 4, 1), (7, 33, 65, 8, 8), (70, 40, 24, 16, 3), (300, 70, 130, 16, 8)]
+BATCHED_GRAD_SHAPES += [(200, 16, 8, 128, 3), (5, 4, 4, 2, 0), (0, 4, 4, 2, 2), (6, 4, 4, 0, 2)]
+if FULL:
+    BATCHED_GRAD_SHAPES += [(4097, 1000, 1001, 16, 64), (4096, 4096, 4096, 64, 8)]
+
+
+def _batched_grad(gpu, dtype, shape, ids):
+    lib, dev = gpu
+    n, d_in, d_out, r, k = shape
+    rng = np.random.default_rng(n * 3 + d_in + d_out * 11 + r + k)
+    g, x = _random(rng, (n, d_out), dtype), _random(rng, (n, d_in), dtype)
+    a, b = _random(rng, (k, d_in, r), dtype, 0.3), _random(rng, (k, r, d_out), dtype, 0.3)
+    scales = encode(rng.uniform(-2, 2, k), dtype)
+    outs = [np.full(s, 7, g.dtype) for s in [(n, d_in), (k, d_in, r), (k, r, d_out), (k,)]]  # to overwrite
+    bufs = [dev.put(v) for v in (g, x, a, b)]
+    b_ids, b_scales, bad = dev.put(ids.astype(np.int32)), dev.put(scales), dev.put(np.zeros(4, np.int32))
+    out_bufs = [dev.put(v) for v in outs]
+    work = dev.empty(lib.tfl_batched_lora_apply_grad_workspace(n, d_in, d_out, r, k))
+    rc = lib.tfl_batched_lora_apply_grad(
+        DTYPES[dtype],
+        dev.stream,
+        n,
+        d_in,
+        d_out,
+        r,
+        k,
+        *[dev.ptr(v) for v in bufs],
+        dev.ptr(b_ids),
+        dev.ptr(b_scales),
+        *[dev.ptr(v) for v in out_bufs],
+        dev.ptr(work),
+        dev.ptr(bad),
+    )
+    assert rc == 0
+    g64, x64, a64, b64, s64 = (decode(v, dtype) for v in (g, x, a, b, scales))
+    want = [np.zeros(o.shape) for o in outs]
+    for i, adapter in enumerate(ids):
+        if 0 <= adapter < k:
+            xa, gbt = x64[i] @ a64[adapter], g64[i] @ b64[adapter].T
+            want[0][i] = s64[adapter] * gbt @ a64[adapter].T
+            want[1][adapter] += s64[adapter] * np.outer(x64[i], gbt)
+            want[2][adapter] += s64[adapter] * np.outer(xa, g64[i])
+            want[3][adapter] += xa @ gbt
+    got = [decode(dev.get(buf, like), dtype) for buf, like in zip(out_bufs, outs, strict=True)]
+    return got, want, int(dev.get(bad, np.zeros(4, np.int32))[0])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", BATCHED_GRAD_SHAPES, ids=str)
+def test_batched_apply_grad(gpu, dtype, shape):
+    n, k = shape[0], shape[4]
+    ids = np.random.default_rng(n + 7 * k).integers(-1, k, n) if k else np.full(n, -1)
+    got, want, bad_row = _batched_grad(gpu, dtype, shape, ids)
+    for name, g, w in zip(["dx", "da", "db", "dscales"], got, want, strict=True):
+        _check(g, w, dtype, f"{name} {dtype} {shape}")
+    assert bad_row == gpu[0].tfl_no_bad_row()
+
+
+def test_batched_apply_grad_bad_ids_are_reported_never_read(gpu):
+    ids = np.random.default_rng(3).integers(-1, 3, 90)
+    ids[5], ids[60] = 3, -9
+    got, want, bad_row = _batched_grad(gpu, "float32", (90, 9, 5, 2, 3), ids)
+    assert bad_row == 5
+    for name, g, w in zip(["dx", "da", "db", "dscales"], got, want, strict=True):
+        _check(g, w, "float32", name)  # the bad rows count as rows without an adapter
