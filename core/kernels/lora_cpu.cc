@@ -247,7 +247,7 @@ struct XaArgs {
 // only, so results do not depend on the thread count) accumulate partial da^T
 // [shards, r, ld_in], db [shards, r, ld_out] and dscale [shards], summed in
 // shard order after (ld_*: whole tiles).
-constexpr int64_t kGradBlockRows = 64;  // rows per super-block
+constexpr int64_t kGradBlockRows = 32;  // rows per super-block
 
 template <typename T>
 struct LoraGradArgs {
