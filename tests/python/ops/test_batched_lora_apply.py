@@ -7,6 +7,8 @@ from lora_test_util import RTOL, assert_close, random, run
 
 import tf_lora
 
+pytestmark = pytest.mark.usefixtures("on_each_device")
+
 
 def _case(n, n_in, n_out, r, adapters, dtype, seed=0):
     rng = np.random.default_rng(seed)

@@ -7,6 +7,8 @@ from lora_test_util import RTOL, assert_close, random, run
 
 import tf_lora
 
+pytestmark = pytest.mark.usefixtures("on_each_device")
+
 SHAPES = [  # (N, in, out, r): row/column tails, r over one tile, decode-sized N.
     (1, 1, 1, 1),
     (1, 300, 257, 8),
@@ -82,6 +84,7 @@ print("OK")
 """
 
 
+@pytest.mark.cpu_only
 def test_out_of_memory_for_scratch_is_an_error(run_python):
     # The kernels' scratch (here b packed for 9 rows, 256 MiB) cannot be had under an address-space limit:
     # a ResourceExhausted error, not a dead process (a std::bad_alloc through TensorFlow's frames would

@@ -8,6 +8,8 @@ from lora_test_util import RTOL, assert_close, random, run
 import tf_lora
 from tf_lora.python.ops import gen_lora_ops
 
+pytestmark = pytest.mark.usefixtures("on_each_device")
+
 SHAPES = [  # (in, out, r): full and partial row blocks and column tiles, r = 1, large r.
     (1, 1, 1),
     (3, 5, 2),
@@ -53,6 +55,7 @@ def test_large_multithreaded_float32():
 
 
 @pytest.mark.parametrize("dtype", [tf.float32, tf.float16], ids=lambda d: d.name)
+@pytest.mark.cpu_only
 def test_large_output_written_with_streaming_stores(dtype):
     # 8 MiB and more of output take the kernel's non-temporal store path (with a column tail in float32).
     rng = np.random.default_rng(3)
@@ -77,6 +80,7 @@ def _thp_eligible(address):
     raise AssertionError(f"no mapping holds {address:#x}")
 
 
+@pytest.mark.cpu_only
 def test_large_outputs_are_advised_onto_huge_pages():
     try:
         with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:

@@ -12,6 +12,8 @@ from lora_test_util import RTOL, assert_close, random
 
 import tf_lora
 
+pytestmark = pytest.mark.usefixtures("on_each_device")
+
 
 def _adapter(dtype, shape=(37, 45, 5), seed=0):
     rng = np.random.default_rng(seed)
@@ -62,6 +64,7 @@ def test_live_read_keeps_its_value():
     np.testing.assert_allclose(var.numpy(), w_np + a_np @ b_np, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.cpu_only
 def test_updates_the_variables_own_buffer():
     """With no read alive, the merge writes the variable's buffer: the same address before and after."""
     (w, _), (a, _), (b, _) = _adapter(tf.float32, seed=4)
@@ -79,6 +82,7 @@ def test_updates_the_variables_own_buffer():
     assert address() == before
 
 
+@pytest.mark.cpu_only
 def test_allocates_no_weight_sized_tensor():
     """Peak CPU memory (TensorFlow's BFC allocator statistics) grows by far less than the weight's size."""
     script = textwrap.dedent(
