@@ -329,6 +329,22 @@ absl::Status CheckMergeVariable(::tensorflow::OpKernelContext* ctx,
   return s;
 }
 
+// Where ResourceLoraMerge writes, as TensorFlow's ResourceApply* ops do: the
+// variable's own buffer, or, while a read still shares it (or the variable
+// copies on read), `fresh`, a new buffer written in the same single pass and
+// swapped in after (`*target == fresh`).
+inline absl::Status MergeTarget(::tensorflow::OpKernelContext* ctx,
+                                ::tensorflow::Var* var, Tensor* fresh,
+                                Tensor** target) {
+  Tensor* w = var->tensor();
+  *target = w;
+  if (!var->copy_on_read_mode.load() && w->RefCountIsOne()) {
+    return absl::OkStatus();
+  }
+  *target = fresh;
+  return ctx->allocate_temp(w->dtype(), w->shape(), fresh);
+}
+
 }  // namespace lora_checks
 }  // namespace tf_lora
 

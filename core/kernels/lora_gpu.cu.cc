@@ -252,30 +252,45 @@ TF_LORA_GLOBAL void Expand(TileMap m, const T* y, T* y_out, int64_t out,
 constexpr int kReduceCols = 64;  // of x's columns (and of r) per block
 constexpr int kReduceRows = 32;  // rows per shared-memory step
 
-// partial[split][i][k] = sum over the split's rows n of x[n, i] * g[n, k]:
-// x [rows, cols] of T, g [rows, r] of float. blockIdx.x 64 of x's columns,
-// blockIdx.y the split of rows, blockIdx.z 64 of r. da = x^T (g b^T) and
-// db^T = g^T (x a) are these, with the roles of x and g as named there.
+// Sums over rows n of x[n, i] * g[n, k], for [cols, r]: x [rows, cols] of T,
+// g [rows, r] of float; blockIdx.x 64 of x's columns, blockIdx.z 64 of r.
+// - Splits (seg_start null): blockIdx.y is a split of the rows, written to
+//   partial[split][i][k] (LoraApplyGrad's da and db^T, summed by FinishReduce).
+// - Segments: blockIdx.y is an adapter, its rows order[seg_start[k] ..
+//   seg_start[k + 1]); the result, times scales[k], goes to out[k] as is or
+//   transposed ([r, cols]) (BatchedLoraApplyGrad's da and db).
 template <typename T>
 TF_LORA_GLOBAL void ReduceRows(int64_t rows, int64_t cols, int64_t r,
                                const T* x, const float* g, int64_t split_len,
-                               float* partial) {
+                               float* partial, const int* order,
+                               const int* seg_start, const T* scales,
+                               bool transposed, T* out) {
   TF_LORA_SHARED float xs[kReduceRows][kReduceCols + 1];
   TF_LORA_SHARED float gs[kReduceRows][kReduceCols + 1];
   const int tid = threadIdx.x, ty = tid / 16, tx = tid % 16;
   const int64_t i0 = static_cast<int64_t>(blockIdx.x) * kReduceCols;
   const int64_t k0 = static_cast<int64_t>(blockIdx.z) * kReduceCols;
-  const int64_t n_begin = blockIdx.y * split_len;
-  const int64_t n_end = Min<int64_t>(rows, n_begin + split_len);
+  int64_t n_begin, n_end;
+  if (seg_start != nullptr) {
+    n_begin = seg_start[blockIdx.y];
+    n_end = seg_start[blockIdx.y + 1];
+  } else {
+    n_begin = blockIdx.y * split_len;
+    n_end = Min<int64_t>(rows, n_begin + split_len);
+  }
   float acc[4][4] = {};
   for (int64_t n0 = n_begin; n0 < n_end; n0 += kReduceRows) {
     const int nc = static_cast<int>(Min<int64_t>(kReduceRows, n_end - n0));
     for (int e = tid; e < kReduceRows * kReduceCols; e += kShrinkThreads) {
       const int n = e / kReduceCols, c = e % kReduceCols;
-      const bool row = n < nc;
-      xs[n][c] =
-          row && i0 + c < cols ? ToFloat(x[(n0 + n) * cols + i0 + c]) : 0.f;
-      gs[n][c] = row && k0 + c < r ? g[(n0 + n) * r + k0 + c] : 0.f;
+      float xv = 0.f, gv = 0.f;
+      if (n < nc) {
+        const int64_t row = order != nullptr ? order[n0 + n] : n0 + n;
+        if (i0 + c < cols) xv = ToFloat(x[row * cols + i0 + c]);
+        if (k0 + c < r) gv = g[row * r + k0 + c];
+      }
+      xs[n][c] = xv;
+      gs[n][c] = gv;
     }
     SyncThreads();
     for (int n = 0; n < nc; ++n) {
@@ -290,12 +305,19 @@ TF_LORA_GLOBAL void ReduceRows(int64_t rows, int64_t cols, int64_t r,
     }
     SyncThreads();
   }
+  const float scale = scales != nullptr ? ToFloat(scales[blockIdx.y]) : 1.f;
   for (int p = 0; p < 4; ++p) {
     const int64_t i = i0 + ty * 4 + p;
     if (i >= cols) continue;
     for (int q = 0; q < 4; ++q) {
       const int64_t k = k0 + tx * 4 + q;
-      if (k < r) partial[(blockIdx.y * cols + i) * r + k] = acc[p][q];
+      if (k >= r) continue;
+      if (out == nullptr) {
+        partial[(blockIdx.y * cols + i) * r + k] = acc[p][q];
+      } else {
+        out[blockIdx.y * cols * r + (transposed ? k * cols + i : i * r + k)] =
+            FromFloat<T>(scale * acc[p][q]);
+      }
     }
   }
 }
@@ -340,64 +362,6 @@ TF_LORA_GLOBAL void Dot(int64_t size, const float* p, const float* q, T* out) {
     SyncThreads();
   }
   if (tid == 0) *out = FromFloat<T>(sums[0]);
-}
-
-// out[k] = scales[k] * sum over adapter k's rows n of x[n, i] * g[n, k'] for
-// [cols, r], stored as is or transposed ([r, cols]), from the grouping's
-// segments: blockIdx.x 64 of x's columns, blockIdx.y the adapter, blockIdx.z
-// 64 of r. The batched gradient's da and db.
-template <typename T>
-TF_LORA_GLOBAL void ReduceSegments(int64_t cols, int64_t r, const int* order,
-                                   const int* seg_start, const T* x,
-                                   const float* g, const T* scales,
-                                   bool transposed, T* out) {
-  TF_LORA_SHARED float xs[kReduceRows][kReduceCols + 1];
-  TF_LORA_SHARED float gs[kReduceRows][kReduceCols + 1];
-  const int tid = threadIdx.x, ty = tid / 16, tx = tid % 16;
-  const int adapter = blockIdx.y;
-  const int64_t i0 = static_cast<int64_t>(blockIdx.x) * kReduceCols;
-  const int64_t k0 = static_cast<int64_t>(blockIdx.z) * kReduceCols;
-  const int begin = seg_start[adapter], end = seg_start[adapter + 1];
-  float acc[4][4] = {};
-  for (int n0 = begin; n0 < end; n0 += kReduceRows) {
-    const int nc = Min(kReduceRows, end - n0);
-    for (int e = tid; e < kReduceRows * kReduceCols; e += kShrinkThreads) {
-      const int n = e / kReduceCols, c = e % kReduceCols;
-      float xv = 0.f, gv = 0.f;
-      if (n < nc) {
-        const int64_t row = order[n0 + n];
-        if (i0 + c < cols) xv = ToFloat(x[row * cols + i0 + c]);
-        if (k0 + c < r) gv = g[row * r + k0 + c];
-      }
-      xs[n][c] = xv;
-      gs[n][c] = gv;
-    }
-    SyncThreads();
-    for (int n = 0; n < nc; ++n) {
-      float xv[4], gv[4];
-      for (int j = 0; j < 4; ++j) {
-        xv[j] = xs[n][ty * 4 + j];
-        gv[j] = gs[n][tx * 4 + j];
-      }
-      for (int p = 0; p < 4; ++p) {
-        for (int q = 0; q < 4; ++q) acc[p][q] += xv[p] * gv[q];
-      }
-    }
-    SyncThreads();
-  }
-  const float scale = ToFloat(scales[adapter]);
-  T* out_k = out + adapter * cols * r;
-  for (int p = 0; p < 4; ++p) {
-    const int64_t i = i0 + ty * 4 + p;
-    if (i >= cols) continue;
-    for (int q = 0; q < 4; ++q) {
-      const int64_t k = k0 + tx * 4 + q;
-      if (k < r) {
-        out_k[transposed ? k * cols + i : i * r + k] =
-            FromFloat<T>(scale * acc[p][q]);
-      }
-    }
-  }
 }
 
 // out[k] = sum over adapter k's rows of p[row, :] . q[row, :] (the batched
@@ -648,7 +612,9 @@ Error ReduceInto(Stream stream, const GradPlan& p, int64_t n, int64_t cols,
       dim3(CeilDiv(cols, kReduceCols), p.reduce_splits,
            CeilDiv(r, kReduceCols)),
       dim3(kShrinkThreads), stream, n, cols, r, x, g,
-      CeilDiv(CeilDiv(n, p.reduce_splits), kReduceRows) * kReduceRows, partial);
+      CeilDiv(CeilDiv(n, p.reduce_splits), kReduceRows) * kReduceRows, partial,
+      static_cast<const int*>(nullptr), static_cast<const int*>(nullptr),
+      static_cast<const T*>(nullptr), false, static_cast<T*>(nullptr));
   auto* finish = FinishReduce<T>;
   TF_LORA_LAUNCH(finish, dim3(CeilDiv(cols * r, 256)), dim3(256), stream, cols,
                  r, p.reduce_splits, partial, scale, transposed, out);
@@ -878,15 +844,18 @@ Error BatchedLoraApplyGrad(Stream stream, int64_t n, int64_t in, int64_t out,
   // da_k = scales_k x^T (g b_k^T), db_k = scales_k (x a_k)^T g over adapter
   // k's rows; dscales_k = sum (x a_k) * (g b_k^T) over them.
   const dim3 block(kShrinkThreads);
-  auto* reduce = ReduceSegments<T>;
+  auto* reduce = ReduceRows<T>;
+  float* no_partial = nullptr;
   TF_LORA_LAUNCH(
       reduce,
       dim3(CeilDiv(in, kReduceCols), n_adapters, CeilDiv(r, kReduceCols)),
-      block, stream, in, r, order, seg_start, x, gb, scales, false, da);
+      block, stream, n, in, r, x, gb, int64_t{0}, no_partial, order, seg_start,
+      scales, false, da);
   TF_LORA_LAUNCH(
       reduce,
       dim3(CeilDiv(out, kReduceCols), n_adapters, CeilDiv(r, kReduceCols)),
-      block, stream, out, r, order, seg_start, g, xa, scales, true, db);
+      block, stream, n, out, r, g, xa, int64_t{0}, no_partial, order, seg_start,
+      scales, true, db);
   auto* dots = SegmentDots<T>;
   TF_LORA_LAUNCH(dots, dim3(n_adapters), dim3(256), stream, r, order, seg_start,
                  xa, gb, dscales);

@@ -38,6 +38,7 @@ using lora_checks::BatchedInputs;
 using lora_checks::CheckMergeVariable;
 using lora_checks::LookupMergeVariable;
 using lora_checks::MergeInputs;
+using lora_checks::MergeTarget;
 using lora_checks::ReadApplyInputs;
 using lora_checks::ReadBatchedInputs;
 using lora_checks::ReadMergeInputs;
@@ -207,16 +208,10 @@ class ResourceLoraMergeOp : public OpKernel {
     const Tensor& a = ctx->input(1);
     const Tensor& b = ctx->input(2);
     const Tensor& scale = ctx->input(3);
-    // As TensorFlow's ResourceApply* ops: while a read still shares the
-    // variable's buffer (or reads copy on read), write the result to a new
-    // buffer, in the same single pass, and swap it in.
-    Tensor* target = w;
     Tensor fresh;
-    if (var->copy_on_read_mode.load() || !w->RefCountIsOne()) {
-      OP_REQUIRES_OK(ctx, ctx->allocate_temp(w->dtype(), w->shape(), &fresh));
-      AdviseFreshOutput(&fresh);
-      target = &fresh;
-    }
+    Tensor* target = nullptr;
+    OP_REQUIRES_OK(ctx, MergeTarget(ctx, var.get(), &fresh, &target));
+    if (target == &fresh) AdviseFreshOutput(&fresh);
     OP_REQUIRES_OK(ctx, ExceptionsToStatus("ResourceLoraMerge", kScratch, [&] {
                      functor::LoraMerge<Device, T>()(
                          ctx->eigen_device<Device>(), w->dim_size(0),

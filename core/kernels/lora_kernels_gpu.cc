@@ -37,6 +37,7 @@ using lora_checks::BatchedInputs;
 using lora_checks::CheckMergeVariable;
 using lora_checks::LookupMergeVariable;
 using lora_checks::MergeInputs;
+using lora_checks::MergeTarget;
 using lora_checks::ReadApplyInputs;
 using lora_checks::ReadBatchedInputs;
 using lora_checks::ReadMergeInputs;
@@ -149,9 +150,7 @@ class LoraApplyGradGpuOp : public OpKernel {
   }
 };
 
-// In place on the variable's device buffer, as the CPU kernel: while a read
-// still shares the buffer (or the variable copies on read), the result goes
-// to a new buffer in the same single pass and is swapped in.
+// In place on the variable's device buffer, as the CPU kernel (MergeTarget).
 template <typename T>
 class ResourceLoraMergeGpuOp : public OpKernel {
  public:
@@ -166,12 +165,9 @@ class ResourceLoraMergeGpuOp : public OpKernel {
     const Tensor& a = ctx->input(1);
     const Tensor& b = ctx->input(2);
     const Tensor& scale = ctx->input(3);
-    Tensor* target = w;
     Tensor fresh;
-    if (var->copy_on_read_mode.load() || !w->RefCountIsOne()) {
-      OP_REQUIRES_OK(ctx, ctx->allocate_temp(w->dtype(), w->shape(), &fresh));
-      target = &fresh;
-    }
+    Tensor* target = nullptr;
+    OP_REQUIRES_OK(ctx, MergeTarget(ctx, var.get(), &fresh, &target));
     OP_REQUIRES_OK(
         ctx, Launched("ResourceLoraMerge",
                       gpu::LaunchLoraMerge(
