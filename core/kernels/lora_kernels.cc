@@ -1,5 +1,5 @@
-// LoRA op family: OpKernel glue. Checks inputs, allocates outputs, calls the
-// functors of lora.h.
+// LoRA op family on the CPU: the kernels policy of lora_op_kernels.h over the
+// functors of lora.h, and the CPU registrations.
 
 #define EIGEN_USE_THREADS
 
@@ -13,6 +13,7 @@
 #include "core/kernels/huge_pages.h"
 #include "core/kernels/lora.h"
 #include "core/kernels/lora_checks.h"
+#include "core/kernels/lora_op_kernels.h"
 #include "core/kernels/resource_handle.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/resource_mgr.h"
@@ -35,13 +36,6 @@ namespace {
 
 using lora_checks::ApplyInputs;
 using lora_checks::BatchedInputs;
-using lora_checks::CheckMergeVariable;
-using lora_checks::LookupMergeVariable;
-using lora_checks::MergeInputs;
-using lora_checks::MergeTarget;
-using lora_checks::ReadApplyInputs;
-using lora_checks::ReadBatchedInputs;
-using lora_checks::ReadMergeInputs;
 
 // ExceptionsToStatus's `what` for the functors. They take their scratch
 // buffers (packed operands, x @ a, gradient partials: the allocations that
@@ -67,180 +61,89 @@ void AdviseFreshOutput(const Tensor* output, const Tensor* input = nullptr) {
   AdviseHugePages(data.data(), data.size());
 }
 
+// The CPU side of lora_op_kernels.h: lora.h's functors on TensorFlow's CPU
+// thread pool, scratch running short turned into an error status.
+struct CpuKernels {
+  static constexpr bool kIdsOnHost = true;
+
+  static void NewOutput(const Tensor* output, const Tensor* input) {
+    AdviseFreshOutput(output, input);
+  }
+
+  template <typename T>
+  static absl::Status Merge(OpKernelContext* ctx, const char* op, int64_t in,
+                            int64_t out, int64_t r, const T* w, const T* a,
+                            const T* b, T scale, T* result) {
+    return ExceptionsToStatus(op, kScratch, [&] {
+      functor::LoraMerge<CPUDevice, T>()(ctx->eigen_device<CPUDevice>(), in,
+                                         out, r, w, a, b, scale, result);
+    });
+  }
+
+  template <typename T>
+  static absl::Status Apply(OpKernelContext* ctx, const ApplyInputs& in,
+                            Tensor* y_out) {
+    return ExceptionsToStatus("LoraApply", kScratch, [&] {
+      functor::LoraApply<CPUDevice, T>()(
+          ctx->eigen_device<CPUDevice>(), in.n(), in.in(), in.out(), in.r(),
+          in.lead->flat<T>().data(), in.x->flat<T>().data(),
+          in.a->flat<T>().data(), in.b->flat<T>().data(),
+          in.scale->scalar<T>()(), y_out->flat<T>().data());
+    });
+  }
+
+  template <typename T>
+  static absl::Status ApplyGrad(OpKernelContext* ctx, const ApplyInputs& in,
+                                Tensor* dx, Tensor* da, Tensor* db,
+                                Tensor* dscale) {
+    return ExceptionsToStatus("LoraApplyGrad", kScratch, [&] {
+      functor::LoraApplyGrad<CPUDevice, T>()(
+          ctx->eigen_device<CPUDevice>(), in.n(), in.in(), in.out(), in.r(),
+          in.lead->flat<T>().data(), in.x->flat<T>().data(),
+          in.a->flat<T>().data(), in.b->flat<T>().data(),
+          in.scale->scalar<T>()(), dx->flat<T>().data(), da->flat<T>().data(),
+          db->flat<T>().data(), dscale->flat<T>().data());
+    });
+  }
+
+  template <typename T>
+  static absl::Status Batched(OpKernelContext* ctx, const BatchedInputs& in,
+                              Tensor* y_out) {
+    return ExceptionsToStatus("BatchedLoraApply", kScratch, [&] {
+      functor::BatchedLoraApply<CPUDevice, T>()(
+          ctx->eigen_device<CPUDevice>(), in.n(), in.in(), in.out(), in.r(),
+          in.adapters(), in.lead->flat<T>().data(), in.x->flat<T>().data(),
+          in.a_stack->flat<T>().data(), in.b_stack->flat<T>().data(),
+          in.ids->flat<int32_t>().data(), in.scales->flat<T>().data(),
+          y_out->flat<T>().data());
+    });
+  }
+
+  template <typename T>
+  static absl::Status BatchedGrad(OpKernelContext* ctx, const BatchedInputs& in,
+                                  Tensor* dx, Tensor* da, Tensor* db,
+                                  Tensor* dscales) {
+    return ExceptionsToStatus("BatchedLoraApplyGrad", kScratch, [&] {
+      functor::BatchedLoraApplyGrad<CPUDevice, T>()(
+          ctx->eigen_device<CPUDevice>(), in.n(), in.in(), in.out(), in.r(),
+          in.adapters(), in.lead->flat<T>().data(), in.x->flat<T>().data(),
+          in.a_stack->flat<T>().data(), in.b_stack->flat<T>().data(),
+          in.ids->flat<int32_t>().data(), in.scales->flat<T>().data(),
+          dx->flat<T>().data(), da->flat<T>().data(), db->flat<T>().data(),
+          dscales->flat<T>().data());
+    });
+  }
+};
+
 }  // namespace
 
-template <typename Device, typename T>
-class LoraMergeOp : public OpKernel {
- public:
-  explicit LoraMergeOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
-
-  void Compute(OpKernelContext* ctx) override {
-    MergeInputs in;
-    OP_REQUIRES_OK(ctx, ReadMergeInputs<T>(ctx, &in));
-    Tensor* merged = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output(
-                            {0}, 0, in.w->shape(), &merged));
-    AdviseFreshOutput(merged, in.w);
-    OP_REQUIRES_OK(ctx, ExceptionsToStatus("LoraMerge", kScratch, [&] {
-                     functor::LoraMerge<Device, T>()(
-                         ctx->eigen_device<Device>(), in.in(), in.out(), in.r(),
-                         in.w->flat<T>().data(), in.a->flat<T>().data(),
-                         in.b->flat<T>().data(), in.scale->scalar<T>()(),
-                         merged->flat<T>().data());
-                   }));
-  }
-};
-
-template <typename Device, typename T>
-class LoraApplyOp : public OpKernel {
- public:
-  explicit LoraApplyOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
-
-  void Compute(OpKernelContext* ctx) override {
-    ApplyInputs in;
-    OP_REQUIRES_OK(ctx, ReadApplyInputs<T>(ctx, "LoraApply", "y", &in));
-    Tensor* y_out = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output(
-                            {0}, 0, in.lead->shape(), &y_out));
-    AdviseFreshOutput(y_out, in.lead);
-    OP_REQUIRES_OK(ctx, ExceptionsToStatus("LoraApply", kScratch, [&] {
-                     functor::LoraApply<Device, T>()(
-                         ctx->eigen_device<Device>(), in.n(), in.in(), in.out(),
-                         in.r(), in.lead->flat<T>().data(),
-                         in.x->flat<T>().data(), in.a->flat<T>().data(),
-                         in.b->flat<T>().data(), in.scale->scalar<T>()(),
-                         y_out->flat<T>().data());
-                   }));
-  }
-};
-
-template <typename Device, typename T>
-class LoraApplyGradOp : public OpKernel {
- public:
-  explicit LoraApplyGradOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
-
-  void Compute(OpKernelContext* ctx) override {
-    ApplyInputs in;
-    OP_REQUIRES_OK(ctx, ReadApplyInputs<T>(ctx, "LoraApplyGrad", "grad", &in));
-    Tensor *dx, *da, *db, *dscale;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, in.x->shape(), &dx));
-    AdviseFreshOutput(dx);
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, in.a->shape(), &da));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(2, in.b->shape(), &db));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(3, in.scale->shape(), &dscale));
-    OP_REQUIRES_OK(ctx, ExceptionsToStatus("LoraApplyGrad", kScratch, [&] {
-                     functor::LoraApplyGrad<Device, T>()(
-                         ctx->eigen_device<Device>(), in.n(), in.in(), in.out(),
-                         in.r(), in.lead->flat<T>().data(),
-                         in.x->flat<T>().data(), in.a->flat<T>().data(),
-                         in.b->flat<T>().data(), in.scale->scalar<T>()(),
-                         dx->flat<T>().data(), da->flat<T>().data(),
-                         db->flat<T>().data(), dscale->flat<T>().data());
-                   }));
-  }
-};
-
-template <typename Device, typename T>
-class BatchedLoraApplyOp : public OpKernel {
- public:
-  explicit BatchedLoraApplyOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
-
-  void Compute(OpKernelContext* ctx) override {
-    BatchedInputs in;
-    OP_REQUIRES_OK(ctx, ReadBatchedInputs<T>(ctx, "BatchedLoraApply", "y",
-                                             /*ids_on_host=*/true, &in));
-    Tensor* y_out = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output(
-                            {0}, 0, in.lead->shape(), &y_out));
-    AdviseFreshOutput(y_out, in.lead);
-    OP_REQUIRES_OK(ctx, ExceptionsToStatus("BatchedLoraApply", kScratch, [&] {
-                     functor::BatchedLoraApply<Device, T>()(
-                         ctx->eigen_device<Device>(), in.n(), in.in(), in.out(),
-                         in.r(), in.adapters(), in.lead->flat<T>().data(),
-                         in.x->flat<T>().data(), in.a_stack->flat<T>().data(),
-                         in.b_stack->flat<T>().data(),
-                         in.ids->flat<int32_t>().data(),
-                         in.scales->flat<T>().data(), y_out->flat<T>().data());
-                   }));
-  }
-};
-
-template <typename Device, typename T>
-class BatchedLoraApplyGradOp : public OpKernel {
- public:
-  explicit BatchedLoraApplyGradOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
-
-  void Compute(OpKernelContext* ctx) override {
-    BatchedInputs in;
-    OP_REQUIRES_OK(ctx,
-                   ReadBatchedInputs<T>(ctx, "BatchedLoraApplyGrad", "grad",
-                                        /*ids_on_host=*/true, &in));
-    Tensor *dx, *da, *db, *dscales;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, in.x->shape(), &dx));
-    AdviseFreshOutput(dx);
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, in.a_stack->shape(), &da));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(2, in.b_stack->shape(), &db));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(3, in.scales->shape(), &dscales));
-    OP_REQUIRES_OK(
-        ctx, ExceptionsToStatus("BatchedLoraApplyGrad", kScratch, [&] {
-          functor::BatchedLoraApplyGrad<Device, T>()(
-              ctx->eigen_device<Device>(), in.n(), in.in(), in.out(), in.r(),
-              in.adapters(), in.lead->flat<T>().data(), in.x->flat<T>().data(),
-              in.a_stack->flat<T>().data(), in.b_stack->flat<T>().data(),
-              in.ids->flat<int32_t>().data(), in.scales->flat<T>().data(),
-              dx->flat<T>().data(), da->flat<T>().data(), db->flat<T>().data(),
-              dscales->flat<T>().data());
-        }));
-  }
-};
-
-template <typename Device, typename T>
-class ResourceLoraMergeOp : public OpKernel {
- public:
-  explicit ResourceLoraMergeOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
-
-  void Compute(OpKernelContext* ctx) override {
-    tensorflow::core::RefCountPtr<tensorflow::Var> var;
-    OP_REQUIRES_OK(ctx, LookupMergeVariable(ctx, &var));
-    tensorflow::mutex_lock lock(*var->mu());
-    OP_REQUIRES_OK(ctx, CheckMergeVariable<T>(ctx, var.get()));
-    Tensor* w = var->tensor();
-    const Tensor& a = ctx->input(1);
-    const Tensor& b = ctx->input(2);
-    const Tensor& scale = ctx->input(3);
-    Tensor fresh;
-    Tensor* target = nullptr;
-    OP_REQUIRES_OK(ctx, MergeTarget(ctx, var.get(), &fresh, &target));
-    if (target == &fresh) AdviseFreshOutput(&fresh);
-    OP_REQUIRES_OK(ctx, ExceptionsToStatus("ResourceLoraMerge", kScratch, [&] {
-                     functor::LoraMerge<Device, T>()(
-                         ctx->eigen_device<Device>(), w->dim_size(0),
-                         w->dim_size(1), a.dim_size(1), w->flat<T>().data(),
-                         a.flat<T>().data(), b.flat<T>().data(),
-                         scale.scalar<T>()(), target->flat<T>().data());
-                   }));
-    if (target == &fresh) *w = fresh;
-  }
-};
-
-#define TF_LORA_REGISTER_KERNEL(OP, T)                          \
-  REGISTER_KERNEL_BUILDER(Name("TfLora>" #OP)                   \
-                              .Device(::tensorflow::DEVICE_CPU) \
-                              .TypeConstraint<T>("T"),          \
-                          OP##Op<CPUDevice, T>)
-#define TF_LORA_REGISTER_CPU(T)                     \
-  TF_LORA_REGISTER_KERNEL(LoraMerge, T);            \
-  TF_LORA_REGISTER_KERNEL(LoraApply, T);            \
-  TF_LORA_REGISTER_KERNEL(LoraApplyGrad, T);        \
-  TF_LORA_REGISTER_KERNEL(BatchedLoraApply, T);     \
-  TF_LORA_REGISTER_KERNEL(BatchedLoraApplyGrad, T); \
-  TF_LORA_REGISTER_KERNEL(ResourceLoraMerge, T)
-
+#define TF_LORA_REGISTER_CPU(T)  \
+  TF_LORA_REGISTER_LORA_KERNELS( \
+      ::tensorflow::DEVICE_CPU, CpuKernels, T, /*SCALE=*/, /*SCALES=*/)
 TF_LORA_REGISTER_CPU(float);
 TF_LORA_REGISTER_CPU(double);
 TF_LORA_REGISTER_CPU(Eigen::half);
 TF_LORA_REGISTER_CPU(Eigen::bfloat16);
 #undef TF_LORA_REGISTER_CPU
-#undef TF_LORA_REGISTER_KERNEL
 
 }  // namespace tf_lora
