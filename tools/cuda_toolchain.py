@@ -46,16 +46,9 @@ INCLUDES        +=  "-I$(TOP)/include" $(_SPACE_)
 """
 
 
-def _sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _checked(path, sha256):
-    got = _sha256(path)
+    with open(path, "rb") as f:
+        got = hashlib.file_digest(f, "sha256").hexdigest()
     if got != sha256:
         sys.exit(f"cuda_toolchain: {os.path.basename(path)} has sha256 {got}, expected {sha256}")
     return path

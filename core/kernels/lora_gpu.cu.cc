@@ -516,21 +516,115 @@ struct BatchedPlan {
   size_t int_bytes, bytes;
 };
 
+// Grouping by adapter (kGrouped) takes this many ints of workspace: counts,
+// segment starts, tile starts and cursors per bucket, then the rows.
+int64_t GroupingInts(int64_t n, int64_t adapters) {
+  return 4 * (adapters + 1) + 2 + n;
+}
+
+// Tiles for rows grouped by adapter, in an upper bound known on the host.
+int64_t GroupedTiles(int64_t n, int64_t adapters) {
+  return CeilDiv(n, kTileRows) + adapters + 1;
+}
+
 BatchedPlan PlanBatched(int64_t n, int64_t in, int64_t r, int64_t adapters) {
   BatchedPlan p;
-  const int64_t buckets = adapters + 1;
   if (n <= kPerRowTilesUpTo) {
     p.mode = Mode::kPerRow;
     p.tiles = n;
     p.int_bytes = 0;
   } else {
     p.mode = Mode::kGrouped;
-    p.tiles = CeilDiv(n, kTileRows) + buckets;
-    p.int_bytes = Align16(sizeof(int) * (4 * buckets + 2 + n));
+    p.tiles = GroupedTiles(n, adapters);
+    p.int_bytes = Align16(sizeof(int) * GroupingInts(n, adapters));
   }
   p.splits = Splits(p.tiles, in, r);
   p.bytes = p.int_bytes + Align16(sizeof(float) * p.splits * n * r);
   return p;
+}
+
+// Groups the rows by adapter on the device (counts, one-thread plan, scatter)
+// into `ints` (GroupingInts of them) and points m (kGrouped) at the result;
+// bad ids go to the last bucket, reported in *bad_row.
+Error GroupRows(Stream stream, int64_t n, const int32_t* ids, int adapters,
+                int* ints, int* bad_row, TileMap* m) {
+  const int buckets = adapters + 1;
+  int* counts = ints;
+  int* seg_start = counts + buckets;
+  int* tile_prefix = seg_start + buckets + 1;
+  int* cursor = tile_prefix + buckets + 1;
+  int* order = cursor + buckets;
+  const Error e = MemsetAsync(counts, 0, sizeof(int) * buckets, stream);
+  if (e != kSuccess) return e;
+  TF_LORA_LAUNCH(CountRows, dim3(CeilDiv(n, 256)), dim3(256), stream, n, ids,
+                 adapters, counts, bad_row);
+  TF_LORA_LAUNCH(PlanSegments, dim3(1), dim3(1), stream, buckets, kTileRows,
+                 counts, seg_start, tile_prefix, cursor);
+  TF_LORA_LAUNCH(ScatterRows, dim3(CeilDiv(n, 256)), dim3(256), stream, n, ids,
+                 adapters, seg_start, cursor, order);
+  *m = TileMap{Mode::kGrouped, n,         kTileRows,   adapters, ids,
+               order,          seg_start, tile_prefix, buckets};
+  return LastLaunchError();
+}
+
+// Carves 16-byte-aligned pieces off a workspace, in order.
+struct Layout {
+  size_t bytes = 0;
+  size_t Take(size_t size) {
+    const size_t at = bytes;
+    bytes += Align16(size);
+    return at;
+  }
+};
+
+// The gradients' first step: x a and g b^T per row, each summed from its
+// shrink's partials into [n, r] floats. Where the workspace holds them:
+struct XaGbPlan {
+  int xa_splits, gb_splits;
+  size_t xa_parts, gb_parts, xa, gb;
+};
+
+XaGbPlan PlanXaGb(Layout* layout, int64_t tiles, int64_t n, int64_t in,
+                  int64_t out, int64_t r) {
+  XaGbPlan p;
+  p.xa_splits = Splits(tiles, in, r);
+  p.gb_splits = Splits(tiles, out, r);
+  p.xa_parts = layout->Take(sizeof(float) * p.xa_splits * n * r);
+  p.gb_parts = layout->Take(sizeof(float) * p.gb_splits * n * r);
+  p.xa = layout->Take(sizeof(float) * n * r);
+  p.gb = layout->Take(sizeof(float) * n * r);
+  return p;
+}
+
+// x a (a [in, r] per adapter) and g b^T (b [r, out] per adapter) for the
+// rows of m's tiles, into *xa and *gb. Grouped rows without an adapter are
+// never written by the shrinks: their partials start at zero.
+template <typename T>
+Error ShrinkXaGb(Stream stream, const TileMap& m, int64_t tiles,
+                 const XaGbPlan& p, char* base, int64_t n, int64_t in,
+                 int64_t out, int64_t r, const T* x, const T* a, const T* g,
+                 const T* b, float** xa, float** gb) {
+  float* xa_parts = reinterpret_cast<float*>(base + p.xa_parts);
+  float* gb_parts = reinterpret_cast<float*>(base + p.gb_parts);
+  *xa = reinterpret_cast<float*>(base + p.xa);
+  *gb = reinterpret_cast<float*>(base + p.gb);
+  Error e = kSuccess;
+  if (m.mode == Mode::kGrouped) {
+    e = MemsetAsync(xa_parts, 0, p.xa - p.xa_parts, stream);  // both
+  }
+  if (e == kSuccess) {
+    e = LaunchShrink<T>(stream, m, tiles, x, in, a, r, p.xa_splits, xa_parts);
+  }
+  if (e == kSuccess) {
+    e = LaunchShrink<T, true>(stream, m, tiles, g, out, b, r, p.gb_splits,
+                              gb_parts);
+  }
+  if (e != kSuccess) return e;
+  TF_LORA_LAUNCH(SumSplits, dim3(CeilDiv(n * r, 256)), dim3(256), stream, n * r,
+                 p.xa_splits, xa_parts, *xa);
+  TF_LORA_LAUNCH(SumSplits, dim3(CeilDiv(n * r, 256)), dim3(256), stream, n * r,
+                 p.gb_splits, gb_parts, *gb);
+  return LastLaunchError();
 }
 
 }  // namespace
@@ -569,36 +663,28 @@ Error LoraApply(Stream stream, int64_t n, int64_t in, int64_t out, int64_t r,
 
 namespace {
 
-// The gradient's workspace: the shrinks' partials for x a and g b^T, both
-// summed ([n, r] floats each), and the row reductions' partials.
+// The gradient's workspace: x a and g b^T (PlanXaGb), then the row
+// reductions' partials.
 struct GradPlan {
   int64_t tiles;
-  int xa_splits, gb_splits, reduce_splits;
-  size_t xa_parts, gb_parts, xa, gb, reduce, bytes;  // offsets, bytes
+  XaGbPlan xa_gb;
+  int reduce_splits;
+  size_t reduce, bytes;
 };
 
 GradPlan PlanGrad(int64_t n, int64_t in, int64_t out, int64_t r) {
   GradPlan p;
+  Layout layout;
   p.tiles = CeilDiv(n, kTileRows);
-  p.xa_splits = Splits(p.tiles, in, r);
-  p.gb_splits = Splits(p.tiles, out, r);
+  p.xa_gb = PlanXaGb(&layout, p.tiles, n, in, out, r);
   const int64_t col_blocks = std::max<int64_t>(
       1, CeilDiv(std::max(in, out), kReduceCols) * CeilDiv(r, kReduceCols));
   p.reduce_splits = static_cast<int>(std::min<int64_t>(
       std::max<int64_t>(1, CeilDiv(n, 4 * kReduceRows)),
       std::max<int64_t>(1, CeilDiv(kTargetBlocks, col_blocks))));
-  size_t at = 0;
-  const auto take = [&at](size_t bytes) {
-    const size_t here = at;
-    at += Align16(bytes);
-    return here;
-  };
-  p.xa_parts = take(sizeof(float) * p.xa_splits * n * r);
-  p.gb_parts = take(sizeof(float) * p.gb_splits * n * r);
-  p.xa = take(sizeof(float) * n * r);
-  p.gb = take(sizeof(float) * n * r);
-  p.reduce = take(sizeof(float) * p.reduce_splits * std::max(in, out) * r);
-  p.bytes = at;
+  p.reduce =
+      layout.Take(sizeof(float) * p.reduce_splits * std::max(in, out) * r);
+  p.bytes = layout.bytes;
   return p;
 }
 
@@ -643,24 +729,12 @@ Error LoraApplyGrad(Stream stream, int64_t n, int64_t in, int64_t out,
   if (n > INT_MAX) return kInvalidValue;
   const GradPlan p = PlanGrad(n, in, out, r);
   char* base = static_cast<char*>(workspace);
-  float* xa_parts = reinterpret_cast<float*>(base + p.xa_parts);
-  float* gb_parts = reinterpret_cast<float*>(base + p.gb_parts);
-  float* xa = reinterpret_cast<float*>(base + p.xa);
-  float* gb = reinterpret_cast<float*>(base + p.gb);
   float* reduce = reinterpret_cast<float*>(base + p.reduce);
   const TileMap m{Mode::kUniform, n, kTileRows, 1};
-  // x a and g b^T, summed: [n, r] floats.
-  Error e =
-      LaunchShrink<T>(stream, m, p.tiles, x, in, a, r, p.xa_splits, xa_parts);
-  if (e == kSuccess) {
-    e = LaunchShrink<T, true>(stream, m, p.tiles, g, out, b, r, p.gb_splits,
-                              gb_parts);
-  }
+  float *xa, *gb;
+  Error e = ShrinkXaGb<T>(stream, m, p.tiles, p.xa_gb, base, n, in, out, r, x,
+                          a, g, b, &xa, &gb);
   if (e != kSuccess) return e;
-  TF_LORA_LAUNCH(SumSplits, dim3(CeilDiv(n * r, 256)), dim3(256), stream, n * r,
-                 p.xa_splits, xa_parts, xa);
-  TF_LORA_LAUNCH(SumSplits, dim3(CeilDiv(n * r, 256)), dim3(256), stream, n * r,
-                 p.gb_splits, gb_parts, gb);
   // dscale = sum (x a) * (g b^T); dx = scale (g b^T) a^T.
   auto* dot = Dot<T>;
   TF_LORA_LAUNCH(dot, dim3(1), dim3(256), stream, n * r, xa, gb, dscale);
@@ -697,30 +771,11 @@ Error BatchedLoraApply(Stream stream, int64_t n, int64_t in, int64_t out,
     if (e != kSuccess || out == 0) return e;
     return CopyRows(stream, y, y_out, sizeof(T) * n * out);
   }
-  TileMap m{plan.mode, n, plan.mode == Mode::kPerRow ? 1 : kTileRows,
-            n_adapters, ids};
+  TileMap m{Mode::kPerRow, n, 1, n_adapters, ids};
   if (plan.mode == Mode::kGrouped) {
-    const int buckets = n_adapters + 1;
-    int* ints = static_cast<int*>(workspace);
-    int* counts = ints;
-    int* seg_start = counts + buckets;
-    int* tile_prefix = seg_start + buckets + 1;
-    int* cursor = tile_prefix + buckets + 1;
-    int* order = cursor + buckets;
-    e = MemsetAsync(counts, 0, sizeof(int) * buckets, stream);
+    e = GroupRows(stream, n, ids, n_adapters, static_cast<int*>(workspace),
+                  bad_row, &m);
     if (e != kSuccess) return e;
-    TF_LORA_LAUNCH(CountRows, dim3(CeilDiv(n, 256)), dim3(256), stream, n, ids,
-                   n_adapters, counts, bad_row);
-    TF_LORA_LAUNCH(PlanSegments, dim3(1), dim3(1), stream, buckets, kTileRows,
-                   counts, seg_start, tile_prefix, cursor);
-    TF_LORA_LAUNCH(ScatterRows, dim3(CeilDiv(n, 256)), dim3(256), stream, n,
-                   ids, n_adapters, seg_start, cursor, order);
-    e = LastLaunchError();
-    if (e != kSuccess) return e;
-    m.order = order;
-    m.seg_start = seg_start;
-    m.tile_prefix = tile_prefix;
-    m.buckets = buckets;
   }
   float* partial =
       reinterpret_cast<float*>(static_cast<char*>(workspace) + plan.int_bytes);
@@ -733,33 +788,21 @@ Error BatchedLoraApply(Stream stream, int64_t n, int64_t in, int64_t out,
 
 namespace {
 
-// The batched gradient's workspace: the grouping, the shrinks' partials for
-// x a and g b^T (zeroed: rows without an adapter are never written), both
-// summed ([n, r] floats each).
+// The batched gradient's workspace: the grouping, then x a and g b^T.
 struct BatchedGradPlan {
   int64_t tiles;
-  int xa_splits, gb_splits;
-  size_t xa_parts, gb_parts, xa, gb, bytes;
+  XaGbPlan xa_gb;
+  size_t bytes;
 };
 
 BatchedGradPlan PlanBatchedGrad(int64_t n, int64_t in, int64_t out, int64_t r,
                                 int64_t adapters) {
   BatchedGradPlan p;
-  const int64_t buckets = adapters + 1;
-  p.tiles = CeilDiv(n, kTileRows) + buckets;
-  p.xa_splits = Splits(p.tiles, in, r);
-  p.gb_splits = Splits(p.tiles, out, r);
-  size_t at = Align16(sizeof(int) * (4 * buckets + 2 + n));
-  const auto take = [&at](size_t bytes) {
-    const size_t here = at;
-    at += Align16(bytes);
-    return here;
-  };
-  p.xa_parts = take(sizeof(float) * p.xa_splits * n * r);
-  p.gb_parts = take(sizeof(float) * p.gb_splits * n * r);
-  p.xa = take(sizeof(float) * n * r);
-  p.gb = take(sizeof(float) * n * r);
-  p.bytes = at;
+  Layout layout;
+  layout.Take(sizeof(int) * GroupingInts(n, adapters));
+  p.tiles = GroupedTiles(n, adapters);
+  p.xa_gb = PlanXaGb(&layout, p.tiles, n, in, out, r);
+  p.bytes = layout.bytes;
   return p;
 }
 
@@ -799,44 +842,16 @@ Error BatchedLoraApplyGrad(Stream stream, int64_t n, int64_t in, int64_t out,
   }
   const BatchedGradPlan p = PlanBatchedGrad(n, in, out, r, adapters);
   char* base = static_cast<char*>(workspace);
-  const int buckets = n_adapters + 1;
-  int* counts = reinterpret_cast<int*>(base);
-  int* seg_start = counts + buckets;
-  int* tile_prefix = seg_start + buckets + 1;
-  int* cursor = tile_prefix + buckets + 1;
-  int* order = cursor + buckets;
-  float* xa_parts = reinterpret_cast<float*>(base + p.xa_parts);
-  float* gb_parts = reinterpret_cast<float*>(base + p.gb_parts);
-  float* xa = reinterpret_cast<float*>(base + p.xa);
-  float* gb = reinterpret_cast<float*>(base + p.gb);
-  e = MemsetAsync(counts, 0, sizeof(int) * buckets, stream);
+  TileMap m;
+  e = GroupRows(stream, n, ids, n_adapters, reinterpret_cast<int*>(base),
+                bad_row, &m);
+  // x a_k and g b_k^T per row (zero without an adapter).
+  float *xa, *gb;
   if (e == kSuccess) {
-    e = MemsetAsync(xa_parts, 0, p.xa - p.xa_parts, stream);  // both partials
+    e = ShrinkXaGb<T>(stream, m, p.tiles, p.xa_gb, base, n, in, out, r, x,
+                      a_stack, g, b_stack, &xa, &gb);
   }
   if (e != kSuccess) return e;
-  TF_LORA_LAUNCH(CountRows, dim3(CeilDiv(n, 256)), dim3(256), stream, n, ids,
-                 n_adapters, counts, bad_row);
-  TF_LORA_LAUNCH(PlanSegments, dim3(1), dim3(1), stream, buckets, kTileRows,
-                 counts, seg_start, tile_prefix, cursor);
-  TF_LORA_LAUNCH(ScatterRows, dim3(CeilDiv(n, 256)), dim3(256), stream, n, ids,
-                 n_adapters, seg_start, cursor, order);
-  TileMap m{Mode::kGrouped, n, kTileRows, n_adapters, ids};
-  m.order = order;
-  m.seg_start = seg_start;
-  m.tile_prefix = tile_prefix;
-  m.buckets = buckets;
-  // x a_k and g b_k^T per row, summed: [n, r] floats (zero without adapter).
-  e = LaunchShrink<T>(stream, m, p.tiles, x, in, a_stack, r, p.xa_splits,
-                      xa_parts);
-  if (e == kSuccess) {
-    e = LaunchShrink<T, true>(stream, m, p.tiles, g, out, b_stack, r,
-                              p.gb_splits, gb_parts);
-  }
-  if (e != kSuccess) return e;
-  TF_LORA_LAUNCH(SumSplits, dim3(CeilDiv(n * r, 256)), dim3(256), stream, n * r,
-                 p.xa_splits, xa_parts, xa);
-  TF_LORA_LAUNCH(SumSplits, dim3(CeilDiv(n * r, 256)), dim3(256), stream, n * r,
-                 p.gb_splits, gb_parts, gb);
   // dx = scales_k (g b_k^T) a_k^T per row (zero rows without an adapter).
   e = LaunchExpand<T, float, true>(stream, m, p.tiles, nullptr, dx, in, r, gb,
                                    nullptr, 0, a_stack, scales, 1.f, nullptr);
@@ -849,16 +864,16 @@ Error BatchedLoraApplyGrad(Stream stream, int64_t n, int64_t in, int64_t out,
   TF_LORA_LAUNCH(
       reduce,
       dim3(CeilDiv(in, kReduceCols), n_adapters, CeilDiv(r, kReduceCols)),
-      block, stream, n, in, r, x, gb, int64_t{0}, no_partial, order, seg_start,
-      scales, false, da);
+      block, stream, n, in, r, x, gb, int64_t{0}, no_partial, m.order,
+      m.seg_start, scales, false, da);
   TF_LORA_LAUNCH(
       reduce,
       dim3(CeilDiv(out, kReduceCols), n_adapters, CeilDiv(r, kReduceCols)),
-      block, stream, n, out, r, g, xa, int64_t{0}, no_partial, order, seg_start,
-      scales, true, db);
+      block, stream, n, out, r, g, xa, int64_t{0}, no_partial, m.order,
+      m.seg_start, scales, true, db);
   auto* dots = SegmentDots<T>;
-  TF_LORA_LAUNCH(dots, dim3(n_adapters), dim3(256), stream, r, order, seg_start,
-                 xa, gb, dscales);
+  TF_LORA_LAUNCH(dots, dim3(n_adapters), dim3(256), stream, r, m.order,
+                 m.seg_start, xa, gb, dscales);
   return LastLaunchError();
 }
 
