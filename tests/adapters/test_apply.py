@@ -35,12 +35,16 @@ def _io():
     return {k: v.numpy() for k, v in load_file(str(FIXTURES / "io.safetensors")).items()}
 
 
-@pytest.mark.parametrize("mode", ["attach", "merge"])
-def test_attach_and_merge_give_peft_output(mode):
-    model = _tiny(lora=mode == "attach")
+@pytest.mark.parametrize("mode,lora", [("attach", True), ("attach", False), ("merge", False)])
+def test_attach_and_merge_give_peft_output(mode, lora):
+    """attach onto LoraDense layers, attach onto plain Dense layers (converted in place, sized from the
+    file), merge into plain Dense kernels: each gives PEFT's output."""
+    model = _tiny(lora=lora)
     model.predict(_io()["x"], verbose=0)  # traced before the adapters arrive
     report = tf_lora.adapters.apply(model, tf_lora.adapters.load_peft(FIXTURES), mode=mode)
     assert report.applied == {"out": "out", "q": "q", "v": "v"} and not report.unmatched_modules
+    kind = tf_lora.layers.LoraDense if mode == "attach" else keras.layers.Dense
+    assert all(type(model.get_layer(n)) is kind for n in ("q", "v", "out"))
     np.testing.assert_allclose(model.predict(_io()["x"], verbose=0), _io()["y"], rtol=1e-5, atol=1e-5)
 
 
@@ -70,11 +74,13 @@ def test_any_mismatch_changes_nothing_and_lists_every_one():
     message = str(info.value)
     assert "nothing changed" in message
     assert "q -> q: adapter rank 3, layer adapter 'default' rank 2" in message
-    assert "v -> v: adapter is [5, 6], the kernel [8, 6]" in message
+    assert "v -> v: adapter is [5, 6], the layer's weight as [in, out] is [8, 6]" in message
     for w, value in zip(model.weights, before, strict=True):
         np.testing.assert_array_equal(w.numpy(), value)
-    with pytest.raises(ValueError, match="attach needs a LoraDense layer"):
-        tf_lora.adapters.apply(_tiny(lora=False), tf_lora.adapters.load_peft(FIXTURES))
+    plain = _tiny(lora=False)
+    relu = next(layer.name for layer in plain.layers if isinstance(layer, keras.layers.ReLU))
+    with pytest.raises(ValueError, match=rf"relu -> {relu}: a ReLU, not a Dense or EinsumDense layer"):
+        tf_lora.adapters.apply(plain, {"relu": adapters["q"]}, mapping=lambda m: relu)
 
 
 def test_named_adapters_from_two_files_serve_side_by_side():
@@ -150,5 +156,5 @@ def test_from_model_save_peft_load_peft_round_trip(tmp_path):
     tf_lora.adapters.apply(plain, loaded, mode="merge", mapping=[(r"model\.(\w+)", r"\1")])
     x = _io()["x"]
     np.testing.assert_allclose(plain.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="no LoraDense layer of the model has an adapter 'nope'"):
+    with pytest.raises(ValueError, match="no LoRA layer of the model has an adapter 'nope'"):
         tf_lora.adapters.from_model(model, adapter_name="nope")

@@ -54,9 +54,15 @@ def test_inject_keeps_outputs_and_trains_only_adapters(make, target, expected):
 
 def test_inject_bad_targets():
     model = _sequential()
-    with pytest.raises(ValueError, match="no Dense layer matches 'nothing'"):
+    with pytest.raises(
+        ValueError,
+        match=r"no Dense or EinsumDense layer matches 'nothing' \(they are, by path: \[head, hidden\]\)",
+    ):
         tf_lora.inject_lora(model, target="nothing")
-    with pytest.raises(ValueError, match=r"\['drop'\] are not Dense layers"):
+    with pytest.raises(
+        ValueError,
+        match=r"\['drop'\] are not Dense or EinsumDense layers of the model \(\['drop'\] are other layers\)",
+    ):
         tf_lora.inject_lora(model, target=["hidden", "drop"])
     # Was a raw re.error.
     with pytest.raises(ValueError, match=r"target '\(' is not a valid regular expression"):

@@ -5,15 +5,16 @@ import dataclasses
 import numpy as np
 
 from tf_lora.adapters.adapter import Adapter
-from tf_lora.adapters.model_layers import all_layers, module_mapper
-from tf_lora.layers.lora_dense import ADAPTER_NAME, LoraDense
-from tf_lora.python.ops import lora_ops
+from tf_lora.adapters.module_names import module_mapper, resolve_layer
+from tf_lora.layers.conversion import check_convertible, forget_traces, lora_shape, merge_into_layer, to_lora
+from tf_lora.layers.lora_layer import ADAPTER_NAME, LoraAdapters
+from tf_lora.layers.model_layers import describe_paths, layers_by_path, lora_kind
 
 
 @dataclasses.dataclass
 class ApplyReport:
     """What `apply` did: file modules -> layers, file modules that matched no layer, and the model's
-    LoRA-able layers (LoraDense for attach, Dense for merge) that got no adapter."""
+    LoRA-able layers (LoRA layers for attach, Dense and EinsumDense for merge) without an adapter, by path."""
 
     applied: dict
     unmatched_modules: list
@@ -29,17 +30,21 @@ def apply(
     is left exactly as it was and the error lists every mismatch.
 
     Args:
-      model: A Keras model (layers found recursively).
+      model: A Keras model; its layers are found at any depth, by path
+        (`transformer_layer_0/self_attention/query`) or by name when the name is unique.
       adapters: `{module name: Adapter}`.
-      mode: 'attach' sets the adapters of LoraDense layers (same rank); 'merge' folds them into the kernels
-        of Dense (or LoraDense) layers in place, for serving without LoRA ops.
-      mapping: How file module names become layer names: None (the same names), a function (module ->
-        layer name or None), or a list of (regex, replacement) pairs, the first full match wins
-        (e.g. `[(r"model\\.layers\\.(\\d+)\\.self_attn\\.q_proj", r"block_\\1_q")]`).
+      mode: 'attach' puts the adapters on the layers as LoRA adapters: a LoRA layer (LoraDense,
+        LoraEinsumDense) gets them in its named adapter, a plain Dense or EinsumDense becomes one in place
+        (its weights kept and frozen) sized from the file; 'merge' folds them into the weights of Dense and
+        EinsumDense layers (LoRA or not) in place, for serving without LoRA ops. An EinsumDense weight is
+        seen as [in, out] through its equation (tf_lora.layers.EinsumView).
+      mapping: How file module names become layer paths or names: None (the same names), a function
+        (module -> layer path or None), or a list of (regex, replacement) pairs, the first full match wins
+        (e.g. `[(r"model\\.layers\\.(\\d+)\\.self_attn\\.q_proj", r"block_\\1/q")]`).
       strict: A module that maps to no layer is an error (else it is reported).
       dry_run: Check everything, change nothing.
-      adapter_name: For attach, the LoraDense adapter that receives the weights; a layer without one of that
-        name gets it added with the file's rank (so several files can be served side by side through
+      adapter_name: For attach, the LoRA layer's adapter that receives the weights; a layer without one of
+        that name gets it added with the file's rank (so several files can be served side by side through
         per-example adapter ids); an existing one must have the file's rank.
 
     Returns:
@@ -49,89 +54,96 @@ def apply(
         raise ValueError(f"apply: mode must be 'attach' or 'merge', got {mode!r}")
     if mode == "attach" and not ADAPTER_NAME.fullmatch(str(adapter_name)):
         raise ValueError(f"apply: adapter_name must be letters, digits or _, got {adapter_name!r}")
-    layers = {layer.name: layer for layer in all_layers(model)}
+    layers = layers_by_path(model)
     to_layer = module_mapper(mapping)
     pairs, unmatched, problems = [], [], []
     for module, adapter in sorted(adapters.items()):
-        name = to_layer(module)
-        if name is None or name not in layers:
+        path = resolve_layer(layers, to_layer(module))
+        if path is None:
             unmatched.append(module)
             continue
-        layer = layers[name]
-        kernel = getattr(layer, "kernel", None)
-        if kernel is None or len(kernel.shape) != 2:
-            problems.append(f"{module} -> {name}: not a Dense-like layer ({type(layer).__name__})")
+        layer = layers[path]
+        problem = check_convertible(layer, f"{module} -> {path}")
+        if problem:
+            problems.append(problem)
             continue
-        if mode == "attach" and not isinstance(layer, LoraDense):
-            problems.append(f"{module} -> {name}: attach needs a LoraDense layer, got {type(layer).__name__}")
-            continue
-        expected = (kernel.shape[0], kernel.shape[1])
+        expected = lora_shape(layer)
         if (adapter.a.shape[0], adapter.b.shape[1]) != expected:
             problems.append(
-                f"{module} -> {name}: adapter is [{adapter.a.shape[0]}, {adapter.b.shape[1]}], "
-                f"the kernel [{expected[0]}, {expected[1]}]"
+                f"{module} -> {path}: adapter is [{adapter.a.shape[0]}, {adapter.b.shape[1]}], "
+                f"the layer's weight as [in, out] is [{expected[0]}, {expected[1]}]"
             )
             continue
-        slot = layer._slots.get(adapter_name) if mode == "attach" else None
+        lora = isinstance(layer, LoraAdapters)
+        slot = layer._slots.get(adapter_name) if mode == "attach" and lora else None  # noqa: SLF001
         if slot is not None and adapter.rank != slot.rank:
             problems.append(
-                f"{module} -> {name}: adapter rank {adapter.rank}, "
+                f"{module} -> {path}: adapter rank {adapter.rank}, "
                 f"layer adapter {adapter_name!r} rank {slot.rank}"
             )
             continue
         if slot is not None and layer.merged and layer.active_adapter == adapter_name:
-            problems.append(f"{module} -> {name}: adapter {adapter_name!r} is merged (unmerge() it first)")
+            problems.append(f"{module} -> {path}: adapter {adapter_name!r} is merged (unmerge() it first)")
             continue
         if not (np.all(np.isfinite(adapter.a)) and np.all(np.isfinite(adapter.b))):
-            problems.append(f"{module} -> {name}: NaN or Inf weights")
+            problems.append(f"{module} -> {path}: NaN or Inf weights")
             continue
-        pairs.append((module, layer, adapter))
+        pairs.append((module, path, layer, adapter))
     if strict and unmatched:
-        problems.append(f"modules that match no layer: {unmatched} (pass a mapping, or strict=False)")
+        problems.append(
+            f"modules that match no layer: {unmatched} (pass a mapping, or strict=False; the model's Dense "
+            f"and EinsumDense layers by path: {describe_paths(p for p, x in layers.items() if lora_kind(x))})"
+        )
     if problems:
         raise ValueError("apply: nothing changed; " + "; ".join(problems))
-    for _, layer, adapter in [] if dry_run else pairs:
-        dtype = layer.kernel.dtype
-        a, b = adapter.a.astype(dtype), adapter.b.astype(dtype)
-        if mode == "attach":
-            if adapter_name not in layer.adapter_names:
-                layer.add_adapter(adapter_name, rank=adapter.rank)
-            layer.set_adapter(a, b, adapter.alpha, adapter.use_rslora, adapter_name=adapter_name)
-        else:
-            lora_ops.merge_into_variable(layer.kernel, a, b, adapter.scale)
-    kind = LoraDense if mode == "attach" else type(None)
+    for _, _, layer, adapter in [] if dry_run else pairs:
+        if mode == "merge":
+            merge_into_layer(layer, adapter.a, adapter.b, adapter.scale)
+            continue
+        if not isinstance(layer, LoraAdapters):
+            for variable in layer.weights:
+                variable.trainable = False
+            to_lora(layer, adapter.rank, adapter.alpha, adapter.use_rslora)
+            if adapter_name != "default":
+                layer.set_active_adapter(None)
+        dtype = layer.adapter_slot().a.dtype
+        if adapter_name not in layer.adapter_names:
+            layer.add_adapter(adapter_name, rank=adapter.rank)
+        layer.set_adapter(
+            adapter.a.astype(dtype), adapter.b.astype(dtype), adapter.alpha, adapter.use_rslora, adapter_name
+        )
+    if mode == "attach" and not dry_run:
+        forget_traces(model)
     targets = [
-        n
-        for n, layer in layers.items()
-        if (isinstance(layer, kind) if mode == "attach" else getattr(layer, "kernel", None) is not None)
+        p for p, x in layers.items() if (isinstance(x, LoraAdapters) if mode == "attach" else lora_kind(x))
     ]
-    applied = {module: layer.name for module, layer, _ in pairs}
+    applied = {module: path for module, path, _, _ in pairs}
     return ApplyReport(applied, unmatched, sorted(set(targets) - set(applied.values())))
 
 
 def from_model(model, adapter_name="default", mapping=None) -> dict:
-    """The adapters of a model's LoraDense layers as `{module name: Adapter}`, ready for `save_peft` or
+    """The adapters of a model's LoRA layers as `{module name: Adapter}`, ready for `save_peft` or
     `save_kohya`: the inverse of `apply(..., mode='attach')`.
 
     Args:
       model: A Keras model (layers found recursively).
-      adapter_name: Which named adapter of each LoraDense; layers without it are skipped.
-      mapping: How layer names become module names: None (the same), or a function (layer name ->
+      adapter_name: Which named adapter of each LoRA layer; layers without it are skipped.
+      mapping: How layer paths become module names: None (the same), or a function (layer path ->
         module name).
 
     Returns:
       `{module name: Adapter}` with float32 numpy weights in TF layout; an error if no layer has the adapter.
     """
-    to_module = mapping or (lambda name: name)
+    to_module = mapping or (lambda path: path)
     adapters = {}
-    for layer in all_layers(model):
-        if not isinstance(layer, LoraDense) or adapter_name not in layer.adapter_names:
+    for path, layer in layers_by_path(model).items():
+        if not isinstance(layer, LoraAdapters) or adapter_name not in layer.adapter_names:
             continue
-        slot = layer._slots[adapter_name]
-        module = to_module(layer.name)
+        slot = layer.adapter_slot(adapter_name)
+        module = to_module(path)
         if module in adapters:
             raise ValueError(
-                f"from_model: layers {adapters[module].metadata['layer']} and {layer.name} both map "
+                f"from_model: layers {adapters[module].metadata['layer']} and {path} both map "
                 f"to module {module!r}"
             )
         adapters[module] = Adapter(
@@ -140,8 +152,8 @@ def from_model(model, adapter_name="default", mapping=None) -> dict:
             alpha=slot.alpha,
             use_rslora=slot.use_rslora,
             module=module,
-            metadata={"format": "keras", "layer": layer.name, "adapter_name": adapter_name},
+            metadata={"format": "keras", "layer": path, "adapter_name": adapter_name},
         )
     if not adapters:
-        raise ValueError(f"from_model: no LoraDense layer of the model has an adapter {adapter_name!r}")
+        raise ValueError(f"from_model: no LoRA layer of the model has an adapter {adapter_name!r}")
     return adapters

@@ -9,9 +9,10 @@ import numpy as np
 
 from tf_lora.adapters.kohya import load_kohya
 from tf_lora.adapters.model_apply import apply
-from tf_lora.adapters.model_layers import all_layers
 from tf_lora.adapters.peft import WEIGHTS, load_peft
 from tf_lora.adapters.safetensors_io import sha256_file
+from tf_lora.layers.conversion import kernel_variable
+from tf_lora.layers.model_layers import layers_by_path
 
 MANIFEST = "manifest.json"
 _LOADERS = {"peft": (load_peft, WEIGHTS), "kohya": (load_kohya, None)}
@@ -19,7 +20,8 @@ _LOADERS = {"peft": (load_peft, WEIGHTS), "kohya": (load_kohya, None)}
 
 class Registry:
     """A manifest of adapters (name, version, path, format, sha256, created) in `directory`, and the one
-    adapter active in `model`, merged into its Dense kernels for serving with no LoRA ops.
+    adapter active in `model`, merged into its Dense and EinsumDense kernels (at any depth) for serving with
+    no LoRA ops.
 
     Activating restores the kernels the registry has touched to their values before its first
     activation, then merges the chosen adapter in place (tf_lora.merge_into_variable: no new kernel is
@@ -45,7 +47,7 @@ class Registry:
                 self._manifest = json.load(f)
         else:
             self._manifest = {"adapters": [], "active": None, "history": []}
-        self._base = {}  # layer name -> kernel values before this registry's first activation
+        self._base = {}  # layer path -> kernel values before this registry's first activation
 
     @property
     def entries(self) -> list:
@@ -115,11 +117,11 @@ class Registry:
             layers = set(report.applied.values())
         else:
             layers = set()
-        by_name = {layer.name: layer for layer in all_layers(self.model)}
-        for name in layers - set(self._base):
-            self._base[name] = np.array(by_name[name].kernel.numpy())
-        for name, values in self._base.items():  # back to the base, in place
-            by_name[name].kernel.assign(values)
+        by_path = layers_by_path(self.model)
+        for path in layers - set(self._base):
+            self._base[path] = np.array(kernel_variable(by_path[path]).numpy())
+        for path, values in self._base.items():  # back to the base, in place
+            kernel_variable(by_path[path]).assign(values)
         if adapters:
             apply(self.model, adapters, mode="merge", mapping=self.mapping)
 

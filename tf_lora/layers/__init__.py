@@ -1,7 +1,19 @@
 """Keras layers of tf_lora."""
 
+from tf_lora.layers.conversion import to_lora
 from tf_lora.layers.keras_injection import inject_lora
 from tf_lora.layers.lora_dense import LoraDense
+from tf_lora.layers.lora_einsum_dense import EinsumView, LoraEinsumDense
+from tf_lora.layers.lora_layer import LoraAdapters, adapter_ids
 from tf_lora.layers.sparse_embedding import SparseEmbedding
 
-__all__ = ["LoraDense", "SparseEmbedding", "inject_lora"]
+__all__ = [
+    "EinsumView",
+    "LoraAdapters",
+    "LoraDense",
+    "LoraEinsumDense",
+    "SparseEmbedding",
+    "adapter_ids",
+    "inject_lora",
+    "to_lora",
+]

@@ -1,85 +1,150 @@
-"""tf_lora.inject_lora: LoRA adapters on the Dense layers of an existing Keras model."""
+"""tf_lora.inject_lora: LoRA adapters on the Dense and EinsumDense layers of a Keras model, at any depth."""
 
 import re
 
 import keras
 
-from tf_lora.layers.lora_dense import LoraDense
+from tf_lora.layers.conversion import check_convertible, forget_traces, to_lora
+from tf_lora.layers.model_layers import describe_paths, layers_by_path, lora_kind
 
 
-def inject_lora(model, rank=8, alpha=16.0, target=".*", use_rslora=False, lora_dropout=0.0, train_bias=False):
-    """Turns the Dense layers of a Sequential or functional model that match `target` into LoraDense.
+def inject_lora(
+    model,
+    rank=8,
+    alpha=16.0,
+    target=".*",
+    use_rslora=False,
+    lora_dropout=0.0,
+    train_bias=False,
+    rank_pattern=None,
+    alpha_pattern=None,
+    copy=True,
+):
+    """Puts LoRA on the Dense and EinsumDense layers of a Keras model that match `target`, at any depth.
 
-    Every weight is kept, and the new adapters start at zero (lora_b = 0), so the returned model gives the
-    same outputs as `model` until it is trained. As PEFT does, the base model is frozen: only the adapters
-    (lora_a, lora_b) are trainable. `model` itself is not changed.
+    Works on functional, Sequential and subclassed models, and on keras-hub backbones and task models, where
+    the attention projections are EinsumDense layers inside the transformer blocks. Each matching layer
+    becomes a `LoraDense` or `LoraEinsumDense` (subclasses of Dense/EinsumDense keeping their `call` get a
+    LoRA subclass of their own) with every weight kept and a new adapter at zero (B = 0), so the model gives
+    the same outputs until it is trained. As PEFT does, the rest of the model is frozen: only the adapters
+    (`lora_a`, `lora_b`) are trainable.
 
     Args:
-      model: A Sequential or functional keras.Model.
+      model: A built keras.Model.
       rank, alpha, use_rslora, lora_dropout, train_bias: As LoraDense.
-      target: A regex (full match on the layer name) or a list of layer names.
+      target: A regex, full-matched against each layer's path (`transformer_layer_0/self_attention/query`)
+        and its name, or a list of paths or names.
+      rank_pattern, alpha_pattern: `{regex: value}`, as PEFT's config: a layer whose path (or its last
+        parts, or its name) fully matches a key gets that rank / alpha instead.
+      copy: True (default): `model` is left as it was and a copy is adapted (built from the model's config,
+        with its weights). False: `model` itself is adapted in place, with no copy of its weights (large
+        models).
 
-    A Dense layer with Keras's own LoRA enabled (`enable_lora`, `lora_rank`) keeps its trained adapter:
-    it becomes a LoraDense of that rank and alpha holding Keras's `lora_kernel_a` / `lora_kernel_b` (the
-    same math: `kernel + lora_alpha / lora_rank * a @ b`), whatever `rank` and `alpha` say.
+    A Dense with Keras's own LoRA enabled (`enable_lora`) keeps its trained adapter: it becomes a LoraDense
+    of Keras's rank and alpha holding `lora_kernel_a` / `lora_kernel_b` (the same math).
 
     Returns:
-      (new model, sorted names of the adapted layers).
+      (the adapted model: a copy of `model`, or `model` itself with copy=False; the sorted paths of the
+      adapted layers).
 
     Raises:
-      ValueError: no Dense layer matches `target`, `target` is not a valid regex, or a listed name is not
-        a Dense layer of the model.
+      ValueError: no layer matches `target` (the message lists the layers that can take LoRA), `target` is
+        not a valid regex, or a listed name is not a Dense or EinsumDense layer of the model. Nothing is
+        changed then.
 
     >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="proj")])
     >>> lora_model, adapted = tf_lora.inject_lora(model, rank=2, alpha=4, target="proj")
     >>> adapted
     ['proj']
     """
-    dense = {layer.name for layer in model.layers if type(layer) is keras.layers.Dense}
+    layers = layers_by_path(model)
+    candidates = {path: layer for path, layer in layers.items() if lora_kind(layer) is not None}
+    chosen = _chosen(layers, candidates, target)
+    problems = [p for p in (check_convertible(layers[path], path) for path in chosen) if p]
+    if problems:
+        raise ValueError("inject_lora: nothing changed; " + "; ".join(problems))
+    ranks = {path: _pattern(rank_pattern, path, layers[path].name, rank, "rank_pattern") for path in chosen}
+    alphas = {
+        path: _pattern(alpha_pattern, path, layers[path].name, alpha, "alpha_pattern") for path in chosen
+    }
+    if copy:
+        model = copy_model(model)
+        layers = layers_by_path(model)
+    for variable in model.weights:  # the base model is frozen; the new adapters are trained
+        variable.trainable = False
+    for path in chosen:
+        layer = layers[path]
+        to_lora(layer, ranks[path], alphas[path], use_rslora, lora_dropout, train_bias)
+        layer._set_trainable()  # noqa: SLF001 - the active adapter trains
+        if getattr(layer, "bias", None) is not None:
+            layer.bias.trainable = layer.train_bias
+    forget_traces(model)
+    return model, sorted(chosen)
+
+
+def copy_model(model):
+    """A new model with `model`'s config and weights (its class's own from_config: keras-hub models too)."""
+    clone = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(model))
+    if not clone.built and model.built:
+        clone.build_from_config(model.get_build_config())
+    clone.set_weights(model.get_weights())
+    for new, old in zip(clone.weights, model.weights, strict=True):
+        new.trainable = old.trainable
+    # Keras's Dense.build enables LoRA from the config with alpha = rank, whatever lora_alpha said.
+    old_layers = layers_by_path(model)
+    for path, layer in layers_by_path(clone).items():
+        if getattr(layer, "lora_enabled", False) and path in old_layers:
+            layer.lora_alpha = old_layers[path].lora_alpha
+    return clone
+
+
+def _chosen(layers, candidates, target):
+    names = {}
+    for path, layer in candidates.items():
+        names.setdefault(layer.name, []).append(path)
     if isinstance(target, str):
         try:
             pattern = re.compile(target)
         except re.error as e:
             raise ValueError(f"inject_lora: target {target!r} is not a valid regular expression: {e}") from e
-        chosen = {name for name in dense if pattern.fullmatch(name)}
-    else:
-        missing = sorted(set(target) - dense)
-        if missing:
+        chosen = {
+            path
+            for path, layer in candidates.items()
+            if pattern.fullmatch(path) or pattern.fullmatch(layer.name)
+        }
+        if not chosen:
             raise ValueError(
-                f"inject_lora: {missing} are not Dense layers of the model (Dense: {sorted(dense)})"
+                f"inject_lora: no Dense or EinsumDense layer matches {target!r} (they are, by path: "
+                f"{describe_paths(candidates)})"
             )
-        chosen = set(target)
-    if not chosen:
-        raise ValueError(f"inject_lora: no Dense layer matches {target!r} (Dense layers: {sorted(dense)})")
-
-    def clone(layer):
-        if layer.name in chosen:
-            config = layer.get_config()
-            keras_rank, keras_alpha = config.pop("lora_rank", None), config.pop("lora_alpha", None)
-            return LoraDense(
-                rank=keras_rank or rank,
-                alpha=(keras_alpha or keras_rank) if keras_rank else alpha,
-                use_rslora=use_rslora and not keras_rank,
-                lora_dropout=lora_dropout,
-                train_bias=train_bias,
-                **config,
-            )
-        return layer.__class__.from_config(layer.get_config())
-
-    new_model = keras.models.clone_model(model, clone_function=clone)
-    for old in model.layers:
-        if not old.weights:  # input layers (renamed by the clone), activations, dropout...
-            continue
-        new = new_model.get_layer(old.name)
-        if old.name in chosen:
-            keras_lora = bool(getattr(old, "lora_enabled", False))
-            new.kernel.assign(old._kernel if keras_lora else old.kernel)  # noqa: SLF001 - Keras's base kernel
-            if keras_lora:
-                new.lora_a.assign(old.lora_kernel_a)
-                new.lora_b.assign(old.lora_kernel_b)
-            if old.use_bias:
-                new.bias.assign(old.bias)
+        return chosen
+    chosen, missing = set(), []
+    for item in target:
+        if item in candidates:
+            chosen.add(item)
+        elif item in names:
+            chosen.update(names[item])
         else:
-            new.set_weights(old.get_weights())
-            new.trainable = False
-    return new_model, sorted(chosen)
+            missing.append(item)
+    if missing:
+        others = [m for m in missing if m in layers or any(p.endswith("/" + m) for p in layers)]
+        raise ValueError(
+            f"inject_lora: {missing} are not Dense or EinsumDense layers of the model"
+            + (f" ({others} are other layers)" if others else "")
+            + f" (Dense and EinsumDense layers by path: {describe_paths(candidates)})"
+        )
+    if not chosen:
+        raise ValueError("inject_lora: target lists no layer")
+    return chosen
+
+
+def _pattern(patterns, path, name, default, what):
+    """PEFT's rank_pattern / alpha_pattern: the first key fully matching the path, its last parts, or the
+    layer name."""
+    for key, value in (patterns or {}).items():
+        try:
+            if re.fullmatch(rf"(.*/)?(?:{key})", path) or re.fullmatch(key, name):
+                return value
+        except re.error as e:
+            raise ValueError(f"inject_lora: {what} key {key!r} is not a valid regular expression: {e}") from e
+    return default

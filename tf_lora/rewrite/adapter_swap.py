@@ -8,7 +8,7 @@ from tensorflow.core.framework import node_def_pb2
 from tensorflow.python.framework import dtypes, tensor_util
 
 from tf_lora.adapters.kohya import load_kohya
-from tf_lora.adapters.model_layers import module_mapper
+from tf_lora.adapters.module_names import module_mapper
 from tf_lora.adapters.peft import load_peft
 from tf_lora.rewrite.errors import RewriteError
 from tf_lora.rewrite.graph_defs import GraphBody, split_ref

@@ -1,15 +1,20 @@
-"""What the adapter tools share about a Keras model: its layers at any depth, and how module names in
-adapter files map to layer names."""
+"""How module names in adapter files map to a Keras model's layers (found at any depth by
+tf_lora.layers.model_layers.layers_by_path)."""
 
 import re
 
 
-def all_layers(model):
-    """Every layer of a Keras model, nested models' layers included, parents before children."""
-    for layer in model.layers:
-        yield layer
-        if hasattr(layer, "layers"):
-            yield from all_layers(layer)
+def resolve_layer(layers, key):
+    """The path in `layers` ({path: layer}) that `key` names: a path, or the name of exactly one layer;
+    None for none. Several layers of that name: ValueError listing their paths."""
+    if key is None:
+        return None
+    if key in layers:
+        return key
+    paths = [path for path, layer in layers.items() if layer.name == key]
+    if len(paths) > 1:
+        raise ValueError(f"layer name {key!r} is ambiguous: layers {sorted(paths)} have it; map to a path")
+    return paths[0] if paths else None
 
 
 def module_mapper(mapping):

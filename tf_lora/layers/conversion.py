@@ -1,0 +1,125 @@
+"""Turning a built Keras Dense or EinsumDense layer into its LoRA layer in place, wherever it sits in a
+model: the object stays (so the parent layer, the functional graph and every reference keep working) and
+gains the adapters' variables; its weights are kept."""
+
+import keras
+import tensorflow as tf
+
+from tf_lora.layers.lora_dense import LoraDense
+from tf_lora.layers.lora_einsum_dense import EinsumView, LoraEinsumDense
+from tf_lora.layers.lora_layer import DEFAULT_ADAPTER, LoraAdapters
+from tf_lora.layers.model_layers import lora_kind
+from tf_lora.python.ops import lora_ops
+
+_LORA_CLASSES = {
+    "dense": (keras.layers.Dense, LoraDense),
+    "einsum": (keras.layers.EinsumDense, LoraEinsumDense),
+}
+_SUBCLASSES = {}
+
+
+def lora_class(layer_type, kind):
+    """The LoRA class for a Dense/EinsumDense class: LoraDense/LoraEinsumDense for the Keras classes, else a
+    subclass of both (registered for `.keras` files as `tf_lora>Lora<name>`)."""
+    base, lora = _LORA_CLASSES[kind]
+    if layer_type is base or issubclass(layer_type, LoraAdapters):
+        return lora if layer_type is base else layer_type
+    if layer_type not in _SUBCLASSES:
+        cls = type(f"Lora{layer_type.__name__}", (lora, layer_type), {"__module__": __name__})
+        _SUBCLASSES[layer_type] = keras.saving.register_keras_serializable(package="tf_lora")(cls)
+    return _SUBCLASSES[layer_type]
+
+
+def check_convertible(layer, path):
+    """Why `layer` cannot take LoRA (a message), or None."""
+    kind = lora_kind(layer)
+    if kind is None:
+        return f"{path}: a {type(layer).__name__}, not a Dense or EinsumDense layer"
+    if isinstance(layer, LoraAdapters):
+        return None
+    if not layer.built:
+        return f"{path}: not built yet (call the model once first)"
+    if getattr(layer, "quantization_mode", None):
+        return f"{path}: quantized ({layer.quantization_mode}); LoRA needs a float kernel"
+    if kind == "einsum":
+        try:
+            EinsumView.parse(layer.equation, kernel_variable(layer).shape, path)
+        except ValueError as e:
+            return str(e)
+        if getattr(layer, "lora_enabled", False):
+            return (
+                f"{path}: Keras's enable_lora is on; an EinsumDense adapter of Keras's layout cannot be kept"
+            )
+    return None
+
+
+def to_lora(layer, rank, alpha, use_rslora=False, lora_dropout=0.0, train_bias=False):
+    """Makes built `layer` (Dense or EinsumDense, or a subclass keeping their call) a LoRA layer in place,
+    with a default adapter of `rank` and `alpha` starting at zero (B = 0) and active. A layer that is one
+    already is returned as it is. A Dense with Keras's `enable_lora` keeps its trained adapter (Keras's
+    rank and alpha win). Returns the layer."""
+    if isinstance(layer, LoraAdapters):
+        return layer
+    problem = check_convertible(layer, layer.name)
+    if problem:
+        raise ValueError(f"to_lora: {problem}")
+    kind = lora_kind(layer)
+    keras_adapter = None
+    if getattr(layer, "lora_enabled", False):  # Keras's own LoRA on a Dense: kernel + alpha / rank * a @ b
+        keras_adapter = (layer.lora_kernel_a, layer.lora_kernel_b)
+        rank, alpha, use_rslora = layer.lora_rank, layer.lora_alpha, False
+        layer._tracker.unlock()  # noqa: SLF001 - Keras's enable_lora unlocks it the same way
+        for variable in keras_adapter:
+            layer._untrack_variable(variable)  # noqa: SLF001
+        del layer.lora_kernel_a, layer.lora_kernel_b
+        layer.lora_enabled = False
+        layer._tracker.lock()  # noqa: SLF001
+    layer.__class__ = lora_class(type(layer), kind)
+    layer._lora_setup(
+        rank, alpha, use_rslora, lora_dropout, (), DEFAULT_ADAPTER, train_bias, layer._describe()
+    )  # noqa: SLF001
+    layer._tracker.unlock()  # noqa: SLF001
+    try:
+        layer._lora_build()  # noqa: SLF001
+    finally:
+        layer._tracker.lock()  # noqa: SLF001
+    if keras_adapter is not None:
+        slot = layer.adapter_slot()
+        slot.a.assign(keras_adapter[0])
+        slot.b.assign(keras_adapter[1])
+    return layer
+
+
+def kernel_variable(layer):
+    """The variable holding a Dense or EinsumDense layer's weight (Keras's `kernel` may be a property
+    computing from it, as with Keras's own LoRA)."""
+    kernel = getattr(layer, "_kernel", None)
+    return layer.kernel if kernel is None else kernel
+
+
+def lora_shape(layer):
+    """(in, out): a Dense or EinsumDense layer's weight seen as the matrix LoRA adapts."""
+    kernel = kernel_variable(layer)
+    if lora_kind(layer) == "einsum":
+        view = EinsumView.parse(layer.equation, kernel.shape, layer.name)
+        return view.in_features, view.out_features
+    return int(kernel.shape[0]), int(kernel.shape[1])
+
+
+def merge_into_layer(layer, a, b, scale):
+    """`weight += scale * a @ b` in place on a Dense or EinsumDense layer's weight seen as [in, out]."""
+    kernel = kernel_variable(layer)
+    if len(kernel.shape) == 2:
+        lora_ops.merge_into_variable(kernel, a, b, scale)
+        return
+    view = EinsumView.parse(layer.equation, kernel.shape, layer.name)
+    update = tf.matmul(tf.convert_to_tensor(a, kernel.dtype), tf.convert_to_tensor(b, kernel.dtype)) * scale
+    kernel.assign_add(view.kernel_update(update))
+
+
+def forget_traces(model):
+    """Drops the functions Keras traced for `model`'s fit, evaluate and predict, which still hold the layers
+    as they were before a conversion in place; the next call traces them again."""
+    for attr in ("train_function", "test_function", "predict_function"):
+        if getattr(model, attr, None) is not None:
+            setattr(model, attr, None)
