@@ -12,7 +12,7 @@ with _quiet.command_line_start():
     _ensure_tensorflow()
 
     from tf_lora import adapters, layers
-    from tf_lora.layers import inject_lora
+    from tf_lora.layers import inject_lora, merge_and_unload, set_active_adapter
     from tf_lora.python.ops.lora_ops import (
         batched_lora_apply,
         batched_lora_matmul,
@@ -49,8 +49,10 @@ __all__ = [
     "lora_apply",
     "lora_matmul",
     "lora_merge",
+    "merge_and_unload",
     "merge_into_variable",
     "rewrite",
+    "set_active_adapter",
     "sparse_initializers",
     "sparse_optimizers",
     "unmerge_from_variable",

@@ -8,6 +8,7 @@ from tf_lora.adapters.adapter import Adapter
 from tf_lora.adapters.module_names import module_mapper, resolve_layer
 from tf_lora.layers.conversion import check_convertible, forget_traces, lora_shape, merge_into_layer, to_lora
 from tf_lora.layers.lora_layer import ADAPTER_NAME, LoraAdapters
+from tf_lora.layers.lora_model import mark
 from tf_lora.layers.model_layers import describe_paths, layers_by_path, lora_kind
 
 
@@ -114,6 +115,7 @@ def apply(
         )
     if mode == "attach" and not dry_run:
         forget_traces(model)
+        mark(model)
     targets = [
         p for p, x in layers.items() if (isinstance(x, LoraAdapters) if mode == "attach" else lora_kind(x))
     ]

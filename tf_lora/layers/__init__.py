@@ -5,6 +5,7 @@ from tf_lora.layers.keras_injection import inject_lora
 from tf_lora.layers.lora_dense import LoraDense
 from tf_lora.layers.lora_einsum_dense import EinsumView, LoraEinsumDense
 from tf_lora.layers.lora_layer import LoraAdapters, adapter_ids
+from tf_lora.layers.lora_model import lora_layers, merge, merge_and_unload, set_active_adapter, unmerge
 from tf_lora.layers.sparse_embedding import SparseEmbedding
 
 __all__ = [
@@ -15,5 +16,10 @@ __all__ = [
     "SparseEmbedding",
     "adapter_ids",
     "inject_lora",
+    "lora_layers",
+    "merge",
+    "merge_and_unload",
+    "set_active_adapter",
     "to_lora",
+    "unmerge",
 ]

@@ -5,6 +5,7 @@ import re
 import keras
 
 from tf_lora.layers.conversion import check_convertible, forget_traces, to_lora
+from tf_lora.layers.lora_model import mark
 from tf_lora.layers.model_layers import describe_paths, layers_by_path, lora_kind
 
 
@@ -79,6 +80,7 @@ def inject_lora(
         if getattr(layer, "bias", None) is not None:
             layer.bias.trainable = layer.train_bias
     forget_traces(model)
+    mark(model)
     return model, sorted(chosen)
 
 

@@ -10,7 +10,7 @@ import tensorflow as tf
 
 from tf_lora.layers.lora_layer import DEFAULT_ADAPTER, LoraAdapters, keras_lora_names
 
-_EQUATION = re.compile(r"(?P<x>(?:\.\.\.)?[a-zA-Z]*),(?P<k>[a-zA-Z]+)->(?P<y>(?:\.\.\.)?[a-zA-Z]*)")
+_EQUATION = re.compile(r"(?P<x>[a-zA-Z.]*),(?P<k>[a-zA-Z]+)->(?P<y>[a-zA-Z.]*)")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,166 @@
+"""Model-level LoRA: the LoRA layers of a model at any depth, switching, merging and unloading them all,
+and `.keras` files that keep them.
+
+A keras-hub backbone (or any layer that builds its sublayers itself) recreates its Dense and EinsumDense
+layers as plain ones when loaded, so the layer configs alone cannot bring adapters back. A model holding
+LoRA layers therefore saves under `tf_lora>LoraModel`: its own config plus where its LoRA layers are and
+what adapters they hold. Loading rebuilds the model from its own config, puts the LoRA layers back at the
+same paths, and only then loads the weights, so every adapter, the active one, merged state and the
+trainable set come back.
+"""
+
+import keras
+
+from tf_lora.layers.conversion import to_lora
+from tf_lora.layers.lora_layer import LoraAdapters
+from tf_lora.layers.model_layers import layers_by_path
+
+REGISTERED_NAME = "tf_lora>LoraModel"
+
+
+def lora_layers(model) -> dict:
+    """`{path: layer}` of the LoRA layers (LoraDense, LoraEinsumDense, ...) of `model` at any depth."""
+    return {path: layer for path, layer in layers_by_path(model).items() if isinstance(layer, LoraAdapters)}
+
+
+def _spec(model):
+    return {
+        "layers": {
+            path: {"class": type(layer).__name__, **layer._lora_config()}  # noqa: SLF001
+            for path, layer in lora_layers(model).items()
+        },
+        "trainable": sorted(v.path for v in model.weights if v.trainable),
+    }
+
+
+def _base_class(cls):
+    """The model class under tf_lora's LoRA-model subclass."""
+    return cls.__bases__[0] if getattr(cls, "_tf_lora_model", False) else cls
+
+
+class _LoraModelLoader:
+    """What `tf_lora>LoraModel` names when no model of that kind was made in this process yet."""
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        return _load(config, custom_objects)
+
+    def get_config(self):  # registration asks for one
+        raise NotImplementedError
+
+
+def _load(config, custom_objects=None):
+    base = config["base"]
+    model = keras.saving.deserialize_keras_object(base, custom_objects=custom_objects)
+    if not model.built and base.get("build_config"):
+        model.build_from_config(base["build_config"])
+    layers = layers_by_path(model)
+    spec = config["lora"]
+    missing = sorted(set(spec["layers"]) - set(layers))
+    if missing:
+        raise ValueError(f"tf_lora: the model rebuilt from its config has no layers {missing} to put LoRA on")
+    for path, layer_spec in spec["layers"].items():
+        layer = layers[path]
+        if not isinstance(layer, LoraAdapters):
+            to_lora(
+                layer,
+                layer_spec["rank"],
+                layer_spec["alpha"],
+                layer_spec["use_rslora"],
+                layer_spec["lora_dropout"],
+                layer_spec["train_bias"],
+            )
+            for adapter in layer_spec["adapters"]:
+                layer.add_adapter(**adapter)
+            layer.set_active_adapter(layer_spec["active_adapter"])
+    trainable = set(spec["trainable"])
+    for variable in model.weights:
+        variable.trainable = variable.path in trainable
+    mark(model)
+    return model
+
+
+def mark(model):
+    """Makes `model` save as `tf_lora>LoraModel` (its class becomes a subclass of its own that adds the LoRA
+    layout to its config). Called by everything that puts LoRA layers into a model in place."""
+    cls = type(model)
+    if getattr(cls, "_tf_lora_model", False):
+        return model
+
+    def get_config(self):
+        marked = type(self)
+        self.__class__ = cls  # serialized as its own class would be
+        try:
+            base = keras.saving.serialize_keras_object(self)
+        finally:
+            self.__class__ = marked
+        base.pop("compile_config", None)  # Keras compiles the loaded model from the outer config
+        return {"base": base, "lora": _spec(self)}
+
+    lora_cls = type(
+        cls.__name__,
+        (cls,),
+        {
+            "_tf_lora_model": True,
+            "__module__": __name__,
+            "__qualname__": cls.__qualname__,
+            "get_config": get_config,
+            "from_config": classmethod(lambda _, config, custom_objects=None: _load(config, custom_objects)),
+        },
+    )
+    keras.saving.register_keras_serializable(package="tf_lora", name="LoraModel")(lora_cls)
+    model.__class__ = lora_cls
+    return model
+
+
+def unmark(model):
+    """Gives `model` its own class back (it then saves as that class, without LoRA)."""
+    model.__class__ = _base_class(type(model))
+    return model
+
+
+def set_active_adapter(model, name):
+    """Makes adapter `name` (None: none) the active one in every LoRA layer of `model` that holds it;
+    ValueError when none does. Compile again before `fit` (the trainable set changes)."""
+    layers = lora_layers(model)
+    holding = [layer for layer in layers.values() if name is None or name in layer.adapter_names]
+    if not holding:
+        known = sorted({n for layer in layers.values() for n in layer.adapter_names})
+        raise ValueError(f"set_active_adapter: no LoRA layer holds adapter {name!r} (adapters: {known})")
+    for layer in holding:
+        layer.set_active_adapter(name)
+
+
+def merge(model):
+    """Merges the active adapter of every LoRA layer into its weight, in place."""
+    for layer in lora_layers(model).values():
+        layer.merge()
+
+
+def unmerge(model):
+    """Takes every merged adapter out of its layer's weight again."""
+    for layer in lora_layers(model).values():
+        layer.unmerge()
+
+
+def merge_and_unload(model):
+    """Merges the active adapters into the weights and turns every LoRA layer back into the plain Keras
+    layer it came from (Dense, EinsumDense, or the subclass it was), in place, as PEFT's merge_and_unload:
+    the model then holds no tf_lora layer and its `.keras` file loads without tf_lora. The weights become
+    trainable again, as in a freshly built Keras layer. Returns `model`."""
+    for layer in lora_layers(model).values():
+        layer.merge()
+        variables = [v for slot in layer._slots.values() for v in (slot.a, slot.b, slot.scale_var)]  # noqa: SLF001
+        variables += [layer.lora_active, layer.lora_active_adapter, layer.lora_adapters_version]
+        for variable in variables:
+            layer._untrack_variable(variable)  # noqa: SLF001
+            if variable.name in layer.__dict__:
+                delattr(layer, variable.name)
+        layer.__class__ = next(c for c in type(layer).__mro__ if not issubclass(c, LoraAdapters))
+    for variable in model.weights:
+        variable.trainable = True
+    unmark(model)
+    return model
+
+
+keras.saving.register_keras_serializable(package="tf_lora", name="LoraModel")(_LoraModelLoader)
