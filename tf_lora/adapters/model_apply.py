@@ -4,6 +4,7 @@ import dataclasses
 
 import numpy as np
 
+from tf_lora.adapters import hf_names
 from tf_lora.adapters.adapter import Adapter
 from tf_lora.adapters.module_names import module_mapper, resolve_layer
 from tf_lora.layers.conversion import check_convertible, forget_traces, lora_shape, merge_into_layer, to_lora
@@ -39,7 +40,10 @@ def apply(
         (its weights kept and frozen) sized from the file; 'merge' folds them into the weights of Dense and
         EinsumDense layers (LoRA or not) in place, for serving without LoRA ops. An EinsumDense weight is
         seen as [in, out] through its equation (tf_lora.layers.EinsumView).
-      mapping: How file module names become layer paths or names: None (the same names), a function
+      mapping: How file module names become layer paths or names: None (the same names; on a keras-hub
+        model of an architecture tf_lora.adapters.hf_names knows, Hugging Face module names such as
+        `model.layers.0.self_attn.q_proj` or GPT-2's fused `transformer.h.0.attn.c_attn` map to its
+        layers by themselves), a function
         (module -> layer path or None), or a list of (regex, replacement) pairs, the first full match wins
         (e.g. `[(r"model\\.layers\\.(\\d+)\\.self_attn\\.q_proj", r"block_\\1/q")]`).
       strict: A module that maps to no layer is an error (else it is reported).
@@ -56,6 +60,10 @@ def apply(
     if mode == "attach" and not ADAPTER_NAME.fullmatch(str(adapter_name)):
         raise ValueError(f"apply: adapter_name must be letters, digits or _, got {adapter_name!r}")
     layers = layers_by_path(model)
+    if mapping is None:  # Hugging Face names on a keras-hub model of a known architecture
+        translated, hf_mapping = hf_names.to_keras_hub(model, adapters)
+        if translated is not None:
+            adapters, mapping = translated, hf_mapping
     to_layer = module_mapper(mapping)
     pairs, unmatched, problems = [], [], []
     for module, adapter in sorted(adapters.items()):
@@ -130,13 +138,14 @@ def from_model(model, adapter_name="default", mapping=None) -> dict:
     Args:
       model: A Keras model (layers found recursively).
       adapter_name: Which named adapter of each LoRA layer; layers without it are skipped.
-      mapping: How layer paths become module names: None (the same), or a function (layer path ->
-        module name).
+      mapping: How layer paths become module names: None (the Hugging Face names for a keras-hub model of
+        an architecture tf_lora.adapters.hf_names knows, so that the PEFT files load onto the transformers
+        model; else the paths), "paths" (the paths), or a function (layer path -> module name).
 
     Returns:
       `{module name: Adapter}` with float32 numpy weights in TF layout; an error if no layer has the adapter.
     """
-    to_module = mapping or (lambda path: path)
+    to_module = mapping if callable(mapping) else (lambda path: path)
     adapters = {}
     for path, layer in layers_by_path(model).items():
         if not isinstance(layer, LoraAdapters) or adapter_name not in layer.adapter_names:
@@ -158,4 +167,6 @@ def from_model(model, adapter_name="default", mapping=None) -> dict:
         )
     if not adapters:
         raise ValueError(f"from_model: no LoRA layer of the model has an adapter {adapter_name!r}")
+    if mapping is None:
+        return hf_names.to_hf(model, adapters) or adapters
     return adapters

@@ -132,7 +132,7 @@ def save_peft(adapters: dict, path, base_model_name_or_path=None, overwrite=Fals
         "alpha_pattern": {m: x.alpha for m, x in adapters.items() if x.alpha != alpha},
         "lora_dropout": 0.0,
         "bias": "none",
-        "fan_in_fan_out": False,
+        "fan_in_fan_out": any(x.metadata.get("fan_in_fan_out", False) for x in adapters.values()),
         "inference_mode": True,
         "init_lora_weights": True,
     }
@@ -141,6 +141,7 @@ def save_peft(adapters: dict, path, base_model_name_or_path=None, overwrite=Fals
         tensors[f"base_model.model.{module}.lora_A.weight"] = adapter.a.T
         tensors[f"base_model.model.{module}.lora_B.weight"] = adapter.b.T
     parent = os.path.dirname(os.path.abspath(path)) or "."
+    os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".tf_lora_peft_", dir=parent)
     try:
         with open(os.path.join(staging, CONFIG), "w") as f:

@@ -1,0 +1,186 @@
+"""Hugging Face module names <-> keras-hub layer paths, for the architectures keras-hub loads from HF
+checkpoints: PEFT adapters trained on a transformers model apply to the keras-hub model, and adapters
+trained in Keras export as PEFT files for the transformers model.
+
+No weight needs re-laying out: keras-hub's checkpoint converters reshape each HF `Linear` weight `[out, in]`
+into the EinsumDense kernel so that the kernel seen as `[in, out]` (tf_lora.layers.EinsumView) is the HF
+weight transposed, the same relation PEFT's `lora_A`/`lora_B` have to tf_lora's `a`/`b`. GPT-2's fused
+`c_attn` (query, key and value in one Conv1D) is the one module that is several keras-hub layers: its
+adapter splits into three (the same `a`, a third of `b` each), and three adapters fuse back exactly.
+"""
+
+import dataclasses
+import re
+
+import numpy as np
+
+from tf_lora.adapters.adapter import Adapter
+from tf_lora.layers.model_layers import layers_by_path
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """One architecture: keras-hub backbone classes, HF names of its blocks, and per module the keras-hub
+    layers (paths inside block `i`)."""
+
+    backbones: tuple
+    hf_block: str  # HF module prefix of block i (as a regex: the prefix before it may vary)
+    hf_export: str  # the prefix written on export (the CausalLM model's names)
+    keras_block: str
+    modules: dict  # HF module under the block -> keras-hub layer(s) under the block
+    fan_in_fan_out: bool = False  # GPT-2's Conv1D
+
+
+_LLAMA_MODULES = {
+    "self_attn.q_proj": "self_attention/query",
+    "self_attn.k_proj": "self_attention/key",
+    "self_attn.v_proj": "self_attention/value",
+    "self_attn.o_proj": "self_attention/attention_output",
+    "mlp.gate_proj": "feedforward_gate_dense",
+    "mlp.up_proj": "feedforward_intermediate_dense",
+    "mlp.down_proj": "feedforward_output_dense",
+}
+LAYOUTS = (
+    Layout(
+        ("GPT2Backbone",),
+        r"h\.(\d+)",
+        "transformer.h.{}",
+        "transformer_layer_{}",
+        {
+            "attn.c_attn": ("self_attention/query", "self_attention/key", "self_attention/value"),
+            "attn.c_proj": "self_attention/attention_output",
+            "mlp.c_fc": "feedforward_intermediate_dense",
+            "mlp.c_proj": "feedforward_output_dense",
+        },
+        fan_in_fan_out=True,
+    ),
+    Layout(
+        ("LlamaBackbone", "MistralBackbone", "QwenBackbone"),
+        r"layers\.(\d+)",
+        "model.layers.{}",
+        "transformer_layer_{}",
+        _LLAMA_MODULES,
+    ),
+    Layout(
+        ("GemmaBackbone",),
+        r"layers\.(\d+)",
+        "model.layers.{}",
+        "decoder_block_{}",
+        {
+            "self_attn.q_proj": "attention/query",
+            "self_attn.k_proj": "attention/key",
+            "self_attn.v_proj": "attention/value",
+            "self_attn.o_proj": "attention/attention_output",
+            "mlp.gate_proj": "ffw_gating",
+            "mlp.up_proj": "ffw_gating_2",
+            "mlp.down_proj": "ffw_linear",
+        },
+    ),
+)
+
+
+def find_backbone(model):
+    """(layout, path prefix of the backbone inside `model`) for a model holding a keras-hub backbone of a
+    known architecture, else (None, None). Classes are recognised by name, so keras-hub is not imported."""
+    candidates = [("", model)] + [(path + "/", layer) for path, layer in layers_by_path(model).items()]
+    for prefix, layer in candidates:
+        names = {cls.__name__ for cls in type(layer).__mro__}
+        for layout in LAYOUTS:
+            if names & set(layout.backbones):
+                return layout, prefix
+    return None, None
+
+
+def _module_pattern(layout):
+    suffixes = "|".join(re.escape(m) for m in layout.modules)
+    return re.compile(rf"(?:.*\.)?{layout.hf_block}\.({suffixes})")
+
+
+def to_keras_hub(model, adapters):
+    """`(adapters, mapping)` for `apply`: HF module names of a known architecture become keras-hub layer
+    paths (GPT-2's c_attn split in three, keyed `module:query` ...); other names pass through. (None, None)
+    when `model` holds no known keras-hub backbone or no name is an HF one."""
+    layout, prefix = find_backbone(model)
+    if layout is None:
+        return None, None
+    pattern = _module_pattern(layout)
+    out, paths, translated = {}, {}, False
+    for module, adapter in adapters.items():
+        match = pattern.fullmatch(module)
+        if match is None:
+            out[module] = adapter
+            continue
+        translated = True
+        block = prefix + layout.keras_block.format(match[1])
+        targets = layout.modules[match[2]]
+        if isinstance(targets, str):
+            out[module], paths[module] = adapter, f"{block}/{targets}"
+            continue
+        width, rem = divmod(adapter.b.shape[1], len(targets))
+        if rem:
+            raise ValueError(
+                f"{module}: the fused adapter's output ({adapter.b.shape[1]}) does not split into "
+                f"{len(targets)} equal parts"
+            )
+        for i, target in enumerate(targets):
+            key = f"{module}:{target.rsplit('/', 1)[-1]}"
+            part = np.ascontiguousarray(adapter.b[:, i * width : (i + 1) * width])
+            out[key] = dataclasses.replace(adapter, b=part, module=key)
+            paths[key] = f"{block}/{target}"
+    if not translated:
+        return None, None
+    return out, lambda key: paths.get(key, key)
+
+
+def to_hf(model, adapters):
+    """`{layer path: Adapter}` (from a keras-hub model) -> `{HF module name: Adapter}` for a known
+    architecture, as the CausalLM model names them (`model.layers.0.self_attn.q_proj`,
+    `transformer.h.0.attn.c_attn`); None when `model` holds no known backbone or a path has no HF name.
+    GPT-2's query, key and value adapters fuse into one c_attn adapter: the same adapter when they share
+    `a` and the scale, else one of their summed rank (alpha = that rank, each scale folded into its part of
+    `b`), exact either way; a missing part is zero."""
+    layout, prefix = find_backbone(model)
+    if layout is None:
+        return None
+    block = re.compile(re.escape(prefix) + layout.keras_block.replace("{}", r"(\d+)") + "/(.+)")
+    reverse = {}
+    for hf, keras_layers in layout.modules.items():
+        for i, layer in enumerate((keras_layers,) if isinstance(keras_layers, str) else keras_layers):
+            reverse[layer] = (hf, i, 1 if isinstance(keras_layers, str) else len(keras_layers))
+    parts, out = {}, {}
+    for path, adapter in adapters.items():
+        match = block.fullmatch(path)
+        if match is None or match[2] not in reverse:
+            return None
+        hf, index, count = reverse[match[2]]
+        module = f"{layout.hf_export.format(match[1])}.{hf}"
+        metadata = {**adapter.metadata, "fan_in_fan_out": layout.fan_in_fan_out}
+        if count == 1:
+            out[module] = dataclasses.replace(adapter, module=module, metadata=metadata)
+        else:
+            parts.setdefault(module, [None] * count)[index] = dataclasses.replace(adapter, metadata=metadata)
+    for module, group in parts.items():
+        out[module] = _fuse(module, group)
+    return out
+
+
+def _fuse(module, group):
+    present = [p for p in group if p is not None]
+    first = present[0]
+    widths = {p.b.shape[1] for p in present}
+    width = widths.pop()
+    same = len(present) == len(group) and all(
+        np.array_equal(p.a, first.a) and p.scale == first.scale for p in present
+    )
+    if same:
+        return dataclasses.replace(first, b=np.concatenate([p.b for p in group], axis=1), module=module)
+    rank = sum(p.rank for p in present)
+    a = np.concatenate([p.a for p in present], axis=1).astype(np.float32)
+    b = np.zeros((rank, width * len(group)), np.float32)
+    row = 0
+    for i, p in enumerate(group):
+        if p is None:
+            continue
+        b[row : row + p.rank, i * width : (i + 1) * width] = p.b * p.scale
+        row += p.rank
+    return Adapter(a, b, alpha=float(rank), use_rslora=False, module=module, metadata=first.metadata)
