@@ -6,7 +6,7 @@ PEFT's own merged weights (merged.safetensors, from `merge_and_unload`), and an 
 it (io.safetensors). Tests compare tf_lora against these numbers, produced by PEFT itself.
 
     python -m venv /tmp/peftvenv && /tmp/peftvenv/bin/pip install torch==2.13.0 peft safetensors numpy
-    /tmp/peftvenv/bin/python tests/adapters/make_peft_fixtures.py
+    /tmp/peftvenv/bin/python tests/adapters/make_peft_fixtures.py [--only NAME ...]
 
 `--check DIR` loads a directory that tf_lora.adapters.save_peft wrote (from the peft_f32 fixture) with PEFT
 and checks that PEFT's output equals the fixture's (run 2026-11-21: max difference 0.0).
@@ -33,19 +33,23 @@ class Tiny(torch.nn.Module):
         return self.out(torch.relu(self.q(x) + self.v(x)))
 
 
-def make(name, dtype, **lora):
+def make(name, dtype, target_modules=("q", "v", "out"), **lora):
     torch.manual_seed(0)
     base = Tiny()
     config = peft.LoraConfig(
         r=2,
         lora_alpha=4,
-        target_modules=["q", "v", "out"],
+        target_modules=list(target_modules),
         rank_pattern={"v": 3},
         alpha_pattern={"out": 8},
         init_lora_weights=False,  # random A and B: a non-zero adapter
         **lora,
     )
     model = peft.get_peft_model(copy.deepcopy(base), config).to(dtype)
+    with torch.no_grad():  # what training would have moved beside the adapters: biases, saved modules
+        for parameter_name, p in model.named_parameters():
+            if p.requires_grad and "lora_" not in parameter_name:
+                p.add_(0.3 * torch.randn_like(p))
     path = os.path.join(HERE, name)
     model.save_pretrained(path)
     save_file(
@@ -87,6 +91,22 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["--check"]:
         check_saved(sys.argv[2])
         sys.exit(0)
-    make("peft_f32", torch.float32)
-    make("peft_rslora_f16", torch.float16, use_rslora=True)
-    make("peft_bf16", torch.bfloat16)
+    only = sys.argv[2:] if sys.argv[1:2] == ["--only"] else None
+    fixtures = {
+        "peft_f32": lambda name: make(name, torch.float32),
+        "peft_rslora_f16": lambda name: make(name, torch.float16, use_rslora=True),
+        "peft_bf16": lambda name: make(name, torch.bfloat16),
+        # DoRA (lora_magnitude_vector), rsLoRA-free, on every layer.
+        "peft_dora": lambda name: make(name, torch.float32, use_dora=True),
+        # A classifier-style fine-tune: LoRA on q and out with their biases trained (bias="lora_only"), and
+        # v trained in full (modules_to_save; PEFT matches its names by suffix, and "out" would also match
+        # the LoRA layers' own "lora_dropout").
+        "peft_lora_only_bias": lambda name: make(
+            name, torch.float32, target_modules=("q", "out"), bias="lora_only", modules_to_save=["v"]
+        ),
+        # bias="all": every bias of the model trained, LoRA on q and out.
+        "peft_all_bias": lambda name: make(name, torch.float32, target_modules=("q", "out"), bias="all"),
+    }
+    for name, build in fixtures.items():
+        if only is None or name in only:
+            build(name)

@@ -163,8 +163,28 @@ def test_sha256(tmp_path):
 
 def test_unknown_keys(tmp_path):
     path = _copy(tmp_path)
+    _rewrite(path, lambda t: t.update({"base_model.model.q.lora_E": tf.zeros([6])}))
+    with pytest.raises(ValueError, match="'base_model.model.q.lora_E' is not a LoRA A or B weight"):
+        tf_lora.adapters.load_peft(path)
+    path = _copy(tmp_path / "2")
     _rewrite(path, lambda t: t.update({"base_model.model.q.lora_magnitude_vector": tf.zeros([6])}))
-    with pytest.raises(ValueError, match="is not a LoRA A or B weight"):
+    with pytest.raises(ValueError, match="lora_magnitude_vector weights \\(DoRA\\) but use_dora is not true"):
+        tf_lora.adapters.load_peft(path)
+    path = _copy(tmp_path / "3")
+    _rewrite(path, lambda t: t.update({"base_model.model.head.weight": tf.zeros([6, 2])}))
+    with pytest.raises(ValueError, match="whole weight of 'head', which the config neither saves"):
+        tf_lora.adapters.load_peft(path)
+
+
+@pytest.mark.parametrize(
+    "peft_type,kind", [("LOHA", "LoHa"), ("LOKR", "LoKr"), ("IA3", "IA3"), ("VERA", "VeRA")]
+)
+def test_other_peft_adapter_kinds_are_named(tmp_path, peft_type, kind):
+    path = _copy(tmp_path)
+    _write_config(path, peft_type=peft_type)
+    with pytest.raises(
+        ValueError, match=f"a {kind} adapter \\(peft_type '{peft_type}'\\); tf_lora reads LoRA"
+    ):
         tf_lora.adapters.load_peft(path)
 
 
@@ -203,7 +223,7 @@ def test_target_modules_that_match_no_weight_are_an_error(tmp_path):
         assert sorted(tf_lora.adapters.load_peft(path)) == ["out", "q", "v"]
 
 
-def test_dora_is_an_error_not_plain_lora(tmp_path):
+def test_dora_without_its_magnitudes_is_an_error_not_plain_lora(tmp_path):
     path = _copy(tmp_path)
     _write_config(path, use_dora=True)
     with pytest.raises(ValueError, match="DoRA adapter .*without the lora_magnitude_vector"):
@@ -211,7 +231,9 @@ def test_dora_is_an_error_not_plain_lora(tmp_path):
     tensors = {k: v.numpy() for k, v in load_file(str(path / "adapter_model.safetensors")).items()}
     tensors["base_model.model.q.lora_magnitude_vector"] = np.ones([6], np.float32)
     save_numpy(tensors, str(path / "adapter_model.safetensors"))
-    with pytest.raises(ValueError, match="DoRA adapter .*is not supported yet"):
+    with pytest.raises(
+        ValueError, match=r"without the lora_magnitude_vector weights DoRA needs for \['out', 'v'\]"
+    ):
         tf_lora.adapters.load_peft(path)
 
 

@@ -17,6 +17,10 @@ class Adapter:
       use_rslora: Scale `alpha / sqrt(r)` instead of `alpha / r`.
       module: The module (layer) name in the file.
       metadata: Where it came from (format, file, config fields).
+      magnitude: DoRA's magnitude vector `[out]` (PEFT's `lora_magnitude_vector`), or None for plain LoRA.
+        With it the layer computes `magnitude / ||w + scale * a @ b|| * (x @ (w + scale * a @ b))`, the norm
+        of each output column of the `[in, out]` weight, as PEFT's DoRA does.
+      bias: The layer's trained bias `[out]` (PEFT's `bias="lora_only"` or `"all"`), or None.
     """
 
     a: np.ndarray
@@ -25,6 +29,8 @@ class Adapter:
     use_rslora: bool = False
     module: str = ""
     metadata: dict = dataclasses.field(default_factory=dict)
+    magnitude: np.ndarray = None
+    bias: np.ndarray = None
 
     def __post_init__(self):
         if self.a.ndim != 2 or self.b.ndim != 2 or self.a.shape[1] != self.b.shape[0]:
@@ -36,8 +42,22 @@ class Adapter:
             raise ValueError(
                 f"Adapter {self.module!r}: rank must be >= 1, got a {self.a.shape}, b {self.b.shape}"
             )
+        if self.magnitude is not None and np.shape(self.magnitude) != (self.b.shape[1],):
+            raise ValueError(
+                f"Adapter {self.module!r}: the DoRA magnitude must be [out] = [{self.b.shape[1]}], "
+                f"got {np.shape(self.magnitude)}"
+            )
+        if self.bias is not None and np.shape(self.bias) != (self.b.shape[1],):
+            raise ValueError(
+                f"Adapter {self.module!r}: the bias must be [out] = [{self.b.shape[1]}], "
+                f"got {np.shape(self.bias)}"
+            )
         if not math.isfinite(float(self.alpha)):
             raise ValueError(f"Adapter {self.module!r}: alpha must be finite, got {self.alpha}")
+
+    @property
+    def use_dora(self) -> bool:
+        return self.magnitude is not None
 
     @property
     def rank(self) -> int:
@@ -46,3 +66,19 @@ class Adapter:
     @property
     def scale(self) -> float:
         return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+
+
+class AdapterSet(dict):
+    """`{module name: Adapter}` as read from an adapter file, with what the file holds beside the adapters.
+
+    Attributes:
+      replacements: `{module name: {"weight": [out, in] or [in, out] in TF layout, "bias": [out]}}`: layers
+        the file replaces whole (PEFT's `modules_to_save`, such as a classifier head) and biases trained
+        outside the adapted layers (`bias="all"`), in TensorFlow layout (`weight` is `[in, out]`).
+      config: The file's configuration (PEFT's adapter_config.json), or {}.
+    """
+
+    def __init__(self, adapters=(), replacements=None, config=None):
+        super().__init__(adapters)
+        self.replacements = dict(replacements or {})
+        self.config = dict(config or {})

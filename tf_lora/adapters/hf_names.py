@@ -14,7 +14,7 @@ import re
 
 import numpy as np
 
-from tf_lora.adapters.adapter import Adapter
+from tf_lora.adapters.adapter import Adapter, AdapterSet
 from tf_lora.layers.model_layers import layers_by_path
 
 
@@ -124,12 +124,18 @@ def to_keras_hub(model, adapters):
             )
         for i, target in enumerate(targets):
             key = f"{module}:{target.rsplit('/', 1)[-1]}"
-            part = np.ascontiguousarray(adapter.b[:, i * width : (i + 1) * width])
-            out[key] = dataclasses.replace(adapter, b=part, module=key)
+            columns = slice(i * width, (i + 1) * width)
+            out[key] = dataclasses.replace(
+                adapter,
+                b=np.ascontiguousarray(adapter.b[:, columns]),
+                module=key,
+                magnitude=None if adapter.magnitude is None else adapter.magnitude[columns],
+                bias=None if adapter.bias is None else adapter.bias[columns],
+            )
             paths[key] = f"{block}/{target}"
     if not translated:
         return None, None
-    return out, lambda key: paths.get(key, key)
+    return AdapterSet(out, getattr(adapters, "replacements", {})), lambda key: paths.get(key, key)
 
 
 def to_hf(model, adapters):
@@ -173,7 +179,19 @@ def _fuse(module, group):
         np.array_equal(p.a, first.a) and p.scale == first.scale for p in present
     )
     if same:
-        return dataclasses.replace(first, b=np.concatenate([p.b for p in group], axis=1), module=module)
+        extra = {
+            field: np.concatenate([getattr(p, field) for p in group])
+            for field in ("magnitude", "bias")
+            if all(getattr(p, field) is not None for p in group)
+        }
+        b = np.concatenate([p.b for p in group], axis=1)
+        return dataclasses.replace(first, b=b, module=module, **{"magnitude": None, "bias": None, **extra})
+    if any(p.use_dora or p.bias is not None for p in present):
+        raise ValueError(
+            f"{module}: the query, key and value adapters fuse into one only when they share a and the "
+            "scale, or are plain LoRA without biases: DoRA's column norms and biases of a partial fuse "
+            "have no exact PEFT form"
+        )
     rank = sum(p.rank for p in present)
     a = np.concatenate([p.a for p in present], axis=1).astype(np.float32)
     b = np.zeros((rank, width * len(group)), np.float32)

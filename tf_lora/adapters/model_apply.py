@@ -5,9 +5,19 @@ import dataclasses
 import numpy as np
 
 from tf_lora.adapters import hf_names
-from tf_lora.adapters.adapter import Adapter
+from tf_lora.adapters.adapter import Adapter, AdapterSet
 from tf_lora.adapters.module_names import module_mapper, resolve_layer
-from tf_lora.layers.conversion import check_convertible, forget_traces, lora_shape, merge_into_layer, to_lora
+from tf_lora.layers.conversion import (
+    bias_problem,
+    check_convertible,
+    forget_traces,
+    kernel_matrix,
+    lora_shape,
+    merge_into_layer,
+    set_bias,
+    set_kernel_matrix,
+    to_lora,
+)
 from tf_lora.layers.lora_layer import ADAPTER_NAME, LoraAdapters
 from tf_lora.layers.lora_model import mark
 from tf_lora.layers.model_layers import describe_paths, layers_by_path, lora_kind
@@ -21,6 +31,7 @@ class ApplyReport:
     applied: dict
     unmatched_modules: list
     layers_without_adapter: list
+    replaced: dict = dataclasses.field(default_factory=dict)
 
 
 def apply(
@@ -85,6 +96,17 @@ def apply(
             continue
         lora = isinstance(layer, LoraAdapters)
         slot = layer._slots.get(adapter_name) if mode == "attach" and lora else None  # noqa: SLF001
+        if slot is not None and adapter.use_dora != slot.use_dora:
+            problems.append(
+                f"{module} -> {path}: a {'DoRA' if adapter.use_dora else 'plain LoRA'} adapter, layer "
+                f"adapter {adapter_name!r} is {'DoRA' if slot.use_dora else 'plain LoRA'}"
+            )
+            continue
+        if adapter.bias is not None and bias_problem(layer, adapter.bias):
+            problems.append(
+                f"{module} -> {path}: the file trains its bias, but {bias_problem(layer, adapter.bias)}"
+            )
+            continue
         if slot is not None and adapter.rank != slot.rank:
             problems.append(
                 f"{module} -> {path}: adapter rank {adapter.rank}, "
@@ -94,10 +116,15 @@ def apply(
         if slot is not None and layer.merged and layer.active_adapter == adapter_name:
             problems.append(f"{module} -> {path}: adapter {adapter_name!r} is merged (unmerge() it first)")
             continue
-        if not (np.all(np.isfinite(adapter.a)) and np.all(np.isfinite(adapter.b))):
+        if not all(
+            np.all(np.isfinite(w)) for w in (adapter.a, adapter.b, adapter.magnitude) if w is not None
+        ):
             problems.append(f"{module} -> {path}: NaN or Inf weights")
             continue
         pairs.append((module, path, layer, adapter))
+    replaced = _check_replacements(
+        getattr(adapters, "replacements", {}), layers, to_layer, unmatched, problems
+    )
     if strict and unmatched:
         problems.append(
             f"modules that match no layer: {unmatched} (pass a mapping, or strict=False; the model's Dense "
@@ -106,21 +133,33 @@ def apply(
     if problems:
         raise ValueError("apply: nothing changed; " + "; ".join(problems))
     for _, _, layer, adapter in [] if dry_run else pairs:
+        if adapter.bias is not None:
+            set_bias(layer, adapter.bias)
         if mode == "merge":
-            merge_into_layer(layer, adapter.a, adapter.b, adapter.scale)
+            merge_into_layer(layer, adapter.a, adapter.b, adapter.scale, adapter.magnitude)
             continue
         if not isinstance(layer, LoraAdapters):
             for variable in layer.weights:
                 variable.trainable = False
-            to_lora(layer, adapter.rank, adapter.alpha, adapter.use_rslora)
+            to_lora(layer, adapter.rank, adapter.alpha, adapter.use_rslora, use_dora=adapter.use_dora)
             if adapter_name != "default":
                 layer.set_active_adapter(None)
         dtype = layer.adapter_slot().a.dtype
         if adapter_name not in layer.adapter_names:
-            layer.add_adapter(adapter_name, rank=adapter.rank)
+            layer.add_adapter(adapter_name, rank=adapter.rank, use_dora=adapter.use_dora)
         layer.set_adapter(
-            adapter.a.astype(dtype), adapter.b.astype(dtype), adapter.alpha, adapter.use_rslora, adapter_name
+            adapter.a.astype(dtype),
+            adapter.b.astype(dtype),
+            adapter.alpha,
+            adapter.use_rslora,
+            adapter_name,
+            magnitude=adapter.magnitude,
         )
+    for _, _, layer, parts in [] if dry_run else replaced:
+        if "weight" in parts:
+            set_kernel_matrix(layer, parts["weight"])
+        if "bias" in parts:
+            set_bias(layer, parts["bias"])
     if mode == "attach" and not dry_run:
         forget_traces(model)
         mark(model)
@@ -128,12 +167,43 @@ def apply(
         p for p, x in layers.items() if (isinstance(x, LoraAdapters) if mode == "attach" else lora_kind(x))
     ]
     applied = {module: path for module, path, _, _ in pairs}
-    return ApplyReport(applied, unmatched, sorted(set(targets) - set(applied.values())))
+    replaced_paths = {module: path for module, path, _, _ in replaced}
+    return ApplyReport(applied, unmatched, sorted(set(targets) - set(applied.values())), replaced_paths)
 
 
-def from_model(model, adapter_name="default", mapping=None) -> dict:
-    """The adapters of a model's LoRA layers as `{module name: Adapter}`, ready for `save_peft` or
-    `save_kohya`: the inverse of `apply(..., mode='attach')`.
+def _check_replacements(replacements, layers, to_layer, unmatched, problems):
+    """[(module, path, layer, parts)] for the weights a file replaces whole (modules_to_save, other
+    biases), each checked against its layer; problems and unmatched modules are appended to."""
+    found = []
+    for module, parts in sorted(replacements.items()):
+        path = resolve_layer(layers, to_layer(module))
+        if path is None:
+            unmatched.append(module)
+            continue
+        layer = layers[path]
+        if "weight" in parts:
+            if lora_kind(layer) is None:
+                problems.append(
+                    f"{module} -> {path}: replaces a weight, but a {type(layer).__name__} has none"
+                )
+                continue
+            expected = lora_shape(layer)
+            if tuple(np.shape(parts["weight"])) != expected:
+                problems.append(
+                    f"{module} -> {path}: a saved weight [{', '.join(map(str, np.shape(parts['weight'])))}], "
+                    f"the layer's as [in, out] is [{expected[0]}, {expected[1]}]"
+                )
+                continue
+        if "bias" in parts and bias_problem(layer, parts["bias"]):
+            problems.append(f"{module} -> {path}: a saved bias, but {bias_problem(layer, parts['bias'])}")
+            continue
+        found.append((module, path, layer, parts))
+    return found
+
+
+def from_model(model, adapter_name="default", mapping=None, bias="none", modules_to_save=()) -> AdapterSet:
+    """The adapters of a model's LoRA layers as `{module name: Adapter}` (an AdapterSet), ready for
+    `save_peft` or `save_kohya`: the inverse of `apply(..., mode='attach')`.
 
     Args:
       model: A Keras model (layers found recursively).
@@ -141,13 +211,21 @@ def from_model(model, adapter_name="default", mapping=None) -> dict:
       mapping: How layer paths become module names: None (the Hugging Face names for a keras-hub model of
         an architecture tf_lora.adapters.hf_names knows, so that the PEFT files load onto the transformers
         model; else the paths), "paths" (the paths), or a function (layer path -> module name).
+      bias: "none", or "lora_only": each adapted layer's bias goes with its adapter (PEFT's
+        `bias="lora_only"`, for layers trained with `train_bias`).
+      modules_to_save: Paths or names of layers saved whole beside the adapters (PEFT's
+        `modules_to_save`, e.g. a new classifier head), weight `[in, out]` and bias.
 
     Returns:
-      `{module name: Adapter}` with float32 numpy weights in TF layout; an error if no layer has the adapter.
+      An AdapterSet `{module name: Adapter}` with numpy weights in TF layout (DoRA adapters with their
+      magnitudes); an error if no layer has the adapter.
     """
+    if bias not in ("none", "lora_only"):
+        raise ValueError(f"from_model: bias must be 'none' or 'lora_only', got {bias!r}")
     to_module = mapping if callable(mapping) else (lambda path: path)
+    layers = layers_by_path(model)
     adapters = {}
-    for path, layer in layers_by_path(model).items():
+    for path, layer in layers.items():
         if not isinstance(layer, LoraAdapters) or adapter_name not in layer.adapter_names:
             continue
         slot = layer.adapter_slot(adapter_name)
@@ -157,6 +235,7 @@ def from_model(model, adapter_name="default", mapping=None) -> dict:
                 f"from_model: layers {adapters[module].metadata['layer']} and {path} both map "
                 f"to module {module!r}"
             )
+        layer_bias = getattr(layer, "bias", None) if bias == "lora_only" else None
         adapters[module] = Adapter(
             slot.a.numpy(),
             slot.b.numpy(),
@@ -164,9 +243,22 @@ def from_model(model, adapter_name="default", mapping=None) -> dict:
             use_rslora=slot.use_rslora,
             module=module,
             metadata={"format": "keras", "layer": path, "adapter_name": adapter_name},
+            magnitude=slot.magnitude.numpy() if slot.use_dora else None,
+            bias=None if layer_bias is None else np.reshape(layer_bias.numpy(), [-1]),
         )
     if not adapters:
         raise ValueError(f"from_model: no LoRA layer of the model has an adapter {adapter_name!r}")
+    replacements = {}
+    for key in modules_to_save:
+        path = resolve_layer(layers, key)
+        if path is None or lora_kind(layers[path]) is None:
+            raise ValueError(
+                f"from_model: modules_to_save {key!r} is not a Dense or EinsumDense layer of the model"
+            )
+        parts = {"weight": kernel_matrix(layers[path]).numpy()}
+        if getattr(layers[path], "bias", None) is not None:
+            parts["bias"] = np.reshape(layers[path].bias.numpy(), [-1])
+        replacements[to_module(path)] = parts
     if mapping is None:
-        return hf_names.to_hf(model, adapters) or adapters
-    return adapters
+        adapters = hf_names.to_hf(model, adapters) or adapters
+    return AdapterSet(adapters, replacements)

@@ -14,16 +14,45 @@ import tempfile
 
 import numpy as np
 
-from tf_lora.adapters.adapter import Adapter
+from tf_lora.adapters.adapter import Adapter, AdapterSet
 from tf_lora.adapters.safetensors_io import check_sha256, read_safetensors, write_safetensors
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
 _KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<part>[AB])(\.[^.]+)?\.weight$")
+_MAGNITUDE = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_magnitude_vector(\.[^.]+)?(\.weight)?$")
+_LORA_BIAS = re.compile(r"^base_model\.model\.(?P<module>.+)\.base_layer\.bias$")
+_FULL = re.compile(r"^base_model\.model\.(?P<module>.+)\.(?P<param>weight|bias)$")
+# PEFT's other adapter kinds, by peft_type: named in the error, never read as LoRA.
+_VARIANTS = {
+    "LOHA": "LoHa",
+    "LOKR": "LoKr",
+    "IA3": "IA3",
+    "VERA": "VeRA",
+    "ADALORA": "AdaLoRA",
+    "BOFT": "BOFT",
+    "OFT": "OFT",
+    "FOURIERFT": "FourierFT",
+    "LN_TUNING": "LayerNorm tuning",
+    "PROMPT_TUNING": "prompt tuning",
+    "PREFIX_TUNING": "prefix tuning",
+    "P_TUNING": "P-tuning",
+    "XLORA": "X-LoRA",
+    "HRA": "HRA",
+    "VBLORA": "VB-LoRA",
+    "RANDLORA": "RandLoRA",
+    "BONE": "Bone",
+    "MISS": "MiSS",
+}
 
 
-def load_peft(path, sha256=None, allow_nonfinite=False) -> dict:
-    """Reads a PEFT LoRA adapter directory: `{module name: Adapter}`.
+def load_peft(path, sha256=None, allow_nonfinite=False) -> AdapterSet:
+    """Reads a PEFT LoRA adapter directory: `{module name: Adapter}` (an AdapterSet).
+
+    The whole LoRA file format: DoRA (`use_dora`: each Adapter's `magnitude`), rank/alpha patterns,
+    rsLoRA, the adapted layers' trained biases (`bias="lora_only"`: each Adapter's `bias`), and what the
+    file replaces whole (`modules_to_save`, and with `bias="all"` the other layers' biases), in the
+    AdapterSet's `replacements`.
 
     Args:
       path: The directory PEFT's `save_pretrained` wrote (or its adapter_model.safetensors or
@@ -34,8 +63,9 @@ def load_peft(path, sha256=None, allow_nonfinite=False) -> dict:
     Raises:
       ValueError: a missing or inconsistent config field, a file that is not valid safetensors, a checksum
         that does not match, keys that are not LoRA A/B pairs, ranks that disagree between A, B and the
-        config, non-finite weights, `target_modules` that match none of the weights, or a DoRA adapter
-        (`use_dora`, not supported yet). Nothing is returned then.
+        config, non-finite weights, `target_modules` that match none of the weights, DoRA without its
+        magnitudes (or magnitudes without `use_dora`), or another PEFT adapter kind (LoHa, LoKr, IA3, VeRA...,
+        named). Nothing is returned then.
     """
     path = _adapter_dir(path)
     config = _read_config(path)
@@ -43,23 +73,40 @@ def load_peft(path, sha256=None, allow_nonfinite=False) -> dict:
     if sha256 is not None:
         check_sha256(weights_path, sha256)
     tensors = read_safetensors(weights_path)
-    if config.get("use_dora"):
-        has_magnitude = any(".lora_magnitude_vector" in key for key in tensors)
-        raise ValueError(
-            f"load_peft: {path}: a DoRA adapter (use_dora: true) "
-            + (
-                "is not supported yet"
-                if has_magnitude
-                else "without the lora_magnitude_vector weights DoRA needs: the file is inconsistent"
-            )
-            + "; loading it as plain LoRA would give wrong outputs"
-        )
-    pairs = {}
+    pairs, magnitudes, biases, replacements = {}, {}, {}, {}
+    saved = config.get("modules_to_save") or []
     for key, value in tensors.items():
-        match = _KEY.match(key)
+        kind, match = _classify(key)
         if match is None:
             raise ValueError(f"load_peft: {weights_path}: key {key!r} is not a LoRA A or B weight")
-        pairs.setdefault(match["module"], {})[match["part"]] = value.numpy()
+        module = match["module"]
+        if kind == "ab":
+            pairs.setdefault(module, {})[match["part"]] = value.numpy()
+        elif kind == "m":
+            magnitudes[module] = value.numpy()
+        elif kind == "bias":
+            biases[module] = value.numpy()
+        elif any(module == m or module.endswith("." + m) for m in saved) or (
+            match["param"] == "bias" and config.get("bias") == "all"
+        ):
+            array = value.numpy()
+            replacements.setdefault(module, {})[match["param"]] = array.T if array.ndim == 2 else array
+        else:
+            raise ValueError(
+                f"load_peft: {weights_path}: key {key!r} is a whole {match['param']} of {module!r}, which "
+                f"the config neither saves (modules_to_save {saved}) nor trains (bias {config.get('bias')!r})"
+            )
+    if config.get("use_dora") and (set(pairs) - set(magnitudes)):
+        raise ValueError(
+            f"load_peft: {path}: a DoRA adapter (use_dora: true) without the lora_magnitude_vector weights "
+            f"DoRA needs for {sorted(set(pairs) - set(magnitudes))[:5]}: the file is inconsistent; loading "
+            "it as plain LoRA would give wrong outputs"
+        )
+    if magnitudes and not config.get("use_dora"):
+        raise ValueError(
+            f"load_peft: {path}: lora_magnitude_vector weights (DoRA) but use_dora is not true: the file is "
+            "inconsistent"
+        )
     if pairs and not any(_targets(config.get("target_modules"), module) for module in pairs):
         raise ValueError(
             f"load_peft: {path}: target_modules {config.get('target_modules')!r} match none of the adapted "
@@ -91,21 +138,27 @@ def load_peft(path, sha256=None, allow_nonfinite=False) -> dict:
             alpha=float(_pattern_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"])),
             use_rslora=bool(config.get("use_rslora", False)),
             module=module,
+            magnitude=magnitudes.get(module),
+            bias=biases.get(module),
             metadata={
                 "format": "peft",
                 "path": os.path.abspath(path),
                 "fan_in_fan_out": bool(config.get("fan_in_fan_out", False)),
             },
         )
+    stray = sorted((set(magnitudes) | set(biases)) - set(adapters) - {p for p in problems})
+    if stray and not problems:
+        problems.append(f"DoRA magnitudes or biases of modules without LoRA weights: {stray}")
     if problems:
         raise ValueError(f"load_peft: {weights_path}: " + "; ".join(problems))
     if not adapters:
         raise ValueError(f"load_peft: {weights_path} holds no LoRA weights")
-    return adapters
+    return AdapterSet(adapters, replacements, config)
 
 
 def save_peft(adapters: dict, path, base_model_name_or_path=None, overwrite=False):
-    """Writes `{module name: Adapter}` as a PEFT LoRA adapter directory that PEFT itself loads.
+    """Writes `{module name: Adapter}` as a PEFT LoRA adapter directory that PEFT itself loads: DoRA
+    magnitudes, trained biases and (from an AdapterSet) `replacements` as `modules_to_save` included.
 
     The most common rank and alpha become `r` and `lora_alpha`; the others go to `rank_pattern` and
     `alpha_pattern`. Tensors keep their dtypes. The directory appears complete or not at all.
@@ -115,6 +168,13 @@ def save_peft(adapters: dict, path, base_model_name_or_path=None, overwrite=Fals
     rslora = {adapter.use_rslora for adapter in adapters.values()}
     if len(rslora) != 1:
         raise ValueError("save_peft: adapters mix use_rslora True and False; PEFT has one flag per file")
+    dora = {adapter.use_dora for adapter in adapters.values()}
+    if len(dora) != 1:
+        raise ValueError("save_peft: adapters mix DoRA and plain LoRA; PEFT has one use_dora flag per file")
+    replacements = getattr(adapters, "replacements", {})
+    saved = sorted(m for m, r in replacements.items() if "weight" in r)
+    other_biases = any("weight" not in r for r in replacements.values())
+    has_bias = other_biases or any(adapter.bias is not None for adapter in adapters.values())
     if os.path.exists(path) and not overwrite:
         raise FileExistsError(f"save_peft: {path} exists (pass overwrite=True to replace it)")
     ranks = [adapter.rank for adapter in adapters.values()]
@@ -131,7 +191,9 @@ def save_peft(adapters: dict, path, base_model_name_or_path=None, overwrite=Fals
         "rank_pattern": {m: x.rank for m, x in adapters.items() if x.rank != r},
         "alpha_pattern": {m: x.alpha for m, x in adapters.items() if x.alpha != alpha},
         "lora_dropout": 0.0,
-        "bias": "none",
+        "bias": "all" if other_biases else ("lora_only" if has_bias else "none"),
+        "use_dora": dora.pop(),
+        "modules_to_save": saved or None,
         "fan_in_fan_out": any(x.metadata.get("fan_in_fan_out", False) for x in adapters.values()),
         "inference_mode": True,
         "init_lora_weights": True,
@@ -140,6 +202,13 @@ def save_peft(adapters: dict, path, base_model_name_or_path=None, overwrite=Fals
     for module, adapter in adapters.items():
         tensors[f"base_model.model.{module}.lora_A.weight"] = adapter.a.T
         tensors[f"base_model.model.{module}.lora_B.weight"] = adapter.b.T
+        if adapter.magnitude is not None:
+            tensors[f"base_model.model.{module}.lora_magnitude_vector"] = adapter.magnitude
+        if adapter.bias is not None:
+            tensors[f"base_model.model.{module}.base_layer.bias"] = adapter.bias
+    for module, parts in replacements.items():
+        for param, array in parts.items():
+            tensors[f"base_model.model.{module}.{param}"] = array.T if array.ndim == 2 else array
     parent = os.path.dirname(os.path.abspath(path)) or "."
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".tf_lora_peft_", dir=parent)
@@ -153,6 +222,16 @@ def save_peft(adapters: dict, path, base_model_name_or_path=None, overwrite=Fals
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _classify(key):
+    """(kind, match) of a PEFT file key: a LoRA A/B weight ("ab"), a DoRA magnitude ("m"), an adapted
+    layer's bias ("bias"), a whole weight or bias ("full"); (None, None) for none of them."""
+    for pattern, kind in ((_KEY, "ab"), (_MAGNITUDE, "m"), (_LORA_BIAS, "bias"), (_FULL, "full")):
+        match = pattern.match(key)
+        if match is not None:
+            return kind, match
+    return None, None
 
 
 def _adapter_dir(path):
@@ -187,8 +266,18 @@ def _read_config(path):
         raise ValueError(f"load_peft: no {CONFIG} in {path}") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"load_peft: {config_path} is not valid JSON: {e}") from None
-    if config.get("peft_type", "LORA") != "LORA":
-        raise ValueError(f"load_peft: {config_path}: peft_type {config.get('peft_type')!r} is not LORA")
+    peft_type = config.get("peft_type", "LORA")
+    if peft_type != "LORA":
+        kind = _VARIANTS.get(str(peft_type).upper())
+        raise ValueError(
+            f"load_peft: {config_path}: "
+            + (
+                f"a {kind} adapter (peft_type {peft_type!r})"
+                if kind
+                else f"peft_type {peft_type!r} is not LORA"
+            )
+            + "; tf_lora reads LoRA adapters (with DoRA, rsLoRA, rank/alpha patterns), not this kind"
+        )
     missing = [k for k in ("r", "lora_alpha") if not isinstance(config.get(k), int | float)]
     if missing:
         raise ValueError(f"load_peft: {config_path}: missing or non-numeric {missing}")

@@ -47,7 +47,7 @@ class Registry:
                 self._manifest = json.load(f)
         else:
             self._manifest = {"adapters": [], "active": None, "history": []}
-        self._base = {}  # layer path -> kernel values before this registry's first activation
+        self._base = {}  # layer path -> [kernel, bias] values before this registry's first activation
 
     @property
     def entries(self) -> list:
@@ -114,14 +114,23 @@ class Registry:
             loader, _ = _LOADERS[entry["format"]]
             adapters = loader(entry["path"], sha256=entry["sha256"])
             report = apply(self.model, adapters, mode="merge", mapping=self.mapping, dry_run=True)
-            layers = set(report.applied.values())
+            layers = set(report.applied.values()) | set(report.replaced.values())
         else:
             layers = set()
         by_path = layers_by_path(self.model)
-        for path in layers - set(self._base):
-            self._base[path] = np.array(kernel_variable(by_path[path]).numpy())
+        for path in layers - set(self._base):  # the weight, and the bias a file may also replace
+            layer = by_path[path]
+            variables = [kernel_variable(layer)] + (
+                [layer.bias] if getattr(layer, "bias", None) is not None else []
+            )
+            self._base[path] = [np.array(v.numpy()) for v in variables]
         for path, values in self._base.items():  # back to the base, in place
-            kernel_variable(by_path[path]).assign(values)
+            layer = by_path[path]
+            variables = [kernel_variable(layer)] + (
+                [layer.bias] if getattr(layer, "bias", None) is not None else []
+            )
+            for variable, value in zip(variables, values, strict=True):
+                variable.assign(value)
         if adapters:
             apply(self.model, adapters, mode="merge", mapping=self.mapping)
 

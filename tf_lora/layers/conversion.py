@@ -2,7 +2,10 @@
 model: the object stays (so the parent layer, the functional graph and every reference keep working) and
 gains the adapters' variables; its weights are kept."""
 
+import inspect
+
 import keras
+import numpy as np
 import tensorflow as tf
 
 from tf_lora.layers.lora_dense import LoraDense
@@ -53,7 +56,7 @@ def check_convertible(layer, path):
     return None
 
 
-def to_lora(layer, rank, alpha, use_rslora=False, lora_dropout=0.0, train_bias=False):
+def to_lora(layer, rank, alpha, use_rslora=False, lora_dropout=0.0, train_bias=False, use_dora=False):
     """Makes built `layer` (Dense or EinsumDense, or a subclass keeping their call) a LoRA layer in place,
     with a default adapter of `rank` and `alpha` starting at zero (B = 0) and active. A layer that is one
     already is returned as it is. A Dense with Keras's `enable_lora` keeps its trained adapter (Keras's
@@ -75,8 +78,10 @@ def to_lora(layer, rank, alpha, use_rslora=False, lora_dropout=0.0, train_bias=F
         layer.lora_enabled = False
         layer._tracker.lock()  # noqa: SLF001
     layer.__class__ = lora_class(type(layer), kind)
+    refresh_call_signature(layer)
+    describe = layer._describe()  # noqa: SLF001
     layer._lora_setup(
-        rank, alpha, use_rslora, lora_dropout, (), DEFAULT_ADAPTER, train_bias, layer._describe()
+        rank, alpha, use_rslora, lora_dropout, (), DEFAULT_ADAPTER, train_bias, describe, use_dora
     )  # noqa: SLF001
     layer._tracker.unlock()  # noqa: SLF001
     try:
@@ -88,6 +93,19 @@ def to_lora(layer, rank, alpha, use_rslora=False, lora_dropout=0.0, train_bias=F
         slot.a.assign(keras_adapter[0])
         slot.b.assign(keras_adapter[1])
     return layer
+
+
+def refresh_call_signature(layer):
+    """Keras reads a layer's `call` signature once, when the layer is made; a layer whose class changed in
+    place (to its LoRA class, or back) gets it read again, so that `adapter_ids` reaches the new call."""
+    layer._call_signature = inspect.signature(layer.call)  # noqa: SLF001 - what Layer.__init__ sets
+    layer.call_signature_parameters = list(layer._call_signature.parameters)  # noqa: SLF001
+    layer._call_has_training_arg = "training" in layer.call_signature_parameters  # noqa: SLF001
+    layer._call_has_mask_arg = "mask" in layer.call_signature_parameters  # noqa: SLF001
+    layer._call_has_context_arg = {  # noqa: SLF001
+        arg: arg in layer.call_signature_parameters
+        for arg in layer._call_context_args  # noqa: SLF001
+    }
 
 
 def kernel_variable(layer):
@@ -106,15 +124,54 @@ def lora_shape(layer):
     return int(kernel.shape[0]), int(kernel.shape[1])
 
 
-def merge_into_layer(layer, a, b, scale):
-    """`weight += scale * a @ b` in place on a Dense or EinsumDense layer's weight seen as [in, out]."""
+def _view(layer):
     kernel = kernel_variable(layer)
-    if len(kernel.shape) == 2:
+    return EinsumView.parse(layer.equation, kernel.shape, layer.name) if len(kernel.shape) != 2 else None
+
+
+def kernel_matrix(layer):
+    """A Dense or EinsumDense layer's weight as the matrix `[in, out]` (a tensor)."""
+    kernel, view = tf.convert_to_tensor(kernel_variable(layer)), _view(layer)
+    return kernel if view is None else view.kernel_matrix(kernel)
+
+
+def set_kernel_matrix(layer, matrix):
+    """Assigns a matrix `[in, out]` to a Dense or EinsumDense layer's weight, in the weight's own layout."""
+    kernel, view = kernel_variable(layer), _view(layer)
+    matrix = tf.convert_to_tensor(matrix)
+    kernel.assign(tf.cast(matrix if view is None else view.kernel_update(matrix), kernel.dtype))
+
+
+def merge_into_layer(layer, a, b, scale, magnitude=None):
+    """`weight += scale * a @ b` in place on a Dense or EinsumDense layer's weight seen as [in, out]; with a
+    DoRA `magnitude` [out], PEFT's DoRA merge: `weight <- magnitude / ||w'|| * w'`, `w' = weight + scale * a
+    @ b`, the norms taken over each output column."""
+    kernel, view = kernel_variable(layer), _view(layer)
+    if magnitude is not None:
+        w = tf.cast(kernel_matrix(layer), tf.float32)
+        adapted = w + float(scale) * tf.matmul(tf.cast(a, tf.float32), tf.cast(b, tf.float32))
+        set_kernel_matrix(layer, adapted * (tf.cast(magnitude, tf.float32) / tf.norm(adapted, axis=0)))
+    elif view is None:
         lora_ops.merge_into_variable(kernel, a, b, scale)
-        return
-    view = EinsumView.parse(layer.equation, kernel.shape, layer.name)
-    update = tf.matmul(tf.convert_to_tensor(a, kernel.dtype), tf.convert_to_tensor(b, kernel.dtype)) * scale
-    kernel.assign_add(view.kernel_update(update))
+    else:
+        update = (
+            tf.matmul(tf.convert_to_tensor(a, kernel.dtype), tf.convert_to_tensor(b, kernel.dtype)) * scale
+        )
+        kernel.assign_add(view.kernel_update(update))
+
+
+def bias_problem(layer, bias):
+    """Why `bias` ([out], PEFT's layout) cannot be `layer`'s bias, or None."""
+    if getattr(layer, "bias", None) is None:
+        return "the layer has no bias"
+    if int(np.prod(layer.bias.shape)) != int(np.size(bias)):
+        return f"a bias of {np.size(bias)} values, the layer's has {int(np.prod(layer.bias.shape))}"
+    return None
+
+
+def set_bias(layer, bias):
+    """Assigns a bias [out] (PEFT's layout) to a Dense or EinsumDense layer (bias axes in kernel order)."""
+    layer.bias.assign(np.reshape(np.asarray(bias), layer.bias.shape).astype(layer.bias.dtype))
 
 
 def forget_traces(model):

@@ -1,6 +1,7 @@
 """tf_lora.layers.LoraDense: keras.layers.Dense with LoRA adapters on a frozen kernel."""
 
 import keras
+import tensorflow as tf
 
 from tf_lora.layers.lora_layer import DEFAULT_ADAPTER, LoraAdapters, keras_lora_names
 from tf_lora.python.ops import lora_ops
@@ -58,16 +59,24 @@ class LoraDense(LoraAdapters, keras.layers.Dense):
         train_bias=False,
         lora_rank=None,
         lora_alpha=None,
+        use_dora=False,
         **kwargs,
     ):
         rank, alpha = keras_lora_names("LoraDense", rank, alpha, lora_rank, lora_alpha)
         super().__init__(units, **kwargs)
         self._lora_setup(
-            rank, alpha, use_rslora, lora_dropout, adapters, active_adapter, train_bias, "LoraDense"
+            rank, alpha, use_rslora, lora_dropout, adapters, active_adapter, train_bias, "LoraDense", use_dora
         )
 
     def _lora_shape(self):
         return self._kernel_variable().shape[0], self.units
+
+    def _kernel_matrix(self):
+        return tf.convert_to_tensor(self._kernel_variable())
+
+    def _set_kernel_matrix(self, matrix):
+        kernel = self._kernel_variable()
+        kernel.assign(tf.cast(matrix, kernel.dtype))
 
     def build(self, input_shape):
         super().build(input_shape)
@@ -76,8 +85,11 @@ class LoraDense(LoraAdapters, keras.layers.Dense):
     def call(self, inputs, adapter_ids=None, training=None):
         x = self._checked_input(inputs)
         bias = self.bias if self.use_bias else None
-        # TensorFlow's MatMul, then the adapters fused onto its output rows (lora_matmul's composition).
-        y = lora_ops.matmul_then(x, self.kernel, bias, self._lora_rows(x, adapter_ids, training))
+        # TensorFlow's MatMul, then the adapters fused onto its output rows (lora_matmul's composition);
+        # the bias after them (DoRA scales x @ w' without it).
+        y = lora_ops.matmul_then(x, self.kernel, None, self._lora_rows(x, adapter_ids, training))
+        if bias is not None:
+            y = tf.nn.bias_add(y, tf.cast(bias, y.dtype))
         return self.activation(y) if self.activation is not None else y
 
     def save_own_variables(self, store):

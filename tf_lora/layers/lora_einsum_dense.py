@@ -159,12 +159,21 @@ class LoraEinsumDense(LoraAdapters, keras.layers.EinsumDense):
         train_bias=False,
         lora_rank=None,
         lora_alpha=None,
+        use_dora=False,
         **kwargs,
     ):
         rank, alpha = keras_lora_names("LoraEinsumDense", rank, alpha, lora_rank, lora_alpha)
         super().__init__(equation, output_shape, **kwargs)
         self._lora_setup(
-            rank, alpha, use_rslora, lora_dropout, adapters, active_adapter, train_bias, "LoraEinsumDense"
+            rank,
+            alpha,
+            use_rslora,
+            lora_dropout,
+            adapters,
+            active_adapter,
+            train_bias,
+            "LoraEinsumDense",
+            use_dora,
         )
 
     @property
@@ -184,12 +193,19 @@ class LoraEinsumDense(LoraAdapters, keras.layers.EinsumDense):
     def call(self, inputs, adapter_ids=None, training=None):
         x = self._checked_input(inputs)
         y = keras.ops.einsum(self.equation, x, self._kernel_variable())
-        if self.bias is not None:
-            y = y + self.bias
         x_rows, y2, back = self.view.rows(x, y)
         x2 = tf.reshape(x_rows, [-1, self.view.in_features])
         y = back(self._lora_rows(x_rows, adapter_ids, training)(y2, x2))
+        if self.bias is not None:  # after the adapters (DoRA scales x @ w' without it)
+            y = y + tf.cast(self.bias, y.dtype)
         return self.activation(y) if self.activation is not None else y
+
+    def _kernel_matrix(self):
+        return self.view.kernel_matrix(tf.convert_to_tensor(self._kernel_variable()))
+
+    def _set_kernel_matrix(self, matrix):
+        kernel = self._kernel_variable()
+        kernel.assign(tf.cast(self.view.kernel_update(matrix), kernel.dtype))
 
     def _add_to_kernel(self, update):
         kernel = self._kernel_variable()

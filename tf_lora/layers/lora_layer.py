@@ -1,7 +1,7 @@
-"""What every tf_lora LoRA layer shares: named adapters with their variables, the active adapter, merging,
-per-example adapter ids, saving. A layer class mixes `LoraAdapters` into a Keras layer and says how its
-weight is seen as a matrix `[in, out]` (`_lora_shape`) and how an update `[in, out]` is merged into it
-(`_add_to_kernel`)."""
+"""What every tf_lora LoRA layer shares: named adapters with their variables (DoRA's magnitude included),
+the active adapter, merging, per-example adapter ids, saving. A layer class mixes `LoraAdapters` into a Keras
+layer and says how its weight is seen as a matrix `[in, out]` (`_lora_shape`, `_kernel_matrix`,
+`_set_kernel_matrix`) and how an update `[in, out]` is added to it (`_add_to_kernel`)."""
 
 import contextlib
 import dataclasses
@@ -57,16 +57,25 @@ class Slot:
     rank: int
     alpha: float
     use_rslora: bool
+    use_dora: bool = False
     a: keras.Variable = None
     b: keras.Variable = None
     scale_var: keras.Variable = None
+    magnitude: keras.Variable = None  # DoRA: [out]
+    weight_norm: keras.Variable = None  # DoRA: the column norms the merge divided by, for unmerge
+
+    @property
+    def variables(self):
+        extra = (self.magnitude, self.weight_norm) if self.use_dora else ()
+        return (self.a, self.b, self.scale_var, *extra)
 
     @property
     def scale(self) -> float:
         return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
 
     def spec(self) -> dict:
-        return {"name": self.name, "rank": self.rank, "alpha": self.alpha, "use_rslora": self.use_rslora}
+        spec = {"name": self.name, "rank": self.rank, "alpha": self.alpha, "use_rslora": self.use_rslora}
+        return {**spec, "use_dora": True} if self.use_dora else spec
 
 
 def keras_lora_names(layer_name, rank, alpha, lora_rank, lora_alpha):
@@ -95,11 +104,20 @@ class LoraAdapters:
     The adapters' update is `scale * a @ b` on the weight seen as `[in, out]`. The class using it calls
     `_lora_setup` from its constructor (or when converting a built layer in place), `_lora_build` once the
     weight exists, and `_lora_rows` on its output rows; it defines `_lora_shape()` -> (in, out) and
-    `_add_to_kernel(update [in, out])`.
+    `_kernel_matrix()`, `_set_kernel_matrix(matrix)` and `_add_to_kernel(update [in, out])`.
     """
 
     def _lora_setup(
-        self, rank, alpha, use_rslora, lora_dropout, adapters, active_adapter, train_bias, kind="LoRA layer"
+        self,
+        rank,
+        alpha,
+        use_rslora,
+        lora_dropout,
+        adapters,
+        active_adapter,
+        train_bias,
+        kind="LoRA layer",
+        use_dora=False,
     ):
         if not 0.0 <= lora_dropout < 1.0:
             raise ValueError(f"{kind}: lora_dropout must be in [0, 1), got {lora_dropout}")
@@ -107,7 +125,7 @@ class LoraAdapters:
         self.train_bias = bool(train_bias)
         self._adapters_version = 0
         self._slots = {}
-        self._add_slot(DEFAULT_ADAPTER, rank, alpha, use_rslora)
+        self._add_slot(DEFAULT_ADAPTER, rank, alpha, use_rslora, use_dora)
         for spec in adapters:
             self._add_slot(**spec)
         if active_adapter is not None:
@@ -118,6 +136,7 @@ class LoraAdapters:
     rank = property(lambda self: self._slots[DEFAULT_ADAPTER].rank)
     alpha = property(lambda self: self._slots[DEFAULT_ADAPTER].alpha)
     use_rslora = property(lambda self: self._slots[DEFAULT_ADAPTER].use_rslora)
+    use_dora = property(lambda self: self._slots[DEFAULT_ADAPTER].use_dora)
     scale = property(lambda self: self._slots[DEFAULT_ADAPTER].scale)
 
     @property
@@ -128,7 +147,7 @@ class LoraAdapters:
     def _describe(self):
         return f"{type(self).__name__} {self.name}"
 
-    def _add_slot(self, name, rank, alpha, use_rslora=False):
+    def _add_slot(self, name, rank, alpha, use_rslora=False, use_dora=False):
         if not isinstance(name, str) or not ADAPTER_NAME.fullmatch(name):
             raise ValueError(
                 f"{self._describe()}: an adapter name must be letters, digits or _, got {name!r}"
@@ -137,7 +156,7 @@ class LoraAdapters:
             raise ValueError(f"{self._describe()}: adapter {name!r} exists already ({self.adapter_names})")
         if int(rank) < 1:
             raise ValueError(f"{self._describe()}: rank must be >= 1, got {rank} for adapter {name!r}")
-        slot = Slot(name, int(rank), float(alpha), bool(use_rslora))
+        slot = Slot(name, int(rank), float(alpha), bool(use_rslora), bool(use_dora))
         self._slots[name] = slot
         if self.built and getattr(self, "lora_active", None) is not None:
             # Keras locks a built layer's state; its own enable_lora unlocks it the same way.
@@ -169,7 +188,15 @@ class LoraAdapters:
             initializer=keras.initializers.Constant(slot.scale),
             trainable=False,
         )
-        for variable in (slot.a, slot.b, slot.scale_var):
+        if slot.use_dora:
+            # DoRA's magnitude starts as the weight's column norms (B = 0), as PEFT initializes it.
+            slot.magnitude = self.add_weight(name=f"lora_magnitude{suffix}", shape=(out_features,))
+            slot.magnitude.assign(tf.norm(tf.cast(self._kernel_matrix(), tf.float32), axis=0))
+            slot.magnitude.trainable = trainable
+            slot.weight_norm = self.add_weight(
+                name=f"lora_weight_norm{suffix}", shape=(out_features,), initializer="ones", trainable=False
+            )
+        for variable in slot.variables:
             setattr(self, variable.name, variable)
 
     def _lora_build(self):
@@ -231,16 +258,18 @@ class LoraAdapters:
         """Adapter `name`'s hyper-parameters and variables (`a` [in, r], `b` [r, out], `scale_var`)."""
         return self._slot(name)
 
-    def add_adapter(self, name, rank=None, alpha=None, use_rslora=None):
+    def add_adapter(self, name, rank=None, alpha=None, use_rslora=None, use_dora=False):
         """Adds an adapter (B at zero, so it starts as the base layer); rank, alpha and rsLoRA default to the
         default adapter's. It is not active, nor trained, until `set_active_adapter(name)`. A new adapter
-        changes the layer's variables: compile the model again before `fit`."""
+        changes the layer's variables: compile the model again before `fit`. A DoRA adapter (`use_dora`)
+        is served alone: a layer holding one takes no per-example adapter ids."""
         default = self._slots[DEFAULT_ADAPTER]
         self._add_slot(
             name,
             default.rank if rank is None else rank,
             default.alpha if alpha is None else alpha,
             default.use_rslora if use_rslora is None else use_rslora,
+            use_dora,
         )
 
     def delete_adapter(self, name):
@@ -256,7 +285,7 @@ class LoraAdapters:
         if active == name:
             self._initial_active = None
         if self.built:
-            for variable in (slot.a, slot.b, slot.scale_var):
+            for variable in slot.variables:
                 self._untrack_variable(variable)
                 delattr(self, variable.name)
             self.lora_active_adapter.assign(
@@ -283,6 +312,8 @@ class LoraAdapters:
         active = self.active_adapter
         for slot in self._slots.values():
             slot.a.trainable = slot.b.trainable = slot.name == active
+            if slot.use_dora:
+                slot.magnitude.trainable = slot.name == active
 
     def _lora_rows(self, x, adapter_ids, training):
         """The function `(y2, x2) -> y2 + LoRA` on output rows y2 [N, out] of input rows x2 [N, in], for the
@@ -295,11 +326,29 @@ class LoraAdapters:
         def lora_input(x2):
             return tf.nn.dropout(x2, rate=self.lora_dropout) if dropout else x2
 
+        dora = [slot.name for slot in self._slots.values() if slot.use_dora]
+        if dora and (adapter_ids is not None or len(self._slots) > 1):
+            raise ValueError(
+                f"{self._describe()}: DoRA adapter {dora[0]!r} is served alone: a layer holding a DoRA "
+                f"adapter takes no per-example adapter ids, nor other adapters (it has {self.adapter_names})"
+            )
         if adapter_ids is None and len(self._slots) == 1:
             slot = self._slots[DEFAULT_ADAPTER]
             on = tf.cast(tf.convert_to_tensor(self.lora_active_adapter) >= 0, slot.scale_var.dtype)
-            scale = tf.convert_to_tensor(slot.scale_var) * tf.convert_to_tensor(self.lora_active) * on
-            return lambda y2, x2: lora_ops.lora_apply(y2, lora_input(x2), slot.a, slot.b, scale)
+            live = tf.convert_to_tensor(self.lora_active) * on  # 0 once merged, or with no adapter active
+            scale = tf.convert_to_tensor(slot.scale_var) * live
+            if not slot.use_dora:
+                return lambda y2, x2: lora_ops.lora_apply(y2, lora_input(x2), slot.a, slot.b, scale)
+
+            def dora_rows(y2, x2):
+                # PEFT's DoRA: magnitude / ||w + scale * a @ b|| (column norms, no gradient through the norm)
+                # times x @ (w + scale * a @ b); the bias comes after.
+                factor = tf.convert_to_tensor(slot.magnitude) / tf.stop_gradient(self._adapted_norm(slot))
+                factor = tf.where(live > 0, factor, tf.ones_like(factor))
+                y2 = lora_ops.lora_apply(y2, lora_input(x2), slot.a, slot.b, scale)
+                return y2 * tf.cast(factor, y2.dtype)
+
+            return dora_rows
         if adapter_ids is None:
             ids = tf.fill(tf.shape(x)[:-1], tf.convert_to_tensor(self.lora_active_adapter))
             scales = self._stacked_scales() * tf.convert_to_tensor(self.lora_active)
@@ -322,6 +371,12 @@ class LoraAdapters:
         a_stack, b_stack = self._stacked_adapters()
         ids = tf.reshape(ids, [-1])
         return lambda y2, x2: lora_ops.batched_lora_apply(y2, lora_input(x2), a_stack, b_stack, ids, scales)
+
+    def _adapted_norm(self, slot):
+        """The column norms [out] of the weight with the adapter, `||w + scale * a @ b||`, in float32."""
+        f32 = [tf.cast(tf.convert_to_tensor(v), tf.float32) for v in (slot.a, slot.b, slot.scale_var)]
+        adapted = lora_ops.lora_merge(tf.cast(self._kernel_matrix(), tf.float32), *f32)
+        return tf.norm(adapted, axis=0)
 
     def _same_adapters_check(self):
         """An op that fails when the layer's adapters are not the ones this trace knows (one was added or
@@ -365,6 +420,20 @@ class LoraAdapters:
             self.lora_active.assign(1.0)
 
     def _merge_slot(self, slot, sign):
+        if slot.use_dora:  # PEFT's merge: w <- m / ||w'|| * w', w' = w + scale * a @ b; unmerge inverts it
+            w = tf.cast(self._kernel_matrix(), tf.float32)
+            update = tf.cast(tf.matmul(slot.a, slot.b), tf.float32) * tf.cast(slot.scale_var, tf.float32)
+            if sign > 0:
+                norm = self._adapted_norm(slot)
+                slot.weight_norm.assign(norm)
+                merged = (w + update) * (tf.convert_to_tensor(slot.magnitude) / norm)
+            else:
+                merged = (
+                    w * (tf.convert_to_tensor(slot.weight_norm) / tf.convert_to_tensor(slot.magnitude))
+                    - update
+                )
+            self._set_kernel_matrix(merged)
+            return
         kernel = self._kernel_variable()
         if len(kernel.shape) == 2:
             merge = lora_ops.merge_into_variable if sign > 0 else lora_ops.unmerge_from_variable
@@ -373,21 +442,32 @@ class LoraAdapters:
             update = tf.matmul(tf.convert_to_tensor(slot.a), tf.convert_to_tensor(slot.b))
             self._add_to_kernel(update * (sign * tf.convert_to_tensor(slot.scale_var)))
 
-    def set_adapter(self, a, b, alpha, use_rslora=False, adapter_name=DEFAULT_ADAPTER):
+    def set_adapter(self, a, b, alpha, use_rslora=False, adapter_name=DEFAULT_ADAPTER, magnitude=None):
         """Loads weights a [in, rank] and b [rank, out] (the adapter's rank) with their alpha into adapter
-        `adapter_name`."""
+        `adapter_name`; a DoRA adapter also takes its `magnitude` [out]."""
         slot = self._slot(adapter_name)
+        if (magnitude is not None) != slot.use_dora:
+            raise ValueError(
+                f"{self._describe()}: adapter {adapter_name!r} is "
+                + (
+                    "DoRA and needs a magnitude"
+                    if slot.use_dora
+                    else "plain LoRA; a DoRA magnitude does not fit"
+                )
+            )
         if self.merged and adapter_name == self.active_adapter:
             raise ValueError(f"{self._describe()}: unmerge() before setting another adapter")
         slot.a.assign(a)
         slot.b.assign(b)
         slot.alpha, slot.use_rslora = float(alpha), bool(use_rslora)
         slot.scale_var.assign(slot.scale)
+        if magnitude is not None:
+            slot.magnitude.assign(magnitude)
 
     # Keras saves the weight and bias as "0" and "1"; the adapters' variables go by name beside them.
     def _lora_variables(self):
         for slot in self._slots.values():
-            yield from (slot.a, slot.b, slot.scale_var)
+            yield from slot.variables
         yield from (self.lora_active, self.lora_active_adapter)
 
     def _save_lora_variables(self, store):
@@ -404,6 +484,7 @@ class LoraAdapters:
             "rank": self.rank,
             "alpha": self.alpha,
             "use_rslora": self.use_rslora,
+            "use_dora": self.use_dora,
             "lora_dropout": self.lora_dropout,
             "train_bias": self.train_bias,
             "adapters": [s.spec() for s in self._slots.values() if s.name != DEFAULT_ADAPTER],

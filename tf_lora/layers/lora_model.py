@@ -11,7 +11,7 @@ trainable set come back.
 
 import keras
 
-from tf_lora.layers.conversion import to_lora
+from tf_lora.layers.conversion import refresh_call_signature, to_lora
 from tf_lora.layers.lora_layer import LoraAdapters
 from tf_lora.layers.model_layers import layers_by_path
 
@@ -69,6 +69,7 @@ def _load(config, custom_objects=None):
                 layer_spec["use_rslora"],
                 layer_spec["lora_dropout"],
                 layer_spec["train_bias"],
+                layer_spec.get("use_dora", False),
             )
             for adapter in layer_spec["adapters"]:
                 layer.add_adapter(**adapter)
@@ -150,13 +151,14 @@ def merge_and_unload(model):
     trainable again, as in a freshly built Keras layer. Returns `model`."""
     for layer in lora_layers(model).values():
         layer.merge()
-        variables = [v for slot in layer._slots.values() for v in (slot.a, slot.b, slot.scale_var)]  # noqa: SLF001
+        variables = [v for slot in layer._slots.values() for v in slot.variables]  # noqa: SLF001
         variables += [layer.lora_active, layer.lora_active_adapter, layer.lora_adapters_version]
         for variable in variables:
             layer._untrack_variable(variable)  # noqa: SLF001
             if variable.name in layer.__dict__:
                 delattr(layer, variable.name)
         layer.__class__ = next(c for c in type(layer).__mro__ if not issubclass(c, LoraAdapters))
+        refresh_call_signature(layer)
     for variable in model.weights:
         variable.trainable = True
     unmark(model)
