@@ -26,6 +26,14 @@ def test_digits_lora_main_example(tmp_path):
     ]
 
 
+def test_keras_hub_example(tmp_path):
+    pytest.importorskip("keras_hub")
+    out = _run(str(EXAMPLES / "keras_hub_lora.py"), "--out", str(tmp_path))
+    assert "PASS" in out
+    assert sorted(os.listdir(tmp_path / "gpt2-peft")) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert "transformer.h.0.attn.c_attn" in (tmp_path / "gpt2-peft" / "adapter_config.json").read_text()
+
+
 @pytest.mark.parametrize("example", ["merge_adapter.py"])
 def test_small_examples(example):
     assert "PASS" in _run(str(EXAMPLES / example))
