@@ -5,7 +5,14 @@ from tf_lora.layers.keras_injection import inject_lora
 from tf_lora.layers.lora_dense import LoraDense
 from tf_lora.layers.lora_einsum_dense import EinsumView, LoraEinsumDense
 from tf_lora.layers.lora_layer import LoraAdapters, adapter_ids
-from tf_lora.layers.lora_model import lora_layers, merge, merge_and_unload, set_active_adapter, unmerge
+from tf_lora.layers.lora_model import (
+    lora_layers,
+    merge,
+    merge_and_unload,
+    set_active_adapter,
+    to_keras_lora,
+    unmerge,
+)
 from tf_lora.layers.sparse_embedding import SparseEmbedding
 
 __all__ = [
@@ -20,6 +27,7 @@ __all__ = [
     "merge",
     "merge_and_unload",
     "set_active_adapter",
+    "to_keras_lora",
     "to_lora",
     "unmerge",
 ]

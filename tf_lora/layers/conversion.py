@@ -8,6 +8,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tf_lora.layers.keras_lora_layout import from_keras_factors
 from tf_lora.layers.lora_dense import LoraDense
 from tf_lora.layers.lora_einsum_dense import EinsumView, LoraEinsumDense
 from tf_lora.layers.lora_layer import DEFAULT_ADAPTER, LoraAdapters
@@ -50,17 +51,18 @@ def check_convertible(layer, path):
         except ValueError as e:
             return str(e)
         if getattr(layer, "lora_enabled", False):
-            return (
-                f"{path}: Keras's enable_lora is on; an EinsumDense adapter of Keras's layout cannot be kept"
-            )
+            try:
+                from_keras_factors(_view(layer), layer.lora_kernel_a.numpy(), layer.lora_kernel_b.numpy())
+            except ValueError as e:
+                return f"{path}: Keras's enable_lora is on, and {e}"
     return None
 
 
 def to_lora(layer, rank, alpha, use_rslora=False, lora_dropout=0.0, train_bias=False, use_dora=False):
     """Makes built `layer` (Dense or EinsumDense, or a subclass keeping their call) a LoRA layer in place,
     with a default adapter of `rank` and `alpha` starting at zero (B = 0) and active. A layer that is one
-    already is returned as it is. A Dense with Keras's `enable_lora` keeps its trained adapter (Keras's
-    rank and alpha win). Returns the layer."""
+    already is returned as it is. A layer with Keras's `enable_lora` keeps its trained adapter, exactly
+    (Keras's rank and alpha win; tf_lora.layers.keras_lora_layout). Returns the layer."""
     if isinstance(layer, LoraAdapters):
         return layer
     problem = check_convertible(layer, layer.name)
@@ -68,11 +70,15 @@ def to_lora(layer, rank, alpha, use_rslora=False, lora_dropout=0.0, train_bias=F
         raise ValueError(f"to_lora: {problem}")
     kind = lora_kind(layer)
     keras_adapter = None
-    if getattr(layer, "lora_enabled", False):  # Keras's own LoRA on a Dense: kernel + alpha / rank * a @ b
-        keras_adapter = (layer.lora_kernel_a, layer.lora_kernel_b)
-        rank, alpha, use_rslora = layer.lora_rank, layer.lora_alpha, False
+    if getattr(layer, "lora_enabled", False):  # Keras's own LoRA: kernel + alpha / rank * a @ b
+        view = _view(layer)
+        keras_adapter = from_keras_factors(view, layer.lora_kernel_a.numpy(), layer.lora_kernel_b.numpy())
+        scale = layer.lora_alpha / layer.lora_rank
+        rank, use_rslora = keras_adapter[0].shape[1], False
+        alpha = scale * rank  # the same scale at tf_lora's rank (heads * Keras's for a per-head kernel)
+        variables = (layer.lora_kernel_a, layer.lora_kernel_b)
         layer._tracker.unlock()  # noqa: SLF001 - Keras's enable_lora unlocks it the same way
-        for variable in keras_adapter:
+        for variable in variables:
             layer._untrack_variable(variable)  # noqa: SLF001
         del layer.lora_kernel_a, layer.lora_kernel_b
         layer.lora_enabled = False

@@ -10,8 +10,10 @@ trainable set come back.
 """
 
 import keras
+import numpy as np
 
 from tf_lora.layers.conversion import refresh_call_signature, to_lora
+from tf_lora.layers.keras_lora_layout import to_keras_factors
 from tf_lora.layers.lora_layer import LoraAdapters
 from tf_lora.layers.model_layers import layers_by_path
 
@@ -144,6 +146,19 @@ def unmerge(model):
         layer.unmerge()
 
 
+def _unload(layer):
+    """Turns a LoRA layer back into the plain Keras layer it came from, in place, dropping its adapters'
+    variables (the weight stays as it is)."""
+    variables = [v for slot in layer._slots.values() for v in slot.variables]  # noqa: SLF001
+    variables += [layer.lora_active, layer.lora_active_adapter, layer.lora_adapters_version]
+    for variable in variables:
+        layer._untrack_variable(variable)  # noqa: SLF001
+        if variable.name in layer.__dict__:
+            delattr(layer, variable.name)
+    layer.__class__ = next(c for c in type(layer).__mro__ if not issubclass(c, LoraAdapters))
+    refresh_call_signature(layer)
+
+
 def merge_and_unload(model):
     """Merges the active adapters into the weights and turns every LoRA layer back into the plain Keras
     layer it came from (Dense, EinsumDense, or the subclass it was), in place, as PEFT's merge_and_unload:
@@ -151,18 +166,60 @@ def merge_and_unload(model):
     trainable again, as in a freshly built Keras layer. Returns `model`."""
     for layer in lora_layers(model).values():
         layer.merge()
-        variables = [v for slot in layer._slots.values() for v in slot.variables]  # noqa: SLF001
-        variables += [layer.lora_active, layer.lora_active_adapter, layer.lora_adapters_version]
-        for variable in variables:
-            layer._untrack_variable(variable)  # noqa: SLF001
-            if variable.name in layer.__dict__:
-                delattr(layer, variable.name)
-        layer.__class__ = next(c for c in type(layer).__mro__ if not issubclass(c, LoraAdapters))
-        refresh_call_signature(layer)
+        _unload(layer)
     for variable in model.weights:
         variable.trainable = True
     unmark(model)
     return model
+
+
+def to_keras_lora(model):
+    """Turns every LoRA layer's active adapter into Keras's own LoRA (`enable_lora`, `lora_kernel_a` /
+    `lora_kernel_b`, alpha = rank), exactly, in place: the inverse of what `inject_lora` does with a
+    Keras-LoRA layer. All layers get one rank (the largest needed; smaller adapters are zero-padded, which
+    changes nothing), so that a keras-hub backbone's `save_lora_weights` writes them. DoRA adapters have no
+    Keras form. Returns `model`."""
+    layers = lora_layers(model)
+    factors = {}
+    for path, layer in layers.items():
+        slot = layer.adapter_slot(layer.active_adapter) if layer.active_adapter else None
+        if slot is not None and slot.use_dora:
+            raise ValueError(f"to_keras_lora: {path}: a DoRA adapter has no Keras LoRA form")
+        if slot is None:
+            continue
+        view = layer.view if isinstance(layer, keras.layers.EinsumDense) else None
+        scale = float(slot.scale_var.numpy())
+        layer.unmerge()
+        kernel_shape = tuple(layer._kernel_variable().shape)  # noqa: SLF001
+        factors[path] = to_keras_factors(view, kernel_shape, slot.a.numpy(), slot.b.numpy(), scale)
+    rank = max((a.shape[-1] for a, _ in factors.values()), default=0)
+    for path, layer in layers.items():
+        _unload(layer)
+        if path not in factors:
+            continue
+        a, b = factors[path]
+        layer.enable_lora(rank, lora_alpha=rank)
+        layer.lora_kernel_a.assign(np.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, rank - a.shape[-1])]))
+        layer.lora_kernel_b.assign(np.pad(b, [(0, rank - b.shape[0]), (0, 0)]))
+    backbone = keras_hub_backbone(model)
+    if backbone is not None and factors:
+        weighted = [layer for layer in backbone._flatten_layers(include_self=False) if layer.weights]  # noqa: SLF001
+        backbone._lora_enabled_layers = [
+            i for i, layer in enumerate(weighted) if getattr(layer, "lora_enabled", False)
+        ]  # noqa: SLF001
+        backbone._lora_rank = rank  # noqa: SLF001
+    unmark(model)
+    return model
+
+
+def keras_hub_backbone(model):
+    """The keras-hub Backbone in `model` (itself, or a task model's), or None."""
+    for layer in [model, *layers_by_path(model).values()]:
+        if any(
+            c.__name__ == "Backbone" and c.__module__.startswith("keras_hub") for c in type(layer).__mro__
+        ):
+            return layer
+    return None
 
 
 keras.saving.register_keras_serializable(package="tf_lora", name="LoraModel")(_LoraModelLoader)
