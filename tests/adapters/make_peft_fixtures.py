@@ -33,6 +33,45 @@ class Tiny(torch.nn.Module):
         return self.out(torch.relu(self.q(x) + self.v(x)))
 
 
+class TinyEmbedding(torch.nn.Module):
+    """Token ids -> an embedding table -> q -> out: LoRA on an embedding, as PEFT defines it."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(20, 8)
+        self.q = torch.nn.Linear(8, 6)
+        self.out = torch.nn.Linear(6, 4)
+
+    def forward(self, ids):
+        return self.out(torch.relu(self.q(self.emb(ids))))
+
+
+def make_embedding(name):
+    torch.manual_seed(0)
+    base = TinyEmbedding()
+    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["emb", "q"], init_lora_weights=False)
+    model = peft.get_peft_model(copy.deepcopy(base), config)
+    with torch.no_grad():  # PEFT starts an embedding's A at zero even so; make the adapter matter
+        for parameter_name, p in model.named_parameters():
+            if "lora_embedding" in parameter_name:
+                p.copy_(torch.randn_like(p))
+    path = os.path.join(HERE, name)
+    model.save_pretrained(path)
+    save_file(
+        {k: v.contiguous() for k, v in base.state_dict().items()}, os.path.join(path, "base.safetensors")
+    )
+    ids = torch.randint(0, 20, (5, 3))
+    with torch.no_grad():
+        y = model(ids)
+        merged = model.merge_and_unload()
+    save_file(
+        {k: v.contiguous() for k, v in merged.state_dict().items()}, os.path.join(path, "merged.safetensors")
+    )
+    save_file({"x": ids.to(torch.int32), "y": y}, os.path.join(path, "io.safetensors"))
+    os.remove(os.path.join(path, "README.md"))
+    print("wrote", path)
+
+
 def make(name, dtype, target_modules=("q", "v", "out"), **lora):
     torch.manual_seed(0)
     base = Tiny()
@@ -106,6 +145,8 @@ if __name__ == "__main__":
         ),
         # bias="all": every bias of the model trained, LoRA on q and out.
         "peft_all_bias": lambda name: make(name, torch.float32, target_modules=("q", "out"), bias="all"),
+        # LoRA on an embedding table (lora_embedding_A / lora_embedding_B) beside a Linear.
+        "peft_embedding": make_embedding,
     }
     for name, build in fixtures.items():
         if only is None or name in only:

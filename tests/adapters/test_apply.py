@@ -79,7 +79,9 @@ def test_any_mismatch_changes_nothing_and_lists_every_one():
         np.testing.assert_array_equal(w.numpy(), value)
     plain = _tiny(lora=False)
     relu = next(layer.name for layer in plain.layers if isinstance(layer, keras.layers.ReLU))
-    with pytest.raises(ValueError, match=rf"relu -> {relu}: a ReLU, not a Dense or EinsumDense layer"):
+    with pytest.raises(
+        ValueError, match=rf"relu -> {relu}: a ReLU, not a Dense, EinsumDense or Embedding layer"
+    ):
         tf_lora.adapters.apply(plain, {"relu": adapters["q"]}, mapping=lambda m: relu)
 
 

@@ -56,12 +56,14 @@ def test_inject_bad_targets():
     model = _sequential()
     with pytest.raises(
         ValueError,
-        match=r"no Dense or EinsumDense layer matches 'nothing' \(they are, by path: \[head, hidden\]\)",
+        match=r"no Dense, EinsumDense or Embedding layer matches 'nothing' \(they are, by path: "
+        r"\[head, hidden\]\)",
     ):
         tf_lora.inject_lora(model, target="nothing")
     with pytest.raises(
         ValueError,
-        match=r"\['drop'\] are not Dense or EinsumDense layers of the model \(\['drop'\] are other layers\)",
+        match=r"\['drop'\] are not Dense, EinsumDense or Embedding layers of the model "
+        r"\(\['drop'\] are other layers\)",
     ):
         tf_lora.inject_lora(model, target=["hidden", "drop"])
     # Was a raw re.error.

@@ -163,8 +163,11 @@ def apply(
     if mode == "attach" and not dry_run:
         forget_traces(model)
         mark(model)
+    kinds = ("dense", "einsum")  # an embedding table is reported only when it got an adapter
     targets = [
-        p for p, x in layers.items() if (isinstance(x, LoraAdapters) if mode == "attach" else lora_kind(x))
+        p
+        for p, x in layers.items()
+        if (isinstance(x, LoraAdapters) if mode == "attach" else lora_kind(x) in kinds)
     ]
     applied = {module: path for module, path, _, _ in pairs}
     replaced_paths = {module: path for module, path, _, _ in replaced}
@@ -242,7 +245,12 @@ def from_model(model, adapter_name="default", mapping=None, bias="none", modules
             alpha=slot.alpha,
             use_rslora=slot.use_rslora,
             module=module,
-            metadata={"format": "keras", "layer": path, "adapter_name": adapter_name},
+            metadata={
+                "format": "keras",
+                "layer": path,
+                "adapter_name": adapter_name,
+                "embedding": lora_kind(layer) == "embedding",
+            },
             magnitude=slot.magnitude.numpy() if slot.use_dora else None,
             bias=None if layer_bias is None else np.reshape(layer_bias.numpy(), [-1]),
         )

@@ -19,7 +19,9 @@ from tf_lora.adapters.safetensors_io import check_sha256, read_safetensors, writ
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
-_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<part>[AB])(\.[^.]+)?\.weight$")
+_KEY = re.compile(
+    r"^base_model\.model\.(?P<module>.+)\.lora_(?P<embedding>embedding_)?(?P<part>[AB])(\.[^.]+)?(?(embedding)|\.weight)$"
+)
 _MAGNITUDE = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_magnitude_vector(\.[^.]+)?(\.weight)?$")
 _LORA_BIAS = re.compile(r"^base_model\.model\.(?P<module>.+)\.base_layer\.bias$")
 _FULL = re.compile(r"^base_model\.model\.(?P<module>.+)\.(?P<param>weight|bias)$")
@@ -73,7 +75,7 @@ def load_peft(path, sha256=None, allow_nonfinite=False) -> AdapterSet:
     if sha256 is not None:
         check_sha256(weights_path, sha256)
     tensors = read_safetensors(weights_path)
-    pairs, magnitudes, biases, replacements = {}, {}, {}, {}
+    pairs, magnitudes, biases, replacements, embeddings = {}, {}, {}, {}, set()
     saved = config.get("modules_to_save") or []
     for key, value in tensors.items():
         kind, match = _classify(key)
@@ -82,6 +84,8 @@ def load_peft(path, sha256=None, allow_nonfinite=False) -> AdapterSet:
         module = match["module"]
         if kind == "ab":
             pairs.setdefault(module, {})[match["part"]] = value.numpy()
+            if match["embedding"]:
+                embeddings.add(module)
         elif kind == "m":
             magnitudes[module] = value.numpy()
         elif kind == "bias":
@@ -144,6 +148,7 @@ def load_peft(path, sha256=None, allow_nonfinite=False) -> AdapterSet:
                 "format": "peft",
                 "path": os.path.abspath(path),
                 "fan_in_fan_out": bool(config.get("fan_in_fan_out", False)),
+                "embedding": module in embeddings,
             },
         )
     stray = sorted((set(magnitudes) | set(biases)) - set(adapters) - {p for p in problems})
@@ -200,8 +205,12 @@ def save_peft(adapters: dict, path, base_model_name_or_path=None, overwrite=Fals
     }
     tensors = {}
     for module, adapter in adapters.items():
-        tensors[f"base_model.model.{module}.lora_A.weight"] = adapter.a.T
-        tensors[f"base_model.model.{module}.lora_B.weight"] = adapter.b.T
+        if adapter.metadata.get("embedding"):  # PEFT's Embedding layer: lora_embedding_A [r, vocab]
+            tensors[f"base_model.model.{module}.lora_embedding_A"] = adapter.a.T
+            tensors[f"base_model.model.{module}.lora_embedding_B"] = adapter.b.T
+        else:
+            tensors[f"base_model.model.{module}.lora_A.weight"] = adapter.a.T
+            tensors[f"base_model.model.{module}.lora_B.weight"] = adapter.b.T
         if adapter.magnitude is not None:
             tensors[f"base_model.model.{module}.lora_magnitude_vector"] = adapter.magnitude
         if adapter.bias is not None:

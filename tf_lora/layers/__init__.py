@@ -4,6 +4,7 @@ from tf_lora.layers.conversion import to_lora
 from tf_lora.layers.keras_injection import inject_lora
 from tf_lora.layers.lora_dense import LoraDense
 from tf_lora.layers.lora_einsum_dense import EinsumView, LoraEinsumDense
+from tf_lora.layers.lora_embedding import LoraEmbedding
 from tf_lora.layers.lora_layer import LoraAdapters, adapter_ids
 from tf_lora.layers.lora_model import (
     lora_layers,
@@ -20,6 +21,7 @@ __all__ = [
     "LoraAdapters",
     "LoraDense",
     "LoraEinsumDense",
+    "LoraEmbedding",
     "SparseEmbedding",
     "adapter_ids",
     "inject_lora",

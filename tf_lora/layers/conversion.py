@@ -11,6 +11,7 @@ import tensorflow as tf
 from tf_lora.layers.keras_lora_layout import from_keras_factors
 from tf_lora.layers.lora_dense import LoraDense
 from tf_lora.layers.lora_einsum_dense import EinsumView, LoraEinsumDense
+from tf_lora.layers.lora_embedding import LoraEmbedding
 from tf_lora.layers.lora_layer import DEFAULT_ADAPTER, LoraAdapters
 from tf_lora.layers.model_layers import lora_kind
 from tf_lora.python.ops import lora_ops
@@ -18,8 +19,15 @@ from tf_lora.python.ops import lora_ops
 _LORA_CLASSES = {
     "dense": (keras.layers.Dense, LoraDense),
     "einsum": (keras.layers.EinsumDense, LoraEinsumDense),
+    "embedding": (keras.layers.Embedding, LoraEmbedding),
 }
 _SUBCLASSES = {}
+# The variables of Keras's own enable_lora, by layer kind.
+_KERAS_LORA_NAMES = {
+    "dense": ("lora_kernel_a", "lora_kernel_b"),
+    "einsum": ("lora_kernel_a", "lora_kernel_b"),
+    "embedding": ("lora_embeddings_a", "lora_embeddings_b"),
+}
 
 
 def lora_class(layer_type, kind):
@@ -38,7 +46,7 @@ def check_convertible(layer, path):
     """Why `layer` cannot take LoRA (a message), or None."""
     kind = lora_kind(layer)
     if kind is None:
-        return f"{path}: a {type(layer).__name__}, not a Dense or EinsumDense layer"
+        return f"{path}: a {type(layer).__name__}, not a Dense, EinsumDense or Embedding layer"
     if isinstance(layer, LoraAdapters):
         return None
     if not layer.built:
@@ -52,7 +60,8 @@ def check_convertible(layer, path):
             return str(e)
         if getattr(layer, "lora_enabled", False):
             try:
-                from_keras_factors(_view(layer), layer.lora_kernel_a.numpy(), layer.lora_kernel_b.numpy())
+                names = _KERAS_LORA_NAMES[kind]
+                from_keras_factors(_view(layer), *(getattr(layer, n).numpy() for n in names))
             except ValueError as e:
                 return f"{path}: Keras's enable_lora is on, and {e}"
     return None
@@ -71,16 +80,16 @@ def to_lora(layer, rank, alpha, use_rslora=False, lora_dropout=0.0, train_bias=F
     kind = lora_kind(layer)
     keras_adapter = None
     if getattr(layer, "lora_enabled", False):  # Keras's own LoRA: kernel + alpha / rank * a @ b
-        view = _view(layer)
-        keras_adapter = from_keras_factors(view, layer.lora_kernel_a.numpy(), layer.lora_kernel_b.numpy())
+        variables = tuple(getattr(layer, name) for name in _KERAS_LORA_NAMES[kind])
+        keras_adapter = from_keras_factors(_view(layer), *(v.numpy() for v in variables))
         scale = layer.lora_alpha / layer.lora_rank
         rank, use_rslora = keras_adapter[0].shape[1], False
         alpha = scale * rank  # the same scale at tf_lora's rank (heads * Keras's for a per-head kernel)
-        variables = (layer.lora_kernel_a, layer.lora_kernel_b)
         layer._tracker.unlock()  # noqa: SLF001 - Keras's enable_lora unlocks it the same way
         for variable in variables:
             layer._untrack_variable(variable)  # noqa: SLF001
-        del layer.lora_kernel_a, layer.lora_kernel_b
+        for name in _KERAS_LORA_NAMES[kind]:
+            delattr(layer, name)
         layer.lora_enabled = False
         layer._tracker.lock()  # noqa: SLF001
     layer.__class__ = lora_class(type(layer), kind)
@@ -117,6 +126,8 @@ def refresh_call_signature(layer):
 def kernel_variable(layer):
     """The variable holding a Dense or EinsumDense layer's weight (Keras's `kernel` may be a property
     computing from it, as with Keras's own LoRA)."""
+    if isinstance(layer, keras.layers.Embedding):
+        return layer._embeddings  # noqa: SLF001 - Keras's table (`embeddings` adds Keras's own LoRA)
     kernel = getattr(layer, "_kernel", None)
     return layer.kernel if kernel is None else kernel
 

@@ -13,7 +13,7 @@ def inject_lora(
     model,
     rank=8,
     alpha=16.0,
-    target=".*",
+    target=None,
     use_rslora=False,
     lora_dropout=0.0,
     train_bias=False,
@@ -33,8 +33,10 @@ def inject_lora(
     Args:
       model: A built keras.Model.
       rank, alpha, use_rslora, lora_dropout, train_bias: As LoraDense.
-      target: A regex, full-matched against each layer's path (`transformer_layer_0/self_attention/query`)
-        and its name, or a list of paths or names.
+      target: None (every Dense and EinsumDense layer, as PEFT's "all-linear"), a regex full-matched
+        against each layer's path (`transformer_layer_0/self_attention/query`) and its name, or a list of
+        paths or names. A target may also name Embedding layers (keras-hub's `token_embedding` included):
+        they become LoraEmbedding, LoRA on the table as PEFT defines it.
       rank_pattern, alpha_pattern: `{regex: value}`, as PEFT's config: a layer whose path (or its last
         parts, or its name) fully matches a key gets that rank / alpha instead.
       copy: True (default): `model` is left as it was and a copy is adapted (built from the model's config,
@@ -59,8 +61,13 @@ def inject_lora(
     ['proj']
     """
     layers = layers_by_path(model)
-    candidates = {path: layer for path, layer in layers.items() if lora_kind(layer) is not None}
-    chosen = _chosen(layers, candidates, target)
+    linear = target is None  # as PEFT's "all-linear": every Dense and EinsumDense, no embedding table
+    candidates = {
+        path: layer
+        for path, layer in layers.items()
+        if lora_kind(layer) in (("dense", "einsum") if linear else ("dense", "einsum", "embedding"))
+    }
+    chosen = _chosen(layers, candidates, ".*" if linear else target)
     problems = [p for p in (check_convertible(layers[path], path) for path in chosen) if p]
     if problems:
         raise ValueError("inject_lora: nothing changed; " + "; ".join(problems))
@@ -116,8 +123,8 @@ def _chosen(layers, candidates, target):
         }
         if not chosen:
             raise ValueError(
-                f"inject_lora: no Dense or EinsumDense layer matches {target!r} (they are, by path: "
-                f"{describe_paths(candidates)})"
+                f"inject_lora: no Dense, EinsumDense or Embedding layer matches {target!r} (they are, by "
+                f"path: {describe_paths(candidates)})"
             )
         return chosen
     chosen, missing = set(), []
@@ -131,9 +138,9 @@ def _chosen(layers, candidates, target):
     if missing:
         others = [m for m in missing if m in layers or any(p.endswith("/" + m) for p in layers)]
         raise ValueError(
-            f"inject_lora: {missing} are not Dense or EinsumDense layers of the model"
+            f"inject_lora: {missing} are not Dense, EinsumDense or Embedding layers of the model"
             + (f" ({others} are other layers)" if others else "")
-            + f" (Dense and EinsumDense layers by path: {describe_paths(candidates)})"
+            + f" (those by path: {describe_paths(candidates)})"
         )
     if not chosen:
         raise ValueError("inject_lora: target lists no layer")

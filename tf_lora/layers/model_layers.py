@@ -26,10 +26,18 @@ def layers_by_path(model) -> dict:
 
 
 def lora_kind(layer):
-    """'dense', 'einsum' or None: how LoRA adapts `layer`. Subclasses count when they keep the base call
-    (a subclass with its own call computes something LoRA's update does not know)."""
+    """'dense', 'einsum', 'embedding' or None: how LoRA adapts `layer`. Subclasses count when they keep the
+    base call (a subclass with its own call computes something LoRA's update does not know), and Keras's
+    ReversibleEmbedding (a tied input/output table: its lookup is Embedding's)."""
     if isinstance(layer, LoraAdapters):
+        if isinstance(layer, keras.layers.Embedding):
+            return "embedding"
         return "dense" if isinstance(layer, keras.layers.Dense) else "einsum"
+    if isinstance(layer, keras.layers.Embedding):
+        calls = {keras.layers.Embedding.call} | {
+            c.call for c in type(layer).__mro__ if c.__name__ == "ReversibleEmbedding"
+        }
+        return "embedding" if type(layer).call in calls else None
     if isinstance(layer, keras.layers.Dense) and type(layer).call is keras.layers.Dense.call:
         return "dense"
     if isinstance(layer, keras.layers.EinsumDense) and type(layer).call is keras.layers.EinsumDense.call:
