@@ -41,8 +41,8 @@ def _config(arch):
         max_position_embeddings=64,
     )
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    if arch == "llama":
-        return transformers.LlamaConfig(**common, tie_word_embeddings=False), targets
+    if arch == "llama":  # and LoRA on the (untied) input embedding table
+        return transformers.LlamaConfig(**common, tie_word_embeddings=False), [*targets, "embed_tokens"]
     return transformers.GemmaConfig(**common, head_dim=8, hidden_activation="gelu_pytorch_tanh"), targets
 
 
@@ -76,6 +76,8 @@ def make(arch):
         for name, p in lora.named_parameters():  # PEFT's random init is small; make the adapter matter
             if "lora_B" in name:
                 p.mul_(20.0)
+            if "lora_embedding" in name:
+                p.copy_(0.5 * torch.randn_like(p))
         lora.save_pretrained(os.path.join(path, "adapter"))
         lora_logits = lora(ids).logits
     save_file(

@@ -42,7 +42,7 @@ def test_peft_adapter_reproduces_transformers_logits(arch, mode):
     adapters = tf_lora.adapters.load_peft(FIXTURES / arch / "adapter")
     report = tf_lora.adapters.apply(backbone, adapters, mode=mode)
     assert not report.unmatched_modules and not report.layers_without_adapter
-    layers = 2 * (6 if arch == "gpt2" else 7)
+    layers = {"gpt2": 12, "llama": 15, "gemma": 14}[arch]  # Llama's file also adapts its embedding table
     assert len(set(report.applied.values())) == layers
     logits = _logits(backbone, io["ids"])
     assert np.abs(io["lora_logits"] - io["base_logits"]).max() > 0.3  # the adapter matters
@@ -74,6 +74,8 @@ def test_export_gives_back_peft_files(arch, tmp_path):
     tf_lora.adapters.save_peft(exported, out)
     ours = load_file(str(out / "adapter_model.safetensors"))
     theirs = load_file(str(FIXTURES / arch / "adapter" / "adapter_model.safetensors"))
+    # PEFT also saves the table of an adapted embedding (save_embedding_layers); the adapters are the same.
+    theirs = {k: v for k, v in theirs.items() if not k.endswith("embed_tokens.base_layer.weight")}
     assert sorted(ours) == sorted(theirs)
     for key, value in theirs.items():
         np.testing.assert_allclose(ours[key], value, rtol=1e-6, atol=1e-7, err_msg=key)

@@ -110,8 +110,16 @@ def test_keras_hub_tied_table_keeps_its_base_output_projection_until_merged():
     )
     x = {"token_ids": np.arange(8, dtype="int32")[None], "padding_mask": np.ones((1, 8), "int32")}
     before = backbone(x).numpy()
-    _, adapted = tf_lora.inject_lora(backbone, target=["token_embedding", "query"], copy=False)
-    assert adapted == ["token_embedding", "transformer_layer_0/self_attention/query"]
+    _, adapted = tf_lora.inject_lora(backbone, target=["query"], copy=False)
+    _, adapted = tf_lora.inject_lora(backbone, target=["token_embedding"], copy=False)  # a second call
+    assert adapted == ["token_embedding"]
+    trained = {w.path for w in backbone.trainable_weights}  # the first call's adapters still train
+    assert trained == {
+        "token_embedding/lora_a",
+        "token_embedding/lora_b",
+        "transformer_layer_0/self_attention/query/lora_a",
+        "transformer_layer_0/self_attention/query/lora_b",
+    }
     table = backbone.token_embedding
     assert (
         isinstance(table, tf_lora.layers.LoraEmbedding) and type(table).__name__ == "LoraReversibleEmbedding"

@@ -29,6 +29,7 @@ class Layout:
     keras_block: str
     modules: dict  # HF module under the block -> keras-hub layer(s) under the block
     fan_in_fan_out: bool = False  # GPT-2's Conv1D
+    embedding: tuple = ("model.embed_tokens", "token_embedding")  # (HF name as exported, keras-hub layer)
 
 
 _LLAMA_MODULES = {
@@ -53,6 +54,7 @@ LAYOUTS = (
             "mlp.c_proj": "feedforward_output_dense",
         },
         fan_in_fan_out=True,
+        embedding=("transformer.wte", "token_embedding"),
     ),
     Layout(
         ("LlamaBackbone", "MistralBackbone", "QwenBackbone"),
@@ -104,9 +106,14 @@ def to_keras_hub(model, adapters):
     if layout is None:
         return None, None
     pattern = _module_pattern(layout)
+    embedding = re.compile(rf"(?:.*\.)?{re.escape(layout.embedding[0].rsplit('.', 1)[-1])}")
     out, paths, translated = {}, {}, False
     for module, adapter in adapters.items():
         match = pattern.fullmatch(module)
+        if match is None and embedding.fullmatch(module):
+            translated = True
+            out[module], paths[module] = adapter, prefix + layout.embedding[1]
+            continue
         if match is None:
             out[module] = adapter
             continue
@@ -155,6 +162,9 @@ def to_hf(model, adapters):
             reverse[layer] = (hf, i, 1 if isinstance(keras_layers, str) else len(keras_layers))
     parts, out = {}, {}
     for path, adapter in adapters.items():
+        if path == prefix + layout.embedding[1]:
+            out[layout.embedding[0]] = dataclasses.replace(adapter, module=layout.embedding[0])
+            continue
         match = block.fullmatch(path)
         if match is None or match[2] not in reverse:
             return None

@@ -132,6 +132,12 @@ def apply(
         )
     if problems:
         raise ValueError("apply: nothing changed; " + "; ".join(problems))
+    # Whole weights first (a saved base table is what the adapters then merge into).
+    for _, _, layer, parts in [] if dry_run else replaced:
+        if "weight" in parts:
+            set_kernel_matrix(layer, parts["weight"])
+        if "bias" in parts:
+            set_bias(layer, parts["bias"])
     for _, _, layer, adapter in [] if dry_run else pairs:
         if adapter.bias is not None:
             set_bias(layer, adapter.bias)
@@ -155,11 +161,6 @@ def apply(
             adapter_name,
             magnitude=adapter.magnitude,
         )
-    for _, _, layer, parts in [] if dry_run else replaced:
-        if "weight" in parts:
-            set_kernel_matrix(layer, parts["weight"])
-        if "bias" in parts:
-            set_bias(layer, parts["bias"])
     if mode == "attach" and not dry_run:
         forget_traces(model)
         mark(model)

@@ -23,7 +23,9 @@ _KEY = re.compile(
     r"^base_model\.model\.(?P<module>.+)\.lora_(?P<embedding>embedding_)?(?P<part>[AB])(\.[^.]+)?(?(embedding)|\.weight)$"
 )
 _MAGNITUDE = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_magnitude_vector(\.[^.]+)?(\.weight)?$")
-_LORA_BIAS = re.compile(r"^base_model\.model\.(?P<module>.+)\.base_layer\.bias$")
+# An adapted layer's own bias (bias="lora_only"), or its whole weight (PEFT saves the tables of adapted
+# embeddings, save_embedding_layers, in case the vocabulary was resized).
+_BASE_LAYER = re.compile(r"^base_model\.model\.(?P<module>.+)\.base_layer\.(?P<param>bias|weight)$")
 _FULL = re.compile(r"^base_model\.model\.(?P<module>.+)\.(?P<param>weight|bias)$")
 # PEFT's other adapter kinds, by peft_type: named in the error, never read as LoRA.
 _VARIANTS = {
@@ -75,7 +77,7 @@ def load_peft(path, sha256=None, allow_nonfinite=False) -> AdapterSet:
     if sha256 is not None:
         check_sha256(weights_path, sha256)
     tensors = read_safetensors(weights_path)
-    pairs, magnitudes, biases, replacements, embeddings = {}, {}, {}, {}, set()
+    pairs, magnitudes, biases, replacements, embeddings, base_weights = {}, {}, {}, {}, set(), {}
     saved = config.get("modules_to_save") or []
     for key, value in tensors.items():
         kind, match = _classify(key)
@@ -88,8 +90,10 @@ def load_peft(path, sha256=None, allow_nonfinite=False) -> AdapterSet:
                 embeddings.add(module)
         elif kind == "m":
             magnitudes[module] = value.numpy()
-        elif kind == "bias":
+        elif kind == "base" and match["param"] == "bias":
             biases[module] = value.numpy()
+        elif kind == "base":
+            base_weights[module] = value.numpy()
         elif any(module == m or module.endswith("." + m) for m in saved) or (
             match["param"] == "bias" and config.get("bias") == "all"
         ):
@@ -100,6 +104,8 @@ def load_peft(path, sha256=None, allow_nonfinite=False) -> AdapterSet:
                 f"load_peft: {weights_path}: key {key!r} is a whole {match['param']} of {module!r}, which "
                 f"the config neither saves (modules_to_save {saved}) nor trains (bias {config.get('bias')!r})"
             )
+    for module, array in base_weights.items():  # an embedding table is [vocab, dim] in both layouts
+        replacements.setdefault(module, {})["weight"] = array if module in embeddings else array.T
     if config.get("use_dora") and (set(pairs) - set(magnitudes)):
         raise ValueError(
             f"load_peft: {path}: a DoRA adapter (use_dora: true) without the lora_magnitude_vector weights "
@@ -236,7 +242,7 @@ def save_peft(adapters: dict, path, base_model_name_or_path=None, overwrite=Fals
 def _classify(key):
     """(kind, match) of a PEFT file key: a LoRA A/B weight ("ab"), a DoRA magnitude ("m"), an adapted
     layer's bias ("bias"), a whole weight or bias ("full"); (None, None) for none of them."""
-    for pattern, kind in ((_KEY, "ab"), (_MAGNITUDE, "m"), (_LORA_BIAS, "bias"), (_FULL, "full")):
+    for pattern, kind in ((_KEY, "ab"), (_MAGNITUDE, "m"), (_BASE_LAYER, "base"), (_FULL, "full")):
         match = pattern.match(key)
         if match is not None:
             return kind, match

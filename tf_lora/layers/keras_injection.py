@@ -5,6 +5,7 @@ import re
 import keras
 
 from tf_lora.layers.conversion import check_convertible, forget_traces, to_lora
+from tf_lora.layers.lora_layer import LoraAdapters
 from tf_lora.layers.lora_model import mark
 from tf_lora.layers.model_layers import describe_paths, layers_by_path, lora_kind
 
@@ -81,11 +82,12 @@ def inject_lora(
     for variable in model.weights:  # the base model is frozen; the new adapters are trained
         variable.trainable = False
     for path in chosen:
-        layer = layers[path]
-        to_lora(layer, ranks[path], alphas[path], use_rslora, lora_dropout, train_bias)
-        layer._set_trainable()  # noqa: SLF001 - the active adapter trains
-        if getattr(layer, "bias", None) is not None:
-            layer.bias.trainable = layer.train_bias
+        to_lora(layers[path], ranks[path], alphas[path], use_rslora, lora_dropout, train_bias)
+    for layer in layers.values():  # every LoRA layer's active adapter trains, this call's and earlier ones'
+        if isinstance(layer, LoraAdapters):
+            layer._set_trainable()  # noqa: SLF001
+            if getattr(layer, "bias", None) is not None:
+                layer.bias.trainable = layer.train_bias
     forget_traces(model)
     mark(model)
     return model, sorted(chosen)
