@@ -218,3 +218,27 @@ def test_errors_list_what_can_be_matched():
     assert not tf_lora.layers.lora_layers(backbone)  # nothing changed
     model, adapted = tf_lora.inject_lora(backbone, target=["query"])  # a name: every layer of that name
     assert adapted == ["transformer_layer_0/self_attention/query", "transformer_layer_1/self_attention/query"]
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma"])
+def test_mixed_precision_fit(kind):
+    """Trained as users train: mixed_float16 (Keras wraps the optimizer in a LossScaleOptimizer); the
+    adapters stay float32, learn, and the base stays frozen."""
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        model, _ = tf_lora.inject_lora(_backbone(kind), rank=4, alpha=8, copy=False)
+        layer = tf_lora.layers.lora_layers(model)[ATTENTION[kind].format(0, "query")]
+        assert layer.compute_dtype == "float16" and layer.adapter_slot().a.dtype == "float32"
+        x = _inputs()
+        y = np.random.default_rng(3).standard_normal(model(x).shape).astype(np.float32)
+        frozen = {w.path: w.numpy() for w in model.non_trainable_weights}
+        b = layer.adapter_slot().b.numpy()
+        model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
+        history = model.fit(x, y, epochs=3, verbose=0)
+        assert np.all(np.isfinite(history.history["loss"]))
+        assert history.history["loss"][-1] < history.history["loss"][0]
+        assert not np.array_equal(layer.adapter_slot().b.numpy(), b)
+        for w in model.non_trainable_weights:
+            np.testing.assert_array_equal(w.numpy(), frozen[w.path])
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
