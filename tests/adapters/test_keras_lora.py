@@ -4,6 +4,7 @@ keras-hub GPT-2 (query [hidden, heads, head_dim]), Llama and Gemma (query [heads
 import keras
 import numpy as np
 import pytest
+from keras_hub_models import KINDS, tiny_backbone
 
 import tf_lora
 
@@ -11,38 +12,10 @@ keras_hub = pytest.importorskip("keras_hub")
 
 
 def _backbone(kind):
-    keras.utils.set_random_seed(0)
-    if kind == "gpt2":
-        return keras_hub.models.GPT2Backbone(
-            vocabulary_size=64,
-            num_layers=2,
-            num_heads=2,
-            hidden_dim=16,
-            intermediate_dim=32,
-            max_sequence_length=32,
-        )
-    if kind == "llama":
-        return keras_hub.models.LlamaBackbone(
-            vocabulary_size=64,
-            num_layers=2,
-            num_query_heads=4,
-            num_key_value_heads=2,
-            hidden_dim=16,
-            intermediate_dim=32,
-        )
-    return keras_hub.models.GemmaBackbone(
-        vocabulary_size=64,
-        num_layers=2,
-        num_query_heads=2,
-        num_key_value_heads=1,
-        hidden_dim=16,
-        intermediate_dim=32,
-        head_dim=8,
-    )
+    return tiny_backbone(kind)
 
 
 X = {"token_ids": np.arange(16, dtype="int32").reshape(2, 8) % 64, "padding_mask": np.ones((2, 8), "int32")}
-KINDS = ["gpt2", "llama", "gemma"]
 
 
 def _keras_lora(kind, rank=4):

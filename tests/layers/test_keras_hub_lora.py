@@ -8,43 +8,15 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from keras_hub_models import KINDS, VOCAB, tiny_backbone
 
 import tf_lora
 
 keras_hub = pytest.importorskip("keras_hub")
 
-VOCAB = 64
-
 
 def _backbone(kind):
-    keras.utils.set_random_seed(0)
-    if kind == "gpt2":
-        return keras_hub.models.GPT2Backbone(
-            vocabulary_size=VOCAB,
-            num_layers=2,
-            num_heads=2,
-            hidden_dim=16,
-            intermediate_dim=32,
-            max_sequence_length=32,
-        )
-    if kind == "llama":
-        return keras_hub.models.LlamaBackbone(
-            vocabulary_size=VOCAB,
-            num_layers=2,
-            num_query_heads=4,
-            num_key_value_heads=2,
-            hidden_dim=16,
-            intermediate_dim=32,
-        )
-    return keras_hub.models.GemmaBackbone(
-        vocabulary_size=VOCAB,
-        num_layers=2,
-        num_query_heads=2,
-        num_key_value_heads=1,
-        hidden_dim=16,
-        intermediate_dim=32,
-        head_dim=8,
-    )
+    return tiny_backbone(kind)
 
 
 # The attention projections of each: EinsumDense layers two levels down.
@@ -53,7 +25,6 @@ ATTENTION = {
     "llama": "transformer_layer_{}/self_attention/{}",
     "gemma": "decoder_block_{}/attention/{}",
 }
-KINDS = ["gpt2", "llama", "gemma"]
 SOURCE = f"""
 import keras, keras_hub, numpy as np
 keras.utils.set_random_seed(0)

@@ -7,6 +7,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from keras_hub_models import tiny_backbone
 from safetensors.numpy import load_file
 
 import tf_lora
@@ -98,16 +99,8 @@ def test_per_example_adapters_gradients_and_round_trip(tmp_path):
 
 
 def test_keras_hub_tied_table_keeps_its_base_output_projection_until_merged():
-    keras_hub = pytest.importorskip("keras_hub")
-    keras.utils.set_random_seed(0)
-    backbone = keras_hub.models.GPT2Backbone(
-        vocabulary_size=64,
-        num_layers=1,
-        num_heads=2,
-        hidden_dim=16,
-        intermediate_dim=32,
-        max_sequence_length=16,
-    )
+    pytest.importorskip("keras_hub")
+    backbone = tiny_backbone("gpt2", num_layers=1)
     x = {"token_ids": np.arange(8, dtype="int32")[None], "padding_mask": np.ones((1, 8), "int32")}
     before = backbone(x).numpy()
     _, adapted = tf_lora.inject_lora(backbone, target=["query"], copy=False)

@@ -87,8 +87,9 @@ def test_inject_keras_export_through_the_cli(tmp_path, capsys):
     assert "hidden/kernel/lora_a:0" in names and "hidden/kernel/lora_b:0" in names
 
     assert cli.main([*args[:5], "--target", "nothing", "--rank", "2", "--alpha", "4", "--overwrite"]) == 2
-    assert "no MatMul weight matches 'nothing' (2-D variables: ['head/kernel', 'hidden/kernel'])" in (
-        capsys.readouterr().err
+    assert (
+        "no MatMul weight matches 'nothing', nor any Einsum kernel (weights that can take an adapter: "
+        "['head/kernel', 'hidden/kernel'])" in capsys.readouterr().err
     )
 
 

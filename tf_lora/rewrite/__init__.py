@@ -3,8 +3,8 @@ inject, replace-embedding, swap-adapter (`tf-lora --help` for the command line).
 
 Each command is a function here, defined in a module named for what it does (`folding`, `injection`,
 `inspection`, `verification`, `embedding_replacement`, `adapter_swap`); the modules under them read models
-(`model_files`, `variables`, `graph_defs`, `constant_eval`, `lora_patterns`), edit them (`graph_edit`,
-`tf1_session`) and write them (`saved_model_writer`, `output_dir`).
+(`model_files`, `variables`, `graph_defs`, `constant_eval`, `lora_patterns`, `einsum_kernels`), edit them
+(`graph_edit`, `tf1_session`) and write them (`saved_model_writer`, `output_dir`).
 """
 
 from tf_lora.rewrite.adapter_swap import SwapReport, swap_adapter

@@ -12,7 +12,7 @@ from tf_lora.adapters.module_names import module_mapper
 from tf_lora.adapters.peft import load_peft
 from tf_lora.rewrite.errors import RewriteError
 from tf_lora.rewrite.graph_defs import GraphBody, split_ref
-from tf_lora.rewrite.lora_patterns import LORA_APPLY, matmul_under
+from tf_lora.rewrite.lora_patterns import LORA_APPLY, projection_under
 from tf_lora.rewrite.model_files import ModelFiles
 from tf_lora.rewrite.saved_model_writer import write_saved_model
 
@@ -38,8 +38,10 @@ def load_adapter_file(path, sha256=None) -> dict:
 def swap_adapter(model_dir, out_dir, adapters, mapping=None, strict=True, overwrite=False, progress=None):
     """Writes a copy of the SavedModel `model_dir` whose LoRA applies carry the weights of `adapters`.
 
-    Each `TfLora>LoraApply` is named by the layer of its base weight (the weight variable's name without its
-    last part: `q_proj/kernel` -> `q_proj`; a bare variable name stays whole). File modules map to those
+    Each `TfLora>LoraApply` is named by the layer of its base weight, the weight of the MatMul or Einsum
+    projection under it (the weight variable's name without its last part: `q_proj/kernel` -> `q_proj`; a
+    bare variable name stays whole). An Einsum's adapter is `[in, out]`, its kernel seen through its equation
+    (einsum_kernels), as PEFT's adapter of the equivalent Linear is. File modules map to those
     names as in `tf_lora.adapters.apply` (`mapping`: None, a function or (regex, replacement) pairs). A and B
     are written into the adapter's variables (same rank required) and the apply's scale becomes the file's.
 
@@ -120,8 +122,8 @@ def swap_adapter(model_dir, out_dir, adapters, mapping=None, strict=True, overwr
 
 
 def _base_weight(files, fdef, nodes, y_ref):
-    """The name of the weight variable of the MatMul under the apply's y (or the y node's name)."""
-    node = matmul_under(nodes, y_ref)
+    """The name of the weight variable of the MatMul or Einsum under the apply's y (or the y node's name)."""
+    node = projection_under(nodes, y_ref)
     if node is not None:
         weight = files.read_variable(fdef, node.input[1])
         if weight is not None:

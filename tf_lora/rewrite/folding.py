@@ -1,4 +1,5 @@
-"""fold: every LoRA apply on a MatMul becomes that MatMul with W' = W + scale * A @ B (stock TF only)."""
+"""fold: every LoRA apply on a MatMul becomes that MatMul with W' = W + scale * A @ B, and every one on an
+Einsum projection that Einsum with its kernel plus scale * A @ B in the kernel's layout (stock TF only)."""
 
 import collections
 import dataclasses
@@ -6,6 +7,7 @@ import re
 
 import numpy as np
 
+from tf_lora.rewrite.einsum_kernels import einsum_view, equation, kernel_update
 from tf_lora.rewrite.errors import RewriteError
 from tf_lora.rewrite.graph_defs import (
     CALL_OPS,
@@ -15,7 +17,14 @@ from tf_lora.rewrite.graph_defs import (
     rename_output,
     split_ref,
 )
-from tf_lora.rewrite.lora_patterns import BATCHED_LORA_APPLY, LORA_APPLY, matmul_under, stack_names
+from tf_lora.rewrite.lora_patterns import (
+    BATCHED_LORA_APPLY,
+    LORA_APPLY,
+    SHAPE_OPS,
+    projection_under,
+    row_sources,
+    stack_names,
+)
 from tf_lora.rewrite.model_files import ModelFiles
 from tf_lora.rewrite.saved_model_writer import write_saved_model
 
@@ -44,7 +53,10 @@ class FoldReport:
 
 def fold(model_dir, out_dir, adapter=None, overwrite=False, progress=None) -> FoldReport:
     """Writes a copy of the SavedModel `model_dir` to `out_dir` in which every `TfLora>LoraApply` on a
-    MatMul is folded into that MatMul's weight, so that the copy runs on stock TensorFlow.
+    MatMul is folded into that MatMul's weight, and every one on the rows of an Einsum projection
+    (LoraEinsumDense, or inject on an EinsumDense) into that Einsum's kernel: `scale * A @ B` is `[in, out]`,
+    the kernel seen through the equation (einsum_kernels), put back in the kernel's layout. The copy runs on
+    stock TensorFlow.
 
     Args:
       model_dir: A TF2 SavedModel.
@@ -67,7 +79,10 @@ def fold(model_dir, out_dir, adapter=None, overwrite=False, progress=None) -> Fo
     chooser = re.compile(adapter) if adapter is not None else None
 
     folds, deltas, problems = [], collections.defaultdict(dict), []
-    matmuls_folded = collections.defaultdict(set)  # weight node id -> {(function, MatMul node)}
+    projections_folded = collections.defaultdict(set)  # weight node id -> {(function, MatMul or Einsum node)}
+    kinds = collections.defaultdict(
+        set
+    )  # weight node id -> {"MatMul", "Einsum"}: the ops that multiply by it
     applies = []  # (function, nodes, apply node): where --adapter looked
     for original in files.model_functions():
         fdef = functions[original.signature.name]
@@ -82,32 +97,34 @@ def fold(model_dir, out_dir, adapter=None, overwrite=False, progress=None) -> Fo
             except RewriteError as e:
                 problems.append(str(e))
                 continue
-            fold_info, weight, matmul, delta = found
+            fold_info, weight, projection, delta = found
             folds.append(fold_info)
-            matmuls_folded[weight.node_id].add((original.signature.name, matmul.name))
-            if delta is None:  # dropped: this MatMul keeps the base weight, which must then stay as it is
+            projections_folded[weight.node_id].add((original.signature.name, projection.name))
+            kinds[weight.node_id].add(projection.op)
+            if delta is None:  # dropped: this projection keeps the base weight, which must then stay as it is
                 delta = np.zeros(weight.shape)
-            deltas[weight.node_id].setdefault((original.signature.name, matmul.name), []).append(delta)
+            deltas[weight.node_id].setdefault((original.signature.name, projection.name), []).append(delta)
             _replace_with_identity(fdef, next(n for n in fdef.node_def if n.name == node.name))
     left = plugin_nodes(meta)
     if left:
         problems.append(
-            f"tf_lora ops that fold does not handle remain: {left} (fold folds LoRA applies on MatMuls)"
+            f"tf_lora ops that fold does not handle remain: {left} (fold folds LoRA applies on MatMuls and "
+            "Einsum projections)"
         )
     if not folds and not problems:
         raise RewriteError(f"{files.path}: no LoRA apply to fold")
     if chooser is not None and folds and not any(f.folded for f in folds):
         names = sorted({name for apply in applies for name in _adapter_names(files, *apply)})
         problems.insert(0, f"--adapter {adapter!r} matches no adapter (adapters: {names})")
-    problems += _check_weights_only_read_by_folded_matmuls(files, matmuls_folded)
+    problems += _check_weights_only_read_by_folded_projections(files, projections_folded)
     updates = {}
-    for weight_id, per_matmul in deltas.items():
-        totals = {key: sum(ds) for key, ds in per_matmul.items()}
+    for weight_id, per_projection in deltas.items():
+        totals = {key: sum(ds) for key, ds in per_projection.items()}
         first = next(iter(totals.values()))
         if any(not np.array_equal(t, first) for t in totals.values()):
             problems.append(
-                f"weight {files.variables[weight_id].name!r}: its MatMuls carry different adapters; "
-                "one merged weight cannot serve them"
+                f"weight {files.variables[weight_id].name!r}: its {' and '.join(sorted(kinds[weight_id]))}s "
+                "carry different adapters; one merged weight cannot serve them"
             )
             continue
         for variable in _weight_and_twins(files, files.variables[weight_id]):
@@ -124,22 +141,38 @@ def fold(model_dir, out_dir, adapter=None, overwrite=False, progress=None) -> Fo
 
 
 def fold_one(files, fdef, nodes, node, chooser):
-    """Checks one LoraApply or BatchedLoraApply node and computes its update of the MatMul weight:
-    (Fold, weight Variable, MatMul node, delta or None when dropped)."""
+    """Checks one LoraApply or BatchedLoraApply node and computes its update of the weight of the MatMul or
+    Einsum under it: (Fold, weight Variable, MatMul or Einsum node, delta in the weight's layout or None when
+    dropped)."""
     where = f"{fdef.signature.name}/{node.name}"
     data = [i for i in node.input if not i.startswith("^")]
     y_ref, x_ref = data[:2]
-    matmul = matmul_under(nodes, y_ref)
-    if matmul is None:
-        raise RewriteError(f"{where}: adds to {y_ref!r}, which is not (a bias added to) a MatMul")
-    if matmul.attr["transpose_a"].b:
-        raise RewriteError(f"{where}: its MatMul {matmul.name} transposes its input")
-    if not _same_tensor(matmul.input[0], x_ref):
-        raise RewriteError(f"{where}: its input {x_ref!r} is not its MatMul's input {matmul.input[0]!r}")
-    weight = files.read_variable(fdef, matmul.input[1])
+    projection = projection_under(nodes, y_ref)
+    if projection is None:
+        raise RewriteError(
+            f"{where}: adds to {y_ref!r}, which is not (a bias added to) a MatMul, nor the rows of an Einsum"
+        )
+    view = None
+    if projection.op == "MatMul":
+        if projection.attr["transpose_a"].b:
+            raise RewriteError(f"{where}: its MatMul {projection.name} transposes its input")
+        if not _same_tensor(projection.input[0], x_ref):
+            raise RewriteError(
+                f"{where}: its input {x_ref!r} is not its MatMul's input {projection.input[0]!r}"
+            )
+    weight = files.read_variable(fdef, projection.input[1])
     if weight is None:
-        raise RewriteError(f"{where}: its MatMul {matmul.name} does not multiply by a saved variable")
-    _check_single_consumer_chain(files, fdef, nodes, node, matmul)
+        raise RewriteError(
+            f"{where}: its {projection.op} {projection.name} does not multiply by a saved variable"
+        )
+    if projection.op != "MatMul":
+        view = einsum_view(projection, weight.shape, f"{fdef.signature.name}/{projection.name}")
+        if not set(row_sources(nodes, x_ref)) & set(row_sources(nodes, projection.input[0])):
+            raise RewriteError(
+                f"{where}: its input {x_ref!r} is not (a reshape of) its Einsum's input "
+                f"{projection.input[0]!r}"
+            )
+    _check_single_consumer_chain(files, fdef, nodes, node, projection)
     if node.op == LORA_APPLY:
         a_var = files.read_variable(fdef, data[2])
         adapter_name = a_var.name if a_var is not None else split_ref(data[2])[0]
@@ -153,14 +186,21 @@ def fold_one(files, fdef, nodes, node, chooser):
     delta = None
     if chosen:
         delta = float(scale) * (a.astype(np.float64) @ b.astype(np.float64))
-        if matmul.attr["transpose_b"].b:
+        if view is not None:
+            if delta.shape != (view.in_features, view.out_features):
+                raise RewriteError(
+                    f"{where}: scale * A @ B is {delta.shape}, the kernel {weight.name} {weight.shape} seen "
+                    f"through {equation(projection)!r} {(view.in_features, view.out_features)}"
+                )
+            delta = kernel_update(view, delta)
+        elif projection.attr["transpose_b"].b:
             delta = delta.T
         if delta.shape != weight.shape:
             raise RewriteError(
                 f"{where}: scale * A @ B is {delta.shape}, the weight {weight.name} {weight.shape}"
             )
     info = Fold(fdef.signature.name, node.name, weight.name, adapter_name, a.shape[1], float(scale), chosen)
-    return info, weight, matmul, delta
+    return info, weight, projection, delta
 
 
 def _adapter_names(files, fdef, nodes, node):
@@ -221,19 +261,22 @@ def _same_tensor(ref1, ref2):
     return split_ref(ref1) == split_ref(ref2)
 
 
-def _check_single_consumer_chain(files, fdef, nodes, apply_node, matmul):
-    """The tensors between the MatMul and the apply must feed nothing else: they would see the new weight."""
+def _check_single_consumer_chain(files, fdef, nodes, apply_node, projection):
+    """The tensors between the MatMul (or Einsum) and the apply must feed nothing else: they would see the
+    new weight. Ops that read only their shape (the Shape an Einsum's rows are reshaped back with) do not
+    count."""
     consumers = files.consumers(fdef)
     returned = collections.Counter(split_ref(r)[0] for r in fdef.ret.values())
     step = nodes[split_ref(apply_node.input[0])[0]]
     while True:
-        uses = len(consumers.get(step.name, ())) + returned[step.name]
+        users = [c for c in consumers.get(step.name, ()) if c.op not in SHAPE_OPS]
+        uses = len(users) + returned[step.name]
         if uses > 1 and step.op not in (LORA_APPLY, BATCHED_LORA_APPLY):
             raise RewriteError(
-                f"{fdef.signature.name}/{apply_node.name}: {step.name} ({step.op}) between the MatMul and "
-                "the LoRA apply has other consumers, which would see the folded weight"
+                f"{fdef.signature.name}/{apply_node.name}: {step.name} ({step.op}) between the "
+                f"{projection.op} and the LoRA apply has other consumers, which would see the folded weight"
             )
-        if step is matmul:
+        if step is projection:
             return
         step = nodes[split_ref(step.input[0])[0]]
 
@@ -252,10 +295,10 @@ def _replace_with_identity(fdef, node):
     rename_output(fdef, node.name, "y_out", "output")
 
 
-def _check_weights_only_read_by_folded_matmuls(files, matmuls_folded):
+def _check_weights_only_read_by_folded_projections(files, projections_folded):
     """A folded weight used anywhere else would change meaning there. Every use of its resource must be a
-    read whose consumers are folded MatMuls, or a call into a function checked the same way; anything else
-    (a gather on it, a cond or loop body fold cannot follow, an assignment) is refused."""
+    read whose consumers are folded MatMuls or Einsums, or a call into a function checked the same way;
+    anything else (a gather on it, a cond or loop body fold cannot follow, an assignment) is refused."""
     problems = []
     saver = split_ref(files.meta.saver_def.save_tensor_name)[0].rsplit("/", 1)[0] + "/"
 
@@ -269,11 +312,11 @@ def _check_weights_only_read_by_folded_matmuls(files, matmuls_folded):
         resources = {}
         if isinstance(fdef, GraphBody):
             for name, variable in files.graph_variables.items():
-                if variable.node_id in matmuls_folded:
+                if variable.node_id in projections_folded:
                     resources[name] = variable
         else:
             for (function, arg), variable in files.arg_variables.items():
-                if function == fn and variable.node_id in matmuls_folded:
+                if function == fn and variable.node_id in projections_folded:
                     resources[arg] = variable
         for node in fdef.node_def:
             for ref in (i for i in node.input if not i.startswith("^")):
@@ -295,7 +338,7 @@ def _check_weights_only_read_by_folded_matmuls(files, matmuls_folded):
                 for reader in consumers.get(node.name, ()):
                     if saver_node(consumers, reader):
                         continue
-                    if (fn, reader.name) not in matmuls_folded[variable.node_id]:
+                    if (fn, reader.name) not in projections_folded[variable.node_id]:
                         problems.append(
                             f"weight {variable.name!r} is also read by {fn}/{reader.name} ({reader.op}), "
                             "which has no LoRA apply to fold"

@@ -1,7 +1,8 @@
-"""inject: new LoRA adapters (A He-uniform, B zero) on the MatMuls of chosen weights of a model (a TF2
-SavedModel rewritten as protos; TF1 graphs in a session)."""
+"""inject: new LoRA adapters (A He-uniform, B zero) on the MatMuls and Einsum projections of chosen weights of
+a model (a TF2 SavedModel rewritten as protos; TF1 graphs, MatMuls only, in a session)."""
 
 import dataclasses
+import math
 import re
 
 import numpy as np
@@ -11,14 +12,17 @@ from tensorflow.core.protobuf import saved_object_graph_pb2
 from tensorflow.python.framework import dtypes, tensor_util
 
 from tf_lora.python.ops import lora_ops
+from tf_lora.rewrite.einsum_kernels import einsum_view, equation, is_projection
 from tf_lora.rewrite.errors import RewriteError
 from tf_lora.rewrite.graph_edit import ArgumentAdder, checkpoint_graph, name_matches, resave
-from tf_lora.rewrite.lora_patterns import BATCHED_LORA_APPLY, LORA_APPLY, matmul_under
+from tf_lora.rewrite.lora_patterns import BATCHED_LORA_APPLY, LORA_APPLY, projection_under
 from tf_lora.rewrite.model_files import OBJECT_GRAPH_KEY, ModelFiles
 from tf_lora.rewrite.saved_model_writer import write_saved_model
 from tf_lora.rewrite.tf1_session import all_variables, rewire, session_model, variable_of, write_session
 
 v1 = tf.compat.v1
+# What adds a bias to a product.
+_ADDS = {"BiasAdd", "Add", "AddV2"}
 
 
 @dataclasses.dataclass
@@ -26,15 +30,33 @@ class Injected:
     weight: str  # the base weight's variable name
     a: str  # the new variables' names
     b: str
-    shape: tuple  # the weight's [in, out] as the MatMul uses it
-    matmuls: list  # "function/node" of each MatMul that got the apply
+    shape: tuple  # the weight's [in, out] as the MatMul (or through its equation the Einsum) uses it
+    matmuls: list  # "function/node" of each MatMul or Einsum that got the apply
+
+
+@dataclasses.dataclass
+class _Site:
+    """A MatMul or Einsum that gets an apply, and how it sees its weight as a matrix `[in, out]`."""
+
+    function: str
+    node: str
+    how: str  # "as is", "transposed" (a MatMul), "in '<equation>'" (an Einsum)
+    axes: tuple  # (the weight's axes the input contracts, the axes the output keeps), by position
+    view: object  # the Einsum's EinsumView; None for a MatMul
 
 
 def inject(model_dir, out_dir, target, rank, alpha, seed=0, overwrite=False, progress=None) -> list:
-    """Writes a copy of the SavedModel `model_dir` in which every MatMul whose weight variable matches
-    `target` gets a LoRA apply with new adapter variables: A `[in, rank]` He-uniform, B `[rank, out]` zero,
-    scale alpha / rank. The outputs are unchanged (B is zero); the adapters are trainable variables of the
-    loaded model (`<weight name>/lora_a`, `/lora_b`; attributes `tf_lora_<weight>_lora_a` of its root).
+    """Writes a copy of the SavedModel `model_dir` in which every MatMul or Einsum projection whose weight
+    variable matches `target` gets a LoRA apply with new adapter variables: A `[in, rank]` He-uniform, B
+    `[rank, out]` zero, scale alpha / rank. The outputs are unchanged (B is zero); the adapters are trainable
+    variables of the loaded model (`<weight name>/lora_a`, `/lora_b`; attributes `tf_lora_<weight>_lora_a` of
+    its root).
+
+    An Einsum's kernel is seen as the matrix `[in, out]` through its equation (einsum_kernels: `in` the kernel
+    axes the input contracts, `out` those the output keeps, each flattened in kernel order), and the apply
+    goes on its rows: `y' = Reshape(LoraApply(Reshape(y, [-1, out]), Reshape(x, [-1, in]), A, B, scale),
+    Shape(y))`. That takes an equation whose input ends with the `in` axes and output with the `out` axes
+    (every attention projection); a matching Einsum with another is refused.
 
     Args:
       target: A regex, matched in full against each weight variable's name or its layer (the name without
@@ -44,7 +66,9 @@ def inject(model_dir, out_dir, target, rank, alpha, seed=0, overwrite=False, pro
       [Injected], one per adapted weight.
 
     Raises:
-      RewriteError: no MatMul matches, a bad rank, or a model this cannot extend; nothing written.
+      RewriteError: no MatMul or Einsum weight matches (the message lists those that can take an adapter,
+        and says what the target matched instead, such as a bias), a matching Einsum whose equation takes no
+        adapter, a bad rank, or a model this cannot extend; nothing written.
     """
     say = progress or (lambda _msg: None)
     if int(rank) < 1:
@@ -62,41 +86,43 @@ def inject(model_dir, out_dir, target, rank, alpha, seed=0, overwrite=False, pro
     proto, meta = files.copy_proto()
     functions = {f.signature.name: f for f in meta.graph_def.library.function}
 
-    # Every MatMul on a matching weight, grouped by weight.
+    # Every MatMul and Einsum on a matching weight, grouped by weight.
     sites = {}
     problems = []
     for fdef in files.model_functions():
-        adapted = _adapted_matmuls(fdef)
+        adapted = _adapted_projections(fdef)
         for node in fdef.node_def:
-            if node.op != "MatMul" or node.attr["transpose_a"].b or node.name in adapted:
+            if not _takes_adapter(node) or node.name in adapted:
                 continue
             weight = files.read_variable(fdef, node.input[1])
             if weight is None or not name_matches(pattern, weight.name):
                 continue
-            if len(weight.shape) != 2:
+            try:
+                site = _site(fdef, node, weight)
+            except RewriteError as e:
+                problems.append(f"weight {weight.name!r}: {e}")
                 continue
-            sites.setdefault(weight.node_id, []).append((fdef.signature.name, node.name))
-    for weight_id, matmuls in sites.items():
-        transposed = {_matmul(functions, fn, n).attr["transpose_b"].b for fn, n in matmuls}
-        if len(transposed) > 1:
+            if site is not None:
+                sites.setdefault(weight.node_id, []).append(site)
+    for weight_id, found in sites.items():
+        if len({site.axes for site in found}) > 1:
             problems.append(
-                f"weight {files.variables[weight_id].name!r} is used both as is and transposed "
-                f"({[f'{fn}/{n}' for fn, n in matmuls]}); one adapter cannot fit both"
+                f"weight {files.variables[weight_id].name!r} is used both "
+                f"{' and '.join(sorted({site.how for site in found}))} "
+                f"({[f'{site.function}/{site.node}' for site in found]}); one adapter cannot fit both"
             )
     if problems:
         raise RewriteError("inject: nothing written; " + "; ".join(problems))
     if not sites:
-        names = sorted({v.name for v in files.variables.values() if len(v.shape) == 2})
-        raise RewriteError(f"inject: no MatMul weight matches {target!r} (2-D variables: {names})")
+        raise RewriteError(_nothing_matches(files, pattern, target))
 
     rng = np.random.default_rng(seed)
     objects, ckpt = meta.object_graph_def, checkpoint_graph(files)
     new_values, injected = {}, []
     args = ArgumentAdder(files, meta, functions)
-    for weight_id, matmuls in sorted(sites.items()):
+    for weight_id, found in sorted(sites.items()):
         weight = files.variables[weight_id]
-        transpose_b = _matmul(functions, *matmuls[0]).attr["transpose_b"].b
-        fan_in, fan_out = (weight.shape[1], weight.shape[0]) if transpose_b else weight.shape
+        fan_in, fan_out = (math.prod(weight.shape[k] for k in axes) for axes in found[0].axes)
         limit = np.sqrt(6.0 / fan_in)
         dtype = np.dtype(dtypes.as_dtype(weight.dtype).as_numpy_dtype)
         values = {
@@ -110,18 +136,21 @@ def inject(model_dir, out_dir, target, rank, alpha, seed=0, overwrite=False, pro
             ids[part] = _add_variable(objects, ckpt, local, f"{weight.name}/{part}", value, key)
             new_values[key] = value
         scale = float(alpha) / rank
-        for fn, node_name in matmuls:
-            say(f"inject {fn}/{node_name}")
-            a_arg = args.ensure(fn, ids["lora_a"])
-            b_arg = args.ensure(fn, ids["lora_b"])
-            _insert_apply(functions[fn], node_name, a_arg, b_arg, scale)
+        for site in found:
+            say(f"inject {site.function}/{site.node}")
+            a_arg = args.ensure(site.function, ids["lora_a"])
+            b_arg = args.ensure(site.function, ids["lora_b"])
+            if site.view is None:
+                _insert_apply(functions[site.function], site.node, a_arg, b_arg, scale)
+            else:
+                _insert_einsum_apply(functions[site.function], site.node, a_arg, b_arg, scale, site.view)
         injected.append(
             Injected(
                 weight.name,
                 f"{weight.name}/lora_a",
                 f"{weight.name}/lora_b",
                 (fan_in, fan_out),
-                [f"{f}/{n}" for f, n in matmuls],
+                [f"{site.function}/{site.node}" for site in found],
             )
         )
     new_values[OBJECT_GRAPH_KEY] = np.array(ckpt.SerializeToString(), dtype=object)
@@ -130,15 +159,84 @@ def inject(model_dir, out_dir, target, rank, alpha, seed=0, overwrite=False, pro
     return injected
 
 
-def _matmul(functions, fn, name):
-    return next(n for n in functions[fn].node_def if n.name == name)
+def _takes_adapter(node):
+    """Whether a node is a MatMul (of an untransposed input) or an Einsum of two operands: what an adapter
+    can go on when its second input is a weight variable."""
+    return (node.op == "MatMul" and not node.attr["transpose_a"].b) or is_projection(node)
 
 
-def _adapted_matmuls(fdef):
-    """MatMuls that already carry a LoRA apply (directly, or after a bias or another apply)."""
+def _site(fdef, node, weight):
+    """How a MatMul or Einsum sees its weight as `[in, out]`, as a _Site; None for a MatMul on a weight that
+    is not 2-D. Raises RewriteError for an Einsum whose equation takes no adapter (einsum_view)."""
+    fn = fdef.signature.name
+    if node.op == "MatMul":
+        if len(weight.shape) != 2:
+            return None
+        if node.attr["transpose_b"].b:
+            return _Site(fn, node.name, "transposed", ((1,), (0,)), None)
+        return _Site(fn, node.name, "as is", ((0,), (1,)), None)
+    view = einsum_view(node, weight.shape, f"{fn}/{node.name}")
+    axes = tuple(tuple(view.kernel_axes.index(c) for c in part) for part in (view.in_axes, view.out_axes))
+    return _Site(fn, node.name, f"in {equation(node)!r}", axes, view)
+
+
+def _adapted_projections(fdef):
+    """MatMuls and Einsums that already carry a LoRA apply (directly, or after a bias, another apply or, for
+    an Einsum, the reshapes to its rows)."""
     nodes = {n.name: n for n in fdef.node_def}
     applies = [n for n in fdef.node_def if n.op in (LORA_APPLY, BATCHED_LORA_APPLY)]
-    return {m.name for m in (matmul_under(nodes, n.input[0]) for n in applies) if m is not None}
+    return {m.name for m in (projection_under(nodes, n.input[0]) for n in applies) if m is not None}
+
+
+def _nothing_matches(files, pattern, target):
+    """The error when `target` matches no weight that can take an adapter: it lists those that can (the
+    weights of MatMuls and Einsum projections without an adapter, never a bias), and says what `target`
+    matched instead: biases (variables that are only added), weights that have an adapter already, other
+    variables."""
+    weights, adapted, uses = set(), set(), {}
+    for fdef in files.model_functions():
+        consumers = files.consumers(fdef)
+        has_adapter = _adapted_projections(fdef)
+        for node in fdef.node_def:
+            weight = files.read_variable(fdef, node.input[1]) if _takes_adapter(node) else None
+            if weight is not None and node.name in has_adapter:
+                adapted.add(weight.name)
+            elif weight is not None:
+                try:
+                    if _site(fdef, node, weight) is not None:
+                        weights.add(weight.name)
+                except RewriteError:
+                    pass
+            variable = files.read_variable(fdef, node.name) if node.op == "ReadVariableOp" else None
+            if variable is not None:
+                uses.setdefault(variable.name, set()).update(u.op for u in _value_users(consumers, node))
+    listing = f"weights that can take an adapter: {sorted(weights)}"
+    nothing = f"inject: no MatMul weight matches {target!r}, nor any Einsum kernel"
+    matched = sorted({v.name for v in files.variables.values() if name_matches(pattern, v.name)} - weights)
+    if not matched:
+        return f"{nothing} ({listing})"
+    biases = [n for n in matched if n not in adapted and uses.get(n) and uses[n] <= _ADDS]
+    have = [n for n in matched if n in adapted]
+    others = [n for n in matched if n not in biases and n not in adapted]
+    parts = []
+    if biases:
+        parts.append(
+            f"biases {biases} (an adapter goes on the weight a MatMul or Einsum multiplies by, not on a bias "
+            "added to its product)"
+        )
+    if have:
+        parts.append(f"weights that already have a LoRA adapter {have}")
+    if others:
+        parts.append(f"variables that no MatMul or Einsum multiplies by {others}")
+    return f"{nothing}: it matches only {' and '.join(parts)}; {listing}"
+
+
+def _value_users(consumers, node):
+    """The nodes that use a node's value, through Cast and Identity."""
+    found = []
+    for user in consumers.get(node.name, ()):
+        found += _value_users(consumers, user) if user.op in ("Cast", "Identity") else [user]
+    return found
 
 
 def _unique_child(objects, name):
@@ -183,33 +281,80 @@ def _insert_apply(fdef, matmul_name, a_arg, b_arg, scale):
     matmul = next(n for n in fdef.node_def if n.name == matmul_name)
     dtype = matmul.attr["T"].type
     prefix = f"{matmul_name}/tf_lora_inject"
+    product = f"{matmul_name}:product:0"
+    apply = _apply_node(fdef, prefix, dtype, product, matmul.input[0], a_arg, b_arg, scale)
+    _rewire(fdef, product, f"{apply.name}:y_out:0")
+    fdef.node_def.append(apply)
+
+
+def _insert_einsum_apply(fdef, einsum_name, a_arg, b_arg, scale, view):
+    """y = Einsum(x, kernel) becomes, for every consumer, the apply on its rows as LoraEinsumDense computes
+    it: y' = Reshape(LoraApply(Reshape(y, [-1, out]), Reshape(x, [-1, in]), read(a), read(b), scale),
+    Shape(y)). The rows line up with reshapes alone (einsum_view checked the equation)."""
+    einsum = next(n for n in fdef.node_def if n.name == einsum_name)
+    dtype = einsum.attr["T"].type
+    prefix = f"{einsum_name}/tf_lora_inject"
+    product = f"{einsum_name}:output:0"
+    shape = node_def_pb2.NodeDef(name=f"{prefix}/shape", op="Shape", input=[product])
+    shape.attr["T"].type = dtype
+    shape.attr["out_type"].type = dtypes.int32.as_datatype_enum
+    x_rows = _reshape(f"{prefix}/x_rows", einsum.input[0], dtype, [-1, view.in_features])
+    y_rows = _reshape(f"{prefix}/y_rows", product, dtype, [-1, view.out_features])
+    apply = _apply_node(
+        fdef, prefix, dtype, f"{y_rows[-1].name}:output:0", f"{x_rows[-1].name}:output:0", a_arg, b_arg, scale
+    )
+    back = node_def_pb2.NodeDef(
+        name=f"{prefix}/y", op="Reshape", input=[f"{apply.name}:y_out:0", f"{shape.name}:output:0"]
+    )
+    back.attr["T"].type = dtype
+    back.attr["Tshape"].type = dtypes.int32.as_datatype_enum
+    _rewire(fdef, product, f"{back.name}:output:0")  # before the new nodes that read the Einsum's output
+    fdef.node_def.extend([shape, *x_rows, *y_rows, apply, back])
+
+
+def _reshape(name, ref, dtype, dims):
+    """The nodes of Reshape(ref, dims): the Const of dims, then the Reshape named `name`."""
+    dims_const = _const(f"{name}/shape", np.array(dims, np.int32))
+    reshape = node_def_pb2.NodeDef(name=name, op="Reshape", input=[ref, f"{dims_const.name}:output:0"])
+    reshape.attr["T"].type = dtype
+    reshape.attr["Tshape"].type = dtypes.int32.as_datatype_enum
+    return [dims_const, reshape]
+
+
+def _apply_node(fdef, prefix, dtype, y_ref, x_ref, a_arg, b_arg, scale):
+    """A LoraApply node on (y, x) with reads of the adapter's resources and a Const scale; the reads and the
+    Const join the function, the apply is returned for the caller to place."""
     reads = []
     for part, arg in (("a", a_arg), ("b", b_arg)):
         read = node_def_pb2.NodeDef(name=f"{prefix}/read_{part}", op="ReadVariableOp", input=[arg])
         read.attr["dtype"].type = dtype
         fdef.node_def.append(read)
         reads.append(f"{read.name}:value:0")
-    const = node_def_pb2.NodeDef(name=f"{prefix}/scale", op="Const")
-    const.attr["dtype"].type = dtype
-    const.attr["value"].tensor.CopyFrom(
-        tensor_util.make_tensor_proto(np.array(scale, dtypes.as_dtype(dtype).as_numpy_dtype))
-    )
+    const = _const(f"{prefix}/scale", np.array(scale, dtypes.as_dtype(dtype).as_numpy_dtype))
     fdef.node_def.append(const)
-    product = f"{matmul_name}:product:0"
     apply = node_def_pb2.NodeDef(
-        name=f"{prefix}/LoraApply",
-        op=LORA_APPLY,
-        input=[product, matmul.input[0], *reads, f"{const.name}:output:0"],
+        name=f"{prefix}/LoraApply", op=LORA_APPLY, input=[y_ref, x_ref, *reads, f"{const.name}:output:0"]
     )
     apply.attr["T"].type = dtype
+    return apply
+
+
+def _const(name, value):
+    const = node_def_pb2.NodeDef(name=name, op="Const")
+    const.attr["dtype"].type = dtypes.as_dtype(value.dtype).as_datatype_enum
+    const.attr["value"].tensor.CopyFrom(tensor_util.make_tensor_proto(value))
+    return const
+
+
+def _rewire(fdef, old, new):
+    """Every input of the function's nodes, and every output of the function, that is `old` becomes `new`."""
     for node in fdef.node_def:
         for k, ref in enumerate(node.input):
-            if ref == product:
-                node.input[k] = f"{apply.name}:y_out:0"
+            if ref == old:
+                node.input[k] = new
     for key, ref in fdef.ret.items():
-        if ref == product:
-            fdef.ret[key] = f"{apply.name}:y_out:0"
-    fdef.node_def.append(apply)
+        if ref == old:
+            fdef.ret[key] = new
 
 
 def _inject_tf1(files, out_dir, matches, rank, alpha, seed, overwrite, say):

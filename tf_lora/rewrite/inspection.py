@@ -1,12 +1,13 @@
-"""inspect: what a SavedModel holds for tf_lora: signatures, tf_lora ops and adapters, MatMuls that could take
-an adapter, embedding lookups that a sparse table could replace."""
+"""inspect: what a SavedModel holds for tf_lora: signatures, tf_lora ops and adapters, MatMuls and Einsum
+projections that could take an adapter, embedding lookups that a sparse table could replace."""
 
 from tensorflow.python.framework import dtypes
 
+from tf_lora.rewrite.einsum_kernels import einsum_view, equation, is_projection
 from tf_lora.rewrite.errors import RewriteError
 from tf_lora.rewrite.folding import fold_one
 from tf_lora.rewrite.graph_defs import PLUGIN_PREFIX, split_ref
-from tf_lora.rewrite.lora_patterns import BATCHED_LORA_APPLY, LORA_APPLY, matmul_under, stack_names
+from tf_lora.rewrite.lora_patterns import BATCHED_LORA_APPLY, LORA_APPLY, projection_under, stack_names
 from tf_lora.rewrite.model_files import ModelFiles
 
 
@@ -23,8 +24,8 @@ def _batched_entries(files, fdef, nodes, node, adapted):
     """One entry per adapter of a multi-adapter apply (`batch_index`: its id in adapter_ids)."""
     base = {"function": fdef.signature.name, "node": node.name}
     data = [i for i in node.input if not i.startswith("^")]
-    matmul = matmul_under(nodes, data[0])
-    weight = files.read_variable(fdef, matmul.input[1]) if matmul is not None else None
+    projection = projection_under(nodes, data[0])
+    weight = files.read_variable(fdef, projection.input[1]) if projection is not None else None
     try:
         a_stack = files.evaluate(fdef, data[2])
         scales = files.evaluate(fdef, data[5]).reshape(-1)
@@ -32,9 +33,14 @@ def _batched_entries(files, fdef, nodes, node, adapted):
         return [{**base, "not_foldable": str(e)}]
     if weight is None:
         return [
-            {**base, "not_foldable": f"{data[0]!r} is not (a bias added to) a MatMul of a saved variable"}
+            {
+                **base,
+                "not_foldable": f"{data[0]!r} is not (a bias added to) a MatMul, nor the rows of an Einsum, "
+                "of a saved variable",
+            }
         ]
-    adapted.add(matmul.name)
+    adapted.add(projection.name)
+    base.update(_on_einsum(projection))
     ranks = {}
     names = stack_names(files, fdef, nodes, data[2], len(a_stack), ranks)
     return [
@@ -51,13 +57,43 @@ def _batched_entries(files, fdef, nodes, node, adapted):
     ]
 
 
+def _on_einsum(projection):
+    """What an adapter entry adds when its apply sits on an Einsum projection: the equation."""
+    return {"equation": equation(projection)} if projection.op != "MatMul" else {}
+
+
+def _einsum_candidate(files, fdef, node):
+    """An Einsum whose second operand is a saved variable, as a candidate for an adapter: its kernel's shape
+    and `[in, out]` view (`matrix`), or why inject cannot adapt it (`not_injectable`); None for an Einsum of
+    two activations (attention scores)."""
+    kernel = files.read_variable(fdef, node.input[1])
+    if kernel is None:
+        return None
+    fn = fdef.signature.name
+    entry = {
+        "function": fn,
+        "node": node.name,
+        "equation": equation(node),
+        "weight": kernel.name,
+        "shape": list(kernel.shape),
+    }
+    try:
+        view = einsum_view(node, kernel.shape, f"{fn}/{node.name}")
+    except RewriteError as e:
+        return {**entry, "not_injectable": str(e)}
+    return {**entry, "matrix": [view.in_features, view.out_features]}
+
+
 def inspect(model_dir) -> dict:
     """A JSON-ready description of the SavedModel `model_dir`.
 
     Returns:
       {"path", "signatures": {name: {"inputs": {...}, "outputs": {...}}}, "tf_lora_ops": [...],
-       "adapters": [...], "matmul_candidates": [...], "embedding_lookups": [...]}; each op entry names its
-      function and node, variables by name with their shapes.
+       "adapters": [...], "matmul_candidates": [...], "einsum_candidates": [...], "embedding_lookups": [...]};
+      each op entry names its function and node, variables by name with their shapes. An adapter on an
+      Einsum projection has its `equation` (its weight_shape is the kernel's); an Einsum candidate has its
+      equation, the kernel's `shape` and `matrix`, the `[in, out]` an adapter sees (einsum_kernels), or
+      `not_injectable` saying why there is none.
     """
     files = ModelFiles(model_dir)
     signatures = {
@@ -68,7 +104,7 @@ def inspect(model_dir) -> dict:
         for name, sig in sorted(files.meta.signature_def.items())
         if not name.startswith("__")
     }
-    plugin_ops, adapters, candidates, lookups = [], [], [], []
+    plugin_ops, adapters, candidates, einsums, lookups = [], [], [], [], []
     for fdef in files.model_functions():
         fn = fdef.signature.name
         nodes = files.nodes(fdef)
@@ -79,14 +115,15 @@ def inspect(model_dir) -> dict:
             if node.op == LORA_APPLY:
                 entry = {"function": fn, "node": node.name}
                 try:
-                    info, weight, matmul, _ = fold_one(files, fdef, nodes, node, None)
-                    adapted.add(matmul.name)
+                    info, weight, projection, _ = fold_one(files, fdef, nodes, node, None)
+                    adapted.add(projection.name)
                     entry.update(
                         weight=weight.name,
                         weight_shape=list(weight.shape),
                         adapter=info.adapter,
                         rank=info.rank,
                         scale=info.scale,
+                        **_on_einsum(projection),
                     )
                 except RewriteError as e:
                     entry["not_foldable"] = str(e)
@@ -105,6 +142,10 @@ def inspect(model_dir) -> dict:
                             "shape": list(weight.shape),
                         }
                     )
+            elif is_projection(node) and node.name not in adapted:
+                entry = _einsum_candidate(files, fdef, node)
+                if entry is not None:
+                    einsums.append(entry)
             table = None
             if node.op == "ResourceGather":
                 table = files.arg_variables.get((fn, split_ref(node.input[0])[0]))
@@ -126,5 +167,6 @@ def inspect(model_dir) -> dict:
         "tf_lora_ops": plugin_ops,
         "adapters": adapters,
         "matmul_candidates": candidates,
+        "einsum_candidates": einsums,
         "embedding_lookups": lookups,
     }

@@ -1,6 +1,7 @@
-"""The tf_lora ops rewrites look for in a graph, and what sits around them: the MatMul under a LoRA apply,
-the adapters stacked into a BatchedLoraApply."""
+"""The tf_lora ops rewrites look for in a graph, and what sits around them: the MatMul or Einsum under a LoRA
+apply, the adapters stacked into a BatchedLoraApply."""
 
+from tf_lora.rewrite.einsum_kernels import is_projection
 from tf_lora.rewrite.graph_defs import PLUGIN_PREFIX, split_ref
 
 LORA_APPLY = PLUGIN_PREFIX + "LoraApply"
@@ -9,13 +10,35 @@ BATCHED_LORA_APPLY = PLUGIN_PREFIX + "BatchedLoraApply"
 PASS_THROUGH = ("BiasAdd", "Identity", LORA_APPLY, BATCHED_LORA_APPLY)
 
 
-def matmul_under(nodes, ref):
-    """The MatMul whose product a LoRA apply's `y` is, through a bias and other applies; None if there is
-    none."""
+# Ops between an Einsum and the LoRA apply on its rows: the reshapes of its output to `[N, out]` and back.
+ROW_RESHAPES = ("Reshape",)
+# Ops that read only a tensor's shape: a rewrite that changes the tensor's values leaves them right.
+SHAPE_OPS = ("Shape", "ShapeN", "Size", "Rank")
+
+
+def projection_under(nodes, ref):
+    """The MatMul or Einsum whose product a LoRA apply's `y` is, None if there is none: a MatMul through a
+    bias and other applies; an Einsum of two operands through those and the reshapes of its output to rows
+    `[N, out]` and back (what LoraEinsumDense writes and inject inserts)."""
     node = nodes.get(split_ref(ref)[0])
-    while node is not None and node.op in PASS_THROUGH:
+    reshaped = False
+    while node is not None and (node.op in PASS_THROUGH or node.op in ROW_RESHAPES):
+        reshaped = reshaped or node.op in ROW_RESHAPES
         node = nodes.get(split_ref(node.input[0])[0])
-    return node if node is not None and node.op == "MatMul" else None
+    if node is not None and node.op == "MatMul" and not reshaped:
+        return node
+    return node if node is not None and is_projection(node) else None
+
+
+def row_sources(nodes, ref):
+    """The tensors `ref` reshapes: `ref` and those behind it through Reshape and Identity (an Einsum's
+    input, reshaped to the rows `[N, in]` of its adapter)."""
+    found = [split_ref(ref)]
+    node = nodes.get(split_ref(ref)[0])
+    while node is not None and node.op in (*ROW_RESHAPES, "Identity"):
+        found.append(split_ref(node.input[0]))
+        node = nodes.get(split_ref(node.input[0])[0])
+    return found
 
 
 def stack_names(files, fdef, nodes, ref, n, ranks=None):
