@@ -374,8 +374,10 @@ class LoraAdapters:
 
     def _adapted_norm(self, slot):
         """The column norms [out] of the weight with the adapter, `||w + scale * a @ b||`, in float32."""
-        f32 = [tf.cast(tf.convert_to_tensor(v), tf.float32) for v in (slot.a, slot.b, slot.scale_var)]
-        adapted = lora_ops.lora_merge(tf.cast(self._kernel_matrix(), tf.float32), *f32)
+        # Stock ops, not the fused merge: this stays a constant expression of variables, which the graph
+        # tools' fold evaluates (it folds the factor into the weight), and XLA compiles.
+        a, b, scale = (tf.cast(tf.convert_to_tensor(v), tf.float32) for v in (slot.a, slot.b, slot.scale_var))
+        adapted = tf.cast(self._kernel_matrix(), tf.float32) + scale * tf.matmul(a, b)
         return tf.norm(adapted, axis=0)
 
     def _same_adapters_check(self):

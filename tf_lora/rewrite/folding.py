@@ -84,6 +84,7 @@ def fold(model_dir, out_dir, adapter=None, overwrite=False, progress=None) -> Fo
         set
     )  # weight node id -> {"MatMul", "Einsum"}: the ops that multiply by it
     applies = []  # (function, nodes, apply node): where --adapter looked
+    exempt = set()  # (function, node): reads of a weight that only fed a folded column scale (now removed)
     for original in files.model_functions():
         fdef = functions[original.signature.name]
         nodes = files.nodes(original)
@@ -98,6 +99,15 @@ def fold(model_dir, out_dir, adapter=None, overwrite=False, progress=None) -> Fo
                 problems.append(str(e))
                 continue
             fold_info, weight, projection, delta = found
+            if node.op == LORA_APPLY:  # DoRA: a column scale of the apply's output folds into the weight too
+                scale = _column_scale(files, original, node, projection, weight)
+                if scale is not None:
+                    mul, keep_ref, multiplier, removed = scale
+                    if delta is not None:
+                        w = files.value(weight).astype(np.float64)
+                        delta = (w + delta) * multiplier - w
+                    _replace_mul_with_identity(fdef, mul, keep_ref, removed)
+                    exempt.update((original.signature.name, name) for name in removed)
             folds.append(fold_info)
             projections_folded[weight.node_id].add((original.signature.name, projection.name))
             kinds[weight.node_id].add(projection.op)
@@ -116,7 +126,7 @@ def fold(model_dir, out_dir, adapter=None, overwrite=False, progress=None) -> Fo
     if chooser is not None and folds and not any(f.folded for f in folds):
         names = sorted({name for apply in applies for name in _adapter_names(files, *apply)})
         problems.insert(0, f"--adapter {adapter!r} matches no adapter (adapters: {names})")
-    problems += _check_weights_only_read_by_folded_projections(files, projections_folded)
+    problems += _check_weights_only_read_by_folded_projections(files, projections_folded, exempt)
     updates = {}
     for weight_id, per_projection in deltas.items():
         totals = {key: sum(ds) for key, ds in per_projection.items()}
@@ -281,6 +291,79 @@ def _check_single_consumer_chain(files, fdef, nodes, apply_node, projection):
         step = nodes[split_ref(step.input[0])[0]]
 
 
+def _column_scale(files, fdef, node, projection, weight):
+    """A LoRA apply whose only consumer multiplies it by a vector over its output columns that depends only
+    on variables (DoRA's `magnitude / ||w + s a b||`, tf_lora's LoRA layers with `use_dora`): the scale
+    folds into the weight, `w' = (w + s a b) * scale` per column. Returns (the Mul node, its input from the
+    apply, the scale laid out on the weight, the names of the nodes that only computed the scale) or None."""
+    consumers = files.consumers(fdef)
+    users = consumers.get(node.name, ())
+    if len(users) != 1 or users[0].op != "Mul":
+        return None
+    mul = users[0]
+    data = [i for i in mul.input if not i.startswith("^")]
+    mine = [i for i in data if split_ref(i)[0] == node.name]
+    others = [i for i in data if split_ref(i)[0] != node.name]
+    if len(mine) != 1 or len(others) != 1:
+        return None
+    try:
+        factor = np.asarray(files.evaluate(fdef, others[0]), np.float64)
+    except RewriteError:
+        return None  # a scale that depends on the inputs multiplies the folded projection just as well
+    if projection.op == "MatMul":
+        out = weight.shape[0] if projection.attr["transpose_b"].b else weight.shape[1]
+        rows = weight.shape[1] if projection.attr["transpose_b"].b else weight.shape[0]
+    else:
+        view = einsum_view(projection, weight.shape, f"{fdef.signature.name}/{projection.name}")
+        out, rows = view.out_features, view.in_features
+    if factor.ndim != 1 or factor.shape[0] != out:
+        return None
+    multiplier = np.ones((rows, 1)) * factor[None, :]
+    if projection.op != "MatMul":
+        multiplier = kernel_update(view, multiplier)
+    elif projection.attr["transpose_b"].b:
+        multiplier = multiplier.T
+    # The nodes that only fed the scale: nothing else reads them once the Mul is gone.
+    nodes, removed, stack = files.nodes(fdef), set(), [split_ref(others[0])[0]]
+    while stack:
+        name = stack.pop()
+        candidate = nodes.get(name)
+        if candidate is None or name in removed:
+            continue
+        readers = {n.name for n in consumers.get(name, ())} | _control_readers(fdef, name)
+        if not readers <= removed | {mul.name} or _is_output(fdef, name):
+            continue
+        removed.add(name)
+        stack.extend(split_ref(i.lstrip("^"))[0] for i in candidate.input)
+    return mul, mine[0], multiplier, removed
+
+
+def _control_readers(fdef, name):
+    return {n.name for n in fdef.node_def if f"^{name}" in n.input}
+
+
+def _is_output(fdef, name):
+    refs = list(getattr(fdef, "ret", {}).values()) + list(getattr(fdef, "control_ret", {}).values())
+    return any(split_ref(ref)[0] == name for ref in refs)
+
+
+def _replace_mul_with_identity(fdef, mul, keep_ref, removed):
+    """The column scale's Mul becomes Identity(the apply's output), and the nodes that only computed the
+    scale go."""
+    node = next(n for n in fdef.node_def if n.name == mul.name)
+    control = [i for i in node.input if i.startswith("^") and i[1:] not in removed]
+    dtype = node.attr["T"].type
+    node.op = "Identity"
+    del node.input[:]
+    node.input.extend([keep_ref, *control])
+    node.attr.clear()
+    node.attr["T"].type = dtype
+    rename_output(fdef, node.name, "z", "output")
+    kept = [n for n in fdef.node_def if n.name not in removed]
+    del fdef.node_def[:]
+    fdef.node_def.extend(kept)
+
+
 def _replace_with_identity(fdef, node):
     """The apply becomes Identity(y): same name, so its consumers are rewired to y by the rename of its
     output (`y_out` -> `output`)."""
@@ -295,7 +378,7 @@ def _replace_with_identity(fdef, node):
     rename_output(fdef, node.name, "y_out", "output")
 
 
-def _check_weights_only_read_by_folded_projections(files, projections_folded):
+def _check_weights_only_read_by_folded_projections(files, projections_folded, exempt=frozenset()):
     """A folded weight used anywhere else would change meaning there. Every use of its resource must be a
     read whose consumers are folded MatMuls or Einsums, or a call into a function checked the same way;
     anything else (a gather on it, a cond or loop body fold cannot follow, an assignment) is refused."""
@@ -336,7 +419,7 @@ def _check_weights_only_read_by_folded_projections(files, projections_folded):
                 if not reads:
                     continue
                 for reader in consumers.get(node.name, ()):
-                    if saver_node(consumers, reader):
+                    if saver_node(consumers, reader) or (fn, reader.name) in exempt:
                         continue
                     if (fn, reader.name) not in projections_folded[variable.node_id]:
                         problems.append(
