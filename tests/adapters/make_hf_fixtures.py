@@ -7,7 +7,8 @@ for them. Not needed by CI (the files are committed); run in a scratch venv:
 
 Each `<arch>/` holds `base/` (config.json + model.safetensors, as `save_pretrained` writes: keras-hub loads
 it with `from_preset`), `adapter/` (PEFT's `save_pretrained`), and `io.safetensors`: token ids, the base
-model's logits and the logits with the adapter, from transformers + PEFT. Made 2026-11-29 with torch
+model's logits and the logits with the adapter, from transformers + PEFT. `gpt2_dora/` is a DoRA adapter on
+gpt2/'s base (no base/ of its own). Made 2026-11-29 with torch
 2.14.1, transformers 5.24.0, peft 0.21.2.
 
 `--check ARCH DIR` loads a PEFT directory that tf_lora wrote for ARCH's base model with PEFT and prints the
@@ -57,10 +58,11 @@ def _model(arch):
     return model, targets
 
 
-def make(arch):
-    path = os.path.join(HERE, arch)
+def make(arch, use_dora=False):
+    path = os.path.join(HERE, arch + ("_dora" if use_dora else ""))
     model, targets = _model(arch)
-    model.save_pretrained(os.path.join(path, "base"))
+    if not use_dora:  # the DoRA variant shares its architecture's base/ (the same seed)
+        model.save_pretrained(os.path.join(path, "base"))
     config = peft.LoraConfig(
         r=4,
         lora_alpha=8,
@@ -68,6 +70,7 @@ def make(arch):
         rank_pattern={targets[0]: 2},
         init_lora_weights=False,  # random A and B: a non-zero adapter
         fan_in_fan_out=arch == "gpt2",  # GPT-2's Conv1D
+        use_dora=use_dora,
     )
     ids = torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -78,13 +81,16 @@ def make(arch):
                 p.mul_(20.0)
             if "lora_embedding" in name:
                 p.copy_(0.5 * torch.randn_like(p))
+            if "lora_magnitude" in name:  # a trained magnitude, away from the weight's own norms
+                p.mul_(torch.empty_like(p).uniform_(0.5, 1.5))
         lora.save_pretrained(os.path.join(path, "adapter"))
         lora_logits = lora(ids).logits
     save_file(
         {"ids": ids.to(torch.int32), "base_logits": base_logits, "lora_logits": lora_logits},
         os.path.join(path, "io.safetensors"),
     )
-    print(arch, "adapter moved logits by", float((lora_logits - base_logits).abs().max()))
+    os.remove(os.path.join(path, "adapter", "README.md"))  # PEFT's model card template
+    print(path, "adapter moved logits by", float((lora_logits - base_logits).abs().max()))
 
 
 def check(arch, directory):
@@ -102,3 +108,4 @@ if __name__ == "__main__":
     else:
         for arch in ("gpt2", "llama", "gemma"):
             make(arch)
+        make("gpt2", use_dora=True)  # DoRA on GPT-2's Conv1D (fan_in_fan_out), fused c_attn included

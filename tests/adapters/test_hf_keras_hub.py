@@ -133,3 +133,21 @@ def test_unknown_names_on_a_keras_hub_model_list_its_layers():
         tf_lora.adapters.apply(backbone, renamed)
     assert not tf_lora.layers.lora_layers(backbone)
     assert keras.ops.all(backbone.weights[0] == _backbone("llama").weights[0])
+
+
+@pytest.mark.parametrize("mode", ["attach", "merge"])
+def test_peft_dora_adapter_on_gpt2_conv1d_reproduces_transformers_logits(mode, tmp_path):
+    """DoRA trained on GPT-2 (Conv1D layers, fan_in_fan_out; the fused c_attn's magnitudes split with it)."""
+    io = load_file(str(FIXTURES / "gpt2_dora" / "io.safetensors"))
+    adapters = tf_lora.adapters.load_peft(FIXTURES / "gpt2_dora" / "adapter")
+    assert all(adapter.use_dora for adapter in adapters.values())
+    backbone = _backbone("gpt2")
+    tf_lora.adapters.apply(backbone, adapters, mode=mode)
+    np.testing.assert_allclose(_logits(backbone, io["ids"]), io["lora_logits"], atol=1e-4)
+    if mode == "attach":  # and back to the same PEFT file
+        tf_lora.adapters.save_peft(tf_lora.adapters.from_model(backbone), tmp_path / "out")
+        ours = load_file(str(tmp_path / "out" / "adapter_model.safetensors"))
+        theirs = load_file(str(FIXTURES / "gpt2_dora" / "adapter" / "adapter_model.safetensors"))
+        assert sorted(ours) == sorted(theirs)
+        for key, value in theirs.items():
+            np.testing.assert_allclose(ours[key], value, rtol=1e-6, atol=1e-7, err_msg=key)
