@@ -69,3 +69,48 @@ def test_inject_bad_targets():
     # Was a raw re.error.
     with pytest.raises(ValueError, match=r"target '\(' is not a valid regular expression"):
         tf_lora.inject_lora(model, target="(")
+
+
+class Subclassed(keras.Model):
+    """A subclassed model without get_config, its Dense layers two levels down."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = keras.Sequential(
+            [keras.layers.Dense(8, activation="relu", name="up"), keras.layers.Dense(4, name="down")],
+            name="block",
+        )
+        self.head = keras.layers.Dense(2, name="head")
+
+    def call(self, x):
+        return self.head(self.block(x))
+
+
+def test_subclassed_model_at_any_depth_in_place():
+    model = Subclassed()
+    x = np.random.default_rng(0).standard_normal((5, 6)).astype(np.float32)
+    before = model(x).numpy()
+    with pytest.raises(ValueError, match="cannot copy Subclassed .*pass copy=False"):
+        tf_lora.inject_lora(model, rank=2)
+    same, adapted = tf_lora.inject_lora(model, rank=2, alpha=4, copy=False)
+    assert same is model and adapted == ["block/down", "block/up", "head"]
+    np.testing.assert_array_equal(model(x).numpy(), before)
+    model.compile(optimizer=keras.optimizers.Adam(0.05), loss="mse")
+    model.fit(x, np.ones((5, 2), np.float32), epochs=3, verbose=0)
+    assert {w.path.rsplit("/", 1)[-1] for w in model.trainable_weights} == {"lora_a", "lora_b"}
+    assert np.abs(model(x).numpy() - before).max() > 1e-3
+
+
+def test_dense_subclass_keeping_its_call_gets_a_lora_subclass():
+    @keras.saving.register_keras_serializable(package="tests")
+    class ScaledInit(keras.layers.Dense):
+        pass
+
+    inp = keras.Input((6,))
+    model = keras.Model(inp, ScaledInit(3, name="proj")(inp))
+    _, adapted = tf_lora.inject_lora(model, rank=2, copy=False)
+    layer = model.get_layer("proj")
+    assert (
+        adapted == ["proj"] and isinstance(layer, ScaledInit) and isinstance(layer, tf_lora.layers.LoraDense)
+    )
+    assert type(layer).__name__ == "LoraScaledInit"

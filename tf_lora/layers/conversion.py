@@ -71,7 +71,13 @@ def to_lora(layer, rank, alpha, use_rslora=False, lora_dropout=0.0, train_bias=F
     """Makes built `layer` (Dense or EinsumDense, or a subclass keeping their call) a LoRA layer in place,
     with a default adapter of `rank` and `alpha` starting at zero (B = 0) and active. A layer that is one
     already is returned as it is. A layer with Keras's `enable_lora` keeps its trained adapter, exactly
-    (Keras's rank and alpha win; tf_lora.layers.keras_lora_layout). Returns the layer."""
+    (Keras's rank and alpha win; tf_lora.layers.keras_lora_layout). Returns the layer.
+
+    >>> layer = keras.layers.Dense(3)
+    >>> _ = layer(tf.ones([1, 4]))
+    >>> tf_lora.layers.to_lora(layer, rank=2, alpha=4).scale
+    2.0
+    """
     if isinstance(layer, LoraAdapters):
         return layer
     problem = check_convertible(layer, layer.name)

@@ -95,7 +95,13 @@ def inject_lora(
 
 def copy_model(model):
     """A new model with `model`'s config and weights (its class's own from_config: keras-hub models too)."""
-    clone = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(model))
+    try:
+        clone = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(model))
+    except Exception as e:  # noqa: BLE001 - whatever the model's own get_config/from_config raise
+        raise ValueError(
+            f"inject_lora: cannot copy {type(model).__name__} (it does not rebuild from its config: {e}); "
+            "pass copy=False to adapt the model in place"
+        ) from e
     if not clone.built and model.built:
         clone.build_from_config(model.get_build_config())
     clone.set_weights(model.get_weights())

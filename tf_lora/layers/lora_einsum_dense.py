@@ -23,6 +23,10 @@ class EinsumView:
       equation: The layer's equation.
       in_axes, out_axes: The kernel's input and output axis labels, in kernel order.
       in_shape, out_shape: Their sizes.
+
+    >>> view = tf_lora.layers.EinsumView.parse("btd,ndh->btnh", (4, 16, 8))  # Gemma's query kernel
+    >>> view.in_axes, view.out_axes, view.in_features, view.out_features
+    ('d', 'nh', 16, 32)
     """
 
     equation: str
@@ -141,7 +145,7 @@ class LoraEinsumDense(LoraAdapters, keras.layers.EinsumDense):
     adapter ids) on its output rows. Named adapters, `merge()`/`unmerge()`, `adapter_ids` and the arguments
     rank, alpha, use_rslora, lora_dropout, adapters, active_adapter and train_bias are as in `LoraDense`.
 
-    >>> layer = tf_lora.layers.LoraEinsumDense("abc,cde->abde", (2, 4), bias_axes="de", rank=2)
+    >>> layer = tf_lora.layers.LoraEinsumDense("abc,cde->abde", (None, 2, 4), bias_axes="de", rank=2)
     >>> layer(tf.ones([1, 3, 8])).shape
     TensorShape([1, 3, 2, 4])
     """

@@ -30,8 +30,12 @@ def adapter_ids(ids):
     `i` (sequence positions included). The ids are read when the layers are called: inside a `tf.function`
     the block must be around the traced call.
 
-    >>> with tf_lora.layers.adapter_ids([0, 1, -1]):  # doctest: +SKIP
-    ...     logits = backbone(inputs)
+    >>> layer = tf_lora.layers.LoraDense(3, rank=2)
+    >>> model = keras.Sequential([keras.Input((4,)), keras.Sequential([layer])])  # one level down
+    >>> layer.add_adapter("other")
+    >>> with tf_lora.layers.adapter_ids([1, -1]):  # example 0: "other", example 1: the base layer
+    ...     model(tf.ones([2, 4])).shape
+    TensorShape([2, 3])
     """
     stack = getattr(_ids_context, "stack", None)
     if stack is None:
@@ -105,6 +109,9 @@ class LoraAdapters:
     `_lora_setup` from its constructor (or when converting a built layer in place), `_lora_build` once the
     weight exists, and `_lora_rows` on its output rows; it defines `_lora_shape()` -> (in, out) and
     `_kernel_matrix()`, `_set_kernel_matrix(matrix)` and `_add_to_kernel(update [in, out])`.
+
+    >>> isinstance(tf_lora.layers.LoraEinsumDense("abc,cd->abd", (None, 4)), tf_lora.layers.LoraAdapters)
+    True
     """
 
     def _lora_setup(

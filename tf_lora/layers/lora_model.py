@@ -21,7 +21,13 @@ REGISTERED_NAME = "tf_lora>LoraModel"
 
 
 def lora_layers(model) -> dict:
-    """`{path: layer}` of the LoRA layers (LoraDense, LoraEinsumDense, ...) of `model` at any depth."""
+    """`{path: layer}` of the LoRA layers (LoraDense, LoraEinsumDense, ...) of `model` at any depth.
+
+    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="proj")])
+    >>> model, _ = tf_lora.inject_lora(model)
+    >>> list(tf_lora.layers.lora_layers(model))
+    ['proj']
+    """
     return {path: layer for path, layer in layers_by_path(model).items() if isinstance(layer, LoraAdapters)}
 
 
@@ -124,7 +130,15 @@ def unmark(model):
 
 def set_active_adapter(model, name):
     """Makes adapter `name` (None: none) the active one in every LoRA layer of `model` that holds it;
-    ValueError when none does. Compile again before `fit` (the trainable set changes)."""
+    ValueError when none does. Compile again before `fit` (the trainable set changes).
+
+    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="proj")])
+    >>> model, _ = tf_lora.inject_lora(model)
+    >>> model.get_layer("proj").add_adapter("sql")
+    >>> tf_lora.set_active_adapter(model, "sql")
+    >>> model.get_layer("proj").active_adapter
+    'sql'
+    """
     layers = lora_layers(model)
     holding = [layer for layer in layers.values() if name is None or name in layer.adapter_names]
     if not holding:
@@ -135,13 +149,28 @@ def set_active_adapter(model, name):
 
 
 def merge(model):
-    """Merges the active adapter of every LoRA layer into its weight, in place."""
+    """Merges the active adapter of every LoRA layer into its weight, in place.
+
+    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="proj")])
+    >>> model, _ = tf_lora.inject_lora(model)
+    >>> tf_lora.layers.merge(model)
+    >>> model.get_layer("proj").merged
+    True
+    """
     for layer in lora_layers(model).values():
         layer.merge()
 
 
 def unmerge(model):
-    """Takes every merged adapter out of its layer's weight again."""
+    """Takes every merged adapter out of its layer's weight again.
+
+    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="proj")])
+    >>> model, _ = tf_lora.inject_lora(model)
+    >>> tf_lora.layers.merge(model)
+    >>> tf_lora.layers.unmerge(model)
+    >>> model.get_layer("proj").merged
+    False
+    """
     for layer in lora_layers(model).values():
         layer.unmerge()
 
@@ -163,7 +192,13 @@ def merge_and_unload(model):
     """Merges the active adapters into the weights and turns every LoRA layer back into the plain Keras
     layer it came from (Dense, EinsumDense, or the subclass it was), in place, as PEFT's merge_and_unload:
     the model then holds no tf_lora layer and its `.keras` file loads without tf_lora. The weights become
-    trainable again, as in a freshly built Keras layer. Returns `model`."""
+    trainable again, as in a freshly built Keras layer. Returns `model`.
+
+    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="proj")])
+    >>> model, _ = tf_lora.inject_lora(model)
+    >>> type(tf_lora.merge_and_unload(model).get_layer("proj")).__name__
+    'Dense'
+    """
     for layer in lora_layers(model).values():
         layer.merge()
         _unload(layer)
@@ -178,7 +213,13 @@ def to_keras_lora(model):
     `lora_kernel_b`, alpha = rank), exactly, in place: the inverse of what `inject_lora` does with a
     Keras-LoRA layer. All layers get one rank (the largest needed; smaller adapters are zero-padded, which
     changes nothing), so that a keras-hub backbone's `save_lora_weights` writes them. DoRA adapters have no
-    Keras form. Returns `model`."""
+    Keras form. Returns `model`.
+
+    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="proj")])
+    >>> model, _ = tf_lora.inject_lora(model, rank=2)
+    >>> tf_lora.layers.to_keras_lora(model).get_layer("proj").lora_enabled
+    True
+    """
     layers = lora_layers(model)
     factors = {}
     for path, layer in layers.items():
