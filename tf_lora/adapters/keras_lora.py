@@ -9,6 +9,7 @@ where `i` indexes the backbone's layers that have weights, in Keras's flattening
 
 import os
 import tempfile
+import warnings
 
 import h5py
 import numpy as np
@@ -104,7 +105,7 @@ def save_keras_lora(model, path, adapter_name="default"):
     path = os.fspath(path)
     if not path.endswith(SUFFIX):
         raise ValueError(f"save_keras_lora: keras-hub needs the file name to end in {SUFFIX}, got {path}")
-    _, layers = _weighted_layers(model)
+    backbone, layers = _weighted_layers(model)
     factors = {}
     for index, (layer_path, layer) in enumerate(layers):
         if not isinstance(layer, LoraAdapters) or adapter_name not in layer.adapter_names:
@@ -116,6 +117,15 @@ def save_keras_lora(model, path, adapter_name="default"):
         factors[index] = to_keras_factors(_view(layer), kernel, slot.a.numpy(), slot.b.numpy(), slot.scale)
     if not factors:
         raise ValueError(f"save_keras_lora: no LoRA layer of the backbone has an adapter {adapter_name!r}")
+    names = sorted({layers[i][1].name for i in factors})
+    default = getattr(backbone, "default_lora_layer_names", lambda: None)()
+    if default is not None and set(names) - set(default):
+        warnings.warn(
+            f"save_keras_lora: {path} holds LoRA for layers {names}; keras-hub's load_lora_weights on a "
+            f"fresh backbone enables only its defaults {sorted(default)}: call "
+            f"backbone.enable_lora(rank, target_layer_names={names}) before it",
+            stacklevel=2,
+        )
     rank = max(a.shape[-1] for a, _ in factors.values())
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
@@ -136,3 +146,4 @@ def save_keras_lora(model, path, adapter_name="default"):
     except BaseException:
         os.unlink(staging)
         raise
+    return names

@@ -162,6 +162,19 @@ def apply(
             magnitude=adapter.magnitude,
         )
     if mode == "attach" and not dry_run:
+        # As PEFT's from_pretrained and inject_lora: the base is frozen; the LoRA layers' active adapters
+        # train, and so do the layers the file replaces whole (modules_to_save).
+        for variable in model.weights:
+            variable.trainable = False
+        for layer in layers.values():
+            if isinstance(layer, LoraAdapters):
+                layer._set_trainable()  # noqa: SLF001
+                if getattr(layer, "bias", None) is not None:
+                    layer.bias.trainable = layer.train_bias
+        for _, _, layer, parts in replaced:
+            if "weight" in parts:
+                for variable in layer.weights:
+                    variable.trainable = True
         forget_traces(model)
         mark(model)
     kinds = ("dense", "einsum")  # an embedding table is reported only when it got an adapter

@@ -7,6 +7,7 @@ from tf_lora.layers.lora_einsum_dense import EinsumView, LoraEinsumDense
 from tf_lora.layers.lora_embedding import LoraEmbedding
 from tf_lora.layers.lora_layer import LoraAdapters, adapter_ids
 from tf_lora.layers.lora_model import (
+    PerExampleAdapters,
     lora_layers,
     merge,
     merge_and_unload,
@@ -22,6 +23,7 @@ __all__ = [
     "LoraDense",
     "LoraEinsumDense",
     "LoraEmbedding",
+    "PerExampleAdapters",
     "SparseEmbedding",
     "adapter_ids",
     "inject_lora",

@@ -21,6 +21,7 @@ def inject_lora(
     rank_pattern=None,
     alpha_pattern=None,
     copy=True,
+    use_dora=False,
 ):
     """Puts LoRA on the Dense and EinsumDense layers of a Keras model that match `target`, at any depth.
 
@@ -33,7 +34,7 @@ def inject_lora(
 
     Args:
       model: A built keras.Model.
-      rank, alpha, use_rslora, lora_dropout, train_bias: As LoraDense.
+      rank, alpha, use_rslora, use_dora, lora_dropout, train_bias: As LoraDense (DoRA: not on embeddings).
       target: None (every Dense and EinsumDense layer, as PEFT's "all-linear"), a regex full-matched
         against each layer's path (`transformer_layer_0/self_attention/query`) and its name, or a list of
         paths or names. A target may also name Embedding layers (keras-hub's `token_embedding` included):
@@ -70,19 +71,29 @@ def inject_lora(
     }
     chosen = _chosen(layers, candidates, ".*" if linear else target)
     problems = [p for p in (check_convertible(layers[path], path) for path in chosen) if p]
+    problems += [
+        f"{path} has LoRA already (adapters {layers[path].adapter_names}, rank {layers[path].rank}): "
+        "leave it out of target, or add another adapter with add_adapter"
+        for path in sorted(chosen)
+        if isinstance(layers[path], LoraAdapters)
+    ]
+    for what, patterns in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)):
+        unused = [key for key in patterns or {} if not any(_matches(key, p, layers[p].name) for p in chosen)]
+        if unused:
+            problems.append(
+                f"{what} keys {unused} match none of the layers to adapt (by path: {describe_paths(chosen)})"
+            )
     if problems:
         raise ValueError("inject_lora: nothing changed; " + "; ".join(problems))
-    ranks = {path: _pattern(rank_pattern, path, layers[path].name, rank, "rank_pattern") for path in chosen}
-    alphas = {
-        path: _pattern(alpha_pattern, path, layers[path].name, alpha, "alpha_pattern") for path in chosen
-    }
+    ranks = {path: _pattern(rank_pattern, path, layers[path].name, rank) for path in chosen}
+    alphas = {path: _pattern(alpha_pattern, path, layers[path].name, alpha) for path in chosen}
     if copy:
         model = copy_model(model)
         layers = layers_by_path(model)
     for variable in model.weights:  # the base model is frozen; the new adapters are trained
         variable.trainable = False
     for path in chosen:
-        to_lora(layers[path], ranks[path], alphas[path], use_rslora, lora_dropout, train_bias)
+        to_lora(layers[path], ranks[path], alphas[path], use_rslora, lora_dropout, train_bias, use_dora)
     for layer in layers.values():  # every LoRA layer's active adapter trains, this call's and earlier ones'
         if isinstance(layer, LoraAdapters):
             layer._set_trainable()  # noqa: SLF001
@@ -104,11 +115,17 @@ def copy_model(model):
         ) from e
     if not clone.built and model.built:
         clone.build_from_config(model.get_build_config())
+    # A layer with Keras's own LoRA is rebuilt without it when its parent builds it (keras-hub): enable it
+    # the same way on the copy, so that the weights line up.
+    old_layers = layers_by_path(model)
+    for path, layer in layers_by_path(clone).items():
+        old = old_layers.get(path)
+        if getattr(old, "lora_enabled", False) and not getattr(layer, "lora_enabled", False):
+            layer.enable_lora(old.lora_rank, lora_alpha=old.lora_alpha)
     clone.set_weights(model.get_weights())
     for new, old in zip(clone.weights, model.weights, strict=True):
         new.trainable = old.trainable
     # Keras's Dense.build enables LoRA from the config with alpha = rank, whatever lora_alpha said.
-    old_layers = layers_by_path(model)
     for path, layer in layers_by_path(clone).items():
         if getattr(layer, "lora_enabled", False) and path in old_layers:
             layer.lora_alpha = old_layers[path].lora_alpha
@@ -155,13 +172,17 @@ def _chosen(layers, candidates, target):
     return chosen
 
 
-def _pattern(patterns, path, name, default, what):
-    """PEFT's rank_pattern / alpha_pattern: the first key fully matching the path, its last parts, or the
-    layer name."""
+def _matches(key, path, name):
+    """Whether a rank_pattern / alpha_pattern key fully matches the path, its last parts, or the name."""
+    try:
+        return bool(re.fullmatch(rf"(.*/)?(?:{key})", path) or re.fullmatch(key, name))
+    except re.error as e:
+        raise ValueError(f"inject_lora: pattern key {key!r} is not a valid regular expression: {e}") from e
+
+
+def _pattern(patterns, path, name, default):
+    """PEFT's rank_pattern / alpha_pattern: the value of the first key that matches the layer."""
     for key, value in (patterns or {}).items():
-        try:
-            if re.fullmatch(rf"(.*/)?(?:{key})", path) or re.fullmatch(key, name):
-                return value
-        except re.error as e:
-            raise ValueError(f"inject_lora: {what} key {key!r} is not a valid regular expression: {e}") from e
+        if _matches(key, path, name):
+            return value
     return default

@@ -49,6 +49,30 @@ def from_keras_factors(view, a_keras, b_keras):
     return np.ascontiguousarray(a), b
 
 
+def _per_head_factors(view, rank_label, middle, a, b):
+    """Keras's `(a, b)` at rank r when `b` is block-diagonal over the heads with equal blocks (what
+    `from_keras_factors` makes of a Keras adapter), else None."""
+    sizes = dict(zip(view.out_axes, view.out_shape, strict=True))
+    heads = math.prod(sizes[c] for c in middle)
+    width = view.out_features // heads
+    if a.shape[1] % heads:
+        return None
+    r = a.shape[1] // heads
+    blocks = b.reshape(heads, r, heads, width)
+    diagonal = np.stack([blocks[m, :, m, :] for m in range(heads)])
+    off = blocks.copy()
+    for m in range(heads):
+        off[m, :, m, :] = 0
+    if np.any(off) or not np.all(diagonal == diagonal[0]):
+        return None
+    in_sizes = dict(zip(view.in_axes, view.in_shape, strict=True))
+    shape = [in_sizes[c] for c in view.in_axes] + [sizes[c] for c in middle] + [r]
+    a_keras = np.einsum(
+        f"{view.in_axes}{middle}{rank_label}->{view.kernel_axes[:-1]}{rank_label}", a.reshape(shape)
+    )
+    return np.ascontiguousarray(a_keras), diagonal[0]
+
+
 def to_keras_factors(view, kernel_shape, a, b, scale):
     """tf_lora's `scale * a @ b` -> Keras's `(a, b)` at scale 1 (Keras's alpha = its rank): the same rank
     where the kernel's last axis is its only output axis, else rank = the last axis (Keras's `b` the
@@ -56,9 +80,12 @@ def to_keras_factors(view, kernel_shape, a, b, scale):
     a, b = np.asarray(a, np.float32), np.asarray(b, np.float32) * np.float32(scale)
     if view is None:
         return a, b
-    _, _, middle = _labels(view)
+    rank_label, _, middle = _labels(view)
     if not middle:  # the input axes are the kernel's axes before the last, in kernel order
         return a.reshape(tuple(kernel_shape[:-1]) + (a.shape[1],)), b
+    per_head = _per_head_factors(view, rank_label, middle, a, b)
+    if per_head is not None:  # an adapter that came from Keras's layout goes back at its own rank
+        return per_head
     width = int(kernel_shape[-1])
     update = (a @ b).reshape(view.in_shape + view.out_shape)
     order = [(view.in_axes + view.out_axes).index(c) for c in view.kernel_axes]

@@ -4,7 +4,13 @@ defines LoRA for embeddings."""
 import keras
 import tensorflow as tf
 
-from tf_lora.layers.lora_layer import DEFAULT_ADAPTER, LoraAdapters, context_adapter_ids, keras_lora_names
+from tf_lora.layers.lora_layer import (
+    DEFAULT_ADAPTER,
+    LoraAdapters,
+    broadcast_ids,
+    keras_lora_names,
+    resolve_adapter_ids,
+)
 from tf_lora.python.ops import lora_ops
 
 
@@ -65,8 +71,7 @@ class LoraEmbedding(LoraAdapters, keras.layers.Embedding):
             return y
         with tf.control_dependencies([self._same_adapters_check()]):
             tokens = tf.identity(tf.cast(inputs, tf.int32))
-        if adapter_ids is None:
-            adapter_ids = context_adapter_ids()
+        adapter_ids = resolve_adapter_ids(adapter_ids, self._describe())
         rows = tf.reshape(tokens, [-1])
         if adapter_ids is None and len(self._slots) == 1:
             slot = self._slots[DEFAULT_ADAPTER]
@@ -88,10 +93,7 @@ class LoraEmbedding(LoraAdapters, keras.layers.Embedding):
         else:
             ids = lora_ops.int32_ids(adapter_ids)
             if ids.shape.rank is not None and ids.shape.rank < tokens.shape.rank:
-                ids = tf.reshape(
-                    ids,
-                    tf.concat([tf.shape(ids), tf.ones([tokens.shape.rank - ids.shape.rank], tf.int32)], 0),
-                )
+                ids = broadcast_ids(ids, tf.shape(tokens), self._describe())
             ids = tf.reshape(tf.broadcast_to(ids, tf.shape(tokens)), [-1])
             merged_check = tf.debugging.assert_equal(
                 tf.convert_to_tensor(self.lora_active),

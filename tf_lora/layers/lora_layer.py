@@ -28,7 +28,8 @@ def adapter_ids(ids):
 
     `ids[i]` indexes the layers' `adapter_names` (-1: the base model only) and covers all rows of example
     `i` (sequence positions included). The ids are read when the layers are called: inside a `tf.function`
-    the block must be around the traced call.
+    the block goes inside the traced function, with the ids as one of its arguments (a block of values around
+    a traced call is refused: the trace would freeze them); `PerExampleAdapters` wraps a model that way.
 
     >>> layer = tf_lora.layers.LoraDense(3, rank=2)
     >>> model = keras.Sequential([keras.Input((4,)), keras.Sequential([layer])])  # one level down
@@ -45,6 +46,38 @@ def adapter_ids(ids):
         yield
     finally:
         stack.pop()
+
+
+def resolve_adapter_ids(adapter_ids, who):
+    """The ids a layer call uses: its own `adapter_ids`, else the innermost `adapter_ids` block's. While a
+    function is traced, a block's ids must be a tensor of that trace (an argument of the tf.function, the
+    block opened inside it): values would be frozen into the trace, and the next call with other ids would
+    silently run the old ones."""
+    if adapter_ids is not None:
+        return adapter_ids
+    ids = context_adapter_ids()
+    if ids is not None and not tf.executing_eagerly() and not tf.is_symbolic_tensor(ids):
+        raise ValueError(
+            f"{who}: called in a traced function (tf.function, Keras's predict or fit) inside an adapter_ids "
+            "block whose ids are values, which the trace would freeze: later calls with other ids would run "
+            "these. Pass the ids as an argument of your tf.function and open the block inside it, or wrap "
+            "the model in tf_lora.layers.PerExampleAdapters(model), whose call takes (inputs, adapter_ids)"
+        )
+    return ids
+
+
+def broadcast_ids(ids, batch_shape, who):
+    """One id per example covering all its rows: ids [examples] (or [examples, positions...]) broadcast to
+    the rows' leading axes `batch_shape` (a tensor), after checking that they fit."""
+    rank = ids.shape.rank
+    fits = tf.debugging.assert_equal(
+        tf.shape(ids),
+        batch_shape[:rank],
+        message=f"{who}: adapter_ids must have one id per example (shape = the input's leading axes)",
+    )
+    with tf.control_dependencies([fits]):
+        ids = tf.reshape(ids, tf.concat([tf.shape(ids), tf.ones_like(batch_shape[rank:])], 0))
+    return tf.broadcast_to(ids, batch_shape)
 
 
 def context_adapter_ids():
@@ -326,8 +359,7 @@ class LoraAdapters:
         """The function `(y2, x2) -> y2 + LoRA` on output rows y2 [N, out] of input rows x2 [N, in], for the
         active adapter, or each row's own one when `adapter_ids` (or an `adapter_ids` block) gives them; `x`
         is the layer's input, whose leading axes the ids cover. Also checks the adapters the trace knows."""
-        if adapter_ids is None:
-            adapter_ids = context_adapter_ids()
+        adapter_ids = resolve_adapter_ids(adapter_ids, self._describe())
         dropout = bool(training) and self.lora_dropout > 0
 
         def lora_input(x2):
@@ -363,10 +395,7 @@ class LoraAdapters:
             ids = lora_ops.int32_ids(adapter_ids)
             if ids.shape.rank is not None and x.shape.rank is not None and ids.shape.rank < x.shape.rank - 1:
                 # One id per example covers all its rows (sequence positions, heads...).
-                ids = tf.reshape(
-                    ids, tf.concat([tf.shape(ids), tf.ones([x.shape.rank - 1 - ids.shape.rank], tf.int32)], 0)
-                )
-                ids = tf.broadcast_to(ids, tf.shape(x)[:-1])
+                ids = broadcast_ids(ids, tf.shape(x)[:-1], self._describe())
             merged_check = tf.debugging.assert_equal(
                 tf.convert_to_tensor(self.lora_active),
                 tf.constant(1.0, self.lora_active.dtype),

@@ -11,10 +11,11 @@ trainable set come back.
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 from tf_lora.layers.conversion import refresh_call_signature, to_lora
 from tf_lora.layers.keras_lora_layout import to_keras_factors
-from tf_lora.layers.lora_layer import LoraAdapters
+from tf_lora.layers.lora_layer import LoraAdapters, adapter_ids
 from tf_lora.layers.model_layers import layers_by_path
 
 REGISTERED_NAME = "tf_lora>LoraModel"
@@ -126,6 +127,44 @@ def unmark(model):
     """Gives `model` its own class back (it then saves as that class, without LoRA)."""
     model.__class__ = _base_class(type(model))
     return model
+
+
+@keras.saving.register_keras_serializable(package="tf_lora")
+class PerExampleAdapters(keras.Model):
+    """`model` serving per-example adapters in every LoRA layer, however deep: called on
+    `(inputs, adapter_ids)`, `adapter_ids[i]` naming example `i`'s adapter by its index in the layers'
+    `adapter_names` (-1: the base model). The ids are an input of the call, so Keras's traced predict,
+    `model.export(...)` and `tf.function`s take new ids on every call.
+
+    >>> model, _ = tf_lora.inject_lora(keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="p")]))
+    >>> model.get_layer("p").add_adapter("other")
+    >>> served = tf_lora.layers.PerExampleAdapters(model)
+    >>> served((tf.ones([2, 4]), tf.constant([1, -1]))).shape
+    TensorShape([2, 3])
+    """
+
+    def __init__(self, model, **kwargs):
+        super().__init__(**kwargs)
+        self.model = model
+        self._convert_input_args = False  # Keras would cast the ids to floats; the model converts its own
+
+    def call(self, inputs, training=None):
+        x, ids = inputs
+        ids = tf.convert_to_tensor(ids)
+        if not ids.dtype.is_integer:
+            ids = tf.cast(tf.round(ids), tf.int32)
+        with adapter_ids(ids):
+            return self.model(x, training=training)
+
+    def get_config(self):
+        config = keras.layers.Layer.get_config(self)
+        return {**config, "model": keras.saving.serialize_keras_object(self.model)}
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        model = keras.saving.deserialize_keras_object(config.pop("model"), custom_objects=custom_objects)
+        return cls(model, **config)
 
 
 def set_active_adapter(model, name):

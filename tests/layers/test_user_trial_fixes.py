@@ -1,0 +1,153 @@
+"""What a new user hit on keras-hub models, each fixed: ids frozen into a trace, apply leaving the base
+trainable, copying a Keras-LoRA backbone, Keras .lora.h5 written back at another rank, settings that matched
+nothing, and unclear errors for bad ids."""
+
+import json
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from keras_hub_models import tiny_backbone
+
+import tf_lora
+
+pytest.importorskip("keras_hub")
+
+X = {"token_ids": np.arange(24, dtype="int32").reshape(3, 8) % 64, "padding_mask": np.ones((3, 8), "int32")}
+
+
+def _two_adapters():
+    backbone = tiny_backbone("llama")
+    tf_lora.inject_lora(backbone, rank=4, copy=False)
+    rng = np.random.default_rng(0)
+    for layer in tf_lora.layers.lora_layers(backbone).values():
+        layer.add_adapter("second", rank=2)
+        for name in layer.adapter_names:
+            slot = layer.adapter_slot(name)
+            slot.b.assign(rng.standard_normal(slot.b.shape).astype(np.float32))
+    alone = {}
+    for name in ("default", "second", None):
+        tf_lora.set_active_adapter(backbone, name)
+        alone[name] = backbone(X).numpy()
+    return backbone, alone
+
+
+def test_ids_of_a_block_around_a_traced_call_are_refused_not_frozen():
+    backbone, _ = _two_adapters()
+    traced = tf.function(lambda x: backbone(x))
+    with pytest.raises(
+        ValueError, match="inside an adapter_ids block whose ids are values, which the trace would"
+    ):
+        with tf_lora.layers.adapter_ids([0, 1, -1]):
+            traced(X)
+    with pytest.raises(ValueError, match="PerExampleAdapters"):
+        with tf_lora.layers.adapter_ids([0, 1, -1]):
+            backbone.predict(X, verbose=0)
+
+
+def test_per_example_adapters_wrapper_predict_export_and_keras_file(tmp_path, run_python):
+    backbone, alone = _two_adapters()
+    served = tf_lora.layers.PerExampleAdapters(backbone)
+    for ids, names in (
+        ([1, -1, 0], ("second", None, "default")),
+        ([0, 0, 1], ("default", "default", "second")),
+    ):
+        y = served.predict((X, np.array(ids, "int32")), verbose=0)  # one trace, new ids each call
+        for row, name in enumerate(names):
+            np.testing.assert_allclose(y[row], alone[name][row], rtol=1e-4, atol=1e-4)
+    spec = (
+        {
+            "token_ids": tf.TensorSpec([None, None], tf.int32),
+            "padding_mask": tf.TensorSpec([None, None], tf.int32),
+        },
+        tf.TensorSpec([None], tf.int32),
+    )
+    served.export(str(tmp_path / "export"), verbose=False, input_signature=[spec])
+    served.save(tmp_path / "served.keras")
+    np.save(tmp_path / "tokens.npy", X["token_ids"][:2])
+    run_python(
+        f"""
+import keras, numpy as np, tensorflow as tf, tf_lora
+tokens = np.load("{tmp_path}/tokens.npy")
+x = {{"token_ids": tokens, "padding_mask": np.ones_like(tokens)}}
+loaded = tf.saved_model.load("{tmp_path}/export")  # another batch size than traced
+np.save("{tmp_path}/exported.npy", loaded.serve((x, tf.constant([1, 0]))).numpy())
+model = keras.saving.load_model("{tmp_path}/served.keras")
+np.save("{tmp_path}/reloaded.npy", model.predict((x, np.array([-1, 1], "int32")), verbose=0))
+"""
+    )
+    exported, reloaded = np.load(tmp_path / "exported.npy"), np.load(tmp_path / "reloaded.npy")
+    np.testing.assert_allclose(exported[0], alone["second"][0], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(exported[1], alone["default"][1], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(reloaded[0], alone[None][0], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(reloaded[1], alone["second"][1], rtol=1e-4, atol=1e-4)
+
+
+def test_ids_that_do_not_fit_the_batch_say_so():
+    backbone, _ = _two_adapters()
+    with pytest.raises(tf.errors.InvalidArgumentError, match="adapter_ids must have one id per example"):
+        with tf_lora.layers.adapter_ids([0, 1]):
+            backbone(X)
+
+
+def test_apply_attach_freezes_the_base_as_inject_does():
+    backbone = tiny_backbone("gpt2")
+    adapters = tf_lora.adapters.from_model(tf_lora.inject_lora(tiny_backbone("gpt2"), rank=2)[0])
+    tf_lora.adapters.apply(backbone, adapters)
+    assert {w.path.rsplit("/", 1)[-1] for w in backbone.trainable_weights} == {"lora_a", "lora_b"}
+
+
+def test_copy_of_a_backbone_with_keras_lora_keeps_its_adapters():
+    backbone = tiny_backbone("llama")
+    backbone.enable_lora(4)
+    for layer in backbone._flatten_layers(include_self=False):
+        if getattr(layer, "lora_enabled", False):
+            layer.lora_kernel_b.assign(np.full(layer.lora_kernel_b.shape, 0.1, np.float32))
+    expected = backbone(X).numpy()
+    model, adapted = tf_lora.inject_lora(backbone, rank=8)  # copy=True
+    assert model is not backbone and len(adapted) == 14
+    np.testing.assert_allclose(model(X).numpy(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_keras_lora_file_goes_back_at_its_own_rank(tmp_path):
+    keras_model = tiny_backbone("gpt2")
+    keras_model.enable_lora(4)
+    rng = np.random.default_rng(1)
+    for layer in keras_model._flatten_layers(include_self=False):
+        if getattr(layer, "lora_enabled", False):
+            layer.lora_kernel_b.assign(rng.standard_normal(layer.lora_kernel_b.shape).astype(np.float32))
+    expected = keras_model(X).numpy()
+    keras_model.save_lora_weights(str(tmp_path / "a.lora.h5"))
+    ours = tiny_backbone("gpt2")
+    tf_lora.adapters.apply(ours, tf_lora.adapters.load_keras_lora(tmp_path / "a.lora.h5", ours))
+    assert tf_lora.adapters.save_keras_lora(ours, tmp_path / "b.lora.h5") == ["query", "value"]
+    fresh = tiny_backbone("gpt2")
+    fresh.enable_lora(4)  # the rank it was trained at
+    fresh.load_lora_weights(str(tmp_path / "b.lora.h5"))
+    np.testing.assert_allclose(fresh(X).numpy(), expected, rtol=1e-4, atol=1e-5)
+    everywhere = tf_lora.inject_lora(tiny_backbone("gpt2"), rank=2)[0]
+    with pytest.warns(UserWarning, match="target_layer_names="):
+        tf_lora.adapters.save_keras_lora(everywhere, tmp_path / "c.lora.h5")
+
+
+def test_settings_that_match_nothing_or_layers_with_lora_already_are_errors():
+    backbone = tiny_backbone("llama")
+    with pytest.raises(ValueError, match=r"rank_pattern keys \['q_proj'\] match none of the layers"):
+        tf_lora.inject_lora(backbone, rank_pattern={"q_proj": 2}, copy=False)
+    tf_lora.inject_lora(backbone, rank=4, target=r".*query", copy=False)
+    with pytest.raises(ValueError, match="self_attention/query has LoRA already"):
+        tf_lora.inject_lora(backbone, rank=8, target=r".*(query|value)", copy=False)
+    assert json.dumps(sorted(tf_lora.layers.lora_layers(backbone))) == json.dumps(
+        ["transformer_layer_0/self_attention/query", "transformer_layer_1/self_attention/query"]
+    )
+
+
+def test_inject_with_dora():
+    backbone = tiny_backbone("gemma")
+    expected = backbone(X).numpy()
+    tf_lora.inject_lora(backbone, rank=2, use_dora=True, copy=False)
+    layers = tf_lora.layers.lora_layers(backbone)
+    assert all(layer.use_dora for layer in layers.values())
+    np.testing.assert_allclose(backbone(X).numpy(), expected, rtol=1e-4, atol=1e-5)  # magnitude = ||w||
+    names = {w.path.rsplit("/", 1)[-1] for w in backbone.trainable_weights}
+    assert names == {"lora_a", "lora_b", "lora_magnitude"}
