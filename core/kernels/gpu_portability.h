@@ -31,6 +31,10 @@
 namespace tf_lora {
 namespace gpu {
 
+// The largest gridDim.y and gridDim.z a launch may use (CUDA's limit);
+// launchers split larger grids. Tests lower it to exercise the split.
+inline int64_t max_grid_yz = 65535;
+
 using Half = __half;
 using BFloat16 = __nv_bfloat16;
 using Stream = cudaStream_t;
@@ -95,15 +99,26 @@ struct dim3 {
 
 namespace tf_lora {
 namespace gpu {
+// The largest gridDim.y and gridDim.z a launch may use (CUDA's limit, which
+// the emulation enforces as CUDA does); launchers split larger grids. Tests
+// lower it to exercise the split.
+inline int64_t max_grid_yz = 65535;
+
 namespace emulation {
 inline thread_local dim3 thread_idx, block_idx;
 inline dim3 block_dim, grid_dim;
 inline std::barrier<>* block_barrier = nullptr;
+inline int launch_error = 0;  // what cudaGetLastError would report
 
 // Runs fn(args...) as every thread of every block: the block's threads run
 // concurrently (they meet at SyncThreads), blocks one after another.
 template <typename Fn>
 void Launch(dim3 grid, dim3 block, Fn fn) {
+  if (static_cast<int64_t>(grid.y) > max_grid_yz ||
+      static_cast<int64_t>(grid.z) > max_grid_yz) {
+    launch_error = 1;  // cudaErrorInvalidConfiguration: the kernel does not run
+    return;
+  }
   grid_dim = grid;
   block_dim = block;
   const unsigned threads = block.x * block.y * block.z;
@@ -180,7 +195,11 @@ inline BFloat16 FromFloat<BFloat16>(float v) {
 inline void Copy16(void* dst, const void* src) { std::memcpy(dst, src, 16); }
 
 constexpr Error kInvalidValue = 1;
-inline Error LastLaunchError() { return kSuccess; }
+inline Error LastLaunchError() {
+  const Error e = emulation::launch_error;
+  emulation::launch_error = kSuccess;
+  return e;
+}
 inline Error MemsetAsync(void* p, int value, size_t bytes, Stream) {
   std::memset(p, value, bytes);
   return kSuccess;

@@ -256,24 +256,26 @@ constexpr int kReduceRows = 32;  // rows per shared-memory step
 // g [rows, r] of float; blockIdx.x 64 of x's columns, blockIdx.z 64 of r.
 // - Splits (seg_start null): blockIdx.y is a split of the rows, written to
 //   partial[split][i][k] (LoraApplyGrad's da and db^T, summed by FinishReduce).
-// - Segments: blockIdx.y is an adapter, its rows order[seg_start[k] ..
-//   seg_start[k + 1]); the result, times scales[k], goes to out[k] as is or
-//   transposed ([r, cols]) (BatchedLoraApplyGrad's da and db).
+// - Segments: blockIdx.y is adapter k - seg_base (a launch covers at most
+//   max_grid_yz adapters), its rows order[seg_start[k] .. seg_start[k + 1]);
+//   the result, times scales[k], goes to out[k] as is or transposed
+//   ([r, cols]) (BatchedLoraApplyGrad's da and db).
 template <typename T>
 TF_LORA_GLOBAL void ReduceRows(int64_t rows, int64_t cols, int64_t r,
                                const T* x, const float* g, int64_t split_len,
                                float* partial, const int* order,
                                const int* seg_start, const T* scales,
-                               bool transposed, T* out) {
+                               bool transposed, T* out, int64_t seg_base) {
   TF_LORA_SHARED float xs[kReduceRows][kReduceCols + 1];
   TF_LORA_SHARED float gs[kReduceRows][kReduceCols + 1];
   const int tid = threadIdx.x, ty = tid / 16, tx = tid % 16;
   const int64_t i0 = static_cast<int64_t>(blockIdx.x) * kReduceCols;
   const int64_t k0 = static_cast<int64_t>(blockIdx.z) * kReduceCols;
   int64_t n_begin, n_end;
+  const int64_t adapter = seg_base + blockIdx.y;  // segments mode
   if (seg_start != nullptr) {
-    n_begin = seg_start[blockIdx.y];
-    n_end = seg_start[blockIdx.y + 1];
+    n_begin = seg_start[adapter];
+    n_end = seg_start[adapter + 1];
   } else {
     n_begin = blockIdx.y * split_len;
     n_end = Min<int64_t>(rows, n_begin + split_len);
@@ -305,17 +307,17 @@ TF_LORA_GLOBAL void ReduceRows(int64_t rows, int64_t cols, int64_t r,
     }
     SyncThreads();
   }
-  const float scale = scales != nullptr ? ToFloat(scales[blockIdx.y]) : 1.f;
+  const float scale = scales != nullptr ? ToFloat(scales[adapter]) : 1.f;
   for (int p = 0; p < 4; ++p) {
     const int64_t i = i0 + ty * 4 + p;
     if (i >= cols) continue;
     for (int q = 0; q < 4; ++q) {
-      const int64_t k = k0 + tx * 4 + q;
-      if (k >= r) continue;
+      const int64_t c = k0 + tx * 4 + q;
+      if (c >= r) continue;
       if (out == nullptr) {
-        partial[(blockIdx.y * cols + i) * r + k] = acc[p][q];
+        partial[(blockIdx.y * cols + i) * r + c] = acc[p][q];
       } else {
-        out[blockIdx.y * cols * r + (transposed ? k * cols + i : i * r + k)] =
+        out[adapter * cols * r + (transposed ? c * cols + i : i * r + c)] =
             FromFloat<T>(scale * acc[p][q]);
       }
     }
@@ -700,7 +702,8 @@ Error ReduceInto(Stream stream, const GradPlan& p, int64_t n, int64_t cols,
       dim3(kShrinkThreads), stream, n, cols, r, x, g,
       CeilDiv(CeilDiv(n, p.reduce_splits), kReduceRows) * kReduceRows, partial,
       static_cast<const int*>(nullptr), static_cast<const int*>(nullptr),
-      static_cast<const T*>(nullptr), false, static_cast<T*>(nullptr));
+      static_cast<const T*>(nullptr), false, static_cast<T*>(nullptr),
+      int64_t{0});
   auto* finish = FinishReduce<T>;
   TF_LORA_LAUNCH(finish, dim3(CeilDiv(cols * r, 256)), dim3(256), stream, cols,
                  r, p.reduce_splits, partial, scale, transposed, out);
@@ -861,16 +864,19 @@ Error BatchedLoraApplyGrad(Stream stream, int64_t n, int64_t in, int64_t out,
   const dim3 block(kShrinkThreads);
   auto* reduce = ReduceRows<T>;
   float* no_partial = nullptr;
-  TF_LORA_LAUNCH(
-      reduce,
-      dim3(CeilDiv(in, kReduceCols), n_adapters, CeilDiv(r, kReduceCols)),
-      block, stream, n, in, r, x, gb, int64_t{0}, no_partial, m.order,
-      m.seg_start, scales, false, da);
-  TF_LORA_LAUNCH(
-      reduce,
-      dim3(CeilDiv(out, kReduceCols), n_adapters, CeilDiv(r, kReduceCols)),
-      block, stream, n, out, r, g, xa, int64_t{0}, no_partial, m.order,
-      m.seg_start, scales, true, db);
+  // One launch per max_grid_yz adapters (gridDim.y is at most 65535).
+  for (int64_t base = 0; base < n_adapters; base += max_grid_yz) {
+    const auto count = static_cast<unsigned>(
+        std::min<int64_t>(max_grid_yz, n_adapters - base));
+    TF_LORA_LAUNCH(
+        reduce, dim3(CeilDiv(in, kReduceCols), count, CeilDiv(r, kReduceCols)),
+        block, stream, n, in, r, x, gb, int64_t{0}, no_partial, m.order,
+        m.seg_start, scales, false, da, base);
+    TF_LORA_LAUNCH(
+        reduce, dim3(CeilDiv(out, kReduceCols), count, CeilDiv(r, kReduceCols)),
+        block, stream, n, out, r, g, xa, int64_t{0}, no_partial, m.order,
+        m.seg_start, scales, true, db, base);
+  }
   auto* dots = SegmentDots<T>;
   TF_LORA_LAUNCH(dots, dim3(n_adapters), dim3(256), stream, r, m.order,
                  m.seg_start, xa, gb, dscales);

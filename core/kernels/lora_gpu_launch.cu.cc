@@ -118,6 +118,8 @@ int LaunchBatchedLoraApplyGrad(DType dtype, void* stream, int64_t n, int64_t in,
 
 int NoBadRow() { return kNoBadRow; }
 
+void SetMaxGridYz(int64_t value) { max_grid_yz = value; }
+
 #if defined(__CUDACC__)
 const char* ErrorString(int error) {
   return cudaGetErrorString(static_cast<cudaError_t>(error));

@@ -60,6 +60,10 @@ int LaunchBatchedLoraApplyGrad(DType dtype, void* stream, int64_t n, int64_t in,
                                void* workspace, int* bad_row);
 
 int NoBadRow();
+
+// The largest gridDim.y/z the launchers use (CUDA's 65535 by default; larger
+// grids go in several launches). Tests lower it to exercise that split.
+void SetMaxGridYz(int64_t value);
 const char* ErrorString(int error);
 
 }  // namespace gpu

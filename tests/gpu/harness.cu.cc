@@ -14,6 +14,10 @@ extern "C" {
 
 int tfl_no_bad_row() { return gpu::NoBadRow(); }
 
+// Lowers (or restores) the largest gridDim.y/z launchers use, to test their
+// split of larger grids.
+void tfl_set_max_grid_yz(int64_t value) { gpu::SetMaxGridYz(value); }
+
 int tfl_lora_merge(int dtype, void* stream, int64_t in, int64_t out, int64_t r,
                    const void* w, const void* a, const void* b, float scale,
                    void* result) {

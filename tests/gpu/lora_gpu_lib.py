@@ -12,6 +12,7 @@ def load(path):
     lib = ctypes.CDLL(path)
     i64, ptr, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
     lib.tfl_lora_merge.argtypes = [ctypes.c_int, ptr, i64, i64, i64, ptr, ptr, ptr, f32, ptr]
+    lib.tfl_set_max_grid_yz.argtypes = [i64]
     lib.tfl_lora_apply_workspace.argtypes = [i64, i64, i64]
     lib.tfl_lora_apply_workspace.restype = ctypes.c_size_t
     lib.tfl_lora_apply.argtypes = [ctypes.c_int, ptr, i64, i64, i64, i64, ptr, ptr, ptr, ptr, f32, ptr, ptr]

@@ -364,6 +364,20 @@ def test_batched_apply_grad(gpu, dtype, shape):
     assert bad_row == gpu[0].tfl_no_bad_row()
 
 
+def test_batched_apply_grad_splits_more_adapters_than_a_grid_holds(gpu):
+    """More adapters than gridDim.y allows (65535 on CUDA; lowered to 2 here so that the test stays small)
+    go in several launches: the launch failed before."""
+    gpu[0].tfl_set_max_grid_yz(2)
+    try:
+        ids = np.random.default_rng(4).integers(-1, 5, 60)
+        got, want, bad_row = _batched_grad(gpu, "float32", (60, 9, 70, 3, 5), ids)
+    finally:
+        gpu[0].tfl_set_max_grid_yz(65535)
+    for name, g, w in zip(["dx", "da", "db", "dscales"], got, want, strict=True):
+        _check(g, w, "float32", name)
+    assert bad_row == gpu[0].tfl_no_bad_row()
+
+
 def test_batched_apply_grad_bad_ids_are_reported_never_read(gpu):
     ids = np.random.default_rng(3).integers(-1, 3, 90)
     ids[5], ids[60] = 3, -9
