@@ -15,9 +15,8 @@ import h5py
 import numpy as np
 
 from tf_lora.adapters.adapter import Adapter, AdapterSet
-from tf_lora.layers.conversion import kernel_variable
 from tf_lora.layers.keras_lora_layout import from_keras_factors, to_keras_factors
-from tf_lora.layers.lora_einsum_dense import EinsumView
+from tf_lora.layers.kernel_layout import kernel_variable, layer_view
 from tf_lora.layers.lora_layer import LoraAdapters
 from tf_lora.layers.lora_model import keras_hub_backbone
 from tf_lora.layers.model_layers import layers_by_path, lora_kind
@@ -35,13 +34,6 @@ def _weighted_layers(model):
     paths = {id(layer): path for path, layer in layers_by_path(model).items()}
     weighted = [layer for layer in backbone._flatten_layers(include_self=False) if layer.weights]  # noqa: SLF001
     return backbone, [(paths.get(id(layer), layer.name), layer) for layer in weighted]
-
-
-def _view(layer):
-    kernel = kernel_variable(layer)
-    return (
-        EinsumView.parse(layer.equation, kernel.shape, layer.name) if lora_kind(layer) == "einsum" else None
-    )
 
 
 def load_keras_lora(path, model) -> AdapterSet:
@@ -78,7 +70,7 @@ def load_keras_lora(path, model) -> AdapterSet:
                         f"fit a kernel {kernel} at rank {rank}"
                     )
                     continue
-                a, b = from_keras_factors(_view(layer), a_keras, b_keras)
+                a, b = from_keras_factors(layer_view(layer), a_keras, b_keras)
                 adapters[layer_path] = Adapter(
                     a,
                     b,
@@ -114,7 +106,9 @@ def save_keras_lora(model, path, adapter_name="default"):
         if slot.use_dora:
             raise ValueError(f"save_keras_lora: {layer_path}: a DoRA adapter has no Keras LoRA form")
         kernel = tuple(kernel_variable(layer).shape)
-        factors[index] = to_keras_factors(_view(layer), kernel, slot.a.numpy(), slot.b.numpy(), slot.scale)
+        factors[index] = to_keras_factors(
+            layer_view(layer), kernel, slot.a.numpy(), slot.b.numpy(), slot.scale
+        )
     if not factors:
         raise ValueError(f"save_keras_lora: no LoRA layer of the backbone has an adapter {adapter_name!r}")
     names = sorted({layers[i][1].name for i in factors})

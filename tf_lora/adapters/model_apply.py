@@ -7,17 +7,8 @@ import numpy as np
 from tf_lora.adapters import hf_names
 from tf_lora.adapters.adapter import Adapter, AdapterSet
 from tf_lora.adapters.module_names import module_mapper, resolve_layer
-from tf_lora.layers.conversion import (
-    bias_problem,
-    check_convertible,
-    forget_traces,
-    kernel_matrix,
-    lora_shape,
-    merge_into_layer,
-    set_bias,
-    set_kernel_matrix,
-    to_lora,
-)
+from tf_lora.layers.conversion import bias_problem, check_convertible, forget_traces, set_bias, to_lora
+from tf_lora.layers.kernel_layout import kernel_matrix, lora_shape, merge_into_layer, set_kernel_matrix
 from tf_lora.layers.lora_layer import ADAPTER_NAME, LoraAdapters
 from tf_lora.layers.lora_model import mark
 from tf_lora.layers.model_layers import describe_paths, layers_by_path, lora_kind

@@ -11,7 +11,7 @@ from tf_lora.adapters.kohya import load_kohya
 from tf_lora.adapters.model_apply import apply
 from tf_lora.adapters.peft import WEIGHTS, load_peft
 from tf_lora.adapters.safetensors_io import sha256_file
-from tf_lora.layers.conversion import kernel_variable
+from tf_lora.layers.kernel_layout import kernel_variable
 from tf_lora.layers.model_layers import layers_by_path
 
 MANIFEST = "manifest.json"

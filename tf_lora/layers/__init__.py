@@ -2,8 +2,9 @@
 
 from tf_lora.layers.conversion import to_lora
 from tf_lora.layers.keras_injection import inject_lora
+from tf_lora.layers.kernel_layout import EinsumView
 from tf_lora.layers.lora_dense import LoraDense
-from tf_lora.layers.lora_einsum_dense import EinsumView, LoraEinsumDense
+from tf_lora.layers.lora_einsum_dense import LoraEinsumDense
 from tf_lora.layers.lora_embedding import LoraEmbedding
 from tf_lora.layers.lora_layer import LoraAdapters, adapter_ids
 from tf_lora.layers.lora_model import (

@@ -6,15 +6,14 @@ import inspect
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 from tf_lora.layers.keras_lora_layout import from_keras_factors
+from tf_lora.layers.kernel_layout import EinsumView, kernel_variable, layer_view
 from tf_lora.layers.lora_dense import LoraDense
-from tf_lora.layers.lora_einsum_dense import EinsumView, LoraEinsumDense
+from tf_lora.layers.lora_einsum_dense import LoraEinsumDense
 from tf_lora.layers.lora_embedding import LoraEmbedding
 from tf_lora.layers.lora_layer import DEFAULT_ADAPTER, LoraAdapters
 from tf_lora.layers.model_layers import lora_kind
-from tf_lora.python.ops import lora_ops
 
 _LORA_CLASSES = {
     "dense": (keras.layers.Dense, LoraDense),
@@ -61,7 +60,7 @@ def check_convertible(layer, path):
         if getattr(layer, "lora_enabled", False):
             try:
                 names = _KERAS_LORA_NAMES[kind]
-                from_keras_factors(_view(layer), *(getattr(layer, n).numpy() for n in names))
+                from_keras_factors(layer_view(layer), *(getattr(layer, n).numpy() for n in names))
             except ValueError as e:
                 return f"{path}: Keras's enable_lora is on, and {e}"
     return None
@@ -87,7 +86,7 @@ def to_lora(layer, rank, alpha, use_rslora=False, lora_dropout=0.0, train_bias=F
     keras_adapter = None
     if getattr(layer, "lora_enabled", False):  # Keras's own LoRA: kernel + alpha / rank * a @ b
         variables = tuple(getattr(layer, name) for name in _KERAS_LORA_NAMES[kind])
-        keras_adapter = from_keras_factors(_view(layer), *(v.numpy() for v in variables))
+        keras_adapter = from_keras_factors(layer_view(layer), *(v.numpy() for v in variables))
         scale = layer.lora_alpha / layer.lora_rank
         rank, use_rslora = keras_adapter[0].shape[1], False
         alpha = scale * rank  # the same scale at tf_lora's rank (heads * Keras's for a per-head kernel)
@@ -127,60 +126,6 @@ def refresh_call_signature(layer):
         arg: arg in layer.call_signature_parameters
         for arg in layer._call_context_args  # noqa: SLF001
     }
-
-
-def kernel_variable(layer):
-    """The variable holding a Dense or EinsumDense layer's weight (Keras's `kernel` may be a property
-    computing from it, as with Keras's own LoRA)."""
-    if isinstance(layer, keras.layers.Embedding):
-        return layer._embeddings  # noqa: SLF001 - Keras's table (`embeddings` adds Keras's own LoRA)
-    kernel = getattr(layer, "_kernel", None)
-    return layer.kernel if kernel is None else kernel
-
-
-def lora_shape(layer):
-    """(in, out): a Dense or EinsumDense layer's weight seen as the matrix LoRA adapts."""
-    kernel = kernel_variable(layer)
-    if lora_kind(layer) == "einsum":
-        view = EinsumView.parse(layer.equation, kernel.shape, layer.name)
-        return view.in_features, view.out_features
-    return int(kernel.shape[0]), int(kernel.shape[1])
-
-
-def _view(layer):
-    kernel = kernel_variable(layer)
-    return EinsumView.parse(layer.equation, kernel.shape, layer.name) if len(kernel.shape) != 2 else None
-
-
-def kernel_matrix(layer):
-    """A Dense or EinsumDense layer's weight as the matrix `[in, out]` (a tensor)."""
-    kernel, view = tf.convert_to_tensor(kernel_variable(layer)), _view(layer)
-    return kernel if view is None else view.kernel_matrix(kernel)
-
-
-def set_kernel_matrix(layer, matrix):
-    """Assigns a matrix `[in, out]` to a Dense or EinsumDense layer's weight, in the weight's own layout."""
-    kernel, view = kernel_variable(layer), _view(layer)
-    matrix = tf.convert_to_tensor(matrix)
-    kernel.assign(tf.cast(matrix if view is None else view.kernel_update(matrix), kernel.dtype))
-
-
-def merge_into_layer(layer, a, b, scale, magnitude=None):
-    """`weight += scale * a @ b` in place on a Dense or EinsumDense layer's weight seen as [in, out]; with a
-    DoRA `magnitude` [out], PEFT's DoRA merge: `weight <- magnitude / ||w'|| * w'`, `w' = weight + scale * a
-    @ b`, the norms taken over each output column."""
-    kernel, view = kernel_variable(layer), _view(layer)
-    if magnitude is not None:
-        w = tf.cast(kernel_matrix(layer), tf.float32)
-        adapted = w + float(scale) * tf.matmul(tf.cast(a, tf.float32), tf.cast(b, tf.float32))
-        set_kernel_matrix(layer, adapted * (tf.cast(magnitude, tf.float32) / tf.norm(adapted, axis=0)))
-    elif view is None:
-        lora_ops.merge_into_variable(kernel, a, b, scale)
-    else:
-        update = (
-            tf.matmul(tf.convert_to_tensor(a, kernel.dtype), tf.convert_to_tensor(b, kernel.dtype)) * scale
-        )
-        kernel.assign_add(view.kernel_update(update))
 
 
 def bias_problem(layer, bias):

@@ -87,6 +87,4 @@ def to_keras_factors(view, kernel_shape, a, b, scale):
     if per_head is not None:  # an adapter that came from Keras's layout goes back at its own rank
         return per_head
     width = int(kernel_shape[-1])
-    update = (a @ b).reshape(view.in_shape + view.out_shape)
-    order = [(view.in_axes + view.out_axes).index(c) for c in view.kernel_axes]
-    return np.transpose(update, order), np.eye(width, dtype=np.float32)
+    return view.to_kernel_layout(a @ b), np.eye(width, dtype=np.float32)

@@ -68,16 +68,6 @@ class LoraDense(LoraAdapters, keras.layers.Dense):
             rank, alpha, use_rslora, lora_dropout, adapters, active_adapter, train_bias, "LoraDense", use_dora
         )
 
-    def _lora_shape(self):
-        return self._kernel_variable().shape[0], self.units
-
-    def _kernel_matrix(self):
-        return tf.convert_to_tensor(self._kernel_variable())
-
-    def _set_kernel_matrix(self, matrix):
-        kernel = self._kernel_variable()
-        kernel.assign(tf.cast(matrix, kernel.dtype))
-
     def build(self, input_shape):
         super().build(input_shape)
         self._lora_build()

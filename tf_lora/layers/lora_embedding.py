@@ -49,18 +49,6 @@ class LoraEmbedding(LoraAdapters, keras.layers.Embedding):
         super().__init__(input_dim, output_dim, **kwargs)
         self._lora_setup(rank, alpha, use_rslora, 0.0, adapters, active_adapter, False, "LoraEmbedding")
 
-    def _kernel_variable(self):
-        return self._embeddings
-
-    def _lora_shape(self):
-        return int(self._embeddings.shape[0]), int(self._embeddings.shape[1])
-
-    def _kernel_matrix(self):
-        return tf.convert_to_tensor(self._embeddings)
-
-    def _set_kernel_matrix(self, matrix):
-        self._embeddings.assign(tf.cast(matrix, self._embeddings.dtype))
-
     def build(self, input_shape=None):
         super().build(input_shape)
         self._lora_build()
@@ -95,16 +83,10 @@ class LoraEmbedding(LoraAdapters, keras.layers.Embedding):
             if ids.shape.rank is not None and ids.shape.rank < tokens.shape.rank:
                 ids = broadcast_ids(ids, tf.shape(tokens), self._describe())
             ids = tf.reshape(tf.broadcast_to(ids, tf.shape(tokens)), [-1])
-            merged_check = tf.debugging.assert_equal(
-                tf.convert_to_tensor(self.lora_active),
-                tf.constant(1.0, self.lora_active.dtype),
-                message=f"{self._describe()}: an adapter is merged into the table; unmerge() before serving "
-                "per-example adapter_ids",
-            )
             in_range = tf.debugging.assert_less(
                 ids, len(self._slots), message=f"{self._describe()}: adapter ids must be < {len(self._slots)}"
             )
-            with tf.control_dependencies([merged_check, in_range]):
+            with tf.control_dependencies([self._not_merged_check(), in_range]):
                 scales = tf.identity(self._stacked_scales())
         a_stack, b_stack = self._stacked_adapters()
         chosen = tf.maximum(ids, 0)

@@ -1,7 +1,7 @@
 """What every tf_lora LoRA layer shares: named adapters with their variables (DoRA's magnitude included),
 the active adapter, merging, per-example adapter ids, saving. A layer class mixes `LoraAdapters` into a Keras
-layer and says how its weight is seen as a matrix `[in, out]` (`_lora_shape`, `_kernel_matrix`,
-`_set_kernel_matrix`) and how an update `[in, out]` is added to it (`_add_to_kernel`)."""
+Dense, EinsumDense or Embedding; its weight is seen as a matrix `[in, out]` through
+tf_lora.layers.kernel_layout."""
 
 import contextlib
 import dataclasses
@@ -12,6 +12,14 @@ import threading
 import keras
 import tensorflow as tf
 
+from tf_lora.layers.kernel_layout import (
+    adapted_norm,
+    kernel_matrix,
+    kernel_variable,
+    lora_shape,
+    merge_into_layer,
+    set_kernel_matrix,
+)
 from tf_lora.python.ops import lora_ops
 
 DEFAULT_ADAPTER = "default"
@@ -140,8 +148,8 @@ class LoraAdapters:
 
     The adapters' update is `scale * a @ b` on the weight seen as `[in, out]`. The class using it calls
     `_lora_setup` from its constructor (or when converting a built layer in place), `_lora_build` once the
-    weight exists, and `_lora_rows` on its output rows; it defines `_lora_shape()` -> (in, out) and
-    `_kernel_matrix()`, `_set_kernel_matrix(matrix)` and `_add_to_kernel(update [in, out])`.
+    weight exists, and `_lora_rows` on its output rows; the weight is read and written as `[in, out]` through
+    tf_lora.layers.kernel_layout.
 
     >>> isinstance(tf_lora.layers.LoraEinsumDense("abc,cd->abd", (None, 4)), tf_lora.layers.LoraAdapters)
     True
@@ -212,7 +220,7 @@ class LoraAdapters:
     def _build_slot(self, slot, trainable):
         # The default adapter's variables keep the plain names lora_a, lora_b and lora_scale. Each variable is
         # also an attribute of the layer, which is how tf.saved_model finds what traced functions capture.
-        in_features, out_features = self._lora_shape()
+        in_features, out_features = lora_shape(self)
         suffix = "" if slot.name == DEFAULT_ADAPTER else f"_{slot.name}"
         # Created trainable: the tf.Variable under a Keras variable keeps its creation-time flag, and only a
         # trainable one is watched by gradient tapes; Keras's own flag then says whether it is trained.
@@ -231,7 +239,7 @@ class LoraAdapters:
         if slot.use_dora:
             # DoRA's magnitude starts as the weight's column norms (B = 0), as PEFT initializes it.
             slot.magnitude = self.add_weight(name=f"lora_magnitude{suffix}", shape=(out_features,))
-            slot.magnitude.assign(tf.norm(tf.cast(self._kernel_matrix(), tf.float32), axis=0))
+            slot.magnitude.assign(tf.norm(tf.cast(kernel_matrix(self), tf.float32), axis=0))
             slot.magnitude.trainable = trainable
             slot.weight_norm = self.add_weight(
                 name=f"lora_weight_norm{suffix}", shape=(out_features,), initializer="ones", trainable=False
@@ -241,7 +249,7 @@ class LoraAdapters:
 
     def _lora_build(self):
         """Freezes the weight (and the bias unless train_bias) and creates the adapters' variables."""
-        self._kernel_variable().trainable = False
+        kernel_variable(self).trainable = False
         bias = getattr(self, "bias", None)
         if bias is not None:
             bias.trainable = self.train_bias
@@ -268,11 +276,6 @@ class LoraAdapters:
             initializer=keras.initializers.Constant(self._adapters_version),
             trainable=False,
         )
-
-    def _kernel_variable(self):
-        """The weight's variable (Keras's `kernel` may be a property computing from it)."""
-        kernel = getattr(self, "_kernel", None)
-        return self.kernel if kernel is None else kernel
 
     @property
     def merged(self) -> bool:
@@ -382,7 +385,9 @@ class LoraAdapters:
             def dora_rows(y2, x2):
                 # PEFT's DoRA: magnitude / ||w + scale * a @ b|| (column norms, no gradient through the norm)
                 # times x @ (w + scale * a @ b); the bias comes after.
-                factor = tf.convert_to_tensor(slot.magnitude) / tf.stop_gradient(self._adapted_norm(slot))
+                factor = tf.convert_to_tensor(slot.magnitude) / tf.stop_gradient(
+                    adapted_norm(self, slot.a, slot.b, slot.scale_var)
+                )
                 factor = tf.where(live > 0, factor, tf.ones_like(factor))
                 y2 = lora_ops.lora_apply(y2, lora_input(x2), slot.a, slot.b, scale)
                 return y2 * tf.cast(factor, y2.dtype)
@@ -396,25 +401,20 @@ class LoraAdapters:
             if ids.shape.rank is not None and x.shape.rank is not None and ids.shape.rank < x.shape.rank - 1:
                 # One id per example covers all its rows (sequence positions, heads...).
                 ids = broadcast_ids(ids, tf.shape(x)[:-1], self._describe())
-            merged_check = tf.debugging.assert_equal(
-                tf.convert_to_tensor(self.lora_active),
-                tf.constant(1.0, self.lora_active.dtype),
-                message=f"{self._describe()}: an adapter is merged into the kernel; unmerge() before "
-                "serving per-example adapter_ids",
-            )
-            with tf.control_dependencies([merged_check]):
+            with tf.control_dependencies([self._not_merged_check()]):
                 scales = tf.identity(self._stacked_scales())
         a_stack, b_stack = self._stacked_adapters()
         ids = tf.reshape(ids, [-1])
         return lambda y2, x2: lora_ops.batched_lora_apply(y2, lora_input(x2), a_stack, b_stack, ids, scales)
 
-    def _adapted_norm(self, slot):
-        """The column norms [out] of the weight with the adapter, `||w + scale * a @ b||`, in float32."""
-        # Stock ops, not the fused merge: this stays a constant expression of variables, which the graph
-        # tools' fold evaluates (it folds the factor into the weight), and XLA compiles.
-        a, b, scale = (tf.cast(tf.convert_to_tensor(v), tf.float32) for v in (slot.a, slot.b, slot.scale_var))
-        adapted = tf.cast(self._kernel_matrix(), tf.float32) + scale * tf.matmul(a, b)
-        return tf.norm(adapted, axis=0)
+    def _not_merged_check(self):
+        """An op that fails when an adapter is merged into the weight (per-example ids then cannot work)."""
+        return tf.debugging.assert_equal(
+            tf.convert_to_tensor(self.lora_active),
+            tf.constant(1.0, self.lora_active.dtype),
+            message=f"{self._describe()}: an adapter is merged into the kernel; unmerge() before serving "
+            "per-example adapter_ids",
+        )
 
     def _same_adapters_check(self):
         """An op that fails when the layer's adapters are not the ones this trace knows (one was added or
@@ -458,27 +458,18 @@ class LoraAdapters:
             self.lora_active.assign(1.0)
 
     def _merge_slot(self, slot, sign):
-        if slot.use_dora:  # PEFT's merge: w <- m / ||w'|| * w', w' = w + scale * a @ b; unmerge inverts it
-            w = tf.cast(self._kernel_matrix(), tf.float32)
+        if not slot.use_dora:
+            scale = sign * tf.convert_to_tensor(slot.scale_var)
+            merge_into_layer(self, slot.a, slot.b, scale)
+        elif (
+            sign > 0
+        ):  # PEFT's merge: w <- m / ||w'|| * w', w' = w + scale * a @ b, the norms kept for unmerge
+            slot.weight_norm.assign(merge_into_layer(self, slot.a, slot.b, slot.scale_var, slot.magnitude))
+        else:  # its inverse: w = w_merged * ||w'|| / m - scale * a @ b
+            w = tf.cast(kernel_matrix(self), tf.float32)
+            factor = tf.convert_to_tensor(slot.weight_norm) / tf.convert_to_tensor(slot.magnitude)
             update = tf.cast(tf.matmul(slot.a, slot.b), tf.float32) * tf.cast(slot.scale_var, tf.float32)
-            if sign > 0:
-                norm = self._adapted_norm(slot)
-                slot.weight_norm.assign(norm)
-                merged = (w + update) * (tf.convert_to_tensor(slot.magnitude) / norm)
-            else:
-                merged = (
-                    w * (tf.convert_to_tensor(slot.weight_norm) / tf.convert_to_tensor(slot.magnitude))
-                    - update
-                )
-            self._set_kernel_matrix(merged)
-            return
-        kernel = self._kernel_variable()
-        if len(kernel.shape) == 2:
-            merge = lora_ops.merge_into_variable if sign > 0 else lora_ops.unmerge_from_variable
-            merge(kernel, slot.a, slot.b, slot.scale_var)
-        else:
-            update = tf.matmul(tf.convert_to_tensor(slot.a), tf.convert_to_tensor(slot.b))
-            self._add_to_kernel(update * (sign * tf.convert_to_tensor(slot.scale_var)))
+            set_kernel_matrix(self, w * factor - update)
 
     def set_adapter(self, a, b, alpha, use_rslora=False, adapter_name=DEFAULT_ADAPTER, magnitude=None):
         """Loads weights a [in, rank] and b [rank, out] (the adapter's rank) with their alpha into adapter

@@ -15,6 +15,7 @@ import tensorflow as tf
 
 from tf_lora.layers.conversion import refresh_call_signature, to_lora
 from tf_lora.layers.keras_lora_layout import to_keras_factors
+from tf_lora.layers.kernel_layout import kernel_variable, layer_view
 from tf_lora.layers.lora_layer import LoraAdapters, adapter_ids
 from tf_lora.layers.model_layers import layers_by_path
 
@@ -267,10 +268,10 @@ def to_keras_lora(model):
             raise ValueError(f"to_keras_lora: {path}: a DoRA adapter has no Keras LoRA form")
         if slot is None:
             continue
-        view = layer.view if isinstance(layer, keras.layers.EinsumDense) else None
+        view = layer_view(layer)
         scale = float(slot.scale_var.numpy())
         layer.unmerge()
-        kernel_shape = tuple(layer._kernel_variable().shape)  # noqa: SLF001
+        kernel_shape = tuple(kernel_variable(layer).shape)
         factors[path] = to_keras_factors(view, kernel_shape, slot.a.numpy(), slot.b.numpy(), scale)
     rank = max((a.shape[-1] for a, _ in factors.values()), default=0)
     for path, layer in layers.items():

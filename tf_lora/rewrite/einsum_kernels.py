@@ -6,7 +6,7 @@ update `[in, out]` goes back into the kernel's own layout with numpy here."""
 
 import numpy as np
 
-from tf_lora.layers.lora_einsum_dense import EinsumView
+from tf_lora.layers.kernel_layout import EinsumView
 from tf_lora.rewrite.errors import RewriteError
 
 EINSUM = "Einsum"
@@ -55,6 +55,4 @@ def einsum_view(node, kernel_shape, where) -> EinsumView:
 def kernel_update(view, update) -> np.ndarray:
     """An update `[in, out]` in the kernel's own layout: reshaped to `in_shape + out_shape`, then its axes
     put in kernel order (EinsumView.kernel_update does the same in TensorFlow)."""
-    labels = view.in_axes + view.out_axes
-    update = np.reshape(update, view.in_shape + view.out_shape)
-    return np.transpose(update, [labels.index(c) for c in view.kernel_axes])
+    return view.to_kernel_layout(update)
