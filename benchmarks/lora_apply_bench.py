@@ -3,7 +3,8 @@
 decode   lora_matmul(x, w, a, b, s) and x @ w + s * (x @ a) @ b, each against plain tf.matmul(x, w)
 apply    lora_apply(y, x, a, b, s) against y + s * tf.matmul(tf.matmul(x, a), b), with the fraction of
          the memory-traffic bound (read x and y, write y; bandwidth from a streaming pass measured here)
-fwd+bwd  lora_apply forward and gradients for x, a, b, against autodiff through the composition
+fwd+bwd  lora_apply forward and gradients for x, a, b from an upstream gradient (the layer's share of a
+         training step), against autodiff through the composition; "+loss" adds a loss on the output
 
   .venv/bin/python benchmarks/lora_apply_bench.py [--allocator bfc] [--in 4096 --out 4096 --rank 16]
 """
@@ -50,18 +51,23 @@ def stream_copy(y, zero):
     return y + zero
 
 
-def _fwd_bwd(apply):
-    """A training step's share of the layer: forward, a loss on its output, gradients for x, a and b.
+def _fwd_bwd(apply, loss=False):
+    """The layer's share of a training step: its forward, and gradients for x, a and b from the upstream
+    gradient g, as the layer after it would hand it down. Returning the output keeps the forward alive
+    (TensorFlow prunes a forward whose output nothing reads; LoraApply's gradient needs only its inputs).
 
-    The loss keeps the forward op alive: with only gradients returned, TensorFlow prunes a forward whose
-    output the gradient does not read (LoraApply's gradient needs only its inputs)."""
+    With `loss`, the step also computes loss = sum(output * g) and differentiates that instead: the
+    gradient reaching the layer is again g, but the loss's multiply, sum and their gradients (four more
+    passes over [N, out]) are timed too, on both sides alike."""
 
     @tf.function(jit_compile=False)
     def step(y, x, a, b, s, g):
         with tf.GradientTape() as tape:
             tape.watch([x, a, b])
-            loss = tf.reduce_sum(apply(y, x, a, b, s) * g)
-        return [loss] + tape.gradient(loss, [x, a, b])
+            out = apply(y, x, a, b, s)
+            if loss:
+                out = tf.reduce_sum(out * g)
+        return [out] + tape.gradient(out, [x, a, b], output_gradients=None if loss else g)
 
     return step
 
@@ -119,16 +125,22 @@ def apply(n, n_in, n_out, rank, args):
         f"{flops / med['tf_lora'] / 1e9:.0f} GFLOP/s"
     )
 
-    ours, theirs = _fwd_bwd(tf_lora.lora_apply), _fwd_bwd(lambda y, x, a, b, s: y + s * (x @ a) @ b)
-    for got, expected in zip(ours(y, x, a, b, s, g), theirs(y, x, a, b, s, g), strict=True):
-        np.testing.assert_allclose(got, expected, rtol=2e-3, atol=2e-3)
-    med = bench_util.compare(
-        {"tf": (theirs, (y, x, a, b, s, g)), "tf_lora": (ours, (y, x, a, b, s, g))}, args.iters, args.rounds
-    )
-    print(
-        f"fwd+bwd N={n:<5d} autodiff {med['tf'] * 1e3:7.2f} ms   lora_apply {med['tf_lora'] * 1e3:7.2f} ms   "
-        f"speedup {med['tf'] / med['tf_lora']:.2f}x"
-    )
+    candidates = {}
+    for loss in (False, True):
+        ours = _fwd_bwd(tf_lora.lora_apply, loss)
+        theirs = _fwd_bwd(lambda y, x, a, b, s: y + s * (x @ a) @ b, loss)
+        for got, expected in zip(ours(y, x, a, b, s, g), theirs(y, x, a, b, s, g), strict=True):
+            np.testing.assert_allclose(got, expected, rtol=2e-3, atol=2e-3)
+        suffix = "+loss" if loss else ""
+        candidates[f"tf{suffix}"] = (theirs, (y, x, a, b, s, g))
+        candidates[f"tf_lora{suffix}"] = (ours, (y, x, a, b, s, g))
+    med = bench_util.compare(candidates, args.iters, args.rounds)
+    for suffix in ("", "+loss"):
+        tf_ms, ours_ms = med[f"tf{suffix}"] * 1e3, med[f"tf_lora{suffix}"] * 1e3
+        print(
+            f"fwd+bwd{suffix:<5s} N={n:<5d} autodiff {tf_ms:7.2f} ms   lora_apply {ours_ms:7.2f} ms   "
+            f"speedup {tf_ms / ours_ms:.2f}x"
+        )
 
 
 @tf.function(jit_compile=False)

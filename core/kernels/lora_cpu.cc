@@ -245,8 +245,9 @@ struct XaArgs {
 // dx, da, db, dscale of LoraApply for upstream gradient g ([n, out]), in one
 // pass over row blocks of g and x. Shards of rows (their number depends on n
 // only, so results do not depend on the thread count) accumulate partial da^T
-// [shards, r, ld_in], db [shards, r, ld_out] and dscale [shards], summed in
-// shard order after (ld_*: whole tiles).
+// and db, each shard's tile-major ([NumTiles(in), r, kTile] and
+// [NumTiles(out), r, kTile]; ld_in, ld_out: in and out in whole tiles), and
+// dscale [shards], summed in shard order after.
 constexpr int64_t kGradBlockRows = 32;  // rows per super-block
 
 template <typename T>
@@ -589,21 +590,27 @@ void GradRows(const Eigen::ThreadPoolDevice& d, int64_t n,
                 kernel(p, begin, end);
               });
   // Sum the shards' partials in shard order: db[k, j], and da[i, k] from the
-  // transposed partials.
+  // transposed partials. Element (k, c) of a shard's part is at
+  // (c / kTile * r + k) * kTile + c % kTile.
   const auto sum_shards = [&](const Scratch<Acc>& parts, int64_t ld,
                               int64_t cols, auto&& store) {
-    ParallelFor(d, r,
-                Eigen::TensorOpCost(shards * cols * sizeof(Acc),
-                                    cols * sizeof(T), shards * cols),
+    constexpr int64_t kT = kTile<Acc>;
+    ParallelFor(d, ld / kT,
+                Eigen::TensorOpCost(shards * r * kT * sizeof(Acc),
+                                    r * kT * sizeof(T), shards * r * kT),
                 [&](Eigen::Index begin, Eigen::Index end) {
-                  std::vector<Acc> sum(cols);
-                  for (Eigen::Index k = begin; k < end; ++k) {
-                    std::fill(sum.begin(), sum.end(), Acc(0));
-                    for (int64_t s = 0; s < shards; ++s) {
-                      const Acc* part = parts.data() + (s * r + k) * ld;
-                      for (int64_t c = 0; c < cols; ++c) sum[c] += part[c];
+                  for (Eigen::Index t = begin; t < end; ++t) {
+                    const int64_t c0 = t * kT, width = std::min(kT, cols - c0);
+                    for (int64_t k = 0; k < r; ++k) {
+                      Acc sum[kT] = {};
+                      for (int64_t s = 0; s < shards; ++s) {
+                        const Acc* part =
+                            parts.data() + s * r * ld + (t * r + k) * kT;
+                        for (int64_t c = 0; c < kT; ++c) sum[c] += part[c];
+                      }
+                      for (int64_t c = 0; c < width; ++c)
+                        store(k, c0 + c, sum[c]);
                     }
-                    for (int64_t c = 0; c < cols; ++c) store(k, c, sum[c]);
                   }
                 });
   };

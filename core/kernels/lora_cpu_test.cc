@@ -215,15 +215,18 @@ void CheckApplyGrad(const Eigen::ThreadPoolDevice& d, const char* type,
 template <typename T>
 void CheckApplyGradShapes(const Eigen::ThreadPoolDevice& d, const char* type,
                           double tol) {
-  // (n, in, out, r): tails of every blocking (4-row tiles, 64-row blocks, 4-row
-  // groups of da/db, column tiles), several shards, r over one tile, empties.
+  // (n, in, out, r): tails of every blocking (8- and 16-row register tiles,
+  // 32-row blocks, panels of x's columns, passes of 16, 8, 4 and 1 values of
+  // k in da and db, column tiles), several shards, r over one tile, empties.
   const int64_t shapes[][4] = {
-      {1, 1, 1, 1},     {3, 5, 7, 2},
-      {5, 17, 33, 3},   {70, 24, 40, 16},
-      {9, 33, 70, 17},  {300, 19, 21, 5},
-      {0, 8, 8, 2},     {6, 10, 12, 0},
-      {6, 0, 12, 3},    {6, 10, 0, 3},
-      {2100, 8, 12, 4}, {2053, 2056, 8, 4}};  // 16 MiB of float dx: streamed
+      {1, 1, 1, 1},      {3, 5, 7, 2},
+      {5, 17, 33, 3},    {70, 24, 40, 16},
+      {9, 33, 70, 17},   {300, 19, 21, 5},
+      {37, 300, 50, 13}, {45, 260, 129, 40},
+      {33, 128, 64, 16}, {0, 8, 8, 2},
+      {6, 10, 12, 0},    {6, 0, 12, 3},
+      {6, 10, 0, 3},     {2100, 8, 12, 4},
+      {2053, 2056, 8, 4}};  // 16 MiB of float dx: streamed
   for (const auto& s : shapes) {
     CheckApplyGrad<T>(d, type, s[0], s[1], s[2], s[3], tol);
   }

@@ -1,0 +1,66 @@
+// C++ harness behind the LoraApplyGrad figures of benchmarks/RESULTS.md: the
+// fused gradient (dx, da, db, dscale) at N x 4096 -> 4096 on 2 threads, beside
+// a streaming pass that reads x and g and writes dx (the op's traffic bound).
+//
+//   bazel run //benchmarks/harness:lora_grad -- 16 4096   # rank, rows
+#define EIGEN_USE_THREADS
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+#include <vector>
+
+#include "core/kernels/lora.h"
+#include "unsupported/Eigen/CXX11/Tensor"
+static double now() {
+  return std::chrono::duration<double>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+int main(int argc, char** argv) {
+  const int64_t r = argc > 1 ? atoi(argv[1]) : 16;
+  const int64_t n = argc > 2 ? atoi(argv[2]) : 4096;
+  const int iters = argc > 3 ? atoi(argv[3]) : 30;
+  const int64_t in = 4096, out = 4096;
+  Eigen::ThreadPool pool(2);
+  Eigen::ThreadPoolDevice d(&pool, 2);
+  auto alloc = [](size_t count) {
+    float* p = static_cast<float*>(aligned_alloc(64, count * 4));
+    std::memset(p, 0, count * 4);
+    return p;
+  };
+  float *x = alloc(n * in), *g = alloc(n * out), *dx = alloc(n * in),
+        *a = alloc(in * r), *b = alloc(r * out), *da = alloc(in * r),
+        *db = alloc(r * out), dscale = 0;
+  std::mt19937 gen(1);
+  std::normal_distribution<float> nd;
+  for (int64_t i = 0; i < n * in; ++i) x[i] = nd(gen);
+  for (int64_t i = 0; i < n * out; ++i) g[i] = nd(gen);
+  for (int64_t i = 0; i < in * r; ++i) a[i] = nd(gen);
+  for (int64_t i = 0; i < r * out; ++i) b[i] = nd(gen);
+  tf_lora::functor::LoraApplyGrad<Eigen::ThreadPoolDevice, float> grad;
+  std::vector<double> tg, ts;
+  for (int it = 0; it < iters; ++it) {
+    double t0 = now();
+    grad(d, n, in, out, r, g, x, a, b, 0.5f, dx, da, db, &dscale);
+    double t1 = now();
+    d.parallelFor(n, Eigen::TensorOpCost(2 * in * 4, in * 4, in),
+                  [&](Eigen::Index s, Eigen::Index e) {
+                    for (int64_t i = s * in; i < e * in; ++i)
+                      dx[i] = x[i] + g[i];
+                  });
+    double t2 = now();
+    tg.push_back(t1 - t0);
+    ts.push_back(t2 - t1);
+  }
+  auto med = [](std::vector<double> v) {
+    std::sort(v.begin(), v.end());
+    return v[v.size() / 2] * 1e3;
+  };
+  // Five products of n * r * 4096 multiply-adds: x @ a, g @ b^T, dx, da, db.
+  const double flops = 2.0 * 5 * n * r * in;
+  printf("r=%ld N=%ld grad %.2f ms (%.0f GFLOP/s)  stream x+g->dx %.2f ms\n", r,
+         n, med(tg), flops / med(tg) / 1e6, med(ts));
+}
