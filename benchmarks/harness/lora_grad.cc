@@ -5,20 +5,16 @@
 //   bazel run //benchmarks/harness:lora_grad -- 16 4096   # rank, rows
 #define EIGEN_USE_THREADS
 #include <algorithm>
-#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <random>
 #include <vector>
 
+#include "benchmarks/harness/timing.h"
 #include "core/kernels/lora.h"
 #include "unsupported/Eigen/CXX11/Tensor"
-static double now() {
-  return std::chrono::duration<double>(
-             std::chrono::steady_clock::now().time_since_epoch())
-      .count();
-}
+using tf_lora_bench::Now;
 int main(int argc, char** argv) {
   const int64_t r = argc > 1 ? atoi(argv[1]) : 16;
   const int64_t n = argc > 2 ? atoi(argv[2]) : 4096;
@@ -43,22 +39,19 @@ int main(int argc, char** argv) {
   tf_lora::functor::LoraApplyGrad<Eigen::ThreadPoolDevice, float> grad;
   std::vector<double> tg, ts;
   for (int it = 0; it < iters; ++it) {
-    double t0 = now();
+    double t0 = Now();
     grad(d, n, in, out, r, g, x, a, b, 0.5f, dx, da, db, &dscale);
-    double t1 = now();
+    double t1 = Now();
     d.parallelFor(n, Eigen::TensorOpCost(2 * in * 4, in * 4, in),
                   [&](Eigen::Index s, Eigen::Index e) {
                     for (int64_t i = s * in; i < e * in; ++i)
                       dx[i] = x[i] + g[i];
                   });
-    double t2 = now();
+    double t2 = Now();
     tg.push_back(t1 - t0);
     ts.push_back(t2 - t1);
   }
-  auto med = [](std::vector<double> v) {
-    std::sort(v.begin(), v.end());
-    return v[v.size() / 2] * 1e3;
-  };
+  const auto med = tf_lora_bench::MedianMs;
   // Five products of n * r * 4096 multiply-adds: x @ a, g @ b^T, dx, da, db.
   const double flops = 2.0 * 5 * n * r * in;
   printf("r=%ld N=%ld grad %.2f ms (%.0f GFLOP/s)  stream x+g->dx %.2f ms\n", r,

@@ -6,19 +6,15 @@
 //   bazel run //benchmarks/harness:lora_merge -- 16   # the rank
 #define EIGEN_USE_THREADS
 #include <algorithm>
-#include <chrono>
 #include <cstdio>
 #include <cstring>
 #include <random>
 #include <vector>
 
+#include "benchmarks/harness/timing.h"
 #include "core/kernels/lora.h"
 #include "unsupported/Eigen/CXX11/Tensor"
-static double now() {
-  return std::chrono::duration<double>(
-             std::chrono::steady_clock::now().time_since_epoch())
-      .count();
-}
+using tf_lora_bench::Now;
 int main(int argc, char** argv) {
   const int64_t in = 4096, out = 4096, r = argc > 1 ? atoi(argv[1]) : 16;
   Eigen::ThreadPool pool(2);
@@ -38,25 +34,22 @@ int main(int argc, char** argv) {
   tf_lora::functor::LoraMerge<Eigen::ThreadPoolDevice, float> merge;
   std::vector<double> tm, ti, ts;
   for (int it = 0; it < 40; ++it) {
-    double t0 = now();
+    double t0 = Now();
     merge(d, in, out, r, w, a, b, 0.5f, o);
-    double t1 = now();
+    double t1 = Now();
     merge(d, in, out, r, o2, a, b, 0.5f, o2);
-    double t2 = now();
+    double t2 = Now();
     d.parallelFor(in, Eigen::TensorOpCost(out * 4, out * 4, out),
                   [&](Eigen::Index s, Eigen::Index e) {
                     for (int64_t i = s * out; i < e * out; ++i)
                       o2[i] = w[i] + 0.f;
                   });
-    double t3 = now();
+    double t3 = Now();
     tm.push_back(t1 - t0);
     ti.push_back(t2 - t1);
     ts.push_back(t3 - t2);
   }
-  auto med = [](std::vector<double> v) {
-    std::sort(v.begin(), v.end());
-    return v[v.size() / 2] * 1e3;
-  };
+  const auto med = tf_lora_bench::MedianMs;
   printf("r=%ld out-of-place %.2f ms  in-place %.2f ms  stream %.2f ms\n", r,
          med(tm), med(ti), med(ts));
 }

@@ -9,20 +9,16 @@
 //   bazel run //benchmarks/harness:sparse_pull -- 300 /tmp/ids.bin
 //   (TF_LORA_HUGE_PAGES=0 for small pages)
 #include <algorithm>
-#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <thread>
 #include <vector>
 
+#include "benchmarks/harness/timing.h"
 #include "core/kernels/sparse_table.h"
 using namespace tf_lora::sparse;
-static double now() {
-  return std::chrono::duration<double>(
-             std::chrono::steady_clock::now().time_since_epoch())
-      .count();
-}
+using tf_lora_bench::Now;
 int main(int argc, char** argv) {
   const int64_t keys = 1000000, dim = 16;
   std::vector<int64_t> ids(65536);
@@ -70,11 +66,11 @@ int main(int argc, char** argv) {
   std::vector<double> tp, tg;
   const int rounds = argc > 1 ? atoi(argv[1]) : 200;
   for (int r = 0; r < rounds; ++r) {
-    double t0 = now();
+    double t0 = Now();
     pull();
-    double t1 = now();
+    double t1 = Now();
     gather();
-    double t2 = now();
+    double t2 = Now();
     for (size_t i = 0; i < junk.size(); i += 16) junk[i] += 1;
     tp.push_back(t1 - t0);
     tg.push_back(t2 - t1);
