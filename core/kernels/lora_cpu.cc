@@ -246,8 +246,8 @@ struct XaArgs {
 // pass over row blocks of g and x. Shards of rows (their number depends on n
 // only, so results do not depend on the thread count) accumulate partial da^T
 // and db, each shard's tile-major ([NumTiles(in), r, kTile] and
-// [NumTiles(out), r, kTile]; ld_in, ld_out: in and out in whole tiles), and
-// dscale [shards], summed in shard order after.
+// [NumTiles(out), r, kTile]; ld_in, ld_out: in and out in whole tiles; each
+// shard zeroes its own), and dscale [shards], summed in shard order after.
 constexpr int64_t kGradBlockRows = 32;  // rows per super-block
 
 template <typename T>
@@ -562,9 +562,6 @@ void GradRows(const Eigen::ThreadPoolDevice& d, int64_t n,
   const int64_t ld_out = NumTiles<Acc>(out) * kTile<Acc>;
   Scratch<Acc> da_t_parts(shards * r * ld_in), db_parts(shards * r * ld_out),
       dscale_parts(shards);
-  da_t_parts.Zero();
-  db_parts.Zero();
-  dscale_parts.Zero();
   const LoraGradArgs<T> p{n,
                           in,
                           out,
