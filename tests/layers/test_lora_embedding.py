@@ -2,6 +2,7 @@
 (tests/adapters/make_peft_fixtures.py, fixture peft_embedding), numpy, and keras-hub's tied tables."""
 
 import pathlib
+import warnings
 
 import keras
 import numpy as np
@@ -124,8 +125,18 @@ def test_keras_hub_tied_table_keeps_its_base_output_projection_until_merged():
     base_logits = hidden @ table.embeddings.numpy().T
     np.testing.assert_allclose(table(hidden, reverse=True).numpy(), base_logits, rtol=1e-5, atol=1e-5)
     assert np.abs(backbone(x).numpy() - before).max() > 1e-3  # the lookup is adapted
-    table.merge()
+    with pytest.warns(UserWarning, match="tied embedding table also changes the output projection"):
+        table.merge()
     merged_table = table.embeddings.numpy()
     np.testing.assert_allclose(
         table(hidden, reverse=True).numpy(), hidden @ merged_table.T, rtol=1e-5, atol=1e-5
     )
+
+
+def test_merging_an_untied_table_does_not_warn():
+    layer = tf_lora.layers.LoraEmbedding(10, 4, rank=2)
+    layer(tf.constant([[1, 2]]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layer.merge()
+    assert layer.merged

@@ -1,6 +1,8 @@
 """tf_lora.layers.LoraEmbedding: keras.layers.Embedding with LoRA adapters on its frozen table, as PEFT
 defines LoRA for embeddings."""
 
+import warnings
+
 import keras
 import tensorflow as tf
 
@@ -72,6 +74,20 @@ class LoraEmbedding(LoraAdapters, keras.layers.Embedding):
             delta = self._batched_delta(tokens, rows, adapter_ids)
         delta = tf.reshape(tf.cast(delta, y.dtype), tf.shape(y))
         return y + delta
+
+    def merge(self):
+        """As `LoraAdapters.merge`. A tied table (keras-hub's ReversibleEmbedding with `tie_weights`) is
+        also the model's output projection: the merge changes that too, where the unmerged adapter left it
+        at the base table (PEFT's tied `lm_head` behaves the same), so this warns."""
+        if not self.merged and self.active_adapter is not None and getattr(self, "tie_weights", False):
+            warnings.warn(
+                f"{self._describe()}: merging into a tied embedding table also changes the output "
+                "projection that shares it (the reverse call), which used the base table while the "
+                "adapter was unmerged; the merged model's logits differ from the unmerged model's, as "
+                "with PEFT's tied lm_head. Keep the adapter unmerged to serve the same outputs.",
+                stacklevel=2,
+            )
+        super().merge()
 
     def _batched_delta(self, tokens, rows, adapter_ids):
         """Each row's own adapter (ids index adapter_names, -1: none), with stock gathers."""
