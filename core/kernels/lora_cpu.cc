@@ -250,6 +250,15 @@ struct XaArgs {
 // shard zeroes its own), and dscale [shards], summed in shard order after.
 constexpr int64_t kGradBlockRows = 32;  // rows per super-block
 
+// Shards of a quarter of the rows, kept between kMinShardRows and
+// kMaxShardRows rows, at most kMaxShards of them; the count depends on n
+// alone. Each shard's partials (r * (in + out) values) are zeroed, filled and
+// summed once per call, so shards must not be small: 16 shards at N = 4096
+// were 5-15% slower than 4. But one shard runs on one thread: at N = 1024 (a
+// batch of 8 x 128 tokens) a single 1024-row shard left a core idle and took
+// 1.9x as long as four.
+constexpr int64_t kMinShardRows = 64, kMaxShardRows = 1024, kMaxShards = 16;
+
 template <typename T>
 struct LoraGradArgs {
   using Acc = typename Accum<T>::type;
@@ -519,9 +528,10 @@ void BatchedLoraApply<Eigen::ThreadPoolDevice, T>::operator()(
 namespace {
 
 // LoraApplyGrad over n rows (row i is rows_map[i], or i when rows_map is
-// null): dx for those rows, and da, db, dscale from them alone.
+// null): dx for those rows, and da, db, dscale from them alone. On d's
+// threads, or with d null all on the calling thread (the same results).
 template <typename T>
-void GradRows(const Eigen::ThreadPoolDevice& d, int64_t n,
+void GradRows(const Eigen::ThreadPoolDevice* d, int64_t n,
               const int64_t* rows_map, int64_t in, int64_t out, int64_t r,
               const T* g, const T* x, const T* a, const T* b, T scale, T* dx,
               T* da, T* db, T* dscale) {
@@ -541,14 +551,14 @@ void GradRows(const Eigen::ThreadPoolDevice& d, int64_t n,
     }
     return;
   }
-  // Shards of a quarter of the rows, kept between kMinShardRows and
-  // kMaxShardRows rows, at most kMaxShards of them; the count depends on n
-  // alone. Each shard's partials (r * (in + out) values) are zeroed, filled
-  // and summed once per call, so shards must not be small: 16 shards at
-  // N = 4096 were 5-15% slower than 4. But one shard runs on one thread: at
-  // N = 1024 (a batch of 8 x 128 tokens) a single 1024-row shard left a core
-  // idle and took 1.9x as long as four.
-  constexpr int64_t kMinShardRows = 64, kMaxShardRows = 1024, kMaxShards = 16;
+  const auto run = [d](Eigen::Index count, const Eigen::TensorOpCost& cost,
+                       auto&& fn) {
+    if (d != nullptr) {
+      ParallelFor(*d, count, cost, fn);
+    } else {
+      fn(0, count);
+    }
+  };
   const int64_t lda = NumTiles<Acc>(r) * kTile<Acc>;
   const int64_t quarter_rows =
       std::clamp((n + 3) / 4, kMinShardRows, kMaxShardRows);
@@ -586,36 +596,34 @@ void GradRows(const Eigen::ThreadPoolDevice& d, int64_t n,
                                             &avx2::LoraGradShards<T>,
                                             &baseline::LoraGradShards<T>);
   const double madds = 5.0 * shard_rows * r * (in + out) / kMaddsPerCycle;
-  ParallelFor(d, shards,
-              Eigen::TensorOpCost(shard_rows * (in + out) * sizeof(T),
-                                  shard_rows * in * sizeof(T), madds),
-              [&p, kernel](Eigen::Index begin, Eigen::Index end) {
-                kernel(p, begin, end);
-              });
+  run(shards,
+      Eigen::TensorOpCost(shard_rows * (in + out) * sizeof(T),
+                          shard_rows * in * sizeof(T), madds),
+      [&p, kernel](Eigen::Index begin, Eigen::Index end) {
+        kernel(p, begin, end);
+      });
   // Sum the shards' partials in shard order: db[k, j], and da[i, k] from the
   // transposed partials. Element (k, c) of a shard's part is at
   // (c / kTile * r + k) * kTile + c % kTile.
   const auto sum_shards = [&](const Scratch<Acc>& parts, int64_t ld,
                               int64_t cols, auto&& store) {
     constexpr int64_t kT = kTile<Acc>;
-    ParallelFor(d, ld / kT,
-                Eigen::TensorOpCost(shards * r * kT * sizeof(Acc),
-                                    r * kT * sizeof(T), shards * r * kT),
-                [&](Eigen::Index begin, Eigen::Index end) {
-                  for (Eigen::Index t = begin; t < end; ++t) {
-                    const int64_t c0 = t * kT, width = std::min(kT, cols - c0);
-                    for (int64_t k = 0; k < r; ++k) {
-                      Acc sum[kT] = {};
-                      for (int64_t s = 0; s < shards; ++s) {
-                        const Acc* part =
-                            parts.data() + s * r * ld + (t * r + k) * kT;
-                        for (int64_t c = 0; c < kT; ++c) sum[c] += part[c];
-                      }
-                      for (int64_t c = 0; c < width; ++c)
-                        store(k, c0 + c, sum[c]);
-                    }
-                  }
-                });
+    run(ld / kT,
+        Eigen::TensorOpCost(shards * r * kT * sizeof(Acc), r * kT * sizeof(T),
+                            shards * r * kT),
+        [&](Eigen::Index begin, Eigen::Index end) {
+          for (Eigen::Index t = begin; t < end; ++t) {
+            const int64_t c0 = t * kT, width = std::min(kT, cols - c0);
+            for (int64_t k = 0; k < r; ++k) {
+              Acc sum[kT] = {};
+              for (int64_t s = 0; s < shards; ++s) {
+                const Acc* part = parts.data() + s * r * ld + (t * r + k) * kT;
+                for (int64_t c = 0; c < kT; ++c) sum[c] += part[c];
+              }
+              for (int64_t c = 0; c < width; ++c) store(k, c0 + c, sum[c]);
+            }
+          }
+        });
   };
   sum_shards(db_parts, ld_out, out, [db, out](int64_t k, int64_t j, Acc v) {
     db[k * out + j] = static_cast<T>(v);
@@ -635,7 +643,7 @@ void LoraApplyGrad<Eigen::ThreadPoolDevice, T>::operator()(
     const Eigen::ThreadPoolDevice& d, int64_t n, int64_t in, int64_t out,
     int64_t r, const T* g, const T* x, const T* a, const T* b, T scale, T* dx,
     T* da, T* db, T* dscale) const {
-  GradRows(d, n, /*rows_map=*/nullptr, in, out, r, g, x, a, b, scale, dx, da,
+  GradRows(&d, n, /*rows_map=*/nullptr, in, out, r, g, x, a, b, scale, dx, da,
            db, dscale);
 }
 
@@ -652,12 +660,38 @@ void BatchedLoraApplyGrad<Eigen::ThreadPoolDevice, T>::operator()(
       std::fill_n(dx + order[e] * in, in, T(0));
     }
   }
-  for (int64_t k = 0; k < adapters; ++k) {
+  const auto adapter_grad = [&](int64_t k, const Eigen::ThreadPoolDevice* on) {
     const int64_t begin = start[k + 1], rows = start[k + 2] - begin;
-    GradRows(d, rows, order.data() + begin, in, out, r, g, x,
+    GradRows(on, rows, order.data() + begin, in, out, r, g, x,
              a_stack + k * in * r, b_stack + k * r * out, scales[k], dx,
              da_stack + k * in * r, db_stack + k * r * out, dscales + k);
+  };
+  // An adapter of at most kMinShardRows rows is one shard, which one thread
+  // runs: those adapters go side by side, each on one thread, and the others
+  // one after another, each over its shards in parallel. Either way an
+  // adapter's gradients do not depend on the thread count.
+  std::vector<int64_t> small;
+  int64_t small_rows = 0;
+  for (int64_t k = 0; k < adapters; ++k) {
+    const int64_t rows = start[k + 2] - start[k + 1];
+    if (rows > kMinShardRows) {
+      adapter_grad(k, &d);
+    } else {
+      small.push_back(k);
+      small_rows += rows;
+    }
   }
+  if (small.empty()) return;
+  const double rows = static_cast<double>(small_rows) / small.size();
+  const double width = static_cast<double>(r) * (in + out);  // a and b
+  ParallelFor(d, small.size(),
+              Eigen::TensorOpCost((rows * (in + out) + width) * sizeof(T),
+                                  (rows * in + width) * sizeof(T),
+                                  (5 * rows + 4) * width / kMaddsPerCycle),
+              [&](Eigen::Index begin, Eigen::Index end) {
+                for (Eigen::Index i = begin; i < end; ++i)
+                  adapter_grad(small[i], nullptr);
+              });
 }
 
 #define TF_LORA_INSTANTIATE(T)                                  \

@@ -318,6 +318,9 @@ void CheckBatchedShapes(const Eigen::ThreadPoolDevice& d, const char* type) {
                                {0, 4, 4, 2, 2},
                                {9, 6, 7, 0, 2},
                                {1100, 8, 16, 4, 2},
+                               // ~66 rows an adapter: some side by side on
+                               // one thread each, some over their shards
+                               {2000, 24, 40, 8, 30},
                                // ~2000 rows x 2048 through the row map: the
                                // float and double outputs are streamed
                                {4100, 8, 2048, 4, 2}};
