@@ -117,7 +117,6 @@ class Scratch {
   const T* data() const {
     return reinterpret_cast<const T*>(buffer_.data.get());
   }
-  void Zero() { std::fill_n(data(), bytes_ / sizeof(T), T(0)); }
 
  private:
   static constexpr int64_t kMaxElements =
@@ -258,6 +257,14 @@ constexpr int64_t kGradBlockRows = 32;  // rows per super-block
 // batch of 8 x 128 tokens) a single 1024-row shard left a core idle and took
 // 1.9x as long as four.
 constexpr int64_t kMinShardRows = 64, kMaxShardRows = 1024, kMaxShards = 16;
+
+// The number of shards for n rows.
+int64_t GradShards(int64_t n) {
+  const int64_t quarter_rows =
+      std::clamp((n + 3) / 4, kMinShardRows, kMaxShardRows);
+  return std::max<int64_t>(
+      1, std::min(kMaxShards, (n + quarter_rows - 1) / quarter_rows));
+}
 
 template <typename T>
 struct LoraGradArgs {
@@ -560,10 +567,7 @@ void GradRows(const Eigen::ThreadPoolDevice* d, int64_t n,
     }
   };
   const int64_t lda = NumTiles<Acc>(r) * kTile<Acc>;
-  const int64_t quarter_rows =
-      std::clamp((n + 3) / 4, kMinShardRows, kMaxShardRows);
-  const int64_t shards =
-      std::min(kMaxShards, (n + quarter_rows - 1) / quarter_rows);
+  const int64_t shards = GradShards(n);
   const int64_t shard_rows = (n + shards - 1) / shards;
   const TiledMatrix<Acc> a_tiles(a, in, r, /*in_place=*/true);
   const TiledMatrix<Acc> bt_tiles(b, out, r, false, /*transposed=*/true);
@@ -666,15 +670,15 @@ void BatchedLoraApplyGrad<Eigen::ThreadPoolDevice, T>::operator()(
              a_stack + k * in * r, b_stack + k * r * out, scales[k], dx,
              da_stack + k * in * r, db_stack + k * r * out, dscales + k);
   };
-  // An adapter of at most kMinShardRows rows is one shard, which one thread
-  // runs: those adapters go side by side, each on one thread, and the others
-  // one after another, each over its shards in parallel. Either way an
-  // adapter's gradients do not depend on the thread count.
+  // An adapter of one shard runs on one thread: those adapters go side by
+  // side, each on one thread, and the others one after another, each over its
+  // shards in parallel. Either way an adapter's gradients do not depend on
+  // the thread count.
   std::vector<int64_t> small;
   int64_t small_rows = 0;
   for (int64_t k = 0; k < adapters; ++k) {
     const int64_t rows = start[k + 2] - start[k + 1];
-    if (rows > kMinShardRows) {
+    if (GradShards(rows) > 1) {
       adapter_grad(k, &d);
     } else {
       small.push_back(k);
