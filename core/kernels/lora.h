@@ -40,7 +40,8 @@ struct LoraMerge<Eigen::ThreadPoolDevice, T> {
 // y_out[n, j] = y[n, j] + scale * sum_k (x @ a)[n, k] * b[k, j]
 //   y, y_out: [n, out]; x: [n, in]; a: [in, r]; b: [r, out]. y_out may alias
 //   y. x @ a ([n, r]) is kept in the accumulation type; y is read and written
-//   once, with no [n, out] temporary.
+//   once, with no [n, out] temporary. xa, when not null, receives x @ a
+//   ([n, r], rounded to T) for the gradient.
 template <typename Device, typename T>
 struct LoraApply;
 
@@ -48,7 +49,7 @@ template <typename T>
 struct LoraApply<Eigen::ThreadPoolDevice, T> {
   void operator()(const Eigen::ThreadPoolDevice& d, int64_t n, int64_t in,
                   int64_t out, int64_t r, const T* y, const T* x, const T* a,
-                  const T* b, T scale, T* y_out) const;
+                  const T* b, T scale, T* y_out, T* xa = nullptr) const;
 };
 
 // Gradients of LoraApply for the upstream gradient g ([n, out]):
@@ -58,6 +59,11 @@ struct LoraApply<Eigen::ThreadPoolDevice, T> {
 //   dscale = sum((x @ a) * (g @ b^T))     []  (= sum(g * (x @ a) @ b))
 // (dy = g needs no kernel.) One pass over g and x; only [n, r]-sized
 // intermediates; results do not depend on the number of threads.
+// With xa and grad_xa (both [n, r], or both null): LoraApply's x @ a and the
+// gradient for it. grad_xa adds to scale * (g @ b^T) in dx and da; xa stands
+// for x @ a where T is its own accumulation type (float, double: the product
+// is not computed again; half types compute it in float32, which xa rounded
+// to T is not).
 template <typename Device, typename T>
 struct LoraApplyGrad;
 
@@ -65,7 +71,8 @@ template <typename T>
 struct LoraApplyGrad<Eigen::ThreadPoolDevice, T> {
   void operator()(const Eigen::ThreadPoolDevice& d, int64_t n, int64_t in,
                   int64_t out, int64_t r, const T* g, const T* x, const T* a,
-                  const T* b, T scale, T* dx, T* da, T* db, T* dscale) const;
+                  const T* b, T scale, T* dx, T* da, T* db, T* dscale,
+                  const T* xa = nullptr, const T* grad_xa = nullptr) const;
 };
 
 // Multi-adapter LoraApply. The `adapters` adapters are stacked along a

@@ -239,6 +239,10 @@ struct ApplyInputs {
   const Tensor* a;
   const Tensor* b;
   const Tensor* scale;
+  // LoraApplyGrad with saved = 1: LoraApply's x @ a and the gradient for it,
+  // each [N, r]; null otherwise.
+  const Tensor* xa = nullptr;
+  const Tensor* grad_xa = nullptr;
   int64_t n() const { return lead->dim_size(0); }
   int64_t in() const { return x->dim_size(1); }
   int64_t out() const { return lead->dim_size(1); }
@@ -255,6 +259,39 @@ absl::Status ReadApplyInputs(::tensorflow::OpKernelContext* ctx, const char* op,
   if (s.ok()) s = CheckFiniteScales<T>(op, "scale", *in->scale);
   if (s.ok()) s = CheckWorkSizes(op, in->n(), in->in(), in->out(), in->r());
   return s;
+}
+
+// LoraApply's second output, x @ a: [N, r], which may not fit in a tensor
+// shape even where the inputs are empty (x [2^61, 0], a [0, 2^31]).
+inline absl::Status XaShape(const ApplyInputs& in, TensorShape* shape) {
+  const absl::Status s = TensorShape::BuildTensorShape({in.n(), in.r()}, shape);
+  if (s.ok()) return s;
+  return absl::InvalidArgumentError(
+      absl::StrCat("LoraApply: its x @ a output [N, r] = [", in.n(), ", ",
+                   in.r(), "] has too many elements for a tensor",
+                   Received({{"x", &in.x->shape()}, {"a", &in.a->shape()}})));
+}
+
+// LoraApplyGrad: ReadApplyInputs, then xa and grad_xa when given (saved = 1:
+// inputs 5 and 6), each [N, r].
+template <typename T>
+absl::Status ReadApplyGradInputs(::tensorflow::OpKernelContext* ctx,
+                                 ApplyInputs* in) {
+  absl::Status s = ReadApplyInputs<T>(ctx, "LoraApplyGrad", "grad", in);
+  if (!s.ok() || ctx->num_inputs() == 5) return s;
+  in->xa = &ctx->input(5);
+  in->grad_xa = &ctx->input(6);
+  const TensorShape expected({in->n(), in->r()});
+  if (in->xa->shape() != expected || in->grad_xa->shape() != expected) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("LoraApplyGrad: expected xa and grad_xa [N, r] = ",
+                     expected.DebugString(), " (grad [N, out], a [in, r])",
+                     Received({{"grad", &in->lead->shape()},
+                               {"a", &in->a->shape()},
+                               {"xa", &in->xa->shape()},
+                               {"grad_xa", &in->grad_xa->shape()}})));
+  }
+  return absl::OkStatus();
 }
 
 // BatchedLoraApply(Grad): lead [N, out], x [N, in], a_stack [n, in, r],

@@ -283,6 +283,11 @@ struct LoraGradArgs {
   Acc* dscale_parts;
   const int64_t* rows_map = nullptr;  // rows of g, x, dx (null: i -> i)
   bool stream_dx = false;             // see RowUpdateArgs::stream_out
+  // [n, r] (rows as g's), or null: x @ a as LoraApply computed it (then not
+  // computed here; only where T is Acc), and the gradient for it (added to
+  // scale * g @ b^T for dx and da).
+  const T* xa = nullptr;
+  const T* grad_xa = nullptr;
 };
 
 // g++ only: clang has no `#pragma GCC target` (it would build the AVX2 region
@@ -456,20 +461,22 @@ void GroupRowsByAdapter(int64_t n, int64_t adapters, const int32_t* ids,
 // y_out[row] = y[row] + scale * (x[row] @ a) @ b for `rows` rows: row i is
 // rows_map[i], or i when rows_map is null. Two passes, each keeping one operand
 // hot in L2: xa = x @ a ([rows, r] in the accumulation type, small beside x),
-// then one pass over y.
+// then one pass over y. xa_out, when not null, receives x @ a ([rows, r]).
 template <typename T>
 void ApplyRows(const Eigen::ThreadPoolDevice& d, int64_t rows,
                const int64_t* rows_map, int64_t in, int64_t out, int64_t r,
                const T* y, const T* x, const T* a, const T* b, T scale,
-               T* y_out) {
+               T* y_out, T* xa_out = nullptr) {
   using Acc = typename Accum<T>::type;
-  if (rows == 0 || out == 0) return;
+  const auto row_of = [rows_map](int64_t i) {
+    return rows_map != nullptr ? rows_map[i] : i;
+  };
+  if (rows == 0 || (out == 0 && xa_out == nullptr)) return;
   if (in == 0 || r == 0) {  // x @ a is zero: the rows pass through
-    if (y_out != y) {
-      for (int64_t i = 0; i < rows; ++i) {
-        const int64_t row = rows_map != nullptr ? rows_map[i] : i;
-        std::copy_n(y + row * out, out, y_out + row * out);
-      }
+    for (int64_t i = 0; i < rows; ++i) {
+      const int64_t row = row_of(i);
+      if (y_out != y) std::copy_n(y + row * out, out, y_out + row * out);
+      if (xa_out != nullptr) std::fill_n(xa_out + row * r, r, T(0));
     }
     return;
   }
@@ -487,6 +494,14 @@ void ApplyRows(const Eigen::ThreadPoolDevice& d, int64_t rows,
               [&p, kernel](Eigen::Index begin, Eigen::Index end) {
                 kernel(p, begin, end);
               });
+  if (xa_out != nullptr) {
+    for (int64_t i = 0; i < rows; ++i) {
+      std::transform(xa.data() + i * lda, xa.data() + i * lda + r,
+                     xa_out + row_of(i) * r,
+                     [](Acc v) { return static_cast<T>(v); });
+    }
+  }
+  if (out == 0) return;
   RowUpdate(d, rows, out, r, y, xa.data(), lda, b, scale, y_out, rows_map);
 }
 
@@ -508,8 +523,9 @@ template <typename T>
 void LoraApply<Eigen::ThreadPoolDevice, T>::operator()(
     const Eigen::ThreadPoolDevice& d, int64_t n, int64_t in, int64_t out,
     int64_t r, const T* y, const T* x, const T* a, const T* b, T scale,
-    T* y_out) const {
-  ApplyRows(d, n, /*rows_map=*/nullptr, in, out, r, y, x, a, b, scale, y_out);
+    T* y_out, T* xa) const {
+  ApplyRows(d, n, /*rows_map=*/nullptr, in, out, r, y, x, a, b, scale, y_out,
+            xa);
 }
 
 template <typename T>
@@ -536,14 +552,17 @@ namespace {
 
 // LoraApplyGrad over n rows (row i is rows_map[i], or i when rows_map is
 // null): dx for those rows, and da, db, dscale from them alone. On d's
-// threads, or with d null all on the calling thread (the same results).
+// threads, or with d null all on the calling thread (the same results). xa
+// and grad_xa: see LoraApplyGrad (lora.h); null when not given.
 template <typename T>
 void GradRows(const Eigen::ThreadPoolDevice* d, int64_t n,
               const int64_t* rows_map, int64_t in, int64_t out, int64_t r,
               const T* g, const T* x, const T* a, const T* b, T scale, T* dx,
-              T* da, T* db, T* dscale) {
+              T* da, T* db, T* dscale, const T* xa = nullptr,
+              const T* grad_xa = nullptr) {
   using Acc = typename Accum<T>::type;
-  if (n == 0 || in == 0 || out == 0 || r == 0) {
+  // With grad_xa, dx and da are not zero when only `out` is.
+  if (n == 0 || in == 0 || r == 0 || (out == 0 && grad_xa == nullptr)) {
     // Every product has an empty factor: the gradients are zeros. Filled
     // here, in time bounded by the outputs' sizes (an empty tensor may have
     // other dimensions up to 2^63 - 1).
@@ -595,7 +614,9 @@ void GradRows(const Eigen::ThreadPoolDevice* d, int64_t n,
                           db_parts.data(),
                           dscale_parts.data(),
                           rows_map,
-                          StreamOut<T>(nullptr, dx, n, in)};
+                          StreamOut<T>(nullptr, dx, n, in),
+                          std::is_same_v<T, Acc> ? xa : nullptr,
+                          grad_xa};
   const auto kernel = Pick<LoraGradArgs<T>>(&avx512::LoraGradShards<T>,
                                             &avx2::LoraGradShards<T>,
                                             &baseline::LoraGradShards<T>);
@@ -646,9 +667,9 @@ template <typename T>
 void LoraApplyGrad<Eigen::ThreadPoolDevice, T>::operator()(
     const Eigen::ThreadPoolDevice& d, int64_t n, int64_t in, int64_t out,
     int64_t r, const T* g, const T* x, const T* a, const T* b, T scale, T* dx,
-    T* da, T* db, T* dscale) const {
+    T* da, T* db, T* dscale, const T* xa, const T* grad_xa) const {
   GradRows(&d, n, /*rows_map=*/nullptr, in, out, r, g, x, a, b, scale, dx, da,
-           db, dscale);
+           db, dscale, xa, grad_xa);
 }
 
 template <typename T>

@@ -12,6 +12,7 @@
 #include <cstring>
 #include <random>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "core/kernels/lora.h"
@@ -94,9 +95,11 @@ void CheckApply(const Eigen::ThreadPoolDevice& d, const char* type, int64_t n,
   const T scale = static_cast<T>(-1.25f);
   const Buffer<T> y0 = y;
   Buffer<T> y_out(n * out, static_cast<T>(-7.f));
+  Buffer<T> xa_out(n * r, static_cast<T>(-7.f));  // the second output
   T* result = in_place ? y.data() : y_out.data();
   functor::LoraApply<Eigen::ThreadPoolDevice, T>()(
-      d, n, in, out, r, y.data(), x.data(), a.data(), b.data(), scale, result);
+      d, n, in, out, r, y.data(), x.data(), a.data(), b.data(), scale, result,
+      xa_out.data());
   double max_err = 0;
   std::vector<double> xa(r);
   for (int64_t i = 0; i < n; ++i) {
@@ -106,6 +109,10 @@ void CheckApply(const Eigen::ThreadPoolDevice& d, const char* type, int64_t n,
         xa[k] += static_cast<double>(x[i * in + c]) *
                  static_cast<double>(a[c * r + k]);
       }
+      const double err =
+          std::abs(static_cast<double>(xa_out[i * r + k]) - xa[k]) /
+          (1 + std::abs(xa[k]) + 0.05 * std::sqrt(double(in)));
+      if (!(err <= max_err)) max_err = err;
     }
     for (int64_t j = 0; j < out; ++j) {
       double ref = static_cast<double>(y0[i * out + j]);
@@ -150,23 +157,23 @@ void CheckApplyShapes(const Eigen::ThreadPoolDevice& d, const char* type,
   }
 }
 
+// saved: with LoraApply's x @ a and a gradient for it (grad_xa). The given
+// x @ a is off by 0.5: float and double must use it (db and dscale show the
+// offset), half types must compute x @ a again, in float32.
 template <typename T>
 void CheckApplyGrad(const Eigen::ThreadPoolDevice& d, const char* type,
-                    int64_t n, int64_t in, int64_t out, int64_t r, double tol) {
+                    int64_t n, int64_t in, int64_t out, int64_t r, bool saved,
+                    double tol) {
   std::mt19937 rng(n * 31 + in * 1009 + out * 17 + r);
   Buffer<T> g = Random<T>(n * out, &rng), x = Random<T>(n * in, &rng),
-            a = Random<T>(in * r, &rng), b = Random<T>(r * out, &rng);
+            a = Random<T>(in * r, &rng), b = Random<T>(r * out, &rng),
+            grad_xa = Random<T>(n * r, &rng);
   const double s = 0.75;
-  Buffer<T> dx(n * in, static_cast<T>(-7.f)), da(in * r), db(r * out);
-  T dscale;
-  functor::LoraApplyGrad<Eigen::ThreadPoolDevice, T>()(
-      d, n, in, out, r, g.data(), x.data(), a.data(), b.data(),
-      static_cast<T>(s), dx.data(), da.data(), db.data(), &dscale);
   const auto at = [](const Buffer<T>& m, int64_t i) {
     return static_cast<double>(m[i]);
   };
   // Double references of the [n, r] factors, then of each gradient.
-  std::vector<double> xa(n * r, 0), gbt(n * r, 0);
+  std::vector<double> xa(n * r, 0), gbt(n * r, 0), u(n * r);
   for (int64_t i = 0; i < n; ++i) {
     for (int64_t k = 0; k < r; ++k) {
       for (int64_t c = 0; c < in; ++c)
@@ -175,6 +182,20 @@ void CheckApplyGrad(const Eigen::ThreadPoolDevice& d, const char* type,
         gbt[i * r + k] += at(g, i * out + j) * at(b, k * out + j);
     }
   }
+  Buffer<T> given_xa(n * r);
+  for (int64_t e = 0; e < n * r; ++e) {
+    given_xa[e] = static_cast<T>(xa[e] + (in > 0 ? 0.5 : 0.0));
+    u[e] = s * gbt[e] + (saved ? at(grad_xa, e) : 0.0);
+  }
+  if (saved && (std::is_same_v<T, float> || std::is_same_v<T, double>)) {
+    for (int64_t e = 0; e < n * r; ++e) xa[e] = at(given_xa, e);
+  }
+  Buffer<T> dx(n * in, static_cast<T>(-7.f)), da(in * r), db(r * out);
+  T dscale;
+  functor::LoraApplyGrad<Eigen::ThreadPoolDevice, T>()(
+      d, n, in, out, r, g.data(), x.data(), a.data(), b.data(),
+      static_cast<T>(s), dx.data(), da.data(), db.data(), &dscale,
+      saved ? given_xa.data() : nullptr, saved ? grad_xa.data() : nullptr);
   double err = 0, ref_dscale = 0;
   const auto check = [&](double got, double ref, double terms) {
     const double e =
@@ -184,8 +205,7 @@ void CheckApplyGrad(const Eigen::ThreadPoolDevice& d, const char* type,
   for (int64_t i = 0; i < n; ++i) {
     for (int64_t c = 0; c < in; ++c) {
       double ref = 0;
-      for (int64_t k = 0; k < r; ++k)
-        ref += s * gbt[i * r + k] * at(a, c * r + k);
+      for (int64_t k = 0; k < r; ++k) ref += u[i * r + k] * at(a, c * r + k);
       check(at(dx, i * in + c), ref, double(out) * r);
     }
     for (int64_t k = 0; k < r; ++k)
@@ -194,8 +214,7 @@ void CheckApplyGrad(const Eigen::ThreadPoolDevice& d, const char* type,
   for (int64_t c = 0; c < in; ++c) {
     for (int64_t k = 0; k < r; ++k) {
       double ref = 0;
-      for (int64_t i = 0; i < n; ++i)
-        ref += s * at(x, i * in + c) * gbt[i * r + k];
+      for (int64_t i = 0; i < n; ++i) ref += at(x, i * in + c) * u[i * r + k];
       check(at(da, c * r + k), ref, double(n) * out);
     }
   }
@@ -209,7 +228,8 @@ void CheckApplyGrad(const Eigen::ThreadPoolDevice& d, const char* type,
   }
   check(static_cast<double>(dscale), ref_dscale, double(n) * r * (in + out));
   EXPECT_LE(err, tol) << "LoraApplyGrad<" << type << "> n=" << n << " in=" << in
-                      << " out=" << out << " r=" << r;
+                      << " out=" << out << " r=" << r
+                      << (saved ? " with xa, grad_xa" : "");
 }
 
 template <typename T>
@@ -228,7 +248,9 @@ void CheckApplyGradShapes(const Eigen::ThreadPoolDevice& d, const char* type,
       {6, 10, 0, 3},     {2100, 8, 12, 4},
       {2053, 2056, 8, 4}};  // 16 MiB of float dx: streamed
   for (const auto& s : shapes) {
-    CheckApplyGrad<T>(d, type, s[0], s[1], s[2], s[3], tol);
+    for (bool saved : {false, true}) {
+      CheckApplyGrad<T>(d, type, s[0], s[1], s[2], s[3], saved, tol);
+    }
   }
 }
 

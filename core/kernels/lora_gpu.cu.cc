@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <climits>
+#include <type_traits>
 
 namespace tf_lora {
 namespace gpu {
@@ -151,12 +152,13 @@ TF_LORA_GLOBAL void Shrink(TileMap m, const T* x, int64_t in, const T* a,
 // (`s_matrix`: a for merge, g @ b^T for the gradient's dx). y null: zero.
 // kTransposedB: b is stored [out, r] (dx = (g b^T) a^T, with a [in, r]).
 // Tiles without an adapter copy their rows; in per-row mode they also report a
-// bad id.
+// bad id. xa_out (with `partial`; may be null): the first column block of each
+// tile writes the summed partials, x @ a, there ([rows, r]).
 template <typename T, typename S, int V, bool kTransposedB>
 TF_LORA_GLOBAL void Expand(TileMap m, const T* y, T* y_out, int64_t out,
                            int64_t r, const S* s_matrix, const float* partial,
                            int splits, const T* b, const T* scales, float scale,
-                           int* bad_row) {
+                           int* bad_row, T* xa_out) {
   constexpr int kCols = 32 * V;
   TF_LORA_SHARED float ss[kTileRows][kExpandK + 1];
   TF_LORA_SHARED float bs[kExpandK][kCols];
@@ -193,6 +195,9 @@ TF_LORA_GLOBAL void Expand(TileMap m, const T* y, T* y_out, int64_t out,
         if (partial != nullptr) {
           for (int s = 0; s < splits; ++s) {
             v += partial[(s * m.rows + row) * r + k0 + k];
+          }
+          if (xa_out != nullptr && blockIdx.y == 0) {
+            xa_out[row * r + k0 + k] = FromFloat<T>(v);
           }
         } else {
           v = ToFloat(s_matrix[row * r + k0 + k]);
@@ -348,6 +353,23 @@ TF_LORA_GLOBAL void SumSplits(int64_t size, int splits, const float* partial,
   dense[e] = v;
 }
 
+// to[e] = from[e] rounded to T.
+template <typename T>
+TF_LORA_GLOBAL void Narrow(int64_t size, const float* from, T* to) {
+  const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (e < size) to[e] = FromFloat<T>(from[e]);
+}
+
+// u[e] = scale * gb[e] (gb null: 0) + grad_xa[e]: what dx and da multiply
+// when LoraApply's x @ a has a gradient of its own.
+template <typename T>
+TF_LORA_GLOBAL void Combine(int64_t size, const float* gb, float scale,
+                            const T* grad_xa, float* u) {
+  const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (e >= size) return;
+  u[e] = (gb != nullptr ? scale * gb[e] : 0.f) + ToFloat(grad_xa[e]);
+}
+
 // *out = sum of p[e] * q[e] (dscale = sum of (x a) * (g b^T)): one block,
 // a fixed order, so the result does not depend on timing.
 template <typename T>
@@ -467,7 +489,8 @@ template <typename T, typename S = T, bool kTransposedB = false>
 Error LaunchExpand(Stream stream, const TileMap& m, int64_t tiles, const T* y,
                    T* y_out, int64_t out, int64_t r, const S* s_matrix,
                    const float* partial, int splits, const T* b,
-                   const T* scales, float scale, int* bad_row) {
+                   const T* scales, float scale, int* bad_row,
+                   T* xa_out = nullptr) {
   constexpr int kVec = 16 / sizeof(T);
   const dim3 block(32, kExpandRows);
   if (out % kVec == 0 && Aligned16(y) && Aligned16(y_out)) {
@@ -475,15 +498,15 @@ Error LaunchExpand(Stream stream, const TileMap& m, int64_t tiles, const T* y,
     if (col_tiles > 65535) return kInvalidValue;
     auto* kernel = Expand<T, S, kVec, kTransposedB>;
     TF_LORA_LAUNCH(kernel, dim3(tiles, col_tiles), block, stream, m, y, y_out,
-                   out, r, s_matrix, partial, splits, b, scales, scale,
-                   bad_row);
+                   out, r, s_matrix, partial, splits, b, scales, scale, bad_row,
+                   xa_out);
   } else {
     const int64_t col_tiles = CeilDiv(out, 32);
     if (col_tiles > 65535) return kInvalidValue;
     auto* kernel = Expand<T, S, 1, kTransposedB>;
     TF_LORA_LAUNCH(kernel, dim3(tiles, col_tiles), block, stream, m, y, y_out,
-                   out, r, s_matrix, partial, splits, b, scales, scale,
-                   bad_row);
+                   out, r, s_matrix, partial, splits, b, scales, scale, bad_row,
+                   xa_out);
   }
   return LastLaunchError();
 }
@@ -600,12 +623,14 @@ XaGbPlan PlanXaGb(Layout* layout, int64_t tiles, int64_t n, int64_t in,
 
 // x a (a [in, r] per adapter) and g b^T (b [r, out] per adapter) for the
 // rows of m's tiles, into *xa and *gb. Grouped rows without an adapter are
-// never written by the shrinks: their partials start at zero.
+// never written by the shrinks: their partials start at zero. xa_given (may
+// be null; uniform tiles only): x a as LoraApply computed it, then *xa.
 template <typename T>
 Error ShrinkXaGb(Stream stream, const TileMap& m, int64_t tiles,
                  const XaGbPlan& p, char* base, int64_t n, int64_t in,
                  int64_t out, int64_t r, const T* x, const T* a, const T* g,
-                 const T* b, float** xa, float** gb) {
+                 const T* b, float** xa, float** gb,
+                 const float* xa_given = nullptr) {
   float* xa_parts = reinterpret_cast<float*>(base + p.xa_parts);
   float* gb_parts = reinterpret_cast<float*>(base + p.gb_parts);
   *xa = reinterpret_cast<float*>(base + p.xa);
@@ -614,7 +639,7 @@ Error ShrinkXaGb(Stream stream, const TileMap& m, int64_t tiles,
   if (m.mode == Mode::kGrouped) {
     e = MemsetAsync(xa_parts, 0, p.xa - p.xa_parts, stream);  // both
   }
-  if (e == kSuccess) {
+  if (e == kSuccess && xa_given == nullptr) {
     e = LaunchShrink<T>(stream, m, tiles, x, in, a, r, p.xa_splits, xa_parts);
   }
   if (e == kSuccess) {
@@ -622,8 +647,12 @@ Error ShrinkXaGb(Stream stream, const TileMap& m, int64_t tiles,
                               gb_parts);
   }
   if (e != kSuccess) return e;
-  TF_LORA_LAUNCH(SumSplits, dim3(CeilDiv(n * r, 256)), dim3(256), stream, n * r,
-                 p.xa_splits, xa_parts, *xa);
+  if (xa_given != nullptr) {
+    *xa = const_cast<float*>(xa_given);  // only read
+  } else {
+    TF_LORA_LAUNCH(SumSplits, dim3(CeilDiv(n * r, 256)), dim3(256), stream,
+                   n * r, p.xa_splits, xa_parts, *xa);
+  }
   TF_LORA_LAUNCH(SumSplits, dim3(CeilDiv(n * r, 256)), dim3(256), stream, n * r,
                  p.gb_splits, gb_parts, *gb);
   return LastLaunchError();
@@ -643,15 +672,24 @@ Error LoraMerge(Stream stream, int64_t in, int64_t out, int64_t r, const T* w,
 }
 
 size_t LoraApplyWorkspaceBytes(int64_t n, int64_t in, int64_t r) {
-  return Align16(sizeof(float) * Splits(CeilDiv(n, kTileRows), in, r) * n * r);
+  // The shrink's partials, and (for out = 0) their sum.
+  return Align16(sizeof(float) * (Splits(CeilDiv(n, kTileRows), in, r) + 1) *
+                 n * r);
 }
 
 template <typename T>
 Error LoraApply(Stream stream, int64_t n, int64_t in, int64_t out, int64_t r,
                 const T* y, const T* x, const T* a, const T* b, float scale,
-                T* y_out, void* workspace) {
-  if (n == 0 || out == 0) return kSuccess;
-  if (r == 0 || in == 0) return CopyRows(stream, y, y_out, sizeof(T) * n * out);
+                T* y_out, T* xa, void* workspace) {
+  if (n == 0 || r == 0) {  // xa is empty; y_out = y
+    return out == 0 ? kSuccess
+                    : CopyRows(stream, y, y_out, sizeof(T) * n * out);
+  }
+  if (in == 0) {  // x @ a = 0
+    Error e = MemsetAsync(xa, 0, sizeof(T) * n * r, stream);
+    if (e != kSuccess || out == 0) return e;
+    return CopyRows(stream, y, y_out, sizeof(T) * n * out);
+  }
   if (n > INT_MAX) return kInvalidValue;
   const TileMap m{Mode::kUniform, n, kTileRows, 1};
   const int64_t tiles = CeilDiv(n, kTileRows);
@@ -659,8 +697,17 @@ Error LoraApply(Stream stream, int64_t n, int64_t in, int64_t out, int64_t r,
   float* partial = static_cast<float*>(workspace);
   Error e = LaunchShrink<T>(stream, m, tiles, x, in, a, r, splits, partial);
   if (e != kSuccess) return e;
+  if (out == 0) {  // no expand to write xa: sum the partials here
+    float* sums = partial + splits * n * r;
+    TF_LORA_LAUNCH(SumSplits, dim3(CeilDiv(n * r, 256)), dim3(256), stream,
+                   n * r, splits, partial, sums);
+    auto* narrow = Narrow<T>;
+    TF_LORA_LAUNCH(narrow, dim3(CeilDiv(n * r, 256)), dim3(256), stream, n * r,
+                   sums, xa);
+    return LastLaunchError();
+  }
   return LaunchExpand<T>(stream, m, tiles, y, y_out, out, r, NoMatrix<T>(),
-                         partial, splits, b, nullptr, scale, nullptr);
+                         partial, splits, b, nullptr, scale, nullptr, xa);
 }
 
 namespace {
@@ -671,7 +718,7 @@ struct GradPlan {
   int64_t tiles;
   XaGbPlan xa_gb;
   int reduce_splits;
-  size_t reduce, bytes;
+  size_t reduce, u, bytes;  // u: scale g b^T + grad_xa, [n, r] floats
 };
 
 GradPlan PlanGrad(int64_t n, int64_t in, int64_t out, int64_t r) {
@@ -686,6 +733,7 @@ GradPlan PlanGrad(int64_t n, int64_t in, int64_t out, int64_t r) {
       std::max<int64_t>(1, CeilDiv(kTargetBlocks, col_blocks))));
   p.reduce =
       layout.Take(sizeof(float) * p.reduce_splits * std::max(in, out) * r);
+  p.u = layout.Take(sizeof(float) * n * r);
   p.bytes = layout.bytes;
   return p;
 }
@@ -710,6 +758,30 @@ Error ReduceInto(Stream stream, const GradPlan& p, int64_t n, int64_t cols,
   return LastLaunchError();
 }
 
+// LoraApplyGrad with out = 0 (g and b empty): only grad_xa, the gradient for
+// x @ a, is left: dx = grad_xa a^T, da = x^T grad_xa, dscale = 0 (db is
+// empty).
+template <typename T>
+Error GradFromXaAlone(Stream stream, int64_t n, int64_t in, int64_t r,
+                      const T* x, const T* a, const T* grad_xa, T* dx, T* da,
+                      T* dscale, void* workspace) {
+  if (n > INT_MAX) return kInvalidValue;
+  const GradPlan p = PlanGrad(n, in, 0, r);
+  char* base = static_cast<char*>(workspace);
+  float* u = reinterpret_cast<float*>(base + p.u);
+  Error e = MemsetAsync(dscale, 0, sizeof(T), stream);
+  if (e != kSuccess) return e;
+  auto* combine = Combine<T>;
+  TF_LORA_LAUNCH(combine, dim3(CeilDiv(n * r, 256)), dim3(256), stream, n * r,
+                 static_cast<const float*>(nullptr), 1.f, grad_xa, u);
+  const TileMap m{Mode::kUniform, n, kTileRows, 1};
+  e = LaunchExpand<T, float, true>(stream, m, p.tiles, nullptr, dx, in, r, u,
+                                   nullptr, 0, a, nullptr, 1.f, nullptr);
+  if (e != kSuccess) return e;
+  return ReduceInto<T>(stream, p, n, in, r, x, u, 1.f, false,
+                       reinterpret_cast<float*>(base + p.reduce), da);
+}
+
 }  // namespace
 
 size_t LoraApplyGradWorkspaceBytes(int64_t n, int64_t in, int64_t out,
@@ -721,7 +793,11 @@ template <typename T>
 Error LoraApplyGrad(Stream stream, int64_t n, int64_t in, int64_t out,
                     int64_t r, const T* g, const T* x, const T* a, const T* b,
                     float scale, T* dx, T* da, T* db, T* dscale,
-                    void* workspace) {
+                    void* workspace, const T* xa, const T* grad_xa) {
+  if (out == 0 && grad_xa != nullptr && n > 0 && in > 0 && r > 0) {
+    return GradFromXaAlone<T>(stream, n, in, r, x, a, grad_xa, dx, da, dscale,
+                              workspace);
+  }
   if (n == 0 || in == 0 || out == 0 || r == 0) {  // every product is zero
     Error e = MemsetAsync(dx, 0, sizeof(T) * n * in, stream);
     if (e == kSuccess) e = MemsetAsync(da, 0, sizeof(T) * in * r, stream);
@@ -734,20 +810,33 @@ Error LoraApplyGrad(Stream stream, int64_t n, int64_t in, int64_t out,
   char* base = static_cast<char*>(workspace);
   float* reduce = reinterpret_cast<float*>(base + p.reduce);
   const TileMap m{Mode::kUniform, n, kTileRows, 1};
-  float *xa, *gb;
+  const float* xa_given = nullptr;
+  if constexpr (std::is_same<T, float>::value) xa_given = xa;
+  float *xa_f, *gb;
   Error e = ShrinkXaGb<T>(stream, m, p.tiles, p.xa_gb, base, n, in, out, r, x,
-                          a, g, b, &xa, &gb);
+                          a, g, b, &xa_f, &gb, xa_given);
   if (e != kSuccess) return e;
-  // dscale = sum (x a) * (g b^T); dx = scale (g b^T) a^T.
+  // dscale = sum (x a) * (g b^T).
   auto* dot = Dot<T>;
-  TF_LORA_LAUNCH(dot, dim3(1), dim3(256), stream, n * r, xa, gb, dscale);
-  e = LaunchExpand<T, float, true>(stream, m, p.tiles, nullptr, dx, in, r, gb,
-                                   nullptr, 0, a, nullptr, scale, nullptr);
+  TF_LORA_LAUNCH(dot, dim3(1), dim3(256), stream, n * r, xa_f, gb, dscale);
+  // u = scale (g b^T) (+ grad_xa); dx = u a^T; da = x^T u [in, r].
+  const float* u = gb;
+  float u_scale = scale;
+  if (grad_xa != nullptr) {
+    float* combined = reinterpret_cast<float*>(base + p.u);
+    auto* combine = Combine<T>;
+    TF_LORA_LAUNCH(combine, dim3(CeilDiv(n * r, 256)), dim3(256), stream, n * r,
+                   gb, scale, grad_xa, combined);
+    u = combined;
+    u_scale = 1.f;
+  }
+  e = LaunchExpand<T, float, true>(stream, m, p.tiles, nullptr, dx, in, r, u,
+                                   nullptr, 0, a, nullptr, u_scale, nullptr);
   if (e != kSuccess) return e;
-  // da = scale x^T (g b^T) [in, r]; db = scale (x a)^T g, as (g^T (x a))^T.
-  e = ReduceInto<T>(stream, p, n, in, r, x, gb, scale, false, reduce, da);
+  e = ReduceInto<T>(stream, p, n, in, r, x, u, u_scale, false, reduce, da);
   if (e != kSuccess) return e;
-  return ReduceInto<T>(stream, p, n, out, r, g, xa, scale, true, reduce, db);
+  // db = scale (x a)^T g, as (g^T (x a))^T.
+  return ReduceInto<T>(stream, p, n, out, r, g, xa_f, scale, true, reduce, db);
 }
 
 size_t BatchedLoraApplyWorkspaceBytes(int64_t n, int64_t in, int64_t r,
@@ -888,10 +977,10 @@ Error BatchedLoraApplyGrad(Stream stream, int64_t n, int64_t in, int64_t out,
                               const T*, const T*, float, T*);                  \
   template Error LoraApply<T>(Stream, int64_t, int64_t, int64_t, int64_t,      \
                               const T*, const T*, const T*, const T*, float,   \
-                              T*, void*);                                      \
-  template Error LoraApplyGrad<T>(Stream, int64_t, int64_t, int64_t, int64_t,  \
-                                  const T*, const T*, const T*, const T*,      \
-                                  float, T*, T*, T*, T*, void*);               \
+                              T*, T*, void*);                                  \
+  template Error LoraApplyGrad<T>(                                             \
+      Stream, int64_t, int64_t, int64_t, int64_t, const T*, const T*,          \
+      const T*, const T*, float, T*, T*, T*, T*, void*, const T*, const T*);   \
   template Error BatchedLoraApplyGrad<T>(                                      \
       Stream, int64_t, int64_t, int64_t, int64_t, int64_t, const T*, const T*, \
       const T*, const T*, const int32_t*, const T*, T*, T*, T*, T*, void*,     \

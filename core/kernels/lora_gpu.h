@@ -45,11 +45,12 @@ Error LoraMerge(Stream stream, int64_t in, int64_t out, int64_t r, const T* w,
 // Device scratch LoraApply needs (bytes, 16-byte aligned).
 size_t LoraApplyWorkspaceBytes(int64_t n, int64_t in, int64_t r);
 
-// y_out = y + scale * (x @ a) @ b; y and y_out [n, out], x [n, in].
+// y_out = y + scale * (x @ a) @ b; y and y_out [n, out], x [n, in]; x @ a
+// also to xa [n, r] (rounded to T), for the gradient.
 template <typename T>
 Error LoraApply(Stream stream, int64_t n, int64_t in, int64_t out, int64_t r,
                 const T* y, const T* x, const T* a, const T* b, float scale,
-                T* y_out, void* workspace);
+                T* y_out, T* xa, void* workspace);
 
 size_t LoraApplyGradWorkspaceBytes(int64_t n, int64_t in, int64_t out,
                                    int64_t r);
@@ -57,12 +58,16 @@ size_t LoraApplyGradWorkspaceBytes(int64_t n, int64_t in, int64_t out,
 // The gradients of LoraApply (the CPU kernel's LoraApplyGrad): with
 // g = dL/dy_out [n, out], dx = scale * (g b^T) a^T [n, in],
 // da = scale * x^T (g b^T) [in, r], db = scale * (x a)^T g [r, out] and
-// dscale = sum((x a) * (g b^T)) (a device scalar).
+// dscale = sum((x a) * (g b^T)) (a device scalar). With xa and grad_xa (both
+// [n, r], or both null): LoraApply's x @ a, used for x a where T is float
+// (half types compute it again, in float32), and the gradient for it, added
+// to scale * (g b^T) in dx and da.
 template <typename T>
 Error LoraApplyGrad(Stream stream, int64_t n, int64_t in, int64_t out,
                     int64_t r, const T* g, const T* x, const T* a, const T* b,
                     float scale, T* dx, T* da, T* db, T* dscale,
-                    void* workspace);
+                    void* workspace, const T* xa = nullptr,
+                    const T* grad_xa = nullptr);
 
 size_t BatchedLoraApplyWorkspaceBytes(int64_t n, int64_t in, int64_t r,
                                       int64_t adapters);

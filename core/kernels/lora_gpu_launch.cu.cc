@@ -48,12 +48,12 @@ size_t LoraApplyWorkspace(int64_t n, int64_t in, int64_t r) {
 int LaunchLoraApply(DType dtype, void* stream, int64_t n, int64_t in,
                     int64_t out, int64_t r, const void* y, const void* x,
                     const void* a, const void* b, float scale, void* y_out,
-                    void* workspace) {
+                    void* xa, void* workspace) {
   return ByDtype(dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     return LoraApply<T>(static_cast<Stream>(stream), n, in, out, r, In<T>(y),
                         In<T>(x), In<T>(a), In<T>(b), scale,
-                        static_cast<T*>(y_out), workspace);
+                        static_cast<T*>(y_out), static_cast<T*>(xa), workspace);
   });
 }
 
@@ -64,13 +64,15 @@ size_t LoraApplyGradWorkspace(int64_t n, int64_t in, int64_t out, int64_t r) {
 int LaunchLoraApplyGrad(DType dtype, void* stream, int64_t n, int64_t in,
                         int64_t out, int64_t r, const void* g, const void* x,
                         const void* a, const void* b, float scale, void* dx,
-                        void* da, void* db, void* dscale, void* workspace) {
+                        void* da, void* db, void* dscale, void* workspace,
+                        const void* xa, const void* grad_xa) {
   return ByDtype(dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    return LoraApplyGrad<T>(
-        static_cast<Stream>(stream), n, in, out, r, In<T>(g), In<T>(x),
-        In<T>(a), In<T>(b), scale, static_cast<T*>(dx), static_cast<T*>(da),
-        static_cast<T*>(db), static_cast<T*>(dscale), workspace);
+    return LoraApplyGrad<T>(static_cast<Stream>(stream), n, in, out, r,
+                            In<T>(g), In<T>(x), In<T>(a), In<T>(b), scale,
+                            static_cast<T*>(dx), static_cast<T*>(da),
+                            static_cast<T*>(db), static_cast<T*>(dscale),
+                            workspace, In<T>(xa), In<T>(grad_xa));
   });
 }
 

@@ -22,18 +22,21 @@ int LaunchLoraMerge(DType dtype, void* stream, int64_t in, int64_t out,
 
 size_t LoraApplyWorkspace(int64_t n, int64_t in, int64_t r);
 
+// xa [n, r] receives x @ a.
 int LaunchLoraApply(DType dtype, void* stream, int64_t n, int64_t in,
                     int64_t out, int64_t r, const void* y, const void* x,
                     const void* a, const void* b, float scale, void* y_out,
-                    void* workspace);
+                    void* xa, void* workspace);
 
 size_t LoraApplyGradWorkspace(int64_t n, int64_t in, int64_t out, int64_t r);
 
-// dscale is device memory (one element).
+// dscale is device memory (one element); xa and grad_xa [n, r] or both null
+// (lora_gpu.h).
 int LaunchLoraApplyGrad(DType dtype, void* stream, int64_t n, int64_t in,
                         int64_t out, int64_t r, const void* g, const void* x,
                         const void* a, const void* b, float scale, void* dx,
-                        void* da, void* db, void* dscale, void* workspace);
+                        void* da, void* db, void* dscale, void* workspace,
+                        const void* xa, const void* grad_xa);
 
 size_t BatchedLoraApplyWorkspace(int64_t n, int64_t in, int64_t r,
                                  int64_t adapters);

@@ -82,13 +82,14 @@ struct CpuKernels {
 
   template <typename T>
   static absl::Status Apply(OpKernelContext* ctx, const ApplyInputs& in,
-                            Tensor* y_out) {
+                            Tensor* y_out, Tensor* xa) {
     return ExceptionsToStatus("LoraApply", kScratch, [&] {
       functor::LoraApply<CPUDevice, T>()(
           ctx->eigen_device<CPUDevice>(), in.n(), in.in(), in.out(), in.r(),
           in.lead->flat<T>().data(), in.x->flat<T>().data(),
           in.a->flat<T>().data(), in.b->flat<T>().data(),
-          in.scale->scalar<T>()(), y_out->flat<T>().data());
+          in.scale->scalar<T>()(), y_out->flat<T>().data(),
+          xa->flat<T>().data());
     });
   }
 
@@ -102,7 +103,9 @@ struct CpuKernels {
           in.lead->flat<T>().data(), in.x->flat<T>().data(),
           in.a->flat<T>().data(), in.b->flat<T>().data(),
           in.scale->scalar<T>()(), dx->flat<T>().data(), da->flat<T>().data(),
-          db->flat<T>().data(), dscale->flat<T>().data());
+          db->flat<T>().data(), dscale->flat<T>().data(),
+          in.xa != nullptr ? in.xa->flat<T>().data() : nullptr,
+          in.grad_xa != nullptr ? in.grad_xa->flat<T>().data() : nullptr);
     });
   }
 

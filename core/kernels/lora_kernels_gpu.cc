@@ -121,19 +121,19 @@ struct GpuKernels {
 
   template <typename T>
   static absl::Status Apply(OpKernelContext* ctx, const ApplyInputs& in,
-                            Tensor* y_out) {
+                            Tensor* y_out, Tensor* xa) {
     Tensor work;
     absl::Status s =
         Workspace(ctx, gpu::LoraApplyWorkspace(in.n(), in.in(), in.r()), &work);
     if (!s.ok()) return s;
     return Launched(
         "LoraApply",
-        gpu::LaunchLoraApply(kDType<T>, CudaStream(ctx), in.n(), in.in(),
-                             in.out(), in.r(), in.lead->flat<T>().data(),
-                             in.x->flat<T>().data(), in.a->flat<T>().data(),
-                             in.b->flat<T>().data(),
-                             static_cast<float>(in.scale->scalar<T>()()),
-                             y_out->flat<T>().data(), work.data()));
+        gpu::LaunchLoraApply(
+            kDType<T>, CudaStream(ctx), in.n(), in.in(), in.out(), in.r(),
+            in.lead->flat<T>().data(), in.x->flat<T>().data(),
+            in.a->flat<T>().data(), in.b->flat<T>().data(),
+            static_cast<float>(in.scale->scalar<T>()()),
+            y_out->flat<T>().data(), xa->flat<T>().data(), work.data()));
   }
 
   template <typename T>
@@ -153,7 +153,9 @@ struct GpuKernels {
             in.a->flat<T>().data(), in.b->flat<T>().data(),
             static_cast<float>(in.scale->scalar<T>()()), dx->flat<T>().data(),
             da->flat<T>().data(), db->flat<T>().data(),
-            dscale->flat<T>().data(), work.data()));
+            dscale->flat<T>().data(), work.data(),
+            in.xa != nullptr ? in.xa->flat<T>().data() : nullptr,
+            in.grad_xa != nullptr ? in.grad_xa->flat<T>().data() : nullptr));
   }
 
   template <typename T>

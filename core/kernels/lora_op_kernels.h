@@ -7,7 +7,7 @@
 //   kIdsOnHost                 whether the checks may read adapter ids
 //   NewOutput(out, in)         a hook on each fresh output (CPU: huge pages)
 //   Merge<T>(ctx, op, in, out, r, w, a, b, scale, result)
-//   Apply<T>(ctx, in, y_out), ApplyGrad<T>(ctx, in, dx, da, db, dscale)
+//   Apply<T>(ctx, in, y_out, xa), ApplyGrad<T>(ctx, in, dx, da, db, dscale)
 //   Batched<T>(ctx, in, y_out), BatchedGrad<T>(ctx, in, dx, da, db, dscales)
 //
 // each returning the status of the computation. TF_LORA_REGISTER_LORA_KERNELS
@@ -89,11 +89,14 @@ class LoraApplyOp : public OpKernel {
     lora_checks::ApplyInputs in;
     OP_REQUIRES_OK(ctx,
                    lora_checks::ReadApplyInputs<T>(ctx, "LoraApply", "y", &in));
-    Tensor* y_out = nullptr;
+    Tensor *y_out = nullptr, *xa = nullptr;
     OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output(
                             {0}, 0, in.lead->shape(), &y_out));
     Kernels::NewOutput(y_out, in.lead);
-    OP_REQUIRES_OK(ctx, Kernels::template Apply<T>(ctx, in, y_out));
+    ::tensorflow::TensorShape xa_shape;
+    OP_REQUIRES_OK(ctx, lora_checks::XaShape(in, &xa_shape));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, xa_shape, &xa));
+    OP_REQUIRES_OK(ctx, Kernels::template Apply<T>(ctx, in, y_out, xa));
   }
 };
 
@@ -104,8 +107,7 @@ class LoraApplyGradOp : public OpKernel {
 
   void Compute(OpKernelContext* ctx) override {
     lora_checks::ApplyInputs in;
-    OP_REQUIRES_OK(ctx, lora_checks::ReadApplyInputs<T>(ctx, "LoraApplyGrad",
-                                                        "grad", &in));
+    OP_REQUIRES_OK(ctx, lora_checks::ReadApplyGradInputs<T>(ctx, &in));
     Tensor *dx, *da, *db, *dscale;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, in.x->shape(), &dx));
     Kernels::NewOutput(dx, nullptr);

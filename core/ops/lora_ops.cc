@@ -90,6 +90,7 @@ absl::Status LoraApplyShape(InferenceContext* c) {
       c, "LoraApply", "y [N, out], x [N, in], a [in, r], b [r, out], scale []",
       "y", &dims));
   c->set_output(0, c->Matrix(dims.n, dims.out));
+  c->set_output(1, c->Matrix(dims.n, dims.r));
   return absl::OkStatus();
 }
 
@@ -99,6 +100,32 @@ absl::Status LoraApplyGradShape(InferenceContext* c) {
       GetApplyDims(c, "LoraApplyGrad",
                    "grad [N, out], x [N, in], a [in, r], b [r, out], scale []",
                    "grad", &dims));
+  // saved = 1: xa and grad_xa, inputs 5 and 6, are [N, r].
+  int64_t saved = 0;
+  TF_RETURN_IF_ERROR(c->GetAttr("saved", &saved));
+  if (saved > 1) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "LoraApplyGrad: saved is 0 or 1 (xa and grad_xa given or not), got ",
+        saved));
+  }
+  if (saved == 1) {
+    static constexpr char kContract[] =
+        "grad [N, out], x [N, in], a [in, r], b [r, out], scale [], "
+        "xa [N, r], grad_xa [N, r]";
+    for (const auto& [index, name] :
+         {std::pair<int, const char*>{5, "xa"}, {6, "grad_xa"}}) {
+      ShapeHandle m;
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(index), 2, &m));
+      TF_RETURN_IF_ERROR(
+          MergeDims(c, "LoraApplyGrad", kContract,
+                    absl::StrCat("N (x.shape[0], ", name, ".shape[0])").c_str(),
+                    dims.n, c->Dim(m, 0), &dims.n));
+      TF_RETURN_IF_ERROR(
+          MergeDims(c, "LoraApplyGrad", kContract,
+                    absl::StrCat("r (a.shape[1], ", name, ".shape[1])").c_str(),
+                    dims.r, c->Dim(m, 1), &dims.r));
+    }
+  }
   c->set_output(0, c->Matrix(dims.n, dims.in));
   c->set_output(1, c->Matrix(dims.in, dims.r));
   c->set_output(2, c->Matrix(dims.r, dims.out));
@@ -232,6 +259,7 @@ REGISTER_OP("TfLora>LoraApply")
     .Input("b: T")
     .Input("scale: T")
     .Output("y_out: T")
+    .Output("xa: T")
     .Attr("T: {float, double, half, bfloat16}")
     .SetShapeFn(LoraApplyShape)
     .Doc(R"doc(
@@ -239,7 +267,9 @@ Applies a LoRA adapter to a layer's output: y_out = y + scale * (x @ a) @ b.
 
 The op computes x @ a ([N, r], kept in float32 for half types), then makes one
 pass that reads and writes y, with no [N, out] temporary (y's buffer is reused when TensorFlow
-allows). With y = x @ w this is a LoRA layer: see tf_lora.lora_matmul.
+allows). With y = x @ w this is a LoRA layer: see tf_lora.lora_matmul. x @ a
+is also an output, for the gradient (LoraApplyGrad with saved = 1), which then
+need not compute it again.
 
 y: The base layer's output, [N, out].
 x: The layer's input, [N, in].
@@ -247,6 +277,7 @@ a: The adapter's down projection, [in, r].
 b: The adapter's up projection, [r, out].
 scale: Scalar multiplier of the update, usually alpha / r.
 y_out: y + scale * (x @ a) @ b, [N, out].
+xa: x @ a, [N, r] (rounded to T).
 )doc");
 
 REGISTER_OP("TfLora>ResourceLoraMerge")
@@ -278,11 +309,14 @@ REGISTER_OP("TfLora>LoraApplyGrad")
     .Input("a: T")
     .Input("b: T")
     .Input("scale: T")
+    .Input("xa: saved * T")
+    .Input("grad_xa: saved * T")
     .Output("dx: T")
     .Output("da: T")
     .Output("db: T")
     .Output("dscale: T")
     .Attr("T: {float, double, half, bfloat16}")
+    .Attr("saved: int >= 0 = 0")
     .SetShapeFn(LoraApplyGradShape)
     .Doc(R"doc(
 The gradients of LoraApply for its upstream gradient (the gradient for y is
@@ -293,13 +327,22 @@ written as they are computed and da, db, dscale are accumulated per shard of
 rows, shards that depend on N only, so results do not depend on the number of
 threads. half and bfloat16 accumulate in float32.
 
+With saved = 1 the op also takes LoraApply's second output xa (= x @ a) and
+the gradient for it, grad_xa: float and double kernels use xa instead of
+computing x @ a again (half types compute it again, in float32, which xa
+rounded to T is not), and grad_xa joins scale * (grad @ b^T) in dx and da.
+saved = 0 (graphs written before xa existed) is the same as grad_xa = 0.
+
 grad: The gradient for LoraApply's output, [N, out].
 x: The layer's input, [N, in].
 a: The adapter's down projection, [in, r].
 b: The adapter's up projection, [r, out].
 scale: The scale LoraApply ran with.
-dx: scale * (grad @ b^T) @ a^T, [N, in].
-da: scale * x^T @ (grad @ b^T), [in, r].
+xa: saved = 1: LoraApply's x @ a, [N, r].
+grad_xa: saved = 1: the gradient for LoraApply's xa, [N, r].
+saved: 1 when xa and grad_xa are given, else 0.
+dx: (scale * (grad @ b^T) + grad_xa) @ a^T, [N, in].
+da: x^T @ (scale * (grad @ b^T) + grad_xa), [in, r].
 db: scale * (x @ a)^T @ grad, [r, out].
 dscale: sum((x @ a) * (grad @ b^T)), [].
 )doc");

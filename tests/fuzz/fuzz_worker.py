@@ -78,9 +78,13 @@ class Case:
         self.attrs = self._draw_attrs(template)
         self.dtype = self._draw_type()
         self.inputs = {}
+        counts = {}  # list inputs: one length per length attr
         for arg in self.op_def.input_arg:
             spec = template.get(arg.name)
             self.inputs[arg.name] = self._draw_input(arg, spec, template.get("values:" + arg.name))
+            if arg.number_attr:
+                count = counts.setdefault(arg.number_attr, int(self.rng.integers(2)))
+                self.inputs[arg.name]["count"] = count
         if rng.random() < 0.15:
             self._mutate()
 
@@ -130,8 +134,9 @@ class Case:
 
     def _draw_attrs(self, template):
         attrs = {}
+        inferred = {arg.number_attr for arg in self.op_def.input_arg}  # from list inputs' lengths
         for attr in self.op_def.attr:
-            if attr.type == "type":
+            if attr.type == "type" or attr.name in inferred:
                 continue
             if attr.HasField("default_value") and self.rng.random() < 0.4:
                 continue
@@ -191,7 +196,12 @@ class Case:
 
     def describe(self):
         inputs = {
-            k: (v if "resource" in v else {"dtype": v["dtype"].name, "shape": v["shape"]})
+            k: (
+                v
+                if "resource" in v
+                else {"dtype": v["dtype"].name, "shape": v["shape"]}
+                | ({"count": v["count"]} if "count" in v else {})
+            )
             for k, v in self.inputs.items()
         }
         return {"op": self.op, "mode": self.mode, "attrs": self.attrs, "inputs": inputs}
@@ -310,6 +320,8 @@ def run_case(case):
         for name, spec in case.inputs.items():
             if "resource" in spec:
                 handles[name], readers[name] = resources.handle(spec)
+            elif "count" in spec:  # a list input
+                args[name] = [case.tensor(name) for _ in range(spec["count"])]
             else:
                 args[name] = case.tensor(name)
     except (tf.errors.OpError, ValueError, TypeError) as e:
@@ -332,7 +344,7 @@ def run_case(case):
         if case.mode == "eager" and not empty:
             outputs = call(*inputs)
         elif case.mode == "unknown_shapes" or empty:
-            signature = [tf.TensorSpec(None, t.dtype) for t in inputs]
+            signature = [tf.nest.map_structure(lambda t: tf.TensorSpec(None, t.dtype), t) for t in inputs]
             outputs = tf.function(call, input_signature=signature)(*inputs)
         else:
             outputs = tf.function(call)(*inputs)
@@ -387,7 +399,18 @@ def check_merge(case, args, readers, before, outputs):
 def check_apply(case, args, readers, before, outputs):
     y, x, a, b, s = (_f64(args[k]) for k in ("y", "x", "a", "b", "scale"))
     want = y + s * (x @ a) @ b
-    return _ref_close(case, outputs[0], want, np.abs(y) + abs(s) * (np.abs(x) @ np.abs(a)) @ np.abs(b), "y")
+    problem = _ref_close(
+        case, outputs[0], want, np.abs(y) + abs(s) * (np.abs(x) @ np.abs(a)) @ np.abs(b), "y"
+    )
+    if problem:
+        return problem
+    if x.shape[1] == 0:  # x @ a is zeros, [N, r] of them, which may be more than numpy should hold
+        want = (args["x"].shape[0], args["a"].shape[1])
+        extremes = [float(f(outputs[1])) for f in (tf.reduce_min, tf.reduce_max)] if all(want) else [0, 0]
+        if outputs[1].shape != want or extremes != [0, 0]:  # no [N, r]-sized temporary
+            return f"xa: {outputs[1].shape}, not zeros {want}"
+        return None
+    return _ref_close(case, outputs[1], x @ a, np.abs(x) @ np.abs(a), "xa")
 
 
 def _batched(args, lead):
@@ -406,10 +429,12 @@ def check_batched_apply(case, args, readers, before, outputs):
     return _ref_close(case, outputs[0], want, scale, "y")
 
 
-def _grad_ref(g, x, a, b, s):
+def _grad_ref(g, x, a, b, s, xa=None, grad_xa=0.0):
+    """xa: LoraApply's x @ a as given (None: computed); grad_xa: the gradient for it."""
     gbt = g @ b.T
-    xa = x @ a
-    return s * gbt @ a.T, s * x.T @ gbt, s * xa.T @ g, np.sum(xa * gbt)
+    xa = x @ a if xa is None else xa
+    u = s * gbt + grad_xa
+    return u @ a.T, x.T @ u, s * xa.T @ g, np.sum(xa * gbt)
 
 
 def _grad_scale(g, x, a, b, s):
@@ -418,11 +443,18 @@ def _grad_scale(g, x, a, b, s):
 
 def check_apply_grad(case, args, readers, before, outputs):
     g, x, a, b, s = (_f64(args[k]) for k in ("grad", "x", "a", "b", "scale"))
+    xa, grad_xa, xa_scale, grad_xa_scale = None, 0.0, None, 0.0
+    if args["xa"]:  # saved = 1: float types use the given x @ a (half types compute it; in = 0: it is 0)
+        grad_xa = _f64(args["grad_xa"][0])
+        grad_xa_scale = np.abs(grad_xa)
+        if case.dtype in (tf.float32, tf.float64):
+            xa = _f64(args["xa"][0]) if x.shape[1] else np.zeros_like(grad_xa)
+            xa_scale = np.abs(xa)
     for name, got, want, scale in zip(
         ("dx", "da", "db", "dscale"),
         outputs,
-        _grad_ref(g, x, a, b, s),
-        _grad_scale(g, x, a, b, s),
+        _grad_ref(g, x, a, b, s, xa, grad_xa),
+        _grad_ref(np.abs(g), np.abs(x), np.abs(a), np.abs(b), abs(s), xa_scale, grad_xa_scale),
         strict=True,
     ):
         problem = _ref_close(case, got, np.asarray(want), np.asarray(scale), name)

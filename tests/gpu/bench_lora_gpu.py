@@ -141,10 +141,10 @@ def main():
 
         # -- apply: y + s * (x @ a) @ b, N = size
         x, y = rand(size, size, dtype=dtype), rand(size, size, dtype=dtype)
-        y_out = torch.empty_like(y)
+        y_out, xa = torch.empty_like(y), torch.empty(size, 16, dtype=dtype, device=dev)
         work = workspace(lib.tfl_lora_apply_workspace(size, size, 16))
 
-        def apply(x=x, y=y, a=a, b=b, y_out=y_out, work=work, dtype=dtype):
+        def apply(x=x, y=y, a=a, b=b, y_out=y_out, xa=xa, work=work, dtype=dtype):
             lib.tfl_lora_apply(
                 CODES[dtype],
                 stream,
@@ -158,6 +158,7 @@ def main():
                 b.data_ptr(),
                 1.5,
                 y_out.data_ptr(),
+                xa.data_ptr(),
                 work.data_ptr(),
             )
 
@@ -177,13 +178,27 @@ def main():
             )
         )
 
-        # -- apply's gradients: dx, da, db, dscale from g (the upstream gradient)
-        g = rand(size, size, dtype=dtype)
+        # -- apply's gradients: dx, da, db, dscale from g (the upstream gradient), given apply's x @ a and
+        # a zero gradient for it, as TensorFlow's gradient of LoraApply calls it
+        g, grad_xa = rand(size, size, dtype=dtype), torch.zeros_like(xa)
         dx, da, db = torch.empty_like(x), torch.empty_like(a), torch.empty_like(b)
         dscale = torch.empty(1, dtype=dtype, device=dev)
         grad_work = workspace(lib.tfl_lora_apply_grad_workspace(size, size, size, 16))
 
-        def grad(g=g, x=x, a=a, b=b, dx=dx, da=da, db=db, dscale=dscale, work=grad_work, dtype=dtype):
+        def grad(
+            g=g,
+            x=x,
+            a=a,
+            b=b,
+            dx=dx,
+            da=da,
+            db=db,
+            dscale=dscale,
+            work=grad_work,
+            dtype=dtype,
+            xa=xa,
+            grad_xa=grad_xa,
+        ):
             lib.tfl_lora_apply_grad(
                 CODES[dtype],
                 stream,
@@ -201,11 +216,13 @@ def main():
                 db.data_ptr(),
                 dscale.data_ptr(),
                 work.data_ptr(),
+                xa.data_ptr(),
+                grad_xa.data_ptr(),
             )
 
-        def torch_grad(g=g, x=x, a=a, b=b):
+        def torch_grad(g=g, x=x, a=a, b=b, xa=xa):  # autodiff keeps the forward's x @ a too
             gbt = g @ b.T
-            return 1.5 * (gbt @ a.T), 1.5 * (x.T @ gbt), 1.5 * ((x @ a).T @ g)
+            return 1.5 * (gbt @ a.T), 1.5 * (x.T @ gbt), 1.5 * (xa.T @ g)
 
         t = interleaved(timer, {"ours": grad, "torch": torch_grad}, iters, rounds)
         want = torch_grad()

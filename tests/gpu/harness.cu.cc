@@ -31,9 +31,10 @@ size_t tfl_lora_apply_workspace(int64_t n, int64_t in, int64_t r) {
 
 int tfl_lora_apply(int dtype, void* stream, int64_t n, int64_t in, int64_t out,
                    int64_t r, const void* y, const void* x, const void* a,
-                   const void* b, float scale, void* y_out, void* workspace) {
+                   const void* b, float scale, void* y_out, void* xa,
+                   void* workspace) {
   return gpu::LaunchLoraApply(static_cast<gpu::DType>(dtype), stream, n, in,
-                              out, r, y, x, a, b, scale, y_out, workspace);
+                              out, r, y, x, a, b, scale, y_out, xa, workspace);
 }
 
 size_t tfl_lora_apply_grad_workspace(int64_t n, int64_t in, int64_t out,
@@ -44,10 +45,11 @@ size_t tfl_lora_apply_grad_workspace(int64_t n, int64_t in, int64_t out,
 int tfl_lora_apply_grad(int dtype, void* stream, int64_t n, int64_t in,
                         int64_t out, int64_t r, const void* g, const void* x,
                         const void* a, const void* b, float scale, void* dx,
-                        void* da, void* db, void* dscale, void* workspace) {
+                        void* da, void* db, void* dscale, void* workspace,
+                        const void* xa, const void* grad_xa) {
   return gpu::LaunchLoraApplyGrad(static_cast<gpu::DType>(dtype), stream, n, in,
                                   out, r, g, x, a, b, scale, dx, da, db, dscale,
-                                  workspace);
+                                  workspace, xa, grad_xa);
 }
 
 size_t tfl_batched_lora_apply_workspace(int64_t n, int64_t in, int64_t r,

@@ -141,7 +141,7 @@ APPLY_SHAPES = [
     (3, 5, 6, 0),
     (0, 4, 4, 2),
 ]
-APPLY_SHAPES += [(2, 0, 5, 3), (300, 70, 9, 128)]
+APPLY_SHAPES += [(2, 0, 5, 3), (4, 6, 0, 3), (300, 70, 9, 128)]
 if FULL:
     APPLY_SHAPES += [
         (4096, 4096, 4096, 16),
@@ -166,6 +166,8 @@ def test_apply(gpu, dtype, shape, in_place):
     a, b = _random(rng, (d_in, r), dtype, 0.3), _random(rng, (r, d_out), dtype, 0.3)
     by, bx, ba, bb = dev.put(y), dev.put(x), dev.put(a), dev.put(b)
     out = by if in_place else dev.put(np.zeros_like(y))
+    xa_like = np.full((n, r), 7, y.dtype)  # garbage to overwrite
+    xa = dev.put(xa_like)
     work = dev.empty(lib.tfl_lora_apply_workspace(n, d_in, r))
     rc = lib.tfl_lora_apply(
         DTYPES[dtype],
@@ -177,11 +179,14 @@ def test_apply(gpu, dtype, shape, in_place):
         *map(dev.ptr, (by, bx, ba, bb)),
         1.5,
         dev.ptr(out),
+        dev.ptr(xa),
         dev.ptr(work),
     )
     assert rc == 0
     want = _apply_reference(y, x, a, b, 1.5, dtype)
     _check(decode(dev.get(out, y), dtype), want, dtype, f"apply {dtype} {shape}")
+    want_xa = decode(x, dtype) @ decode(a, dtype)
+    _check(decode(dev.get(xa, xa_like), dtype), want_xa, dtype, f"apply's xa {dtype} {shape}")
 
 
 # -- batched apply ----------------------------------------------------------------------------------------
@@ -267,22 +272,30 @@ def test_batched_apply_with_nothing_to_add_still_checks_ids(gpu):
 # -- apply's gradients ---------------------------------------------------------------------------------------
 
 GRAD_SHAPES = [(1, 9, 7, 1), (7, 33, 65, 8), (40, 64, 128, 16), (130, 70, 9, 64), (33, 20, 300, 3)]
-GRAD_SHAPES += [(0, 4, 5, 2), (3, 0, 5, 2), (3, 4, 5, 0)]
+GRAD_SHAPES += [(0, 4, 5, 2), (3, 0, 5, 2), (3, 4, 5, 0), (3, 4, 0, 2)]
 if FULL:
     GRAD_SHAPES += [(4096, 4096, 4096, 16), (4097, 1000, 1001, 64), (2, 4096, 11008, 128)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", GRAD_SHAPES, ids=str)
-def test_apply_grad(gpu, dtype, shape):
+@pytest.mark.parametrize("saved", [False, True], ids=["recomputed", "saved"])
+def test_apply_grad(gpu, dtype, shape, saved):
+    """saved: with LoraApply's x @ a and a gradient for it. The given x @ a is off by a known amount: float32
+    must use it (db, dscale show the offset), half types must compute x @ a again in float32."""
     lib, dev = gpu
     n, d_in, d_out, r = shape
     rng = np.random.default_rng(n * 5 + d_in + d_out * 7 + r)
     g, x = _random(rng, (n, d_out), dtype), _random(rng, (n, d_in), dtype)
     a, b = _random(rng, (d_in, r), dtype, 0.3), _random(rng, (r, d_out), dtype, 0.3)
+    g64, x64, a64, b64 = (decode(v, dtype) for v in (g, x, a, b))
+    xa, gbt = x64 @ a64, g64 @ b64.T
+    grad_xa = _random(rng, (n, r), dtype) if saved else None
+    given_xa = encode(xa + (0.5 if d_in else 0.0), dtype)  # in = 0: x @ a is zero, known without it
     outs = [np.full(s, 7, g.dtype) for s in [(n, d_in), (d_in, r), (r, d_out), (1,)]]  # garbage to overwrite
     bufs = [dev.put(v) for v in (g, x, a, b)]
     out_bufs = [dev.put(v) for v in outs]
+    saved_bufs = [dev.put(given_xa), dev.put(grad_xa)] if saved else []
     work = dev.empty(lib.tfl_lora_apply_grad_workspace(n, d_in, d_out, r))
     rc = lib.tfl_lora_apply_grad(
         DTYPES[dtype],
@@ -295,11 +308,13 @@ def test_apply_grad(gpu, dtype, shape):
         0.75,
         *[dev.ptr(v) for v in out_bufs],
         dev.ptr(work),
+        *([dev.ptr(v) for v in saved_bufs] if saved else [None, None]),
     )
     assert rc == 0
-    g64, x64, a64, b64 = (decode(v, dtype) for v in (g, x, a, b))
-    xa, gbt = x64 @ a64, g64 @ b64.T
-    wants = [0.75 * gbt @ a64.T, 0.75 * x64.T @ gbt, 0.75 * xa.T @ g64, np.array([np.sum(xa * gbt)])]
+    u = 0.75 * gbt + (decode(grad_xa, dtype) if saved else 0.0)
+    if saved and dtype == "float32":
+        xa = decode(given_xa, dtype)
+    wants = [u @ a64.T, x64.T @ u, 0.75 * xa.T @ g64, np.array([np.sum(xa * gbt)])]
     for name, buf, like, want in zip(["dx", "da", "db", "dscale"], out_bufs, outs, wants, strict=True):
         _check(decode(dev.get(buf, like), dtype), want, dtype, f"{name} {dtype} {shape}")
 

@@ -196,9 +196,28 @@ class Batched(tf.Module):
         return {"y": tf_lora.batched_lora_matmul(x, self.w, self.a, self.b, ids, [1.0, 1.0])}
 
 
+class WithGradient(tf.Module):
+    """The signature also returns a gradient: LoraApplyGrad reads the apply's second output, x @ a."""
+
+    def __init__(self):
+        super().__init__()
+        self.w, self.a, self.b = _var((6, 4), "w"), _var((6, 2), "a"), _var((2, 4), "b")
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 6], tf.float32)])
+    def __call__(self, x):
+        with tf.GradientTape() as tape:
+            y = tf_lora.lora_matmul(x, self.w, self.a, self.b, 1.0)
+        return {"y": y, "da": tape.gradient(y, self.a)}
+
+
 @pytest.mark.parametrize(
     ("module", "message"),
     [
+        (
+            WithGradient,
+            r"LoraApply: its x @ a output \(kept for the gradient\) is read by .*LoraApplyGrad.*: "
+            "fold a model saved for inference",
+        ),
         (
             SharedWeight,
             r"weight 'shared_w' is also read by __inference\w+/MatMul \(MatMul\), which has no LoRA apply",

@@ -184,6 +184,7 @@ def fold_one(files, fdef, nodes, node, chooser):
             )
     _check_single_consumer_chain(files, fdef, nodes, node, projection)
     if node.op == LORA_APPLY:
+        _check_xa_unread(fdef, node, where)
         a_var = files.read_variable(fdef, data[2])
         adapter_name = a_var.name if a_var is not None else split_ref(data[2])[0]
         a, b = files.evaluate(fdef, data[2]), files.evaluate(fdef, data[3])
@@ -269,6 +270,23 @@ def _uniform_id(files, fdef, nodes, ref, where):
 
 def _same_tensor(ref1, ref2):
     return split_ref(ref1) == split_ref(ref2)
+
+
+def _check_xa_unread(fdef, node, where):
+    """LoraApply's second output, x @ a, is there for its gradient; folding turns the apply into Identity(y),
+    which has none."""
+
+    def reads_xa(ref):
+        name, arg, index = split_ref(ref)
+        return name == node.name and (arg == "xa" or (arg is None and index == 1))
+
+    readers = [n.name for n in fdef.node_def if any(reads_xa(r) for r in n.input if not r.startswith("^"))]
+    readers += [f"output {key}" for key, ref in fdef.ret.items() if reads_xa(ref)]
+    if readers:
+        raise RewriteError(
+            f"{where}: its x @ a output (kept for the gradient) is read by {', '.join(sorted(readers))}: "
+            "fold a model saved for inference, without gradients"
+        )
 
 
 def _check_single_consumer_chain(files, fdef, nodes, apply_node, projection):

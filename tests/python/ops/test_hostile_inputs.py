@@ -75,7 +75,7 @@ def test_gradient_of_empty_work_with_a_huge_rank_is_zeros_not_a_crash(run_python
     else:
         r = 2**63 - 1
         inputs = f"[tf.zeros([3, 0]), tf.zeros([3, 0]), tf.zeros([0, {r}]), tf.zeros([{r}, 0]), "
-        inputs += "tf.constant(1.0)]"
+        inputs += "tf.constant(1.0), [], []]"
         op, shapes, dscale = "L.tf_lora_lora_apply_grad", [[3, 0], [0, r], [r, 0]], 0.0
     out = run_python(
         _RAW
@@ -110,7 +110,7 @@ def test_gradient_of_empty_work_returns_at_once(run_python, batched, n, in_, out
     else:
         call = (
             f"L.tf_lora_lora_apply_grad(tf.zeros([{n}, {out_}]), tf.zeros([{n}, {in_}]), "
-            f"tf.zeros([{in_}, {r}]), tf.zeros([{r}, {out_}]), 1.0)"
+            f"tf.zeros([{in_}, {r}]), tf.zeros([{r}, {out_}]), 1.0, [], [])"
         )
     out = run_python(_RAW + f"print(float(tf.reduce_sum({call}[3])))", timeout=120)
     assert out.strip() == "0.0"
@@ -119,7 +119,7 @@ def test_gradient_of_empty_work_returns_at_once(run_python, batched, n, in_, out
 def test_gradient_with_rows_but_nothing_to_multiply_is_zeros():
     # N >= 1, in = out = 0 and r >= 2^31 used to be refused as ResourceExhausted: valid input, all zeros.
     dx, da, db, dscale = gen_lora_ops.tf_lora_lora_apply_grad(
-        tf.zeros([5, 0]), tf.zeros([5, 0]), tf.zeros([0, 2**31]), tf.zeros([2**31, 0]), 2.0
+        tf.zeros([5, 0]), tf.zeros([5, 0]), tf.zeros([0, 2**31]), tf.zeros([2**31, 0]), 2.0, [], []
     )
     assert (dx.shape, da.shape, db.shape, float(dscale)) == ((5, 0), (0, 2**31), (2**31, 0), 0.0)
 
@@ -132,7 +132,7 @@ def test_gradient_with_one_empty_factor_is_exact_zeros(in_, out_, r):
     x = rng.normal(size=[5, in_]).astype(np.float32)
     a = rng.normal(size=[in_, r]).astype(np.float32)
     b = rng.normal(size=[r, out_]).astype(np.float32)
-    dx, da, db, dscale = gen_lora_ops.tf_lora_lora_apply_grad(g, x, a, b, 1.5)
+    dx, da, db, dscale = gen_lora_ops.tf_lora_lora_apply_grad(g, x, a, b, 1.5, [], [])
     # The reference: autodiff of the same expression through TensorFlow's own ops.
     xt, at, bt, s = (tf.constant(v) for v in (x, a, b, np.float32(1.5)))
     with tf.GradientTape() as tape:
@@ -223,3 +223,24 @@ def test_a_destroyed_table_is_created_afresh_by_the_same_op():
         gen_sparse_table_ops.tf_lora_sparse_table_pull(handle, tf.constant([7], tf.int64), dim=2).numpy(),
         [[0, 0]],
     )
+
+
+def test_apply_with_no_input_columns_outputs_zeros_for_x_at_a_or_refuses_a_shape_that_cannot_be(run_python):
+    # LoraApply's second output, x @ a [N, r], exists even where x [N, 0] and a [0, r] hold nothing: zeros
+    # where [N, r] can be allocated; [2^61, 2^31 + 1] cannot be a shape at all (the fuzzer's case: it aborted
+    # on TensorShape's overflow check before the kernel built the shape with a status).
+    out = run_python(
+        _RAW
+        + """
+for run in [L.tf_lora_lora_apply, tf.function(L.tf_lora_lora_apply)]:
+    y_out, xa = run(tf.ones([3, 5]), tf.zeros([3, 0]), tf.zeros([0, 4]), tf.zeros([4, 5]), tf.constant(1.0))
+    print(y_out.numpy().sum(), xa.shape.as_list(), float(tf.reduce_max(tf.abs(xa))))
+    try:
+        n, r = 2**61, 2**31 + 1
+        run(tf.zeros([n, 0]), tf.zeros([n, 0]), tf.zeros([0, r]), tf.zeros([r, 0]), tf.constant(1.0))
+    except tf.errors.InvalidArgumentError as e:
+        print("refused", f"x @ a output [N, r] = [{n}, {r}] has too many elements" in str(e))
+""",
+        timeout=120,
+    )
+    assert out.splitlines() == ["15.0 [3, 4] 0.0", "refused True"] * 2, out

@@ -263,9 +263,93 @@ def test_apply_grad_op_checks_its_inputs():
         tf.errors.InvalidArgumentError, match=r"LoraApplyGrad: expected x \[5, in\].*got grad \[5,7\]"
     ):
         gen_lora_ops.tf_lora_lora_apply_grad(
-            tf.zeros([5, 7]), tf.zeros([4, 3]), tf.zeros([3, 2]), tf.zeros([2, 7]), 1.0
+            tf.zeros([5, 7]), tf.zeros([4, 3]), tf.zeros([3, 2]), tf.zeros([2, 7]), 1.0, [], []
         )
     with pytest.raises(ValueError, match=r"LoraApplyGrad: out \(grad.shape\[1\], b.shape\[1\]\)"):
         tf.function(gen_lora_ops.tf_lora_lora_apply_grad).get_concrete_function(
-            tf.zeros([5, 7]), tf.zeros([5, 3]), tf.zeros([3, 2]), tf.zeros([2, 6]), tf.constant(1.0)
+            tf.zeros([5, 7]), tf.zeros([5, 3]), tf.zeros([3, 2]), tf.zeros([2, 6]), tf.constant(1.0), [], []
         )
+    # saved = 1: LoraApply's x @ a and the gradient for it must be [N, r].
+    args = [tf.zeros([5, 7]), tf.zeros([5, 3]), tf.zeros([3, 2]), tf.zeros([2, 7]), 1.0]
+    with pytest.raises(
+        tf.errors.InvalidArgumentError,
+        match=r"LoraApplyGrad: expected xa and grad_xa \[N, r\] = \[5,2\].*got .*xa \[5,3\], grad_xa \[5,2\]",
+    ):
+        gen_lora_ops.tf_lora_lora_apply_grad(*args, [tf.zeros([5, 3])], [tf.zeros([5, 2])])
+    with pytest.raises(ValueError, match=r"LoraApplyGrad: N \(x.shape\[0\], grad_xa.shape\[0\]\)"):
+        tf.function(gen_lora_ops.tf_lora_lora_apply_grad).get_concrete_function(
+            *args[:4], tf.constant(1.0), [tf.zeros([5, 2])], [tf.zeros([4, 2])]
+        )
+
+
+@pytest.mark.parametrize("dtype", list(RTOL), ids=lambda d: d.name)
+def test_apply_outputs_x_at_a_for_its_gradient(dtype):
+    from tf_lora.python.ops import gen_lora_ops
+
+    (y, _), (x, x_np), (a, a_np), (b, _) = _inputs((9, 33, 70, 17), dtype, seed=12)
+    out = gen_lora_ops.tf_lora_lora_apply(y, x, a, b, tf.constant(0.5, dtype))
+    assert out.xa.dtype == dtype and out.xa.shape == (9, 17)
+    assert_close(out.xa.numpy(), x_np @ a_np, dtype, terms=33)
+
+
+@pytest.mark.parametrize("dtype", list(RTOL), ids=lambda d: d.name)
+def test_apply_grad_with_saved_x_at_a(dtype):
+    """LoraApplyGrad given x @ a (off by 0.5 here, to see which one it used) and a gradient for it: float32
+    and float64 use the given x @ a, half types compute it again in float32; grad_xa joins dx and da."""
+    from tf_lora.python.ops import gen_lora_ops
+
+    rng = np.random.default_rng(13)
+    (g, g_np), (x, x_np), (a, a_np), (b, b_np) = _inputs((37, 40, 21, 5), dtype, seed=13)
+    grad_xa, grad_xa_np = random((37, 5), dtype, rng)
+    given = tf.cast(tf.constant(x_np @ a_np + 0.5), dtype)
+    dx, da, db, dscale = gen_lora_ops.tf_lora_lora_apply_grad(
+        g, x, a, b, tf.constant(0.75, dtype), [given], [grad_xa]
+    )
+    xa = given.numpy().astype(np.float64) if dtype in (tf.float32, tf.float64) else x_np @ a_np
+    gbt = g_np @ b_np.T
+    u = 0.75 * gbt + grad_xa_np
+    assert_close(dx.numpy(), u @ a_np.T, dtype, terms=21 * 5)
+    assert_close(da.numpy(), x_np.T @ u, dtype, terms=37 * 21)
+    assert_close(db.numpy(), 0.75 * xa.T @ g_np, dtype, terms=37 * 40)
+    assert_close(dscale.numpy(), np.sum(xa * gbt), dtype, terms=37 * 5 * 61)
+
+
+def test_apply_gradient_reuses_the_forward_x_at_a():
+    """The registered gradient hands LoraApply's x @ a to LoraApplyGrad (saved = 1)."""
+
+    @tf.function
+    def step(y, x, a, b):
+        with tf.GradientTape() as tape:
+            tape.watch([x, a, b])
+            out = tf_lora.lora_apply(y, x, a, b, 1.5)
+        return tape.gradient(out, [x, a, b], output_gradients=tf.ones_like(out))
+
+    (y, _), (x, _), (a, _), (b, _) = _inputs((6, 5, 4, 3), tf.float32, seed=14)
+    graph = step.get_concrete_function(y, x, a, b).graph
+    (grad_op,) = [op for op in graph.get_operations() if op.type == "TfLora>LoraApplyGrad"]
+    (apply_op,) = [op for op in graph.get_operations() if op.type == "TfLora>LoraApply"]
+    assert grad_op.get_attr("saved") == 1
+    assert grad_op.inputs[5] is apply_op.outputs[1]
+
+
+def test_apply_grad_nodes_from_before_saved_x_at_a_still_run():
+    """A graph written before LoraApplyGrad took x @ a: its node has five inputs and no `saved` attribute
+    (it defaults to 0), and computes the same gradients."""
+    (y, y_np), (x, x_np), (a, a_np), (b, b_np) = _inputs((6, 5, 4, 3), tf.float32, seed=15)
+    g_np = np.random.default_rng(16).uniform(-1, 1, (6, 4)).astype(np.float32)
+    with tf.Graph().as_default() as graph:
+        args = [tf.constant(v, tf.float32) for v in (g_np, x_np, a_np, b_np, 0.5)]
+        from tf_lora.python.ops import gen_lora_ops
+
+        gen_lora_ops.tf_lora_lora_apply_grad(*args, [], [], name="grad")
+    old = graph.as_graph_def()
+    (node,) = [n for n in old.node if n.name == "grad"]
+    del node.attr["saved"]
+    assert len(node.input) == 5
+    with tf.Graph().as_default() as imported:
+        outputs = tf.compat.v1.import_graph_def(old, return_elements=["grad:0", "grad:1"], name="")
+        with tf.compat.v1.Session(graph=imported) as session:
+            dx, da = session.run(outputs)
+    x_np, a_np, b_np = (v.astype(np.float32) for v in (x_np, a_np, b_np))
+    np.testing.assert_allclose(dx, 0.5 * g_np @ b_np.T @ a_np.T, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(da, 0.5 * x_np.T @ (g_np @ b_np.T), rtol=1e-5, atol=1e-6)

@@ -287,7 +287,7 @@ def test_a_non_finite_scale_is_refused_by_every_op(bad, dtype):
     calls = {
         "LoraMerge: scale": lambda: tf_lora.lora_merge(w, a, b, s),
         "LoraApply: scale": lambda: tf_lora.lora_apply(y, x, a, b, s),
-        "LoraApplyGrad: scale": lambda: gen_lora_ops.tf_lora_lora_apply_grad(y, x, a, b, s),
+        "LoraApplyGrad: scale": lambda: gen_lora_ops.tf_lora_lora_apply_grad(y, x, a, b, s, [], []),
         "BatchedLoraApply: scales": lambda: tf_lora.batched_lora_apply(y, x, a_stack, b_stack, ids, scales),
         "BatchedLoraApplyGrad: scales": lambda: gen_lora_ops.tf_lora_batched_lora_apply_grad(
             y, x, a_stack, b_stack, ids, scales

@@ -90,7 +90,7 @@ def lora_apply(y, x, a, b, scale, name=None) -> tf.Tensor:
     """
     if in_xla_context():
         return _composed_apply(y, x, a, b, scale, name)
-    return gen_lora_ops.tf_lora_lora_apply(y, x, a, b, scale, name=name)
+    return gen_lora_ops.tf_lora_lora_apply(y, x, a, b, scale, name=name).y_out
 
 
 def lora_matmul(x, w, a, b, scale, bias=None, name=None) -> tf.Tensor:
@@ -147,10 +147,16 @@ def matmul_then(x, w, bias, apply):
 
 
 @tf.RegisterGradient("TfLora>LoraApply")
-def _lora_apply_grad(op, grad):
-    """dy = grad; dx, da, db, dscale from the fused TfLora>LoraApplyGrad kernel (one pass, [N, r] scratch)."""
+def _lora_apply_grad(op, grad, grad_xa):
+    """dy = grad; dx, da, db, dscale from the fused TfLora>LoraApplyGrad kernel (one pass, [N, r] scratch),
+    handed LoraApply's second output x @ a (so that it need not compute it again) and the gradient for it.
+    That gradient is zeros (TensorFlow's tapes fill in an output nothing differentiates) except under
+    second derivatives, where LoraApplyGrad's own gradient reaches x @ a."""
     _, x, a, b, scale = op.inputs
-    dx, da, db, dscale = gen_lora_ops.tf_lora_lora_apply_grad(grad, x, a, b, scale)
+    xa = op.outputs[1]
+    if grad_xa is None:  # tf.gradients leaves it out
+        grad_xa = tf.zeros_like(xa)
+    dx, da, db, dscale = gen_lora_ops.tf_lora_lora_apply_grad(grad, x, a, b, scale, [xa], [grad_xa])
     return [grad, dx, da, db, dscale]
 
 
@@ -192,20 +198,26 @@ def _batched_lora_apply_grad_grad(op, *grads):
 @tf.RegisterGradient("TfLora>LoraApplyGrad")
 def _lora_apply_grad_grad(op, *grads):
     """Second derivatives, for Hessian-vector products and gradient penalties: LoraApplyGrad is linear in
-    grad, in x and in each of a, b, scale, so this differentiates the same products written with
-    tf.matmul."""
-    g, x, a, b, scale = op.inputs
+    grad, in x and in each of a, b, scale (and in xa and grad_xa when given: saved = 1), so this
+    differentiates the same products written with tf.matmul. A given xa is LoraApply's x @ a, an input
+    of its own here: its gradient goes back to LoraApply's second output, whose gradient passes it on to
+    x and a."""
+    g, x, a, b, scale, *saved = op.inputs
     with tf.GradientTape() as tape:
-        tape.watch([g, x, a, b, scale])
+        tape.watch([g, x, a, b, scale, *saved])
         g_bt = tf.matmul(g, b, transpose_b=True)
-        xa = tf.matmul(x, a)
+        if saved:
+            xa, grad_xa = saved
+            u = scale * g_bt + grad_xa
+        else:
+            xa, u = tf.matmul(x, a), scale * g_bt
         outputs = [
-            scale * tf.matmul(g_bt, a, transpose_b=True),
-            scale * tf.matmul(x, g_bt, transpose_a=True),
+            tf.matmul(u, a, transpose_b=True),
+            tf.matmul(x, u, transpose_a=True),
             scale * tf.matmul(xa, g, transpose_a=True),
             tf.reduce_sum(xa * g_bt),
         ]
-    return tape.gradient(outputs, [g, x, a, b, scale], output_gradients=list(grads))
+    return tape.gradient(outputs, [g, x, a, b, scale, *saved], output_gradients=list(grads))
 
 
 def _sum_of_products(p, q):
