@@ -151,3 +151,50 @@ def test_inject_with_dora():
     np.testing.assert_allclose(backbone(X).numpy(), expected, rtol=1e-4, atol=1e-5)  # magnitude = ||w||
     names = {w.path.rsplit("/", 1)[-1] for w in backbone.trainable_weights}
     assert names == {"lora_a", "lora_b", "lora_magnitude"}
+
+
+@pytest.mark.parametrize("policy", ["float32", "mixed_float16", "mixed_bfloat16", "float64"])
+def test_dora_runs_and_trains_in_every_dtype(policy):
+    # DoRA's factor magnitude / ||w'|| divided a compute-dtype magnitude by a float32 norm: under mixed
+    # precision (and for float64 layers) the forward raised "x and y must have the same dtype".
+    import keras
+
+    tol = {"float32": 1e-5, "mixed_float16": 3e-3, "mixed_bfloat16": 2e-2, "float64": 1e-12}[policy]
+    keras.mixed_precision.set_global_policy(policy if policy.startswith("mixed") else "float32")
+    try:
+        layer = tf_lora.layers.LoraDense(
+            4, rank=2, alpha=4, use_dora=True, **({"dtype": "float64"} if policy == "float64" else {})
+        )
+        x = np.random.default_rng(0).standard_normal((3, 5))
+        layer(x)
+        slot = layer.adapter_slot("default")
+        rng = np.random.default_rng(1)
+        slot.b.assign(rng.standard_normal(slot.b.shape))
+        slot.magnitude.assign(np.abs(rng.standard_normal(slot.magnitude.shape)) + 0.5)
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(tf.cast(layer(x), tf.float32) ** 2)
+        grads = tape.gradient(loss, [slot.a, slot.b, slot.magnitude])
+        # The reference: PEFT's DoRA in float64 TensorFlow ops (no gradient through the norm).
+        w, a, b, m, bias = (
+            tf.constant(v.numpy(), tf.float64)
+            for v in (layer.kernel, slot.a, slot.b, slot.magnitude, layer.bias)
+        )
+        s = float(slot.scale_var.numpy())
+        with tf.GradientTape() as tape:
+            tape.watch([a, b, m])
+            adapted = w + s * a @ b
+            y = m / tf.stop_gradient(tf.norm(adapted, axis=0)) * (x @ adapted) + bias
+            ref_loss = tf.reduce_sum(y**2)
+        ref_grads = tape.gradient(ref_loss, [a, b, m])
+        got = layer(x)
+        assert got.dtype == layer.compute_dtype
+        np.testing.assert_allclose(np.asarray(got, np.float64), y.numpy(), rtol=tol, atol=tol * 10)
+        for g, want in zip(grads, ref_grads, strict=True):
+            size = float(np.abs(want).max())
+            np.testing.assert_allclose(np.asarray(g, np.float64), want.numpy(), atol=tol * 10 * size)
+        layer.merge()  # and back: the weight as it was
+        np.testing.assert_allclose(np.asarray(layer(x), np.float64), y.numpy(), rtol=tol, atol=tol * 10)
+        layer.unmerge()
+        np.testing.assert_allclose(layer.kernel.numpy(), w.numpy(), atol=tol * 10)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")

@@ -188,10 +188,13 @@ def set_kernel_matrix(layer, matrix):
 
 
 def adapted_norm(layer, a, b, scale):
-    """The column norms [out] of the weight with an adapter, `||w + scale * a @ b||`, in float32, with stock
-    ops (a constant expression of variables, which the graph tools' fold evaluates and XLA compiles)."""
-    a, b, scale = (tf.cast(tf.convert_to_tensor(v), tf.float32) for v in (a, b, scale))
-    return tf.norm(tf.cast(kernel_matrix(layer), tf.float32) + scale * tf.matmul(a, b), axis=0)
+    """The column norms [out] of the weight with an adapter, `||w + scale * a @ b||`, in float32 (float64 for
+    a float64 weight), with stock ops (a constant expression of variables, which the graph tools' fold
+    evaluates and XLA compiles)."""
+    kernel = kernel_matrix(layer)
+    dtype = tf.float64 if kernel.dtype == tf.float64 else tf.float32
+    a, b, scale = (tf.cast(tf.convert_to_tensor(v), dtype) for v in (a, b, scale))
+    return tf.norm(tf.cast(kernel, dtype) + scale * tf.matmul(a, b), axis=0)
 
 
 def merge_into_layer(layer, a, b, scale, magnitude=None):
@@ -201,9 +204,10 @@ def merge_into_layer(layer, a, b, scale, magnitude=None):
     kernel, view = kernel_variable(layer), layer_view(layer)
     if magnitude is not None:
         norm = adapted_norm(layer, a, b, scale)
-        update = tf.cast(scale, tf.float32) * tf.matmul(tf.cast(a, tf.float32), tf.cast(b, tf.float32))
-        adapted = tf.cast(kernel_matrix(layer), tf.float32) + update
-        set_kernel_matrix(layer, adapted * (tf.cast(magnitude, tf.float32) / norm))
+        dtype = norm.dtype
+        update = tf.cast(scale, dtype) * tf.matmul(tf.cast(a, dtype), tf.cast(b, dtype))
+        adapted = tf.cast(kernel_matrix(layer), dtype) + update
+        set_kernel_matrix(layer, adapted * (tf.cast(magnitude, dtype) / norm))
         return norm
     if view is None:
         lora_ops.merge_into_variable(kernel, tf.cast(a, kernel.dtype), tf.cast(b, kernel.dtype), scale)

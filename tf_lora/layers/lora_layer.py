@@ -384,10 +384,10 @@ class LoraAdapters:
 
             def dora_rows(y2, x2):
                 # PEFT's DoRA: magnitude / ||w + scale * a @ b|| (column norms, no gradient through the norm)
-                # times x @ (w + scale * a @ b); the bias comes after.
-                factor = tf.convert_to_tensor(slot.magnitude) / tf.stop_gradient(
-                    adapted_norm(self, slot.a, slot.b, slot.scale_var)
-                )
+                # times x @ (w + scale * a @ b); the bias comes after. The factor in the norm's dtype
+                # (float32, float64 for a float64 weight): the magnitude comes in the compute dtype.
+                norm = tf.stop_gradient(adapted_norm(self, slot.a, slot.b, slot.scale_var))
+                factor = tf.cast(slot.magnitude, norm.dtype) / norm
                 factor = tf.where(live > 0, factor, tf.ones_like(factor))
                 y2 = lora_ops.lora_apply(y2, lora_input(x2), slot.a, slot.b, scale)
                 return y2 * tf.cast(factor, y2.dtype)
@@ -466,10 +466,11 @@ class LoraAdapters:
         ):  # PEFT's merge: w <- m / ||w'|| * w', w' = w + scale * a @ b, the norms kept for unmerge
             slot.weight_norm.assign(merge_into_layer(self, slot.a, slot.b, slot.scale_var, slot.magnitude))
         else:  # its inverse: w = w_merged * ||w'|| / m - scale * a @ b
-            w = tf.cast(kernel_matrix(self), tf.float32)
-            factor = tf.convert_to_tensor(slot.weight_norm) / tf.convert_to_tensor(slot.magnitude)
-            update = tf.cast(tf.matmul(slot.a, slot.b), tf.float32) * tf.cast(slot.scale_var, tf.float32)
-            set_kernel_matrix(self, w * factor - update)
+            w = kernel_matrix(self)
+            dtype = tf.float64 if w.dtype == tf.float64 else tf.float32  # as adapted_norm
+            factor = tf.cast(slot.weight_norm, dtype) / tf.cast(slot.magnitude, dtype)
+            update = tf.matmul(tf.cast(slot.a, dtype), tf.cast(slot.b, dtype)) * tf.cast(slot.scale_var, dtype)
+            set_kernel_matrix(self, tf.cast(w, dtype) * factor - update)
 
     def set_adapter(self, a, b, alpha, use_rslora=False, adapter_name=DEFAULT_ADAPTER, magnitude=None):
         """Loads weights a [in, rank] and b [rank, out] (the adapter's rank) with their alpha into adapter
