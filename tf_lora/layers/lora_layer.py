@@ -469,7 +469,9 @@ class LoraAdapters:
             w = kernel_matrix(self)
             dtype = tf.float64 if w.dtype == tf.float64 else tf.float32  # as adapted_norm
             factor = tf.cast(slot.weight_norm, dtype) / tf.cast(slot.magnitude, dtype)
-            update = tf.matmul(tf.cast(slot.a, dtype), tf.cast(slot.b, dtype)) * tf.cast(slot.scale_var, dtype)
+            update = tf.matmul(tf.cast(slot.a, dtype), tf.cast(slot.b, dtype)) * tf.cast(
+                slot.scale_var, dtype
+            )
             set_kernel_matrix(self, tf.cast(w, dtype) * factor - update)
 
     def set_adapter(self, a, b, alpha, use_rslora=False, adapter_name=DEFAULT_ADAPTER, magnitude=None):

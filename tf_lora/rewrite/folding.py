@@ -285,7 +285,9 @@ def _check_xa_unread(fdef, node, where):
     if readers:
         raise RewriteError(
             f"{where}: its x @ a output (kept for the gradient) is read by {', '.join(sorted(readers))}: "
-            "fold a model saved for inference, without gradients"
+            "fold a model saved for inference, without gradients (a traced training step of the saved "
+            "object is saved with it, signatures or not: export from an object without one, e.g. "
+            "model.export())"
         )
 
 
