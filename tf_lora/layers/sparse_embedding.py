@@ -144,8 +144,12 @@ class SparseEmbedding(keras.layers.Layer):
             step.ids.assign(tf.tensor_scatter_nd_update(step.ids.read_value(), positions[:, None], ids))
         else:
             step.ids.scatter_nd_update(positions[:, None], ids)
-        step.count.assign(end)
-        step.fresh.assign(0)
+        # Only once the ids exist: in a tf.function, an assign that does not depend on them runs even when
+        # reading them fails (an exhausted iterator at the end of an epoch of unknown length), and the step
+        # would forget that it had been applied.
+        with tf.control_dependencies([positions, ids]):
+            step.count.assign(end)
+            step.fresh.assign(0)
         # Each id read has its own row of pulled_rows (zero) beside the table's; the push sums the
         # gradients of repeated ids. pulled_rows may read as the compute dtype under mixed precision; the
         # rows stay float32.
