@@ -81,7 +81,8 @@ struct LoraApplyGrad<Eigen::ThreadPoolDevice, T> {
 // ids[i]: y_out[i] = y[i] + scales[k] * (x[i] @ a_stack[k]) @ b_stack[k] with
 // k = ids[i]; k = -1 leaves the row as it is. The caller checks that every id
 // lies in [-1, adapters). Rows are grouped by adapter internally; y_out may
-// alias y; no [n, out] temporary.
+// alias y; no [n, out] temporary. xa (may be null) receives each row's
+// x[i] @ a_stack[k] ([n, r], zero for id -1).
 template <typename Device, typename T>
 struct BatchedLoraApply;
 
@@ -90,12 +91,14 @@ struct BatchedLoraApply<Eigen::ThreadPoolDevice, T> {
   void operator()(const Eigen::ThreadPoolDevice& d, int64_t n, int64_t in,
                   int64_t out, int64_t r, int64_t adapters, const T* y,
                   const T* x, const T* a_stack, const T* b_stack,
-                  const int32_t* ids, const T* scales, T* y_out) const;
+                  const int32_t* ids, const T* scales, T* y_out,
+                  T* xa = nullptr) const;
 };
 
 // Gradients of BatchedLoraApply for upstream gradient g: for each adapter k,
 // LoraApplyGrad over the rows with id k gives da_stack[k], db_stack[k],
-// dscales[k] and those rows of dx; rows with id -1 get dx = 0.
+// dscales[k] and those rows of dx; rows with id -1 get dx = 0. xa and
+// grad_xa ([n, r] or null): as LoraApplyGrad's (rows with id -1: unread).
 template <typename Device, typename T>
 struct BatchedLoraApplyGrad;
 
@@ -105,7 +108,8 @@ struct BatchedLoraApplyGrad<Eigen::ThreadPoolDevice, T> {
                   int64_t out, int64_t r, int64_t adapters, const T* g,
                   const T* x, const T* a_stack, const T* b_stack,
                   const int32_t* ids, const T* scales, T* dx, T* da_stack,
-                  T* db_stack, T* dscales) const;
+                  T* db_stack, T* dscales, const T* xa = nullptr,
+                  const T* grad_xa = nullptr) const;
 };
 
 // Instantiated in lora_cpu.cc for float, double, Eigen::half and

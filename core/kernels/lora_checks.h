@@ -261,15 +261,42 @@ absl::Status ReadApplyInputs(::tensorflow::OpKernelContext* ctx, const char* op,
   return s;
 }
 
-// LoraApply's second output, x @ a: [N, r], which may not fit in a tensor
-// shape even where the inputs are empty (x [2^61, 0], a [0, 2^31]).
-inline absl::Status XaShape(const ApplyInputs& in, TensorShape* shape) {
-  const absl::Status s = TensorShape::BuildTensorShape({in.n(), in.r()}, shape);
+// (Batched)LoraApply's second output, x @ a: [N, r], which may not fit in a
+// tensor shape even where the inputs are empty (x [2^61, 0], a [0, 2^31]).
+inline absl::Status XaShape(const char* op, const char* a_name, const Tensor& x,
+                            const Tensor& a, TensorShape* shape) {
+  const int64_t n = x.dim_size(0), r = a.dim_size(a.dims() - 1);
+  const absl::Status s = TensorShape::BuildTensorShape({n, r}, shape);
   if (s.ok()) return s;
-  return absl::InvalidArgumentError(
-      absl::StrCat("LoraApply: its x @ a output [N, r] = [", in.n(), ", ",
-                   in.r(), "] has too many elements for a tensor",
-                   Received({{"x", &in.x->shape()}, {"a", &in.a->shape()}})));
+  return absl::InvalidArgumentError(absl::StrCat(
+      op, ": its x @ a output [N, r] = [", n, ", ", r,
+      "] has too many elements for a tensor",
+      Received({{"x", &x.shape()}, {a_name, &a.shape()}})));
+}
+
+// The gradients' saved inputs (saved = 1: inputs `first` and `first` + 1),
+// each [N, r]; null when not given.
+inline absl::Status ReadSavedXa(::tensorflow::OpKernelContext* ctx,
+                                const char* op, int first, const Tensor& lead,
+                                const Tensor& a, const Tensor** xa,
+                                const Tensor** grad_xa) {
+  *xa = *grad_xa = nullptr;
+  if (ctx->num_inputs() == first) return absl::OkStatus();
+  *xa = &ctx->input(first);
+  *grad_xa = &ctx->input(first + 1);
+  const TensorShape expected({lead.dim_size(0), a.dim_size(a.dims() - 1)});
+  if ((*xa)->shape() == expected && (*grad_xa)->shape() == expected) {
+    return absl::OkStatus();
+  }
+  const bool stacked = a.dims() == 3;
+  return absl::InvalidArgumentError(absl::StrCat(
+      op, ": expected xa and grad_xa [N, r] = ", expected.DebugString(),
+      stacked ? " (grad [N, out], a_stack [n, in, r])"
+              : " (grad [N, out], a [in, r])",
+      Received({{"grad", &lead.shape()},
+                {stacked ? "a_stack" : "a", &a.shape()},
+                {"xa", &(*xa)->shape()},
+                {"grad_xa", &(*grad_xa)->shape()}})));
 }
 
 // LoraApplyGrad: ReadApplyInputs, then xa and grad_xa when given (saved = 1:
@@ -278,20 +305,9 @@ template <typename T>
 absl::Status ReadApplyGradInputs(::tensorflow::OpKernelContext* ctx,
                                  ApplyInputs* in) {
   absl::Status s = ReadApplyInputs<T>(ctx, "LoraApplyGrad", "grad", in);
-  if (!s.ok() || ctx->num_inputs() == 5) return s;
-  in->xa = &ctx->input(5);
-  in->grad_xa = &ctx->input(6);
-  const TensorShape expected({in->n(), in->r()});
-  if (in->xa->shape() != expected || in->grad_xa->shape() != expected) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("LoraApplyGrad: expected xa and grad_xa [N, r] = ",
-                     expected.DebugString(), " (grad [N, out], a [in, r])",
-                     Received({{"grad", &in->lead->shape()},
-                               {"a", &in->a->shape()},
-                               {"xa", &in->xa->shape()},
-                               {"grad_xa", &in->grad_xa->shape()}})));
-  }
-  return absl::OkStatus();
+  if (!s.ok()) return s;
+  return ReadSavedXa(ctx, "LoraApplyGrad", 5, *in->lead, *in->a, &in->xa,
+                     &in->grad_xa);
 }
 
 // BatchedLoraApply(Grad): lead [N, out], x [N, in], a_stack [n, in, r],
@@ -303,6 +319,9 @@ struct BatchedInputs {
   const Tensor* b_stack;
   const Tensor* ids;
   const Tensor* scales;
+  // BatchedLoraApplyGrad with saved = 1 (see ApplyInputs).
+  const Tensor* xa = nullptr;
+  const Tensor* grad_xa = nullptr;
   int64_t n() const { return lead->dim_size(0); }
   int64_t in() const { return x->dim_size(1); }
   int64_t out() const { return lead->dim_size(1); }
@@ -322,6 +341,16 @@ absl::Status ReadBatchedInputs(::tensorflow::OpKernelContext* ctx,
   if (s.ok()) s = CheckFiniteScales<T>(op, "scales", *in->scales);
   if (s.ok()) s = CheckWorkSizes(op, in->n(), in->in(), in->out(), in->r());
   return s;
+}
+
+template <typename T>
+absl::Status ReadBatchedGradInputs(::tensorflow::OpKernelContext* ctx,
+                                   bool ids_on_host, BatchedInputs* in) {
+  absl::Status s = ReadBatchedInputs<T>(ctx, "BatchedLoraApplyGrad", "grad",
+                                        ids_on_host, in);
+  if (!s.ok()) return s;
+  return ReadSavedXa(ctx, "BatchedLoraApplyGrad", 6, *in->lead, *in->a_stack,
+                     &in->xa, &in->grad_xa);
 }
 
 // ResourceLoraMerge's variable (input 0): the handle checked and looked up.

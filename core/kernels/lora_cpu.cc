@@ -532,19 +532,22 @@ template <typename T>
 void BatchedLoraApply<Eigen::ThreadPoolDevice, T>::operator()(
     const Eigen::ThreadPoolDevice& d, int64_t n, int64_t in, int64_t out,
     int64_t r, int64_t adapters, const T* y, const T* x, const T* a_stack,
-    const T* b_stack, const int32_t* ids, const T* scales, T* y_out) const {
-  if (n == 0 || out == 0) return;
+    const T* b_stack, const int32_t* ids, const T* scales, T* y_out,
+    T* xa) const {
+  if (n == 0 || (out == 0 && xa == nullptr)) return;
   std::vector<int64_t> start, order;
   GroupRowsByAdapter(n, adapters, ids, &start, &order);
-  if (y_out != y) {  // rows with no adapter pass through
-    for (int64_t e = start[0]; e < start[1]; ++e) {
+  for (int64_t e = start[0]; e < start[1]; ++e) {  // rows with no adapter
+    if (y_out != y) {
       std::copy_n(y + order[e] * out, out, y_out + order[e] * out);
     }
+    if (xa != nullptr) std::fill_n(xa + order[e] * r, r, T(0));
   }
   for (int64_t k = 0; k < adapters; ++k) {
     const int64_t begin = start[k + 1], rows = start[k + 2] - begin;
     ApplyRows(d, rows, order.data() + begin, in, out, r, y, x,
-              a_stack + k * in * r, b_stack + k * r * out, scales[k], y_out);
+              a_stack + k * in * r, b_stack + k * r * out, scales[k], y_out,
+              xa);
   }
 }
 
@@ -677,7 +680,7 @@ void BatchedLoraApplyGrad<Eigen::ThreadPoolDevice, T>::operator()(
     const Eigen::ThreadPoolDevice& d, int64_t n, int64_t in, int64_t out,
     int64_t r, int64_t adapters, const T* g, const T* x, const T* a_stack,
     const T* b_stack, const int32_t* ids, const T* scales, T* dx, T* da_stack,
-    T* db_stack, T* dscales) const {
+    T* db_stack, T* dscales, const T* xa, const T* grad_xa) const {
   std::vector<int64_t> start, order;
   GroupRowsByAdapter(n, adapters, ids, &start, &order);
   if (in > 0) {
@@ -689,7 +692,8 @@ void BatchedLoraApplyGrad<Eigen::ThreadPoolDevice, T>::operator()(
     const int64_t begin = start[k + 1], rows = start[k + 2] - begin;
     GradRows(on, rows, order.data() + begin, in, out, r, g, x,
              a_stack + k * in * r, b_stack + k * r * out, scales[k], dx,
-             da_stack + k * in * r, db_stack + k * r * out, dscales + k);
+             da_stack + k * in * r, db_stack + k * r * out, dscales + k, xa,
+             grad_xa);
   };
   // An adapter of one shard runs on one thread: those adapters go side by
   // side, each on one thread, and the others one after another, each over its

@@ -75,12 +75,13 @@ size_t BatchedLoraApplyWorkspaceBytes(int64_t n, int64_t in, int64_t r,
 // Row i: y_out[i] = y[i] + scales[k] * (x[i] @ a_stack[k]) @ b_stack[k] with
 // k = ids[i]; k = -1, or k outside [-1, adapters) (then reported in
 // *bad_row, a device int), leaves the row as it is. ids, scales and bad_row
-// are device memory.
+// are device memory. xa [n, r] receives x[i] @ a_stack[k] (zero where the
+// row is left as it is).
 template <typename T>
 Error BatchedLoraApply(Stream stream, int64_t n, int64_t in, int64_t out,
                        int64_t r, int64_t adapters, const T* y, const T* x,
                        const T* a_stack, const T* b_stack, const int32_t* ids,
-                       const T* scales, T* y_out, void* workspace,
+                       const T* scales, T* y_out, T* xa, void* workspace,
                        int* bad_row);
 
 size_t BatchedLoraApplyGradWorkspaceBytes(int64_t n, int64_t in, int64_t out,
@@ -90,13 +91,16 @@ size_t BatchedLoraApplyGradWorkspaceBytes(int64_t n, int64_t in, int64_t out,
 // dx [n, in] (zero for rows without an adapter), da [adapters, in, r],
 // db [adapters, r, out], dscales [adapters], each adapter's from its own rows.
 // Ids as in BatchedLoraApply (bad ones reported in *bad_row, never read
-// through); scales, dscales and bad_row are device memory.
+// through); scales, dscales and bad_row are device memory. xa and grad_xa:
+// as LoraApplyGrad's (a row's grad_xa joins scales[k] (g b_k^T); rows without
+// an adapter take none).
 template <typename T>
 Error BatchedLoraApplyGrad(Stream stream, int64_t n, int64_t in, int64_t out,
                            int64_t r, int64_t adapters, const T* g, const T* x,
                            const T* a_stack, const T* b_stack,
                            const int32_t* ids, const T* scales, T* dx, T* da,
-                           T* db, T* dscales, void* workspace, int* bad_row);
+                           T* db, T* dscales, void* workspace, int* bad_row,
+                           const T* xa = nullptr, const T* grad_xa = nullptr);
 
 }  // namespace gpu
 }  // namespace tf_lora

@@ -85,14 +85,15 @@ int LaunchBatchedLoraApply(DType dtype, void* stream, int64_t n, int64_t in,
                            int64_t out, int64_t r, int64_t adapters,
                            const void* y, const void* x, const void* a_stack,
                            const void* b_stack, const int32_t* ids,
-                           const void* scales, void* y_out, void* workspace,
-                           int* bad_row) {
+                           const void* scales, void* y_out, void* xa,
+                           void* workspace, int* bad_row) {
   return ByDtype(dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     return BatchedLoraApply<T>(static_cast<Stream>(stream), n, in, out, r,
                                adapters, In<T>(y), In<T>(x), In<T>(a_stack),
                                In<T>(b_stack), ids, In<T>(scales),
-                               static_cast<T*>(y_out), workspace, bad_row);
+                               static_cast<T*>(y_out), static_cast<T*>(xa),
+                               workspace, bad_row);
   });
 }
 
@@ -107,14 +108,16 @@ int LaunchBatchedLoraApplyGrad(DType dtype, void* stream, int64_t n, int64_t in,
                                const void* a_stack, const void* b_stack,
                                const int32_t* ids, const void* scales, void* dx,
                                void* da, void* db, void* dscales,
-                               void* workspace, int* bad_row) {
+                               void* workspace, int* bad_row, const void* xa,
+                               const void* grad_xa) {
   return ByDtype(dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     return BatchedLoraApplyGrad<T>(
         static_cast<Stream>(stream), n, in, out, r, adapters, In<T>(g),
         In<T>(x), In<T>(a_stack), In<T>(b_stack), ids, In<T>(scales),
         static_cast<T*>(dx), static_cast<T*>(da), static_cast<T*>(db),
-        static_cast<T*>(dscales), workspace, bad_row);
+        static_cast<T*>(dscales), workspace, bad_row, In<T>(xa),
+        In<T>(grad_xa));
   });
 }
 

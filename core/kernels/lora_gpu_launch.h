@@ -43,24 +43,27 @@ size_t BatchedLoraApplyWorkspace(int64_t n, int64_t in, int64_t r,
 
 // ids, scales (dtype) and bad_row are device memory; *bad_row is set to
 // NoBadRow() when every id is in [-1, adapters), else to the first bad row.
+// xa [n, r] receives each row's x @ a_k (zero for id -1).
 int LaunchBatchedLoraApply(DType dtype, void* stream, int64_t n, int64_t in,
                            int64_t out, int64_t r, int64_t adapters,
                            const void* y, const void* x, const void* a_stack,
                            const void* b_stack, const int32_t* ids,
-                           const void* scales, void* y_out, void* workspace,
-                           int* bad_row);
+                           const void* scales, void* y_out, void* xa,
+                           void* workspace, int* bad_row);
 
 size_t BatchedLoraApplyGradWorkspace(int64_t n, int64_t in, int64_t out,
                                      int64_t r, int64_t adapters);
 
-// ids, scales, dscales and bad_row are device memory.
+// ids, scales, dscales and bad_row are device memory; xa and grad_xa [n, r]
+// or both null (lora_gpu.h).
 int LaunchBatchedLoraApplyGrad(DType dtype, void* stream, int64_t n, int64_t in,
                                int64_t out, int64_t r, int64_t adapters,
                                const void* g, const void* x,
                                const void* a_stack, const void* b_stack,
                                const int32_t* ids, const void* scales, void* dx,
                                void* da, void* db, void* dscales,
-                               void* workspace, int* bad_row);
+                               void* workspace, int* bad_row, const void* xa,
+                               const void* grad_xa);
 
 int NoBadRow();
 

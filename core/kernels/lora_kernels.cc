@@ -111,14 +111,14 @@ struct CpuKernels {
 
   template <typename T>
   static absl::Status Batched(OpKernelContext* ctx, const BatchedInputs& in,
-                              Tensor* y_out) {
+                              Tensor* y_out, Tensor* xa) {
     return ExceptionsToStatus("BatchedLoraApply", kScratch, [&] {
       functor::BatchedLoraApply<CPUDevice, T>()(
           ctx->eigen_device<CPUDevice>(), in.n(), in.in(), in.out(), in.r(),
           in.adapters(), in.lead->flat<T>().data(), in.x->flat<T>().data(),
           in.a_stack->flat<T>().data(), in.b_stack->flat<T>().data(),
           in.ids->flat<int32_t>().data(), in.scales->flat<T>().data(),
-          y_out->flat<T>().data());
+          y_out->flat<T>().data(), xa->flat<T>().data());
     });
   }
 
@@ -133,7 +133,9 @@ struct CpuKernels {
           in.a_stack->flat<T>().data(), in.b_stack->flat<T>().data(),
           in.ids->flat<int32_t>().data(), in.scales->flat<T>().data(),
           dx->flat<T>().data(), da->flat<T>().data(), db->flat<T>().data(),
-          dscales->flat<T>().data());
+          dscales->flat<T>().data(),
+          in.xa != nullptr ? in.xa->flat<T>().data() : nullptr,
+          in.grad_xa != nullptr ? in.grad_xa->flat<T>().data() : nullptr);
     });
   }
 };

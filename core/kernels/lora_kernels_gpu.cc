@@ -160,7 +160,7 @@ struct GpuKernels {
 
   template <typename T>
   static absl::Status Batched(OpKernelContext* ctx, const BatchedInputs& in,
-                              Tensor* y_out) {
+                              Tensor* y_out, Tensor* xa) {
     constexpr char kOp[] = "BatchedLoraApply";
     Tensor device_scales, bad_row, work;
     absl::Status s = BatchedTemps(ctx, *in.scales, &device_scales, &bad_row);
@@ -177,7 +177,8 @@ struct GpuKernels {
                    in.r(), in.adapters(), in.lead->flat<T>().data(),
                    in.x->flat<T>().data(), in.a_stack->flat<T>().data(),
                    in.b_stack->flat<T>().data(), in.ids->flat<int32_t>().data(),
-                   device_scales.data(), y_out->flat<T>().data(), work.data(),
+                   device_scales.data(), y_out->flat<T>().data(),
+                   xa->flat<T>().data(), work.data(),
                    bad_row.flat<int32_t>().data()));
     }
     return s.ok() ? CheckedIds(ctx, kOp, *in.ids, in.adapters(), bad_row) : s;
@@ -206,7 +207,9 @@ struct GpuKernels {
               in.ids->flat<int32_t>().data(), device_scales.data(),
               dx->flat<T>().data(), da->flat<T>().data(), db->flat<T>().data(),
               dscales->flat<T>().data(), work.data(),
-              bad_row.flat<int32_t>().data()));
+              bad_row.flat<int32_t>().data(),
+              in.xa != nullptr ? in.xa->flat<T>().data() : nullptr,
+              in.grad_xa != nullptr ? in.grad_xa->flat<T>().data() : nullptr));
     }
     return s.ok() ? CheckedIds(ctx, kOp, *in.ids, in.adapters(), bad_row) : s;
   }

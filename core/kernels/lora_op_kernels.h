@@ -8,7 +8,7 @@
 //   NewOutput(out, in)         a hook on each fresh output (CPU: huge pages)
 //   Merge<T>(ctx, op, in, out, r, w, a, b, scale, result)
 //   Apply<T>(ctx, in, y_out, xa), ApplyGrad<T>(ctx, in, dx, da, db, dscale)
-//   Batched<T>(ctx, in, y_out), BatchedGrad<T>(ctx, in, dx, da, db, dscales)
+//   Batched<T>(ctx, in, y_out, xa), BatchedGrad<T>(ctx, in, dx, da, db, dscales)
 //
 // each returning the status of the computation. TF_LORA_REGISTER_LORA_KERNELS
 // registers all six ops for one device, policy and type.
@@ -94,7 +94,8 @@ class LoraApplyOp : public OpKernel {
                             {0}, 0, in.lead->shape(), &y_out));
     Kernels::NewOutput(y_out, in.lead);
     ::tensorflow::TensorShape xa_shape;
-    OP_REQUIRES_OK(ctx, lora_checks::XaShape(in, &xa_shape));
+    OP_REQUIRES_OK(ctx, lora_checks::XaShape("LoraApply", "a", *in.x, *in.a,
+                                             &xa_shape));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(1, xa_shape, &xa));
     OP_REQUIRES_OK(ctx, Kernels::template Apply<T>(ctx, in, y_out, xa));
   }
@@ -129,11 +130,15 @@ class BatchedLoraApplyOp : public OpKernel {
     OP_REQUIRES_OK(
         ctx, lora_checks::ReadBatchedInputs<T>(ctx, "BatchedLoraApply", "y",
                                                Kernels::kIdsOnHost, &in));
-    Tensor* y_out = nullptr;
+    Tensor *y_out = nullptr, *xa = nullptr;
     OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output(
                             {0}, 0, in.lead->shape(), &y_out));
     Kernels::NewOutput(y_out, in.lead);
-    OP_REQUIRES_OK(ctx, Kernels::template Batched<T>(ctx, in, y_out));
+    ::tensorflow::TensorShape xa_shape;
+    OP_REQUIRES_OK(ctx, lora_checks::XaShape("BatchedLoraApply", "a_stack",
+                                             *in.x, *in.a_stack, &xa_shape));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, xa_shape, &xa));
+    OP_REQUIRES_OK(ctx, Kernels::template Batched<T>(ctx, in, y_out, xa));
   }
 };
 
@@ -144,9 +149,8 @@ class BatchedLoraApplyGradOp : public OpKernel {
 
   void Compute(OpKernelContext* ctx) override {
     lora_checks::BatchedInputs in;
-    OP_REQUIRES_OK(ctx, lora_checks::ReadBatchedInputs<T>(
-                            ctx, "BatchedLoraApplyGrad", "grad",
-                            Kernels::kIdsOnHost, &in));
+    OP_REQUIRES_OK(ctx, lora_checks::ReadBatchedGradInputs<T>(
+                            ctx, Kernels::kIdsOnHost, &in));
     Tensor *dx, *da, *db, *dscales;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, in.x->shape(), &dx));
     Kernels::NewOutput(dx, nullptr);

@@ -94,38 +94,45 @@ absl::Status LoraApplyShape(InferenceContext* c) {
   return absl::OkStatus();
 }
 
+// The gradients' `saved` inputs: with saved = 1, xa and grad_xa (inputs
+// first and first + 1) are [N, r], LoraApply's x @ a and its gradient.
+absl::Status MergeSavedXa(InferenceContext* c, const char* op, int first,
+                          const char* r_source, const char* contract,
+                          DimensionHandle* n, DimensionHandle* r) {
+  int64_t saved = 0;
+  TF_RETURN_IF_ERROR(c->GetAttr("saved", &saved));
+  if (saved > 1) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        op, ": saved is 0 or 1 (xa and grad_xa given or not), got ", saved));
+  }
+  if (saved == 0) return absl::OkStatus();
+  for (const auto& [index, name] :
+       {std::pair<int, const char*>{first, "xa"}, {first + 1, "grad_xa"}}) {
+    ShapeHandle m;
+    TF_RETURN_IF_ERROR(c->WithRank(c->input(index), 2, &m));
+    TF_RETURN_IF_ERROR(MergeDims(
+        c, op, contract,
+        absl::StrCat("N (x.shape[0], ", name, ".shape[0])").c_str(), *n,
+        c->Dim(m, 0), n));
+    TF_RETURN_IF_ERROR(MergeDims(
+        c, op, contract,
+        absl::StrCat("r (", r_source, ", ", name, ".shape[1])").c_str(), *r,
+        c->Dim(m, 1), r));
+  }
+  return absl::OkStatus();
+}
+
 absl::Status LoraApplyGradShape(InferenceContext* c) {
   ApplyDims dims;
   TF_RETURN_IF_ERROR(
       GetApplyDims(c, "LoraApplyGrad",
                    "grad [N, out], x [N, in], a [in, r], b [r, out], scale []",
                    "grad", &dims));
-  // saved = 1: xa and grad_xa, inputs 5 and 6, are [N, r].
-  int64_t saved = 0;
-  TF_RETURN_IF_ERROR(c->GetAttr("saved", &saved));
-  if (saved > 1) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "LoraApplyGrad: saved is 0 or 1 (xa and grad_xa given or not), got ",
-        saved));
-  }
-  if (saved == 1) {
-    static constexpr char kContract[] =
-        "grad [N, out], x [N, in], a [in, r], b [r, out], scale [], "
-        "xa [N, r], grad_xa [N, r]";
-    for (const auto& [index, name] :
-         {std::pair<int, const char*>{5, "xa"}, {6, "grad_xa"}}) {
-      ShapeHandle m;
-      TF_RETURN_IF_ERROR(c->WithRank(c->input(index), 2, &m));
-      TF_RETURN_IF_ERROR(
-          MergeDims(c, "LoraApplyGrad", kContract,
-                    absl::StrCat("N (x.shape[0], ", name, ".shape[0])").c_str(),
-                    dims.n, c->Dim(m, 0), &dims.n));
-      TF_RETURN_IF_ERROR(
-          MergeDims(c, "LoraApplyGrad", kContract,
-                    absl::StrCat("r (a.shape[1], ", name, ".shape[1])").c_str(),
-                    dims.r, c->Dim(m, 1), &dims.r));
-    }
-  }
+  TF_RETURN_IF_ERROR(MergeSavedXa(
+      c, "LoraApplyGrad", /*first=*/5, "a.shape[1]",
+      "grad [N, out], x [N, in], a [in, r], b [r, out], scale [], "
+      "xa [N, r], grad_xa [N, r]",
+      &dims.n, &dims.r));
   c->set_output(0, c->Matrix(dims.n, dims.in));
   c->set_output(1, c->Matrix(dims.in, dims.r));
   c->set_output(2, c->Matrix(dims.r, dims.out));
@@ -180,12 +187,18 @@ absl::Status BatchedLoraApplyShape(InferenceContext* c) {
   BatchedDims dims;
   TF_RETURN_IF_ERROR(GetBatchedDims(c, "BatchedLoraApply", "y", &dims));
   c->set_output(0, c->Matrix(dims.n, dims.out));
+  c->set_output(1, c->Matrix(dims.n, dims.r));
   return absl::OkStatus();
 }
 
 absl::Status BatchedLoraApplyGradShape(InferenceContext* c) {
   BatchedDims dims;
   TF_RETURN_IF_ERROR(GetBatchedDims(c, "BatchedLoraApplyGrad", "grad", &dims));
+  TF_RETURN_IF_ERROR(MergeSavedXa(
+      c, "BatchedLoraApplyGrad", /*first=*/6, "a_stack.shape[2]",
+      "grad [N, out], x [N, in], a_stack [n, in, r], b_stack [n, r, out], "
+      "adapter_ids [N], scales [n], xa [N, r], grad_xa [N, r]",
+      &dims.n, &dims.r));
   c->set_output(0, c->Matrix(dims.n, dims.in));
   c->set_output(1, c->MakeShape({dims.adapters, dims.in, dims.r}));
   c->set_output(2, c->MakeShape({dims.adapters, dims.r, dims.out}));
@@ -355,6 +368,7 @@ REGISTER_OP("TfLora>BatchedLoraApply")
     .Input("adapter_ids: int32")
     .Input("scales: T")
     .Output("y_out: T")
+    .Output("xa: T")
     .Attr("T: {float, double, half, bfloat16}")
     .SetShapeFn(BatchedLoraApplyShape)
     .Doc(R"doc(
@@ -365,7 +379,8 @@ id -1 passes the row through.
 Rows may come in any order: the kernel groups them by adapter and runs the
 fused LoraApply over each group in place, with no [N, out] temporary and no
 per-row copy of the adapters. An id outside [-1, n) is an error naming the
-first such row.
+first such row. Each row's x @ a (zero for id -1) is also an output, for the
+gradient (BatchedLoraApplyGrad with saved = 1).
 
 y: The base layer's output, [N, out].
 x: The layer's input, [N, in].
@@ -374,6 +389,7 @@ b_stack: The adapters' up projections, [n, r, out].
 adapter_ids: Each row's adapter, [N], in [-1, n).
 scales: Each adapter's scale, [n].
 y_out: [N, out].
+xa: x[i] @ a_stack[adapter_ids[i]] (zero for id -1), [N, r] (rounded to T).
 )doc");
 
 REGISTER_OP("TfLora>BatchedLoraApplyGrad")
@@ -383,16 +399,22 @@ REGISTER_OP("TfLora>BatchedLoraApplyGrad")
     .Input("b_stack: T")
     .Input("adapter_ids: int32")
     .Input("scales: T")
+    .Input("xa: saved * T")
+    .Input("grad_xa: saved * T")
     .Output("dx: T")
     .Output("da_stack: T")
     .Output("db_stack: T")
     .Output("dscales: T")
     .Attr("T: {float, double, half, bfloat16}")
+    .Attr("saved: int >= 0 = 0")
     .SetShapeFn(BatchedLoraApplyGradShape)
     .Doc(R"doc(
 The gradients of BatchedLoraApply: LoraApplyGrad over each adapter's rows.
 
-Rows with id -1 get dx = 0; adapters no row uses get zero gradients.
+Rows with id -1 get dx = 0; adapters no row uses get zero gradients. With
+saved = 1, BatchedLoraApply's xa and the gradient for it, as in LoraApplyGrad
+(a row's grad_xa joins scales[k] * (grad @ b_k^T) for its dx and da_k; rows
+with id -1 take none).
 
 grad: The gradient for BatchedLoraApply's output, [N, out].
 x: The layer's input, [N, in].
@@ -400,6 +422,9 @@ a_stack: [n, in, r].
 b_stack: [n, r, out].
 adapter_ids: [N], in [-1, n).
 scales: [n].
+xa: saved = 1: BatchedLoraApply's xa, [N, r].
+grad_xa: saved = 1: the gradient for it, [N, r].
+saved: 1 when xa and grad_xa are given, else 0.
 dx: [N, in].
 da_stack: [n, in, r].
 db_stack: [n, r, out].

@@ -33,6 +33,17 @@ class Tiny(torch.nn.Module):
         return self.out(torch.relu(self.q(x) + self.v(x)))
 
 
+class Nested(torch.nn.Module):
+    """Tiny one level down: module names with a path (block.q), as a transformer's layers have."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = Tiny()
+
+    def forward(self, x):
+        return self.block(x)
+
+
 class TinyEmbedding(torch.nn.Module):
     """Token ids -> an embedding table -> q -> out: LoRA on an embedding, as PEFT defines it."""
 
@@ -72,15 +83,17 @@ def make_embedding(name):
     print("wrote", path)
 
 
-def make(name, dtype, target_modules=("q", "v", "out"), **lora):
+def make(
+    name, dtype, target_modules=("q", "v", "out"), rank_pattern=None, alpha_pattern=None, model=Tiny, **lora
+):
     torch.manual_seed(0)
-    base = Tiny()
+    base = model()
     config = peft.LoraConfig(
         r=2,
         lora_alpha=4,
         target_modules=list(target_modules),
-        rank_pattern={"v": 3},
-        alpha_pattern={"out": 8},
+        rank_pattern=rank_pattern or {"v": 3},
+        alpha_pattern=alpha_pattern or {"out": 8},
         init_lora_weights=False,  # random A and B: a non-zero adapter
         **lora,
     )
@@ -147,6 +160,11 @@ if __name__ == "__main__":
         "peft_all_bias": lambda name: make(name, torch.float32, target_modules=("q", "out"), bias="all"),
         # LoRA on an embedding table (lora_embedding_A / lora_embedding_B) beside a Linear.
         "peft_embedding": make_embedding,
+        # Pattern keys that are regexes with alternatives: PEFT matches `(.*\.)?(KEY)$`, so each alternative
+        # gets the module-path prefix (q and v at rank 3; v and out at alpha 8).
+        "peft_regex_patterns": lambda name: make(
+            name, torch.float32, rank_pattern={"q|v": 3}, alpha_pattern={"v|out": 8}, model=Nested
+        ),
     }
     for name, build in fixtures.items():
         if only is None or name in only:

@@ -50,6 +50,20 @@ def test_merge_matches_peft_merge_and_unload(name):
         np.testing.assert_allclose(ours, merged[f"{module}.weight"].T, atol=CASES[name], rtol=CASES[name])
 
 
+def test_pattern_keys_with_alternatives_match_as_peft_matches_them():
+    # PEFT's pattern key `q|v` is `(.*\.)?(q|v)$`: ungrouped, only q took the prefix, so block.v kept r = 2
+    # against its rank-3 weights (the file was refused) and `v|out` gave block.out the default alpha
+    # (silently wrong).
+    name = "peft_regex_patterns"
+    adapters = tf_lora.adapters.load_peft(FIXTURES / name)
+    want = {"block.q": (3, 4), "block.v": (3, 8), "block.out": (2, 8)}
+    assert {m: (a.rank, a.alpha) for m, a in adapters.items()} == want
+    base, merged = _tensors(name, "base.safetensors"), _tensors(name, "merged.safetensors")
+    for module, adapter in adapters.items():
+        ours = tf_lora.lora_merge(base[f"{module}.weight"].T, adapter.a, adapter.b, adapter.scale)
+        np.testing.assert_allclose(ours, merged[f"{module}.weight"].T, atol=1e-6, rtol=1e-6)
+
+
 def test_forward_matches_peft():
     """The tiny model with its adapters through tf_lora.lora_matmul gives PEFT's output."""
     adapters = tf_lora.adapters.load_peft(FIXTURES / "peft_f32")

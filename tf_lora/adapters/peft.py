@@ -307,8 +307,9 @@ def _read_config(path):
 
 
 def _pattern_value(patterns, module, default):
-    """PEFT's rank_pattern / alpha_pattern: a key matches a module whose name ends with it (as a regex)."""
+    """PEFT's rank_pattern / alpha_pattern: a key matches a module whose name ends with it, the key as a
+    regex; grouped, as PEFT groups it, so that every alternative of `q_proj|v_proj` takes the prefix."""
     for key, value in patterns.items():
-        if re.fullmatch(rf"(.*\.)?{key}", module):
+        if re.fullmatch(rf"(.*\.)?(?:{key})", module):
             return value
     return default
