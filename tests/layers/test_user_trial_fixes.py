@@ -198,3 +198,24 @@ def test_dora_runs_and_trains_in_every_dtype(policy):
         np.testing.assert_allclose(layer.kernel.numpy(), w.numpy(), atol=tol * 10)
     finally:
         keras.mixed_precision.set_global_policy("float32")
+
+
+def test_ids_that_name_different_adapters_in_different_layers_are_refused():
+    # Per-example ids index each layer's adapter_names: adapters added in another order made id 1 "x" in one
+    # layer and "y" in the next, and the batch silently ran a mix of both (found by a user trial).
+    import keras
+
+    p, q = tf_lora.layers.LoraDense(4, rank=2), tf_lora.layers.LoraDense(3, rank=2)
+    model = keras.Sequential([keras.Input((5,)), p, q])
+    q.add_adapter("y")
+    for layer in (p, q):
+        layer.add_adapter("x")
+    x = np.ones((2, 5), np.float32)
+    with pytest.raises(ValueError, match=r"id 1 is adapter 'y' here but 'x' in LoraDense"):
+        with tf_lora.layers.adapter_ids([1, 0]):
+            model(x)
+    # Lists that agree as far as both go stay usable: p has [default, x], a fresh r has [default].
+    r = tf_lora.layers.LoraDense(3, rank=2)
+    short = keras.Sequential([keras.Input((5,)), p, r])
+    with tf_lora.layers.adapter_ids([0, -1]):
+        assert short(x).shape == (2, 3)

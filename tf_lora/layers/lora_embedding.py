@@ -61,7 +61,7 @@ class LoraEmbedding(LoraAdapters, keras.layers.Embedding):
             return y
         with tf.control_dependencies([self._same_adapters_check()]):
             tokens = tf.identity(tf.cast(inputs, tf.int32))
-        adapter_ids = resolve_adapter_ids(adapter_ids, self._describe())
+        adapter_ids = resolve_adapter_ids(adapter_ids, self._describe(), self.adapter_names)
         rows = tf.reshape(tokens, [-1])
         if adapter_ids is None and len(self._slots) == 1:
             slot = self._slots[DEFAULT_ADAPTER]

@@ -49,20 +49,47 @@ def adapter_ids(ids):
     stack = getattr(_ids_context, "stack", None)
     if stack is None:
         stack = _ids_context.stack = []
-    stack.append(ids)
+    stack.append(_IdsBlock(ids))
     try:
         yield
     finally:
         stack.pop()
 
 
-def resolve_adapter_ids(adapter_ids, who):
+@dataclasses.dataclass
+class _IdsBlock:
+    """An `adapter_ids` block: its ids, and the adapter names of the first layer called in it, with who."""
+
+    ids: object
+    names: tuple = None
+    first: str = None
+
+
+def resolve_adapter_ids(adapter_ids, who, names=()):
     """The ids a layer call uses: its own `adapter_ids`, else the innermost `adapter_ids` block's. While a
     function is traced, a block's ids must be a tensor of that trace (an argument of the tf.function, the
     block opened inside it): values would be frozen into the trace, and the next call with other ids would
-    silently run the old ones."""
+    silently run the old ones.
+
+    A block's ids index each layer's own `names` (its adapter_names), so the layers called in one block must
+    agree on them as far as both go: an id must not be one adapter in one layer and another elsewhere (a
+    layer with fewer adapters refuses the ids past them when it runs)."""
     if adapter_ids is not None:
         return adapter_ids
+    stack = getattr(_ids_context, "stack", None)
+    if stack and names:
+        block, names = stack[-1], tuple(names)
+        if block.names is None:
+            block.names, block.first = names, who
+        else:
+            for i, (here, there) in enumerate(zip(names, block.names, strict=False)):
+                if here != there:
+                    raise ValueError(
+                        f"{who}: inside an adapter_ids block, id {i} is adapter {here!r} here but {there!r} "
+                        f"in {block.first} (adapter_names {list(names)} and {list(block.names)}): the ids "
+                        "index each layer's adapter_names, so the layers must hold their adapters in the "
+                        "same order (add or load them in the same order everywhere)"
+                    )
     ids = context_adapter_ids()
     if ids is not None and not tf.executing_eagerly() and not tf.is_symbolic_tensor(ids):
         raise ValueError(
@@ -91,7 +118,7 @@ def broadcast_ids(ids, batch_shape, who):
 def context_adapter_ids():
     """The ids of the innermost `adapter_ids` block, or None."""
     stack = getattr(_ids_context, "stack", None)
-    return stack[-1] if stack else None
+    return stack[-1].ids if stack else None
 
 
 @dataclasses.dataclass
@@ -362,7 +389,7 @@ class LoraAdapters:
         """The function `(y2, x2) -> y2 + LoRA` on output rows y2 [N, out] of input rows x2 [N, in], for the
         active adapter, or each row's own one when `adapter_ids` (or an `adapter_ids` block) gives them; `x`
         is the layer's input, whose leading axes the ids cover. Also checks the adapters the trace knows."""
-        adapter_ids = resolve_adapter_ids(adapter_ids, self._describe())
+        adapter_ids = resolve_adapter_ids(adapter_ids, self._describe(), self.adapter_names)
         dropout = bool(training) and self.lora_dropout > 0
 
         def lora_input(x2):
