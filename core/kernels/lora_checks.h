@@ -268,10 +268,10 @@ inline absl::Status XaShape(const char* op, const char* a_name, const Tensor& x,
   const int64_t n = x.dim_size(0), r = a.dim_size(a.dims() - 1);
   const absl::Status s = TensorShape::BuildTensorShape({n, r}, shape);
   if (s.ok()) return s;
-  return absl::InvalidArgumentError(absl::StrCat(
-      op, ": its x @ a output [N, r] = [", n, ", ", r,
-      "] has too many elements for a tensor",
-      Received({{"x", &x.shape()}, {a_name, &a.shape()}})));
+  return absl::InvalidArgumentError(
+      absl::StrCat(op, ": its x @ a output [N, r] = [", n, ", ", r,
+                   "] has too many elements for a tensor",
+                   Received({{"x", &x.shape()}, {a_name, &a.shape()}})));
 }
 
 // The gradients' saved inputs (saved = 1: inputs `first` and `first` + 1),

@@ -272,58 +272,73 @@ void CheckBatched(const Eigen::ThreadPoolDevice& d, const char* type, int64_t n,
   for (auto& id : ids) id = static_cast<int32_t>(rng() % (used + 1)) - 1;
   const Buffer<T> y0 = y;
   Buffer<T> y_out(n * out, static_cast<T>(-7.f));
+  Buffer<T> xa(n * r, static_cast<T>(-7.f));  // the second output
   T* result = in_place ? y.data() : y_out.data();
   functor::BatchedLoraApply<Eigen::ThreadPoolDevice, T>()(
       d, n, in, out, r, adapters, y.data(), x.data(), a.data(), b.data(),
-      ids.data(), scales.data(), result);
+      ids.data(), scales.data(), result, xa.data());
   bool ok = true;
-  Buffer<T> row(out);
+  Buffer<T> row(out), row_xa(r, T(0));
   for (int64_t i = 0; i < n; ++i) {
     std::copy_n(y0.data() + i * out, out, row.data());
+    std::fill(row_xa.begin(), row_xa.end(), T(0));
     if (ids[i] >= 0) {
       const int64_t k = ids[i];
       functor::LoraApply<Eigen::ThreadPoolDevice, T>()(
           d, 1, in, out, r, row.data(), x.data() + i * in,
-          a.data() + k * in * r, b.data() + k * r * out, scales[k], row.data());
+          a.data() + k * in * r, b.data() + k * r * out, scales[k], row.data(),
+          row_xa.data());
     }
     ok &= std::equal(row.begin(), row.end(), result + i * out);
+    ok &= std::equal(row_xa.begin(), row_xa.end(), xa.begin() + i * r);
   }
-  // Gradients.
-  Buffer<T> dx(n * in, static_cast<T>(-7.f)), da(adapters * in * r),
-      db(adapters * r * out), ds(adapters);
-  functor::BatchedLoraApplyGrad<Eigen::ThreadPoolDevice, T>()(
-      d, n, in, out, r, adapters, g.data(), x.data(), a.data(), b.data(),
-      ids.data(), scales.data(), dx.data(), da.data(), db.data(), ds.data());
-  for (int64_t k = -1; k < adapters; ++k) {
-    std::vector<int64_t> rows;
-    for (int64_t i = 0; i < n; ++i) {
-      if (ids[i] == k) rows.push_back(i);
-    }
-    if (k < 0) {
-      for (int64_t i : rows) {
-        ok &= std::all_of(dx.begin() + i * in, dx.begin() + (i + 1) * in,
-                          [](T v) { return static_cast<float>(v) == 0.f; });
+  // Gradients: without, and with the forward's x @ a (off by 0.5, so that
+  // using it shows) and a gradient for it.
+  Buffer<T> given(n * r), grad_xa = Random<T>(n * r, &rng);
+  for (int64_t e = 0; e < n * r; ++e) {
+    given[e] = static_cast<T>(static_cast<float>(xa[e]) + 0.5f);
+  }
+  for (bool saved : {false, true}) {
+    Buffer<T> dx(n * in, static_cast<T>(-7.f)), da(adapters * in * r),
+        db(adapters * r * out), ds(adapters);
+    functor::BatchedLoraApplyGrad<Eigen::ThreadPoolDevice, T>()(
+        d, n, in, out, r, adapters, g.data(), x.data(), a.data(), b.data(),
+        ids.data(), scales.data(), dx.data(), da.data(), db.data(), ds.data(),
+        saved ? given.data() : nullptr, saved ? grad_xa.data() : nullptr);
+    for (int64_t k = -1; k < adapters; ++k) {
+      std::vector<int64_t> rows;
+      for (int64_t i = 0; i < n; ++i) {
+        if (ids[i] == k) rows.push_back(i);
       }
-      continue;
+      if (k < 0) {
+        for (int64_t i : rows) {
+          ok &= std::all_of(dx.begin() + i * in, dx.begin() + (i + 1) * in,
+                            [](T v) { return static_cast<float>(v) == 0.f; });
+        }
+        continue;
+      }
+      const int64_t m = rows.size();
+      Buffer<T> gk(m * out), xk(m * in), dxk(m * in), dak(in * r), dbk(r * out),
+          xak(m * r), gxak(m * r);
+      T dsk;
+      for (int64_t j = 0; j < m; ++j) {
+        std::copy_n(g.data() + rows[j] * out, out, gk.data() + j * out);
+        std::copy_n(x.data() + rows[j] * in, in, xk.data() + j * in);
+        std::copy_n(given.data() + rows[j] * r, r, xak.data() + j * r);
+        std::copy_n(grad_xa.data() + rows[j] * r, r, gxak.data() + j * r);
+      }
+      functor::LoraApplyGrad<Eigen::ThreadPoolDevice, T>()(
+          d, m, in, out, r, gk.data(), xk.data(), a.data() + k * in * r,
+          b.data() + k * r * out, scales[k], dxk.data(), dak.data(), dbk.data(),
+          &dsk, saved ? xak.data() : nullptr, saved ? gxak.data() : nullptr);
+      for (int64_t j = 0; j < m; ++j) {
+        ok &= std::equal(dxk.begin() + j * in, dxk.begin() + (j + 1) * in,
+                         dx.begin() + rows[j] * in);
+      }
+      ok &= std::equal(dak.begin(), dak.end(), da.begin() + k * in * r);
+      ok &= std::equal(dbk.begin(), dbk.end(), db.begin() + k * r * out);
+      ok &= static_cast<float>(dsk) == static_cast<float>(ds[k]);
     }
-    const int64_t m = rows.size();
-    Buffer<T> gk(m * out), xk(m * in), dxk(m * in), dak(in * r), dbk(r * out);
-    T dsk;
-    for (int64_t j = 0; j < m; ++j) {
-      std::copy_n(g.data() + rows[j] * out, out, gk.data() + j * out);
-      std::copy_n(x.data() + rows[j] * in, in, xk.data() + j * in);
-    }
-    functor::LoraApplyGrad<Eigen::ThreadPoolDevice, T>()(
-        d, m, in, out, r, gk.data(), xk.data(), a.data() + k * in * r,
-        b.data() + k * r * out, scales[k], dxk.data(), dak.data(), dbk.data(),
-        &dsk);
-    for (int64_t j = 0; j < m; ++j) {
-      ok &= std::equal(dxk.begin() + j * in, dxk.begin() + (j + 1) * in,
-                       dx.begin() + rows[j] * in);
-    }
-    ok &= std::equal(dak.begin(), dak.end(), da.begin() + k * in * r);
-    ok &= std::equal(dbk.begin(), dbk.end(), db.begin() + k * r * out);
-    ok &= static_cast<float>(dsk) == static_cast<float>(ds[k]);
   }
   EXPECT_TRUE(ok) << "BatchedLoraApply<" << type << "> n=" << n << " in=" << in
                   << " out=" << out << " r=" << r << " adapters=" << adapters
@@ -339,6 +354,7 @@ void CheckBatchedShapes(const Eigen::ThreadPoolDevice& d, const char* type) {
                                {300, 16, 24, 5, 8},
                                {0, 4, 4, 2, 2},
                                {9, 6, 7, 0, 2},
+                               {9, 6, 0, 3, 2},  // out = 0: x @ a, grad_xa
                                {1100, 8, 16, 4, 2},
                                // ~66 rows an adapter: some side by side on
                                // one thread each, some over their shards

@@ -343,21 +343,31 @@ TF_LORA_GLOBAL void FinishReduce(int64_t cols, int64_t r, int splits,
   out[transposed ? k * cols + i : e] = FromFloat<T>(scale * v);
 }
 
-// dense[e] = sum of the splits' partials (the shrink's x @ a), [rows * r].
+// dense[e] = sum of the splits' partials (the shrink's x @ a), [rows * r],
+// as D (float, or T for an output).
+template <typename D>
 TF_LORA_GLOBAL void SumSplits(int64_t size, int splits, const float* partial,
-                              float* dense) {
+                              D* dense) {
   const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (e >= size) return;
   float v = 0.f;
   for (int s = 0; s < splits; ++s) v += partial[s * size + e];
-  dense[e] = v;
+  dense[e] = FromFloat<D>(v);
 }
 
-// to[e] = from[e] rounded to T.
+// u[row, k] = scales[a] * gb[row, k] + grad_xa[row, k] with a = ids[row]
+// (0 for rows without an adapter): the batched gradient's dx and da factor
+// when BatchedLoraApply's x @ a has a gradient of its own.
 template <typename T>
-TF_LORA_GLOBAL void Narrow(int64_t size, const float* from, T* to) {
+TF_LORA_GLOBAL void CombineRows(int64_t n, int64_t r, const int32_t* ids,
+                                int adapters, const T* scales, const float* gb,
+                                const T* grad_xa, float* u) {
   const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (e < size) to[e] = FromFloat<T>(from[e]);
+  if (e >= n * r) return;
+  const int a = ids[e / r];
+  u[e] = a >= 0 && a < adapters
+             ? ToFloat(scales[a]) * gb[e] + ToFloat(grad_xa[e])
+             : 0.f;
 }
 
 // u[e] = scale * gb[e] (gb null: 0) + grad_xa[e]: what dx and da multiply
@@ -624,7 +634,8 @@ XaGbPlan PlanXaGb(Layout* layout, int64_t tiles, int64_t n, int64_t in,
 // x a (a [in, r] per adapter) and g b^T (b [r, out] per adapter) for the
 // rows of m's tiles, into *xa and *gb. Grouped rows without an adapter are
 // never written by the shrinks: their partials start at zero. xa_given (may
-// be null; uniform tiles only): x a as LoraApply computed it, then *xa.
+// be null): x a as (Batched)LoraApply computed it, then *xa. out = 0: g b^T
+// is zero.
 template <typename T>
 Error ShrinkXaGb(Stream stream, const TileMap& m, int64_t tiles,
                  const XaGbPlan& p, char* base, int64_t n, int64_t in,
@@ -642,18 +653,23 @@ Error ShrinkXaGb(Stream stream, const TileMap& m, int64_t tiles,
   if (e == kSuccess && xa_given == nullptr) {
     e = LaunchShrink<T>(stream, m, tiles, x, in, a, r, p.xa_splits, xa_parts);
   }
-  if (e == kSuccess) {
+  if (e == kSuccess && out > 0) {
     e = LaunchShrink<T, true>(stream, m, tiles, g, out, b, r, p.gb_splits,
                               gb_parts);
   }
   if (e != kSuccess) return e;
+  auto* sum = SumSplits<float>;
   if (xa_given != nullptr) {
     *xa = const_cast<float*>(xa_given);  // only read
   } else {
-    TF_LORA_LAUNCH(SumSplits, dim3(CeilDiv(n * r, 256)), dim3(256), stream,
-                   n * r, p.xa_splits, xa_parts, *xa);
+    TF_LORA_LAUNCH(sum, dim3(CeilDiv(n * r, 256)), dim3(256), stream, n * r,
+                   p.xa_splits, xa_parts, *xa);
   }
-  TF_LORA_LAUNCH(SumSplits, dim3(CeilDiv(n * r, 256)), dim3(256), stream, n * r,
+  if (out == 0) {
+    const Error zeroed = MemsetAsync(*gb, 0, sizeof(float) * n * r, stream);
+    return zeroed != kSuccess ? zeroed : LastLaunchError();
+  }
+  TF_LORA_LAUNCH(sum, dim3(CeilDiv(n * r, 256)), dim3(256), stream, n * r,
                  p.gb_splits, gb_parts, *gb);
   return LastLaunchError();
 }
@@ -672,9 +688,7 @@ Error LoraMerge(Stream stream, int64_t in, int64_t out, int64_t r, const T* w,
 }
 
 size_t LoraApplyWorkspaceBytes(int64_t n, int64_t in, int64_t r) {
-  // The shrink's partials, and (for out = 0) their sum.
-  return Align16(sizeof(float) * (Splits(CeilDiv(n, kTileRows), in, r) + 1) *
-                 n * r);
+  return Align16(sizeof(float) * Splits(CeilDiv(n, kTileRows), in, r) * n * r);
 }
 
 template <typename T>
@@ -697,13 +711,10 @@ Error LoraApply(Stream stream, int64_t n, int64_t in, int64_t out, int64_t r,
   float* partial = static_cast<float*>(workspace);
   Error e = LaunchShrink<T>(stream, m, tiles, x, in, a, r, splits, partial);
   if (e != kSuccess) return e;
-  if (out == 0) {  // no expand to write xa: sum the partials here
-    float* sums = partial + splits * n * r;
-    TF_LORA_LAUNCH(SumSplits, dim3(CeilDiv(n * r, 256)), dim3(256), stream,
-                   n * r, splits, partial, sums);
-    auto* narrow = Narrow<T>;
-    TF_LORA_LAUNCH(narrow, dim3(CeilDiv(n * r, 256)), dim3(256), stream, n * r,
-                   sums, xa);
+  if (out == 0) {  // no expand to write xa: sum the partials into it here
+    auto* sum = SumSplits<T>;
+    TF_LORA_LAUNCH(sum, dim3(CeilDiv(n * r, 256)), dim3(256), stream, n * r,
+                   splits, partial, xa);
     return LastLaunchError();
   }
   return LaunchExpand<T>(stream, m, tiles, y, y_out, out, r, NoMatrix<T>(),
@@ -848,14 +859,17 @@ template <typename T>
 Error BatchedLoraApply(Stream stream, int64_t n, int64_t in, int64_t out,
                        int64_t r, int64_t adapters, const T* y, const T* x,
                        const T* a_stack, const T* b_stack, const int32_t* ids,
-                       const T* scales, T* y_out, void* workspace,
+                       const T* scales, T* y_out, T* xa, void* workspace,
                        int* bad_row) {
   Error e = MemsetAsync(bad_row, 0x7f, sizeof(int), stream);  // kNoBadRow
   if (e != kSuccess || n == 0) return e;
   if (n > INT_MAX || adapters >= INT_MAX) return kInvalidValue;
   const int n_adapters = static_cast<int>(adapters);
   const BatchedPlan plan = PlanBatched(n, in, r, adapters);
-  if (out == 0 || r == 0 || in == 0 || n_adapters == 0) {
+  // x @ a_k per row: zero where no adapter adds (the kernels write the rest).
+  e = MemsetAsync(xa, 0, sizeof(T) * n * r, stream);
+  if (e != kSuccess) return e;
+  if (r == 0 || in == 0 || n_adapters == 0) {
     // Nothing to add; the ids are still checked.
     TF_LORA_LAUNCH(CheckIds, dim3(CeilDiv(n, 256)), dim3(256), stream, n, ids,
                    n_adapters, bad_row);
@@ -868,14 +882,28 @@ Error BatchedLoraApply(Stream stream, int64_t n, int64_t in, int64_t out,
     e = GroupRows(stream, n, ids, n_adapters, static_cast<int*>(workspace),
                   bad_row, &m);
     if (e != kSuccess) return e;
+  } else if (out == 0) {  // the expand checks per-row ids; it does not run
+    TF_LORA_LAUNCH(CheckIds, dim3(CeilDiv(n, 256)), dim3(256), stream, n, ids,
+                   n_adapters, bad_row);
   }
   float* partial =
       reinterpret_cast<float*>(static_cast<char*>(workspace) + plan.int_bytes);
+  if (out == 0) {  // rows without an adapter: partials never written
+    e = MemsetAsync(partial, 0, sizeof(float) * plan.splits * n * r, stream);
+    if (e != kSuccess) return e;
+  }
   e = LaunchShrink<T>(stream, m, plan.tiles, x, in, a_stack, r, plan.splits,
                       partial);
   if (e != kSuccess) return e;
+  if (out == 0) {  // no expand to write xa: sum the partials into it here
+    auto* sum = SumSplits<T>;
+    TF_LORA_LAUNCH(sum, dim3(CeilDiv(n * r, 256)), dim3(256), stream, n * r,
+                   plan.splits, partial, xa);
+    return LastLaunchError();
+  }
   return LaunchExpand<T>(stream, m, plan.tiles, y, y_out, out, r, NoMatrix<T>(),
-                         partial, plan.splits, b_stack, scales, 1.f, bad_row);
+                         partial, plan.splits, b_stack, scales, 1.f, bad_row,
+                         xa);
 }
 
 namespace {
@@ -884,7 +912,7 @@ namespace {
 struct BatchedGradPlan {
   int64_t tiles;
   XaGbPlan xa_gb;
-  size_t bytes;
+  size_t u, bytes;  // u: scales_k g b_k^T + grad_xa per row, [n, r] floats
 };
 
 BatchedGradPlan PlanBatchedGrad(int64_t n, int64_t in, int64_t out, int64_t r,
@@ -894,6 +922,7 @@ BatchedGradPlan PlanBatchedGrad(int64_t n, int64_t in, int64_t out, int64_t r,
   layout.Take(sizeof(int) * GroupingInts(n, adapters));
   p.tiles = GroupedTiles(n, adapters);
   p.xa_gb = PlanXaGb(&layout, p.tiles, n, in, out, r);
+  p.u = layout.Take(sizeof(float) * n * r);
   p.bytes = layout.bytes;
   return p;
 }
@@ -910,12 +939,15 @@ Error BatchedLoraApplyGrad(Stream stream, int64_t n, int64_t in, int64_t out,
                            int64_t r, int64_t adapters, const T* g, const T* x,
                            const T* a_stack, const T* b_stack,
                            const int32_t* ids, const T* scales, T* dx, T* da,
-                           T* db, T* dscales, void* workspace, int* bad_row) {
+                           T* db, T* dscales, void* workspace, int* bad_row,
+                           const T* xa_in, const T* grad_xa) {
   Error e = MemsetAsync(bad_row, 0x7f, sizeof(int), stream);  // kNoBadRow
   if (e != kSuccess) return e;
   if (n > INT_MAX || adapters >= INT_MAX) return kInvalidValue;
   const int n_adapters = static_cast<int>(adapters);
-  if (n == 0 || in == 0 || out == 0 || r == 0 || n_adapters == 0) {
+  // With grad_xa, dx and da are not zero when only `out` is.
+  if (n == 0 || in == 0 || r == 0 || n_adapters == 0 ||
+      (out == 0 && grad_xa == nullptr)) {
     // Every product is zero; the ids are still checked.
     if (n > 0) {
       TF_LORA_LAUNCH(CheckIds, dim3(CeilDiv(n, 256)), dim3(256), stream, n, ids,
@@ -937,16 +969,29 @@ Error BatchedLoraApplyGrad(Stream stream, int64_t n, int64_t in, int64_t out,
   TileMap m;
   e = GroupRows(stream, n, ids, n_adapters, reinterpret_cast<int*>(base),
                 bad_row, &m);
-  // x a_k and g b_k^T per row (zero without an adapter).
+  // x a_k (given: float only) and g b_k^T per row (zero without an adapter).
+  const float* xa_given = nullptr;
+  if constexpr (std::is_same<T, float>::value) xa_given = xa_in;
   float *xa, *gb;
   if (e == kSuccess) {
     e = ShrinkXaGb<T>(stream, m, p.tiles, p.xa_gb, base, n, in, out, r, x,
-                      a_stack, g, b_stack, &xa, &gb);
+                      a_stack, g, b_stack, &xa, &gb, xa_given);
   }
   if (e != kSuccess) return e;
-  // dx = scales_k (g b_k^T) a_k^T per row (zero rows without an adapter).
-  e = LaunchExpand<T, float, true>(stream, m, p.tiles, nullptr, dx, in, r, gb,
-                                   nullptr, 0, a_stack, scales, 1.f, nullptr);
+  // u = scales_k (g b_k^T) per row (+ grad_xa); dx = u a_k^T per row (zero
+  // rows without an adapter); da_k = x^T u over adapter k's rows.
+  const float* u = gb;
+  const T* u_scales = scales;
+  if (grad_xa != nullptr) {
+    float* combined = reinterpret_cast<float*>(base + p.u);
+    auto* combine = CombineRows<T>;
+    TF_LORA_LAUNCH(combine, dim3(CeilDiv(n * r, 256)), dim3(256), stream, n, r,
+                   ids, n_adapters, scales, gb, grad_xa, combined);
+    u = combined;
+    u_scales = nullptr;
+  }
+  e = LaunchExpand<T, float, true>(stream, m, p.tiles, nullptr, dx, in, r, u,
+                                   nullptr, 0, a_stack, u_scales, 1.f, nullptr);
   if (e != kSuccess) return e;
   // da_k = scales_k x^T (g b_k^T), db_k = scales_k (x a_k)^T g over adapter
   // k's rows; dscales_k = sum (x a_k) * (g b_k^T) over them.
@@ -959,8 +1004,9 @@ Error BatchedLoraApplyGrad(Stream stream, int64_t n, int64_t in, int64_t out,
         std::min<int64_t>(max_grid_yz, n_adapters - base));
     TF_LORA_LAUNCH(
         reduce, dim3(CeilDiv(in, kReduceCols), count, CeilDiv(r, kReduceCols)),
-        block, stream, n, in, r, x, gb, int64_t{0}, no_partial, m.order,
-        m.seg_start, scales, false, da, base);
+        block, stream, n, in, r, x, u, int64_t{0}, no_partial, m.order,
+        m.seg_start, u_scales, false, da, base);
+    if (out == 0) continue;  // db is empty
     TF_LORA_LAUNCH(
         reduce, dim3(CeilDiv(out, kReduceCols), count, CeilDiv(r, kReduceCols)),
         block, stream, n, out, r, g, xa, int64_t{0}, no_partial, m.order,
@@ -984,10 +1030,10 @@ Error BatchedLoraApplyGrad(Stream stream, int64_t n, int64_t in, int64_t out,
   template Error BatchedLoraApplyGrad<T>(                                      \
       Stream, int64_t, int64_t, int64_t, int64_t, int64_t, const T*, const T*, \
       const T*, const T*, const int32_t*, const T*, T*, T*, T*, T*, void*,     \
-      int*);                                                                   \
+      int*, const T*, const T*);                                               \
   template Error BatchedLoraApply<T>(                                          \
       Stream, int64_t, int64_t, int64_t, int64_t, int64_t, const T*, const T*, \
-      const T*, const T*, const int32_t*, const T*, T*, void*, int*);
+      const T*, const T*, const int32_t*, const T*, T*, T*, void*, int*);
 TF_LORA_INSTANTIATE(float)
 TF_LORA_INSTANTIATE(Half)
 TF_LORA_INSTANTIATE(BFloat16)

@@ -89,11 +89,10 @@ int LaunchBatchedLoraApply(DType dtype, void* stream, int64_t n, int64_t in,
                            void* workspace, int* bad_row) {
   return ByDtype(dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    return BatchedLoraApply<T>(static_cast<Stream>(stream), n, in, out, r,
-                               adapters, In<T>(y), In<T>(x), In<T>(a_stack),
-                               In<T>(b_stack), ids, In<T>(scales),
-                               static_cast<T*>(y_out), static_cast<T*>(xa),
-                               workspace, bad_row);
+    return BatchedLoraApply<T>(
+        static_cast<Stream>(stream), n, in, out, r, adapters, In<T>(y),
+        In<T>(x), In<T>(a_stack), In<T>(b_stack), ids, In<T>(scales),
+        static_cast<T*>(y_out), static_cast<T*>(xa), workspace, bad_row);
   });
 }
 

@@ -172,14 +172,14 @@ struct GpuKernels {
     }
     if (s.ok()) {
       s = Launched(
-          kOp, gpu::LaunchBatchedLoraApply(
-                   kDType<T>, CudaStream(ctx), in.n(), in.in(), in.out(),
-                   in.r(), in.adapters(), in.lead->flat<T>().data(),
-                   in.x->flat<T>().data(), in.a_stack->flat<T>().data(),
-                   in.b_stack->flat<T>().data(), in.ids->flat<int32_t>().data(),
-                   device_scales.data(), y_out->flat<T>().data(),
-                   xa->flat<T>().data(), work.data(),
-                   bad_row.flat<int32_t>().data()));
+          kOp,
+          gpu::LaunchBatchedLoraApply(
+              kDType<T>, CudaStream(ctx), in.n(), in.in(), in.out(), in.r(),
+              in.adapters(), in.lead->flat<T>().data(), in.x->flat<T>().data(),
+              in.a_stack->flat<T>().data(), in.b_stack->flat<T>().data(),
+              in.ids->flat<int32_t>().data(), device_scales.data(),
+              y_out->flat<T>().data(), xa->flat<T>().data(), work.data(),
+              bad_row.flat<int32_t>().data()));
     }
     return s.ok() ? CheckedIds(ctx, kOp, *in.ids, in.adapters(), bad_row) : s;
   }

@@ -8,7 +8,8 @@
 //   NewOutput(out, in)         a hook on each fresh output (CPU: huge pages)
 //   Merge<T>(ctx, op, in, out, r, w, a, b, scale, result)
 //   Apply<T>(ctx, in, y_out, xa), ApplyGrad<T>(ctx, in, dx, da, db, dscale)
-//   Batched<T>(ctx, in, y_out, xa), BatchedGrad<T>(ctx, in, dx, da, db, dscales)
+//   Batched<T>(ctx, in, y_out, xa), BatchedGrad<T>(ctx, in, dx, da, db,
+//   dscales)
 //
 // each returning the status of the computation. TF_LORA_REGISTER_LORA_KERNELS
 // registers all six ops for one device, policy and type.
@@ -94,8 +95,8 @@ class LoraApplyOp : public OpKernel {
                             {0}, 0, in.lead->shape(), &y_out));
     Kernels::NewOutput(y_out, in.lead);
     ::tensorflow::TensorShape xa_shape;
-    OP_REQUIRES_OK(ctx, lora_checks::XaShape("LoraApply", "a", *in.x, *in.a,
-                                             &xa_shape));
+    OP_REQUIRES_OK(
+        ctx, lora_checks::XaShape("LoraApply", "a", *in.x, *in.a, &xa_shape));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(1, xa_shape, &xa));
     OP_REQUIRES_OK(ctx, Kernels::template Apply<T>(ctx, in, y_out, xa));
   }

@@ -110,10 +110,10 @@ absl::Status MergeSavedXa(InferenceContext* c, const char* op, int first,
        {std::pair<int, const char*>{first, "xa"}, {first + 1, "grad_xa"}}) {
     ShapeHandle m;
     TF_RETURN_IF_ERROR(c->WithRank(c->input(index), 2, &m));
-    TF_RETURN_IF_ERROR(MergeDims(
-        c, op, contract,
-        absl::StrCat("N (x.shape[0], ", name, ".shape[0])").c_str(), *n,
-        c->Dim(m, 0), n));
+    TF_RETURN_IF_ERROR(
+        MergeDims(c, op, contract,
+                  absl::StrCat("N (x.shape[0], ", name, ".shape[0])").c_str(),
+                  *n, c->Dim(m, 0), n));
     TF_RETURN_IF_ERROR(MergeDims(
         c, op, contract,
         absl::StrCat("r (", r_source, ", ", name, ".shape[1])").c_str(), *r,
@@ -128,11 +128,11 @@ absl::Status LoraApplyGradShape(InferenceContext* c) {
       GetApplyDims(c, "LoraApplyGrad",
                    "grad [N, out], x [N, in], a [in, r], b [r, out], scale []",
                    "grad", &dims));
-  TF_RETURN_IF_ERROR(MergeSavedXa(
-      c, "LoraApplyGrad", /*first=*/5, "a.shape[1]",
-      "grad [N, out], x [N, in], a [in, r], b [r, out], scale [], "
-      "xa [N, r], grad_xa [N, r]",
-      &dims.n, &dims.r));
+  TF_RETURN_IF_ERROR(
+      MergeSavedXa(c, "LoraApplyGrad", /*first=*/5, "a.shape[1]",
+                   "grad [N, out], x [N, in], a [in, r], b [r, out], scale [], "
+                   "xa [N, r], grad_xa [N, r]",
+                   &dims.n, &dims.r));
   c->set_output(0, c->Matrix(dims.n, dims.in));
   c->set_output(1, c->Matrix(dims.in, dims.r));
   c->set_output(2, c->Matrix(dims.r, dims.out));

@@ -6,6 +6,8 @@ Per op (its name without the `TfLora>` prefix):
   "values:<input>": how to draw its values: "ids" (small keys, some extreme), "adapter_ids" (in [-1, n),
              some out of range), "scale" (often 0, 1 or 2).
   "attr:<attr>": the symbol an int attr usually takes (a dim that must agree with the inputs).
+  "output:<output>": the dimensions of an output that the inputs' sizes do not bound (x @ a [N, r] from
+             empty x and a): cases keep it small enough to allocate, or so large that its shape overflows.
 A list input (`k * T`) gets 0 or 1 tensors, one count for the inputs that share a length attr, which the
 wrapper infers (it is not drawn).
 An op with no entry is still fuzzed (random ranks), and test_fuzz_ops fails until it has one.
@@ -36,11 +38,11 @@ TEMPLATES = {
         "scale": (),
         "values:scale": "scale",
     },
-    "LoraApply": {"y": ("N", "out"), **_APPLY},
+    "LoraApply": {"y": ("N", "out"), **_APPLY, "output:xa": ("N", "r")},
     # xa and grad_xa: lists of 0 or 1 tensors (their length is the `saved` attr).
     "LoraApplyGrad": {"grad": ("N", "out"), **_APPLY, "xa": ("N", "r"), "grad_xa": ("N", "r")},
-    "BatchedLoraApply": {"y": ("N", "out"), **_BATCHED},
-    "BatchedLoraApplyGrad": {"grad": ("N", "out"), **_BATCHED},
+    "BatchedLoraApply": {"y": ("N", "out"), **_BATCHED, "output:xa": ("N", "r")},
+    "BatchedLoraApplyGrad": {"grad": ("N", "out"), **_BATCHED, "xa": ("N", "r"), "grad_xa": ("N", "r")},
     "SparseTable": {"attr:dim": "D"},
     "SparseTablePull": {"table": "table", "ids": ("*",), "values:ids": "ids", "attr:dim": "D"},
     "SparseTablePush": {

@@ -90,7 +90,12 @@ class Case:
 
     # Drawing.
     def _draw_dims(self, template):
-        specs = [spec for spec in template.values() if isinstance(spec, tuple)]
+        outputs = [spec for key, spec in template.items() if key.startswith("output:")]
+        specs = [
+            spec
+            for key, spec in template.items()
+            if isinstance(spec, tuple) and not key.startswith("output:")
+        ]
         symbols = {s for spec in specs for s in spec if isinstance(s, str) and s != "*"}
         symbols = sorted(symbols | {v for k, v in template.items() if k.startswith("attr:")})
         for _ in range(30):
@@ -109,7 +114,9 @@ class Case:
                 dims["N"] = int(self.rng.choice([1025, 2049, 4100]))
                 for s in ("in", "out", "r"):
                     dims[s] = min(dims.get(s, 1), 7)
-            if all(self._fits(spec, dims) for spec in specs):
+            if all(self._fits(spec, dims) for spec in specs) and all(
+                self._allocatable(spec, dims) for spec in outputs
+            ):
                 return dims
         return {s: 2 for s in symbols} | {"*": [2], "optimizer": "sgd"}
 
@@ -124,6 +131,11 @@ class Case:
             else:
                 shape.append(s)
         return shape
+
+    def _allocatable(self, spec, dims):
+        """An output of these dimensions either fits in memory or cannot be a shape (a clean refusal)."""
+        size = math.prod(self._shape(spec, dims))
+        return size <= MAX_ELEMENTS or size >= 2**63
 
     def _fits(self, spec, dims):
         shape = self._shape(spec, dims)
@@ -402,15 +414,17 @@ def check_apply(case, args, readers, before, outputs):
     problem = _ref_close(
         case, outputs[0], want, np.abs(y) + abs(s) * (np.abs(x) @ np.abs(a)) @ np.abs(b), "y"
     )
-    if problem:
-        return problem
-    if x.shape[1] == 0:  # x @ a is zeros, [N, r] of them, which may be more than numpy should hold
-        want = (args["x"].shape[0], args["a"].shape[1])
-        extremes = [float(f(outputs[1])) for f in (tf.reduce_min, tf.reduce_max)] if all(want) else [0, 0]
-        if outputs[1].shape != want or extremes != [0, 0]:  # no [N, r]-sized temporary
-            return f"xa: {outputs[1].shape}, not zeros {want}"
-        return None
-    return _ref_close(case, outputs[1], x @ a, np.abs(x) @ np.abs(a), "xa")
+    return problem or _check_xa(case, args, "a", outputs[1], lambda: (x @ a, np.abs(x) @ np.abs(a)))
+
+
+def _check_xa(case, args, a_name, got, reference):
+    """(Batched)LoraApply's x @ a output against reference() = (want, scale); with no input columns, zeros
+    [N, r], which may be more than numpy should hold (checked with no [N, r]-sized temporary)."""
+    if args["x"].shape[1] == 0:
+        want = (args["x"].shape[0], args[a_name].shape[-1])
+        extremes = [float(f(got)) for f in (tf.reduce_min, tf.reduce_max)] if all(want) else [0, 0]
+        return None if got.shape == want and extremes == [0, 0] else f"xa: {got.shape}, not zeros {want}"
+    return _ref_close(case, got, *reference(), "xa")
 
 
 def _batched(args, lead):
@@ -426,7 +440,16 @@ def check_batched_apply(case, args, readers, before, outputs):
         if k >= 0:
             want[i] += s[k] * (x[i] @ a[k]) @ b[k]
             scale[i] += abs(s[k]) * (np.abs(x[i]) @ np.abs(a[k])) @ np.abs(b[k])
-    return _ref_close(case, outputs[0], want, scale, "y")
+
+    def xa_reference():
+        xa, xa_scale = np.zeros((len(ids), a.shape[2])), np.zeros((len(ids), a.shape[2]))
+        for i, k in enumerate(ids):
+            if k >= 0:
+                xa[i], xa_scale[i] = x[i] @ a[k], np.abs(x[i]) @ np.abs(a[k])
+        return xa, xa_scale
+
+    problem = _ref_close(case, outputs[0], want, scale, "y")
+    return problem or _check_xa(case, args, "a_stack", outputs[1], xa_reference)
 
 
 def _grad_ref(g, x, a, b, s, xa=None, grad_xa=0.0):
@@ -435,10 +458,6 @@ def _grad_ref(g, x, a, b, s, xa=None, grad_xa=0.0):
     xa = x @ a if xa is None else xa
     u = s * gbt + grad_xa
     return u @ a.T, x.T @ u, s * xa.T @ g, np.sum(xa * gbt)
-
-
-def _grad_scale(g, x, a, b, s):
-    return _grad_ref(np.abs(g), np.abs(x), np.abs(a), np.abs(b), abs(s))
 
 
 def check_apply_grad(case, args, readers, before, outputs):
@@ -467,11 +486,22 @@ def check_batched_apply_grad(case, args, readers, before, outputs):
     g, x, a, b, s, ids = _batched(args, "grad")
     want = [np.zeros_like(x), np.zeros_like(a), np.zeros_like(b), np.zeros_like(s)]
     scale = [np.zeros_like(x), np.zeros_like(a), np.zeros_like(b), np.zeros_like(s)]
+    saved = bool(args["xa"])  # as check_apply_grad's, per adapter's rows
+    grad_xa = _f64(args["grad_xa"][0]) if saved else None
+    given = None
+    if saved and case.dtype in (tf.float32, tf.float64):
+        given = _f64(args["xa"][0]) if x.shape[1] else np.zeros_like(grad_xa)
     for k in range(a.shape[0]):
         rows = ids == k
-        for out, fn in ((want, _grad_ref), (scale, _grad_scale)):
-            dx, da, db, ds = fn(g[rows], x[rows], a[k], b[k], s[k])
-            out[0][rows], out[1][k], out[2][k], out[3][k] = dx, da, db, ds
+        given_k = None if given is None else given[rows]
+        grad_k = 0.0 if grad_xa is None else grad_xa[rows]
+        dx, da, db, ds = _grad_ref(g[rows], x[rows], a[k], b[k], s[k], given_k, grad_k)
+        want[0][rows], want[1][k], want[2][k], want[3][k] = dx, da, db, ds
+        abs_given = None if given_k is None else np.abs(given_k)
+        dx, da, db, ds = _grad_ref(
+            np.abs(g[rows]), np.abs(x[rows]), np.abs(a[k]), np.abs(b[k]), abs(s[k]), abs_given, np.abs(grad_k)
+        )
+        scale[0][rows], scale[1][k], scale[2][k], scale[3][k] = dx, da, db, ds
     for name, got, w, sc in zip(("dx", "da", "db", "dscales"), outputs, want, scale, strict=True):
         problem = _ref_close(case, got, w, sc, name)
         if problem:

@@ -256,7 +256,7 @@ def main():
             ids = torch.randint(-1, k, (n,), generator=gen, dtype=torch.int32)
         ids = ids.to(dev)
         x, y = rand(n, d, dtype=dtype), rand(n, d, dtype=dtype)
-        y_out = torch.empty_like(y)
+        y_out, xa = torch.empty_like(y), torch.empty(n, r, dtype=dtype, device=dev)
         bad = torch.zeros(1, dtype=torch.int32, device=dev)
         work = workspace(lib.tfl_batched_lora_apply_workspace(n, d, r, k))
 
@@ -268,6 +268,7 @@ def main():
             ids=ids,
             scales=scales,
             y_out=y_out,
+            xa=xa,
             work=work,
             bad=bad,
             n=n,
@@ -289,6 +290,7 @@ def main():
                 ids.data_ptr(),
                 scales.data_ptr(),
                 y_out.data_ptr(),
+                xa.data_ptr(),
                 work.data_ptr(),
                 bad.data_ptr(),
             )

@@ -61,11 +61,11 @@ int tfl_batched_lora_apply(int dtype, void* stream, int64_t n, int64_t in,
                            int64_t out, int64_t r, int64_t adapters,
                            const void* y, const void* x, const void* a_stack,
                            const void* b_stack, const int32_t* ids,
-                           const void* scales, void* y_out, void* workspace,
-                           int* bad_row) {
+                           const void* scales, void* y_out, void* xa,
+                           void* workspace, int* bad_row) {
   return gpu::LaunchBatchedLoraApply(
       static_cast<gpu::DType>(dtype), stream, n, in, out, r, adapters, y, x,
-      a_stack, b_stack, ids, scales, y_out, workspace, bad_row);
+      a_stack, b_stack, ids, scales, y_out, xa, workspace, bad_row);
 }
 
 size_t tfl_batched_lora_apply_grad_workspace(int64_t n, int64_t in, int64_t out,
@@ -79,10 +79,12 @@ int tfl_batched_lora_apply_grad(int dtype, void* stream, int64_t n, int64_t in,
                                 const void* a_stack, const void* b_stack,
                                 const int32_t* ids, const void* scales,
                                 void* dx, void* da, void* db, void* dscales,
-                                void* workspace, int* bad_row) {
+                                void* workspace, int* bad_row, const void* xa,
+                                const void* grad_xa) {
   return gpu::LaunchBatchedLoraApplyGrad(
       static_cast<gpu::DType>(dtype), stream, n, in, out, r, adapters, g, x,
-      a_stack, b_stack, ids, scales, dx, da, db, dscales, workspace, bad_row);
+      a_stack, b_stack, ids, scales, dx, da, db, dscales, workspace, bad_row,
+      xa, grad_xa);
 }
 
 }  // extern "C"

@@ -36,10 +36,10 @@ def load(path):
     lib.tfl_lora_apply_grad.argtypes = [ctypes.c_int, ptr, i64, i64, i64, i64, *[ptr] * 4, f32, *[ptr] * 7]
     lib.tfl_batched_lora_apply_workspace.argtypes = [i64, i64, i64, i64]
     lib.tfl_batched_lora_apply_workspace.restype = ctypes.c_size_t
-    lib.tfl_batched_lora_apply.argtypes = [ctypes.c_int, ptr, *[i64] * 5, *[ptr] * 9]
+    lib.tfl_batched_lora_apply.argtypes = [ctypes.c_int, ptr, *[i64] * 5, *[ptr] * 10]
     lib.tfl_batched_lora_apply_grad_workspace.argtypes = [i64] * 5
     lib.tfl_batched_lora_apply_grad_workspace.restype = ctypes.c_size_t
-    lib.tfl_batched_lora_apply_grad.argtypes = [ctypes.c_int, ptr, *[i64] * 5, *[ptr] * 12]
+    lib.tfl_batched_lora_apply_grad.argtypes = [ctypes.c_int, ptr, *[i64] * 5, *[ptr] * 14]
     return lib
 
 

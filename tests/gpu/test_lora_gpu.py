@@ -193,7 +193,13 @@ def test_apply(gpu, dtype, shape, in_place):
 
 # (rows, in, out, r, adapters): few rows take one tile per row, more are grouped by adapter.
 BATCHED_SHAPES = [(1, 9, 7, 4, 1), (7, 33, 65, 8, 8), (64, 40, 24, 16, 64), (65, 40, 24, 16, 8)]
-BATCHED_SHAPES += [(300, 70, 130, 16, 8), (200, 16, 8, 128, 3), (5, 4, 4, 2, 0)]
+BATCHED_SHAPES += [
+    (300, 70, 130, 16, 8),
+    (200, 16, 8, 128, 3),
+    (5, 4, 4, 2, 0),
+    (9, 6, 0, 3, 2),
+    (70, 6, 0, 3, 2),
+]
 if FULL:
     BATCHED_SHAPES += [(4097, 1000, 1001, 16, 64), (32, 4096, 4096, 16, 32), (4096, 4096, 4096, 64, 8)]
 
@@ -208,6 +214,8 @@ def _batched(gpu, dtype, shape, ids, in_place=False):
     bufs = [dev.put(v) for v in (y, x, a, b)]
     b_ids, b_scales = dev.put(ids.astype(np.int32)), dev.put(scales)
     out = bufs[0] if in_place else dev.put(np.zeros_like(y))
+    xa_like = np.full((n, r), 7, y.dtype)  # garbage to overwrite
+    b_xa = dev.put(xa_like)
     bad = dev.put(np.zeros(4, np.int32))
     work = dev.empty(lib.tfl_batched_lora_apply_workspace(n, d_in, r, k))
     rc = lib.tfl_batched_lora_apply(
@@ -222,16 +230,18 @@ def _batched(gpu, dtype, shape, ids, in_place=False):
         dev.ptr(b_ids),
         dev.ptr(b_scales),
         dev.ptr(out),
+        dev.ptr(b_xa),
         dev.ptr(work),
         dev.ptr(bad),
     )
     assert rc == 0
-    want = decode(y, dtype).copy()
+    want, want_xa = decode(y, dtype).copy(), np.zeros((n, r))
     for i, adapter in enumerate(ids):
         if 0 <= adapter < k:
-            xa = decode(x[i], dtype) @ decode(a[adapter], dtype)
-            want[i] += decode(scales, dtype)[adapter] * xa @ decode(b[adapter], dtype)
+            want_xa[i] = decode(x[i], dtype) @ decode(a[adapter], dtype)
+            want[i] += decode(scales, dtype)[adapter] * want_xa[i] @ decode(b[adapter], dtype)
     got = decode(dev.get(out, y), dtype)
+    _check(decode(dev.get(b_xa, xa_like), dtype), want_xa, dtype, f"batched xa {dtype} {shape}")
     bad_row = int(dev.get(bad, np.zeros(4, np.int32))[0])
     return got, want, bad_row
 
@@ -323,21 +333,33 @@ def test_apply_grad(gpu, dtype, shape, saved):
 
 BATCHED_GRAD_SHAPES = [(1, 9, 7, 4, 1), (7, 33, 65, 8, 8), (70, 40, 24, 16, 3), (300, 70, 130, 16, 8)]
 BATCHED_GRAD_SHAPES += [(200, 16, 8, 128, 3), (5, 4, 4, 2, 0), (0, 4, 4, 2, 2), (6, 4, 4, 0, 2)]
+BATCHED_GRAD_SHAPES += [(9, 6, 0, 3, 2), (70, 6, 0, 3, 2)]  # out = 0: only grad_xa is left
 if FULL:
     BATCHED_GRAD_SHAPES += [(4097, 1000, 1001, 16, 64), (4096, 4096, 4096, 64, 8)]
 
 
-def _batched_grad(gpu, dtype, shape, ids):
+def _batched_grad(gpu, dtype, shape, ids, saved=False):
+    """saved: with BatchedLoraApply's x @ a (off by 0.5 on rows with an adapter: float32 must use it, half
+    types recompute it) and a gradient for it."""
     lib, dev = gpu
     n, d_in, d_out, r, k = shape
     rng = np.random.default_rng(n * 3 + d_in + d_out * 11 + r + k)
     g, x = _random(rng, (n, d_out), dtype), _random(rng, (n, d_in), dtype)
     a, b = _random(rng, (k, d_in, r), dtype, 0.3), _random(rng, (k, r, d_out), dtype, 0.3)
     scales = encode(rng.uniform(-2, 2, k), dtype)
+    g64, x64, a64, b64, s64 = (decode(v, dtype) for v in (g, x, a, b, scales))
+    has = (ids >= 0) & (ids < k)
+    true_xa = np.zeros((n, r))
+    for i in np.flatnonzero(has):
+        true_xa[i] = x64[i] @ a64[ids[i]]
+    given_xa = encode(true_xa + np.where(has[:, None] & (d_in > 0), 0.5, 0.0), dtype)
+    grad_xa = _random(rng, (n, r), dtype)
+    used_xa = decode(given_xa, dtype) if saved and dtype == "float32" else true_xa
     outs = [np.full(s, 7, g.dtype) for s in [(n, d_in), (k, d_in, r), (k, r, d_out), (k,)]]  # to overwrite
     bufs = [dev.put(v) for v in (g, x, a, b)]
     b_ids, b_scales, bad = dev.put(ids.astype(np.int32)), dev.put(scales), dev.put(np.zeros(4, np.int32))
     out_bufs = [dev.put(v) for v in outs]
+    saved_bufs = [dev.put(given_xa), dev.put(grad_xa)]  # alive through the call
     work = dev.empty(lib.tfl_batched_lora_apply_grad_workspace(n, d_in, d_out, r, k))
     rc = lib.tfl_batched_lora_apply_grad(
         DTYPES[dtype],
@@ -353,15 +375,16 @@ def _batched_grad(gpu, dtype, shape, ids):
         *[dev.ptr(v) for v in out_bufs],
         dev.ptr(work),
         dev.ptr(bad),
+        *([dev.ptr(v) for v in saved_bufs] if saved else [None, None]),
     )
     assert rc == 0
-    g64, x64, a64, b64, s64 = (decode(v, dtype) for v in (g, x, a, b, scales))
     want = [np.zeros(o.shape) for o in outs]
     for i, adapter in enumerate(ids):
         if 0 <= adapter < k:
-            xa, gbt = x64[i] @ a64[adapter], g64[i] @ b64[adapter].T
-            want[0][i] = s64[adapter] * gbt @ a64[adapter].T
-            want[1][adapter] += s64[adapter] * np.outer(x64[i], gbt)
+            xa, gbt = used_xa[i], g64[i] @ b64[adapter].T
+            u = s64[adapter] * gbt + (decode(grad_xa[i], dtype) if saved else 0.0)
+            want[0][i] = u @ a64[adapter].T
+            want[1][adapter] += np.outer(x64[i], u)
             want[2][adapter] += s64[adapter] * np.outer(xa, g64[i])
             want[3][adapter] += xa @ gbt
     got = [decode(dev.get(buf, like), dtype) for buf, like in zip(out_bufs, outs, strict=True)]
@@ -370,10 +393,11 @@ def _batched_grad(gpu, dtype, shape, ids):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", BATCHED_GRAD_SHAPES, ids=str)
-def test_batched_apply_grad(gpu, dtype, shape):
+@pytest.mark.parametrize("saved", [False, True], ids=["recomputed", "saved"])
+def test_batched_apply_grad(gpu, dtype, shape, saved):
     n, k = shape[0], shape[4]
     ids = np.random.default_rng(n + 7 * k).integers(-1, k, n) if k else np.full(n, -1)
-    got, want, bad_row = _batched_grad(gpu, dtype, shape, ids)
+    got, want, bad_row = _batched_grad(gpu, dtype, shape, ids, saved)
     for name, g, w in zip(["dx", "da", "db", "dscales"], got, want, strict=True):
         _check(g, w, dtype, f"{name} {dtype} {shape}")
     assert bad_row == gpu[0].tfl_no_bad_row()

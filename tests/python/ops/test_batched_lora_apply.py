@@ -185,3 +185,62 @@ def test_matmul_takes_int64_ids_without_wrapping():
     np.testing.assert_allclose(out, [[6.0] * 4, [3.0] * 4])
     with pytest.raises(tf.errors.InvalidArgumentError, match="out of range"):
         tf_lora.batched_lora_matmul(x, w, a, b, tf.constant([2**32 + 1, 0], tf.int64), s)
+
+
+@pytest.mark.parametrize("dtype", list(RTOL), ids=lambda d: d.name)
+def test_outputs_each_row_s_x_at_a_for_the_gradient(dtype):
+    from tf_lora.python.ops import gen_lora_ops
+
+    tensors, ids = _case(13, 9, 17, 3, 4, dtype, seed=9)
+    (y, _), (x, x_np), (a, a_np), (b, _), (s, _) = tensors
+    out = gen_lora_ops.tf_lora_batched_lora_apply(y, x, a, b, ids, s)
+    want = np.array([x_np[i] @ a_np[k] if k >= 0 else np.zeros(3) for i, k in enumerate(ids)])
+    assert out.xa.dtype == dtype and out.xa.shape == (13, 3)
+    assert_close(out.xa.numpy(), want, dtype, terms=9)
+
+
+@pytest.mark.parametrize("dtype", list(RTOL), ids=lambda d: d.name)
+def test_gradient_with_saved_x_at_a(dtype):
+    """Given each row's x @ a (off by 0.5 on rows with an adapter, to see which one is used: float32 and
+    float64 use it, half types compute it again) and a gradient for it, which joins dx and da_k; rows with
+    id -1 take none of it."""
+    from tf_lora.python.ops import gen_lora_ops
+
+    tensors, ids = _case(40, 9, 17, 3, 4, dtype, seed=10)
+    (g, g_np), (x, x_np), (a, a_np), (b, b_np), (s, s_np) = tensors
+    rng = np.random.default_rng(11)
+    grad_xa, grad_xa_np = random((40, 3), dtype, rng)
+    true_xa = np.array([x_np[i] @ a_np[k] if k >= 0 else np.zeros(3) for i, k in enumerate(ids)])
+    given = tf.cast(tf.constant(true_xa + 0.5 * (ids >= 0)[:, None]), dtype)
+    dx, da, db, ds = gen_lora_ops.tf_lora_batched_lora_apply_grad(g, x, a, b, ids, s, [given], [grad_xa])
+    used = given.numpy().astype(np.float64) if dtype in (tf.float32, tf.float64) else true_xa
+    want = [np.zeros(x_np.shape), np.zeros(a_np.shape), np.zeros(b_np.shape), np.zeros(s_np.shape)]
+    for i, k in enumerate(ids):
+        if k >= 0:
+            gbt = g_np[i] @ b_np[k].T
+            u = s_np[k] * gbt + grad_xa_np[i]
+            want[0][i] = u @ a_np[k].T
+            want[1][k] += np.outer(x_np[i], u)
+            want[2][k] += s_np[k] * np.outer(used[i], g_np[i])
+            want[3][k] += used[i] @ gbt
+    for got, expected, terms in zip(
+        (dx, da, db, ds), want, (17 * 3, 40 * 17, 40 * 9, 40 * 3 * 26), strict=True
+    ):
+        assert_close(got.numpy(), expected, dtype, terms=terms)
+
+
+def test_registered_gradient_reuses_the_forward_x_at_a():
+    @tf.function
+    def step(y, x, a, b, ids, s):
+        with tf.GradientTape() as tape:
+            tape.watch([x, a, b])
+            out = tf_lora.batched_lora_apply(y, x, a, b, ids, s)
+        return tape.gradient(out, [x, a, b], output_gradients=tf.ones_like(out))
+
+    tensors, ids = _case(13, 9, 17, 3, 4, tf.float32, seed=12)
+    args = [t for t, _ in tensors]
+    graph = step.get_concrete_function(*args[:4], tf.constant(ids), args[4]).graph
+    (grad_op,) = [op for op in graph.get_operations() if op.type == "TfLora>BatchedLoraApplyGrad"]
+    (apply_op,) = [op for op in graph.get_operations() if op.type == "TfLora>BatchedLoraApply"]
+    assert grad_op.get_attr("saved") == 1
+    assert grad_op.inputs[6] is apply_op.outputs[1]

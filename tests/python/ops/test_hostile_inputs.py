@@ -70,7 +70,7 @@ def test_gradient_of_empty_work_with_a_huge_rank_is_zeros_not_a_crash(run_python
     if batched:
         r = 2**61  # [2, r, 0] must itself be a valid shape
         inputs = f"[tf.zeros([3, 0]), tf.zeros([3, 0]), tf.zeros([2, 0, {r}]), tf.zeros([2, {r}, 0]), "
-        inputs += "tf.constant([0, 1, -1]), tf.ones([2])]"
+        inputs += "tf.constant([0, 1, -1]), tf.ones([2]), [], []]"
         op, shapes, dscale = "L.tf_lora_batched_lora_apply_grad", [[3, 0], [2, 0, r], [2, r, 0]], [0.0, 0.0]
     else:
         r = 2**63 - 1
@@ -105,7 +105,8 @@ def test_gradient_of_empty_work_returns_at_once(run_python, batched, n, in_, out
     if batched:
         call = (
             f"L.tf_lora_batched_lora_apply_grad(tf.zeros([{n}, {out_}]), tf.zeros([{n}, {in_}]), "
-            f"tf.zeros([2, {in_}, {r}]), tf.zeros([2, {r}, {out_}]), tf.constant([0, 1, 1]), tf.ones([2]))"
+            f"tf.zeros([2, {in_}, {r}]), tf.zeros([2, {r}, {out_}]), tf.constant([0, 1, 1]), tf.ones([2]), "
+            "[], [])"
         )
     else:
         call = (

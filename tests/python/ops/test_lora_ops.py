@@ -290,7 +290,7 @@ def test_a_non_finite_scale_is_refused_by_every_op(bad, dtype):
         "LoraApplyGrad: scale": lambda: gen_lora_ops.tf_lora_lora_apply_grad(y, x, a, b, s, [], []),
         "BatchedLoraApply: scales": lambda: tf_lora.batched_lora_apply(y, x, a_stack, b_stack, ids, scales),
         "BatchedLoraApplyGrad: scales": lambda: gen_lora_ops.tf_lora_batched_lora_apply_grad(
-            y, x, a_stack, b_stack, ids, scales
+            y, x, a_stack, b_stack, ids, scales, [], []
         ),
         "ResourceLoraMerge: scale": lambda: tf_lora.merge_into_variable(var, a, b, s),
     }

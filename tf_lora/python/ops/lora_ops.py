@@ -161,10 +161,16 @@ def _lora_apply_grad(op, grad, grad_xa):
 
 
 @tf.RegisterGradient("TfLora>BatchedLoraApply")
-def _batched_lora_apply_grad(op, grad):
-    """dy = grad; the rest from the fused TfLora>BatchedLoraApplyGrad kernel, per adapter; ids: none."""
+def _batched_lora_apply_grad(op, grad, grad_xa):
+    """dy = grad; the rest from the fused TfLora>BatchedLoraApplyGrad kernel, per adapter, handed the
+    forward's per-row x @ a and the gradient for it (as LoraApply's gradient); ids: none."""
     _, x, a_stack, b_stack, ids, scales = op.inputs
-    dx, da, db, dscales = gen_lora_ops.tf_lora_batched_lora_apply_grad(grad, x, a_stack, b_stack, ids, scales)
+    xa = op.outputs[1]
+    if grad_xa is None:
+        grad_xa = tf.zeros_like(xa)
+    dx, da, db, dscales = gen_lora_ops.tf_lora_batched_lora_apply_grad(
+        grad, x, a_stack, b_stack, ids, scales, [xa], [grad_xa]
+    )
     return [grad, dx, da, db, None, dscales]
 
 
@@ -173,26 +179,30 @@ def _batched_lora_apply_grad_grad(op, *grads):
     """Second derivatives of BatchedLoraApply, by differentiating its gradients written per row with
     gathers and segment sums (rows with id -1 contribute nothing). Memory-hungry ([N, in, r] per-row
     adapters), but only second-order uses (Hessian-vector products, gradient penalties) come here."""
-    g, x, a_stack, b_stack, ids, scales = op.inputs
+    g, x, a_stack, b_stack, ids, scales, *saved = op.inputs
     adapters = tf.shape(a_stack)[0]
     with tf.GradientTape() as tape:
-        tape.watch([g, x, a_stack, b_stack, scales])
+        tape.watch([g, x, a_stack, b_stack, scales, *saved])
         valid = tf.cast(ids >= 0, x.dtype)
         k = tf.maximum(ids, 0)
         a, b = tf.gather(a_stack, k), tf.gather(b_stack, k)
         s = tf.gather(scales, k) * valid
         g_bt = tf.einsum("no,nro->nr", g, b)
-        xa = tf.einsum("ni,nir->nr", x, a)
+        if saved:  # BatchedLoraApply's x @ a (an input here) and the gradient for it
+            xa, grad_xa = saved
+            u = s[:, None] * g_bt + valid[:, None] * grad_xa
+        else:
+            xa, u = tf.einsum("ni,nir->nr", x, a), s[:, None] * g_bt
         outputs = [
-            s[:, None] * tf.einsum("nr,nir->ni", g_bt, a),
-            tf.math.unsorted_segment_sum(s[:, None, None] * tf.einsum("ni,nr->nir", x, g_bt), k, adapters),
+            tf.einsum("nr,nir->ni", u, a),
+            tf.math.unsorted_segment_sum(tf.einsum("ni,nr->nir", x, u), k, adapters),
             tf.math.unsorted_segment_sum(s[:, None, None] * tf.einsum("nr,no->nro", xa, g), k, adapters),
             tf.math.unsorted_segment_sum(valid * tf.reduce_sum(xa * g_bt, axis=1), k, adapters),
         ]
-    dg, dx, da, db, dscales = tape.gradient(
-        outputs, [g, x, a_stack, b_stack, scales], output_gradients=list(grads)
+    dg, dx, da, db, dscales, *dsaved = tape.gradient(
+        outputs, [g, x, a_stack, b_stack, scales, *saved], output_gradients=list(grads)
     )
-    return [dg, dx, da, db, None, dscales]
+    return [dg, dx, da, db, None, dscales, *dsaved]
 
 
 @tf.RegisterGradient("TfLora>LoraApplyGrad")
@@ -263,7 +273,7 @@ def batched_lora_apply(y, x, a_stack, b_stack, adapter_ids, scales, name=None) -
         return _composed_batched_apply(y, x, a_stack, b_stack, int32_ids(adapter_ids), scales, name)
     return gen_lora_ops.tf_lora_batched_lora_apply(
         y, x, a_stack, b_stack, int32_ids(adapter_ids), scales, name=name
-    )
+    ).y_out
 
 
 def batched_lora_matmul(x, w, a_stack, b_stack, adapter_ids, scales, bias=None, name=None) -> tf.Tensor:
