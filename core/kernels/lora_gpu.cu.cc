@@ -370,14 +370,14 @@ TF_LORA_GLOBAL void CombineRows(int64_t n, int64_t r, const int32_t* ids,
              : 0.f;
 }
 
-// u[e] = scale * gb[e] (gb null: 0) + grad_xa[e]: what dx and da multiply
-// when LoraApply's x @ a has a gradient of its own.
+// u[e] = scale * gb[e] + grad_xa[e]: what dx and da multiply when
+// LoraApply's x @ a has a gradient of its own.
 template <typename T>
 TF_LORA_GLOBAL void Combine(int64_t size, const float* gb, float scale,
                             const T* grad_xa, float* u) {
   const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (e >= size) return;
-  u[e] = (gb != nullptr ? scale * gb[e] : 0.f) + ToFloat(grad_xa[e]);
+  u[e] = scale * gb[e] + ToFloat(grad_xa[e]);
 }
 
 // *out = sum of p[e] * q[e] (dscale = sum of (x a) * (g b^T)): one block,
@@ -769,30 +769,6 @@ Error ReduceInto(Stream stream, const GradPlan& p, int64_t n, int64_t cols,
   return LastLaunchError();
 }
 
-// LoraApplyGrad with out = 0 (g and b empty): only grad_xa, the gradient for
-// x @ a, is left: dx = grad_xa a^T, da = x^T grad_xa, dscale = 0 (db is
-// empty).
-template <typename T>
-Error GradFromXaAlone(Stream stream, int64_t n, int64_t in, int64_t r,
-                      const T* x, const T* a, const T* grad_xa, T* dx, T* da,
-                      T* dscale, void* workspace) {
-  if (n > INT_MAX) return kInvalidValue;
-  const GradPlan p = PlanGrad(n, in, 0, r);
-  char* base = static_cast<char*>(workspace);
-  float* u = reinterpret_cast<float*>(base + p.u);
-  Error e = MemsetAsync(dscale, 0, sizeof(T), stream);
-  if (e != kSuccess) return e;
-  auto* combine = Combine<T>;
-  TF_LORA_LAUNCH(combine, dim3(CeilDiv(n * r, 256)), dim3(256), stream, n * r,
-                 static_cast<const float*>(nullptr), 1.f, grad_xa, u);
-  const TileMap m{Mode::kUniform, n, kTileRows, 1};
-  e = LaunchExpand<T, float, true>(stream, m, p.tiles, nullptr, dx, in, r, u,
-                                   nullptr, 0, a, nullptr, 1.f, nullptr);
-  if (e != kSuccess) return e;
-  return ReduceInto<T>(stream, p, n, in, r, x, u, 1.f, false,
-                       reinterpret_cast<float*>(base + p.reduce), da);
-}
-
 }  // namespace
 
 size_t LoraApplyGradWorkspaceBytes(int64_t n, int64_t in, int64_t out,
@@ -805,11 +781,8 @@ Error LoraApplyGrad(Stream stream, int64_t n, int64_t in, int64_t out,
                     int64_t r, const T* g, const T* x, const T* a, const T* b,
                     float scale, T* dx, T* da, T* db, T* dscale,
                     void* workspace, const T* xa, const T* grad_xa) {
-  if (out == 0 && grad_xa != nullptr && n > 0 && in > 0 && r > 0) {
-    return GradFromXaAlone<T>(stream, n, in, r, x, a, grad_xa, dx, da, dscale,
-                              workspace);
-  }
-  if (n == 0 || in == 0 || out == 0 || r == 0) {  // every product is zero
+  // Every product is zero; with grad_xa, dx and da are not when only `out` is.
+  if (n == 0 || in == 0 || r == 0 || (out == 0 && grad_xa == nullptr)) {
     Error e = MemsetAsync(dx, 0, sizeof(T) * n * in, stream);
     if (e == kSuccess) e = MemsetAsync(da, 0, sizeof(T) * in * r, stream);
     if (e == kSuccess) e = MemsetAsync(db, 0, sizeof(T) * r * out, stream);
@@ -846,7 +819,8 @@ Error LoraApplyGrad(Stream stream, int64_t n, int64_t in, int64_t out,
   if (e != kSuccess) return e;
   e = ReduceInto<T>(stream, p, n, in, r, x, u, u_scale, false, reduce, da);
   if (e != kSuccess) return e;
-  // db = scale (x a)^T g, as (g^T (x a))^T.
+  // db = scale (x a)^T g, as (g^T (x a))^T (empty for out = 0).
+  if (out == 0) return kSuccess;
   return ReduceInto<T>(stream, p, n, out, r, g, xa_f, scale, true, reduce, db);
 }
 
