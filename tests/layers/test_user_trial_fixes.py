@@ -3,6 +3,7 @@ trainable, copying a Keras-LoRA backbone, Keras .lora.h5 written back at another
 nothing, and unclear errors for bad ids."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -126,8 +127,18 @@ def test_keras_lora_file_goes_back_at_its_own_rank(tmp_path):
     fresh.load_lora_weights(str(tmp_path / "b.lora.h5"))
     np.testing.assert_allclose(fresh(X).numpy(), expected, rtol=1e-4, atol=1e-5)
     everywhere = tf_lora.inject_lora(tiny_backbone("gpt2"), rank=2)[0]
-    with pytest.warns(UserWarning, match="target_layer_names="):
+    for layer in tf_lora.layers.lora_layers(everywhere).values():
+        slot = layer.adapter_slot("default")
+        slot.b.assign(rng.standard_normal(slot.b.shape).astype(np.float32))
+    expected = everywhere(X).numpy()
+    with pytest.warns(UserWarning, match="target_layer_names=") as caught:
         tf_lora.adapters.save_keras_lora(everywhere, tmp_path / "c.lora.h5")
+    # The warning's advice, followed word for word, loads the file into a fresh backbone.
+    advice = re.search(r"backbone\.(enable_lora\(.*\)) before it", str(caught[0].message)).group(1)
+    fresh = tiny_backbone("gpt2")
+    eval("fresh." + advice, {"fresh": fresh})  # noqa: S307 - the warning's own text
+    fresh.load_lora_weights(str(tmp_path / "c.lora.h5"))
+    np.testing.assert_allclose(fresh(X).numpy(), expected, rtol=1e-4, atol=1e-5)
 
 
 def test_settings_that_match_nothing_or_layers_with_lora_already_are_errors():

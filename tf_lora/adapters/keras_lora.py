@@ -112,15 +112,16 @@ def save_keras_lora(model, path, adapter_name="default"):
     if not factors:
         raise ValueError(f"save_keras_lora: no LoRA layer of the backbone has an adapter {adapter_name!r}")
     names = sorted({layers[i][1].name for i in factors})
+    # Keras's rank for the file; a per-head kernel's can exceed the adapter's (to_keras_factors).
+    rank = max(a.shape[-1] for a, _ in factors.values())
     default = getattr(backbone, "default_lora_layer_names", lambda: None)()
     if default is not None and set(names) - set(default):
         warnings.warn(
             f"save_keras_lora: {path} holds LoRA for layers {names}; keras-hub's load_lora_weights on a "
             f"fresh backbone enables only its defaults {sorted(default)}: call "
-            f"backbone.enable_lora(rank, target_layer_names={names}) before it",
+            f"backbone.enable_lora({rank}, target_layer_names={names}) before it",
             stacklevel=2,
         )
-    rank = max(a.shape[-1] for a, _ in factors.values())
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
     fd, staging = tempfile.mkstemp(prefix=".tf_lora_", suffix=SUFFIX, dir=parent)
