@@ -140,3 +140,27 @@ def test_merging_an_untied_table_does_not_warn():
         warnings.simplefilter("error")
         layer.merge()
     assert layer.merged
+
+
+def test_apply_merge_into_a_tied_table_warns_as_merge_does():
+    pytest.importorskip("keras_hub")
+    vocab, hidden = tiny_backbone("gpt2", num_layers=1).token_embedding.embeddings.shape
+    rng = np.random.default_rng(3)
+    adapter = tf_lora.adapters.Adapter(
+        a=rng.standard_normal((vocab, 2)).astype(np.float32),
+        b=rng.standard_normal((2, hidden)).astype(np.float32),
+        alpha=2.0,
+        module="token_embedding",
+    )
+    backbone = tiny_backbone("gpt2", num_layers=1)
+    base = backbone.token_embedding.embeddings.numpy()
+    adapters = tf_lora.adapters.AdapterSet({"token_embedding": adapter})
+    with pytest.warns(UserWarning, match="apply: token_embedding -> token_embedding: merging into a tied"):
+        tf_lora.adapters.apply(backbone, adapters, mode="merge")
+    np.testing.assert_allclose(
+        backbone.token_embedding.embeddings.numpy(), base + adapter.a @ adapter.b, rtol=1e-5, atol=1e-5
+    )
+    untied = _tiny()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tf_lora.adapters.apply(untied, tf_lora.adapters.load_peft(FIXTURE), mode="merge")

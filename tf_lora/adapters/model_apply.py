@@ -9,6 +9,7 @@ from tf_lora.adapters.adapter import Adapter, AdapterSet
 from tf_lora.adapters.module_names import module_mapper, resolve_layer
 from tf_lora.layers.conversion import bias_problem, check_convertible, forget_traces, set_bias, to_lora
 from tf_lora.layers.kernel_layout import kernel_matrix, lora_shape, merge_into_layer, set_kernel_matrix
+from tf_lora.layers.lora_embedding import warn_if_tied
 from tf_lora.layers.lora_layer import ADAPTER_NAME, LoraAdapters
 from tf_lora.layers.lora_model import mark
 from tf_lora.layers.model_layers import describe_paths, layers_by_path, lora_kind
@@ -133,6 +134,7 @@ def apply(
         if adapter.bias is not None:
             set_bias(layer, adapter.bias)
         if mode == "merge":
+            warn_if_tied(layer, f"apply: {module} -> {path}", stacklevel=2)
             merge_into_layer(layer, adapter.a, adapter.b, adapter.scale, adapter.magnitude)
             continue
         if not isinstance(layer, LoraAdapters):

@@ -79,14 +79,8 @@ class LoraEmbedding(LoraAdapters, keras.layers.Embedding):
         """As `LoraAdapters.merge`. A tied table (keras-hub's ReversibleEmbedding with `tie_weights`) is
         also the model's output projection: the merge changes that too, where the unmerged adapter left it
         at the base table (PEFT's tied `lm_head` behaves the same), so this warns."""
-        if not self.merged and self.active_adapter is not None and getattr(self, "tie_weights", False):
-            warnings.warn(
-                f"{self._describe()}: merging into a tied embedding table also changes the output "
-                "projection that shares it (the reverse call), which used the base table while the "
-                "adapter was unmerged; the merged model's logits differ from the unmerged model's, as "
-                "with PEFT's tied lm_head. Keep the adapter unmerged to serve the same outputs.",
-                stacklevel=2,
-            )
+        if not self.merged and self.active_adapter is not None:
+            warn_if_tied(self, self._describe(), stacklevel=2)
         super().merge()
 
     def _batched_delta(self, tokens, rows, adapter_ids):
@@ -129,3 +123,17 @@ class LoraEmbedding(LoraAdapters, keras.layers.Embedding):
         for key in ("lora_dropout", "train_bias", "use_dora"):
             config.pop(key)
         return config
+
+
+def warn_if_tied(layer, where, stacklevel=2):
+    """Warns that a merge into `layer`, a tied input/output table (keras-hub's ReversibleEmbedding with
+    `tie_weights`), also changes its output projection, which an unmerged adapter leaves at the base
+    table."""
+    if getattr(layer, "tie_weights", False):
+        warnings.warn(
+            f"{where}: merging into a tied embedding table also changes the output projection that "
+            "shares it (the reverse call), which used the base table while the adapter was unmerged; "
+            "the merged model's logits differ from the unmerged model's, as with PEFT's tied lm_head. "
+            "Keep the adapter unmerged to serve the same outputs.",
+            stacklevel=stacklevel + 1,
+        )
