@@ -211,6 +211,26 @@ def test_dora_runs_and_trains_in_every_dtype(policy):
         keras.mixed_precision.set_global_policy("float32")
 
 
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+def test_fresh_dora_adapter_leaves_the_output_exactly_as_it_was(policy):
+    # A fresh DoRA adapter (B = 0, magnitude = ||w||) must change nothing. Read inside the layer's call,
+    # Keras rounded the magnitude and the weight to the compute dtype, so the factor was
+    # bf16(||w||) / ||bf16(w)||, off by up to a step: 21% of bf16 outputs differed.
+    import keras
+
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        keras.utils.set_random_seed(0)
+        inputs = keras.Input((64,))
+        model = keras.Model(inputs, keras.layers.Dense(48, name="d")(inputs))
+        x = np.random.default_rng(0).standard_normal((16, 64)).astype(np.float32)
+        before = model(x).numpy()
+        adapted, _ = tf_lora.inject_lora(model, rank=4, use_dora=True)
+        np.testing.assert_array_equal(adapted(x).numpy(), before)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
 def test_ids_that_name_different_adapters_in_different_layers_are_refused():
     # Per-example ids index each layer's adapter_names: adapters added in another order made id 1 "x" in one
     # layer and "y" in the next, and the batch silently ran a mix of both (found by a user trial).

@@ -11,6 +11,7 @@ import threading
 
 import keras
 import tensorflow as tf
+from keras.src.backend.common.variables import AutocastScope  # private; Keras has no public way
 
 from tf_lora.layers.kernel_layout import (
     adapted_norm,
@@ -412,9 +413,12 @@ class LoraAdapters:
             def dora_rows(y2, x2):
                 # PEFT's DoRA: magnitude / ||w + scale * a @ b|| (column norms, no gradient through the norm)
                 # times x @ (w + scale * a @ b); the bias comes after. The factor in the norm's dtype
-                # (float32, float64 for a float64 weight): the magnitude comes in the compute dtype.
-                norm = tf.stop_gradient(adapted_norm(self, slot.a, slot.b, slot.scale_var))
-                factor = tf.cast(slot.magnitude, norm.dtype) / norm
+                # (float32, float64 for a float64 weight), from the variables as stored: under a mixed
+                # policy Keras would read them rounded to the compute dtype, and a fresh adapter (B = 0)
+                # would then scale the base output by bf16(||w||) / ||bf16(w)|| instead of 1.
+                with AutocastScope(None):
+                    norm = tf.stop_gradient(adapted_norm(self, slot.a, slot.b, slot.scale_var))
+                    factor = tf.cast(slot.magnitude, norm.dtype) / norm
                 factor = tf.where(live > 0, factor, tf.ones_like(factor))
                 y2 = lora_ops.lora_apply(y2, lora_input(x2), slot.a, slot.b, scale)
                 return y2 * tf.cast(factor, y2.dtype)
