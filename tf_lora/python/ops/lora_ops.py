@@ -2,7 +2,7 @@
 
 import tensorflow as tf
 
-from tf_lora.python.ops import gen_lora_ops
+from tf_lora.python.ops import gen_lora_ops, lora_pfor  # noqa: F401 - lora_pfor registers converters
 from tf_lora.python.ops.xla import in_xla_context
 
 _HALF_TYPES = (tf.float16, tf.bfloat16)
