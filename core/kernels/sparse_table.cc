@@ -763,6 +763,51 @@ Table::Contents Table::Export() const {
   return out;
 }
 
+std::string Table::CheckContents(const Contents& in, int64_t step) const {
+  // What no sequence of pushes can produce, and a push would turn into NaN:
+  // non-finite values or slots, negative accumulators (Adagrad's and FTRL's
+  // first slot, Adam's second moment), accumulators a zero gradient would
+  // divide by zero with, negative update counts or step.
+  const int64_t dim = config_.dim, slot_width = row_width_ - dim;
+  const Optimizer& opt = config_.optimizer;
+  using Kind = Optimizer::Kind;
+  const int64_t accumulator = opt.kind == Kind::kAdam ? dim : 0;
+  if (step < 0) return "step must be >= 0, got " + std::to_string(step);
+  for (size_t i = 0; i < in.keys.size(); ++i) {
+    const std::string key = "key " + std::to_string(in.keys[i]) + ": ";
+    const float* values = in.values.data() + i * dim;
+    const float* slots = in.slots.data() + i * slot_width;
+    if (!std::all_of(values, values + dim,
+                     [](float v) { return std::isfinite(v); })) {
+      return key + "its values are not all finite";
+    }
+    if (!std::all_of(slots, slots + slot_width,
+                     [](float v) { return std::isfinite(v); })) {
+      return key + "its optimizer slots are not all finite";
+    }
+    if (in.update_counts[i] < 0) {
+      return key + "update count " + std::to_string(in.update_counts[i]) +
+             " < 0";
+    }
+    if (opt.kind == Kind::kSgd) continue;
+    const float* acc = slots + accumulator;
+    // The smallest accumulator the update can divide by without a NaN.
+    const bool strict = (opt.kind == Kind::kAdagrad && opt.epsilon == 0) ||
+                        (opt.kind == Kind::kFtrl && opt.l2 == 0);
+    for (int64_t j = 0; j < dim; ++j) {
+      if (acc[j] < 0 || (strict && acc[j] == 0)) {
+        return key +
+               (opt.kind == Kind::kAdam ? "Adam's second moment "
+                                        : "the accumulator ") +
+               std::to_string(acc[j]) +
+               (strict ? " must be > 0" : " must be >= 0") +
+               " for this table's optimizer";
+      }
+    }
+  }
+  return "";
+}
+
 std::string Table::Import(const Contents& in, int64_t step) {
   const int64_t n = in.keys.size(), dim = config_.dim;
   const int64_t slot_width = row_width_ - dim;
@@ -774,6 +819,8 @@ std::string Table::Import(const Contents& in, int64_t step) {
       return "duplicate key " + std::to_string(*dup);
     }
   }
+  const std::string bad = CheckContents(in, step);
+  if (!bad.empty()) return bad;
   // Build the new shards aside, then swap them in: a failure above leaves the
   // table as it was.
   std::vector<std::unique_ptr<Shard>> fresh;

@@ -149,9 +149,12 @@ class Table {
   Contents Export() const;
 
   // Replaces the whole contents (and sets the step to `step`). The caller has
-  // checked the shapes; duplicate keys are an error, reported before anything
-  // changes.
+  // checked the shapes; duplicate keys and contents CheckContents refuses are
+  // errors, reported before anything changes.
   std::string Import(const Contents& contents, int64_t step);
+  // "" when `contents` (shapes already checked) is something this table's
+  // optimizer can go on from, else what is wrong.
+  std::string CheckContents(const Contents& contents, int64_t step) const;
 
  private:
   struct Shard;

@@ -323,7 +323,21 @@ class SparseTableImportOp : public OpKernel {
                        tensor.shape().DebugString()));
     };
     OP_REQUIRES_OK(ctx, expect("values", values, TensorShape({n, t.dim()})));
-    OP_REQUIRES_OK(ctx, expect("slots", slots, TensorShape({n, slot_width})));
+    if (slots.shape() != TensorShape({n, slot_width})) {
+      // Mostly contents saved with another optimizer: say which one this is.
+      static constexpr const char* kNames[] = {"SGD", "Adagrad", "Adam",
+                                               "FTRL"};
+      const auto& optimizer = t.config().optimizer;
+      ctx->SetStatus(absl::InvalidArgumentError(absl::StrCat(
+          "SparseTableImport: slots must have shape ",
+          TensorShape({n, slot_width}).DebugString(), " for ", n,
+          " keys and a table of dim ", t.dim(), " whose optimizer, ",
+          kNames[static_cast<int>(optimizer.kind)], ", keeps ",
+          optimizer.Slots(), " slot(s) per value; got ",
+          slots.shape().DebugString(),
+          " (contents saved with another optimizer?)")));
+      return;
+    }
     OP_REQUIRES_OK(ctx, expect("update_counts", counts, TensorShape({n})));
     OP_REQUIRES_OK(ctx, expect("last_steps", steps, TensorShape({n})));
     OP_REQUIRES_OK(ctx, expect("step", step, TensorShape({})));

@@ -165,6 +165,48 @@ TEST(SparseTable, ImportRoundTripAndRejectsDuplicates) {
       << "import with a duplicate key fails and leaves the table as it was";
 }
 
+TEST(SparseTable, ImportRefusesWhatAPushWouldTurnIntoNaN) {
+  const int64_t dim = 3;
+  for (const auto kind : {Optimizer::Kind::kSgd, Optimizer::Kind::kAdagrad,
+                          Optimizer::Kind::kAdam, Optimizer::Kind::kFtrl}) {
+    Table t(MakeConfig(kind, Initializer::Kind::kUniform, dim));
+    std::vector<int64_t> ids = {5, -7, 11};
+    std::vector<float> grads(ids.size() * dim, 0.5f);
+    t.Push(ids.data(), ids.size(), grads.data(), 0.1f, Threads);
+    const Table::Contents good = t.Export();
+    std::vector<float> before(ids.size() * dim), after(ids.size() * dim);
+    t.Pull(ids.data(), ids.size(), false, before.data(), Threads);
+    const auto refused = [&](Table::Contents c, int64_t step,
+                             const char* what) {
+      const std::string error = t.Import(c, step);
+      t.Pull(ids.data(), ids.size(), false, after.data(), Threads);
+      EXPECT_TRUE(!error.empty() && after == before)
+          << what << " is refused (" << error << ") and the table kept";
+    };
+    Table::Contents bad = good;
+    bad.values[4] = std::nanf("");
+    refused(bad, t.step(), "a NaN value");
+    bad = good;
+    bad.values[0] = INFINITY;
+    refused(bad, t.step(), "an infinite value");
+    bad = good;
+    bad.update_counts[1] = -1;
+    refused(bad, t.step(), "a negative update count");
+    refused(good, -1, "a negative step");
+    if (kind == Optimizer::Kind::kSgd) continue;
+    bad = good;
+    bad.slots[2] = std::nanf("");
+    refused(bad, t.step(), "a NaN slot");
+    // Adagrad's and FTRL's accumulator is the first slot, Adam's v the second.
+    const int64_t acc = kind == Optimizer::Kind::kAdam ? dim : 0;
+    const int64_t width = good.slots.size() / good.keys.size();
+    bad = good;
+    bad.slots[width + acc + 1] = -1.f;
+    refused(bad, t.step(), "a negative accumulator");
+    EXPECT_TRUE(t.Import(good, t.step()).empty()) << "the export itself";
+  }
+}
+
 TEST(SparseTable, ConcurrentPushesLoseNothing) {
   Table t(MakeConfig(Optimizer::Kind::kSgd, Initializer::Kind::kZeros, 2));
   const int kThreads = 4, kPushes = 200, kIds = 64;

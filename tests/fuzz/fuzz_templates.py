@@ -4,7 +4,8 @@ Per op (its name without the `TfLora>` prefix):
   "<input>": a tuple of dimensions: symbols ("N", "in", ...) share one value per case; "*" stands for any
              number (0-2) of leading dimensions; ints are fixed. "table" / "var" for a resource input.
   "values:<input>": how to draw its values: "ids" (small keys, some extreme), "adapter_ids" (in [-1, n),
-             some out of range), "scale" (often 0, 1 or 2).
+             some out of range), "scale" (often 0, 1 or 2), "nonnegative" (mostly >= 0), "counts" (small
+             non-negative ints, some extreme).
   "attr:<attr>": the symbol an int attr usually takes (a dim that must agree with the inputs).
   "output:<output>": the dimensions of an output that the inputs' sizes do not bound (x @ a [N, r] from
              empty x and a): cases keep it small enough to allocate, or so large that its shape overflows.
@@ -63,6 +64,10 @@ TEMPLATES = {
         "last_steps": ("K",),
         "step": (),
         "values:keys": "ids",
+        # Accumulators and counts no push makes negative: mostly drawn as pushes leave them.
+        "values:slots": "nonnegative",
+        "values:update_counts": "counts",
+        "values:step": "counts",
     },
     "SparseTableRemove": {"table": "table", "ids": ("*",), "values:ids": "ids"},
     "SparseTableEvict": {"table": "table", "min_update_count": (), "max_age": ()},

@@ -230,6 +230,8 @@ class Case:
             values = rng.normal(size=n)
             if kind == "scale" and rng.random() < 0.5:
                 values = rng.choice([0.0, 1.0, 2.0, -0.5], size=n)
+            if kind == "nonnegative" and rng.random() < 0.9:
+                values = np.abs(values)
             if rng.random() < 0.08:
                 values[rng.integers(n)] = rng.choice([math.nan, math.inf, -math.inf, 1e30])
             return tf.constant(values.reshape(shape), dtype)
@@ -238,6 +240,11 @@ class Case:
             values = rng.integers(-1, max(adapters, 1), size=n)
             if rng.random() < 0.1:
                 values[rng.integers(n)] = rng.choice([-2, adapters, adapters + 1, 2**31 - 1, -(2**31)])
+            return tf.constant(values.reshape(shape), dtype)
+        if kind == "counts":
+            values = rng.integers(0, 100, size=n)
+            if rng.random() < 0.1:
+                values[rng.integers(n)] = rng.choice(INT64_VALUES)
             return tf.constant(values.reshape(shape), dtype)
         if kind == "ids":
             values = rng.integers(0, 20, size=n)

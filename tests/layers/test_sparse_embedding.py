@@ -92,3 +92,65 @@ def test_bad_input():
         tf_lora.layers.SparseEmbedding(3)(tf.ragged.constant([[1], [2, 3]], dtype=tf.int64))
     with pytest.raises(TypeError, match="ids must be integers, got float32"):
         tf_lora.layers.SparseEmbedding(3)(tf.constant([[1.0]]))
+
+
+@pytest.mark.parametrize("combiner", ["sum", "mean", "sqrtn"])
+def test_dense_ids_of_any_rank_combine_over_their_last_axis(combiner):
+    # One-dimensional ids (a user-id input) were combined over the batch: every example got the same row.
+    layer = tf_lora.layers.SparseEmbedding(3, combiner=combiner)
+    rows = layer.table.pull(np.arange(30), training=True).numpy()
+    one = np.array([4, 9, 4, 17])
+    np.testing.assert_array_equal(layer(tf.constant(one)).numpy(), rows[one])
+    assert layer.compute_output_shape((None,)) == (None, 3)
+    three = np.arange(24).reshape(2, 3, 4)
+    norm = {"sum": 1.0, "mean": 4.0, "sqrtn": 2.0}[combiner]
+    got = layer(tf.constant(three)).numpy()
+    np.testing.assert_allclose(got, rows[three].sum(axis=2) / norm, rtol=1e-6)
+    assert got.shape == layer.compute_output_shape((2, 3, 4)) == (2, 3, 3)
+    inputs = keras.Input((), dtype="int64")  # in a functional model: one row per example
+    model = keras.Model(inputs, layer(inputs))
+    assert model.output.shape == (None, 3)
+    np.testing.assert_array_equal(model.predict(one, verbose=0), rows[one])
+
+
+def test_ids_and_weights_of_other_structures_are_refused():
+    layer = tf_lora.layers.SparseEmbedding(3, combiner="mean")
+    ids = tf.ragged.constant([[1, 2], [3]], dtype=tf.int64)
+    with pytest.raises(ValueError, match=r"ragged ids must be \[batch, None\] \(ragged_rank 1\)"):
+        layer(tf.ragged.constant([[[1], [2, 3]], [[4]]], dtype=tf.int64))
+    with pytest.raises(ValueError, match=r"sparse ids must be \[batch, k\] \(rank 2\)"):
+        layer(tf.sparse.from_dense(tf.constant([[[1, 2]], [[3, 0]]], tf.int64)))
+    with pytest.raises(ValueError, match="weights must be ragged like the ids"):
+        layer(ids, weights=tf.constant([[1.0, 2.0], [3.0, 4.0]]))
+    # Same number of values, other rows: used without a word before.
+    with pytest.raises(tf.errors.InvalidArgumentError, match="weights must have the ids' structure"):
+        layer(ids, weights=tf.ragged.constant([[1.0], [2.0, 3.0]]))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="weights must have the ids' structure"):
+        layer(ids, weights=tf.ragged.constant([[1.0, 2.0], [3.0, 4.0]]))
+    sparse = tf.sparse.from_dense(tf.constant([[1, 2], [3, 0]], tf.int64))
+    other = tf.sparse.from_dense(tf.constant([[1.0, 0.0], [3.0, 4.0]]))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="weights must have the ids' structure"):
+        layer(sparse, weights=other)
+    weights = tf.ragged.constant([[1.0, 3.0], [2.0]])
+    rows = layer.table.pull([1, 2, 3]).numpy()
+    np.testing.assert_allclose(
+        layer(ids, weights=weights).numpy(), [(rows[0] + 3 * rows[1]) / 4, rows[2]], rtol=1e-6
+    )
+    with pytest.raises(TypeError, match="dim must be an integer, got 2.5"):
+        tf_lora.layers.SparseEmbedding(2.5)
+
+
+def test_every_layer_starts_its_ids_with_rows_of_its_own():
+    # All layers had seed 0 by default: a user and an item tower started every id with the same row.
+    keras.utils.set_random_seed(3)
+    first, second = tf_lora.layers.SparseEmbedding(4), tf_lora.layers.SparseEmbedding(4)
+    ids = [1, 2, 3]
+
+    def rows(layer):  # as a training call inserts them
+        return layer.table.pull(ids, training=True).numpy()
+
+    assert np.abs(rows(first)).max() > 0.01 and not np.allclose(rows(first), rows(second))
+    keras.utils.set_random_seed(3)  # and reproducibly so
+    np.testing.assert_array_equal(rows(tf_lora.layers.SparseEmbedding(4)), rows(first))
+    restored = tf_lora.layers.SparseEmbedding.from_config(first.get_config())
+    np.testing.assert_array_equal(rows(restored), rows(first))

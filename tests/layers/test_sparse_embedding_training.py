@@ -206,6 +206,23 @@ def test_gradient_accumulation_reaches_the_table():
     assert int(emb.table.export()["step"]) == 2 * 256 // 32 // 4
 
 
+def test_a_schedule_under_gradient_accumulation_is_taken_where_keras_takes_it():
+    # Keras takes a schedule at its count of apply calls, which accumulation counts per micro-batch; the
+    # table took it at `iterations` (applied steps), so its rate decayed twice as late as the dense rows'.
+    def schedule():
+        return keras.optimizers.schedules.PiecewiseConstantDecay([6], [0.1, 0.02])
+
+    sparse, emb, dense, dense_emb = _models(
+        lambda: keras.optimizers.SGD(schedule(), gradient_accumulation_steps=2),
+        table_optimizer=keras.optimizers.SGD(schedule()),
+    )
+    x, y = _data()
+    sparse.fit(x, y, batch_size=32, epochs=2, shuffle=False, verbose=0)
+    dense.fit(x, y, batch_size=32, epochs=2, shuffle=False, verbose=0)
+    want = dense_emb.embeddings.numpy()
+    np.testing.assert_allclose(_rows(emb), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
 @pytest.mark.parametrize("combiner", ["sum", "mean", "sqrtn"])
 @pytest.mark.parametrize("weighted", [False, True])
 def test_sparse_tensor_ids_match_safe_embedding_lookup_sparse(combiner, weighted):

@@ -192,6 +192,65 @@ def test_bad_import_leaves_table_unchanged():
     _assert_same(before, _snapshot(table))
 
 
+@pytest.mark.parametrize(
+    "optimizer, slots",
+    [(opt.Adagrad, [0]), (opt.Adam, [1]), (opt.Ftrl, [0])],
+    ids=["adagrad", "adam", "ftrl"],
+)
+def test_import_refuses_what_a_push_would_turn_into_nan(optimizer, slots):
+    # NaN values and negative accumulators were imported, and the next push wrote NaN rows.
+    table = tf_lora.SparseTable(2, optimizer=optimizer(0.1))
+    table.push([1, 2], np.ones((2, 2), np.float32))
+    before = _snapshot(table)
+    good = {k: np.asarray(v) for k, v in table.export().items()}
+    values = good["values"].copy()
+    values[1, 0] = np.nan
+    with pytest.raises(tf.errors.InvalidArgumentError, match="its values are not all finite; the table is"):
+        table.import_(dict(good, values=values))
+    for slot in slots:  # the accumulator (Adam: the second moment)
+        negative = good["slots"].copy()
+        negative[0, slot * 2 + 1] = -1.0
+        with pytest.raises(tf.errors.InvalidArgumentError, match="must be >=? 0 for this table's optimizer"):
+            table.import_(dict(good, slots=negative))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="update count -3 < 0"):
+        table.import_(dict(good, update_counts=np.array([1, -3])))
+    _assert_same(before, _snapshot(table))
+    other = tf_lora.SparseTable(2, optimizer=opt.SGD(0.1))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="whose optimizer, SGD, keeps 0 slot"):
+        other.import_(good)
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: opt.Adam(0.1, beta_1=1.0), r"beta_1 must be finite and in \[0.0, 1.0\)"),
+        (lambda: opt.Adam(0.1, beta_2=1.0), r"beta_2 must be finite and in \[0.0, 1.0\)"),
+        (lambda: opt.Adam(0.1, epsilon=0.0), r"epsilon must be finite and in \(0.0, inf\]"),
+        (lambda: opt.Adagrad(0.1, initial_accumulator_value=0.0, epsilon=0.0), "both 0"),
+        (lambda: opt.Ftrl(0.1, initial_accumulator_value=0.0), "both 0"),
+        (lambda: tf_lora.sparse_initializers.RandomNormal(stddev=float("nan")), "stddev must be a finite"),
+        (lambda: tf_lora.sparse_initializers.RandomNormal(mean=float("inf")), "mean must be a finite"),
+        (lambda: tf_lora.sparse_initializers.TruncatedNormal(stddev=-1.0), "stddev must be >= 0"),
+        (lambda: tf_lora.sparse_initializers.RandomUniform(1.0, -1.0), "minval 1.0 > maxval -1.0"),
+        (lambda: tf_lora.sparse_initializers.RandomUniform(seed=-1), r"seed must be an int in \[0, 2\^63\)"),
+    ],
+)
+def test_settings_that_would_put_nan_into_a_table_are_refused(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_settings_at_the_edge_still_train_to_finite_rows():
+    for optimizer in (
+        opt.Adagrad(0.1, initial_accumulator_value=0.0),
+        opt.Ftrl(0.1, initial_accumulator_value=0.0, l2_regularization_strength=0.1),
+        opt.Adam(0.1, beta_1=0.0),
+    ):
+        table = tf_lora.SparseTable(2, optimizer=optimizer)
+        table.push([1, 1, 2], [[0.5, 0.0], [0.5, 0.0], [0.0, 0.0]])
+        assert np.isfinite(table.export()["values"].numpy()).all()
+
+
 def test_not_a_table():
     from tf_lora.python.ops import sparse_table_ops
 

@@ -40,9 +40,13 @@ class SparseEmbedding(keras.layers.Layer):
     Args:
       dim: Embedding width, in [1, 2^20].
       combiner: None (output `ids.shape + [dim]`), or 'sum', 'mean', 'sqrtn' over the last axis of the ids
-        (output `[batch, dim]`; required for ragged and sparse ids).
+        (output `ids.shape[:-1] + [dim]`: `[batch, dim]` for `[batch, k]` ids; required for ragged and
+        sparse ids, which must be `[batch, None]` / `[batch, k]`). One-dimensional ids `[batch]` are one
+        id per example: the combiner leaves each row as it is (output `[batch, dim]`).
       initializer: A `tf_lora.sparse_initializers` object, or Keras's Zeros, RandomUniform, RandomNormal or
-        TruncatedNormal.
+        TruncatedNormal. Default RandomNormal(stddev=0.05) with a seed of the layer's own (every table
+        starts an id with different rows; drawn from Python's `random`, so `keras.utils.set_random_seed`
+        makes it reproducible; kept in the layer's config).
       optimizer: The table's optimizer: a `tf_lora.sparse_optimizers` object or Keras's SGD, Adagrad, Adam
         or Ftrl (same hyper-parameters; a learning-rate schedule is followed at the model optimizer's
         step). Default Adagrad(0.05).
@@ -67,12 +71,14 @@ class SparseEmbedding(keras.layers.Layer):
             raise ValueError(f"SparseEmbedding: combiner must be one of {_COMBINERS}, got {combiner!r}")
         if int(max_ids_per_step) < 1:
             raise ValueError(f"SparseEmbedding: max_ids_per_step must be >= 1, got {max_ids_per_step}")
-        self.dim = int(dim)
         self.combiner = combiner
         self.max_ids_per_step = int(max_ids_per_step)
-        self.initializer = initializers.resolve(initializer, initializers.RandomNormal(stddev=0.05))
+        self.initializer = initializers.resolve(
+            initializer, initializers.RandomNormal(stddev=0.05, seed=initializers.new_seed())
+        )
         self.table_optimizer = optimizers.resolve(optimizer, optimizers.Adagrad(0.05))
-        self.table = SparseTable(self.dim, self.initializer, self.table_optimizer, name=self.name)
+        self.table = SparseTable(dim, self.initializer, self.table_optimizer, name=self.name)
+        self.dim = self.table.dim
         _optimizer_hook.install()
         self.pulled_rows = self.add_weight(
             shape=(self.max_ids_per_step, self.dim), initializer="zeros", trainable=True, name="pulled_rows"
@@ -96,12 +102,8 @@ class SparseEmbedding(keras.layers.Layer):
         )
 
     def call(self, ids, weights=None, training=None):
-        if isinstance(ids, tf.SparseTensor):
-            flat, segments, rows = ids.values, ids.indices[:, 0], ids.dense_shape[0]
-            weights = weights.values if isinstance(weights, tf.SparseTensor) else weights
-        elif isinstance(ids, tf.RaggedTensor):
-            flat, segments, rows = ids.flat_values, ids.value_rowids(), ids.nrows()
-            weights = weights.flat_values if isinstance(weights, tf.RaggedTensor) else weights
+        if isinstance(ids, tf.SparseTensor | tf.RaggedTensor):
+            flat, segments, rows, weights = _segments(ids, weights)
         else:
             flat, segments, rows = ids, None, None
         flat = _int64(flat)
@@ -115,8 +117,10 @@ class SparseEmbedding(keras.layers.Layer):
             return _combine(values, segments, rows, weights, self.combiner)
         if weights is not None:
             raise ValueError("SparseEmbedding: weights go with ragged or sparse ids")
-        if self.combiner is None:
+        if self.combiner is None or ids.shape.rank == 1:  # one id per example: nothing to combine
             return values
+        if ids.shape.rank is None:
+            raise ValueError("SparseEmbedding: dense ids with a combiner need a known rank")
         total = tf.reduce_sum(values, axis=-2)
         count = tf.cast(tf.shape(ids)[-1], values.dtype)
         if self.combiner == "sum":
@@ -175,7 +179,11 @@ class SparseEmbedding(keras.layers.Layer):
         ids, rows = tf.boolean_mask(ids, touched), tf.boolean_mask(rows, touched)
 
         def push(ids, rows):
-            lr = self.table_optimizer.learning_rate_at(optimizer.iterations)
+            # Keras takes its own schedule at the count of apply calls (_iterations), which gradient
+            # accumulation counts per micro-batch (`iterations` is per applied step): the same here.
+            lr = self.table_optimizer.learning_rate_at(
+                getattr(optimizer, "_iterations", optimizer.iterations)
+            )
             return sparse_table_ops.push(self.table.resource_handle, ids, rows, lr)
 
         context = tf.distribute.get_replica_context()
@@ -200,9 +208,9 @@ class SparseEmbedding(keras.layers.Layer):
         self._step.fresh.assign(1)
 
     def compute_output_shape(self, input_shape):
-        if self.combiner is None:
+        if self.combiner is None or len(input_shape) == 1:
             return tuple(input_shape) + (self.dim,)
-        return (input_shape[0], self.dim)
+        return tuple(input_shape[:-1]) + (self.dim,)
 
     # The table's contents travel with the layer in .keras files (pulled_rows is always zero, and the step's
     # ids are the current step's only: neither is saved).
@@ -243,6 +251,51 @@ def _int64(ids):
             raise TypeError(f"SparseEmbedding: ids must be integers, got {ids.dtype.name}")
         ids = tf.cast(ids, tf.int64)
     return ids
+
+
+def _segments(ids, weights):
+    """Ragged ids `[batch, None]` or sparse ids `[batch, k]` as (flat ids, each one's example, examples,
+    flat weights); anything else, or weights of another structure, is an error that says so."""
+    what = "ragged" if isinstance(ids, tf.RaggedTensor) else "sparse"
+    if isinstance(ids, tf.RaggedTensor):
+        if ids.ragged_rank != 1 or ids.flat_values.shape.rank != 1:
+            raise ValueError(
+                f"SparseEmbedding: ragged ids must be [batch, None] (ragged_rank 1); got {ids.shape} with "
+                f"ragged_rank {ids.ragged_rank}: give each example's ids as one list"
+            )
+        flat, segments, rows, structure = ids.flat_values, ids.value_rowids(), ids.nrows(), ids.row_splits
+    else:
+        if ids.shape.rank != 2:
+            raise ValueError(
+                f"SparseEmbedding: sparse ids must be [batch, k] (rank 2); got shape {ids.shape}"
+            )
+        flat, segments, rows, structure = ids.values, ids.indices[:, 0], ids.dense_shape[0], ids.indices
+    if weights is None:
+        return flat, segments, rows, None
+    kind = tf.RaggedTensor if what == "ragged" else tf.SparseTensor
+    if not isinstance(weights, kind) or (what == "ragged" and weights.ragged_rank != 1):
+        raise ValueError(
+            f"SparseEmbedding: weights must be {what} like the ids (one weight per id); got "
+            f"{type(weights).__name__}"
+        )
+    if what == "ragged":
+        weights_flat, weights_structure = weights.flat_values, weights.row_splits
+    else:
+        weights_flat, weights_structure = weights.values, weights.indices
+    message = f"SparseEmbedding: {what} weights must have the ids' structure (one weight per id)"
+    if weights_structure.shape.is_fully_defined() and structure.shape.is_fully_defined():
+        if weights_structure.shape != structure.shape:
+            raise ValueError(message)
+    check = tf.debugging.assert_equal(
+        tf.shape(weights_structure, out_type=tf.int64),
+        tf.shape(structure, out_type=tf.int64),
+        message=message,
+    )
+    with tf.control_dependencies([check]):
+        same = tf.reduce_all(tf.equal(tf.cast(weights_structure, tf.int64), tf.cast(structure, tf.int64)))
+    check = tf.debugging.assert_equal(same, True, message=message)
+    with tf.control_dependencies([check]):
+        return flat, segments, rows, tf.identity(weights_flat)
 
 
 def _combine(values, segments, rows, weights, combiner):

@@ -1,7 +1,19 @@
 """Initializers of new rows of a tf_lora.SparseTable: each row is a pure function of (seed, id)."""
 
 import dataclasses
-import os
+import math
+import numbers
+import random
+
+
+def _check(owner, **fields):
+    """Each field a finite number (a seed: an int in [0, 2^63)); a table would keep NaN or Inf rows."""
+    for name, value in fields.items():
+        if name == "seed":
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= value < 2**63:
+                raise ValueError(f"{owner}: seed must be an int in [0, 2^63), got {value!r}")
+        elif isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+            raise ValueError(f"{owner}: {name} must be a finite number, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,6 +35,11 @@ class RandomUniform:
     seed: int = 0
     _kind = "uniform"
 
+    def __post_init__(self):
+        _check(type(self).__name__, minval=self.minval, maxval=self.maxval, seed=self.seed)
+        if self.minval > self.maxval:
+            raise ValueError(f"RandomUniform: minval {self.minval} > maxval {self.maxval}")
+
     def attrs(self):
         return {"initializer": self._kind, "init_a": self.minval, "init_b": self.maxval, "seed": self.seed}
 
@@ -35,6 +52,11 @@ class RandomNormal:
     stddev: float = 0.05
     seed: int = 0
     _kind = "normal"
+
+    def __post_init__(self):
+        _check(type(self).__name__, mean=self.mean, stddev=self.stddev, seed=self.seed)
+        if self.stddev < 0:
+            raise ValueError(f"{type(self).__name__}: stddev must be >= 0, got {self.stddev}")
 
     def attrs(self):
         return {"initializer": self._kind, "init_a": self.mean, "init_b": self.stddev, "seed": self.seed}
@@ -74,9 +96,16 @@ def resolve(initializer, default):
     seed = config.pop("seed", None)
     fields = {k: config[k] for k in ("minval", "maxval", "mean", "stddev") if k in config}
     if name != "Zeros":
-        # An unseeded Keras initializer draws differently for every layer: so does this (a seed drawn now
-        # and kept in the layer's config), never the same rows for two tables.
+        # An unseeded Keras initializer draws differently for every layer: so does this, never the same
+        # rows for two tables.
         if not isinstance(seed, int) or isinstance(seed, bool):
-            seed = int.from_bytes(os.urandom(4), "little") >> 1
+            seed = new_seed()
         fields["seed"] = seed
     return _KERAS[name](**fields)
+
+
+def new_seed():
+    """A seed for a table whose user gave none, kept in its layer's config: drawn from Python's `random`,
+    so that `keras.utils.set_random_seed` makes it reproducible, and different for every table (two
+    tables with one seed start every id with the same row)."""
+    return random.getrandbits(31)

@@ -17,11 +17,16 @@ import tensorflow as tf
 LearningRateSchedule = keras.optimizers.schedules.LearningRateSchedule
 
 
-def _check_number(owner, name, value, low=0.0, high=math.inf):
+def _check_number(owner, name, value, low=0.0, high=math.inf, ends="[]"):
+    """`ends` says which ends of the interval are in it: "[]", "[)" or "(]"."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{owner}: {name} must be a number, got {value!r}")
-    if not (math.isfinite(value) and low <= value <= high):
-        raise ValueError(f"{owner}: {name} must be finite and in [{low}, {high}], got {value}")
+    above = value >= low if ends[0] == "[" else value > low
+    below = value <= high if ends[1] == "]" else value < high
+    if not (math.isfinite(value) and above and below):
+        raise ValueError(
+            f"{owner}: {name} must be finite and in {ends[0]}{low}, {high}{ends[1]}, got {value}"
+        )
 
 
 class _Checked:
@@ -35,8 +40,13 @@ class _Checked:
         lr = self.learning_rate
         if not isinstance(lr, tf.Tensor | tf.Variable | keras.Variable | LearningRateSchedule):
             _check_number(owner, "learning_rate", lr)
-        for name, (low, high) in self._bounds.items():
-            _check_number(owner, name, getattr(self, name), low, high)
+        for name, bounds in self._bounds.items():
+            _check_number(owner, name, getattr(self, name), *bounds)
+        self._check_no_nan()
+
+    def _check_no_nan(self):
+        """Refuses settings under which a zero gradient makes the update 0 / 0 (Keras's optimizers give NaN
+        there; a table would keep it)."""
 
     def learning_rate_at(self, iterations):
         """The learning rate (float32 scalar) at a Keras optimizer's `iterations`."""
@@ -67,6 +77,13 @@ class Adagrad(_Checked):
     initial_accumulator_value: float = 0.1
     epsilon: float = 1e-7
 
+    def _check_no_nan(self):
+        if self.initial_accumulator_value == 0 and self.epsilon == 0:
+            raise ValueError(
+                "Adagrad: initial_accumulator_value and epsilon are both 0: a zero gradient would then "
+                "update by 0 / sqrt(0) = NaN; make one of them > 0"
+            )
+
     def attrs(self):
         return {
             "optimizer": "adagrad",
@@ -80,7 +97,8 @@ class Adam(_Checked):
     """Adam with bias correction, as Keras 3 computes it, on the rows pushed (lazily: a key's moments move
     when it is pushed, and its bias correction counts its own updates)."""
 
-    _bounds = {"beta_1": (0.0, 1.0), "beta_2": (0.0, 1.0), "epsilon": (0.0, math.inf)}
+    # beta = 1 makes the bias correction divide by 1 - beta^t = 0; epsilon = 0 a zero gradient 0 / 0.
+    _bounds = {"beta_1": (0.0, 1.0, "[)"), "beta_2": (0.0, 1.0, "[)"), "epsilon": (0.0, math.inf, "(]")}
 
     learning_rate: Any = 0.001
     beta_1: float = 0.9
@@ -115,6 +133,13 @@ class Ftrl(_Checked):
     initial_accumulator_value: float = 0.1
     l1_regularization_strength: float = 0.0
     l2_regularization_strength: float = 0.0
+
+    def _check_no_nan(self):
+        if self.initial_accumulator_value == 0 and self.l2_regularization_strength == 0:
+            raise ValueError(
+                "Ftrl: initial_accumulator_value and l2_regularization_strength are both 0: a zero gradient "
+                "on a new row would then update it by 0 / 0 = NaN; make one of them > 0"
+            )
 
     def attrs(self):
         return {

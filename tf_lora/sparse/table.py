@@ -1,6 +1,7 @@
 """tf_lora.SparseTable: an embedding table over an unbounded int64 id space."""
 
 import itertools
+import numbers
 
 import tensorflow as tf
 
@@ -35,6 +36,8 @@ class SparseTable(tf.saved_model.experimental.TrackableResource):
     """
 
     def __init__(self, dim, initializer=None, optimizer=None, name="sparse_table"):
+        if isinstance(dim, bool) or not isinstance(dim, numbers.Integral):
+            raise TypeError(f"SparseTable: dim must be an integer, got {dim!r}")
         if not 1 <= int(dim) <= MAX_DIM:
             raise ValueError(f"SparseTable: dim must be in [1, {MAX_DIM}] (2^20), got {dim}")
         self._dim = int(dim)
