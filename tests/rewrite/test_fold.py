@@ -238,7 +238,7 @@ def test_unsupported_patterns_write_nothing_and_exit_2(tmp_path, module, message
 def test_bad_inputs_give_clean_errors(tmp_path, capsys):
     src = _save(TwoLayers(), tmp_path / "model")
     assert cli.main(["fold", str(tmp_path / "missing"), str(tmp_path / "o")]) == 2
-    assert "no such directory" in capsys.readouterr().err
+    assert "no such file or directory" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
     assert cli.main(["inspect", str(tmp_path / "empty")]) == 2
     assert "not a SavedModel directory (no saved_model.pb)" in capsys.readouterr().err

@@ -12,7 +12,7 @@ from tf_lora.adapters.module_names import module_mapper
 from tf_lora.adapters.peft import load_peft
 from tf_lora.rewrite.errors import RewriteError
 from tf_lora.rewrite.graph_defs import GraphBody, split_ref
-from tf_lora.rewrite.lora_patterns import LORA_APPLY, projection_under
+from tf_lora.rewrite.lora_patterns import BATCHED_LORA_APPLY, LORA_APPLY, projection_under
 from tf_lora.rewrite.model_files import ModelFiles
 from tf_lora.rewrite.saved_model_writer import write_saved_model
 
@@ -27,6 +27,8 @@ class SwapReport:
 def load_adapter_file(path, sha256=None) -> dict:
     """A PEFT directory or a kohya .safetensors file, as {module: Adapter}."""
     path = os.fspath(path)
+    if os.path.basename(path) == "adapter_config.json":  # a PEFT directory named by its config
+        path = os.path.dirname(path) or "."
     try:
         if os.path.isdir(path):
             return load_peft(path, sha256=sha256)
@@ -62,20 +64,26 @@ def swap_adapter(model_dir, out_dir, adapters, mapping=None, strict=True, overwr
         functions["graph"] = GraphBody(meta)
 
     applies = {}  # layer -> [(function, node, a Variable, b Variable)]
-    problems = []
+    batched, dora = set(), set()  # layers with a multi-adapter apply; layers whose apply is DoRA
+    problems = _file_problems(adapters)
     for fdef in files.model_functions():
         nodes = files.nodes(fdef)
         for node in fdef.node_def:
+            if node.op == BATCHED_LORA_APPLY:
+                batched.add(_layer(_base_weight(files, fdef, nodes, node.input[0])))
             if node.op != LORA_APPLY:
                 continue
             where = f"{fdef.signature.name}/{node.name}"
             y_ref, x_ref, a_ref, b_ref, scale_ref = [i for i in node.input if not i.startswith("^")]
-            a_var, b_var = files.read_variable(fdef, a_ref), files.read_variable(fdef, b_ref)
+            a_var = files.read_variable(fdef, a_ref, through_cast=True)
+            b_var = files.read_variable(fdef, b_ref, through_cast=True)
             if a_var is None or b_var is None:
                 problems.append(f"{where}: A and B are not read straight from saved variables")
                 continue
             base = _base_weight(files, fdef, nodes, y_ref)
-            layer = base.rsplit("/", 1)[0] if "/" in base else base
+            layer = _layer(base)
+            if _scaled_by_variables(files, fdef, node):
+                dora.add(layer)
             try:
                 scale = float(files.evaluate(fdef, scale_ref))
             except RewriteError as e:
@@ -92,8 +100,21 @@ def swap_adapter(model_dir, out_dir, adapters, mapping=None, strict=True, overwr
     updates, swapped, unmatched = {}, {}, []
     for module, adapter in sorted(adapters.items()):
         layer = to_layer(module)
+        if layer in dora:
+            problems.append(
+                f"{module} -> {layer}: the model's adapter there is DoRA (its output is scaled by "
+                "magnitude / ||w + s a b||), whose magnitude swap-adapter does not write"
+            )
+            continue
         if layer not in applies:
-            unmatched.append(module)
+            if layer in batched:
+                problems.append(
+                    f"{module} -> {layer}: that layer holds several adapters (a BatchedLoraApply), which "
+                    "swap-adapter does not write into; swap in Python (tf_lora.adapters.apply with "
+                    "adapter_name) and export again"
+                )
+            else:
+                unmatched.append(module)
             continue
         for fn, node_name, a_var, b_var in applies[layer]:
             if tuple(adapter.a.shape) != a_var.shape or tuple(adapter.b.shape) != b_var.shape:
@@ -121,11 +142,50 @@ def swap_adapter(model_dir, out_dir, adapters, mapping=None, strict=True, overwr
     return SwapReport(swapped, unmatched, sorted(set(applies) - set(swapped.values())))
 
 
+def _file_problems(adapters):
+    """What of an adapter file swap-adapter cannot write (it writes A, B and the scale): DoRA magnitudes,
+    trained biases, whole replaced modules. Refused rather than dropped: the outputs would be wrong."""
+    problems = []
+    for module, adapter in sorted(adapters.items()):
+        if adapter.magnitude is not None:
+            problems.append(f"{module}: a DoRA adapter (its magnitude vector)")
+        if adapter.bias is not None:
+            problems.append(f"{module}: a trained bias")
+    replaced = sorted(getattr(adapters, "replacements", None) or {})
+    if replaced:
+        problems.append(f"whole modules the file replaces (modules_to_save) {replaced}")
+    if problems:
+        problems[-1] += (
+            "; swap-adapter writes A, B and the scale only: apply the file in Python "
+            "(tf_lora.adapters.apply on the Keras model) and export again"
+        )
+    return problems
+
+
+def _layer(weight_name):
+    """The layer of a weight variable: its name without the last part (a bare name stays whole)."""
+    return weight_name.rsplit("/", 1)[0] if "/" in weight_name else weight_name
+
+
+def _scaled_by_variables(files, fdef, node):
+    """Whether a LoRA apply's output is multiplied by a vector of variables only (DoRA's column scale)."""
+    users = files.consumers(fdef).get(node.name, ())
+    if len(users) != 1 or users[0].op != "Mul":
+        return False
+    others = [i for i in users[0].input if not i.startswith("^") and split_ref(i)[0] != node.name]
+    if len(others) != 1:
+        return False
+    try:
+        return np.ndim(files.evaluate(fdef, others[0])) == 1
+    except RewriteError:
+        return False
+
+
 def _base_weight(files, fdef, nodes, y_ref):
     """The name of the weight variable of the MatMul or Einsum under the apply's y (or the y node's name)."""
     node = projection_under(nodes, y_ref)
     if node is not None:
-        weight = files.read_variable(fdef, node.input[1])
+        weight = files.read_variable(fdef, node.input[1], through_cast=True)
         if weight is not None:
             return weight.name
     return split_ref(y_ref)[0]

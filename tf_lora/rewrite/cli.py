@@ -12,6 +12,7 @@ import json
 import math
 import os
 import re
+import signal
 import sys
 import traceback
 from typing import ClassVar
@@ -21,8 +22,19 @@ from rich.console import Console
 from tf_lora import _quiet
 
 
-def _parser():
-    parser = argparse.ArgumentParser(
+class _Parser(argparse.ArgumentParser):
+    """argparse's, whose usage errors also print the JSON failure object when --json is given."""
+
+    def error(self, message):
+        if "--json" in self._argv:
+            command = self.prog.split(" ", 1)[1] if " " in self.prog else None
+            print(json.dumps(Failure(command, message, 2).to_json(), indent=2))
+        super().error(message)
+
+
+def _parser(argv=None):
+    _Parser._argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _Parser(
         prog="tf-lora",
         description="Inspect and rewrite TensorFlow SavedModels that use (or could use) tf_lora's ops. "
         "Results go to stdout (--json: one JSON object, also for an error: ok false); progress, warnings "
@@ -71,7 +83,7 @@ def _parser():
         "--target", required=True, metavar="REGEX", type=_regex, help="weight variable or layer names"
     )
     p.add_argument("--rank", type=int, required=True, help="LoRA rank r")
-    p.add_argument("--alpha", type=float, required=True, help="LoRA alpha (scale alpha / r)")
+    p.add_argument("--alpha", type=_finite, required=True, help="LoRA alpha (scale alpha / r)")
     p.add_argument("--seed", type=int, default=0, help="seed of A's He-uniform initialisation")
 
     p = _rewriting(
@@ -164,6 +176,16 @@ def _regex(text):
     except re.error as e:
         raise argparse.ArgumentTypeError(f"not a regular expression: {text!r} ({e})") from None
     return text
+
+
+def _finite(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"wants a finite number, got {text!r}")
+    return value
 
 
 def _tolerance(text):
@@ -363,21 +385,29 @@ def _json_default(value):
 
 
 def main(argv=None):
-    args = _parser().parse_args(argv)
+    args = _parser(argv).parse_args(argv)
     _import_library(args.verbose)
     import tensorflow as tf  # imported by _import_library, as quietly as asked
 
     from tf_lora.rewrite import RewriteError
 
     names = _OutputNames(getattr(args, "out", None))
+    # SIGTERM (timeout, kill, a cancelled CI job, Kubernetes) unwinds like Ctrl-C: the staging directory
+    # beside OUT is removed on the way out.
+    previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         report = args.run(args, names)
+    except KeyboardInterrupt as e:
+        code = 143 if isinstance(e, _Terminated) else 130
+        return _fail(args, f"{str(e) or 'interrupted'}; {_interrupted_output(args)}", code)
     except RewriteError as e:
         return _fail(args, names.clean(_without_prefix(args.command, str(e))), e.exit_code)
     except (OSError, tf.errors.OpError) as e:
         if args.verbose:
             traceback.print_exc()
         return _fail(args, names.clean(_io_message(e)), 2)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     for line in report.warnings():
         print(f"tf-lora {args.command}: warning: {line}", file=sys.stderr)
     if args.json:
@@ -385,6 +415,21 @@ def main(argv=None):
     else:
         print(report.text())
     return 0
+
+
+class _Terminated(KeyboardInterrupt):
+    pass
+
+
+def _terminated(signum, frame):
+    raise _Terminated("terminated (SIGTERM)")
+
+
+def _interrupted_output(args):
+    out = getattr(args, "out", None)
+    if out is None:
+        return "nothing written"
+    return f"{out} left as it was" if os.path.lexists(out) else "nothing written"
 
 
 def _inspect(args, names) -> Report:
@@ -493,6 +538,12 @@ def _pair(text):
         re.compile(pattern)
     except re.error as e:
         raise RewriteError(f"--map {text!r}: not a regular expression ({e})") from None
+    try:  # the replacement's group references, checked against the pattern's groups (matching "")
+        re.compile(f"(?:{pattern})|").match("").expand(replacement)
+    except (re.error, IndexError) as e:
+        raise RewriteError(
+            f"--map {text!r}: the replacement {replacement!r} is not valid here ({e})"
+        ) from None
     return pattern, replacement
 
 
@@ -514,7 +565,17 @@ def _io_message(error):
     if isinstance(error, OSError):
         text = error.strerror or str(error)
         return f"{error.filename}: {text}" if error.filename else text
-    return (getattr(error, "message", None) or str(error)).strip().splitlines()[0]
+    # TensorFlow's run-time errors open with "Graph execution error:" and the Python stack of the node that
+    # failed (indented); the reason comes after it, then the node's name in [[...]].
+    lines = (getattr(error, "message", None) or str(error)).strip().splitlines()
+    reason = [
+        line.strip()
+        for line in lines
+        if line.strip()
+        and not line[:1].isspace()
+        and not line.startswith(("Graph execution error", "Detected at node", "[[", "\t[["))
+    ]
+    return " ".join(reason) or lines[0]
 
 
 class _OutputNames:

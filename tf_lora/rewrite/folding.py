@@ -170,7 +170,7 @@ def fold_one(files, fdef, nodes, node, chooser):
             raise RewriteError(
                 f"{where}: its input {x_ref!r} is not its MatMul's input {projection.input[0]!r}"
             )
-    weight = files.read_variable(fdef, projection.input[1])
+    weight = files.read_variable(fdef, projection.input[1], through_cast=True)  # mixed precision too
     if weight is None:
         raise RewriteError(
             f"{where}: its {projection.op} {projection.name} does not multiply by a saved variable"
@@ -185,7 +185,7 @@ def fold_one(files, fdef, nodes, node, chooser):
     _check_single_consumer_chain(files, fdef, nodes, node, projection)
     if node.op == LORA_APPLY:
         _check_xa_unread(fdef, node, where)
-        a_var = files.read_variable(fdef, data[2])
+        a_var = files.read_variable(fdef, data[2], through_cast=True)
         adapter_name = a_var.name if a_var is not None else split_ref(data[2])[0]
         a, b = files.evaluate(fdef, data[2]), files.evaluate(fdef, data[3])
         scale = files.evaluate(fdef, data[4])
@@ -218,7 +218,7 @@ def _adapter_names(files, fdef, nodes, node):
     """What --adapter is matched against: a LoraApply's A variable, each adapter of a BatchedLoraApply."""
     data = [i for i in node.input if not i.startswith("^")]
     if node.op == LORA_APPLY:
-        a_var = files.read_variable(fdef, data[2])
+        a_var = files.read_variable(fdef, data[2], through_cast=True)
         return [a_var.name if a_var is not None else split_ref(data[2])[0]]
     try:
         count = len(files.evaluate(fdef, data[2]))
@@ -233,7 +233,8 @@ def _batched_choice(files, fdef, nodes, node, data, chooser):
     where = f"{fdef.signature.name}/{node.name}"
     a_stack, b_stack = files.evaluate(fdef, data[2]), files.evaluate(fdef, data[3])
     scales = np.atleast_1d(files.evaluate(fdef, data[5]))
-    names = stack_names(files, fdef, nodes, data[2], len(a_stack))
+    ranks = {}  # each adapter's own rank: the stack pads them to the largest
+    names = stack_names(files, fdef, nodes, data[2], len(a_stack), ranks)
     if chooser is not None:
         ks = [k for k, name in enumerate(names) if chooser.search(name)]
         if len(ks) > 1:
@@ -245,7 +246,8 @@ def _batched_choice(files, fdef, nodes, node, data, chooser):
         return (names[0] if names else where), a_stack[0], b_stack[0], 0.0, False
     if k >= len(a_stack):
         raise RewriteError(f"{where}: adapter id {k} is out of range for {len(a_stack)} adapters")
-    return names[k], a_stack[k], b_stack[k], float(scales[k]), True
+    rank = ranks.get(k, a_stack.shape[2])  # the padding is zeros: the product is the same
+    return names[k], a_stack[k][:, :rank], b_stack[k][:rank], float(scales[k]), True
 
 
 def _uniform_id(files, fdef, nodes, ref, where):
@@ -438,7 +440,7 @@ def _check_weights_only_read_by_folded_projections(files, projections_folded, ex
                     continue
                 if not reads:
                     continue
-                for reader in consumers.get(node.name, ()):
+                for reader in _through_casts(consumers, node):
                     if saver_node(consumers, reader) or (fn, reader.name) in exempt:
                         continue
                     if (fn, reader.name) not in projections_folded[variable.node_id]:
@@ -447,6 +449,15 @@ def _check_weights_only_read_by_folded_projections(files, projections_folded, ex
                             "which has no LoRA apply to fold"
                         )
     return sorted(set(problems))
+
+
+def _through_casts(consumers, node):
+    """The nodes that use a node's value, through Cast (a mixed-precision layer's weight in its compute
+    dtype)."""
+    found = []
+    for user in consumers.get(node.name, ()):
+        found += _through_casts(consumers, user) if user.op == "Cast" else [user]
+    return found
 
 
 def _only_saves(consumers, node):

@@ -193,12 +193,16 @@ def _nothing_matches(files, pattern, target):
     weights of MatMuls and Einsum projections without an adapter, never a bias), and says what `target`
     matched instead: biases (variables that are only added), weights that have an adapter already, other
     variables."""
-    weights, adapted, uses = set(), set(), {}
+    weights, adapted, uses, cast = set(), set(), {}, set()
     for fdef in files.model_functions():
         consumers = files.consumers(fdef)
         has_adapter = _adapted_projections(fdef)
         for node in fdef.node_def:
             weight = files.read_variable(fdef, node.input[1]) if _takes_adapter(node) else None
+            if weight is None and _takes_adapter(node):
+                through = files.read_variable(fdef, node.input[1], through_cast=True)
+                if through is not None:  # a mixed-precision layer's weight, cast to its compute dtype
+                    cast.add(through.name)
             if weight is not None and node.name in has_adapter:
                 adapted.add(weight.name)
             elif weight is not None:
@@ -217,8 +221,15 @@ def _nothing_matches(files, pattern, target):
         return f"{nothing} ({listing})"
     biases = [n for n in matched if n not in adapted and uses.get(n) and uses[n] <= _ADDS]
     have = [n for n in matched if n in adapted]
-    others = [n for n in matched if n not in biases and n not in adapted]
+    casts = [n for n in matched if n in cast and n not in adapted]
+    others = [n for n in matched if n not in biases and n not in adapted and n not in casts]
     parts = []
+    if casts:
+        parts.append(
+            f"weights cast to another dtype before their MatMul or Einsum {casts} (a mixed-precision model: "
+            "inject adds adapters to float graphs whose projections multiply the weight itself; inject in "
+            "Keras with tf_lora.inject_lora and export again)"
+        )
     if biases:
         parts.append(
             f"biases {biases} (an adapter goes on the weight a MatMul or Einsum multiplies by, not on a bias "

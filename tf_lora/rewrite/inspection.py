@@ -148,7 +148,13 @@ def inspect(model_dir) -> dict:
                     einsums.append(entry)
             table = None
             if node.op == "ResourceGather":
-                table = files.arg_variables.get((fn, split_ref(node.input[0])[0]))
+                resource = split_ref(node.input[0])[0]
+                # A TF1 graph's variable is its handle op; a TF2 function's, the argument bound to it.
+                table = (
+                    files.graph_variables.get(resource)
+                    if files.tf1
+                    else files.arg_variables.get((fn, resource))
+                )
             elif node.op == "GatherV2":
                 table = files.read_variable(fdef, node.input[0])
             if table is not None:

@@ -53,8 +53,14 @@ class ModelFiles:
             self.prefix = os.path.splitext(self.path)[0]
         else:
             pb = os.path.join(self.path, "saved_model.pb")
+            if os.path.isfile(self.path):
+                raise RewriteError(
+                    f"{self.path}: not a model tf-lora reads (a SavedModel directory, a .meta file, or a "
+                    "GraphDef .pb/.pbtxt with its checkpoint); a Keras .keras file: load it and "
+                    "model.export(DIR) first"
+                )
             if not os.path.isdir(self.path):
-                raise RewriteError(f"{self.path}: no such directory (or .meta file)")
+                raise RewriteError(f"{self.path}: no such file or directory")
             if not os.path.isfile(pb):
                 raise RewriteError(f"{self.path}: not a SavedModel directory (no saved_model.pb)")
             self.proto = _parse(saved_model_pb2.SavedModel(), pb, "SavedModel")
@@ -91,6 +97,11 @@ class ModelFiles:
         if not os.path.exists(self.prefix + ".index"):
             if self.kind in ("meta_graph", "graph_def"):
                 raise RewriteError(f"{self.path}: no checkpoint beside it ({self.prefix}.index)")
+            if self._has_variables():  # a SavedModel without variables has no checkpoint, rightly
+                raise RewriteError(
+                    f"{self.path}: its variables are missing: no checkpoint {self.prefix}.index (a "
+                    "SavedModel keeps them in variables/; was the directory copied whole?)"
+                )
             return
         try:
             self.reader = tf.train.load_checkpoint(self.prefix)
@@ -100,15 +111,25 @@ class ModelFiles:
                 graph = trackable_object_graph_pb2.TrackableObjectGraph()
                 graph.ParseFromString(self.reader.get_tensor(OBJECT_GRAPH_KEY))
                 self.checkpoint_graph = graph
-        except (tf.errors.OpError, DecodeError, ValueError) as e:
+        except (tf.errors.OpError, DecodeError, ValueError, IndexError) as e:
             raise RewriteError(f"{self.prefix}: unreadable checkpoint ({e})") from None
         if self.kind == "saved_model":
             self.variables = object_graph_variables(self.meta, self.checkpoint_graph, shapes, dtypes)
         else:
             self.variables = saver_variables(self.meta, shapes, dtypes)
 
+    def _has_variables(self):
+        if self.kind == "saved_model":
+            return any(node.HasField("variable") for node in self.meta.object_graph_def.nodes)
+        return any(node.op in (*VARIABLE_OPS, "VarHandleOp") for node in self.meta.graph_def.node)
+
     def value(self, variable: Variable) -> np.ndarray:
-        return self.reader.get_tensor(variable.key)
+        try:
+            return self.reader.get_tensor(variable.key)
+        except (tf.errors.OpError, IndexError, ValueError) as e:  # a truncated data file: IndexError
+            raise RewriteError(
+                f"{self.prefix}: unreadable checkpoint, reading {variable.name} ({e})"
+            ) from None
 
     def model_functions(self):
         """Where model ops live: the library's functions except TensorFlow's checkpoint save/restore
@@ -139,12 +160,13 @@ class ModelFiles:
             entry = cache[id(fdef)] = (fdef, nodes, consumers)
         return entry[1], entry[2]
 
-    def read_variable(self, fdef, ref):
-        """The Variable a tensor reference reads (through ReadVariableOp and Identity), or None."""
+    def read_variable(self, fdef, ref, through_cast=False):
+        """The Variable a tensor reference reads (through ReadVariableOp and Identity; with `through_cast`,
+        Cast too: a mixed-precision layer casts its float32 weight to the compute dtype), or None."""
         nodes = self.nodes(fdef)
         node_name, _, _ = split_ref(ref)
         node = nodes.get(node_name)
-        while node is not None and node.op == "Identity":
+        while node is not None and (node.op == "Identity" or (through_cast and node.op == "Cast")):
             node_name, _, _ = split_ref(node.input[0])
             node = nodes.get(node_name)
         if node is not None and node.op in VARIABLE_OPS and isinstance(fdef, GraphBody):

@@ -6,6 +6,7 @@ import shutil
 
 import tensorflow as tf
 
+from tf_lora.rewrite.errors import RewriteError
 from tf_lora.rewrite.graph_defs import stripped_op_names
 from tf_lora.rewrite.model_files import ModelFiles
 from tf_lora.rewrite.output_dir import install_output, prepare_output
@@ -59,7 +60,10 @@ def _write_checkpoint(reader, new_values, prefix):
     keys = sorted(set(reader.get_variable_to_shape_map()) | set(new_values))
     tensors = []
     for key in keys:
-        value = new_values[key] if key in new_values else reader.get_tensor(key)
+        try:
+            value = new_values[key] if key in new_values else reader.get_tensor(key)
+        except (tf.errors.OpError, IndexError, ValueError) as e:  # a truncated data file: IndexError
+            raise RewriteError(f"{prefix}: unreadable checkpoint, reading {key} ({e})") from None
         tensors.append(tf.constant(value))
     tf.raw_ops.SaveV2(prefix=prefix, tensor_names=keys, shape_and_slices=[""] * len(keys), tensors=tensors)
 

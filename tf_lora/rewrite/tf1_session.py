@@ -8,6 +8,7 @@ import os
 import shutil
 
 import tensorflow as tf
+from tensorflow.python.util import deprecation  # private: TensorFlow's own switch for its notices
 
 from tf_lora.rewrite.errors import RewriteError
 from tf_lora.rewrite.graph_defs import VARIABLE_OPS
@@ -39,9 +40,11 @@ def load_into(files, session):
     """Loads a TF1 SavedModel or MetaGraphDef (variables restored) into `session`, whose graph is the
     default; returns the MetaGraphDef that holds its signatures."""
     try:
-        if files.kind == "saved_model_v1":
-            return v1.saved_model.loader.load(session, list(files.meta.meta_info_def.tags), files.path)
-        v1.train.import_meta_graph(files.path).restore(session, files.prefix)
+        # TF1's loader is deprecated, and says so on stderr at every load: not the user's concern here.
+        with deprecation.silence():
+            if files.kind == "saved_model_v1":
+                return v1.saved_model.loader.load(session, list(files.meta.meta_info_def.tags), files.path)
+            v1.train.import_meta_graph(files.path).restore(session, files.prefix)
         return files.meta
     except (OSError, ValueError, tf.errors.OpError) as e:
         raise RewriteError(f"{files.path}: cannot be loaded ({e})") from None

@@ -4,6 +4,7 @@ import os
 
 import numpy as np
 import tensorflow as tf
+from tensorflow.core.framework import types_pb2
 
 from tf_lora.rewrite.errors import RewriteError
 from tf_lora.rewrite.model_files import ModelFiles
@@ -140,7 +141,30 @@ def verify(
             elif diff > bound:
                 raise RewriteError(
                     f"verify: signature {name!r} output {key!r} differs by {diff:.3g} (tolerance {bound:.3g})"
+                    + _half_precision_hint(original_dir)
                 )
             worst = max(worst, diff)
         differences[name] = worst
     return differences
+
+
+def _half_precision_hint(model):
+    """For a model whose projections compute in float16 or bfloat16 (mixed precision): the rewrite moves
+    its outputs by that dtype's rounding, which the default tolerance does not allow for."""
+    half = {types_pb2.DT_HALF: "float16", types_pb2.DT_BFLOAT16: "bfloat16"}
+    try:
+        files = ModelFiles(model)
+    except RewriteError:
+        return ""
+    found = {
+        half[node.attr["T"].type]
+        for fdef in files.model_functions()
+        for node in fdef.node_def
+        if node.op in ("MatMul", "BatchMatMulV2", "Einsum") and node.attr["T"].type in half
+    }
+    if not found:
+        return ""
+    return (
+        f"; the model computes in {' and '.join(sorted(found))}, whose rounding alone moves outputs by about "
+        "1e-3 (float16) or 1e-2 (bfloat16) of their size: pass a --tolerance that allows for it"
+    )
