@@ -772,7 +772,12 @@ std::string Table::CheckContents(const Contents& in, int64_t step) const {
   const Optimizer& opt = config_.optimizer;
   using Kind = Optimizer::Kind;
   const int64_t accumulator = opt.kind == Kind::kAdam ? dim : 0;
-  if (step < 0) return "step must be >= 0, got " + std::to_string(step);
+  // Counts and the step grow by one a push: far below 2^62 always; more would
+  // overflow (Adam's bias correction, eviction ages) some pushes later.
+  constexpr int64_t kMaxCount = int64_t{1} << 62;
+  if (step < 0 || step >= kMaxCount) {
+    return "step must be in [0, 2^62), got " + std::to_string(step);
+  }
   for (size_t i = 0; i < in.keys.size(); ++i) {
     const std::string key = "key " + std::to_string(in.keys[i]) + ": ";
     const float* values = in.values.data() + i * dim;
@@ -785,9 +790,9 @@ std::string Table::CheckContents(const Contents& in, int64_t step) const {
                      [](float v) { return std::isfinite(v); })) {
       return key + "its optimizer slots are not all finite";
     }
-    if (in.update_counts[i] < 0) {
+    if (in.update_counts[i] < 0 || in.update_counts[i] >= kMaxCount) {
       return key + "update count " + std::to_string(in.update_counts[i]) +
-             " < 0";
+             " is outside [0, 2^62)";
     }
     if (opt.kind == Kind::kSgd) continue;
     const float* acc = slots + accumulator;

@@ -192,7 +192,11 @@ TEST(SparseTable, ImportRefusesWhatAPushWouldTurnIntoNaN) {
     bad = good;
     bad.update_counts[1] = -1;
     refused(bad, t.step(), "a negative update count");
+    bad.update_counts[1] = std::numeric_limits<int64_t>::max();
+    refused(bad, t.step(), "an update count the next push would overflow");
     refused(good, -1, "a negative step");
+    refused(good, std::numeric_limits<int64_t>::max(),
+            "a step that would overflow");
     if (kind == Optimizer::Kind::kSgd) continue;
     bad = good;
     bad.slots[2] = std::nanf("");

@@ -46,10 +46,12 @@ class SparseEmbedding(keras.layers.Layer):
       initializer: A `tf_lora.sparse_initializers` object, or Keras's Zeros, RandomUniform, RandomNormal or
         TruncatedNormal. Default RandomNormal(stddev=0.05) with a seed of the layer's own (every table
         starts an id with different rows; drawn from Python's `random`, so `keras.utils.set_random_seed`
-        makes it reproducible; kept in the layer's config).
+        makes it reproducible; kept in the layer's config). Processes that build the same model (workers
+        of a multi-worker job) need `keras.utils.set_random_seed`, or a seeded initializer, to agree.
       optimizer: The table's optimizer: a `tf_lora.sparse_optimizers` object or Keras's SGD, Adagrad, Adam
-        or Ftrl (same hyper-parameters; a learning-rate schedule is followed at the model optimizer's
-        step). Default Adagrad(0.05).
+        or Ftrl (same hyper-parameters; a learning-rate schedule is taken where Keras takes the model
+        optimizer's, at its count of apply calls, per micro-batch under gradient accumulation). Default
+        Adagrad(0.05).
       max_ids_per_step: The most ids (repeats counted) the training calls between two applied optimizer
         steps (all micro-batches, with gradient accumulation) may read: the rows of `pulled_rows`
         (`max_ids_per_step * dim` floats, and the model optimizer's slots for it). More is an error naming
@@ -117,7 +119,7 @@ class SparseEmbedding(keras.layers.Layer):
             return _combine(values, segments, rows, weights, self.combiner)
         if weights is not None:
             raise ValueError("SparseEmbedding: weights go with ragged or sparse ids")
-        if self.combiner is None or ids.shape.rank == 1:  # one id per example: nothing to combine
+        if self.combiner is None or ids.shape.rank in (0, 1):  # one id per example: nothing to combine
             return values
         if ids.shape.rank is None:
             raise ValueError("SparseEmbedding: dense ids with a combiner need a known rank")
@@ -208,7 +210,7 @@ class SparseEmbedding(keras.layers.Layer):
         self._step.fresh.assign(1)
 
     def compute_output_shape(self, input_shape):
-        if self.combiner is None or len(input_shape) == 1:
+        if self.combiner is None or len(input_shape) <= 1:
             return tuple(input_shape) + (self.dim,)
         return tuple(input_shape[:-1]) + (self.dim,)
 
@@ -273,7 +275,9 @@ def _segments(ids, weights):
     if weights is None:
         return flat, segments, rows, None
     kind = tf.RaggedTensor if what == "ragged" else tf.SparseTensor
-    if not isinstance(weights, kind) or (what == "ragged" and weights.ragged_rank != 1):
+    if not isinstance(weights, kind) or (
+        what == "ragged" and (weights.ragged_rank != 1 or weights.flat_values.shape.rank != 1)
+    ):
         raise ValueError(
             f"SparseEmbedding: weights must be {what} like the ids (one weight per id); got "
             f"{type(weights).__name__}"

@@ -2,6 +2,7 @@
 
 import dataclasses
 import os
+import re
 
 import numpy as np
 from tensorflow.core.framework import node_def_pb2
@@ -11,6 +12,7 @@ from tf_lora.adapters.kohya import load_kohya
 from tf_lora.adapters.module_names import module_mapper
 from tf_lora.adapters.peft import load_peft
 from tf_lora.rewrite.errors import RewriteError
+from tf_lora.rewrite.folding import column_scale
 from tf_lora.rewrite.graph_defs import GraphBody, split_ref
 from tf_lora.rewrite.lora_patterns import BATCHED_LORA_APPLY, LORA_APPLY, projection_under
 from tf_lora.rewrite.model_files import ModelFiles
@@ -82,7 +84,7 @@ def swap_adapter(model_dir, out_dir, adapters, mapping=None, strict=True, overwr
                 continue
             base = _base_weight(files, fdef, nodes, y_ref)
             layer = _layer(base)
-            if _scaled_by_variables(files, fdef, node):
+            if _is_dora(files, fdef, nodes, node):
                 dora.add(layer)
             try:
                 scale = float(files.evaluate(fdef, scale_ref))
@@ -99,7 +101,13 @@ def swap_adapter(model_dir, out_dir, adapters, mapping=None, strict=True, overwr
     to_layer = module_mapper(mapping)
     updates, swapped, unmatched = {}, {}, []
     for module, adapter in sorted(adapters.items()):
-        layer = to_layer(module)
+        try:
+            layer = to_layer(module)
+        except (re.error, IndexError) as e:  # a replacement naming a group the pattern does not have
+            raise RewriteError(
+                "swap-adapter: nothing written; the mapping's replacement for module "
+                f"{module!r} is not valid ({e})"
+            ) from None
         if layer in dora:
             problems.append(
                 f"{module} -> {layer}: the model's adapter there is DoRA (its output is scaled by "
@@ -167,17 +175,13 @@ def _layer(weight_name):
     return weight_name.rsplit("/", 1)[0] if "/" in weight_name else weight_name
 
 
-def _scaled_by_variables(files, fdef, node):
-    """Whether a LoRA apply's output is multiplied by a vector of variables only (DoRA's column scale)."""
-    users = files.consumers(fdef).get(node.name, ())
-    if len(users) != 1 or users[0].op != "Mul":
-        return False
-    others = [i for i in users[0].input if not i.startswith("^") and split_ref(i)[0] != node.name]
-    if len(others) != 1:
-        return False
+def _is_dora(files, fdef, nodes, node):
+    """Whether a LoRA apply's output is scaled per column by variables only (DoRA), as fold sees it."""
+    projection = projection_under(nodes, node.input[0])
+    weight = None if projection is None else files.read_variable(fdef, projection.input[1], through_cast=True)
     try:
-        return np.ndim(files.evaluate(fdef, others[0])) == 1
-    except RewriteError:
+        return weight is not None and column_scale(files, fdef, node, projection, weight) is not None
+    except RewriteError:  # an Einsum fold could not read either
         return False
 
 

@@ -14,6 +14,7 @@ import os
 import re
 import signal
 import sys
+import threading
 import traceback
 from typing import ClassVar
 
@@ -394,7 +395,7 @@ def main(argv=None):
     names = _OutputNames(getattr(args, "out", None))
     # SIGTERM (timeout, kill, a cancelled CI job, Kubernetes) unwinds like Ctrl-C: the staging directory
     # beside OUT is removed on the way out.
-    previous = signal.signal(signal.SIGTERM, _terminated)
+    previous = _catch_sigterm()
     try:
         report = args.run(args, names)
     except KeyboardInterrupt as e:
@@ -407,7 +408,8 @@ def main(argv=None):
             traceback.print_exc()
         return _fail(args, names.clean(_io_message(e)), 2)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     for line in report.warnings():
         print(f"tf-lora {args.command}: warning: {line}", file=sys.stderr)
     if args.json:
@@ -421,7 +423,21 @@ class _Terminated(KeyboardInterrupt):
     pass
 
 
+def _catch_sigterm():
+    """Makes SIGTERM unwind as Ctrl-C does (the staging directory is removed on the way out) and returns
+    the handler it replaced; None where it cannot or should not (not the main thread, SIGTERM ignored, a
+    handler installed outside Python)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous is None or previous == signal.SIG_IGN:
+        return None
+    signal.signal(signal.SIGTERM, _terminated)
+    return previous
+
+
 def _terminated(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the clean-up short
     raise _Terminated("terminated (SIGTERM)")
 
 
@@ -538,12 +554,6 @@ def _pair(text):
         re.compile(pattern)
     except re.error as e:
         raise RewriteError(f"--map {text!r}: not a regular expression ({e})") from None
-    try:  # the replacement's group references, checked against the pattern's groups (matching "")
-        re.compile(f"(?:{pattern})|").match("").expand(replacement)
-    except (re.error, IndexError) as e:
-        raise RewriteError(
-            f"--map {text!r}: the replacement {replacement!r} is not valid here ({e})"
-        ) from None
     return pattern, replacement
 
 
@@ -567,15 +577,14 @@ def _io_message(error):
         return f"{error.filename}: {text}" if error.filename else text
     # TensorFlow's run-time errors open with "Graph execution error:" and the Python stack of the node that
     # failed (indented); the reason comes after it, then the node's name in [[...]].
-    lines = (getattr(error, "message", None) or str(error)).strip().splitlines()
+    lines = (getattr(error, "message", None) or str(error) or type(error).__name__).strip().splitlines()
+    noise = ("Graph execution error", "Detected at node", "[[", "<stack traces unavailable>", "Node:")
     reason = [
         line.strip()
         for line in lines
-        if line.strip()
-        and not line[:1].isspace()
-        and not line.startswith(("Graph execution error", "Detected at node", "[[", "\t[["))
+        if line.strip() and not line[:1].isspace() and not line.startswith(noise)
     ]
-    return " ".join(reason) or lines[0]
+    return " ".join(reason) or (lines[0] if lines else type(error).__name__)
 
 
 class _OutputNames:

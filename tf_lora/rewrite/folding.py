@@ -100,7 +100,7 @@ def fold(model_dir, out_dir, adapter=None, overwrite=False, progress=None) -> Fo
                 continue
             fold_info, weight, projection, delta = found
             if node.op == LORA_APPLY:  # DoRA: a column scale of the apply's output folds into the weight too
-                scale = _column_scale(files, original, node, projection, weight)
+                scale = column_scale(files, original, node, projection, weight)
                 if scale is not None:
                     mul, keep_ref, multiplier, removed = scale
                     if delta is not None:
@@ -313,7 +313,7 @@ def _check_single_consumer_chain(files, fdef, nodes, apply_node, projection):
         step = nodes[split_ref(step.input[0])[0]]
 
 
-def _column_scale(files, fdef, node, projection, weight):
+def column_scale(files, fdef, node, projection, weight):
     """A LoRA apply whose only consumer multiplies it by a vector over its output columns that depends only
     on variables (DoRA's `magnitude / ||w + s a b||`, tf_lora's LoRA layers with `use_dora`): the scale
     folds into the weight, `w' = (w + s a b) * scale` per column. Returns (the Mul node, its input from the

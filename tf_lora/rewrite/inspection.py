@@ -6,7 +6,7 @@ from tensorflow.python.framework import dtypes
 from tf_lora.rewrite.einsum_kernels import einsum_view, equation, is_projection
 from tf_lora.rewrite.errors import RewriteError
 from tf_lora.rewrite.folding import fold_one
-from tf_lora.rewrite.graph_defs import PLUGIN_PREFIX, split_ref
+from tf_lora.rewrite.graph_defs import PLUGIN_PREFIX, GraphBody, split_ref
 from tf_lora.rewrite.lora_patterns import BATCHED_LORA_APPLY, LORA_APPLY, projection_under, stack_names
 from tf_lora.rewrite.model_files import ModelFiles
 
@@ -25,7 +25,9 @@ def _batched_entries(files, fdef, nodes, node, adapted):
     base = {"function": fdef.signature.name, "node": node.name}
     data = [i for i in node.input if not i.startswith("^")]
     projection = projection_under(nodes, data[0])
-    weight = files.read_variable(fdef, projection.input[1]) if projection is not None else None
+    weight = (
+        files.read_variable(fdef, projection.input[1], through_cast=True) if projection is not None else None
+    )
     try:
         a_stack = files.evaluate(fdef, data[2])
         scales = files.evaluate(fdef, data[5]).reshape(-1)
@@ -152,7 +154,7 @@ def inspect(model_dir) -> dict:
                 # A TF1 graph's variable is its handle op; a TF2 function's, the argument bound to it.
                 table = (
                     files.graph_variables.get(resource)
-                    if files.tf1
+                    if isinstance(fdef, GraphBody)
                     else files.arg_variables.get((fn, resource))
                 )
             elif node.op == "GatherV2":

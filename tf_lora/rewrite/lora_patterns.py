@@ -49,10 +49,10 @@ def stack_names(files, fdef, nodes, ref, n, ranks=None):
     if pack is not None and pack.op == "Pack":
         for k, item in enumerate(i for i in pack.input if not i.startswith("^")):
             source = nodes.get(split_ref(item)[0])
-            while source is not None and source.op in ("Pad", "PadV2", "Identity"):
+            while source is not None and source.op in ("Pad", "PadV2", "Identity", "Cast"):
                 item = source.input[0]
                 source = nodes.get(split_ref(item)[0])
-            variable = files.read_variable(fdef, item)
+            variable = files.read_variable(fdef, item, through_cast=True)
             if variable is not None and k < n:
                 names[k] = variable.name
                 if ranks is not None and len(variable.shape) == 2:

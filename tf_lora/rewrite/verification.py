@@ -165,6 +165,6 @@ def _half_precision_hint(model):
     if not found:
         return ""
     return (
-        f"; the model computes in {' and '.join(sorted(found))}, whose rounding alone moves outputs by about "
-        "1e-3 (float16) or 1e-2 (bfloat16) of their size: pass a --tolerance that allows for it"
+        f"; the model computes in {' and '.join(sorted(found))}, whose rounding alone moves outputs by up to "
+        "about 2e-3 (float16) or 2e-2 (bfloat16) of their size: pass such a --tolerance"
     )

@@ -49,7 +49,7 @@ class _Checked:
         there; a table would keep it)."""
 
     def learning_rate_at(self, iterations):
-        """The learning rate (float32 scalar) at a Keras optimizer's `iterations`."""
+        """The learning rate (float32 scalar) at step `iterations` (a schedule is evaluated there)."""
         lr = self.learning_rate
         if isinstance(lr, LearningRateSchedule):
             lr = lr(iterations)

@@ -157,7 +157,7 @@ def test_batched_lora_apply_vectorized_refuses_bad_ids():
     rng = np.random.default_rng(4)
     y, x = tf.zeros((2, 3, 4)), tf.constant(rng.standard_normal((2, 3, 5)), tf.float32)
     a, b = tf.ones((2, 2, 5, 1)), tf.ones((2, 2, 1, 4))
-    ids = tf.constant([[0, 1, -1], [2, 0, 0]])
+    ids = tf.constant([[0, 2, -1], [1, 0, 0]])  # 2 in iteration 0 would be iteration 1's adapter 0
 
     def body(elems):
         return tf_lora.batched_lora_apply(*elems, tf.ones((2,)))
@@ -174,6 +174,8 @@ def test_lora_merge_per_iteration():
     s = np.array([0.5, 1.0, -2.0])
     got = _vmap(lambda e: tf_lora.lora_merge(*e), tuple(tf.constant(v) for v in (w, a, b, s)))
     np.testing.assert_allclose(got.numpy(), w + s[:, None, None] * a @ b, rtol=1e-12, atol=1e-12)
+    shared = _vmap(lambda e: tf_lora.lora_merge(e[0], a[0], b[0], e[1]), (tf.constant(w), tf.constant(s)))
+    np.testing.assert_allclose(shared.numpy(), w + s[:, None, None] * (a[0] @ b[0]), rtol=1e-12, atol=1e-12)
 
 
 def test_per_example_gradients_of_a_keras_model_with_lora():

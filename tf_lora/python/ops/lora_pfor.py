@@ -3,7 +3,8 @@
 `tf.vectorized_map`, `GradientTape.jacobian` / `batch_jacobian` and the vectorized per-example gradients
 of DP-SGD (TensorFlow Privacy) rewrite a loop body into one batched graph, op by op, through converters
 registered with TensorFlow's pfor. Without one an op runs in a while_loop, one iteration at a time, with
-a warning. These converters run the fused kernels over all iterations in one call.
+a warning. These converters run the fused kernels over all iterations in one call (LoraMerge, one pass over
+its weight, as stock batched ops).
 
 pfor hands a converter each input with a leading loop dimension L where it varies across iterations
 ("stacked"). The row inputs (y, x, grad, adapter ids, the saved x @ a) then flatten into L * N rows.
@@ -118,9 +119,14 @@ def _batched_lora_apply_grad(pfor_input):
 
 @pfor.RegisterPFor("TfLora>LoraMerge")
 def _lora_merge(pfor_input):
-    # w + scale * a @ b per iteration with batched stock ops, accumulating as the kernel does (float32 for
-    # the half types).
-    w, a, b, scale = _stacked(pfor_input, range(4))
+    # w + scale * a @ b per iteration with stock ops (a merge is one pass over w, nothing to fuse across
+    # iterations), accumulating as the kernel does (float32 for the half types); a @ b once when the
+    # adapter is the same in every iteration.
+    w, scale = _stacked(pfor_input, (0, 3))
+    if _varies(pfor_input, (1, 2)):
+        a, b = _stacked(pfor_input, (1, 2))
+    else:
+        a, b = pfor_input.unstacked_input(1), pfor_input.unstacked_input(2)
     dtype = tf.float64 if w.dtype == tf.float64 else tf.float32
     w32, a32, b32, s32 = (tf.cast(t, dtype) for t in (w, a, b, scale))
     return [pfor.wrap(tf.cast(w32 + s32[:, None, None] * tf.matmul(a32, b32), w.dtype))]
