@@ -20,12 +20,20 @@ def resolve_layer(layers, key):
 def module_mapper(mapping):
     """A function from an adapter file's module name to a layer name (None: no layer): the identity for
     None, `mapping` itself when callable, else the first of its (regex, replacement) pairs that fully
-    matches."""
+    matches (a dict: its items, so `{module: layer}` works too)."""
     if mapping is None:
         return lambda module: module
     if callable(mapping):
         return mapping
-    compiled = [(re.compile(pattern), replacement) for pattern, replacement in mapping]
+    pairs = list(mapping.items()) if isinstance(mapping, dict) else mapping
+    if not isinstance(pairs, list | tuple) or not all(
+        isinstance(p, tuple | list) and len(p) == 2 and all(isinstance(x, str) for x in p) for p in pairs
+    ):
+        raise TypeError(
+            "mapping must be None, a function (module -> layer path or None), a list of (regex, replacement) "
+            f"pairs or a dict of them; got {mapping!r}"
+        )
+    compiled = [(re.compile(pattern), replacement) for pattern, replacement in pairs]
 
     def to_layer(module):
         for pattern, replacement in compiled:

@@ -8,11 +8,11 @@ import keras
 import numpy as np
 
 from tf_lora.layers.keras_lora_layout import from_keras_factors
-from tf_lora.layers.kernel_layout import EinsumView, kernel_variable, layer_view
+from tf_lora.layers.kernel_layout import EinsumView, adapted_norm, kernel_variable, layer_view
 from tf_lora.layers.lora_dense import LoraDense
 from tf_lora.layers.lora_einsum_dense import LoraEinsumDense
 from tf_lora.layers.lora_embedding import LoraEmbedding
-from tf_lora.layers.lora_layer import DEFAULT_ADAPTER, LoraAdapters
+from tf_lora.layers.lora_layer import DEFAULT_ADAPTER, DORA_ON_EMBEDDING, LoraAdapters
 from tf_lora.layers.model_layers import lora_kind
 
 _LORA_CLASSES = {
@@ -83,6 +83,8 @@ def to_lora(layer, rank, alpha, use_rslora=False, lora_dropout=0.0, train_bias=F
     if problem:
         raise ValueError(f"to_lora: {problem}")
     kind = lora_kind(layer)
+    if use_dora and kind == "embedding":
+        raise ValueError(f"to_lora: {layer.name}: {DORA_ON_EMBEDDING}")
     keras_adapter = None
     if getattr(layer, "lora_enabled", False):  # Keras's own LoRA: kernel + alpha / rank * a @ b
         variables = tuple(getattr(layer, name) for name in _KERAS_LORA_NAMES[kind])
@@ -112,6 +114,8 @@ def to_lora(layer, rank, alpha, use_rslora=False, lora_dropout=0.0, train_bias=F
         slot = layer.adapter_slot()
         slot.a.assign(keras_adapter[0])
         slot.b.assign(keras_adapter[1])
+        if slot.use_dora:  # DoRA starts at the adapted weight's norms, so the outputs stay the same
+            slot.magnitude.assign(adapted_norm(layer, slot.a, slot.b, slot.scale_var))
     return layer
 
 

@@ -29,6 +29,13 @@ ADAPTER_NAME = re.compile(r"\w+")
 
 _ids_context = threading.local()
 
+# LoraEmbedding computes plain LoRA; PEFT's DoRA embedding scales the looked-up rows by a column factor.
+DORA_ON_EMBEDDING = (
+    "DoRA on an embedding table is not supported (LoraEmbedding runs plain LoRA): adapt embeddings with "
+    "use_dora=False, or merge a DoRA embedding adapter into the table with tf_lora.adapters.apply(..., "
+    "mode='merge')"
+)
+
 
 @contextlib.contextmanager
 def adapter_ids(ids):
@@ -232,6 +239,8 @@ class LoraAdapters:
             raise ValueError(f"{self._describe()}: adapter {name!r} exists already ({self.adapter_names})")
         if int(rank) < 1:
             raise ValueError(f"{self._describe()}: rank must be >= 1, got {rank} for adapter {name!r}")
+        if use_dora and isinstance(self, keras.layers.Embedding):
+            raise ValueError(f"{self._describe()}: {DORA_ON_EMBEDDING}")
         slot = Slot(name, int(rank), float(alpha), bool(use_rslora), bool(use_dora))
         self._slots[name] = slot
         if self.built and getattr(self, "lora_active", None) is not None:
