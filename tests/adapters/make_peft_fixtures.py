@@ -57,15 +57,19 @@ class TinyEmbedding(torch.nn.Module):
         return self.out(torch.relu(self.q(self.emb(ids))))
 
 
-def make_embedding(name):
+def make_embedding(name, use_dora=False):
     torch.manual_seed(0)
     base = TinyEmbedding()
-    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["emb", "q"], init_lora_weights=False)
+    config = peft.LoraConfig(
+        r=2, lora_alpha=4, target_modules=["emb", "q"], init_lora_weights=False, use_dora=use_dora
+    )
     model = peft.get_peft_model(copy.deepcopy(base), config)
     with torch.no_grad():  # PEFT starts an embedding's A at zero even so; make the adapter matter
         for parameter_name, p in model.named_parameters():
             if "lora_embedding" in parameter_name:
                 p.copy_(torch.randn_like(p))
+            if "lora_magnitude_vector" in parameter_name:  # a trained magnitude, not ||w'||
+                p.mul_(1.0 + 0.5 * torch.rand_like(p))
     path = os.path.join(HERE, name)
     model.save_pretrained(path)
     save_file(
@@ -160,6 +164,8 @@ if __name__ == "__main__":
         "peft_all_bias": lambda name: make(name, torch.float32, target_modules=("q", "out"), bias="all"),
         # LoRA on an embedding table (lora_embedding_A / lora_embedding_B) beside a Linear.
         "peft_embedding": make_embedding,
+        # DoRA on the embedding table and the Linear beside it.
+        "peft_dora_embedding": lambda name: make_embedding(name, use_dora=True),
         # Pattern keys that are regexes with alternatives: PEFT matches `(.*\.)?(KEY)$`, so each alternative
         # gets the module-path prefix (q and v at rank 3; v and out at alpha 8).
         "peft_regex_patterns": lambda name: make(

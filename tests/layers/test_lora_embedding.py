@@ -16,9 +16,9 @@ import tf_lora
 FIXTURE = pathlib.Path(__file__).parent.parent / "adapters" / "fixtures" / "peft_embedding"
 
 
-def _tiny():
+def _tiny(fixture=FIXTURE):
     """PEFT's fixture model in Keras: out(relu(q(emb(ids)))), base weights from the fixture."""
-    base = load_file(str(FIXTURE / "base.safetensors"))
+    base = load_file(str(fixture / "base.safetensors"))
     ids = keras.Input((3,), dtype="int32")
     emb, q, out = (
         keras.layers.Embedding(20, 8, name="emb"),
@@ -33,16 +33,25 @@ def _tiny():
     return model
 
 
+@pytest.mark.parametrize("name", ["peft_embedding", "peft_dora_embedding"])
 @pytest.mark.parametrize("mode", ["attach", "merge"])
-def test_peft_embedding_adapter_gives_peft_output(mode, tmp_path):
-    adapters = tf_lora.adapters.load_peft(FIXTURE)
+def test_peft_embedding_adapter_gives_peft_output(mode, name, tmp_path):
+    # peft_dora_embedding: DoRA on the table and on q; attached, the table's DoRA was run as plain LoRA.
+    fixture = FIXTURE.parent / name
+    adapters = tf_lora.adapters.load_peft(fixture)
     assert adapters["emb"].metadata["embedding"] and adapters["emb"].a.shape == (20, 2)
-    model = _tiny()
+    assert adapters["emb"].use_dora == (name == "peft_dora_embedding")
+    model = _tiny(fixture)
     tf_lora.adapters.apply(model, adapters, mode=mode)
-    io = load_file(str(FIXTURE / "io.safetensors"))
+    io = load_file(str(fixture / "io.safetensors"))
     np.testing.assert_allclose(model(io["x"]).numpy(), io["y"], rtol=1e-5, atol=1e-5)
+    if mode == "attach":  # and after a .keras round trip
+        model.save(tmp_path / "m.keras")
+        loaded = keras.saving.load_model(tmp_path / "m.keras")
+        assert loaded.get_layer("emb").use_dora == adapters["emb"].use_dora
+        np.testing.assert_allclose(loaded(io["x"]).numpy(), io["y"], rtol=1e-5, atol=1e-5)
     if mode == "merge":
-        merged = load_file(str(FIXTURE / "merged.safetensors"))
+        merged = load_file(str(fixture / "merged.safetensors"))
         np.testing.assert_allclose(
             model.get_layer("emb").embeddings.numpy(), merged["emb.weight"], rtol=1e-5, atol=1e-6
         )
@@ -53,7 +62,7 @@ def test_peft_embedding_adapter_gives_peft_output(mode, tmp_path):
     tf_lora.layers.unmerge(model)
     tf_lora.adapters.save_peft(tf_lora.adapters.from_model(model), tmp_path / "out")
     ours = load_file(str(tmp_path / "out" / "adapter_model.safetensors"))
-    theirs = load_file(str(FIXTURE / "adapter_model.safetensors"))
+    theirs = load_file(str(fixture / "adapter_model.safetensors"))
     assert sorted(ours) == sorted(theirs)
     for key, value in theirs.items():
         np.testing.assert_allclose(ours[key], value, rtol=1e-5, atol=1e-7, err_msg=key)

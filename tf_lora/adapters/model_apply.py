@@ -10,7 +10,7 @@ from tf_lora.adapters.module_names import module_mapper, resolve_layer
 from tf_lora.layers.conversion import bias_problem, check_convertible, forget_traces, set_bias, to_lora
 from tf_lora.layers.kernel_layout import kernel_matrix, lora_shape, merge_into_layer, set_kernel_matrix
 from tf_lora.layers.lora_embedding import warn_if_tied
-from tf_lora.layers.lora_layer import ADAPTER_NAME, DORA_ON_EMBEDDING, LoraAdapters
+from tf_lora.layers.lora_layer import ADAPTER_NAME, LoraAdapters
 from tf_lora.layers.lora_model import mark
 from tf_lora.layers.model_layers import describe_paths, layers_by_path, lora_kind
 
@@ -93,9 +93,6 @@ def apply(
                 f"{module} -> {path}: a {'DoRA' if adapter.use_dora else 'plain LoRA'} adapter, layer "
                 f"adapter {adapter_name!r} is {'DoRA' if slot.use_dora else 'plain LoRA'}"
             )
-            continue
-        if mode == "attach" and adapter.use_dora and lora_kind(layer) == "embedding":
-            problems.append(f"{module} -> {path}: {DORA_ON_EMBEDDING}")
             continue
         if adapter.bias is not None and bias_problem(layer, adapter.bias):
             problems.append(

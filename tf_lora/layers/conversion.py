@@ -12,7 +12,7 @@ from tf_lora.layers.kernel_layout import EinsumView, adapted_norm, kernel_variab
 from tf_lora.layers.lora_dense import LoraDense
 from tf_lora.layers.lora_einsum_dense import LoraEinsumDense
 from tf_lora.layers.lora_embedding import LoraEmbedding
-from tf_lora.layers.lora_layer import DEFAULT_ADAPTER, DORA_ON_EMBEDDING, LoraAdapters
+from tf_lora.layers.lora_layer import DEFAULT_ADAPTER, LoraAdapters
 from tf_lora.layers.model_layers import lora_kind
 
 _LORA_CLASSES = {
@@ -83,8 +83,6 @@ def to_lora(layer, rank, alpha, use_rslora=False, lora_dropout=0.0, train_bias=F
     if problem:
         raise ValueError(f"to_lora: {problem}")
     kind = lora_kind(layer)
-    if use_dora and kind == "embedding":
-        raise ValueError(f"to_lora: {layer.name}: {DORA_ON_EMBEDDING}")
     keras_adapter = None
     if getattr(layer, "lora_enabled", False):  # Keras's own LoRA: kernel + alpha / rank * a @ b
         variables = tuple(getattr(layer, name) for name in _KERAS_LORA_NAMES[kind])

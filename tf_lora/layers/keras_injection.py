@@ -5,7 +5,7 @@ import re
 import keras
 
 from tf_lora.layers.conversion import check_convertible, forget_traces, to_lora
-from tf_lora.layers.lora_layer import DORA_ON_EMBEDDING, LoraAdapters
+from tf_lora.layers.lora_layer import LoraAdapters
 from tf_lora.layers.lora_model import mark
 from tf_lora.layers.model_layers import describe_paths, layers_by_path, lora_kind
 
@@ -34,7 +34,7 @@ def inject_lora(
 
     Args:
       model: A built keras.Model.
-      rank, alpha, use_rslora, use_dora, lora_dropout, train_bias: As LoraDense (no DoRA on embeddings).
+      rank, alpha, use_rslora, use_dora, lora_dropout, train_bias: As LoraDense.
       target: None (every Dense and EinsumDense layer, as PEFT's "all-linear"), a regex full-matched
         against each layer's path (`transformer_layer_0/self_attention/query`) and its name, or a list of
         paths or names. A target may also name Embedding layers (keras-hub's `token_embedding` included):
@@ -71,12 +71,6 @@ def inject_lora(
     }
     chosen = _chosen(layers, candidates, ".*" if linear else target)
     problems = [p for p in (check_convertible(layers[path], path) for path in chosen) if p]
-    if use_dora:
-        problems += [
-            f"{path}: {DORA_ON_EMBEDDING}"
-            for path in sorted(chosen)
-            if lora_kind(layers[path]) == "embedding"
-        ]
     problems += [
         f"{path} has LoRA already (adapters {layers[path].adapter_names}, rank {layers[path].rank}): "
         "leave it out of target, or add another adapter with add_adapter"

@@ -25,9 +25,10 @@ class LoraEmbedding(LoraAdapters, keras.layers.Embedding):
 
     Named adapters, per-example `adapter_ids` (one id per example covers all its tokens), `merge()` /
     `unmerge()` and the arguments rank, alpha, use_rslora, adapters, active_adapter are as in `LoraDense`
-    (`lora_dropout` does not apply to a lookup). As in PEFT, `b` starts at zero and `a` random. keras-hub's
-    ReversibleEmbedding (a language model's tied input/output table) keeps its reverse call: the output
-    projection uses the base table until the adapter is merged, as PEFT's tied `lm_head` does.
+    (`lora_dropout` does not apply to a lookup), and `use_dora` (PEFT's DoRA embedding: the rows of the
+    adapted table times magnitude / its column norms). As in PEFT, `b` starts at zero and `a` random.
+    keras-hub's ReversibleEmbedding (a language model's tied input/output table) keeps its reverse call: the
+    output projection uses the base table until the adapter is merged, as PEFT's tied `lm_head` does.
 
     >>> layer = tf_lora.layers.LoraEmbedding(100, 8, rank=4)
     >>> layer(tf.constant([[1, 2, 3]])).shape
@@ -45,11 +46,14 @@ class LoraEmbedding(LoraAdapters, keras.layers.Embedding):
         active_adapter=DEFAULT_ADAPTER,
         lora_rank=None,
         lora_alpha=None,
+        use_dora=False,
         **kwargs,
     ):
         rank, alpha = keras_lora_names("LoraEmbedding", rank, alpha, lora_rank, lora_alpha)
         super().__init__(input_dim, output_dim, **kwargs)
-        self._lora_setup(rank, alpha, use_rslora, 0.0, adapters, active_adapter, False, "LoraEmbedding")
+        self._lora_setup(
+            rank, alpha, use_rslora, 0.0, adapters, active_adapter, False, "LoraEmbedding", use_dora
+        )
 
     def build(self, input_shape=None):
         super().build(input_shape)
@@ -62,18 +66,23 @@ class LoraEmbedding(LoraAdapters, keras.layers.Embedding):
         with tf.control_dependencies([self._same_adapters_check()]):
             tokens = tf.identity(tf.cast(inputs, tf.int32))
         adapter_ids = resolve_adapter_ids(adapter_ids, self._describe(), self.adapter_names)
+        self._check_dora_alone(adapter_ids)
         rows = tf.reshape(tokens, [-1])
+        factor = None
         if adapter_ids is None and len(self._slots) == 1:
             slot = self._slots[DEFAULT_ADAPTER]
             on = tf.cast(tf.convert_to_tensor(self.lora_active_adapter) >= 0, slot.scale_var.dtype)
-            scale = tf.convert_to_tensor(slot.scale_var) * tf.convert_to_tensor(self.lora_active) * on
+            live = tf.convert_to_tensor(self.lora_active) * on  # 0 once merged, or with no adapter active
+            scale = tf.convert_to_tensor(slot.scale_var) * live
             delta = (
                 tf.matmul(tf.gather(tf.convert_to_tensor(slot.a), rows), tf.convert_to_tensor(slot.b)) * scale
             )
+            if slot.use_dora:  # PEFT's DoRA embedding: (table[t] + scale * a[t] @ b) * its column factor
+                factor = self._dora_factor(slot, live)
         else:
             delta = self._batched_delta(tokens, rows, adapter_ids)
         delta = tf.reshape(tf.cast(delta, y.dtype), tf.shape(y))
-        return y + delta
+        return y + delta if factor is None else (y + delta) * tf.cast(factor, y.dtype)
 
     def merge(self):
         """As `LoraAdapters.merge`. A tied table (keras-hub's ReversibleEmbedding with `tie_weights`) is
@@ -120,7 +129,7 @@ class LoraEmbedding(LoraAdapters, keras.layers.Embedding):
     def get_config(self):
         config = super().get_config()
         config.update(self._lora_config())
-        for key in ("lora_dropout", "train_bias", "use_dora"):
+        for key in ("lora_dropout", "train_bias"):
             config.pop(key)
         return config
 

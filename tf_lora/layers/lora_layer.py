@@ -29,13 +29,6 @@ ADAPTER_NAME = re.compile(r"\w+")
 
 _ids_context = threading.local()
 
-# LoraEmbedding computes plain LoRA; PEFT's DoRA embedding scales the looked-up rows by a column factor.
-DORA_ON_EMBEDDING = (
-    "DoRA on an embedding table is not supported (LoraEmbedding runs plain LoRA): adapt embeddings with "
-    "use_dora=False, or merge a DoRA embedding adapter into the table with tf_lora.adapters.apply(..., "
-    "mode='merge')"
-)
-
 
 @contextlib.contextmanager
 def adapter_ids(ids):
@@ -239,8 +232,6 @@ class LoraAdapters:
             raise ValueError(f"{self._describe()}: adapter {name!r} exists already ({self.adapter_names})")
         if int(rank) < 1:
             raise ValueError(f"{self._describe()}: rank must be >= 1, got {rank} for adapter {name!r}")
-        if use_dora and isinstance(self, keras.layers.Embedding):
-            raise ValueError(f"{self._describe()}: {DORA_ON_EMBEDDING}")
         slot = Slot(name, int(rank), float(alpha), bool(use_rslora), bool(use_dora))
         self._slots[name] = slot
         if self.built and getattr(self, "lora_active", None) is not None:
@@ -405,12 +396,7 @@ class LoraAdapters:
         def lora_input(x2):
             return tf.nn.dropout(x2, rate=self.lora_dropout) if dropout else x2
 
-        dora = [slot.name for slot in self._slots.values() if slot.use_dora]
-        if dora and (adapter_ids is not None or len(self._slots) > 1):
-            raise ValueError(
-                f"{self._describe()}: DoRA adapter {dora[0]!r} is served alone: a layer holding a DoRA "
-                f"adapter takes no per-example adapter ids, nor other adapters (it has {self.adapter_names})"
-            )
+        self._check_dora_alone(adapter_ids)
         if adapter_ids is None and len(self._slots) == 1:
             slot = self._slots[DEFAULT_ADAPTER]
             on = tf.cast(tf.convert_to_tensor(self.lora_active_adapter) >= 0, slot.scale_var.dtype)
@@ -420,17 +406,8 @@ class LoraAdapters:
                 return lambda y2, x2: lora_ops.lora_apply(y2, lora_input(x2), slot.a, slot.b, scale)
 
             def dora_rows(y2, x2):
-                # PEFT's DoRA: magnitude / ||w + scale * a @ b|| (column norms, no gradient through the norm)
-                # times x @ (w + scale * a @ b); the bias comes after. The factor in the norm's dtype
-                # (float32, float64 for a float64 weight), from the variables as stored: under a mixed
-                # policy Keras would read them rounded to the compute dtype, and a fresh adapter (B = 0)
-                # would then scale the base output by bf16(||w||) / ||bf16(w)|| instead of 1.
-                with AutocastScope(None):
-                    norm = tf.stop_gradient(adapted_norm(self, slot.a, slot.b, slot.scale_var))
-                    factor = tf.cast(slot.magnitude, norm.dtype) / norm
-                factor = tf.where(live > 0, factor, tf.ones_like(factor))
                 y2 = lora_ops.lora_apply(y2, lora_input(x2), slot.a, slot.b, scale)
-                return y2 * tf.cast(factor, y2.dtype)
+                return y2 * tf.cast(self._dora_factor(slot, live), y2.dtype)
 
             return dora_rows
         if adapter_ids is None:
@@ -446,6 +423,25 @@ class LoraAdapters:
         a_stack, b_stack = self._stacked_adapters()
         ids = tf.reshape(ids, [-1])
         return lambda y2, x2: lora_ops.batched_lora_apply(y2, lora_input(x2), a_stack, b_stack, ids, scales)
+
+    def _check_dora_alone(self, adapter_ids):
+        dora = [slot.name for slot in self._slots.values() if slot.use_dora]
+        if dora and (adapter_ids is not None or len(self._slots) > 1):
+            raise ValueError(
+                f"{self._describe()}: DoRA adapter {dora[0]!r} is served alone: a layer holding a DoRA "
+                f"adapter takes no per-example adapter ids, nor other adapters (it has {self.adapter_names})"
+            )
+
+    def _dora_factor(self, slot, live):
+        """PEFT's DoRA column factor, magnitude / ||w + scale * a @ b|| ([out]; no gradient through the norm;
+        1 where the adapter is off: `live` 0), which multiplies x @ (w + scale * a @ b), the bias after. In
+        the norm's dtype (float32, float64 for a float64 weight), from the variables as stored: under a
+        mixed policy Keras would read them rounded to the compute dtype, and a fresh adapter (B = 0) would
+        then scale the base output by bf16(||w||) / ||bf16(w)|| instead of 1."""
+        with AutocastScope(None):
+            norm = tf.stop_gradient(adapted_norm(self, slot.a, slot.b, slot.scale_var))
+            factor = tf.cast(slot.magnitude, norm.dtype) / norm
+        return tf.where(live > 0, factor, tf.ones_like(factor))
 
     def _not_merged_check(self):
         """An op that fails when an adapter is merged into the weight (per-example ids then cannot work)."""
