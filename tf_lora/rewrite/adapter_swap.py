@@ -13,7 +13,7 @@ from tf_lora.adapters.module_names import module_mapper
 from tf_lora.adapters.peft import load_peft
 from tf_lora.rewrite.errors import RewriteError
 from tf_lora.rewrite.folding import column_scale
-from tf_lora.rewrite.graph_defs import GraphBody, split_ref
+from tf_lora.rewrite.graph_defs import GraphBody, layer_of, split_ref
 from tf_lora.rewrite.lora_patterns import BATCHED_LORA_APPLY, LORA_APPLY, projection_under
 from tf_lora.rewrite.model_files import ModelFiles
 from tf_lora.rewrite.saved_model_writer import write_saved_model
@@ -72,7 +72,7 @@ def swap_adapter(model_dir, out_dir, adapters, mapping=None, strict=True, overwr
         nodes = files.nodes(fdef)
         for node in fdef.node_def:
             if node.op == BATCHED_LORA_APPLY:
-                batched.add(_layer(_base_weight(files, fdef, nodes, node.input[0])))
+                batched.add(layer_of(_base_weight(files, fdef, nodes, node.input[0])))
             if node.op != LORA_APPLY:
                 continue
             where = f"{fdef.signature.name}/{node.name}"
@@ -83,7 +83,7 @@ def swap_adapter(model_dir, out_dir, adapters, mapping=None, strict=True, overwr
                 problems.append(f"{where}: A and B are not read straight from saved variables")
                 continue
             base = _base_weight(files, fdef, nodes, y_ref)
-            layer = _layer(base)
+            layer = layer_of(base)
             if _is_dora(files, fdef, nodes, node):
                 dora.add(layer)
             try:
@@ -168,11 +168,6 @@ def _file_problems(adapters):
             "(tf_lora.adapters.apply on the Keras model) and export again"
         )
     return problems
-
-
-def _layer(weight_name):
-    """The layer of a weight variable: its name without the last part (a bare name stays whole)."""
-    return weight_name.rsplit("/", 1)[0] if "/" in weight_name else weight_name
 
 
 def _is_dora(files, fdef, nodes, node):

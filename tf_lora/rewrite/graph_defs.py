@@ -66,3 +66,9 @@ def plugin_nodes(meta):
             f"{f.signature.name}/{n.name} ({n.op})" for n in f.node_def if n.op.startswith(PLUGIN_PREFIX)
         ]
     return found
+
+
+def layer_of(variable_name):
+    """The layer of a weight variable: its name without the last part (`q_proj/kernel` -> `q_proj`; a bare
+    name stays whole)."""
+    return variable_name.rsplit("/", 1)[0] if "/" in variable_name else variable_name

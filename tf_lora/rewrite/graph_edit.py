@@ -10,7 +10,7 @@ from tensorflow.core.framework import types_pb2
 from tensorflow.core.protobuf import trackable_object_graph_pb2
 
 from tf_lora.rewrite.errors import RewriteError
-from tf_lora.rewrite.graph_defs import CALL_OPS
+from tf_lora.rewrite.graph_defs import CALL_OPS, layer_of
 
 
 def checkpoint_graph(files):
@@ -29,8 +29,7 @@ def checkpoint_graph(files):
 
 def name_matches(pattern, name):
     """Whether `pattern` matches a variable's name, or its layer (the name without the last part), in full."""
-    layer = name.rsplit("/", 1)[0] if "/" in name else name
-    return pattern.fullmatch(name) is not None or pattern.fullmatch(layer) is not None
+    return pattern.fullmatch(name) is not None or pattern.fullmatch(layer_of(name)) is not None
 
 
 class ArgumentAdder:
