@@ -14,7 +14,7 @@ from tf_lora.adapters.peft import load_peft
 from tf_lora.rewrite.errors import RewriteError
 from tf_lora.rewrite.folding import column_scale
 from tf_lora.rewrite.graph_defs import GraphBody, layer_of, split_ref
-from tf_lora.rewrite.lora_patterns import BATCHED_LORA_APPLY, LORA_APPLY, projection_under
+from tf_lora.rewrite.lora_patterns import BATCHED_LORA_APPLY, LORA_APPLY, projection_under, projection_weight
 from tf_lora.rewrite.model_files import ModelFiles
 from tf_lora.rewrite.saved_model_writer import write_saved_model
 
@@ -42,10 +42,11 @@ def load_adapter_file(path, sha256=None) -> dict:
 def swap_adapter(model_dir, out_dir, adapters, mapping=None, strict=True, overwrite=False, progress=None):
     """Writes a copy of the SavedModel `model_dir` whose LoRA applies carry the weights of `adapters`.
 
-    Each `TfLora>LoraApply` is named by the layer of its base weight, the weight of the MatMul or Einsum
-    projection under it (the weight variable's name without its last part: `q_proj/kernel` -> `q_proj`; a
-    bare variable name stays whole). An Einsum's adapter is `[in, out]`, its kernel seen through its equation
-    (einsum_kernels), as PEFT's adapter of the equivalent Linear is. File modules map to those
+    Each `TfLora>LoraApply` is named by the layer of its base weight, the weight of the MatMul, Einsum or
+    BatchMatMul projection under it (the weight variable's name without its last part: `q_proj/kernel` ->
+    `q_proj`; a bare variable name stays whole). An Einsum's adapter is `[in, out]`, its kernel seen through
+    its equation (einsum_kernels), as PEFT's adapter of the equivalent Linear is (a BatchMatMul's: its weight
+    made the matrix it multiplies by, batch_matmuls). File modules map to those
     names as in `tf_lora.adapters.apply` (`mapping`: None, a function or (regex, replacement) pairs). A and B
     are written into the adapter's variables (same rank required) and the apply's scale becomes the file's.
 
@@ -173,7 +174,7 @@ def _file_problems(adapters):
 def _is_dora(files, fdef, nodes, node):
     """Whether a LoRA apply's output is scaled per column by variables only (DoRA), as fold sees it."""
     projection = projection_under(nodes, node.input[0])
-    weight = None if projection is None else files.read_variable(fdef, projection.input[1], through_cast=True)
+    weight = None if projection is None else projection_weight(files, fdef, projection, through_cast=True)
     try:
         return weight is not None and column_scale(files, fdef, node, projection, weight) is not None
     except RewriteError:  # an Einsum fold could not read either
@@ -181,10 +182,11 @@ def _is_dora(files, fdef, nodes, node):
 
 
 def _base_weight(files, fdef, nodes, y_ref):
-    """The name of the weight variable of the MatMul or Einsum under the apply's y (or the y node's name)."""
+    """The name of the weight variable of the MatMul, Einsum or BatchMatMul under the apply's y (or the y
+    node's name)."""
     node = projection_under(nodes, y_ref)
     if node is not None:
-        weight = files.read_variable(fdef, node.input[1], through_cast=True)
+        weight = projection_weight(files, fdef, node, through_cast=True)
         if weight is not None:
             return weight.name
     return split_ref(y_ref)[0]

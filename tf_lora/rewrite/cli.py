@@ -44,7 +44,9 @@ def _parser(argv=None):
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = commands.add_parser(
-        "inspect", help="signatures, tf_lora ops and adapters, MatMuls, Einsum projections, embedding lookups"
+        "inspect",
+        help="signatures, tf_lora ops and adapters, MatMuls (BatchMatMuls too), Einsum projections, "
+        "embedding lookups",
     )
     p.add_argument("model", help=_MODEL_HELP)
     p.set_defaults(run=_inspect)
@@ -56,8 +58,9 @@ def _parser(argv=None):
         _fold,
         help="fold LoRA adapters into their MatMul and Einsum weights: the output runs on stock TensorFlow",
         description="Each LoRA apply on a MatMul becomes that MatMul with W' = W + scale * A @ B, computed "
-        "from the model's variables; one on an Einsum projection adds scale * A @ B to the Einsum's kernel, "
-        "in the kernel's layout. The output loads and runs without tf_lora (e.g. under TF Serving).",
+        "from the model's variables; one on an Einsum projection, or on a BatchMatMul by a reshaped kernel, "
+        "adds scale * A @ B to the kernel, in the kernel's layout. The output loads and runs without tf_lora "
+        "(e.g. under TF Serving).",
     )
     p.add_argument(
         "--adapter",
@@ -72,11 +75,12 @@ def _parser(argv=None):
         "inject",
         _inject,
         help="add new LoRA adapters (A He-uniform, B zero) to the MatMuls and Einsums of matching weights",
-        description="Every MatMul or Einsum projection whose weight variable (or its layer, the name without "
-        "its last part) fully matches --target gets a LoRA apply with new trainable variables "
+        description="Every MatMul, BatchMatMul or Einsum projection whose weight variable (or its layer, the "
+        "name without its last part) fully matches --target gets a LoRA apply with new trainable variables "
         "<weight>/lora_a and <weight>/lora_b. An Einsum's kernel is seen as a matrix [in, out] through its "
         "equation (the kernel axes the input contracts, and those the output keeps), its rows reshaped to "
-        "it. B starts at zero, so the outputs are unchanged until the adapter is trained. "
+        "it; a BatchMatMul's as the matrix its reshapes and transposes make of it. B starts at zero, so "
+        "the outputs are unchanged until the adapter is trained. "
         "A matching weight that already has a LoRA adapter is an error (exit 2, nothing written) naming "
         "it: leave it out of --target, or fold the model first.",
     )
@@ -629,14 +633,15 @@ def _describe(report):
         if "not_foldable" in a:
             lines.append(f"  {a['function']}/{a['node']}: not foldable: {a['not_foldable']}")
         else:
-            through = f" in {a['equation']!r}" if "equation" in a else ""
+            through = f" in {a['equation']!r}" if "equation" in a else f" ({a['op']})" if "op" in a else ""
             lines.append(
                 f"  {a['adapter']} on {a['weight']} {a['weight_shape']}{through}: "
                 f"rank {a['rank']}, scale {a['scale']:g}"
             )
     lines.append(f"MatMul candidates for an adapter: {len(report['matmul_candidates'])}")
     for m in report["matmul_candidates"]:
-        lines.append(f"  {m['weight']} {m['shape']}  [{m['function']}/{m['node']}]")
+        view = f" as [in, out] {m['matrix']} ({m['op']})" if "op" in m else ""
+        lines.append(f"  {m['weight']} {m['shape']}{view}  [{m['function']}/{m['node']}]")
     lines.append(f"Einsum candidates for an adapter: {len(report['einsum_candidates'])}")
     for m in report["einsum_candidates"]:
         view = f"as [in, out] {m['matrix']}" if "matrix" in m else f"no adapter: {m['not_injectable']}"

@@ -1,10 +1,8 @@
 """Einsum projections: an `Einsum` whose second input is a kernel variable (keras.layers.EinsumDense, the
 attention projections of Keras's MultiHeadAttention and of keras-hub's transformers). Rewrites see the kernel
 as a matrix `[in, out]` through the equation, as tf_lora.layers.LoraEinsumDense does (`EinsumView`): `in` is
-the kernel's axes the input contracts, `out` the axes the output keeps, each flattened in kernel order. An
-update `[in, out]` goes back into the kernel's own layout with numpy here."""
-
-import numpy as np
+the kernel's axes the input contracts, `out` the axes the output keeps, each flattened in kernel order (an
+update `[in, out]` goes back into the kernel's own layout with EinsumView.to_kernel_layout)."""
 
 from tf_lora.layers.kernel_layout import EinsumView
 from tf_lora.rewrite.errors import RewriteError
@@ -50,9 +48,3 @@ def einsum_view(node, kernel_shape, where) -> EinsumView:
             "need a transpose"
         )
     return view
-
-
-def kernel_update(view, update) -> np.ndarray:
-    """An update `[in, out]` in the kernel's own layout: reshaped to `in_shape + out_shape`, then its axes
-    put in kernel order (EinsumView.kernel_update does the same in TensorFlow)."""
-    return view.to_kernel_layout(update)

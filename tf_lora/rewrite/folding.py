@@ -7,7 +7,7 @@ import re
 
 import numpy as np
 
-from tf_lora.rewrite.einsum_kernels import einsum_view, equation, kernel_update
+from tf_lora.rewrite.einsum_kernels import equation
 from tf_lora.rewrite.errors import RewriteError
 from tf_lora.rewrite.graph_defs import (
     CALL_OPS,
@@ -22,6 +22,8 @@ from tf_lora.rewrite.lora_patterns import (
     LORA_APPLY,
     SHAPE_OPS,
     projection_under,
+    projection_view,
+    projection_weight,
     row_sources,
     stack_names,
 )
@@ -160,7 +162,8 @@ def fold_one(files, fdef, nodes, node, chooser):
     projection = projection_under(nodes, y_ref)
     if projection is None:
         raise RewriteError(
-            f"{where}: adds to {y_ref!r}, which is not (a bias added to) a MatMul, nor the rows of an Einsum"
+            f"{where}: adds to {y_ref!r}, which is not (a bias added to) a MatMul, nor the rows of an Einsum "
+            "or a BatchMatMul"
         )
     view = None
     if projection.op == "MatMul":
@@ -170,16 +173,16 @@ def fold_one(files, fdef, nodes, node, chooser):
             raise RewriteError(
                 f"{where}: its input {x_ref!r} is not its MatMul's input {projection.input[0]!r}"
             )
-    weight = files.read_variable(fdef, projection.input[1], through_cast=True)  # mixed precision too
+    weight = projection_weight(files, fdef, projection, through_cast=True)  # mixed precision too
     if weight is None:
         raise RewriteError(
             f"{where}: its {projection.op} {projection.name} does not multiply by a saved variable"
         )
     if projection.op != "MatMul":
-        view = einsum_view(projection, weight.shape, f"{fdef.signature.name}/{projection.name}")
+        view = projection_view(files, fdef, projection, weight)
         if not set(row_sources(nodes, x_ref)) & set(row_sources(nodes, projection.input[0])):
             raise RewriteError(
-                f"{where}: its input {x_ref!r} is not (a reshape of) its Einsum's input "
+                f"{where}: its input {x_ref!r} is not (a reshape of) its {projection.op}'s input "
                 f"{projection.input[0]!r}"
             )
     _check_single_consumer_chain(files, fdef, nodes, node, projection)
@@ -199,11 +202,12 @@ def fold_one(files, fdef, nodes, node, chooser):
         delta = float(scale) * (a.astype(np.float64) @ b.astype(np.float64))
         if view is not None:
             if delta.shape != (view.in_features, view.out_features):
+                through = repr(equation(projection)) if projection.op == "Einsum" else f"its {projection.op}"
                 raise RewriteError(
                     f"{where}: scale * A @ B is {delta.shape}, the kernel {weight.name} {weight.shape} seen "
-                    f"through {equation(projection)!r} {(view.in_features, view.out_features)}"
+                    f"through {through} {(view.in_features, view.out_features)}"
                 )
-            delta = kernel_update(view, delta)
+            delta = view.to_kernel_layout(delta)
         elif projection.attr["transpose_b"].b:
             delta = delta.T
         if delta.shape != weight.shape:
@@ -336,13 +340,13 @@ def column_scale(files, fdef, node, projection, weight):
         out = weight.shape[0] if projection.attr["transpose_b"].b else weight.shape[1]
         rows = weight.shape[1] if projection.attr["transpose_b"].b else weight.shape[0]
     else:
-        view = einsum_view(projection, weight.shape, f"{fdef.signature.name}/{projection.name}")
+        view = projection_view(files, fdef, projection, weight)
         out, rows = view.out_features, view.in_features
     if factor.ndim != 1 or factor.shape[0] != out:
         return None
     multiplier = np.ones((rows, 1)) * factor[None, :]
     if projection.op != "MatMul":
-        multiplier = kernel_update(view, multiplier)
+        multiplier = view.to_kernel_layout(multiplier)
     elif projection.attr["transpose_b"].b:
         multiplier = multiplier.T
     # The nodes that only fed the scale: nothing else reads them once the Mul is gone.
@@ -453,10 +457,13 @@ def _check_weights_only_read_by_folded_projections(files, projections_folded, ex
 
 def _through_casts(consumers, node):
     """The nodes that use a node's value, through Cast (a mixed-precision layer's weight in its compute
-    dtype)."""
+    dtype) and the Reshape and Transpose that make a weight the matrix of a BatchMatMul (batch_matmuls)."""
     found = []
     for user in consumers.get(node.name, ()):
-        found += _through_casts(consumers, user) if user.op == "Cast" else [user]
+        passes = user.op == "Cast" or (
+            user.op in ("Reshape", "Transpose") and split_ref(user.input[0])[0] == node.name
+        )
+        found += _through_casts(consumers, user) if passes else [user]
     return found
 
 

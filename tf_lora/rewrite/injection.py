@@ -2,7 +2,7 @@
 a model (a TF2 SavedModel rewritten as protos; TF1 graphs, MatMuls only, in a session)."""
 
 import dataclasses
-import math
+import hashlib
 import re
 
 import numpy as np
@@ -12,10 +12,11 @@ from tensorflow.core.protobuf import saved_object_graph_pb2
 from tensorflow.python.framework import dtypes, tensor_util
 
 from tf_lora.python.ops import lora_ops
+from tf_lora.rewrite.batch_matmuls import is_batch_projection, matrix_view
 from tf_lora.rewrite.einsum_kernels import einsum_view, equation, is_projection
 from tf_lora.rewrite.errors import RewriteError
 from tf_lora.rewrite.graph_edit import ArgumentAdder, checkpoint_graph, name_matches, resave
-from tf_lora.rewrite.lora_patterns import BATCHED_LORA_APPLY, LORA_APPLY, projection_under
+from tf_lora.rewrite.lora_patterns import BATCHED_LORA_APPLY, LORA_APPLY, projection_under, projection_weight
 from tf_lora.rewrite.model_files import OBJECT_GRAPH_KEY, ModelFiles
 from tf_lora.rewrite.saved_model_writer import write_saved_model
 from tf_lora.rewrite.tf1_session import all_variables, rewire, session_model, variable_of, write_session
@@ -30,33 +31,38 @@ class Injected:
     weight: str  # the base weight's variable name
     a: str  # the new variables' names
     b: str
-    shape: tuple  # the weight's [in, out] as the MatMul (or through its equation the Einsum) uses it
-    matmuls: list  # "function/node" of each MatMul or Einsum that got the apply
+    shape: tuple  # the weight's [in, out] as the MatMul (through its equation the Einsum, reshaped the
+    # BatchMatMul) uses it
+    matmuls: list  # "function/node" of each MatMul, Einsum or BatchMatMul that got the apply
 
 
 @dataclasses.dataclass
 class _Site:
-    """A MatMul or Einsum that gets an apply, and how it sees its weight as a matrix `[in, out]`."""
+    """A MatMul, Einsum or BatchMatMul that gets an apply, and how it sees its weight as `[in, out]`."""
 
     function: str
     node: str
-    how: str  # "as is", "transposed" (a MatMul), "in '<equation>'" (an Einsum)
-    axes: tuple  # (the weight's axes the input contracts, the axes the output keeps), by position
-    view: object  # the Einsum's EinsumView; None for a MatMul
+    how: str  # "as is", "transposed" (a MatMul), "in '<equation>'" (an Einsum), "by BatchMatMulV2"
+    shape: tuple  # [in, out]
+    layout: tuple  # what makes two sites see the weight alike: the axes the input contracts and the output
+    # keeps (MatMul, Einsum), or a digest of the BatchMatMul's MatrixView
+    view: object  # the Einsum's EinsumView or the BatchMatMul's MatrixView; None for a MatMul
 
 
 def inject(model_dir, out_dir, target, rank, alpha, seed=0, overwrite=False, progress=None) -> list:
-    """Writes a copy of the SavedModel `model_dir` in which every MatMul or Einsum projection whose weight
-    variable matches `target` gets a LoRA apply with new adapter variables: A `[in, rank]` He-uniform, B
-    `[rank, out]` zero, scale alpha / rank. The outputs are unchanged (B is zero); the adapters are trainable
-    variables of the loaded model (`<weight name>/lora_a`, `/lora_b`; attributes `tf_lora_<weight>_lora_a` of
-    its root).
+    """Writes a copy of the SavedModel `model_dir` in which every MatMul, Einsum or BatchMatMul projection
+    whose weight variable matches `target` gets a LoRA apply with new adapter variables: A `[in, rank]`
+    He-uniform, B `[rank, out]` zero, scale alpha / rank. The outputs are unchanged (B is zero); the adapters
+    are trainable variables of the loaded model (`<weight name>/lora_a`, `/lora_b`; attributes
+    `tf_lora_<weight>_lora_a` of its root).
 
     An Einsum's kernel is seen as the matrix `[in, out]` through its equation (einsum_kernels: `in` the kernel
     axes the input contracts, `out` those the output keeps, each flattened in kernel order), and the apply
     goes on its rows: `y' = Reshape(LoraApply(Reshape(y, [-1, out]), Reshape(x, [-1, in]), A, B, scale),
     Shape(y))`. That takes an equation whose input ends with the `in` axes and output with the `out` axes
-    (every attention projection); a matching Einsum with another is refused.
+    (every attention projection); a matching Einsum with another is refused. A BatchMatMul multiplies its
+    input's last axis by its weight made a matrix (batch_matmuls) and gets the apply on its rows the same
+    way.
 
     Args:
       target: A regex, matched in full against each weight variable's name or its layer (the name without
@@ -94,18 +100,18 @@ def inject(model_dir, out_dir, target, rank, alpha, seed=0, overwrite=False, pro
         for node in fdef.node_def:
             if not _takes_adapter(node) or node.name in adapted:
                 continue
-            weight = files.read_variable(fdef, node.input[1])
+            weight = projection_weight(files, fdef, node)
             if weight is None or not name_matches(pattern, weight.name):
                 continue
             try:
-                site = _site(fdef, node, weight)
+                site = _site(files, fdef, node, weight)
             except RewriteError as e:
                 problems.append(f"weight {weight.name!r}: {e}")
                 continue
             if site is not None:
                 sites.setdefault(weight.node_id, []).append(site)
     for weight_id, found in sites.items():
-        if len({site.axes for site in found}) > 1:
+        if len({site.layout for site in found}) > 1:
             problems.append(
                 f"weight {files.variables[weight_id].name!r} is used both "
                 f"{' and '.join(sorted({site.how for site in found}))} "
@@ -122,7 +128,7 @@ def inject(model_dir, out_dir, target, rank, alpha, seed=0, overwrite=False, pro
     args = ArgumentAdder(files, meta, functions)
     for weight_id, found in sorted(sites.items()):
         weight = files.variables[weight_id]
-        fan_in, fan_out = (math.prod(weight.shape[k] for k in axes) for axes in found[0].axes)
+        fan_in, fan_out = found[0].shape
         limit = np.sqrt(6.0 / fan_in)
         dtype = np.dtype(dtypes.as_dtype(weight.dtype).as_numpy_dtype)
         values = {
@@ -143,7 +149,7 @@ def inject(model_dir, out_dir, target, rank, alpha, seed=0, overwrite=False, pro
             if site.view is None:
                 _insert_apply(functions[site.function], site.node, a_arg, b_arg, scale)
             else:
-                _insert_einsum_apply(functions[site.function], site.node, a_arg, b_arg, scale, site.view)
+                _insert_rows_apply(functions[site.function], site.node, a_arg, b_arg, scale, site.view)
         injected.append(
             Injected(
                 weight.name,
@@ -160,24 +166,36 @@ def inject(model_dir, out_dir, target, rank, alpha, seed=0, overwrite=False, pro
 
 
 def _takes_adapter(node):
-    """Whether a node is a MatMul (of an untransposed input) or an Einsum of two operands: what an adapter
-    can go on when its second input is a weight variable."""
-    return (node.op == "MatMul" and not node.attr["transpose_a"].b) or is_projection(node)
+    """Whether a node is a MatMul (of an untransposed input), an Einsum of two operands or a BatchMatMul (of
+    an untransposed input): what an adapter can go on when its second input is a weight variable."""
+    return (
+        (node.op == "MatMul" and not node.attr["transpose_a"].b)
+        or is_projection(node)
+        or is_batch_projection(node)
+    )
 
 
-def _site(fdef, node, weight):
-    """How a MatMul or Einsum sees its weight as `[in, out]`, as a _Site; None for a MatMul on a weight that
-    is not 2-D. Raises RewriteError for an Einsum whose equation takes no adapter (einsum_view)."""
+def _site(files, fdef, node, weight):
+    """How a MatMul, Einsum or BatchMatMul sees its weight as `[in, out]`, as a _Site; None for a MatMul on a
+    weight that is not 2-D. Raises RewriteError for an Einsum whose equation takes no adapter
+    (einsum_view)."""
     fn = fdef.signature.name
     if node.op == "MatMul":
         if len(weight.shape) != 2:
             return None
+        rows, cols = weight.shape
         if node.attr["transpose_b"].b:
-            return _Site(fn, node.name, "transposed", ((1,), (0,)), None)
-        return _Site(fn, node.name, "as is", ((0,), (1,)), None)
+            return _Site(fn, node.name, "transposed", (cols, rows), ((1,), (0,)), None)
+        return _Site(fn, node.name, "as is", (rows, cols), ((0,), (1,)), None)
+    if is_batch_projection(node):
+        view = matrix_view(files, fdef, node)[1]
+        digest = hashlib.sha256(view.index.tobytes()).hexdigest()
+        shape = (view.in_features, view.out_features)
+        return _Site(fn, node.name, f"by {node.op}", shape, (shape, digest), view)
     view = einsum_view(node, weight.shape, f"{fn}/{node.name}")
     axes = tuple(tuple(view.kernel_axes.index(c) for c in part) for part in (view.in_axes, view.out_axes))
-    return _Site(fn, node.name, f"in {equation(node)!r}", axes, view)
+    shape = (view.in_features, view.out_features)
+    return _Site(fn, node.name, f"in {equation(node)!r}", shape, axes, view)
 
 
 def _adapted_projections(fdef):
@@ -198,16 +216,16 @@ def _nothing_matches(files, pattern, target):
         consumers = files.consumers(fdef)
         has_adapter = _adapted_projections(fdef)
         for node in fdef.node_def:
-            weight = files.read_variable(fdef, node.input[1]) if _takes_adapter(node) else None
+            weight = projection_weight(files, fdef, node) if _takes_adapter(node) else None
             if weight is None and _takes_adapter(node):
-                through = files.read_variable(fdef, node.input[1], through_cast=True)
+                through = projection_weight(files, fdef, node, through_cast=True)
                 if through is not None:  # a mixed-precision layer's weight, cast to its compute dtype
                     cast.add(through.name)
             if weight is not None and node.name in has_adapter:
                 adapted.add(weight.name)
             elif weight is not None:
                 try:
-                    if _site(fdef, node, weight) is not None:
+                    if _site(files, fdef, node, weight) is not None:
                         weights.add(weight.name)
                 except RewriteError:
                     pass
@@ -298,10 +316,11 @@ def _insert_apply(fdef, matmul_name, a_arg, b_arg, scale):
     fdef.node_def.append(apply)
 
 
-def _insert_einsum_apply(fdef, einsum_name, a_arg, b_arg, scale, view):
-    """y = Einsum(x, kernel) becomes, for every consumer, the apply on its rows as LoraEinsumDense computes
-    it: y' = Reshape(LoraApply(Reshape(y, [-1, out]), Reshape(x, [-1, in]), read(a), read(b), scale),
-    Shape(y)). The rows line up with reshapes alone (einsum_view checked the equation)."""
+def _insert_rows_apply(fdef, einsum_name, a_arg, b_arg, scale, view):
+    """y = Einsum(x, kernel) (or BatchMatMul(x, kernel as a matrix)) becomes, for every consumer, the apply on
+    its rows as LoraEinsumDense computes it: y' = Reshape(LoraApply(Reshape(y, [-1, out]), Reshape(x, [-1,
+    in]), read(a), read(b), scale), Shape(y)). The rows line up with reshapes alone (einsum_view checked the
+    equation; a BatchMatMul's input ends with its `in` axis)."""
     einsum = next(n for n in fdef.node_def if n.name == einsum_name)
     dtype = einsum.attr["T"].type
     prefix = f"{einsum_name}/tf_lora_inject"

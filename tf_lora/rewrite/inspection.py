@@ -1,13 +1,20 @@
-"""inspect: what a SavedModel holds for tf_lora: signatures, tf_lora ops and adapters, MatMuls and Einsum
-projections that could take an adapter, embedding lookups that a sparse table could replace."""
+"""inspect: what a SavedModel holds for tf_lora: signatures, tf_lora ops and adapters, MatMuls, BatchMatMuls
+and Einsum projections that could take an adapter, embedding lookups that a sparse table could replace."""
 
 from tensorflow.python.framework import dtypes
 
+from tf_lora.rewrite.batch_matmuls import is_batch_projection, matrix_view
 from tf_lora.rewrite.einsum_kernels import einsum_view, equation, is_projection
 from tf_lora.rewrite.errors import RewriteError
 from tf_lora.rewrite.folding import fold_one
 from tf_lora.rewrite.graph_defs import PLUGIN_PREFIX, GraphBody, split_ref
-from tf_lora.rewrite.lora_patterns import BATCHED_LORA_APPLY, LORA_APPLY, projection_under, stack_names
+from tf_lora.rewrite.lora_patterns import (
+    BATCHED_LORA_APPLY,
+    LORA_APPLY,
+    projection_under,
+    projection_weight,
+    stack_names,
+)
 from tf_lora.rewrite.model_files import ModelFiles
 
 
@@ -25,9 +32,7 @@ def _batched_entries(files, fdef, nodes, node, adapted):
     base = {"function": fdef.signature.name, "node": node.name}
     data = [i for i in node.input if not i.startswith("^")]
     projection = projection_under(nodes, data[0])
-    weight = (
-        files.read_variable(fdef, projection.input[1], through_cast=True) if projection is not None else None
-    )
+    weight = projection_weight(files, fdef, projection, through_cast=True) if projection is not None else None
     try:
         a_stack = files.evaluate(fdef, data[2])
         scales = files.evaluate(fdef, data[5]).reshape(-1)
@@ -37,8 +42,8 @@ def _batched_entries(files, fdef, nodes, node, adapted):
         return [
             {
                 **base,
-                "not_foldable": f"{data[0]!r} is not (a bias added to) a MatMul, nor the rows of an Einsum, "
-                "of a saved variable",
+                "not_foldable": f"{data[0]!r} is not (a bias added to) a MatMul, nor the rows of an Einsum "
+                "or a BatchMatMul, of a saved variable",
             }
         ]
     adapted.add(projection.name)
@@ -60,7 +65,10 @@ def _batched_entries(files, fdef, nodes, node, adapted):
 
 
 def _on_einsum(projection):
-    """What an adapter entry adds when its apply sits on an Einsum projection: the equation."""
+    """What an adapter entry adds when its apply sits on an Einsum projection (the equation) or a BatchMatMul
+    (the op)."""
+    if is_batch_projection(projection):
+        return {"op": projection.op}
     return {"equation": equation(projection)} if projection.op != "MatMul" else {}
 
 
@@ -93,7 +101,9 @@ def inspect(model_dir) -> dict:
       {"path", "signatures": {name: {"inputs": {...}, "outputs": {...}}}, "tf_lora_ops": [...],
        "adapters": [...], "matmul_candidates": [...], "einsum_candidates": [...], "embedding_lookups": [...]};
       each op entry names its function and node, variables by name with their shapes. An adapter on an
-      Einsum projection has its `equation` (its weight_shape is the kernel's); an Einsum candidate has its
+      Einsum projection has its `equation` (its weight_shape is the kernel's), one on a BatchMatMul its
+      `op`; a BatchMatMul candidate (among the MatMul candidates) has its `op` and `matrix`, the `[in, out]`
+      its weight is made (batch_matmuls); an Einsum candidate has its
       equation, the kernel's `shape` and `matrix`, the `[in, out]` an adapter sees (einsum_kernels), or
       `not_injectable` saying why there is none.
     """
@@ -142,6 +152,20 @@ def inspect(model_dir) -> dict:
                             "node": node.name,
                             "weight": weight.name,
                             "shape": list(weight.shape),
+                        }
+                    )
+            elif is_batch_projection(node) and node.name not in adapted:
+                found = matrix_view(files, fdef, node)
+                if found is not None:
+                    weight, view = found
+                    candidates.append(
+                        {
+                            "function": fn,
+                            "node": node.name,
+                            "weight": weight.name,
+                            "shape": list(weight.shape),
+                            "op": node.op,
+                            "matrix": [view.in_features, view.out_features],
                         }
                     )
             elif is_projection(node) and node.name not in adapted:
