@@ -8,8 +8,9 @@ for them. Not needed by CI (the files are committed); run in a scratch venv:
 Each `<arch>/` holds `base/` (config.json + model.safetensors, as `save_pretrained` writes: keras-hub loads
 it with `from_preset`), `adapter/` (PEFT's `save_pretrained`), and `io.safetensors`: token ids, the base
 model's logits and the logits with the adapter, from transformers + PEFT. `gpt2_dora/` is a DoRA adapter on
-gpt2/'s base (no base/ of its own). Made 2026-11-29 with torch
-2.14.1, transformers 5.24.0, peft 0.21.2.
+gpt2/'s base (no base/ of its own); `llama_mts/` and `gpt2_mts/` save whole layers beside the adapters
+(`modules_to_save`: Llama's embedding table and down_proj, GPT-2's fused c_attn Conv1D), trained-looking.
+Made 2026-11-29 with torch 2.14.1, transformers 5.24.0, peft 0.21.2.
 
 `--check ARCH DIR` loads a PEFT directory that tf_lora wrote for ARCH's base model with PEFT and prints the
 largest difference between its logits and those in DIR/expected.safetensors.
@@ -58,11 +59,18 @@ def _model(arch):
     return model, targets
 
 
-def make(arch, use_dora=False):
-    path = os.path.join(HERE, arch + ("_dora" if use_dora else ""))
+# Whole layers saved beside the adapters (modules_to_save), and the adapters' targets then.
+_SAVED = {"llama": (["embed_tokens", "down_proj"], ["q_proj", "v_proj"]), "gpt2": (["c_attn"], ["c_fc"])}
+
+
+def make(arch, use_dora=False, saved=False):
+    path = os.path.join(HERE, arch + ("_dora" if use_dora else "") + ("_mts" if saved else ""))
     model, targets = _model(arch)
-    if not use_dora:  # the DoRA variant shares its architecture's base/ (the same seed)
+    if not use_dora and not saved:  # the variants share their architecture's base/ (the same seed)
         model.save_pretrained(os.path.join(path, "base"))
+    modules_to_save = None
+    if saved:
+        modules_to_save, targets = _SAVED[arch]
     config = peft.LoraConfig(
         r=4,
         lora_alpha=8,
@@ -71,6 +79,7 @@ def make(arch, use_dora=False):
         init_lora_weights=False,  # random A and B: a non-zero adapter
         fan_in_fan_out=arch == "gpt2",  # GPT-2's Conv1D
         use_dora=use_dora,
+        modules_to_save=modules_to_save,
     )
     ids = torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -83,6 +92,8 @@ def make(arch, use_dora=False):
                 p.copy_(0.5 * torch.randn_like(p))
             if "lora_magnitude" in name:  # a trained magnitude, away from the weight's own norms
                 p.mul_(torch.empty_like(p).uniform_(0.5, 1.5))
+            if "modules_to_save" in name:  # a trained copy of the whole layer
+                p.add_(0.2 * torch.randn_like(p))
         lora.save_pretrained(os.path.join(path, "adapter"))
         lora_logits = lora(ids).logits
     save_file(
@@ -109,3 +120,5 @@ if __name__ == "__main__":
         for arch in ("gpt2", "llama", "gemma"):
             make(arch)
         make("gpt2", use_dora=True)  # DoRA on GPT-2's Conv1D (fan_in_fan_out), fused c_attn included
+        make("llama", saved=True)
+        make("gpt2", saved=True)

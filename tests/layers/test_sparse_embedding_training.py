@@ -2,6 +2,7 @@
 moves under the same optimizer (the reference), and only when the optimizer applies a step."""
 
 import pathlib
+import warnings
 
 import keras
 import numpy as np
@@ -385,3 +386,49 @@ def test_epochs_of_unknown_length_keep_the_step_s_ids_in_order():
     dense.fit(tf.data.Dataset.from_tensor_slices((x, y)).batch(32), epochs=3, verbose=0)
     want = dense_emb.embeddings.numpy()
     np.testing.assert_allclose(_rows(emb), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("cut", ["no_loss_output", "stop_gradient"])
+def test_a_layer_whose_rows_get_no_gradient_fits_and_trains_nothing(cut):
+    # Keras leaves a variable without a gradient out of the update step: the layer never heard of the
+    # applied steps, kept every step's ids and failed once max_ids_per_step of them had been read.
+    x, y = _data()
+    emb = tf_lora.layers.SparseEmbedding(DIM, combiner="sum", max_ids_per_step=32 * SLOTS)
+    inp, side = keras.Input((SLOTS,), dtype="int64"), keras.Input((2,))
+    main = keras.layers.Dense(1, name="main")(side)
+    if cut == "stop_gradient":
+        outputs = main + keras.layers.Dense(1)(keras.ops.stop_gradient(emb(inp)))
+        targets = y
+    else:  # an output that is only predicted: no loss reaches the table
+        outputs = {"main": main, "aux": keras.layers.Dense(1, name="aux")(emb(inp))}
+        targets = {"main": y}
+    model = keras.Model([inp, side], outputs)
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.1), loss={"main": "mse"} if cut != "stop_gradient" else "mse"
+    )
+    emb.table.pull(np.arange(IDS), training=True)
+    before = emb.table.export()
+    side_x = np.random.default_rng(1).standard_normal((len(x), 2)).astype(np.float32)
+    model.fit([x, side_x], targets, batch_size=32, epochs=2, verbose=0)  # 16 steps of 32 * SLOTS ids
+    after = emb.table.export()
+    for key in ("keys", "values"):
+        np.testing.assert_array_equal(after[key], before[key])
+
+
+def test_weight_decay_and_ema_of_the_model_optimizer_warn_that_the_table_is_left_out():
+    # The model optimizer's decoupled weight decay (and use_ema) never reached the table, silently: a dense
+    # Embedding's rows shrink at every step, the table's did not.
+    x, y = _data(64)
+    sparse, emb, _, _ = _models(lambda: keras.optimizers.SGD(0.1, weight_decay=0.5))
+    with pytest.warns(UserWarning, match=r"weight_decay=0.5 does not reach the table's rows"):
+        sparse.fit(x, y, batch_size=32, epochs=1, verbose=0)
+    sparse, emb, _, _ = _models(lambda: keras.optimizers.AdamW(0.01, use_ema=True))
+    with pytest.warns(UserWarning, match=r"weight_decay=.* and use_ema=True"):
+        sparse.fit(x, y, batch_size=32, epochs=1, verbose=0)
+    optimizer = keras.optimizers.SGD(0.1, weight_decay=0.5)
+    optimizer.exclude_from_weight_decay(var_names=["pulled_rows"])
+    sparse, emb, _, _ = _models(lambda: optimizer)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sparse.fit(x, y, batch_size=32, epochs=1, verbose=0)
+    assert not [w for w in caught if "does not reach" in str(w.message)]

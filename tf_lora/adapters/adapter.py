@@ -72,9 +72,12 @@ class AdapterSet(dict):
     """`{module name: Adapter}` as read from an adapter file, with what the file holds beside the adapters.
 
     Attributes:
-      replacements: `{module name: {"weight": [out, in] or [in, out] in TF layout, "bias": [out]}}`: layers
-        the file replaces whole (PEFT's `modules_to_save`, such as a classifier head) and biases trained
-        outside the adapted layers (`bias="all"`), in TensorFlow layout (`weight` is `[in, out]`).
+      replacements: `{module name: {"weight": ..., "bias": [out]}}`: layers the file replaces whole (PEFT's
+        `modules_to_save`, such as a classifier head or an embedding table) and biases trained outside the
+        adapted layers (`bias="all"`). A weight is held in the file's (PyTorch) layout, since only the layer
+        it lands on says which that is: a Linear's `[out, in]` (the transpose of TensorFlow's `[in, out]`),
+        an embedding table's `[vocab, dim]` (as Keras's), and with the config's `fan_in_fan_out` (GPT-2's
+        Conv1D) `[in, out]`.
       config: The file's configuration (PEFT's adapter_config.json), or {}.
     """
 

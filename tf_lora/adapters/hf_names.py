@@ -15,6 +15,7 @@ import re
 import numpy as np
 
 from tf_lora.adapters.adapter import Adapter, AdapterSet
+from tf_lora.layers.kernel_layout import layer_parts
 from tf_lora.layers.model_layers import layers_by_path
 
 
@@ -100,7 +101,8 @@ def _module_pattern(layout):
 
 def to_keras_hub(model, adapters):
     """`(adapters, mapping)` for `apply`: HF module names of a known architecture become keras-hub layer
-    paths (GPT-2's c_attn split in three, keyed `module:query` ...); other names pass through. (None, None)
+    paths (GPT-2's c_attn split in three, keyed `module:query` ...), those of the adapters and of the whole
+    weights and biases the file replaces (AdapterSet.replacements); other names pass through. (None, None)
     when `model` holds no known keras-hub backbone or no name is an HF one."""
     layout, prefix = find_backbone(model)
     if layout is None:
@@ -140,9 +142,103 @@ def to_keras_hub(model, adapters):
                 bias=None if adapter.bias is None else adapter.bias[columns],
             )
             paths[key] = f"{block}/{target}"
+    replacements = {}
+    for module, parts in getattr(adapters, "replacements", {}).items():
+        match = pattern.fullmatch(module)
+        if match is None and embedding.fullmatch(module):
+            translated = True
+            replacements[module], paths[module] = parts, prefix + layout.embedding[1]
+            continue
+        if match is None:
+            replacements[module] = parts
+            continue
+        translated = True
+        block = prefix + layout.keras_block.format(match[1])
+        targets = layout.modules[match[2]]
+        if isinstance(targets, str):
+            replacements[module], paths[module] = parts, f"{block}/{targets}"
+            continue
+        for i, target in enumerate(
+            targets
+        ):  # GPT-2's c_attn: its Conv1D weight [in, 3 * out], bias [3 * out]
+            key = f"{module}:{target.rsplit('/', 1)[-1]}"
+            replacements[key] = {
+                param: _third(module, array, i, len(targets)) for param, array in parts.items()
+            }
+            paths[key] = f"{block}/{target}"
     if not translated:
         return None, None
-    return AdapterSet(out, getattr(adapters, "replacements", {})), lambda key: paths.get(key, key)
+    config = getattr(adapters, "config", {})
+    return AdapterSet(out, replacements, config), lambda key: paths.get(key, key)
+
+
+def _third(module, array, i, count):
+    """Part `i` of `count` of a fused weight's output axis (the last: Conv1D's `[in, out]`, a bias)."""
+    width, rem = divmod(array.shape[-1], count)
+    if rem:
+        raise ValueError(
+            f"{module}: the fused weight's output ({array.shape[-1]}) does not split into {count}"
+        )
+    return np.ascontiguousarray(array[..., i * width : (i + 1) * width])
+
+
+def _reverse(layout):
+    """keras-hub layer under a block -> (HF module under the block, its index in a fused module, count)."""
+    reverse = {}
+    for hf, keras_layers in layout.modules.items():
+        for i, layer in enumerate((keras_layers,) if isinstance(keras_layers, str) else keras_layers):
+            reverse[layer] = (hf, i, 1 if isinstance(keras_layers, str) else len(keras_layers))
+    return reverse
+
+
+def replacements_to_hf(model, whole):
+    """`{layer path: {"weight": [in, out], "bias": [out]}}` (whole layers of a keras-hub model of a known
+    architecture, from_model's `modules_to_save`) -> `{HF module name: parts}` in the transformers model's
+    layout (AdapterSet.replacements): a Linear's weight `[out, in]`, GPT-2's Conv1D `[in, out]`, the token
+    embedding as it is. GPT-2's query, key and value make one c_attn: a part not given is the model's own.
+
+    Raises:
+      ValueError: a layer without a Hugging Face name (PEFT would not load it: it would silently keep its
+        own weights).
+    """
+    layout, prefix = find_backbone(model)
+    block = re.compile(re.escape(prefix) + layout.keras_block.replace("{}", r"(\d+)") + "/(.+)")
+    reverse, layers = _reverse(layout), layers_by_path(model)
+    out, fused = {}, {}
+    for path, parts in whole.items():
+        if path == prefix + layout.embedding[1]:
+            out[layout.embedding[0]] = parts
+            continue
+        match = block.fullmatch(path)
+        if match is None or match[2] not in reverse:
+            raise ValueError(
+                f"from_model: modules_to_save {path!r} has no Hugging Face module name in a "
+                f"{layout.backbones[0]} (its layers with one: {layout.embedding[1]} and, in each block, "
+                f"{sorted(reverse)}); pass mapping='paths' to export Keras names"
+            )
+        hf, index, count = reverse[match[2]]
+        module = f"{layout.hf_export.format(match[1])}.{hf}"
+        if count > 1:
+            fused.setdefault((module, match[1], hf), {})[index] = parts
+            continue
+        out[module] = _hf_layout(parts, layout)
+    for (module, number, hf), given in fused.items():
+        block_path = prefix + layout.keras_block.format(number)
+        group = [
+            given.get(i) or layer_parts(layers[f"{block_path}/{target}"])
+            for i, target in enumerate(layout.modules[hf])
+        ]
+        parts = {"weight": np.concatenate([p["weight"] for p in group], axis=1)}
+        if all("bias" in p for p in group):
+            parts["bias"] = np.concatenate([p["bias"] for p in group])
+        out[module] = _hf_layout(parts, layout)
+    return out
+
+
+def _hf_layout(parts, layout):
+    """Parts of a projection `[in, out]` in the transformers model's layout: a Linear's `[out, in]`, or
+    GPT-2's Conv1D `[in, out]`."""
+    return parts if layout.fan_in_fan_out else {**parts, "weight": parts["weight"].T}
 
 
 def to_hf(model, adapters):
@@ -156,11 +252,8 @@ def to_hf(model, adapters):
     if layout is None:
         return None
     block = re.compile(re.escape(prefix) + layout.keras_block.replace("{}", r"(\d+)") + "/(.+)")
-    reverse = {}
-    for hf, keras_layers in layout.modules.items():
-        for i, layer in enumerate((keras_layers,) if isinstance(keras_layers, str) else keras_layers):
-            reverse[layer] = (hf, i, 1 if isinstance(keras_layers, str) else len(keras_layers))
-    parts, out = {}, {}
+    reverse = _reverse(layout)
+    parts, out, members = {}, {}, {}
     for path, adapter in adapters.items():
         if path == prefix + layout.embedding[1]:
             out[layout.embedding[0]] = dataclasses.replace(adapter, module=layout.embedding[0])
@@ -175,12 +268,17 @@ def to_hf(model, adapters):
             out[module] = dataclasses.replace(adapter, module=module, metadata=metadata)
         else:
             parts.setdefault(module, [None] * count)[index] = dataclasses.replace(adapter, metadata=metadata)
+            block_path = path[: -len(match[2])]
+            members[module] = [block_path + layer for layer in layout.modules[hf]]
+    layers = layers_by_path(model)
     for module, group in parts.items():
-        out[module] = _fuse(module, group)
+        out[module] = _fuse(module, group, [layers.get(path) for path in members[module]])
     return out
 
 
-def _fuse(module, group):
+def _fuse(module, group, layers):
+    """One c_attn adapter from the query, key and value adapters `group` (None: a layer without one) of the
+    keras-hub `layers` they are on; a part without a bias in the group takes its layer's own."""
     present = [p for p in group if p is not None]
     first = present[0]
     widths = {p.b.shape[1] for p in present}
@@ -196,12 +294,21 @@ def _fuse(module, group):
         }
         b = np.concatenate([p.b for p in group], axis=1)
         return dataclasses.replace(first, b=b, module=module, **{"magnitude": None, "bias": None, **extra})
-    if any(p.use_dora or p.bias is not None for p in present):
+    if any(p.use_dora for p in present):
         raise ValueError(
             f"{module}: the query, key and value adapters fuse into one only when they share a and the "
-            "scale, or are plain LoRA without biases: DoRA's column norms and biases of a partial fuse "
-            "have no exact PEFT form"
+            "scale, or are plain LoRA: DoRA's column norms of a partial fuse have no exact PEFT form"
         )
+    bias = None
+    if any(p.bias is not None for p in present):  # c_attn's bias is theirs side by side, whatever a is
+        own = [
+            np.reshape(layer.bias.numpy(), [-1]) if getattr(layer, "bias", None) is not None else None
+            for layer in layers
+        ]
+        pieces = [p.bias if p is not None and p.bias is not None else own[i] for i, p in enumerate(group)]
+        if any(piece is None for piece in pieces):
+            raise ValueError(f"{module}: some of query, key and value have a bias, some none: c_attn has one")
+        bias = np.concatenate(pieces)
     rank = sum(p.rank for p in present)
     a = np.concatenate([p.a for p in present], axis=1).astype(np.float32)
     b = np.zeros((rank, width * len(group)), np.float32)
@@ -211,4 +318,6 @@ def _fuse(module, group):
             continue
         b[row : row + p.rank, i * width : (i + 1) * width] = p.b * p.scale
         row += p.rank
-    return Adapter(a, b, alpha=float(rank), use_rslora=False, module=module, metadata=first.metadata)
+    return Adapter(
+        a, b, alpha=float(rank), use_rslora=False, module=module, metadata=first.metadata, bias=bias
+    )

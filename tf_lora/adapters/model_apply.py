@@ -8,9 +8,9 @@ from tf_lora.adapters import hf_names
 from tf_lora.adapters.adapter import Adapter, AdapterSet
 from tf_lora.adapters.module_names import module_mapper, resolve_layer
 from tf_lora.layers.conversion import bias_problem, check_convertible, forget_traces, set_bias, to_lora
-from tf_lora.layers.kernel_layout import kernel_matrix, lora_shape, merge_into_layer, set_kernel_matrix
+from tf_lora.layers.kernel_layout import layer_parts, lora_shape, merge_into_layer, set_kernel_matrix
 from tf_lora.layers.lora_embedding import warn_if_tied
-from tf_lora.layers.lora_layer import ADAPTER_NAME, LoraAdapters
+from tf_lora.layers.lora_layer import ADAPTER_NAME, DEFAULT_ADAPTER, LoraAdapters
 from tf_lora.layers.lora_model import mark
 from tf_lora.layers.model_layers import describe_paths, layers_by_path, lora_kind
 
@@ -114,13 +114,21 @@ def apply(
             problems.append(f"{module} -> {path}: NaN or Inf weights")
             continue
         pairs.append((module, path, layer, adapter))
-    replaced = _check_replacements(
-        getattr(adapters, "replacements", {}), layers, to_layer, unmatched, problems
-    )
+    replacements = getattr(adapters, "replacements", {})
+    fan_in_fan_out = bool(getattr(adapters, "config", {}).get("fan_in_fan_out"))
+    replaced = _check_replacements(replacements, layers, to_layer, fan_in_fan_out, unmatched, problems)
     if strict and unmatched:
+        whole = [m for m in unmatched if m in replacements]
         problems.append(
-            f"modules that match no layer: {unmatched} (pass a mapping, or strict=False; the model's Dense "
-            f"and EinsumDense layers by path: {describe_paths(p for p, x in layers.items() if lora_kind(x))})"
+            f"modules that match no layer: {unmatched} (pass a mapping"
+            + (
+                f"; {whole} are whole weights or biases the file replaces: leaving them out (strict=False) "
+                "changes the outputs"
+                if whole
+                else ", or strict=False"
+            )
+            + "; the model's Dense and EinsumDense layers by path: "
+            f"{describe_paths(p for p, x in layers.items() if lora_kind(x))})"
         )
     if problems:
         raise ValueError("apply: nothing changed; " + "; ".join(problems))
@@ -130,7 +138,7 @@ def apply(
             set_kernel_matrix(layer, parts["weight"])
         if "bias" in parts:
             set_bias(layer, parts["bias"])
-    for _, _, layer, adapter in [] if dry_run else pairs:
+    for module, path, layer, adapter in [] if dry_run else pairs:
         if adapter.bias is not None:
             set_bias(layer, adapter.bias)
         if mode == "merge":
@@ -181,9 +189,21 @@ def apply(
     return ApplyReport(applied, unmatched, sorted(set(targets) - set(applied.values())), replaced_paths)
 
 
-def _check_replacements(replacements, layers, to_layer, unmatched, problems):
+def _placeholder_default(layer):
+    """Whether a LoRA layer's default adapter only holds its place: every LoRA layer has one, so a layer
+    that became a LoRA layer for another named adapter (apply(..., adapter_name=...)) got one at zero that
+    nothing set or trained: B all zero, another adapter beside it, not the active one."""
+    return (
+        len(layer.adapter_names) > 1
+        and layer.active_adapter != DEFAULT_ADAPTER
+        and not np.any(layer.adapter_slot(DEFAULT_ADAPTER).b.numpy())
+    )
+
+
+def _check_replacements(replacements, layers, to_layer, fan_in_fan_out, unmatched, problems):
     """[(module, path, layer, parts)] for the weights a file replaces whole (modules_to_save, other
-    biases), each checked against its layer; problems and unmatched modules are appended to."""
+    biases), each checked against its layer, its weight turned from the file's layout into the layer's
+    `[in, out]` (AdapterSet.replacements); problems and unmatched modules are appended to."""
     found = []
     for module, parts in sorted(replacements.items()):
         path = resolve_layer(layers, to_layer(module))
@@ -197,11 +217,15 @@ def _check_replacements(replacements, layers, to_layer, unmatched, problems):
                     f"{module} -> {path}: replaces a weight, but a {type(layer).__name__} has none"
                 )
                 continue
+            weight = np.asarray(parts["weight"])
+            as_is = lora_kind(layer) == "embedding" or fan_in_fan_out  # a table, or a Conv1D's [in, out]
+            parts = {**parts, "weight": weight if as_is or weight.ndim != 2 else weight.T}
             expected = lora_shape(layer)
             if tuple(np.shape(parts["weight"])) != expected:
                 problems.append(
-                    f"{module} -> {path}: a saved weight [{', '.join(map(str, np.shape(parts['weight'])))}], "
-                    f"the layer's as [in, out] is [{expected[0]}, {expected[1]}]"
+                    f"{module} -> {path}: a saved weight [{', '.join(map(str, np.shape(weight)))}] "
+                    f"({'as the layer holds it' if as_is else 'a Linear [out, in]'}), the layer's as "
+                    f"[in, out] is [{expected[0]}, {expected[1]}]"
                 )
                 continue
         if "bias" in parts and bias_problem(layer, parts["bias"]):
@@ -217,7 +241,9 @@ def from_model(model, adapter_name="default", mapping=None, bias="none", modules
 
     Args:
       model: A Keras model (layers found recursively).
-      adapter_name: Which named adapter of each LoRA layer; layers without it are skipped.
+      adapter_name: Which named adapter of each LoRA layer; layers without it are skipped, and so are layers
+        whose default adapter only holds its place (a layer that became a LoRA layer for another named
+        adapter gets a default at zero: B all zero, not active), as PEFT's layers without that adapter.
       mapping: How layer paths become module names: None (the Hugging Face names for a keras-hub model of
         an architecture tf_lora.adapters.hf_names knows, so that the PEFT files load onto the transformers
         model; else the paths), "paths" (the paths), or a function (layer path -> module name).
@@ -237,6 +263,8 @@ def from_model(model, adapter_name="default", mapping=None, bias="none", modules
     adapters = {}
     for path, layer in layers.items():
         if not isinstance(layer, LoraAdapters) or adapter_name not in layer.adapter_names:
+            continue
+        if adapter_name == DEFAULT_ADAPTER and _placeholder_default(layer):
             continue
         slot = layer.adapter_slot(adapter_name)
         module = to_module(path)
@@ -263,17 +291,21 @@ def from_model(model, adapter_name="default", mapping=None, bias="none", modules
         )
     if not adapters:
         raise ValueError(f"from_model: no LoRA layer of the model has an adapter {adapter_name!r}")
-    replacements = {}
+    whole = {}  # path -> {"weight": [in, out], "bias": [out]}
     for key in modules_to_save:
         path = resolve_layer(layers, key)
         if path is None or lora_kind(layers[path]) is None:
             raise ValueError(
-                f"from_model: modules_to_save {key!r} is not a Dense or EinsumDense layer of the model"
+                f"from_model: modules_to_save {key!r} is not a Dense, EinsumDense or Embedding layer of the "
+                "model"
             )
-        parts = {"weight": kernel_matrix(layers[path]).numpy()}
-        if getattr(layers[path], "bias", None) is not None:
-            parts["bias"] = np.reshape(layers[path].bias.numpy(), [-1])
-        replacements[to_module(path)] = parts
+        whole[path] = layer_parts(layers[path])
     if mapping is None:
-        adapters = hf_names.to_hf(model, adapters) or adapters
+        hf = hf_names.to_hf(model, adapters)
+        if hf is not None:  # Hugging Face names, the whole layers' too (in the transformers model's layout)
+            return AdapterSet(hf, hf_names.replacements_to_hf(model, whole))
+    replacements = {}
+    for path, parts in whole.items():
+        table = lora_kind(layers[path]) == "embedding"  # [vocab, dim] in both layouts
+        replacements[to_module(path)] = {**parts, "weight": parts["weight"] if table else parts["weight"].T}
     return AdapterSet(adapters, replacements)

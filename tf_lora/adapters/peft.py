@@ -97,15 +97,14 @@ def load_peft(path, sha256=None, allow_nonfinite=False) -> AdapterSet:
         elif any(module == m or module.endswith("." + m) for m in saved) or (
             match["param"] == "bias" and config.get("bias") == "all"
         ):
-            array = value.numpy()
-            replacements.setdefault(module, {})[match["param"]] = array.T if array.ndim == 2 else array
+            replacements.setdefault(module, {})[match["param"]] = value.numpy()  # the file's layout
         else:
             raise ValueError(
                 f"load_peft: {weights_path}: key {key!r} is a whole {match['param']} of {module!r}, which "
                 f"the config neither saves (modules_to_save {saved}) nor trains (bias {config.get('bias')!r})"
             )
-    for module, array in base_weights.items():  # an embedding table is [vocab, dim] in both layouts
-        replacements.setdefault(module, {})["weight"] = array if module in embeddings else array.T
+    for module, array in base_weights.items():
+        replacements.setdefault(module, {})["weight"] = array
     if config.get("use_dora") and (set(pairs) - set(magnitudes)):
         raise ValueError(
             f"load_peft: {path}: a DoRA adapter (use_dora: true) without the lora_magnitude_vector weights "
@@ -221,9 +220,9 @@ def save_peft(adapters: dict, path, base_model_name_or_path=None, overwrite=Fals
             tensors[f"base_model.model.{module}.lora_magnitude_vector"] = adapter.magnitude
         if adapter.bias is not None:
             tensors[f"base_model.model.{module}.base_layer.bias"] = adapter.bias
-    for module, parts in replacements.items():
+    for module, parts in replacements.items():  # in the file's layout already
         for param, array in parts.items():
-            tensors[f"base_model.model.{module}.{param}"] = array.T if array.ndim == 2 else array
+            tensors[f"base_model.model.{module}.{param}"] = array
     parent = os.path.dirname(os.path.abspath(path)) or "."
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".tf_lora_peft_", dir=parent)
@@ -303,7 +302,44 @@ def _read_config(path):
         or config["r"] != int(config["r"])
     ):
         raise ValueError(f"load_peft: {config_path}: r must be an integer >= 1, got {config['r']}")
+    problems = _config_problems(config)
+    if problems:
+        raise ValueError(f"load_peft: {config_path}: " + "; ".join(problems))
     return config
+
+
+# init_lora_weights values that leave the base weights as they are (True/False too): any other one (PiSSA,
+# OLoRA, CorDA, LoftQ, LoRA-GA...) subtracts the initial adapter from the base weights when PEFT creates the
+# adapter, so the file's A and B apply to that changed base.
+_BASE_KEEPING_INITS = ("gaussian", "eva", "orthogonal", "mica")
+# Config fields that change what the adapter computes, which tf_lora does not compute: (field, what it is).
+_UNSUPPORTED = (
+    ("alora_invocation_tokens", "an activated LoRA (aLoRA: applied only from its invocation tokens on)"),
+    ("lora_bias", "a bias on lora_B (lora_bias)"),
+    ("trainable_token_indices", "trainable token embeddings (trainable_token_indices)"),
+    ("layer_replication", "replicated layers (layer_replication)"),
+    ("use_qalora", "QA-LoRA's pooled inputs (use_qalora)"),
+    ("use_bdlora", "block-diagonal LoRA (use_bdlora)"),
+    ("arrow_config", "Arrow routing among adapters (arrow_config)"),
+)
+
+
+def _config_problems(config):
+    """What of a LoRA config tf_lora cannot compute: refused rather than loaded as a plain LoRA adapter, whose
+    outputs would be silently wrong."""
+    problems = []
+    init = config.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower() not in _BASE_KEEPING_INITS:
+        problems.append(
+            f"init_lora_weights {init!r} changes the base model's weights when PEFT creates the adapter, so "
+            "these A and B apply to that changed base, not to the model's own weights; convert the adapter "
+            "in PEFT to a plain LoRA adapter of the original base (save_pretrained(..., "
+            "path_initial_model_for_weight_conversion=...)) and load that"
+        )
+    for field, what in _UNSUPPORTED:
+        if config.get(field):
+            problems.append(f"{what}, which tf_lora does not compute")
+    return problems
 
 
 def _pattern_value(patterns, module, default):

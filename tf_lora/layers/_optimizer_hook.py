@@ -64,6 +64,14 @@ def install():
                 keep_vars.append(variable)
             elif grad is not None:
                 layer._apply_rows_gradient(grad, self)  # noqa: SLF001 - the layer's half of this hook
+        # A layer whose rows got no gradient in this step (its output reached no loss, or went through a
+        # stop_gradient) is left out by Keras before this method; it starts its list of ids over all the
+        # same, as a push would have (a dense Embedding there simply does not train).
+        given = {id(variable) for variable in trainable_variables}
+        for variable in getattr(self, "_trainable_variables", ()):
+            layer = _layer_of(variable)
+            if layer is not None and id(variable) not in given:
+                layer.forget_step_ids()
         if keep_vars:
             original(self, keep_grads, keep_vars, learning_rate)
 

@@ -180,6 +180,15 @@ def kernel_matrix(layer):
     return kernel if view is None else view.kernel_matrix(kernel)
 
 
+def layer_parts(layer):
+    """A Dense, EinsumDense or Embedding layer's weight as `[in, out]` (a table as it is) and its bias
+    `[out]` when it has one, as numpy."""
+    parts = {"weight": kernel_matrix(layer).numpy()}
+    if getattr(layer, "bias", None) is not None:
+        parts["bias"] = np.reshape(layer.bias.numpy(), [-1])
+    return parts
+
+
 def set_kernel_matrix(layer, matrix):
     """Assigns a matrix `[in, out]` to a layer's weight, in the weight's own layout."""
     kernel, view = kernel_variable(layer), layer_view(layer)

@@ -2,6 +2,7 @@
 
 import dataclasses
 import types
+import warnings
 
 import keras
 import numpy as np
@@ -167,6 +168,7 @@ class SparseEmbedding(keras.layers.Layer):
     def _apply_rows_gradient(self, grad, optimizer):
         """The model optimizer applies a step: push the processed gradient of the rows pulled since the last
         one into the table, then start over (called by _optimizer_hook)."""
+        _warn_unreached(self, optimizer)
         count = tf.convert_to_tensor(self._step.count)
         ids = tf.convert_to_tensor(self._step.ids)[:count]
         if isinstance(grad, tf.IndexedSlices):
@@ -338,3 +340,25 @@ def _deserialize(config, module):
         for k, v in config["config"].items()
     }
     return getattr(module, config["class_name"])(**fields)
+
+
+def _warn_unreached(layer, optimizer):
+    """Warns (once per layer and optimizer) of what the model optimizer does to its variables that the
+    table's rows never get: decoupled weight decay (Keras decays every row of a dense Embedding at every
+    step; a table's rows change only when pushed) and the moving average of `use_ema`."""
+    missed = []
+    if getattr(optimizer, "weight_decay", None) and optimizer._use_weight_decay(layer.pulled_rows):  # noqa: SLF001
+        missed.append(f"weight_decay={optimizer.weight_decay}")
+    if getattr(optimizer, "use_ema", False):
+        missed.append("use_ema=True (an exponential moving average of the weights)")
+    seen = layer.__dict__.setdefault("_tf_lora_warned", set())
+    if missed and id(optimizer) not in seen:
+        seen.add(id(optimizer))
+        warnings.warn(
+            f"SparseEmbedding {layer.name!r}: the model optimizer's {' and '.join(missed)} does not reach "
+            "the table's rows (they change only when pushed, by the table's own optimizer): regularize the "
+            "table through its optimizer (e.g. sparse_optimizers.Ftrl's l2_regularization_strength), or "
+            "leave the layer out of the decay "
+            "(optimizer.exclude_from_weight_decay(var_names=['pulled_rows']))",
+            stacklevel=2,
+        )

@@ -2,6 +2,7 @@
 
 import itertools
 import numbers
+import weakref
 
 import tensorflow as tf
 
@@ -45,6 +46,9 @@ class SparseTable(tf.saved_model.experimental.TrackableResource):
         self._optimizer = optimizer or optimizers.SGD()
         self._name = name
         self._shared_name = f"tf_lora_{name}_{next(_table_ids)}"
+        # The object that created the table frees it when it goes (copies, such as the one SavedModel export
+        # makes, never do).
+        self._creator = weakref.ref(self)
         super().__init__()
         # Create the table now, outside any tf.function being traced (as TensorFlow's lookup tables do):
         # a handle made while tracing would belong to that function's graph.
@@ -70,6 +74,18 @@ class SparseTable(tf.saved_model.experimental.TrackableResource):
             **self._initializer.attrs(),
             **self._optimizer.attrs(),
         )
+
+    def _destroy_resource(self):
+        """Frees the table's memory when the SparseTable that created it is deleted (eagerly; TensorFlow
+        calls this from `__del__`): a function traced with its handle fails from then on, as one holding a
+        deleted variable does. Tables of a loaded SavedModel stay while the process runs."""
+        handle = self._resource_handle
+        if (
+            tf.executing_eagerly()
+            and getattr(self, "_creator", lambda: None)() is self
+            and isinstance(handle, tf.__internal__.EagerTensor)
+        ):
+            tf.raw_ops.DestroyResourceOp(resource=handle, ignore_lookup_error=True)
 
     def pull(self, ids, training=False) -> tf.Tensor:
         """The rows of `ids` (int64, any shape): `ids.shape + [dim]`.
