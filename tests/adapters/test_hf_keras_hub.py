@@ -129,20 +129,26 @@ def test_keras_trained_gpt2_biases_fuse_into_c_attn_whatever_the_adapters(tmp_pa
     tf_lora.inject_lora(backbone, rank=2, alpha=4, target=r".*(query|key)", train_bias=True, copy=False)
     rng = np.random.default_rng(1)
     for layer in tf_lora.layers.lora_layers(backbone).values():
-        layer.adapter_slot().b.assign(rng.standard_normal(layer.adapter_slot().b.shape).astype(np.float32))
-        layer.bias.assign(layer.bias.numpy() + rng.standard_normal(layer.bias.shape).astype(np.float32))
+        layer.adapter_slot().b.assign(
+            3 * rng.standard_normal(layer.adapter_slot().b.shape).astype(np.float32)
+        )
+        layer.bias.assign(layer.bias.numpy() + 3 * rng.standard_normal(layer.bias.shape).astype(np.float32))
     exported = tf_lora.adapters.from_model(backbone, bias="lora_only")
     fused = exported["transformer.h.0.attn.c_attn"]
     value = tf_lora.layers.model_layers.layers_by_path(backbone)["transformer_layer_0/self_attention/value"]
     assert fused.rank == 4
     np.testing.assert_array_equal(fused.bias[64:], value.bias.numpy().reshape(-1))
+    for i, name in enumerate(("query", "key")):
+        layer = tf_lora.layers.lora_layers(backbone)[f"transformer_layer_0/self_attention/{name}"]
+        np.testing.assert_array_equal(fused.bias[i * 32 : (i + 1) * 32], layer.bias.numpy().reshape(-1))
     io = load_file(str(FIXTURES / "gpt2" / "io.safetensors"))
     expected = _logits(backbone, io["ids"])
     tf_lora.adapters.save_peft(exported, tmp_path / "out")
     reloaded = _backbone("gpt2")
     tf_lora.adapters.apply(reloaded, tf_lora.adapters.load_peft(tmp_path / "out"))
-    assert np.abs(expected - _logits(_backbone("gpt2"), io["ids"])).max() > 0.1  # biases and adapters matter
-    np.testing.assert_allclose(_logits(reloaded, io["ids"]), expected, atol=1e-4)
+    base = _logits(_backbone("gpt2"), io["ids"])
+    assert np.abs(expected - base).max() > 3e-3  # query and key move the attention: far above rounding
+    np.testing.assert_allclose(_logits(reloaded, io["ids"]), expected, atol=1e-5)
 
 
 def test_unknown_names_on_a_keras_hub_model_list_its_layers():
