@@ -1,5 +1,9 @@
 """tf_lora.inject_lora on Sequential and functional models."""
 
+import os
+import subprocess
+import sys
+
 import keras
 import numpy as np
 import pytest
@@ -114,3 +118,28 @@ def test_dense_subclass_keeping_its_call_gets_a_lora_subclass():
         adapted == ["proj"] and isinstance(layer, ScaledInit) and isinstance(layer, tf_lora.layers.LoraDense)
     )
     assert type(layer).__name__ == "LoraScaledInit"
+
+
+def test_a_seeded_inject_makes_the_same_adapters_in_every_process():
+    # The layers were converted in the order of a set of paths, which follows string hashing: under
+    # keras.utils.set_random_seed each process drew the same A values for other layers.
+    script = """
+import keras, numpy as np, tf_lora
+keras.utils.set_random_seed(0)
+inputs = keras.Input((4,))
+x = inputs
+for name in ["alpha", "beta", "gamma", "delta", "epsilon", "zeta"]:
+    x = keras.layers.Dense(4, name=name)(x)
+model, adapted = tf_lora.inject_lora(keras.Model(inputs, x), rank=2, copy=False)
+layers = tf_lora.layers.lora_layers(model)
+print(" ".join(f"{layers[p].adapter_slot().a.numpy().sum():.6f}" for p in adapted))
+"""
+    outputs = set()
+    for hash_seed in ("1", "2", "3"):
+        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONHASHSEED=hash_seed)
+        proc = subprocess.run(
+            [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        outputs.add(proc.stdout.strip())
+    assert len(outputs) == 1, outputs

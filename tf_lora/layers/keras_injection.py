@@ -92,7 +92,9 @@ def inject_lora(
         layers = layers_by_path(model)
     for variable in model.weights:  # the base model is frozen; the new adapters are trained
         variable.trainable = False
-    for path in chosen:
+    # In the model's order, not the set's (which follows string hashing, PYTHONHASHSEED): each adapter's A
+    # draws from Keras's seed generator in turn, so a seeded script makes the same adapters in every process.
+    for path in (p for p in layers if p in chosen):
         to_lora(layers[path], ranks[path], alphas[path], use_rslora, lora_dropout, train_bias, use_dora)
     for layer in layers.values():  # every LoRA layer's active adapter trains, this call's and earlier ones'
         if isinstance(layer, LoraAdapters):
