@@ -366,3 +366,29 @@ def test_a_model_with_keras_lora_converts_keeping_its_adapter():
     # The reference: Keras's Dense without LoRA, on the merged kernel it reports.
     merged = proj.kernel.numpy()
     np.testing.assert_allclose(layer(x), x @ merged + proj.bias.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_a_merged_adapter_is_frozen_so_unmerge_takes_out_what_was_merged():
+    # The adapter stayed trainable while merged: weight decay (or momentum) moved A and B, which no longer
+    # changed the output, and unmerge() then took another update out of the kernel (0.06 off).
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((6,))
+    model, _ = tf_lora.inject_lora(keras.Model(inputs, keras.layers.Dense(3, name="d")(inputs)), rank=2)
+    layer = model.get_layer("d")
+    kernel = layer.kernel.numpy()
+    x = np.random.default_rng(0).standard_normal((32, 6)).astype(np.float32)
+    y = np.random.default_rng(1).standard_normal((32, 3)).astype(np.float32)
+    model.compile(optimizer=keras.optimizers.AdamW(0.05, weight_decay=0.5), loss="mse")
+    model.fit(x, y, epochs=3, verbose=0)
+    slot = layer.adapter_slot()
+    assert np.abs(slot.b.numpy()).max() > 0
+    layer.merge()
+    assert not {id(slot.a), id(slot.b)} & {id(v) for v in model.trainable_weights}
+    model.compile(optimizer=keras.optimizers.AdamW(0.05, weight_decay=0.5), loss="mse")
+    a, b = slot.a.numpy(), slot.b.numpy()
+    model.fit(x, y, epochs=3, verbose=0)  # trains nothing of the adapter (only what else is trainable)
+    np.testing.assert_array_equal(slot.a.numpy(), a)
+    np.testing.assert_array_equal(slot.b.numpy(), b)
+    layer.unmerge()
+    np.testing.assert_allclose(layer.kernel.numpy(), kernel, atol=1e-6)
+    assert {id(slot.a), id(slot.b)} <= {id(v) for v in model.trainable_weights}

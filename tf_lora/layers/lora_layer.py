@@ -380,7 +380,11 @@ class LoraAdapters:
         self._set_trainable()
 
     def _set_trainable(self):
-        active = self.active_adapter
+        # The active adapter trains, unless it is merged into the kernel: it then has no effect on the
+        # output, and an optimizer that still moved it (weight decay, momentum) would make unmerge() take
+        # out another update than the one merged.
+        merged = getattr(self, "lora_active", None) is not None and tf.executing_eagerly() and self.merged
+        active = None if merged else self.active_adapter
         for slot in self._slots.values():
             slot.a.trainable = slot.b.trainable = slot.name == active
             if slot.use_dora:
@@ -481,17 +485,20 @@ class LoraAdapters:
         return tf.stack(a), tf.stack(b)
 
     def merge(self):
-        """Folds the active adapter into the kernel in place (kernel += scale * a @ b)."""
+        """Folds the active adapter into the kernel in place (kernel += scale * a @ b); the adapter is frozen
+        while merged (trainable again after unmerge; a compiled model needs a new `compile` to see it)."""
         if self.merged or self.active_adapter is None:
             return
         self._merge_slot(self._slots[self.active_adapter], 1.0)
         self.lora_active.assign(0.0)
+        self._set_trainable()
 
     def unmerge(self):
         """Takes the merged adapter out of the kernel again (within rounding)."""
         if self.merged:
             self._merge_slot(self._slots[self.active_adapter], -1.0)
             self.lora_active.assign(1.0)
+            self._set_trainable()
 
     def _merge_slot(self, slot, sign):
         if not slot.use_dora:
