@@ -5,6 +5,7 @@ nothing, and unclear errors for bad ids."""
 import json
 import re
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -300,3 +301,28 @@ def test_mapping_may_be_a_dict_and_a_wrong_one_says_what_is_accepted():
     assert report.applied == {"q_proj": "dense_q"}
     with pytest.raises(TypeError, match=r"mapping must be None, a function .* got \['ab'\]"):
         tf_lora.adapters.apply(model, adapters, mapping=["ab"])
+
+
+def test_a_block_of_ids_around_an_already_traced_predict_is_refused():
+    # A block of values around Keras's predict was refused only when predict traced inside it; once traced
+    # outside, predict ignored the block and ran the active adapter for every example, silently.
+    keras.utils.set_random_seed(0)
+    model, _ = tf_lora.inject_lora(
+        keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="p")]), rank=2
+    )
+    layer = model.get_layer("p")
+    layer.add_adapter("other", rank=2)
+    layer.adapter_slot().b.assign(np.ones(layer.adapter_slot().b.shape, np.float32))
+    layer.adapter_slot("other").b.assign(-np.ones(layer.adapter_slot("other").b.shape, np.float32))
+    x = np.ones((2, 4), np.float32)
+    with tf_lora.layers.adapter_ids([1, -1]):
+        eager = model(x).numpy()  # honours the ids
+    assert np.abs(eager[0] - eager[1]).max() > 0.1
+    model.predict(x, verbose=0)  # traced outside any block
+    with pytest.raises(ValueError, match="no tf_lora LoRA layer was called inside this block"):
+        with tf_lora.layers.adapter_ids([1, -1]):
+            model.predict(x, verbose=0)
+    wrapped = tf_lora.layers.PerExampleAdapters(model)  # what the message points to
+    np.testing.assert_allclose(
+        wrapped.predict((x, np.array([1, -1], np.int32)), verbose=0), eager, rtol=1e-6, atol=1e-6
+    )

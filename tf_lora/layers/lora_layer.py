@@ -38,7 +38,8 @@ def adapter_ids(ids):
     `ids[i]` indexes the layers' `adapter_names` (-1: the base model only) and covers all rows of example
     `i` (sequence positions included). The ids are read when the layers are called: inside a `tf.function`
     the block goes inside the traced function, with the ids as one of its arguments (a block of values around
-    a traced call is refused: the trace would freeze them); `PerExampleAdapters` wraps a model that way.
+    a traced call is refused: a call that traces would freeze them, one traced before would ignore them, and
+    a block that no layer read is an error when it closes); `PerExampleAdapters` wraps a model that way.
 
     >>> layer = tf_lora.layers.LoraDense(3, rank=2)
     >>> model = keras.Sequential([keras.Input((4,)), keras.Sequential([layer])])  # one level down
@@ -50,11 +51,23 @@ def adapter_ids(ids):
     stack = getattr(_ids_context, "stack", None)
     if stack is None:
         stack = _ids_context.stack = []
-    stack.append(_IdsBlock(ids))
+    block = _IdsBlock(ids)
+    stack.append(block)
     try:
         yield
     finally:
         stack.pop()
+    if not block.reached and not tf.is_symbolic_tensor(ids):
+        # No LoRA layer read the ids: the block was around a function traced before it (Keras's predict
+        # after its first call, generate), which ran as traced, with the layers' active adapters.
+        raise ValueError(
+            "adapter_ids: no tf_lora LoRA layer was called inside this block of ids, so they were not used: "
+            "a function traced before the block (Keras's predict or generate after a first call, a "
+            "tf.function) runs as it was traced, with the layers' active adapters, whatever block is "
+            "around it. Pass the ids as an argument of the traced function and open the block inside it, or "
+            "wrap the model in tf_lora.layers.PerExampleAdapters(model), whose call takes (inputs, "
+            "adapter_ids)"
+        )
 
 
 @dataclasses.dataclass
@@ -64,6 +77,7 @@ class _IdsBlock:
     ids: object
     names: tuple = None
     first: str = None
+    reached: bool = False  # a layer call read the ids
 
 
 def resolve_adapter_ids(adapter_ids, who, names=()):
@@ -78,6 +92,8 @@ def resolve_adapter_ids(adapter_ids, who, names=()):
     if adapter_ids is not None:
         return adapter_ids
     stack = getattr(_ids_context, "stack", None)
+    if stack:
+        stack[-1].reached = True
     if stack and names:
         block, names = stack[-1], tuple(names)
         if block.names is None:
