@@ -326,3 +326,47 @@ def test_a_block_of_ids_around_an_already_traced_predict_is_refused():
     np.testing.assert_allclose(
         wrapped.predict((x, np.array([1, -1], np.int32)), verbose=0), eager, rtol=1e-6, atol=1e-6
     )
+
+
+@keras.saving.register_keras_serializable(package="tf_lora_tests")
+class _TwoDense(keras.Model):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.d1 = keras.layers.Dense(8, activation="relu", name="d1")
+        self.d2 = keras.layers.Dense(3, name="d2")
+
+    def call(self, x):
+        return self.d2(self.d1(x))
+
+
+def test_a_subclassed_model_inside_a_functional_one_keeps_its_trainable_set_through_keras_files(tmp_path):
+    # Keras names the nested model's variables `net/d1/...` when built, `d1/...` when loaded: the trainable
+    # set, kept by variable path, froze everything on load, so the optimizer's state was skipped and the
+    # resumed fit failed ("Unknown variable: d1/lora_a").
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, _TwoDense(name="net")(inputs))
+    tf_lora.inject_lora(model, rank=2, alpha=4, copy=False, train_bias=True)
+    model.compile(optimizer="adam", loss="mse")
+    x = np.random.default_rng(0).standard_normal((32, 4)).astype(np.float32)
+    y = np.random.default_rng(1).standard_normal((32, 3)).astype(np.float32)
+    model.fit(x, y, epochs=1, verbose=0)
+    model.save(tmp_path / "m.keras")
+    loaded = keras.models.load_model(tmp_path / "m.keras")
+
+    def trainable(m):
+        return sorted(
+            v.path.split("/", 1)[-1] if v.path.startswith("net/") else v.path for v in m.trainable_weights
+        )
+
+    assert (
+        trainable(loaded)
+        == trainable(model)
+        == [f"{d}/{v}" for d in ("d1", "d2") for v in ("bias", "lora_a", "lora_b")]
+    )
+    assert int(loaded.optimizer.iterations) == int(model.optimizer.iterations) == 1
+    loaded.fit(x, y, epochs=1, verbose=0)  # resumes
+    model.fit(x, y, epochs=1, verbose=0)
+    np.testing.assert_allclose(
+        loaded.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-5, atol=1e-6
+    )
