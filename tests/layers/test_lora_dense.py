@@ -392,3 +392,28 @@ def test_a_merged_adapter_is_frozen_so_unmerge_takes_out_what_was_merged():
     layer.unmerge()
     np.testing.assert_allclose(layer.kernel.numpy(), kernel, atol=1e-6)
     assert {id(slot.a), id(slot.b)} <= {id(v) for v in model.trainable_weights}
+
+
+@pytest.mark.parametrize("built", ["converted", "constructed"])
+@pytest.mark.parametrize("type_check", [True, False])
+def test_keras_quantization_of_a_lora_layer_is_refused_and_works_after_merge_and_unload(type_check, built):
+    # model.quantize("int8") only warned (type_check) or quantized the kernel and ran the layer as a plain
+    # int8 Dense (type_check=False): the adapter was dropped without a word.
+    keras.utils.set_random_seed(0)
+    if built == "converted":
+        model, _ = tf_lora.inject_lora(
+            keras.Sequential([keras.Input((16,)), keras.layers.Dense(8, name="d")]), rank=2
+        )
+    else:
+        model = keras.Sequential([keras.Input((16,)), tf_lora.layers.LoraDense(8, rank=2, name="d")])
+    slot = model.get_layer("d").adapter_slot()
+    slot.b.assign(np.random.default_rng(1).standard_normal(slot.b.shape).astype(np.float32))
+    x = np.random.default_rng(0).standard_normal((8, 16)).astype(np.float32)
+    expected = model(x).numpy()
+    with pytest.raises(ValueError, match="quantizing \\(int8\\) a LoRA layer would drop its adapters"):
+        model.quantize("int8", type_check=type_check)
+    np.testing.assert_array_equal(model(x).numpy(), expected)  # nothing changed
+    plain = tf_lora.merge_and_unload(model)
+    plain.quantize("int8", type_check=type_check)
+    assert plain.get_layer("d").quantization_mode == "int8"
+    np.testing.assert_allclose(plain(x).numpy(), expected, atol=0.05 * np.abs(expected).max())

@@ -98,6 +98,11 @@ def to_lora(layer, rank, alpha, use_rslora=False, lora_dropout=0.0, train_bias=F
         layer.lora_enabled = False
         layer._tracker.lock()  # noqa: SLF001
     layer.__class__ = lora_class(type(layer), kind)
+    # Keras binds each layer's quantize into an instance attribute when it is made; the LoRA class's own
+    # (a refusal) must answer instead, and Keras's is given back when the layer is unloaded.
+    keras_quantize = layer.__dict__.pop("quantize", None)
+    if keras_quantize is not None:
+        layer._tf_lora_keras_quantize = keras_quantize  # noqa: SLF001
     refresh_call_signature(layer)
     describe = layer._describe()  # noqa: SLF001
     layer._lora_setup(

@@ -395,6 +395,17 @@ class LoraAdapters:
         self.lora_active_adapter.assign(index)
         self._set_trainable()
 
+    def quantize(self, mode=None, type_check=True, config=None):
+        """Refused: Keras's quantization rewrites the weight and the call, and would drop the adapters
+        (Keras's `model.quantize` catches only NotImplementedError, so this error stops it)."""
+        if not isinstance(self, LoraAdapters):  # unloaded since Keras bound this method: the plain layer's
+            return type(self).quantize(self, mode=mode, type_check=type_check, config=config)
+        raise ValueError(
+            f"{self._describe()}: quantizing ({mode}) a LoRA layer would drop its adapters (Keras's "
+            "quantized call does not apply them): merge them first and quantize the plain model "
+            "(tf_lora.merge_and_unload(model), then model.quantize(...))"
+        )
+
     def _set_trainable(self):
         # The active adapter trains, unless it is merged into the kernel: it then has no effect on the
         # output, and an optimizer that still moved it (weight decay, momentum) would make unmerge() take

@@ -245,6 +245,9 @@ def _unload(layer):
         if variable.name in layer.__dict__:
             delattr(layer, variable.name)
     layer.__class__ = next(c for c in type(layer).__mro__ if not issubclass(c, LoraAdapters))
+    keras_quantize = layer.__dict__.pop("_tf_lora_keras_quantize", None)  # see to_lora
+    if keras_quantize is not None:
+        layer.quantize = keras_quantize
     refresh_call_signature(layer)
 
 
