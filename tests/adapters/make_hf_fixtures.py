@@ -9,7 +9,8 @@ Each `<arch>/` holds `base/` (config.json + model.safetensors, as `save_pretrain
 it with `from_preset`), `adapter/` (PEFT's `save_pretrained`), and `io.safetensors`: token ids, the base
 model's logits and the logits with the adapter, from transformers + PEFT. `gpt2_dora/` is a DoRA adapter on
 gpt2/'s base (no base/ of its own); `llama_mts/` and `gpt2_mts/` save whole layers beside the adapters
-(`modules_to_save`: Llama's embedding table and down_proj, GPT-2's fused c_attn Conv1D), trained-looking.
+(`modules_to_save`: Llama's embedding table and down_proj, GPT-2's fused c_attn Conv1D), trained-looking;
+`qwen3/` a Qwen3 model (Llama's module names) with an adapter on every projection.
 Made 2026-11-29 with torch 2.14.1, transformers 5.24.0, peft 0.21.2.
 
 `--check ARCH DIR` loads a PEFT directory that tf_lora wrote for ARCH's base model with PEFT and prints the
@@ -45,6 +46,8 @@ def _config(arch):
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     if arch == "llama":  # and LoRA on the (untied) input embedding table
         return transformers.LlamaConfig(**common, tie_word_embeddings=False), [*targets, "embed_tokens"]
+    if arch == "qwen3":  # Llama's names, with query/key norms; keras-hub's conversion is 1e-4 off here
+        return transformers.Qwen3Config(**common, head_dim=8, tie_word_embeddings=False), targets
     return transformers.GemmaConfig(**common, head_dim=8, hidden_activation="gelu_pytorch_tanh"), targets
 
 
@@ -122,3 +125,4 @@ if __name__ == "__main__":
         make("gpt2", use_dora=True)  # DoRA on GPT-2's Conv1D (fan_in_fan_out), fused c_attn included
         make("llama", saved=True)
         make("gpt2", saved=True)
+        make("qwen3")

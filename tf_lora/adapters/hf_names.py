@@ -58,7 +58,7 @@ LAYOUTS = (
         embedding=("transformer.wte", "token_embedding"),
     ),
     Layout(
-        ("LlamaBackbone", "MistralBackbone", "QwenBackbone"),
+        ("LlamaBackbone", "MistralBackbone", "QwenBackbone", "Qwen3Backbone"),
         r"layers\.(\d+)",
         "model.layers.{}",
         "transformer_layer_{}",
