@@ -370,3 +370,21 @@ def test_a_subclassed_model_inside_a_functional_one_keeps_its_trainable_set_thro
     np.testing.assert_allclose(
         loaded.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-5, atol=1e-6
     )
+
+
+def test_per_example_adapters_take_numpy_inputs_when_called():
+    # Called on numpy arrays, PerExampleAdapters failed with Keras's "Only input tensors may be passed as
+    # positional arguments" (it turns off Keras's conversion, which would make the ids floats).
+    keras.utils.set_random_seed(0)
+    model, _ = tf_lora.inject_lora(
+        keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="p")]), rank=2
+    )
+    layer = model.get_layer("p")
+    layer.add_adapter("other", rank=2)
+    layer.adapter_slot("other").b.assign(np.ones(layer.adapter_slot("other").b.shape, np.float32))
+    served = tf_lora.layers.PerExampleAdapters(model)
+    x = np.ones((2, 4), np.float32)
+    expected = served((tf.constant(x), tf.constant([1, -1]))).numpy()
+    assert np.abs(expected[0] - expected[1]).max() > 0.1
+    np.testing.assert_array_equal(served((x, np.array([1, -1]))).numpy(), expected)
+    np.testing.assert_array_equal(served((x, [1, -1])).numpy(), expected)

@@ -169,6 +169,17 @@ class PerExampleAdapters(keras.Model):
         self.model = model
         self._convert_input_args = False  # Keras would cast the ids to floats; the model converts its own
 
+    def __call__(self, inputs, *args, **kwargs):
+        # Without Keras's conversion, Keras refuses numpy (and list) inputs: they become tensors here, the
+        # ids as they are (integers stay integers).
+        if isinstance(inputs, tuple | list) and len(inputs) == 2:
+            x, ids = inputs
+            x = tf.nest.map_structure(
+                lambda v: tf.convert_to_tensor(v) if isinstance(v, np.ndarray) else v, x
+            )
+            inputs = (x, ids if tf.is_tensor(ids) else tf.convert_to_tensor(ids))
+        return super().__call__(inputs, *args, **kwargs)
+
     def call(self, inputs, training=None):
         x, ids = inputs
         ids = tf.convert_to_tensor(ids)
