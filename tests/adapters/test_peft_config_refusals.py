@@ -84,3 +84,12 @@ def test_the_tied_table_warning_of_a_merge_names_the_table(tmp_path):
         tf_lora.adapters.apply(backbone, adapters, mode="merge")
     tied = [str(w.message) for w in caught if "tied" in str(w.message)]
     assert len(tied) == 1 and tied[0].startswith("apply: model.embed_tokens -> token_embedding"), tied
+
+
+def test_a_pickled_adapter_says_what_it_is(tmp_path):
+    path = _with(tmp_path)
+    (path / "adapter_model.safetensors").rename(
+        path / "adapter_model.bin"
+    )  # what safe_serialization=False names
+    with pytest.raises(ValueError, match="holds adapter_model.bin .*safe_serialization=True"):
+        tf_lora.adapters.load_peft(path)

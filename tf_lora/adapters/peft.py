@@ -74,6 +74,12 @@ def load_peft(path, sha256=None, allow_nonfinite=False) -> AdapterSet:
     path = _adapter_dir(path)
     config = _read_config(path)
     weights_path = os.path.join(path, WEIGHTS)
+    if not os.path.exists(weights_path) and os.path.exists(os.path.join(path, "adapter_model.bin")):
+        raise ValueError(
+            f"load_peft: {path} holds adapter_model.bin (PEFT's save_pretrained(..., "
+            "safe_serialization=False): a PyTorch pickle, which tf_lora does not read since loading one can "
+            f"run code) and no {WEIGHTS}: save it again with PEFT's default safe_serialization=True"
+        )
     if sha256 is not None:
         check_sha256(weights_path, sha256)
     tensors = read_safetensors(weights_path)
