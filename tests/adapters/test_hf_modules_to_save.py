@@ -73,3 +73,32 @@ def test_a_whole_layer_without_a_hugging_face_name_is_refused():
     np.testing.assert_array_equal(
         exported.replacements["head"]["weight"], model.get_layer("head").kernel.numpy().T
     )
+
+
+def test_gpt2_whole_weights_keep_their_conv1d_layout_whatever_the_targets(tmp_path):
+    """PEFT sets fan_in_fan_out for its Conv1D LoRA targets only: a GPT-2 file that adapts the embedding and
+    saves attn.c_proj whole holds that Conv1D weight [in, out] with fan_in_fan_out false. It loaded
+    transposed (c_proj is square: silently)."""
+    backbone = _backbone("gpt2")
+    tf_lora.inject_lora(backbone, rank=2, target="token_embedding", copy=False)
+    output = tf_lora.layers.model_layers.layers_by_path(backbone)[
+        "transformer_layer_0/self_attention/attention_output"
+    ]
+    rng = np.random.default_rng(0)
+    output.kernel.assign(output.kernel.numpy() + rng.standard_normal(output.kernel.shape).astype(np.float32))
+    exported = tf_lora.adapters.from_model(
+        backbone, modules_to_save=["transformer_layer_0/self_attention/attention_output"]
+    )
+    tf_lora.adapters.save_peft(exported, tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["fan_in_fan_out"] is False
+    written = load_file(str(tmp_path / "out" / "adapter_model.safetensors"))
+    matrix = tf_lora.layers.kernel_layout.kernel_matrix(output).numpy()  # [in, out]
+    np.testing.assert_array_equal(
+        written["base_model.model.transformer.h.0.attn.c_proj.weight"], matrix
+    )  # Conv1D
+    fresh = _backbone("gpt2")
+    tf_lora.adapters.apply(fresh, tf_lora.adapters.load_peft(tmp_path / "out"))
+    loaded = tf_lora.layers.model_layers.layers_by_path(fresh)[
+        "transformer_layer_0/self_attention/attention_output"
+    ]
+    np.testing.assert_array_equal(tf_lora.layers.kernel_layout.kernel_matrix(loaded).numpy(), matrix)

@@ -388,3 +388,27 @@ def test_per_example_adapters_take_numpy_inputs_when_called():
     assert np.abs(expected[0] - expected[1]).max() > 0.1
     np.testing.assert_array_equal(served((x, np.array([1, -1]))).numpy(), expected)
     np.testing.assert_array_equal(served((x, [1, -1])).numpy(), expected)
+
+
+def test_per_example_adapters_wrap_symbolic_inputs_and_nested_blocks_use_the_innermost():
+    # Converting every non-tensor input broke PerExampleAdapters in a functional model (a KerasTensor cannot
+    # be converted); and a block around a block raised at its close, as if no layer had read it.
+    keras.utils.set_random_seed(0)
+    model, _ = tf_lora.inject_lora(
+        keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="p")]), rank=2
+    )
+    layer = model.get_layer("p")
+    layer.add_adapter("other", rank=2)
+    layer.adapter_slot("other").b.assign(np.ones(layer.adapter_slot("other").b.shape, np.float32))
+    served = tf_lora.layers.PerExampleAdapters(model)
+    x_in, ids_in = keras.Input((4,)), keras.Input((), dtype="int32")
+    functional = keras.Model([x_in, ids_in], served((x_in, ids_in)))
+    x = np.ones((2, 4), np.float32)
+    expected = served((x, np.array([1, -1]))).numpy()
+    np.testing.assert_allclose(
+        functional.predict([x, np.array([1, -1], np.int32)], verbose=0), expected, atol=1e-6
+    )
+    with tf_lora.layers.adapter_ids([-1, -1]):
+        with tf_lora.layers.adapter_ids([1, -1]):
+            inner = model(x).numpy()
+    np.testing.assert_allclose(inner, expected, atol=1e-6)

@@ -155,3 +155,26 @@ def test_inject_and_swap_adapter_on_batch_matmul_projections(tmp_path):
     expected = np.asarray(model(x))
     assert np.abs(expected - original).max() > 0.1  # the adapters change the outputs
     np.testing.assert_allclose(_serve(swapped, x)[0], expected, atol=2e-5 * np.abs(expected).max())
+
+
+def test_inject_adapts_a_kernel_seen_by_an_einsum_and_a_batch_matmul_alike(tmp_path):
+    """One export with an open-length signature (Einsum) and a fixed-length one (BatchMatMulV2): the same
+    kernel, seen as the same [in, out] by both, takes one adapter (inject said they could not share it)."""
+    keras.utils.set_random_seed(6)
+    inp = keras.Input((None, 8))
+    model = keras.Model(inp, keras.layers.EinsumDense("btd,dnh->btnh", (None, 2, 3), name="query")(inp))
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint("serve", model.call, input_signature=[tf.TensorSpec([None, None, 8], tf.float32)])
+    archive.add_endpoint("fixed", model.call, input_signature=[tf.TensorSpec([None, T, 8], tf.float32)])
+    archive.write_out(str(tmp_path / "both"), verbose=False)
+    ops = {n.op for f in ModelFiles(tmp_path / "both").meta.graph_def.library.function for n in f.node_def}
+    assert {"Einsum", "BatchMatMulV2"} <= ops
+    [injected] = tf_lora.rewrite.inject(
+        tmp_path / "both", tmp_path / "out", target="query/kernel", rank=2, alpha=2.0
+    )
+    assert injected.shape == (8, 6) and len(injected.matmuls) >= 2
+    x = RNG.standard_normal((2, T, 8)).astype(np.float32)
+    loaded = tf.saved_model.load(str(tmp_path / "out"))
+    np.testing.assert_allclose(loaded.serve(x).numpy(), np.asarray(model(x)), atol=1e-5)
+    np.testing.assert_allclose(loaded.fixed(x).numpy(), np.asarray(model(x)), atol=1e-5)

@@ -511,3 +511,19 @@ def test_deleting_a_table_frees_it_and_a_copy_never_does(tmp_path):
     gc.collect()
     with pytest.raises(tf.errors.OpError):
         sparse_table_ops.size(handle)
+
+
+def test_a_table_in_a_keras_model_is_freed_with_the_model():
+    # Keras layers sit in reference cycles: the garbage collector clears weak references before it runs
+    # __del__, so a creator kept by weak reference never freed a layer's table.
+    ids = keras.Input((2,), dtype="int64")
+    model = keras.Model(ids, tf_lora.layers.SparseEmbedding(4, combiner="sum")(ids))
+    model.predict(np.arange(6).reshape(3, 2), verbose=0)
+    layer = model.layers[-1]
+    layer.table.pull(np.arange(10), training=True)
+    handle = layer.table.resource_handle
+    assert int(sparse_table_ops.size(handle)) == 10
+    del model, layer, ids  # (the input holds the layer through its graph too)
+    gc.collect()
+    with pytest.raises(tf.errors.OpError):
+        sparse_table_ops.size(handle)

@@ -103,7 +103,9 @@ def to_keras_hub(model, adapters):
     """`(adapters, mapping)` for `apply`: HF module names of a known architecture become keras-hub layer
     paths (GPT-2's c_attn split in three, keyed `module:query` ...), those of the adapters and of the whole
     weights and biases the file replaces (AdapterSet.replacements); other names pass through. (None, None)
-    when `model` holds no known keras-hub backbone or no name is an HF one."""
+    when `model` holds no known keras-hub backbone or no name is an HF one. The block weights the file
+    replaces come back as a Linear's `[out, in]` (GPT-2's Conv1D ones transposed), the embedding's as its
+    table."""
     layout, prefix = find_backbone(model)
     if layout is None:
         return None, None
@@ -156,20 +158,25 @@ def to_keras_hub(model, adapters):
         block = prefix + layout.keras_block.format(match[1])
         targets = layout.modules[match[2]]
         if isinstance(targets, str):
-            replacements[module], paths[module] = parts, f"{block}/{targets}"
+            replacements[module], paths[module] = _linear_layout(parts, layout), f"{block}/{targets}"
             continue
-        for i, target in enumerate(
-            targets
-        ):  # GPT-2's c_attn: its Conv1D weight [in, 3 * out], bias [3 * out]
+        # GPT-2's c_attn: its Conv1D weight [in, 3 * out], its bias [3 * out]
+        for i, target in enumerate(targets):
             key = f"{module}:{target.rsplit('/', 1)[-1]}"
-            replacements[key] = {
-                param: _third(module, array, i, len(targets)) for param, array in parts.items()
-            }
-            paths[key] = f"{block}/{target}"
+            third = {param: _third(module, array, i, len(targets)) for param, array in parts.items()}
+            replacements[key], paths[key] = _linear_layout(third, layout), f"{block}/{target}"
     if not translated:
         return None, None
     config = getattr(adapters, "config", {})
     return AdapterSet(out, replacements, config), lambda key: paths.get(key, key)
+
+
+def _linear_layout(parts, layout):
+    """A projection's whole weight as a Linear holds it, `[out, in]`: GPT-2's Conv1D holds `[in, out]`,
+    whatever the file's `fan_in_fan_out` (PEFT sets it for its LoRA targets only)."""
+    if not layout.fan_in_fan_out or np.ndim(parts.get("weight")) != 2:
+        return parts
+    return {**parts, "weight": np.ascontiguousarray(np.asarray(parts["weight"]).T)}
 
 
 def _third(module, array, i, count):

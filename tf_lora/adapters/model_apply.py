@@ -63,10 +63,13 @@ def apply(
     if mode == "attach" and not ADAPTER_NAME.fullmatch(str(adapter_name)):
         raise ValueError(f"apply: adapter_name must be letters, digits or _, got {adapter_name!r}")
     layers = layers_by_path(model)
+    # A whole weight a file replaces is in the file's layout; `fan_in_fan_out` says a Conv1D's [in, out]
+    # (hf_names gives a known architecture's block weights as a Linear's, whatever the file's flag).
+    fan_in_fan_out = bool(getattr(adapters, "config", {}).get("fan_in_fan_out"))
     if mapping is None:  # Hugging Face names on a keras-hub model of a known architecture
         translated, hf_mapping = hf_names.to_keras_hub(model, adapters)
         if translated is not None:
-            adapters, mapping = translated, hf_mapping
+            adapters, mapping, fan_in_fan_out = translated, hf_mapping, False
     to_layer = module_mapper(mapping)
     pairs, unmatched, problems = [], [], []
     for module, adapter in sorted(adapters.items()):
@@ -115,7 +118,6 @@ def apply(
             continue
         pairs.append((module, path, layer, adapter))
     replacements = getattr(adapters, "replacements", {})
-    fan_in_fan_out = bool(getattr(adapters, "config", {}).get("fan_in_fan_out"))
     replaced = _check_replacements(replacements, layers, to_layer, fan_in_fan_out, unmatched, problems)
     if strict and unmatched:
         whole = [m for m in unmatched if m in replacements]

@@ -327,6 +327,8 @@ _UNSUPPORTED = (
     ("use_qalora", "QA-LoRA's pooled inputs (use_qalora)"),
     ("use_bdlora", "block-diagonal LoRA (use_bdlora)"),
     ("arrow_config", "Arrow routing among adapters (arrow_config)"),
+    ("kasa_config", "KaSA's singular-value adaptation (kasa_config)"),
+    ("monteclora_config", "MonteCLoRA's sampled adapters (monteclora_config)"),
 )
 
 

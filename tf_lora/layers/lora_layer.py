@@ -92,8 +92,8 @@ def resolve_adapter_ids(adapter_ids, who, names=()):
     if adapter_ids is not None:
         return adapter_ids
     stack = getattr(_ids_context, "stack", None)
-    if stack:
-        stack[-1].reached = True
+    for block in stack or ():  # the innermost block's ids are used; the outer blocks were reached too
+        block.reached = True
     if stack and names:
         block, names = stack[-1], tuple(names)
         if block.names is None:

@@ -177,7 +177,9 @@ class PerExampleAdapters(keras.Model):
             x = tf.nest.map_structure(
                 lambda v: tf.convert_to_tensor(v) if isinstance(v, np.ndarray) else v, x
             )
-            inputs = (x, ids if tf.is_tensor(ids) else tf.convert_to_tensor(ids))
+            if isinstance(ids, np.ndarray | list | tuple | int):  # (symbolic Keras inputs pass as they are)
+                ids = tf.convert_to_tensor(ids)
+            inputs = (x, ids)
         return super().__call__(inputs, *args, **kwargs)
 
     def call(self, inputs, training=None):

@@ -44,8 +44,7 @@ class _Site:
     node: str
     how: str  # "as is", "transposed" (a MatMul), "in '<equation>'" (an Einsum), "by BatchMatMulV2"
     shape: tuple  # [in, out]
-    layout: tuple  # what makes two sites see the weight alike: the axes the input contracts and the output
-    # keeps (MatMul, Einsum), or a digest of the BatchMatMul's MatrixView
+    layout: tuple  # what makes two sites see the weight alike (_layout)
     view: object  # the Einsum's EinsumView or the BatchMatMul's MatrixView; None for a MatMul
 
 
@@ -171,7 +170,7 @@ def _takes_adapter(node):
     return (
         (node.op == "MatMul" and not node.attr["transpose_a"].b)
         or is_projection(node)
-        or is_batch_projection(node)
+        or (is_batch_projection(node) and node.op != "BatchMatMulV3")  # V3 (int8 in, int32 out) has no T
     )
 
 
@@ -184,18 +183,35 @@ def _site(files, fdef, node, weight):
         if len(weight.shape) != 2:
             return None
         rows, cols = weight.shape
-        if node.attr["transpose_b"].b:
-            return _Site(fn, node.name, "transposed", (cols, rows), ((1,), (0,)), None)
-        return _Site(fn, node.name, "as is", (rows, cols), ((0,), (1,)), None)
+        transposed = node.attr["transpose_b"].b
+        index = np.arange(rows * cols).reshape(rows, cols)
+        return _Site(
+            fn,
+            node.name,
+            "transposed" if transposed else "as is",
+            (cols, rows) if transposed else (rows, cols),
+            _layout(index.T if transposed else index),
+            None,
+        )
     if is_batch_projection(node):
         view = matrix_view(files, fdef, node)[1]
-        digest = hashlib.sha256(view.index.tobytes()).hexdigest()
-        shape = (view.in_features, view.out_features)
-        return _Site(fn, node.name, f"by {node.op}", shape, (shape, digest), view)
+        return _Site(
+            fn, node.name, f"by {node.op}", (view.in_features, view.out_features), _layout(view.index), view
+        )
     view = einsum_view(node, weight.shape, f"{fn}/{node.name}")
-    axes = tuple(tuple(view.kernel_axes.index(c) for c in part) for part in (view.in_axes, view.out_axes))
+    size = view.in_features * view.out_features
+    index = np.empty(size, np.int64)  # the matrix's element k sits at kernel position index[k]
+    index[view.to_kernel_layout(np.arange(size).reshape(view.in_features, view.out_features)).ravel()] = (
+        np.arange(size)
+    )
     shape = (view.in_features, view.out_features)
-    return _Site(fn, node.name, f"in {equation(node)!r}", shape, axes, view)
+    return _Site(fn, node.name, f"in {equation(node)!r}", shape, _layout(index.reshape(shape)), view)
+
+
+def _layout(index):
+    """What makes two sites see a weight alike, whatever op they are: its `[in, out]` matrix's positions in
+    the variable (a digest of them)."""
+    return index.shape, hashlib.sha256(np.ascontiguousarray(index, np.int64).tobytes()).hexdigest()
 
 
 def _adapted_projections(fdef):

@@ -2,7 +2,6 @@
 
 import itertools
 import numbers
-import weakref
 
 import tensorflow as tf
 
@@ -47,8 +46,8 @@ class SparseTable(tf.saved_model.experimental.TrackableResource):
         self._name = name
         self._shared_name = f"tf_lora_{name}_{next(_table_ids)}"
         # The object that created the table frees it when it goes (copies, such as the one SavedModel export
-        # makes, never do).
-        self._creator = weakref.ref(self)
+        # makes, never do). By id: the garbage collector clears weak references before it runs __del__.
+        self._creator_id = id(self)
         super().__init__()
         # Create the table now, outside any tf.function being traced (as TensorFlow's lookup tables do):
         # a handle made while tracing would belong to that function's graph.
@@ -82,7 +81,7 @@ class SparseTable(tf.saved_model.experimental.TrackableResource):
         handle = self._resource_handle
         if (
             tf.executing_eagerly()
-            and getattr(self, "_creator", lambda: None)() is self
+            and getattr(self, "_creator_id", None) == id(self)
             and isinstance(handle, tf.__internal__.EagerTensor)
         ):
             tf.raw_ops.DestroyResourceOp(resource=handle, ignore_lookup_error=True)
