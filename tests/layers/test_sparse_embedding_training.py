@@ -432,3 +432,65 @@ def test_weight_decay_and_ema_of_the_model_optimizer_warn_that_the_table_is_left
         warnings.simplefilter("always")
         sparse.fit(x, y, batch_size=32, epochs=1, verbose=0)
     assert not [w for w in caught if "does not reach" in str(w.message)]
+
+
+def _adam_model(max_ids_per_step, seed=3):
+    keras.utils.set_random_seed(seed)
+    inp = keras.Input((SLOTS,), dtype="int64")
+    emb = tf_lora.layers.SparseEmbedding(
+        DIM,
+        combiner="sum",
+        initializer=tf_lora.sparse_initializers.RandomNormal(stddev=0.1, seed=1),
+        optimizer=tf_lora.sparse_optimizers.Adam(0.01),
+        max_ids_per_step=max_ids_per_step,
+    )
+    model = keras.Model(inp, keras.layers.Dense(1)(emb(inp)))
+    model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
+    return model, emb
+
+
+def test_the_model_optimizer_keeps_no_slots_for_the_rows_and_checkpoints_fit_any_max_ids(tmp_path):
+    # Adam kept two [max_ids_per_step, dim] slots of zeros for pulled_rows (never used: the push takes its
+    # gradient), saved in every .keras file and checkpoint, and a checkpoint restored only into a layer of
+    # the same max_ids_per_step (the error's own advice, raise it, broke resuming, half-restored).
+    x, y = _data(64)
+    model, emb = _adam_model(8192)
+    model.fit(x, y, batch_size=32, epochs=1, verbose=0)
+    slots = [v for v in model.optimizer.variables if "pulled_rows" in v.path]
+    assert slots and all(v.shape == (0,) for v in slots)
+    model.save(tmp_path / "m.keras")
+    assert (tmp_path / "m.keras").stat().st_size < 200_000  # the two slots alone were 2 * 8192 * 4 * 4 bytes
+    checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer).write(str(tmp_path / "ckpt"))
+
+    for restore in ("load_weights", "checkpoint"):
+        resumed, resumed_emb = _adam_model(16384, seed=4)  # another max_ids_per_step, other initial weights
+        resumed.optimizer.build(resumed.trainable_variables)
+        if restore == "load_weights":
+            resumed.load_weights(tmp_path / "m.keras")
+        else:
+            tf.train.Checkpoint(model=resumed, optimizer=resumed.optimizer).read(checkpoint).assert_consumed()
+        for key in ("keys", "values", "slots"):
+            np.testing.assert_array_equal(resumed_emb.table.export()[key], emb.table.export()[key])
+        resumed.fit(x, y, batch_size=32, epochs=1, verbose=0, shuffle=False)
+        if restore == "load_weights":
+            reference = keras.models.load_model(tmp_path / "m.keras")
+            reference.fit(x, y, batch_size=32, epochs=1, verbose=0, shuffle=False)
+            np.testing.assert_allclose(
+                resumed.predict(x, verbose=0), reference.predict(x, verbose=0), rtol=1e-5
+            )
+
+
+def test_a_keras_file_with_full_size_slots_still_loads():
+    # Files written before the slots were emptied hold them as [max_ids_per_step, dim] zeros.
+    x, y = _data(32)
+    model, _ = _adam_model(256)
+    model.fit(x, y, batch_size=32, epochs=1, verbose=0)
+    store = {}
+    model.optimizer.save_own_variables(store)
+    old = {
+        key: (np.zeros((256, DIM), np.float32) if "pulled_rows" in variable.path else store[key])
+        for key, variable in zip(sorted(store, key=int), model.optimizer.variables, strict=True)
+    }
+    model.optimizer.load_own_variables(old)
+    assert all(v.shape == (0,) for v in model.optimizer.variables if "pulled_rows" in v.path)
+    assert int(model.optimizer.iterations) == 1

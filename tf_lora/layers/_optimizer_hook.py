@@ -17,6 +17,7 @@ import inspect
 import weakref
 
 import keras
+import numpy as np
 
 _ATTR = "_tf_lora_table_layer"
 _installed = False
@@ -76,8 +77,65 @@ def install():
             original(self, keep_grads, keep_vars, learning_rate)
 
     cls._backend_update_step = _backend_update_step
+    _small_slots(cls)
     _forget_on_skipped_steps()
     _installed = True
+
+
+# Optimizer variables Keras keeps for a variable outside its update rule, which a table's view of the rows
+# needs at full size: the sum of the micro-batches' gradients (gradient_accumulation_steps) and use_ema's
+# average.
+_FULL_SIZE = ("gradient_accumulator", "average")
+
+
+def _small_slots(cls):
+    """The slots the update rule keeps for a variable (Adam's momentum and velocity, Adagrad's accumulator...)
+    are never used for a table's view of the rows, whose gradient goes to the push: each is made empty
+    instead of `max_ids_per_step * dim` zeros, in memory and in every checkpoint and `.keras` file (so a
+    checkpoint no longer ties the layer's `max_ids_per_step`). A checkpoint or file written with the full
+    zeros loads: the values meant for an empty slot are skipped."""
+    original = getattr(cls, "add_variable_from_reference", None)
+    if original is None or list(inspect.signature(original).parameters) != [
+        "self",
+        "reference_variable",
+        "name",
+        "initializer",
+    ]:
+        raise ImportError(
+            f"tf_lora.layers.SparseEmbedding: Keras {keras.__version__} has no TFOptimizer."
+            "add_variable_from_reference(self, reference_variable, name, initializer), where tf_lora keeps "
+            "the optimizer's unused slots for a table's rows empty; use the Keras version tf_lora was tested "
+            "with (see requirements.txt)"
+        )
+
+    def add_variable_from_reference(self, reference_variable, name=None, initializer="zeros"):
+        if _layer_of(reference_variable) is None or name in _FULL_SIZE:
+            return original(self, reference_variable, name=name, initializer=initializer)
+        slot = self.add_variable(
+            shape=(0,),
+            initializer="zeros",
+            dtype=reference_variable.dtype,
+            name=f"{reference_variable.path.replace('/', '_')}_{name or 'var'}",
+        )
+        slot._tf_lora_empty_slot = True  # noqa: SLF001 - read by load_own_variables below
+        # An older checkpoint holds this slot at full size: restoring it keeps the empty slot.
+        slot._restore_from_tensors = lambda restored_tensors: None  # noqa: SLF001
+        return slot
+
+    cls.add_variable_from_reference = add_variable_from_reference
+
+    from keras.src.optimizers import base_optimizer  # noqa: PLC0415 - private, on use
+
+    base = base_optimizer.BaseOptimizer
+    load = base.load_own_variables
+
+    def load_own_variables(self, store):
+        empty = [str(i) for i, v in enumerate(self.variables) if getattr(v, "_tf_lora_empty_slot", False)]
+        if empty:  # an older .keras file holds these slots at full size: keep them empty
+            store = {**{key: store[key] for key in store.keys()}, **{key: np.zeros((0,)) for key in empty}}
+        load(self, store)
+
+    base.load_own_variables = load_own_variables
 
 
 def _forget_on_skipped_steps():

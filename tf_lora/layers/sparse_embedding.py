@@ -87,6 +87,9 @@ class SparseEmbedding(keras.layers.Layer):
             shape=(self.max_ids_per_step, self.dim), initializer="zeros", trainable=True, name="pulled_rows"
         )
         _optimizer_hook.mark(self.pulled_rows, self)
+        # Always zero: a checkpoint restores none of it, so one written with another max_ids_per_step (its
+        # shape) restores into this layer too.
+        self.pulled_rows._restore_from_tensors = lambda restored_tensors: None  # noqa: SLF001
         # The ids read by training calls since the last optimizer step, in pulled_rows' order: per replica
         # under a tf.distribute strategy (each replica reads its own ids), never saved.
         # They are the current step's bookkeeping, not the layer's state: held where neither Keras nor
