@@ -372,9 +372,8 @@ def test_a_subclassed_model_inside_a_functional_one_keeps_its_trainable_set_thro
     )
 
 
-def test_per_example_adapters_take_numpy_inputs_when_called():
-    # Called on numpy arrays, PerExampleAdapters failed with Keras's "Only input tensors may be passed as
-    # positional arguments" (it turns off Keras's conversion, which would make the ids floats).
+def _dense_with_two_adapters():
+    """A one-layer model "p" with adapters "default" (B = 0) and "other" (B = 1)."""
     keras.utils.set_random_seed(0)
     model, _ = tf_lora.inject_lora(
         keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="p")]), rank=2
@@ -382,6 +381,13 @@ def test_per_example_adapters_take_numpy_inputs_when_called():
     layer = model.get_layer("p")
     layer.add_adapter("other", rank=2)
     layer.adapter_slot("other").b.assign(np.ones(layer.adapter_slot("other").b.shape, np.float32))
+    return model
+
+
+def test_per_example_adapters_take_numpy_inputs_when_called():
+    # Called on numpy arrays, PerExampleAdapters failed with Keras's "Only input tensors may be passed as
+    # positional arguments" (it turns off Keras's conversion, which would make the ids floats).
+    model = _dense_with_two_adapters()
     served = tf_lora.layers.PerExampleAdapters(model)
     x = np.ones((2, 4), np.float32)
     expected = served((tf.constant(x), tf.constant([1, -1]))).numpy()
@@ -393,13 +399,7 @@ def test_per_example_adapters_take_numpy_inputs_when_called():
 def test_per_example_adapters_wrap_symbolic_inputs_and_nested_blocks_use_the_innermost():
     # Converting every non-tensor input broke PerExampleAdapters in a functional model (a KerasTensor cannot
     # be converted); and a block around a block raised at its close, as if no layer had read it.
-    keras.utils.set_random_seed(0)
-    model, _ = tf_lora.inject_lora(
-        keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="p")]), rank=2
-    )
-    layer = model.get_layer("p")
-    layer.add_adapter("other", rank=2)
-    layer.adapter_slot("other").b.assign(np.ones(layer.adapter_slot("other").b.shape, np.float32))
+    model = _dense_with_two_adapters()
     served = tf_lora.layers.PerExampleAdapters(model)
     x_in, ids_in = keras.Input((4,)), keras.Input((), dtype="int32")
     functional = keras.Model([x_in, ids_in], served((x_in, ids_in)))

@@ -111,21 +111,24 @@ def to_keras_hub(model, adapters):
         return None, None
     pattern = _module_pattern(layout)
     embedding = re.compile(rf"(?:.*\.)?{re.escape(layout.embedding[0].rsplit('.', 1)[-1])}")
+
+    def where(module):
+        """None for a name that is not one of this layout's, else (the keras-hub layer's path and None, or
+        the block's path and the layer(s) under it: a path, or GPT-2's fused parts)."""
+        match = pattern.fullmatch(module)
+        if match is None:
+            return (prefix + layout.embedding[1], None) if embedding.fullmatch(module) else None
+        return prefix + layout.keras_block.format(match[1]), layout.modules[match[2]]
+
     out, paths, translated = {}, {}, False
     for module, adapter in adapters.items():
-        match = pattern.fullmatch(module)
-        if match is None and embedding.fullmatch(module):
-            translated = True
-            out[module], paths[module] = adapter, prefix + layout.embedding[1]
-            continue
-        if match is None:
+        found = where(module)
+        if found is None:
             out[module] = adapter
             continue
-        translated = True
-        block = prefix + layout.keras_block.format(match[1])
-        targets = layout.modules[match[2]]
-        if isinstance(targets, str):
-            out[module], paths[module] = adapter, f"{block}/{targets}"
+        translated, (path, targets) = True, found
+        if not isinstance(targets, tuple):
+            out[module], paths[module] = adapter, path if targets is None else f"{path}/{targets}"
             continue
         width, rem = divmod(adapter.b.shape[1], len(targets))
         if rem:
@@ -143,28 +146,23 @@ def to_keras_hub(model, adapters):
                 magnitude=None if adapter.magnitude is None else adapter.magnitude[columns],
                 bias=None if adapter.bias is None else adapter.bias[columns],
             )
-            paths[key] = f"{block}/{target}"
+            paths[key] = f"{path}/{target}"
     replacements = {}
     for module, parts in getattr(adapters, "replacements", {}).items():
-        match = pattern.fullmatch(module)
-        if match is None and embedding.fullmatch(module):
-            translated = True
-            replacements[module], paths[module] = parts, prefix + layout.embedding[1]
-            continue
-        if match is None:
+        found = where(module)
+        if found is None:
             replacements[module] = parts
             continue
-        translated = True
-        block = prefix + layout.keras_block.format(match[1])
-        targets = layout.modules[match[2]]
-        if isinstance(targets, str):
-            replacements[module], paths[module] = _linear_layout(parts, layout), f"{block}/{targets}"
-            continue
-        # GPT-2's c_attn: its Conv1D weight [in, 3 * out], its bias [3 * out]
-        for i, target in enumerate(targets):
-            key = f"{module}:{target.rsplit('/', 1)[-1]}"
-            third = {param: _third(module, array, i, len(targets)) for param, array in parts.items()}
-            replacements[key], paths[key] = _linear_layout(third, layout), f"{block}/{target}"
+        translated, (path, targets) = True, found
+        if targets is None:  # the embedding table, as it is
+            replacements[module], paths[module] = parts, path
+        elif isinstance(targets, str):
+            replacements[module], paths[module] = _linear_layout(parts, layout), f"{path}/{targets}"
+        else:  # GPT-2's c_attn: its Conv1D weight [in, 3 * out], its bias [3 * out]
+            for i, target in enumerate(targets):
+                key = f"{module}:{target.rsplit('/', 1)[-1]}"
+                third = {param: _third(module, array, i, len(targets)) for param, array in parts.items()}
+                replacements[key], paths[key] = _linear_layout(third, layout), f"{path}/{target}"
     if not translated:
         return None, None
     config = getattr(adapters, "config", {})

@@ -42,19 +42,12 @@ def install():
     from keras.src.backend.tensorflow import optimizer as tf_optimizer  # noqa: PLC0415 - private, on use
 
     cls = getattr(tf_optimizer, "TFOptimizer", None)
-    original = getattr(cls, "_backend_update_step", None)
-    if original is None or list(inspect.signature(original).parameters) != [
-        "self",
-        "grads",
-        "trainable_variables",
-        "learning_rate",
-    ]:
-        raise ImportError(
-            "tf_lora.layers.SparseEmbedding: Keras "
-            f"{keras.__version__} has no TFOptimizer._backend_update_step(self, grads, trainable_variables, "
-            "learning_rate), where tf_lora hands a table's gradients to its push; use the Keras version "
-            "tf_lora was tested with (see requirements.txt)"
-        )
+    original = _method(
+        cls,
+        "_backend_update_step",
+        ["self", "grads", "trainable_variables", "learning_rate"],
+        "where tf_lora hands a table's gradients to its push",
+    )
 
     def _backend_update_step(self, grads, trainable_variables, learning_rate):
         keep_grads, keep_vars = [], []
@@ -88,25 +81,31 @@ def install():
 _FULL_SIZE = ("gradient_accumulator", "average")
 
 
+def _method(cls, name, parameters, why):
+    """`cls.name`, checked to take `parameters` (a private method of Keras that tf_lora wraps), or an
+    ImportError naming the Keras version."""
+    method = getattr(cls, name, None)
+    if method is None or list(inspect.signature(method).parameters) != parameters:
+        raise ImportError(
+            f"tf_lora.layers.SparseEmbedding: Keras {keras.__version__} has no "
+            f"{getattr(cls, '__name__', cls)}.{name}({', '.join(parameters)}), {why}; use the Keras version "
+            "tf_lora was tested with (see requirements.txt)"
+        )
+    return method
+
+
 def _small_slots(cls):
     """The slots the update rule keeps for a variable (Adam's momentum and velocity, Adagrad's accumulator...)
     are never used for a table's view of the rows, whose gradient goes to the push: each is made empty
     instead of `max_ids_per_step * dim` zeros, in memory and in every checkpoint and `.keras` file (so a
     checkpoint no longer ties the layer's `max_ids_per_step`). A checkpoint or file written with the full
     zeros loads: the values meant for an empty slot are skipped."""
-    original = getattr(cls, "add_variable_from_reference", None)
-    if original is None or list(inspect.signature(original).parameters) != [
-        "self",
-        "reference_variable",
-        "name",
-        "initializer",
-    ]:
-        raise ImportError(
-            f"tf_lora.layers.SparseEmbedding: Keras {keras.__version__} has no TFOptimizer."
-            "add_variable_from_reference(self, reference_variable, name, initializer), where tf_lora keeps "
-            "the optimizer's unused slots for a table's rows empty; use the Keras version tf_lora was tested "
-            "with (see requirements.txt)"
-        )
+    original = _method(
+        cls,
+        "add_variable_from_reference",
+        ["self", "reference_variable", "name", "initializer"],
+        "where tf_lora keeps the optimizer's unused slots for a table's rows empty",
+    )
 
     def add_variable_from_reference(self, reference_variable, name=None, initializer="zeros"):
         if _layer_of(reference_variable) is None or name in _FULL_SIZE:
@@ -144,13 +143,9 @@ def _forget_on_skipped_steps():
     from keras.src.optimizers import loss_scale_optimizer  # noqa: PLC0415 - private, on use
 
     cls = loss_scale_optimizer.LossScaleOptimizer
-    original = getattr(cls, "_stateful_handle_non_finite_grads", None)
-    if original is None or list(inspect.signature(original).parameters) != ["self"]:
-        raise ImportError(
-            f"tf_lora.layers.SparseEmbedding: Keras {keras.__version__}'s LossScaleOptimizer has no "
-            "_stateful_handle_non_finite_grads(self), where tf_lora learns of a skipped step; use the Keras "
-            "version tf_lora was tested with (see requirements.txt)"
-        )
+    original = _method(
+        cls, "_stateful_handle_non_finite_grads", ["self"], "where tf_lora learns of a skipped step"
+    )
 
     def _stateful_handle_non_finite_grads(self):
         original(self)
