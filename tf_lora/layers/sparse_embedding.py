@@ -106,6 +106,9 @@ class SparseEmbedding(keras.layers.Layer):
             count=tf.Variable(0, dtype=tf.int32, name="step_count", **local),
             fresh=tf.Variable(1, dtype=tf.int32, name="step_fresh", **local),
         )
+        # Checkpoints carry the list (its used part): one taken between the micro-batches of an accumulated
+        # step holds their summed gradient in the model optimizer, by position, and the ids they belong to.
+        self._step_state = _StepState(self)
 
     def call(self, ids, weights=None, training=None):
         if isinstance(ids, tf.SparseTensor | tf.RaggedTensor):
@@ -225,9 +228,14 @@ class SparseEmbedding(keras.layers.Layer):
         contents = self.table.export()
         for name in _CONTENTS:
             store[f"table_{name}"] = np.asarray(contents[name])
+        for name, value in self._step_state.values().items():
+            store[f"step_{name}"] = np.asarray(value)
 
     def load_own_variables(self, store):
+        step = {name: np.asarray(store[f"step_{name}"]) for name in _STEP if f"step_{name}" in store}
+        self._step_state.check(step)
         self.table.import_({name: np.asarray(store[f"table_{name}"]) for name in _CONTENTS})
+        self._step_state.assign(step)
 
     def get_config(self):
         config = super().get_config()
@@ -246,6 +254,58 @@ class SparseEmbedding(keras.layers.Layer):
         config["initializer"] = _deserialize(config["initializer"], initializers)
         config["optimizer"] = _deserialize(config["optimizer"], optimizers)
         return cls(**config)
+
+
+_STEP = ("ids", "count", "fresh")
+
+
+class _StepState(tf.__internal__.tracking.Trackable):
+    """A SparseEmbedding's list of the ids read for training since the last applied step, as checkpoint
+    state: the used part of the list, its count and `fresh`. Under a strategy of several replicas each keeps
+    its own list, which is not saved (a checkpoint taken between accumulated micro-batches there resumes as
+    an older file does: the list starts over)."""
+
+    def __init__(self, layer):
+        self._layer = layer
+
+    def values(self):
+        """{"ids", "count", "fresh"} now, or {} under several replicas."""
+        step = self._layer._step  # noqa: SLF001 - the layer's own bookkeeping
+        if _replicas() > 1 or isinstance(step.count, tf.distribute.DistributedValues):
+            return {}
+        count = tf.convert_to_tensor(step.count)
+        return {
+            "ids": tf.convert_to_tensor(step.ids)[:count],
+            "count": count,
+            "fresh": tf.convert_to_tensor(step.fresh),
+        }
+
+    def check(self, values):
+        if "ids" in values and int(np.size(values["ids"])) > self._layer.max_ids_per_step:
+            raise ValueError(
+                f"SparseEmbedding {self._layer.name}: the saved step holds {int(np.size(values['ids']))} ids "
+                f"read for training, more than max_ids_per_step={self._layer.max_ids_per_step}: rebuild the "
+                "layer with at least that many"
+            )
+
+    def assign(self, values):
+        step = self._layer._step  # noqa: SLF001
+        if not values or _replicas() > 1 or isinstance(step.count, tf.distribute.DistributedValues):
+            return
+        ids = np.asarray(values["ids"], np.int64)
+        step.ids.assign(np.concatenate([ids, np.zeros(self._layer.max_ids_per_step - len(ids), np.int64)]))
+        step.count.assign(int(values["count"]))
+        step.fresh.assign(int(values["fresh"]))
+
+    def _serialize_to_tensors(self):
+        return self.values()
+
+    def _restore_from_tensors(self, restored_tensors):
+        if not tf.executing_eagerly():  # a graph-mode restore (TF1 sessions): the list starts over
+            return None
+        values = {name: np.asarray(tensor) for name, tensor in restored_tensors.items()}
+        self.check(values)
+        self.assign(values)
 
 
 def _replicas():
