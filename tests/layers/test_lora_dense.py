@@ -417,3 +417,18 @@ def test_keras_quantization_of_a_lora_layer_is_refused_and_works_after_merge_and
     plain.quantize("int8", type_check=type_check)
     assert plain.get_layer("d").quantization_mode == "int8"
     np.testing.assert_allclose(plain(x).numpy(), expected, atol=0.05 * np.abs(expected).max())
+
+
+def test_unmerge_gives_back_what_was_trainable_before_the_merge():
+    # merge() freezes the adapter; unmerge() made both A and B trainable again, so a hand-frozen A (LoRA-FA
+    # trains B alone) started training after a merge and unmerge.
+    inputs = keras.Input((6,))
+    model, _ = tf_lora.inject_lora(keras.Model(inputs, keras.layers.Dense(3, name="d")(inputs)), rank=2)
+    layer = model.get_layer("d")
+    slot = layer.adapter_slot()
+    slot.a.trainable = False  # LoRA-FA
+    layer.merge()
+    assert not slot.a.trainable and not slot.b.trainable
+    layer.unmerge()
+    assert not slot.a.trainable and slot.b.trainable
+    assert [v.name for v in layer.trainable_weights] == ["lora_b"]

@@ -516,16 +516,24 @@ class LoraAdapters:
         while merged (trainable again after unmerge; a compiled model needs a new `compile` to see it)."""
         if self.merged or self.active_adapter is None:
             return
-        self._merge_slot(self._slots[self.active_adapter], 1.0)
+        slot = self._slots[self.active_adapter]
+        self._merge_slot(slot, 1.0)
         self.lora_active.assign(0.0)
+        # What was trainable comes back with unmerge (a hand-frozen A, as LoRA-FA trains, stays frozen). Kept
+        # out of Keras's attribute tracking: names and flags only.
+        self.__dict__["_trainable_before_merge"] = {v.name: v.trainable for v in slot.variables}
         self._set_trainable()
 
     def unmerge(self):
         """Takes the merged adapter out of the kernel again (within rounding)."""
         if self.merged:
-            self._merge_slot(self._slots[self.active_adapter], -1.0)
+            slot = self._slots[self.active_adapter]
+            self._merge_slot(slot, -1.0)
             self.lora_active.assign(1.0)
             self._set_trainable()
+            before = self.__dict__.pop("_trainable_before_merge", {})
+            for variable in slot.variables:
+                variable.trainable = before.get(variable.name, variable.trainable)
 
     def _merge_slot(self, slot, sign):
         if not slot.use_dora:
