@@ -68,6 +68,14 @@ class Adapter:
         return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
 
 
+def linear_layout(weight, as_is=False):
+    """A whole weight between TensorFlow's `[in, out]` and a PyTorch Linear's `[out, in]`: the transpose
+    (its own inverse, so both ways). `as_is` for what both hold alike (an embedding table, GPT-2's Conv1D);
+    anything not 2-D is as it is."""
+    weight = np.asarray(weight)
+    return weight if as_is or weight.ndim != 2 else weight.T
+
+
 class AdapterSet(dict):
     """`{module name: Adapter}` as read from an adapter file, with what the file holds beside the adapters.
 

@@ -14,7 +14,7 @@ import re
 
 import numpy as np
 
-from tf_lora.adapters.adapter import Adapter, AdapterSet
+from tf_lora.adapters.adapter import Adapter, AdapterSet, linear_layout
 from tf_lora.layers.kernel_layout import layer_parts
 from tf_lora.layers.model_layers import layers_by_path
 
@@ -147,7 +147,7 @@ def to_keras_hub(model, adapters):
                 bias=None if adapter.bias is None else adapter.bias[columns],
             )
             paths[key] = f"{path}/{target}"
-    replacements = {}
+    replacements = {}  # block weights as a Linear's [out, in]: GPT-2's Conv1D [in, out] transposed
     for module, parts in getattr(adapters, "replacements", {}).items():
         found = where(module)
         if found is None:
@@ -157,24 +157,27 @@ def to_keras_hub(model, adapters):
         if targets is None:  # the embedding table, as it is
             replacements[module], paths[module] = parts, path
         elif isinstance(targets, str):
-            replacements[module], paths[module] = _linear_layout(parts, layout), f"{path}/{targets}"
+            replacements[module], paths[module] = (
+                _weight_layout(parts, not layout.fan_in_fan_out),
+                f"{path}/{targets}",
+            )
         else:  # GPT-2's c_attn: its Conv1D weight [in, 3 * out], its bias [3 * out]
             for i, target in enumerate(targets):
                 key = f"{module}:{target.rsplit('/', 1)[-1]}"
                 third = {param: _third(module, array, i, len(targets)) for param, array in parts.items()}
-                replacements[key], paths[key] = _linear_layout(third, layout), f"{path}/{target}"
+                replacements[key], paths[key] = (
+                    _weight_layout(third, not layout.fan_in_fan_out),
+                    f"{path}/{target}",
+                )
     if not translated:
         return None, None
     config = getattr(adapters, "config", {})
     return AdapterSet(out, replacements, config), lambda key: paths.get(key, key)
 
 
-def _linear_layout(parts, layout):
-    """A projection's whole weight as a Linear holds it, `[out, in]`: GPT-2's Conv1D holds `[in, out]`,
-    whatever the file's `fan_in_fan_out` (PEFT sets it for its LoRA targets only)."""
-    if not layout.fan_in_fan_out or np.ndim(parts.get("weight")) != 2:
-        return parts
-    return {**parts, "weight": np.ascontiguousarray(np.asarray(parts["weight"]).T)}
+def _weight_layout(parts, as_is):
+    """Parts with their weight between `[in, out]` and a Linear's `[out, in]` (adapter.linear_layout)."""
+    return {**parts, "weight": linear_layout(parts["weight"], as_is)} if "weight" in parts else parts
 
 
 def _third(module, array, i, count):
@@ -226,7 +229,7 @@ def replacements_to_hf(model, whole):
         if count > 1:
             fused.setdefault((module, match[1], hf), {})[index] = parts
             continue
-        out[module] = _hf_layout(parts, layout)
+        out[module] = _weight_layout(parts, layout.fan_in_fan_out)
     for (module, number, hf), given in fused.items():
         block_path = prefix + layout.keras_block.format(number)
         group = [
@@ -236,14 +239,8 @@ def replacements_to_hf(model, whole):
         parts = {"weight": np.concatenate([p["weight"] for p in group], axis=1)}
         if all("bias" in p for p in group):
             parts["bias"] = np.concatenate([p["bias"] for p in group])
-        out[module] = _hf_layout(parts, layout)
+        out[module] = _weight_layout(parts, layout.fan_in_fan_out)
     return out
-
-
-def _hf_layout(parts, layout):
-    """Parts of a projection `[in, out]` in the transformers model's layout: a Linear's `[out, in]`, or
-    GPT-2's Conv1D `[in, out]`."""
-    return parts if layout.fan_in_fan_out else {**parts, "weight": parts["weight"].T}
 
 
 def to_hf(model, adapters):

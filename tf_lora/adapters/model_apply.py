@@ -5,7 +5,7 @@ import dataclasses
 import numpy as np
 
 from tf_lora.adapters import hf_names
-from tf_lora.adapters.adapter import Adapter, AdapterSet
+from tf_lora.adapters.adapter import Adapter, AdapterSet, linear_layout
 from tf_lora.adapters.module_names import module_mapper, resolve_layer
 from tf_lora.layers.conversion import bias_problem, check_convertible, forget_traces, set_bias, to_lora
 from tf_lora.layers.kernel_layout import layer_parts, lora_shape, merge_into_layer, set_kernel_matrix
@@ -221,7 +221,7 @@ def _check_replacements(replacements, layers, to_layer, fan_in_fan_out, unmatche
                 continue
             weight = np.asarray(parts["weight"])
             as_is = lora_kind(layer) == "embedding" or fan_in_fan_out  # a table, or a Conv1D's [in, out]
-            parts = {**parts, "weight": weight if as_is or weight.ndim != 2 else weight.T}
+            parts = {**parts, "weight": linear_layout(weight, as_is)}
             expected = lora_shape(layer)
             if tuple(np.shape(parts["weight"])) != expected:
                 problems.append(
@@ -309,5 +309,5 @@ def from_model(model, adapter_name="default", mapping=None, bias="none", modules
     replacements = {}
     for path, parts in whole.items():
         table = lora_kind(layers[path]) == "embedding"  # [vocab, dim] in both layouts
-        replacements[to_module(path)] = {**parts, "weight": parts["weight"] if table else parts["weight"].T}
+        replacements[to_module(path)] = {**parts, "weight": linear_layout(parts["weight"], table)}
     return AdapterSet(adapters, replacements)

@@ -42,20 +42,18 @@ def _spec(model):
         "trainable": sorted(v.path for v in model.weights if v.trainable),
         # The same set by layer path and variable name, which a reloaded model gives back: Keras names the
         # variables of a model nested in another by where they were built, not where they load.
-        "trainable_weights": sorted(
-            _weight_keys(model).get(id(v), v.path) for v in model.weights if v.trainable
-        ),
+        "trainable_weights": sorted(_weight_key(model)(v) for v in model.weights if v.trainable),
     }
 
 
-def _weight_keys(model):
-    """{id(variable): "<layer path>/<variable name>"} for the model's variables, each by its innermost
-    layer."""
+def _weight_key(model):
+    """variable -> "<layer path>/<variable name>" (by its innermost layer; its path when no layer has it),
+    the map built once."""
     keys = {}
     for path, layer in layers_by_path(model).items():  # parents before the layers inside them
         for variable in layer.weights:
             keys[id(variable)] = f"{path}/{variable.name}"
-    return keys
+    return lambda variable: keys.get(id(variable), variable.path)
 
 
 def _base_class(cls):
@@ -100,13 +98,11 @@ def _load(config, custom_objects=None):
                 layer.add_adapter(**adapter)
             layer.set_active_adapter(layer_spec["active_adapter"])
     if "trainable_weights" in spec:
-        trainable, keys = set(spec["trainable_weights"]), _weight_keys(model)
-        for variable in model.weights:
-            variable.trainable = keys.get(id(variable), variable.path) in trainable
+        trainable, key = set(spec["trainable_weights"]), _weight_key(model)
     else:  # a file written before tf_lora kept the set by layer path
-        trainable = set(spec["trainable"])
-        for variable in model.weights:
-            variable.trainable = variable.path in trainable
+        trainable, key = set(spec["trainable"]), (lambda variable: variable.path)
+    for variable in model.weights:
+        variable.trainable = key(variable) in trainable
     mark(model)
     return model
 

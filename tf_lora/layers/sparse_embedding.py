@@ -268,10 +268,16 @@ class _StepState(tf.__internal__.tracking.Trackable):
     def __init__(self, layer):
         self._layer = layer
 
+    def _kept(self):
+        """The layer's list, or None under several replicas (each replica's own, not saved)."""
+        step = self._layer._step  # noqa: SLF001 - the layer's own bookkeeping
+        per_replica = _replicas() > 1 or isinstance(step.count, tf.distribute.DistributedValues)
+        return None if per_replica else step
+
     def values(self):
         """{"ids", "count", "fresh"} now, or {} under several replicas."""
-        step = self._layer._step  # noqa: SLF001 - the layer's own bookkeeping
-        if _replicas() > 1 or isinstance(step.count, tf.distribute.DistributedValues):
+        step = self._kept()
+        if step is None:
             return {}
         count = tf.convert_to_tensor(step.count)
         return {
@@ -289,8 +295,8 @@ class _StepState(tf.__internal__.tracking.Trackable):
             )
 
     def assign(self, values):
-        step = self._layer._step  # noqa: SLF001
-        if not values or _replicas() > 1 or isinstance(step.count, tf.distribute.DistributedValues):
+        step = self._kept()
+        if not values or step is None:
             return
         ids = np.asarray(values["ids"], np.int64)
         step.ids.assign(np.concatenate([ids, np.zeros(self._layer.max_ids_per_step - len(ids), np.int64)]))

@@ -199,13 +199,11 @@ def _site(files, fdef, node, weight):
             fn, node.name, f"by {node.op}", (view.in_features, view.out_features), _layout(view.index), view
         )
     view = einsum_view(node, weight.shape, f"{fn}/{node.name}")
-    size = view.in_features * view.out_features
-    index = np.empty(size, np.int64)  # the matrix's element k sits at kernel position index[k]
-    index[view.to_kernel_layout(np.arange(size).reshape(view.in_features, view.out_features)).ravel()] = (
-        np.arange(size)
-    )
     shape = (view.in_features, view.out_features)
-    return _Site(fn, node.name, f"in {equation(node)!r}", shape, _layout(index.reshape(shape)), view)
+    # The kernel holding each matrix element's own number; sorted, its positions are where each element sits.
+    numbered = view.to_kernel_layout(np.arange(view.in_features * view.out_features).reshape(shape))
+    index = np.argsort(numbered.ravel(), kind="stable").reshape(shape)
+    return _Site(fn, node.name, f"in {equation(node)!r}", shape, _layout(index), view)
 
 
 def _layout(index):
