@@ -106,6 +106,34 @@ def _parser(argv=None):
 
     p = _rewriting(
         commands,
+        "densify",
+        _densify,
+        help="tf_lora sparse tables become variables read by core ops: stock TF Serving runs the output",
+        description="Each SparseTable becomes two variables, its ids sorted and their rows, and each "
+        "inference pull from it a binary search (LowerBound) and a gather over them: the same outputs (an "
+        "id the table does not hold reads a zero row, as the pull reads it) from core TensorFlow ops only, "
+        "so the output loads in TF Serving or any TensorFlow without tf_lora. A function that pushes into a "
+        "table, or pulls while training, is an error (exit 2): densify a serving export (model.export). "
+        "--verify runs both models on ids the table holds, ids it left out and ids it never held.",
+    )
+    p.add_argument(
+        "--table",
+        metavar="REGEX",
+        type=_regex,
+        help="densify only tables whose name (a SparseEmbedding's: the layer's) or object path fully "
+        "matches; the others stay tf_lora tables",
+    )
+    p.add_argument(
+        "--min-update-count",
+        type=_count,
+        default=0,
+        metavar="N",
+        help="leave out ids pushed fewer than N times (they read as zero rows, as after "
+        "table.evict(N)): a smaller serving model without rarely trained ids",
+    )
+
+    p = _rewriting(
+        commands,
         "swap-adapter",
         _swap_adapter,
         outputs_change=True,
@@ -190,6 +218,16 @@ def _finite(text):
         value = float("nan")
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"wants a finite number, got {text!r}")
+    return value
+
+
+def _count(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"wants an integer >= 0, got {text!r}")
     return value
 
 
@@ -345,6 +383,30 @@ class ReplaceEmbeddingResult(RewriteReport):
 
 
 @dataclasses.dataclass
+class DensifyResult(RewriteReport):
+    command = "densify"
+    densified: list  # [tf_lora.rewrite.Densified]
+
+    def details(self):
+        lines = []
+        for d in self.densified:
+            left = f" ({d.left_out} left out)" if d.left_out else ""
+            lookups = ", ".join(d.lookups) or "no lookup"
+            lines.append(
+                f"table {d.name} ({d.table}, dim {d.dim}): {d.ids} ids{left} -> {d.keys}, {d.values}"
+            )
+            lines.append(f"  lookups: {lookups}")
+        return lines
+
+    def detail_json(self):
+        return {
+            "densified": [
+                {k: v for k, v in dataclasses.asdict(d).items() if k != "probe_ids"} for d in self.densified
+            ]
+        }
+
+
+@dataclasses.dataclass
 class SwapAdapterResult(RewriteReport):
     command = "swap-adapter"
     adapter: str  # the adapter file or directory
@@ -481,7 +543,13 @@ def _run_rewrite(args, names) -> Report:
             status.update("verify: running both models")
             equal = not args.outputs_change
             try:
-                differences = verify(args.model, staging, tolerance=args.tolerance, expect_equal=equal)
+                differences = verify(
+                    args.model,
+                    staging,
+                    tolerance=args.tolerance,
+                    expect_equal=equal,
+                    integers=getattr(args, "verify_integers", None),
+                )
             except RewriteError as e:
                 kept = f"{args.out} left as it was" if existed else "nothing written"
                 raise RewriteError(f"{e}; {kept}") from None
@@ -509,6 +577,16 @@ def _replace_embedding(args, out, progress):
 
     replaced = replace_embedding(args.model, out, args.target, progress=progress)
     return functools.partial(ReplaceEmbeddingResult, replaced=replaced)
+
+
+def _densify(args, out, progress):
+    from tf_lora.rewrite import densify
+
+    densified = densify(
+        args.model, out, table=args.table, min_update_count=args.min_update_count, progress=progress
+    )
+    args.verify_integers = densified[0].probe_ids
+    return functools.partial(DensifyResult, densified=densified)
 
 
 def _swap_adapter(args, out, progress):
@@ -651,6 +729,10 @@ def _describe(report):
     lines.append(f"embedding lookups: {len(report['embedding_lookups'])}")
     for e in report["embedding_lookups"]:
         lines.append(f"  {e['op']} on {e['variable']} {e['shape']}  [{e['function']}/{e['node']}]")
+    lines.append(f"sparse tables: {len(report['sparse_tables'])}")
+    for t in report["sparse_tables"]:
+        lines.append(f"  {t['name']} ({t['table']}, dim {t['dim']}): {t['ids']} ids, {len(t['pulls'])} pulls")
+        lines.extend(f"    not densifiable: {use}" for use in t["other_uses"])
     return "\n".join(lines)
 
 

@@ -8,7 +8,6 @@ with fresh node ids and function names. The rows go into the checkpoint, and Ten
 
 import dataclasses
 import re
-import tempfile
 import uuid
 
 import numpy as np
@@ -17,8 +16,15 @@ from tensorflow.core.framework import node_def_pb2, types_pb2
 
 from tf_lora.python.ops import sparse_table_ops
 from tf_lora.rewrite.errors import RewriteError
-from tf_lora.rewrite.graph_defs import SAVER_FUNCTIONS, rename_output, split_ref
-from tf_lora.rewrite.graph_edit import ArgumentAdder, checkpoint_graph, name_matches, resave
+from tf_lora.rewrite.graph_defs import rename_output, split_ref
+from tf_lora.rewrite.graph_edit import (
+    ArgumentAdder,
+    checkpoint_graph,
+    donor,
+    name_matches,
+    resave,
+    transplant,
+)
 from tf_lora.rewrite.model_files import OBJECT_GRAPH_KEY, ModelFiles
 from tf_lora.rewrite.saved_model_writer import write_saved_model
 from tf_lora.rewrite.tf1_session import all_variables, rewire, session_model, variable_of, write_session
@@ -93,7 +99,10 @@ def replace_embedding(model_dir, out_dir, target, overwrite=False, progress=None
         rows, dim = variable.shape
         local = f"tf_lora_table_{re.sub(r'[^0-9A-Za-z_]', '_', variable.name)}"
         say(f"table for {variable.name}")
-        table_id, keys = _transplant_table(meta, ckpt, dim, local)
+        module = tf.Module()
+        module.table = SparseTable(dim, name=f"replaced_{uuid.uuid4().hex[:12]}")  # a table of its own
+        ids, keys = transplant(meta, ckpt, donor(module), {"table": local})
+        table_id, keys = ids["table"], keys[ids["table"]]
         contents = {
             "keys": np.arange(rows, dtype=np.int64),
             "values": files.value(variable).astype(np.float32),
@@ -130,78 +139,6 @@ def _lookup(files, fdef, node):
             return None
         return (variable, node.input[1]) if axis == 0 else None
     return None
-
-
-def _donor(dim):
-    """A one-table SavedModel saved by TensorFlow: the pieces a table needs in a SavedModel."""
-    directory = tempfile.mkdtemp(prefix="tf_lora_table_donor_")
-    module = tf.Module()
-    module.table = SparseTable(dim, name=f"replaced_{uuid.uuid4().hex[:12]}")  # a table of its own
-    tf.saved_model.save(module, directory)
-    return ModelFiles(directory)
-
-
-def _transplant_table(meta, ckpt, dim, local):
-    """Copies a donor table's object-graph nodes and functions into `meta` (and its checkpoint node into
-    `ckpt`) as root attribute `local`. Returns the table's node id and its checkpoint keys by attribute."""
-    donor = _donor(dim)
-    objects, theirs = meta.object_graph_def, donor.meta.object_graph_def
-    table = next(c.node_id for c in theirs.nodes[0].children if c.local_name == "table")
-    # The table and every node it reaches: its functions and their traces, its save/restore functions.
-    order, stack = [], [table]
-    while stack:
-        k = stack.pop()
-        if k in order:
-            continue
-        order.append(k)
-        node = theirs.nodes[k]
-        stack += [c.node_id for c in [*node.children, *node.dependencies]]
-        for saveable in node.saveable_objects.values():
-            stack += [saveable.save_function, saveable.restore_function]
-    base = len(objects.nodes)
-    new_id = {k: base + i for i, k in enumerate(order)}
-    suffix = f"_{uuid.uuid4().int % 10**9}"  # TensorFlow wants function names to end in an integer
-    renamed = {name: name + suffix for name in donor.functions if not name.startswith(SAVER_FUNCTIONS)}
-    for name, new_name in renamed.items():
-        fdef = meta.graph_def.library.function.add()
-        fdef.CopyFrom(donor.functions[name])
-        fdef.signature.name = new_name
-    for name, concrete in theirs.concrete_functions.items():
-        if name in renamed:
-            copy = objects.concrete_functions[renamed[name]]
-            copy.CopyFrom(concrete)
-            del copy.bound_inputs[:]
-            copy.bound_inputs.extend(new_id[i] for i in concrete.bound_inputs)
-    donor_ckpt = donor.checkpoint_graph
-    keys = {}
-    for k in order:
-        node = objects.nodes.add()
-        node.CopyFrom(theirs.nodes[k])
-        for child in [*node.children, *node.dependencies]:
-            child.node_id = new_id[child.node_id]
-        for saveable in node.saveable_objects.values():
-            saveable.save_function = new_id[saveable.save_function]
-            saveable.restore_function = new_id[saveable.restore_function]
-        if node.HasField("function"):
-            names = [renamed[n] for n in node.function.concrete_functions]
-            del node.function.concrete_functions[:]
-            node.function.concrete_functions.extend(names)
-        if node.HasField("bare_concrete_function"):
-            fn = node.bare_concrete_function
-            fn.concrete_function_name = renamed[fn.concrete_function_name]
-        while len(ckpt.nodes) < new_id[k]:
-            ckpt.nodes.add()
-        checkpoint_node = ckpt.nodes.add()
-        if k < len(donor_ckpt.nodes):
-            checkpoint_node.CopyFrom(donor_ckpt.nodes[k])
-            for child in checkpoint_node.children:
-                child.node_id = new_id[child.node_id]
-            for attribute in checkpoint_node.attributes:
-                attribute.checkpoint_key = attribute.checkpoint_key.replace("table/", f"{local}/", 1)
-                keys[attribute.name] = attribute.checkpoint_key
-    objects.nodes[0].children.add(node_id=new_id[table], local_name=local)
-    ckpt.nodes[0].children.add(node_id=new_id[table], local_name=local)
-    return new_id[table], keys
 
 
 def _replace_with_pull(fdef, node_name, ids_ref, table_arg, dim):

@@ -1,16 +1,20 @@
-"""Shared by the rewrites that add variables to a TF2 SavedModel (inject, replace-embedding): extending the
-checkpoint's object graph, threading new resources into functions as arguments, and having TensorFlow re-save
-the result."""
+"""Shared by the rewrites that add variables to a TF2 SavedModel (inject, replace-embedding, densify):
+extending the checkpoint's object graph, threading new resources into functions as arguments, and having
+TensorFlow re-save the result."""
 
 import os
 import shutil
+import tempfile
+import uuid
 
 import tensorflow as tf
 from tensorflow.core.framework import types_pb2
-from tensorflow.core.protobuf import trackable_object_graph_pb2
+from tensorflow.core.protobuf import saved_object_graph_pb2, trackable_object_graph_pb2
+from tensorflow.python.framework import dtypes
 
 from tf_lora.rewrite.errors import RewriteError
-from tf_lora.rewrite.graph_defs import CALL_OPS, layer_of
+from tf_lora.rewrite.graph_defs import CALL_OPS, SAVER_FUNCTIONS, layer_of
+from tf_lora.rewrite.model_files import ModelFiles
 
 
 def checkpoint_graph(files):
@@ -30,6 +34,129 @@ def checkpoint_graph(files):
 def name_matches(pattern, name):
     """Whether `pattern` matches a variable's name, or its layer (the name without the last part), in full."""
     return pattern.fullmatch(name) is not None or pattern.fullmatch(layer_of(name)) is not None
+
+
+def unique_child(objects, name):
+    """`name`, or `name_2`, `name_3`...: a root attribute no other object has (variables share names)."""
+    taken = {c.local_name for c in objects.nodes[0].children}
+    candidate, k = name, 1
+    while candidate in taken:
+        k += 1
+        candidate = f"{name}_{k}"
+    return candidate
+
+
+def add_variable(objects, ckpt, local_name, name, value, key, trainable=True):
+    """A variable as a child of the root, in the SavedModel's object graph and the checkpoint's; returns its
+    node id."""
+    node_id = len(objects.nodes)
+    saved = objects.nodes.add()
+    saved.variable.CopyFrom(
+        saved_object_graph_pb2.SavedVariable(
+            dtype=dtypes.as_dtype(value.dtype).as_datatype_enum,
+            shape=tf.TensorShape(value.shape).as_proto(),
+            trainable=trainable,
+            name=name,
+        )
+    )
+    node = ckpt.nodes.add()
+    node.attributes.add(name="VARIABLE_VALUE", full_name=name, checkpoint_key=key)
+    references = [(0, local_name)]
+    # Keras exports keep lists of the model's variables on the root: the new ones join them.
+    for child in objects.nodes[0].children:
+        if child.local_name in (
+            "variables",
+            "trainable_variables" if trainable else "non_trainable_variables",
+        ):
+            listed = objects.nodes[child.node_id].children
+            if all(c.local_name.isdigit() for c in listed):
+                references.append((child.node_id, str(len(listed))))
+    for parent, local in references:
+        objects.nodes[parent].children.add(node_id=node_id, local_name=local)
+        ckpt.nodes[parent].children.add(node_id=node_id, local_name=local)
+    return node_id
+
+
+def donor(module):
+    """`module` saved by TensorFlow and read back (ModelFiles): the pieces its objects need in a SavedModel
+    (resource nodes, creator/initializer functions, save/restore functions), for `transplant`."""
+    with tempfile.TemporaryDirectory(prefix="tf_lora_donor_") as directory:
+        tf.saved_model.save(module, directory)
+        return ModelFiles(directory)
+
+
+def transplant(meta, ckpt, donor_files, names):
+    """Copies the donor's root attributes `names` {donor attribute: new root attribute} and every object
+    they reach (children, dependencies, save/restore functions, the objects their functions bind) into `meta`
+    and its checkpoint object graph `ckpt`, with fresh node ids and function names.
+
+    Returns:
+      ({donor attribute: new node id}, {new node id: {checkpoint attribute name: checkpoint key}}): where the
+      caller writes the copied objects' values (the donor's values are not copied).
+    """
+    objects, theirs = meta.object_graph_def, donor_files.meta.object_graph_def
+    roots = {c.local_name: c.node_id for c in theirs.nodes[0].children}
+    order, stack = [], [roots[name] for name in names]
+    while stack:
+        k = stack.pop()
+        if k in order:
+            continue
+        order.append(k)
+        node = theirs.nodes[k]
+        stack += [c.node_id for c in [*node.children, *node.dependencies]]
+        for saveable in node.saveable_objects.values():
+            stack += [saveable.save_function, saveable.restore_function]
+        functions = list(node.function.concrete_functions) if node.HasField("function") else []
+        if node.HasField("bare_concrete_function"):
+            functions.append(node.bare_concrete_function.concrete_function_name)
+        for name in functions:
+            stack += list(theirs.concrete_functions[name].bound_inputs)
+    base = len(objects.nodes)
+    new_id = {k: base + i for i, k in enumerate(order)}
+    suffix = f"_{uuid.uuid4().int % 10**9}"  # TensorFlow wants function names to end in an integer
+    renamed = {n: n + suffix for n in donor_files.functions if not n.startswith(SAVER_FUNCTIONS)}
+    for name, new_name in renamed.items():
+        fdef = meta.graph_def.library.function.add()
+        fdef.CopyFrom(donor_files.functions[name])
+        fdef.signature.name = new_name
+    for name, concrete in theirs.concrete_functions.items():
+        if name in renamed:
+            copy = objects.concrete_functions[renamed[name]]
+            copy.CopyFrom(concrete)
+            del copy.bound_inputs[:]
+            copy.bound_inputs.extend(new_id[i] for i in concrete.bound_inputs)
+    donor_ckpt = donor_files.checkpoint_graph
+    keys = {}
+    for k in order:
+        node = objects.nodes.add()
+        node.CopyFrom(theirs.nodes[k])
+        for child in [*node.children, *node.dependencies]:
+            child.node_id = new_id[child.node_id]
+        for saveable in node.saveable_objects.values():
+            saveable.save_function = new_id[saveable.save_function]
+            saveable.restore_function = new_id[saveable.restore_function]
+        if node.HasField("function"):
+            functions = [renamed[n] for n in node.function.concrete_functions]
+            del node.function.concrete_functions[:]
+            node.function.concrete_functions.extend(functions)
+        if node.HasField("bare_concrete_function"):
+            fn = node.bare_concrete_function
+            fn.concrete_function_name = renamed[fn.concrete_function_name]
+        while len(ckpt.nodes) < new_id[k]:
+            ckpt.nodes.add()
+        checkpoint_node = ckpt.nodes.add()
+        if donor_ckpt is not None and k < len(donor_ckpt.nodes):
+            checkpoint_node.CopyFrom(donor_ckpt.nodes[k])
+            for child in checkpoint_node.children:
+                child.node_id = new_id[child.node_id]
+            for attribute in checkpoint_node.attributes:
+                old, _, rest = attribute.checkpoint_key.partition("/")
+                attribute.checkpoint_key = f"{names.get(old, old)}/{rest}"
+                keys.setdefault(new_id[k], {})[attribute.name] = attribute.checkpoint_key
+    for name, local in names.items():
+        objects.nodes[0].children.add(node_id=new_id[roots[name]], local_name=local)
+        ckpt.nodes[0].children.add(node_id=new_id[roots[name]], local_name=local)
+    return {name: new_id[roots[name]] for name in names}, keys
 
 
 class ArgumentAdder:

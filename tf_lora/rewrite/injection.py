@@ -8,14 +8,20 @@ import re
 import numpy as np
 import tensorflow as tf
 from tensorflow.core.framework import node_def_pb2
-from tensorflow.core.protobuf import saved_object_graph_pb2
 from tensorflow.python.framework import dtypes, tensor_util
 
 from tf_lora.python.ops import lora_ops
 from tf_lora.rewrite.batch_matmuls import is_batch_projection, matrix_view
 from tf_lora.rewrite.einsum_kernels import einsum_view, equation, is_projection
 from tf_lora.rewrite.errors import RewriteError
-from tf_lora.rewrite.graph_edit import ArgumentAdder, checkpoint_graph, name_matches, resave
+from tf_lora.rewrite.graph_edit import (
+    ArgumentAdder,
+    add_variable,
+    checkpoint_graph,
+    name_matches,
+    resave,
+    unique_child,
+)
 from tf_lora.rewrite.lora_patterns import BATCHED_LORA_APPLY, LORA_APPLY, projection_under, projection_weight
 from tf_lora.rewrite.model_files import OBJECT_GRAPH_KEY, ModelFiles
 from tf_lora.rewrite.saved_model_writer import write_saved_model
@@ -136,9 +142,9 @@ def inject(model_dir, out_dir, target, rank, alpha, seed=0, overwrite=False, pro
         }
         ids = {}
         for part, value in values.items():
-            local = _unique_child(objects, f"tf_lora_{re.sub(r'[^0-9A-Za-z_]', '_', weight.name)}_{part}")
+            local = unique_child(objects, f"tf_lora_{re.sub(r'[^0-9A-Za-z_]', '_', weight.name)}_{part}")
             key = f"{local}/.ATTRIBUTES/VARIABLE_VALUE"
-            ids[part] = _add_variable(objects, ckpt, local, f"{weight.name}/{part}", value, key)
+            ids[part] = add_variable(objects, ckpt, local, f"{weight.name}/{part}", value, key)
             new_values[key] = value
         scale = float(alpha) / rank
         for site in found:
@@ -280,43 +286,6 @@ def _value_users(consumers, node):
     for user in consumers.get(node.name, ()):
         found += _value_users(consumers, user) if user.op in ("Cast", "Identity") else [user]
     return found
-
-
-def _unique_child(objects, name):
-    """`name`, or `name_2`, `name_3`...: a root attribute no other object has (variables share names)."""
-    taken = {c.local_name for c in objects.nodes[0].children}
-    candidate, k = name, 1
-    while candidate in taken:
-        k += 1
-        candidate = f"{name}_{k}"
-    return candidate
-
-
-def _add_variable(objects, ckpt, local_name, name, value, key):
-    """A trainable variable as a child of the root, in the SavedModel's object graph and the checkpoint's."""
-    node_id = len(objects.nodes)
-    saved = objects.nodes.add()
-    saved.variable.CopyFrom(
-        saved_object_graph_pb2.SavedVariable(
-            dtype=dtypes.as_dtype(value.dtype).as_datatype_enum,
-            shape=tf.TensorShape(value.shape).as_proto(),
-            trainable=True,
-            name=name,
-        )
-    )
-    node = ckpt.nodes.add()
-    node.attributes.add(name="VARIABLE_VALUE", full_name=name, checkpoint_key=key)
-    references = [(0, local_name)]
-    # Keras exports keep lists of the model's variables on the root: the new ones join them.
-    for child in objects.nodes[0].children:
-        if child.local_name in ("variables", "trainable_variables"):
-            listed = objects.nodes[child.node_id].children
-            if all(c.local_name.isdigit() for c in listed):
-                references.append((child.node_id, str(len(listed))))
-    for parent, local in references:
-        objects.nodes[parent].children.add(node_id=node_id, local_name=local)
-        ckpt.nodes[parent].children.add(node_id=node_id, local_name=local)
-    return node_id
 
 
 def _insert_apply(fdef, matmul_name, a_arg, b_arg, scale):

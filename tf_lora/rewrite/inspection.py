@@ -3,6 +3,7 @@ and Einsum projections that could take an adapter, embedding lookups that a spar
 
 from tensorflow.python.framework import dtypes
 
+from tf_lora.rewrite import densification
 from tf_lora.rewrite.batch_matmuls import is_batch_projection, matrix_view
 from tf_lora.rewrite.einsum_kernels import einsum_view, equation, is_projection
 from tf_lora.rewrite.errors import RewriteError
@@ -99,13 +100,16 @@ def inspect(model_dir) -> dict:
 
     Returns:
       {"path", "signatures": {name: {"inputs": {...}, "outputs": {...}}}, "tf_lora_ops": [...],
-       "adapters": [...], "matmul_candidates": [...], "einsum_candidates": [...], "embedding_lookups": [...]};
+       "adapters": [...], "matmul_candidates": [...], "einsum_candidates": [...], "embedding_lookups": [...],
+       "sparse_tables": [...]};
       each op entry names its function and node, variables by name with their shapes. An adapter on an
       Einsum projection has its `equation` (its weight_shape is the kernel's), one on a BatchMatMul its
       `op`; a BatchMatMul candidate (among the MatMul candidates) has its `op` and `matrix`, the `[in, out]`
       its weight is made (batch_matmuls); an Einsum candidate has its
       equation, the kernel's `shape` and `matrix`, the `[in, out]` an adapter sees (einsum_kernels), or
-      `not_injectable` saying why there is none.
+      `not_injectable` saying why there is none. A sparse table has its object-graph `table` path, `name`,
+      `dim`, the `ids` its checkpoint holds, its inference `pulls` and `other_uses` (pushes, training pulls:
+      what densify refuses).
     """
     files = ModelFiles(model_dir)
     signatures = {
@@ -201,4 +205,26 @@ def inspect(model_dir) -> dict:
         "matmul_candidates": candidates,
         "einsum_candidates": einsums,
         "embedding_lookups": lookups,
+        "sparse_tables": _sparse_tables(files),
     }
+
+
+def _sparse_tables(files):
+    """The tf_lora SparseTables of a TF2 SavedModel: each one's path, name, dim, how many ids its checkpoint
+    holds, its inference pulls and its other uses (which densify refuses)."""
+    if files.tf1:
+        return []
+    tables = densification.sparse_tables(files)
+    pulls, others = densification.table_uses(files, tables)
+    shapes = files.reader.get_variable_to_shape_map() if files.reader is not None else {}
+    return [
+        {
+            "table": table.path,
+            "name": table.name,
+            "dim": table.dim,
+            "ids": shapes[table.keys["keys"]][0] if table.keys.get("keys") in shapes else None,
+            "pulls": [f"{fn}/{node}" for fn, node in pulls.get(node_id, [])],
+            "other_uses": others.get(node_id, []),
+        }
+        for node_id, table in sorted(tables.items())
+    ]

@@ -13,10 +13,11 @@ from tf_lora.rewrite.output_dir import install_output, prepare_output
 
 
 def write_saved_model(files: ModelFiles, proto, new_values: dict, out, overwrite=False, finish=None):
-    """Writes `proto` with the checkpoint of `files`, `new_values` {checkpoint key: array} replacing values,
-    to `out` (a SavedModel directory, or for a MetaGraphDef file a directory with `<name>.meta` and the
-    checkpoint `<name>`): staged in a temporary directory beside it and renamed into place only once complete.
-    `finish(staging_dir) -> dir` may turn the staged copy into the final one (inject re-saves it)."""
+    """Writes `proto` with the checkpoint of `files`, `new_values` {checkpoint key: array, or None to drop the
+    key} replacing values, to `out` (a SavedModel directory, or for a MetaGraphDef file a directory with
+    `<name>.meta` and the checkpoint `<name>`): staged in a temporary directory beside it and renamed into
+    place only once complete. `finish(staging_dir) -> dir` may turn the staged copy into the final one
+    (inject re-saves it)."""
     out, staging = prepare_output(files, out, overwrite)
     final = staging
     try:
@@ -56,8 +57,12 @@ def write_saved_model(files: ModelFiles, proto, new_values: dict, out, overwrite
 
 def _write_checkpoint(reader, new_values, prefix):
     """The reader's tensors with `new_values` {key: array} replacing or adding entries (the object graph too,
-    under its key)."""
-    keys = sorted(set(reader.get_variable_to_shape_map()) | set(new_values))
+    under its key); a key whose new value is None is left out."""
+    keys = sorted(
+        k
+        for k in set(reader.get_variable_to_shape_map()) | set(new_values)
+        if k not in new_values or new_values[k] is not None
+    )
     tensors = []
     for key in keys:
         try:

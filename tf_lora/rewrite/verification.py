@@ -11,23 +11,31 @@ from tf_lora.rewrite.model_files import ModelFiles
 from tf_lora.rewrite.tf1_session import load_into
 
 
-def _example(dtype, shape, rng, batch):
+def _example(dtype, shape, rng, batch, integers=None):
     """Unknown dimensions become `batch`; floats are standard normal, integers 0 (a valid row id and adapter
-    id), booleans False, strings empty."""
+    id) or drawn from `integers` (for int64 inputs, when given), booleans False, strings empty."""
     shape = [batch] if shape is None else [batch if d is None or d < 0 else d for d in shape]
     if dtype.is_floating:
         return rng.standard_normal(shape).astype(dtype.as_numpy_dtype)
     if dtype == tf.string:
         return np.full(shape, b"", object)
+    if dtype == tf.int64 and integers is not None and len(integers):
+        return rng.choice(np.asarray(integers, np.int64), shape)
     return np.zeros(shape, dtype.as_numpy_dtype)
 
 
-def example_inputs(function, batch=3, seed=0):
+def example_inputs(function, batch=3, seed=0, integers=None):
     """Inputs for a TF2 signature function, from its specs."""
     rng = np.random.default_rng(seed)
     return {
         name: tf.constant(
-            _example(spec.dtype, spec.shape.as_list() if spec.shape.rank is not None else None, rng, batch),
+            _example(
+                spec.dtype,
+                spec.shape.as_list() if spec.shape.rank is not None else None,
+                rng,
+                batch,
+                integers,
+            ),
             dtype=spec.dtype,
         )
         for name, spec in sorted(function.structured_input_signature[1].items())
@@ -42,8 +50,8 @@ class _TF2:
             raise RewriteError(f"{path}: cannot be loaded ({e})") from None
         self.signatures = sorted(self.loaded.signatures)
 
-    def inputs(self, name, batch, seed):
-        return example_inputs(self.loaded.signatures[name], batch, seed)
+    def inputs(self, name, batch, seed, integers=None):
+        return example_inputs(self.loaded.signatures[name], batch, seed, integers)
 
     def run(self, name, inputs):
         return {k: v.numpy() for k, v in self.loaded.signatures[name](**inputs).items()}
@@ -63,12 +71,12 @@ class _TF1:
         self.defs = {k: v for k, v in meta.signature_def.items() if not k.startswith("__")}
         self.signatures = sorted(self.defs)
 
-    def inputs(self, name, batch, seed):
+    def inputs(self, name, batch, seed, integers=None):
         rng = np.random.default_rng(seed)
         out = {}
         for key, info in sorted(self.defs[name].inputs.items()):
             shape = None if info.tensor_shape.unknown_rank else [d.size for d in info.tensor_shape.dim]
-            out[key] = _example(tf.as_dtype(info.dtype), shape, rng, batch)
+            out[key] = _example(tf.as_dtype(info.dtype), shape, rng, batch, integers)
         return out
 
     def run(self, name, inputs):
@@ -84,7 +92,14 @@ def _open(path):
 
 
 def verify(
-    original_dir, rewritten_dir, signatures=None, tolerance=1e-4, batch=3, seed=0, expect_equal=True
+    original_dir,
+    rewritten_dir,
+    signatures=None,
+    tolerance=1e-4,
+    batch=3,
+    seed=0,
+    expect_equal=True,
+    integers=None,
 ) -> dict:
     """Runs both models' signatures on the same inputs and returns {signature: max |difference|}.
 
@@ -92,7 +107,9 @@ def verify(
     rewritten MetaGraphDef is `rewritten_dir/<name>.meta`. The tolerance is relative to the outputs' size:
     a difference above `tolerance * max(1, max |output|)` raises RewriteError naming the signature and
     output. With `expect_equal=False` (a rewrite that changes the outputs on purpose, like swap-adapter) the
-    difference is only reported, and the rewritten outputs must be finite.
+    difference is only reported, and the rewritten outputs must be finite. `integers`: values to draw int64
+    inputs from (densify passes ids its tables hold and ids they do not); a signature that fails on them in
+    the original model runs on the default inputs instead.
     """
     original = _open(original_dir)
     rewritten_path = rewritten_dir
@@ -114,7 +131,16 @@ def verify(
     differences = {}
     for name in names:
         inputs = original.inputs(name, batch, seed)
-        expected, got = original.run(name, inputs), rewritten.run(name, inputs)
+        if integers is not None:
+            probe = original.inputs(name, max(batch, 16), seed, integers)
+            try:
+                expected = original.run(name, probe)
+                inputs = probe
+            except tf.errors.OpError:  # the ids also reach a lookup they do not fit, e.g. a dense table
+                expected = original.run(name, inputs)
+        else:
+            expected = original.run(name, inputs)
+        got = rewritten.run(name, inputs)
         worst = 0.0
         for key, e in expected.items():
             if key not in got:

@@ -1,0 +1,262 @@
+"""tf_lora.rewrite.densify and `tf-lora densify`: sparse tables become variables read by core ops, so stock
+TensorFlow (no tf_lora) serves the model with the same outputs."""
+
+import json
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tf_lora
+from tf_lora.rewrite import RewriteError, cli
+from tf_lora.rewrite.model_files import ModelFiles
+
+I64 = np.iinfo(np.int64)
+
+
+def _numpy_pull(contents, ids, dim, min_update_count=0):
+    """What an inference pull reads: a held id's row, zeros for any other id."""
+    kept = contents["update_counts"] >= min_update_count
+    rows = dict(zip(contents["keys"][kept].tolist(), contents["values"][kept], strict=True))
+    flat = [rows.get(i, np.zeros(dim, np.float32)) for i in np.asarray(ids).ravel().tolist()]
+    return np.asarray(flat, np.float32).reshape(*np.shape(ids), dim)
+
+
+def _plugin_ops(path):
+    meta = ModelFiles(path).meta
+    used = {n.op for f in meta.graph_def.library.function for n in f.node_def} | {
+        n.op for n in meta.graph_def.node
+    }
+    return sorted(op for op in used if op.startswith("TfLora"))
+
+
+class Lookup(tf.Module):
+    """A table read by a nested function, ids of any rank with a trailing pair axis."""
+
+    def __init__(self, contents, dim=3):
+        super().__init__()
+        self.table = tf_lora.SparseTable(dim, name="features")
+        if contents is not None:
+            self.table.import_(contents)
+        self.w = tf.Variable(np.arange(dim, dtype=np.float32) + 1.0)
+
+    @tf.function
+    def _rows(self, ids):
+        return self.table.pull(ids)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None, 2], tf.int64)])
+    def __call__(self, ids):
+        rows = self._rows(ids)
+        return {"rows": rows, "score": tf.reduce_sum(rows * self.w, axis=-1)}
+
+
+def _contents(keys, dim=3, counts=None):
+    keys = np.asarray(keys, np.int64)
+    rng = np.random.default_rng(1)
+    n = len(keys)
+    return {
+        "keys": keys,
+        "values": rng.standard_normal((n, dim)).astype(np.float32),
+        "slots": np.zeros((n, 0), np.float32),
+        "update_counts": np.asarray(counts if counts is not None else np.ones(n), np.int64),
+        "last_steps": np.zeros(n, np.int64),
+        "step": np.array(1, np.int64),
+    }
+
+
+def _save(module, path):
+    tf.saved_model.save(module, str(path), signatures={"serving_default": module.__call__})
+    return path
+
+
+# Extreme ids held by the table (int64's ends, -1, 0) and a spread of others, unsorted.
+HELD = [I64.max, 0, -1, I64.min, 5, 1 << 40, 77, -(1 << 50), 3]
+
+
+@pytest.mark.parametrize("min_update_count", [0, 2])
+def test_densified_lookup_matches_numpy_for_held_left_out_and_unheld_ids(tmp_path, min_update_count):
+    contents = _contents(HELD, counts=[1, 2, 3, 1, 2, 5, 1, 2, 9])
+    module = Lookup(contents)
+    src = _save(module, tmp_path / "model")
+    report = tf_lora.rewrite.densify(src, tmp_path / "out", min_update_count=min_update_count)
+    left_out = int(np.sum(contents["update_counts"] < min_update_count))
+    assert [(d.table, d.name, d.dim, d.ids, d.left_out) for d in report] == [
+        ("table", "features", 3, len(HELD) - left_out, left_out)
+    ]
+    # The nested function's traces: the one the signature calls, and the one saved as `_rows`.
+    assert report[0].lookups and all(
+        x.endswith("_rows/TfLora>SparseTablePull") or "_rows_" in x for x in report[0].lookups
+    )
+    assert _plugin_ops(tmp_path / "out") == []
+
+    loaded = tf.saved_model.load(str(tmp_path / "out"))
+    rng = np.random.default_rng(0)
+    unheld = [1, -2, I64.max - 1, I64.min + 1, 4, 6]
+    for shape in [(2, 3, 2), (1, 1, 2), (0, 4, 2), (3, 0, 2)]:
+        ids = rng.choice(np.array(HELD + unheld, np.int64), shape)
+        got = loaded.signatures["serving_default"](ids=tf.constant(ids, tf.int64))
+        expected = _numpy_pull(contents, ids, 3, min_update_count)
+        np.testing.assert_array_equal(got["rows"].numpy(), expected)
+        np.testing.assert_allclose(got["score"].numpy(), expected @ module.w.numpy(), rtol=1e-6)
+    if min_update_count == 0:  # the plugin reads exactly the same
+        ids = rng.choice(np.array(HELD + unheld, np.int64), (4, 5, 2))
+        np.testing.assert_array_equal(
+            loaded.signatures["serving_default"](ids=ids)["rows"], module(tf.constant(ids))["rows"]
+        )
+
+
+def test_an_empty_table_reads_zeros(tmp_path):
+    src = _save(Lookup(None), tmp_path / "model")
+    (report,) = tf_lora.rewrite.densify(src, tmp_path / "out")
+    assert (report.ids, report.left_out) == (0, 0)
+    loaded = tf.saved_model.load(str(tmp_path / "out"))
+    ids = np.array([[[0, -1], [I64.max, I64.min]]], np.int64)
+    np.testing.assert_array_equal(
+        loaded.signatures["serving_default"](ids=ids)["rows"], np.zeros((1, 2, 2, 3))
+    )
+
+
+def _recommender(tmp_path):
+    """A Keras two-tower-ish model: a user id and three item ids (mean), trained by fit, then exported."""
+    keras.utils.set_random_seed(3)
+    user = keras.Input((), dtype="int64", name="user")
+    items = keras.Input((3,), dtype="int64", name="items")
+    u = tf_lora.layers.SparseEmbedding(8, name="user_table")(user)
+    i = tf_lora.layers.SparseEmbedding(8, combiner="mean", name="item_table")(items)
+    hidden = keras.layers.Dense(16, activation="relu")(keras.layers.Concatenate()([u, i]))
+    model = keras.Model([user, items], keras.layers.Dense(1)(hidden))
+    model.compile(optimizer="adam", loss="mse")
+    rng = np.random.default_rng(0)
+    x = [rng.integers(0, 300, 512) * 1_000_003, rng.integers(0, 1500, (512, 3))]
+    model.fit(x, rng.standard_normal((512, 1)), epochs=2, batch_size=64, verbose=0)
+    model.export(str(tmp_path / "model"), verbose=False)
+    return model, x
+
+
+def test_keras_export_densified_serves_in_a_process_without_tf_lora(tmp_path, capsys, run_python):
+    model, x = _recommender(tmp_path)
+    src = tmp_path / "model"
+    info = tf_lora.rewrite.inspect(src)
+    assert sorted((t["name"], t["dim"], len(t["pulls"]), t["other_uses"]) for t in info["sparse_tables"]) == [
+        ("item_table", 8, 1, []),
+        ("user_table", 8, 1, []),
+    ]
+    args = ["densify", str(src), str(tmp_path / "out"), "--verify", "--json", "--min-update-count", "3"]
+    assert cli.main(args) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["ok"] and result["verify"]["max_difference"] == {"serve": 0.0, "serving_default": 0.0}
+    by_name = {d["name"]: d for d in result["densified"]}
+    tables = {layer.name: layer.table.export() for layer in model.layers if hasattr(layer, "table")}
+    for name, contents in tables.items():
+        held = contents["keys"].numpy()
+        counts = contents["update_counts"].numpy()
+        assert by_name[name]["ids"] == int(np.sum(counts >= 3)) and by_name[name]["left_out"] == int(
+            np.sum(counts < 3)
+        )
+        assert by_name[name]["left_out"] > 0 and len(held) > 50  # the threshold has something to do
+    assert tf_lora.rewrite.inspect(tmp_path / "out")["sparse_tables"] == []
+
+    # Ids the tables hold (and ones they left out, and never held), through a fresh process that cannot
+    # import tf_lora: stock TensorFlow loads and runs the densified model.
+    user = np.concatenate([x[0][:20], [-1, I64.max, 7]]).astype(np.int64)
+    items = np.concatenate([x[1][:20], [[-1, 0, I64.min], [1 << 45, 3, 3], [0, 0, 0]]]).astype(np.int64)
+    np.save(tmp_path / "user.npy", user)
+    np.save(tmp_path / "items.npy", items)
+    served = run_python(
+        f"""
+import sys
+sys.modules["tf_lora"] = None  # importing it fails
+import numpy as np, tensorflow as tf
+loaded = tf.saved_model.load({str(tmp_path / "out")!r})
+user, items = (tf.constant(np.load(f"{tmp_path}/{{name}}.npy")) for name in ("user", "items"))
+out = loaded.signatures["serving_default"](user=user, items=items)
+np.save({str(tmp_path / "served.npy")!r}, next(iter(out.values())).numpy())
+from tensorflow.python.framework import op_def_registry
+print(sorted(m for m in sys.modules if "lora" in m and sys.modules[m]))
+print(op_def_registry.get("TfLora>SparseTablePull"))
+"""
+    )
+    assert served.split() == ["[]", "None"]  # no tf_lora module, no tf_lora op registered
+    # The reference: the model itself, its tables evicted below the threshold (what --min-update-count keeps).
+    for layer in model.layers:
+        if hasattr(layer, "table"):
+            layer.table.evict(min_update_count=3)
+    expected = model.predict([user, items], verbose=0)
+    np.testing.assert_allclose(np.load(tmp_path / "served.npy"), expected, rtol=1e-5, atol=1e-6)
+
+
+class Trainer(Lookup):
+    """Serves and trains: the train function pushes into the table."""
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.int64)])
+    def train(self, ids):
+        self.table.push(ids, tf.ones([tf.size(ids), 3]), learning_rate=0.1)
+        return self.table.pull(ids, training=True)
+
+
+def test_a_model_that_pushes_or_pulls_in_training_is_refused_and_nothing_written(tmp_path):
+    module = Trainer(_contents([1, 2]))
+    tf.saved_model.save(module, str(tmp_path / "model"), signatures={"serving_default": module.__call__})
+    with pytest.raises(RewriteError) as e:
+        tf_lora.rewrite.densify(tmp_path / "model", tmp_path / "out")
+    message = str(e.value)
+    assert "TfLora>SparseTablePush on table features" in message
+    assert "a training pull (it inserts ids) on table features" in message
+    assert "model.export" in message
+    assert not os.path.exists(tmp_path / "out")
+    other_uses = tf_lora.rewrite.inspect(tmp_path / "model")["sparse_tables"][0]["other_uses"]
+    assert len(other_uses) == 2 and all("train" in use for use in other_uses)
+
+
+class TwoTables(tf.Module):
+    def __init__(self):
+        super().__init__()
+        self.users = tf_lora.SparseTable(2, name="users")
+        self.items = tf_lora.SparseTable(4, name="items")
+        self.users.import_(_contents([10, 20], dim=2))
+        self.items.import_(_contents([1, 2, 3], dim=4))
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.int64), tf.TensorSpec([None], tf.int64)])
+    def __call__(self, user, item):
+        return {"user": self.users.pull(user), "item": self.items.pull(item)}
+
+
+def test_table_option_densifies_the_chosen_table_only(tmp_path, capsys):
+    module = TwoTables()
+    src = _save(module, tmp_path / "model")
+    args = ["densify", str(src), str(tmp_path / "out"), "--table", "items", "--verify"]
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    assert "table items (items, dim 4): 3 ids -> items/keys, items/values" in out
+    assert "verify serving_default: max |difference| = 0" in out
+    assert [t["name"] for t in tf_lora.rewrite.inspect(tmp_path / "out")["sparse_tables"]] == ["users"]
+    loaded = tf.saved_model.load(str(tmp_path / "out"))
+    got = loaded.signatures["serving_default"](user=[20, 5], item=[3, 9, 1])
+    np.testing.assert_array_equal(got["user"], module.users.pull([20, 5]))
+    np.testing.assert_array_equal(got["item"], module.items.pull([3, 9, 1]))
+
+    assert cli.main(["densify", str(src), str(tmp_path / "none"), "--table", "user"]) == 2
+    err = capsys.readouterr().err
+    assert "no table matches 'user' (tables: users (users), items (items))" in err
+    assert not os.path.exists(tmp_path / "none")
+
+
+def test_models_without_tables_and_tf1_graphs_are_refused(tmp_path):
+    module = tf.Module()
+    module.w = tf.Variable([1.0])
+    module.f = tf.function(lambda x: x * module.w, input_signature=[tf.TensorSpec([None], tf.float32)])
+    tf.saved_model.save(module, str(tmp_path / "plain"))
+    with pytest.raises(RewriteError, match="holds no tf_lora SparseTable"):
+        tf_lora.rewrite.densify(tmp_path / "plain", tmp_path / "out")
+
+    with tf.Graph().as_default(), tf.compat.v1.Session() as session:
+        x = tf.compat.v1.placeholder(tf.float32, [None], name="x")
+        y = tf.identity(x * 2.0, name="y")
+        tf.compat.v1.saved_model.simple_save(session, str(tmp_path / "tf1"), {"x": x}, {"y": y})
+    with pytest.raises(RewriteError, match="is a TF1 graph; densify reads TF2 SavedModels"):
+        tf_lora.rewrite.densify(tmp_path / "tf1", tmp_path / "out")
+    with pytest.raises(RewriteError, match="min_update_count must be >= 0"):
+        tf_lora.rewrite.densify(tmp_path / "plain", tmp_path / "out", min_update_count=-1)
+    assert not os.path.exists(tmp_path / "out")

@@ -1,0 +1,426 @@
+"""densify: a TF2 SavedModel whose functions look rows up in tf_lora SparseTables becomes one that stock
+TensorFlow (TF Serving, a process that never imports tf_lora) runs with the same outputs.
+
+Each table becomes stock TensorFlow objects holding its contents: `keys` (int64 `[n]`, its ids sorted),
+`values` (float32 `[n + 1, dim]`: their rows, then a zero row) and `index`, a TensorFlow hash table from
+`keys[i]` to `i` that TensorFlow fills from `keys` when the model loads. Each inference pull becomes a
+lookup of the ids in the index (default `n`) and a gather of those rows: an id the table does not hold reads
+the zero row, which is what the pull reads for it. The index's pieces come from a donor that TensorFlow
+itself saves (graph_edit.transplant); the table's resource leaves the object graph, the functions that
+pulled from it binding the index in its place, and TensorFlow re-saves the result, writing only what is
+still reached: no tf_lora op remains.
+"""
+
+import dataclasses
+import re
+
+import numpy as np
+import tensorflow as tf
+from tensorflow.core.framework import node_def_pb2, types_pb2
+from tensorflow.python.framework import tensor_util
+from tensorflow.python.ops import gen_lookup_ops, lookup_ops
+
+from tf_lora.rewrite.errors import RewriteError
+from tf_lora.rewrite.graph_defs import CALL_OPS, PLUGIN_PREFIX, rename_output, split_ref, stripped_op_names
+from tf_lora.rewrite.graph_edit import (
+    ArgumentAdder,
+    add_variable,
+    checkpoint_graph,
+    donor,
+    resave,
+    transplant,
+    unique_child,
+)
+from tf_lora.rewrite.model_files import OBJECT_GRAPH_KEY, ModelFiles
+from tf_lora.rewrite.saved_model_writer import write_saved_model
+from tf_lora.rewrite.variables import resource_arguments
+
+PULL = "TfLora>SparseTablePull"
+CREATE = "TfLora>SparseTable"
+
+
+@dataclasses.dataclass
+class Densified:
+    table: str  # the table's path in the object graph, e.g. "_misc_assets/0" (a Keras export) or "table"
+    name: str  # the table's name (tf_lora.SparseTable's `name`; a SparseEmbedding's layer name)
+    dim: int
+    ids: int  # ids written
+    left_out: int  # ids below --min-update-count, which now read as zero rows
+    keys: str  # the new variables' names
+    values: str
+    lookups: list  # "function/node" of each pull replaced
+    probe_ids: np.ndarray = dataclasses.field(default=None, repr=False)  # for --verify: _probe_ids
+
+
+@dataclasses.dataclass
+class Table:
+    node_id: int
+    path: str
+    name: str
+    dim: int
+    keys: dict  # checkpoint key of each saved attribute ("keys", "values", "update_counts", ...)
+    own: set  # its creator, initializer, destroyer and save/restore functions
+
+
+def densify(model_dir, out_dir, table=None, min_update_count=0, overwrite=False, progress=None) -> list:
+    """Writes a copy of the TF2 SavedModel `model_dir` in which every tf_lora SparseTable (those whose name
+    or object-graph path fully matches `table`, when given) is replaced by variables holding its contents,
+    and every pull from it by core TensorFlow ops reading them: same outputs, no tf_lora op, so stock
+    TensorFlow and TF Serving load and run it. An id the table does not hold reads a zero row, as an
+    inference pull reads it. Ids pushed fewer than `min_update_count` times are left out (they read as zero
+    rows, as after `table.evict(min_update_count)`).
+
+    Returns:
+      [Densified], one per table.
+
+    Raises:
+      RewriteError: a TF1 graph, no table (or none matching), a table that a function uses other than by an
+        inference pull (a push, a training pull: a training graph, not a serving one), or a table whose
+        contents the checkpoint lacks; nothing written.
+    """
+    say = progress or (lambda _msg: None)
+    if isinstance(min_update_count, bool) or not isinstance(min_update_count, (int, np.integer)):
+        raise RewriteError(f"densify: min_update_count must be an integer, got {min_update_count!r}")
+    if min_update_count < 0:
+        raise RewriteError(f"densify: min_update_count must be >= 0, got {min_update_count}")
+    files = ModelFiles(model_dir)
+    if files.tf1:
+        uses = any(n.op.startswith(PLUGIN_PREFIX) for f in files.model_functions() for n in f.node_def)
+        raise RewriteError(
+            f"densify: {model_dir} is a TF1 graph; densify reads TF2 SavedModels"
+            + (" (load it in TF2 and tf.saved_model.save it first)" if uses else " (and it holds no table)")
+        )
+    tables = every = sparse_tables(files)
+    if not tables:
+        raise RewriteError(f"densify: {model_dir} holds no tf_lora SparseTable")
+    if table is not None:
+        pattern = re.compile(table)
+        chosen = {i: t for i, t in tables.items() if pattern.fullmatch(t.name) or pattern.fullmatch(t.path)}
+        if not chosen:
+            listed = ", ".join(f"{t.name} ({t.path})" for t in tables.values())
+            raise RewriteError(f"densify: no table matches {table!r} (tables: {listed})")
+        tables = chosen
+    sites, others = table_uses(files, tables)
+    if others:
+        uses = "; ".join(f"{use} on table {tables[i].name}" for i, found in others.items() for use in found)
+        raise RewriteError(
+            f"densify: nothing written; the model does more than look rows up in its tables: {uses}. densify "
+            "writes a serving model: save one whose functions only pull without training (Keras: "
+            "model.export; a tf.Module: save the serving functions alone)"
+        )
+
+    proto, meta = files.copy_proto()
+    functions = {f.signature.name: f for f in meta.graph_def.library.function}
+    objects, ckpt = meta.object_graph_def, checkpoint_graph(files)
+    args = ArgumentAdder(files, meta, functions)
+    new_values, report, kept = {}, [], []
+    for table_id, found in sorted(tables.items()):
+        say(f"table {found.name}")
+        keys, values, left_out = _contents(files, found, min_update_count)
+        kept.append(keys)
+        stem = f"tf_lora_densified_{re.sub(r'[^0-9A-Za-z_]', '_', found.name)}"
+        ids = {"index": None}
+        if len(keys):  # TensorFlow's hash tables refuse to be filled with nothing; no index reads zeros
+            names = {"keys": f"{stem}_keys", "index": f"{stem}_index"}
+            ids, checkpoint_keys = transplant(
+                meta, ckpt, donor(_IdIndex()), {k: unique_child(objects, v) for k, v in names.items()}
+            )
+            objects.nodes[ids["keys"]].variable.name = f"{found.name}/keys"
+            (key,) = checkpoint_keys[ids["keys"]].values()
+            new_values[key] = keys
+        local = unique_child(objects, f"{stem}_values")
+        key = f"{local}/.ATTRIBUTES/VARIABLE_VALUE"
+        new_values[key] = _padded(values, found.dim)
+        ids["values"] = add_variable(
+            objects, ckpt, local, f"{found.name}/values", new_values[key], key, trainable=False
+        )
+        # The functions that took the table's handle take the index's in its place (or the values', unread).
+        instead = ids["values"] if ids["index"] is None else ids["index"]
+        for name, concrete in objects.concrete_functions.items():
+            if name not in found.own:
+                concrete.bound_inputs[:] = [instead if i == table_id else i for i in concrete.bound_inputs]
+        _detach(objects, ckpt, table_id)
+        for key in found.keys.values():
+            new_values[key] = None
+        lookups = sites.get(table_id, [])
+        for fn, node_name in lookups:
+            say(f"replace {fn}/{node_name}")
+            _replace_pull(functions[fn], node_name, args.ensure(fn, ids["values"]), len(keys), found.dim)
+        report.append(
+            Densified(
+                found.path,
+                found.name,
+                found.dim,
+                len(keys),
+                left_out,
+                f"{found.name}/keys",
+                f"{found.name}/values",
+                [f"{fn}/{node}" for fn, node in lookups],
+            )
+        )
+    probes = _probe_ids(files, tables.values(), kept)
+    for d in report:
+        d.probe_ids = probes
+    new_values[OBJECT_GRAPH_KEY] = np.array(ckpt.SerializeToString(), dtype=object)
+    every_table = len(tables) == len(every)
+    say(f"write {out_dir}")
+    write_saved_model(
+        files, proto, new_values, out_dir, overwrite=overwrite, finish=lambda d: _resave(d, every_table)
+    )
+    return report
+
+
+def sparse_tables(files):
+    """{object graph node id: Table} of the model's tf_lora SparseTables."""
+    objects = files.meta.object_graph_def
+    paths = _paths(objects)
+    found = {}
+    for node_id, node in enumerate(objects.nodes):
+        if node.WhichOneof("kind") != "resource":
+            continue
+        creator = None
+        for child in node.children:
+            if child.local_name != "_create_resource":
+                continue
+            for fn in objects.nodes[child.node_id].function.concrete_functions:
+                creator = _creating_node(files.functions, fn) or creator
+        if creator is None:
+            continue
+        shared = creator.attr["shared_name"].s.decode()
+        # SparseTable names its resource tf_lora_<name>_<k>; TensorFlow's loader appends _load (and more).
+        name = re.sub(r"^tf_lora_(.*?)_\d+(?:_load(?:_\d+)?)*$", r"\1", shared) or shared
+        keys = {}
+        if files.checkpoint_graph is not None and node_id < len(files.checkpoint_graph.nodes):
+            keys = {a.name: a.checkpoint_key for a in files.checkpoint_graph.nodes[node_id].attributes}
+        found[node_id] = Table(
+            node_id,
+            paths.get(node_id, f"<node {node_id}>"),
+            name,
+            creator.attr["dim"].i,
+            keys,
+            _own(objects, node_id),
+        )
+    return found
+
+
+def _creating_node(functions, name, seen=()):
+    """The SparseTable node of a creator function, or of a function it calls (a re-saved model's creator
+    calls the original one), or None."""
+    for node in functions[name].node_def if name in functions and name not in seen else ():
+        if node.op == CREATE:
+            return node
+        if node.op in CALL_OPS:
+            found = _creating_node(functions, node.attr["f"].func.name, (*seen, name))
+            if found is not None:
+                return found
+    return None
+
+
+def _paths(objects):
+    """{node id: the first path to it from the root, as "a/b"} (breadth first)."""
+    paths, queue = {0: ""}, [0]
+    for node_id in queue:
+        for child in objects.nodes[node_id].children:
+            if child.node_id not in paths:
+                paths[child.node_id] = f"{paths[node_id]}/{child.local_name}".lstrip("/")
+                queue.append(child.node_id)
+    return paths
+
+
+def _own(objects, table_id):
+    """The names of the concrete functions a table's resource holds: its creator, initializer, destroyer and
+    checkpoint save/restore functions."""
+    names, seen, stack = set(), set(), [table_id]
+    while stack:
+        k = stack.pop()
+        if k in seen:
+            continue
+        seen.add(k)
+        node = objects.nodes[k]
+        stack += [c.node_id for c in node.children]
+        for saveable in node.saveable_objects.values():
+            stack += [saveable.save_function, saveable.restore_function]
+        if node.HasField("function"):
+            names.update(node.function.concrete_functions)
+        if node.HasField("bare_concrete_function"):
+            names.add(node.bare_concrete_function.concrete_function_name)
+    return names
+
+
+def table_uses(files, tables):
+    """({table node id: [(function, pull node)]}, {table node id: ["function/node: how"]}): every inference
+    pull from the tables, and every other use of them (a push, a training pull, any other op; passing the
+    handle on to a called function, or through Identity, is looked through)."""
+    own = set().union(*(t.own for t in tables.values()))
+    table_args = resource_arguments(files.meta, files.functions, tables)
+    sites, others = {}, {}
+    for fdef in files.model_functions():
+        fn = fdef.signature.name
+        if fn in own:
+            continue
+        handles = {arg: t for (f, arg), t in table_args.items() if f == fn}
+        for node in fdef.node_def:  # Identity of a handle is the handle
+            if node.op == "Identity" and split_ref(node.input[0])[0] in handles:
+                handles[node.name] = handles[split_ref(node.input[0])[0]]
+        for node in fdef.node_def:
+            data = [ref for ref in node.input if not ref.startswith("^")]
+            for position, ref in enumerate(data):
+                found = handles.get(split_ref(ref)[0])
+                if found is None or node.op in (*CALL_OPS, "Identity"):
+                    continue
+                if node.op == PULL and position == 0 and not node.attr["training"].b:
+                    sites.setdefault(found.node_id, []).append((fn, node.name))
+                else:
+                    how = "a training pull (it inserts ids)" if node.op == PULL else node.op
+                    others.setdefault(found.node_id, []).append(f"{fn}/{node.name}: {how}")
+    return sites, others
+
+
+def _contents(files, table, min_update_count):
+    """(ids sorted, their rows, how many were left out) from the checkpoint."""
+    missing = {"keys", "values", "update_counts"} - set(table.keys)
+    if files.reader is None or missing:
+        raise RewriteError(f"densify: the checkpoint holds no contents for table {table.name} ({table.path})")
+    try:
+        keys, values, counts = (
+            files.reader.get_tensor(table.keys[k]) for k in ("keys", "values", "update_counts")
+        )
+    except (tf.errors.OpError, IndexError, ValueError) as e:  # a truncated data file: IndexError
+        raise RewriteError(
+            f"{files.prefix}: unreadable checkpoint, reading table {table.name} ({e})"
+        ) from None
+    if values.shape != (len(keys), table.dim) or counts.shape != keys.shape:
+        raise RewriteError(
+            f"densify: table {table.name}: the checkpoint's contents do not fit together (keys "
+            f"{list(keys.shape)}, values {list(values.shape)}, counts {list(counts.shape)}, dim {table.dim})"
+        )
+    kept = counts >= min_update_count
+    order = np.argsort(keys[kept], kind="stable")
+    return keys[kept][order], values[kept][order], int(np.count_nonzero(~kept))
+
+
+def _padded(values, dim):
+    return np.concatenate([values.astype(np.float32), np.zeros((1, dim), np.float32)])
+
+
+def _probe_ids(files, tables, kept):
+    """Ids on which the densified model must read what the original reads (for --verify): some each table
+    holds, and ids no table held; never an id a table left out (min_update_count), which now reads zeros."""
+    rng = np.random.default_rng(0)
+    every = [files.reader.get_tensor(t.keys["keys"]) for t in tables]
+    left_out = np.setdiff1d(np.concatenate(every), np.concatenate(kept))
+    picked = [rng.choice(k, min(len(k), 48), replace=False) for k in kept if len(k)]
+    picked.append(
+        np.setdiff1d([-1, 0, 1, np.iinfo(np.int64).max, np.iinfo(np.int64).min], np.concatenate(every))
+    )
+    return np.setdiff1d(np.concatenate(picked), left_out).astype(np.int64)
+
+
+def _detach(objects, ckpt, table_id):
+    """The table's resource is no longer anyone's child or dependency; its node stays (nodes are numbered),
+    unreached, so that TensorFlow's re-save leaves it out. Its checkpoint attributes go: nothing restores
+    it."""
+    for references in [
+        *(node.children for node in objects.nodes),
+        *(node.dependencies for node in objects.nodes),
+        *(node.children for node in ckpt.nodes),
+    ]:
+        kept = [(c.node_id, c.local_name) for c in references if c.node_id != table_id]
+        if len(kept) != len(references):
+            del references[:]
+            for node_id, local_name in kept:
+                references.add(node_id=node_id, local_name=local_name)
+    del ckpt.nodes[table_id].attributes[:]
+
+
+def _replace_pull(fdef, node_name, values_arg, n, dim):
+    """The pull node becomes, under the same name, core ops over the index (through the handle the pull
+    took, now the index's; an empty table has no index, and every id reads row 0) and the values variable:
+
+        rows = index.lookup(Reshape(ids, [-1]), default n)  # row n is the zero row
+        values = Reshape(ResourceGather(values, rows), Shape(ids) + [dim])
+    """
+    pull = next(node for node in fdef.node_def if node.name == node_name)
+    index_handle, ids = pull.input[0], pull.input[1]
+    control = [ref for ref in pull.input if ref.startswith("^")]
+    prefix = f"{node_name}/tf_lora_densify"
+    new = []
+
+    def node(name, op, inputs, out="output", **attrs):
+        made = node_def_pb2.NodeDef(name=f"{prefix}/{name}", op=op, input=inputs)
+        for key, value in attrs.items():
+            if isinstance(value, tf.DType):
+                made.attr[key].type = value.as_datatype_enum
+            elif isinstance(value, bool):
+                made.attr[key].b = value
+            else:
+                made.attr[key].i = value
+        new.append(made)
+        return f"{made.name}:{out}:0"
+
+    def const(name, value):
+        made = node(name, "Const", [], dtype=tf.as_dtype(value.dtype))
+        new[-1].attr["value"].tensor.CopyFrom(tensor_util.make_tensor_proto(value))
+        return made
+
+    i64, i32 = tf.int64, tf.int32
+    flat = node("flat", "Reshape", [ids, const("flat_shape", np.array([-1], np.int32))], T=i64, Tshape=i32)
+    default = const("absent", np.array(n, np.int64))  # the zero row
+    if n:
+        index = node(
+            "index", "LookupTableFindV2", [index_handle, flat, default], out="values", Tin=i64, Tout=i64
+        )
+    else:  # an empty table: every id reads the zero row, and there is no index
+        index = node("index", "ZerosLike", [flat], out="y", T=i64)
+    gathered = node(
+        "gather",
+        "ResourceGather",
+        [values_arg, index],
+        dtype=tf.float32,
+        Tindices=i64,
+        validate_indices=True,
+        batch_dims=0,
+    )
+    ids_shape = node("ids_shape", "Shape", [ids], T=i64, out_type=i32)
+    dims = [ids_shape, const("dim", np.array([dim], np.int32)), const("axis", np.array(0, np.int32))]
+    shape = node("shape", "ConcatV2", dims, T=i32, Tidx=i32, N=2)
+    pull.Clear()
+    pull.name, pull.op = node_name, "Reshape"
+    pull.input.extend([gathered, shape, *control])
+    pull.attr["T"].type = types_pb2.DT_FLOAT
+    pull.attr["Tshape"].type = types_pb2.DT_INT32
+    fdef.node_def.extend(new)
+    rename_output(fdef, node_name, "values", "output")
+
+
+class _IdIndex(tf.Module):
+    """The donor of a densified table's index: `keys` (int64, any length) and `index`, a stock TensorFlow
+    hash table of keys[i] -> i, filled from `keys` when the model loads (TensorFlow's loaders, and TF
+    Serving's, restore variables before they run table initializers)."""
+
+    def __init__(self):
+        super().__init__()
+        self.keys = tf.Variable([0], dtype=tf.int64, shape=tf.TensorShape([None]), trainable=False)
+        self.index = tf.lookup.StaticHashTable(_FromKeys(self.keys), default_value=-1)
+
+
+class _FromKeys(lookup_ops.TableInitializerBase):
+    def __init__(self, keys):
+        self._keys = keys
+        super().__init__(tf.int64, tf.int64)
+
+    def initialize(self, table):
+        keys = self._keys.read_value()
+        rows = tf.range(tf.size(keys, out_type=tf.int64), dtype=tf.int64)
+        return gen_lookup_ops.initialize_table_v2(table.resource_handle, keys, rows)
+
+
+def _resave(staging, every_table):
+    """TensorFlow re-saves the staged model (graph_edit.resave); with every table densified, no tf_lora op
+    may remain in what it wrote."""
+    out = resave(staging)
+    if every_table:
+        left = sorted(op for op in stripped_op_names(ModelFiles(out).meta) if op.startswith(PLUGIN_PREFIX))
+        if left:
+            raise RewriteError(f"densify: the rewritten model still uses {left}; nothing written")
+    return out
