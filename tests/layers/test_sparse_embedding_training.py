@@ -536,3 +536,38 @@ def test_a_checkpoint_between_accumulated_micro_batches_resumes_exactly(tmp_path
         resumed_emb = resumed.get_layer("emb")
     resumed.train_on_batch(*batches[3])
     np.testing.assert_allclose(resumed_emb.table.pull(np.arange(50)).numpy(), expected, rtol=1e-6, atol=1e-7)
+
+
+def test_a_checkpoint_holding_more_step_ids_than_max_ids_per_step_is_refused_before_anything_restores(
+    tmp_path,
+):
+    # Between the micro-batches of an accumulated step a checkpoint holds the 8 ids read so far; a layer
+    # built with max_ids_per_step=4 cannot take them: the restore is refused, naming both, and leaves the
+    # table and the dense weights as they were.
+    rng = np.random.default_rng(0)
+
+    def build(max_ids_per_step):
+        keras.utils.set_random_seed(0)
+        ids = keras.Input((), dtype="int64")
+        emb = tf_lora.layers.SparseEmbedding(4, max_ids_per_step=max_ids_per_step, name="emb")
+        model = keras.Model(ids, keras.layers.Dense(1, kernel_initializer="ones")(emb(ids)))
+        model.compile(optimizer=keras.optimizers.SGD(0.5, gradient_accumulation_steps=2), loss="mse")
+        return model, emb
+
+    model, _ = build(64)
+    model.train_on_batch(rng.integers(0, 50, (8,)), rng.standard_normal((8, 1)).astype(np.float32))
+    path = tf.train.Checkpoint(model=model, optimizer=model.optimizer).write(str(tmp_path / "ckpt"))
+
+    resumed, emb = build(4)
+    resumed.optimizer.build(resumed.trainable_variables)
+    emb.table.pull([1, 2, 3], training=True)
+    before = {k: v.numpy() for k, v in emb.table.export().items()}
+    kernel = resumed.layers[-1].kernel.numpy()
+    with pytest.raises(
+        ValueError, match="the saved step holds 8 ids read for training, more than max_ids_per_step=4"
+    ):
+        tf.train.Checkpoint(model=resumed, optimizer=resumed.optimizer).read(path)
+    for name, value in emb.table.export().items():
+        np.testing.assert_array_equal(value.numpy(), before[name])
+    np.testing.assert_array_equal(resumed.layers[-1].kernel.numpy(), kernel)
+    assert int(emb._step.count.numpy()) == 0  # noqa: SLF001 - the list itself was not touched
