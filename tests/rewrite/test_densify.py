@@ -157,6 +157,16 @@ def test_keras_export_densified_serves_in_a_process_without_tf_lora(tmp_path, ca
         )
         assert by_name[name]["left_out"] > 0 and len(held) > 50  # the threshold has something to do
     assert tf_lora.rewrite.inspect(tmp_path / "out")["sparse_tables"] == []
+    # The layers' pulled_rows (zeros for training, max_ids_per_step * dim floats each) stay out of it.
+    assert not [
+        v.name for v in tf.saved_model.load(str(tmp_path / "out")).variables if "pulled_rows" in v.name
+    ]
+    assert _size(tmp_path / "out") < _size(src) / 10
+
+    # One table of the two (Keras keeps them in a list, which must stay a list), with tf_lora loaded.
+    assert cli.main(["densify", str(src), str(tmp_path / "one"), "--table", "user_table", "--verify"]) == 0
+    assert [t["name"] for t in tf_lora.rewrite.inspect(tmp_path / "one")["sparse_tables"]] == ["item_table"]
+    capsys.readouterr()
 
     # Ids the tables hold (and ones they left out, and never held), through a fresh process that cannot
     # import tf_lora: stock TensorFlow loads and runs the densified model.
@@ -185,6 +195,10 @@ print(op_def_registry.get("TfLora>SparseTablePull"))
             layer.table.evict(min_update_count=3)
     expected = model.predict([user, items], verbose=0)
     np.testing.assert_allclose(np.load(tmp_path / "served.npy"), expected, rtol=1e-5, atol=1e-6)
+
+
+def _size(path):
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 class Trainer(Lookup):

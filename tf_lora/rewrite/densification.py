@@ -158,6 +158,10 @@ def densify(model_dir, out_dir, table=None, min_update_count=0, overwrite=False,
                 [f"{fn}/{node}" for fn, node in lookups],
             )
         )
+    for node_id in _unused_pulled_rows(objects, set().union(*(t.own for t in every.values()))):
+        _detach(objects, ckpt, node_id)
+        for attribute in files.checkpoint_graph.nodes[node_id].attributes:
+            new_values[attribute.checkpoint_key] = None
     probes = _probe_ids(files, tables.values(), kept)
     for d in report:
         d.probe_ids = probes
@@ -316,21 +320,34 @@ def _probe_ids(files, tables, kept):
     return np.setdiff1d(np.concatenate(picked), left_out).astype(np.int64)
 
 
-def _detach(objects, ckpt, table_id):
-    """The table's resource is no longer anyone's child or dependency; its node stays (nodes are numbered),
-    unreached, so that TensorFlow's re-save leaves it out. Its checkpoint attributes go: nothing restores
-    it."""
-    for references in [
-        *(node.children for node in objects.nodes),
-        *(node.dependencies for node in objects.nodes),
-        *(node.children for node in ckpt.nodes),
-    ]:
-        kept = [(c.node_id, c.local_name) for c in references if c.node_id != table_id]
-        if len(kept) != len(references):
-            del references[:]
-            for node_id, local_name in kept:
-                references.add(node_id=node_id, local_name=local_name)
-    del ckpt.nodes[table_id].attributes[:]
+def _detach(objects, ckpt, node_id):
+    """The object is no longer anyone's child or dependency; its node stays (nodes are numbered), unreached,
+    so that TensorFlow's re-save leaves it out. Its checkpoint attributes go: nothing restores it. Lists (a
+    Keras export's `variables`, `_misc_assets`) are numbered again, as a list's items are."""
+    lists = {
+        k for k, node in enumerate(objects.nodes) if node.user_object.identifier == "trackable_list_wrapper"
+    }
+    for graph in (objects, ckpt):
+        for k, node in enumerate(graph.nodes):
+            for references in (node.children, *([node.dependencies] if graph is objects else [])):
+                kept = [(c.node_id, c.local_name) for c in references if c.node_id != node_id]
+                if len(kept) == len(references):
+                    continue
+                del references[:]
+                for position, (child, local_name) in enumerate(kept):
+                    references.add(node_id=child, local_name=str(position) if k in lists else local_name)
+    del ckpt.nodes[node_id].attributes[:]
+
+
+def _unused_pulled_rows(objects, own):
+    """The node ids of SparseEmbedding's `pulled_rows` variables (always zero, `max_ids_per_step * dim`
+    floats, there for training) that no function of the model reads: a serving model does without them."""
+    bound = {i for name, c in objects.concrete_functions.items() if name not in own for i in c.bound_inputs}
+    return [
+        k
+        for k, node in enumerate(objects.nodes)
+        if node.HasField("variable") and node.variable.name.split("/")[-1] == "pulled_rows" and k not in bound
+    ]
 
 
 def _replace_pull(fdef, node_name, values_arg, n, dim):
