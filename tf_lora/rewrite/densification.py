@@ -27,6 +27,7 @@ from tf_lora.rewrite.graph_edit import (
     add_variable,
     checkpoint_graph,
     donor,
+    reached,
     resave,
     transplant,
     unique_child,
@@ -59,7 +60,7 @@ class Table:
     name: str
     dim: int
     keys: dict  # checkpoint key of each saved attribute ("keys", "values", "update_counts", ...)
-    own: set  # its creator, initializer, destroyer and save/restore functions
+    own: set  # the concrete functions it holds: creator, initializer, destroyer, save and restore
 
 
 def densify(model_dir, out_dir, table=None, min_update_count=0, overwrite=False, progress=None) -> list:
@@ -202,7 +203,7 @@ def sparse_tables(files):
             name,
             creator.attr["dim"].i,
             keys,
-            _own(objects, node_id),
+            reached(objects, [node_id])[1],
         )
     return found
 
@@ -229,26 +230,6 @@ def _paths(objects):
                 paths[child.node_id] = f"{paths[node_id]}/{child.local_name}".lstrip("/")
                 queue.append(child.node_id)
     return paths
-
-
-def _own(objects, table_id):
-    """The names of the concrete functions a table's resource holds: its creator, initializer, destroyer and
-    checkpoint save/restore functions."""
-    names, seen, stack = set(), set(), [table_id]
-    while stack:
-        k = stack.pop()
-        if k in seen:
-            continue
-        seen.add(k)
-        node = objects.nodes[k]
-        stack += [c.node_id for c in node.children]
-        for saveable in node.saveable_objects.values():
-            stack += [saveable.save_function, saveable.restore_function]
-        if node.HasField("function"):
-            names.update(node.function.concrete_functions)
-        if node.HasField("bare_concrete_function"):
-            names.add(node.bare_concrete_function.concrete_function_name)
-    return names
 
 
 def table_uses(files, tables):

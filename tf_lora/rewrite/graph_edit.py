@@ -85,6 +85,29 @@ def donor(module):
         return ModelFiles(directory)
 
 
+def reached(objects, starts):
+    """The objects `starts` (object graph node ids) reach, themselves first: children, dependencies,
+    save/restore functions and the objects their functions bind; and those functions' names. Returns
+    ([node id], {concrete function name})."""
+    order, functions, stack = [], set(), list(reversed(starts))
+    while stack:
+        k = stack.pop()
+        if k in order:
+            continue
+        order.append(k)
+        node = objects.nodes[k]
+        stack += [c.node_id for c in [*node.children, *node.dependencies]]
+        for saveable in node.saveable_objects.values():
+            stack += [saveable.save_function, saveable.restore_function]
+        names = list(node.function.concrete_functions) if node.HasField("function") else []
+        if node.HasField("bare_concrete_function"):
+            names.append(node.bare_concrete_function.concrete_function_name)
+        for name in names:
+            functions.add(name)
+            stack += list(objects.concrete_functions[name].bound_inputs)
+    return order, functions
+
+
 def transplant(meta, ckpt, donor_files, names):
     """Copies the donor's root attributes `names` {donor attribute: new root attribute} and every object
     they reach (children, dependencies, save/restore functions, the objects their functions bind) into `meta`
@@ -96,21 +119,7 @@ def transplant(meta, ckpt, donor_files, names):
     """
     objects, theirs = meta.object_graph_def, donor_files.meta.object_graph_def
     roots = {c.local_name: c.node_id for c in theirs.nodes[0].children}
-    order, stack = [], [roots[name] for name in names]
-    while stack:
-        k = stack.pop()
-        if k in order:
-            continue
-        order.append(k)
-        node = theirs.nodes[k]
-        stack += [c.node_id for c in [*node.children, *node.dependencies]]
-        for saveable in node.saveable_objects.values():
-            stack += [saveable.save_function, saveable.restore_function]
-        functions = list(node.function.concrete_functions) if node.HasField("function") else []
-        if node.HasField("bare_concrete_function"):
-            functions.append(node.bare_concrete_function.concrete_function_name)
-        for name in functions:
-            stack += list(theirs.concrete_functions[name].bound_inputs)
+    order, _ = reached(theirs, [roots[name] for name in names])
     base = len(objects.nodes)
     new_id = {k: base + i for i, k in enumerate(order)}
     suffix = f"_{uuid.uuid4().int % 10**9}"  # TensorFlow wants function names to end in an integer
