@@ -15,6 +15,7 @@ ids over `--keys` held ids (10% of the batch ids the table does not hold), dim 1
 import bench_util  # noqa: I001 - before TensorFlow: picks the allocator
 
 import os
+import shutil
 import tempfile
 
 import numpy as np
@@ -67,34 +68,39 @@ def main():
         "step": np.array(1, np.int64),
     }
     work = tempfile.mkdtemp(prefix="densify_bench_")
-    table_dir, dense_dir, hash_dir = (os.path.join(work, n) for n in ("table", "densified", "hash"))
-    tf.saved_model.save(TableModel(contents, args.dim), table_dir)
-    tf_lora.rewrite.densify(table_dir, dense_dir)
-    tf.saved_model.save(HashModel(keys, values), hash_dir)
-    models = {
-        name: tf.saved_model.load(d)
-        for name, d in [("table", table_dir), ("densified", dense_dir), ("tf_hash", hash_dir)]
-    }
-    for batch in args.batch:
-        picks = keys[(rng.zipf(1.2, batch) - 1) % args.keys]
-        unheld = rng.random(batch) < 0.1
-        ids = tf.constant(np.where(unheld, -picks - 1, picks))
-        outputs = {
-            name: m.signatures["serving_default"](ids=ids)["output_0"].numpy() for name, m in models.items()
+    try:
+        table_dir, dense_dir, hash_dir = (os.path.join(work, n) for n in ("table", "densified", "hash"))
+        tf.saved_model.save(TableModel(contents, args.dim), table_dir)
+        tf_lora.rewrite.densify(table_dir, dense_dir)
+        tf.saved_model.save(HashModel(keys, values), hash_dir)
+        models = {
+            name: tf.saved_model.load(d)
+            for name, d in [("table", table_dir), ("densified", dense_dir), ("tf_hash", hash_dir)]
         }
-        for name in ("densified", "tf_hash"):
-            np.testing.assert_array_equal(outputs[name], outputs["table"], err_msg=name)
-        times = bench_util.compare(
-            {name: (m.signatures["serving_default"], [ids]) for name, m in models.items()},
-            args.iters,
-            args.rounds,
-        )
-        ms = {name: f"{t * 1e3:.3f} ms" for name, t in times.items()}
-        print(
-            f"batch {batch:6d}: table {ms['table']}, densified {ms['densified']}, tf_hash {ms['tf_hash']}; "
-            f"densified / table {times['densified'] / times['table']:.2f}x the time, "
-            f"densified / tf_hash {times['densified'] / times['tf_hash']:.2f}x"
-        )
+        for batch in args.batch:
+            picks = keys[(rng.zipf(1.2, batch) - 1) % args.keys]
+            unheld = rng.random(batch) < 0.1
+            ids = tf.constant(np.where(unheld, -picks - 1, picks))
+            outputs = {
+                name: m.signatures["serving_default"](ids=ids)["output_0"].numpy()
+                for name, m in models.items()
+            }
+            for name in ("densified", "tf_hash"):
+                np.testing.assert_array_equal(outputs[name], outputs["table"], err_msg=name)
+            times = bench_util.compare(
+                {name: (m.signatures["serving_default"], [ids]) for name, m in models.items()},
+                args.iters,
+                args.rounds,
+            )
+            ms = {name: f"{t * 1e3:.3f} ms" for name, t in times.items()}
+            print(
+                f"batch {batch:6d}: table {ms['table']}, densified {ms['densified']}, tf_hash {ms['tf_hash']}; "
+                f"densified / table {times['densified'] / times['table']:.2f}x the time, "
+                f"densified / tf_hash {times['densified'] / times['tf_hash']:.2f}x"
+            )
+
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

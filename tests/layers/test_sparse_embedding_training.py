@@ -562,6 +562,7 @@ def test_a_checkpoint_holding_more_step_ids_than_max_ids_per_step_is_refused_bef
     resumed.optimizer.build(resumed.trainable_variables)
     emb.table.pull([1, 2, 3], training=True)
     before = {k: v.numpy() for k, v in emb.table.export().items()}
+    resumed.layers[-1].kernel.assign(np.full((4, 1), 2.0, np.float32))  # the checkpoint's is all ones
     kernel = resumed.layers[-1].kernel.numpy()
     with pytest.raises(
         ValueError, match="the saved step holds 8 ids read for training, more than max_ids_per_step=4"

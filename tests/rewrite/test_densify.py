@@ -80,15 +80,13 @@ def test_densified_lookup_matches_numpy_for_held_left_out_and_unheld_ids(tmp_pat
     contents = _contents(HELD, counts=[1, 2, 3, 1, 2, 5, 1, 2, 9])
     module = Lookup(contents)
     src = _save(module, tmp_path / "model")
-    report = tf_lora.rewrite.densify(src, tmp_path / "out", min_update_count=min_update_count)
+    report = tf_lora.rewrite.densify(src, tmp_path / "out", min_update_count=min_update_count).tables
     left_out = int(np.sum(contents["update_counts"] < min_update_count))
     assert [(d.table, d.name, d.dim, d.ids, d.left_out) for d in report] == [
         ("table", "features", 3, len(HELD) - left_out, left_out)
     ]
     # The nested function's traces: the one the signature calls, and the one saved as `_rows`.
-    assert report[0].lookups and all(
-        x.endswith("_rows/TfLora>SparseTablePull") or "_rows_" in x for x in report[0].lookups
-    )
+    assert len(report[0].lookups) == 2 and all("_rows_" in x for x in report[0].lookups)
     assert _plugin_ops(tmp_path / "out") == []
 
     loaded = tf.saved_model.load(str(tmp_path / "out"))
@@ -107,15 +105,29 @@ def test_densified_lookup_matches_numpy_for_held_left_out_and_unheld_ids(tmp_pat
         )
 
 
-def test_an_empty_table_reads_zeros(tmp_path):
+def test_an_empty_table_reads_zeros(tmp_path, run_python):
     src = _save(Lookup(None), tmp_path / "model")
-    (report,) = tf_lora.rewrite.densify(src, tmp_path / "out")
-    assert (report.ids, report.left_out) == (0, 0)
-    loaded = tf.saved_model.load(str(tmp_path / "out"))
-    ids = np.array([[[0, -1], [I64.max, I64.min]]], np.int64)
-    np.testing.assert_array_equal(
-        loaded.signatures["serving_default"](ids=ids)["rows"], np.zeros((1, 2, 2, 3))
+    (report,) = tf_lora.rewrite.densify(src, tmp_path / "out").tables
+    assert (report.ids, report.left_out, report.keys) == (0, 0, None)
+    served = run_python(
+        f"""
+import sys
+sys.modules["tf_lora"] = None
+import numpy as np, tensorflow as tf
+loaded = tf.saved_model.load({str(tmp_path / "out")!r})
+ids = np.array([[[0, -1], [{I64.max}, {I64.min}]]], np.int64)
+print(loaded.signatures["serving_default"](ids=ids)["rows"].numpy().tolist())
+"""
     )
+    assert np.array_equal(eval(served), np.zeros((1, 2, 2, 3)))  # noqa: S307 - our own subprocess's list
+
+    # A table that min_update_count empties reads zeros too.
+    src = _save(Lookup(_contents([4, 7], counts=[1, 2])), tmp_path / "small")
+    (report,) = tf_lora.rewrite.densify(src, tmp_path / "emptied", min_update_count=3).tables
+    assert (report.ids, report.left_out) == (0, 2)
+    loaded = tf.saved_model.load(str(tmp_path / "emptied"))
+    rows = loaded.signatures["serving_default"](ids=[[[4, 7]]])["rows"]
+    np.testing.assert_array_equal(rows, np.zeros((1, 1, 2, 3)))
 
 
 def _recommender(tmp_path):
@@ -186,6 +198,13 @@ np.save({str(tmp_path / "served.npy")!r}, next(iter(out.values())).numpy())
 from tensorflow.python.framework import op_def_registry
 print(sorted(m for m in sys.modules if "lora" in m and sys.modules[m]))
 print(op_def_registry.get("TfLora>SparseTablePull"))
+# TF Serving's way: a session, the checkpoint restored, then the init op (which fills the hash tables).
+with tf.compat.v1.Session(graph=tf.Graph()) as session:
+    meta = tf.compat.v1.saved_model.loader.load(session, ["serve"], {str(tmp_path / "out")!r})
+    signature = meta.signature_def["serving_default"]
+    feeds = {{signature.inputs[k].name: np.load(f"{tmp_path}/{{k}}.npy") for k in ("user", "items")}}
+    (output,) = signature.outputs.values()
+    np.save({str(tmp_path / "session.npy")!r}, session.run(output.name, feeds))
 """
     )
     assert served.split() == ["[]", "None"]  # no tf_lora module, no tf_lora op registered
@@ -195,6 +214,7 @@ print(op_def_registry.get("TfLora>SparseTablePull"))
             layer.table.evict(min_update_count=3)
     expected = model.predict([user, items], verbose=0)
     np.testing.assert_allclose(np.load(tmp_path / "served.npy"), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(np.load(tmp_path / "session.npy"), np.load(tmp_path / "served.npy"))
 
 
 def _size(path):
@@ -273,4 +293,53 @@ def test_models_without_tables_and_tf1_graphs_are_refused(tmp_path):
         tf_lora.rewrite.densify(tmp_path / "tf1", tmp_path / "out")
     with pytest.raises(RewriteError, match="min_update_count must be >= 0"):
         tf_lora.rewrite.densify(tmp_path / "plain", tmp_path / "out", min_update_count=-1)
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_verify_with_tables_sharing_ids_and_min_update_count(tmp_path, capsys):
+    # Id 7 is held by both tables: the users table leaves it out (one push), the items table keeps it. The
+    # check's inputs must not feed it to either table (the users table now reads it as zeros, on purpose).
+    module = TwoTables()
+    module.users.import_(_contents([7, 20], dim=2, counts=[1, 5]))
+    module.items.import_(_contents([7, 8, 9], dim=4, counts=[5, 5, 5]))
+    src = _save(module, tmp_path / "model")
+    args = ["densify", str(src), str(tmp_path / "out"), "--min-update-count", "3", "--verify", "--json"]
+    assert cli.main(args) == 0, capsys.readouterr()
+    result = json.loads(capsys.readouterr().out)
+    assert {d["name"]: (d["ids"], d["left_out"]) for d in result["densified"]} == {
+        "users": (1, 1),
+        "items": (3, 0),
+    }
+    loaded = tf.saved_model.load(str(tmp_path / "out"))
+    got = loaded.signatures["serving_default"](user=[7, 20], item=[7, 1])
+    np.testing.assert_array_equal(got["user"][0], [0, 0])
+    np.testing.assert_array_equal(got["user"][1], module.users.pull([20])[0])
+    np.testing.assert_array_equal(got["item"], module.items.pull([7, 1]))
+
+
+def test_a_refused_rewrite_leaves_an_existing_out_as_it_was(tmp_path, capsys):
+    module = Trainer(_contents([1, 2]))
+    tf.saved_model.save(module, str(tmp_path / "model"), signatures={"serving_default": module.__call__})
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    assert cli.main(["densify", str(tmp_path / "model"), str(tmp_path / "out"), "--overwrite"]) == 2
+    assert "TfLora>SparseTablePush" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "out"]
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]
+
+
+class UnderCond(tf.Module):
+    def __init__(self):
+        super().__init__()
+        self.table = tf_lora.SparseTable(2, name="features")
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.int64)])
+    def __call__(self, ids):
+        return tf.cond(tf.size(ids) > 0, lambda: self.table.pull(ids), lambda: tf.zeros([0, 2]))
+
+
+def test_a_pull_under_control_flow_is_refused_with_that_reason(tmp_path):
+    src = _save(UnderCond(), tmp_path / "model")
+    with pytest.raises(RewriteError, match=r"a pull under control flow is not densified"):
+        tf_lora.rewrite.densify(src, tmp_path / "out")
     assert not os.path.exists(tmp_path / "out")

@@ -9,7 +9,7 @@ them read models (`model_files`, `variables`, `graph_defs`, `constant_eval`, `lo
 """
 
 from tf_lora.rewrite.adapter_swap import SwapReport, swap_adapter
-from tf_lora.rewrite.densification import Densified, densify
+from tf_lora.rewrite.densification import Densified, DensifyReport, densify
 from tf_lora.rewrite.embedding_replacement import Replaced, replace_embedding
 from tf_lora.rewrite.errors import RewriteError
 from tf_lora.rewrite.folding import Fold, FoldReport, fold
@@ -19,6 +19,7 @@ from tf_lora.rewrite.verification import verify
 
 __all__ = [
     "Densified",
+    "DensifyReport",
     "Fold",
     "FoldReport",
     "Injected",

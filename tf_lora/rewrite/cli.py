@@ -109,12 +109,14 @@ def _parser(argv=None):
         "densify",
         _densify,
         help="tf_lora sparse tables become variables read by core ops: stock TF Serving runs the output",
-        description="Each SparseTable becomes two variables, its ids sorted and their rows, and each "
-        "inference pull from it a binary search (LowerBound) and a gather over them: the same outputs (an "
-        "id the table does not hold reads a zero row, as the pull reads it) from core TensorFlow ops only, "
-        "so the output loads in TF Serving or any TensorFlow without tf_lora. A function that pushes into a "
-        "table, or pulls while training, is an error (exit 2): densify a serving export (model.export). "
-        "--verify runs both models on ids the table holds, ids it left out and ids it never held.",
+        description="Each SparseTable becomes stock TensorFlow objects, its ids (a variable), their rows "
+        "and a zero row (a variable) and a TensorFlow hash table from id to row filled from the ids when the "
+        "model loads, and each inference pull from it a lookup and a gather: the same outputs (an id the "
+        "table does not hold reads the zero row, as the pull reads it) from core TensorFlow ops only, so the "
+        "output loads in TF Serving or any TensorFlow without tf_lora. A function that pushes into a table, "
+        "pulls while training or pulls under control flow is an error (exit 2): densify a serving export "
+        "(model.export). --verify runs both models on integer inputs drawn from ids the tables kept and ids "
+        "no table held.",
     )
     p.add_argument(
         "--table",
@@ -392,18 +394,13 @@ class DensifyResult(RewriteReport):
         for d in self.densified:
             left = f" ({d.left_out} left out)" if d.left_out else ""
             lookups = ", ".join(d.lookups) or "no lookup"
-            lines.append(
-                f"table {d.name} ({d.table}, dim {d.dim}): {d.ids} ids{left} -> {d.keys}, {d.values}"
-            )
+            made = ", ".join(v for v in (d.keys, d.values) if v)
+            lines.append(f"table {d.name} ({d.table}, dim {d.dim}): {d.ids} ids{left} -> {made}")
             lines.append(f"  lookups: {lookups}")
         return lines
 
     def detail_json(self):
-        return {
-            "densified": [
-                {k: v for k, v in dataclasses.asdict(d).items() if k != "probe_ids"} for d in self.densified
-            ]
-        }
+        return {"densified": [dataclasses.asdict(d) for d in self.densified]}
 
 
 @dataclasses.dataclass
@@ -582,11 +579,11 @@ def _replace_embedding(args, out, progress):
 def _densify(args, out, progress):
     from tf_lora.rewrite import densify
 
-    densified = densify(
+    report = densify(
         args.model, out, table=args.table, min_update_count=args.min_update_count, progress=progress
     )
-    args.verify_integers = densified[0].probe_ids
-    return functools.partial(DensifyResult, densified=densified)
+    args.verify_integers = report.probe_ids
+    return functools.partial(DensifyResult, densified=report.tables)
 
 
 def _swap_adapter(args, out, progress):

@@ -13,6 +13,7 @@ still reached: no tf_lora op remains.
 
 import dataclasses
 import re
+import shutil
 
 import numpy as np
 import tensorflow as tf
@@ -21,12 +22,20 @@ from tensorflow.python.framework import tensor_util
 from tensorflow.python.ops import gen_lookup_ops, lookup_ops
 
 from tf_lora.rewrite.errors import RewriteError
-from tf_lora.rewrite.graph_defs import CALL_OPS, PLUGIN_PREFIX, rename_output, split_ref, stripped_op_names
+from tf_lora.rewrite.graph_defs import (
+    CALL_OPS,
+    PLUGIN_PREFIX,
+    SPARSE_TABLE_PULL,
+    rename_output,
+    split_ref,
+    stripped_op_names,
+)
 from tf_lora.rewrite.graph_edit import (
     ArgumentAdder,
     add_variable,
     checkpoint_graph,
     donor,
+    list_variable,
     reached,
     resave,
     transplant,
@@ -36,7 +45,7 @@ from tf_lora.rewrite.model_files import OBJECT_GRAPH_KEY, ModelFiles
 from tf_lora.rewrite.saved_model_writer import write_saved_model
 from tf_lora.rewrite.variables import resource_arguments
 
-PULL = "TfLora>SparseTablePull"
+_CONTROL_FLOW = ("If", "StatelessIf", "While", "StatelessWhile", "Case", "StatelessCase")
 CREATE = "TfLora>SparseTable"
 
 
@@ -46,11 +55,16 @@ class Densified:
     name: str  # the table's name (tf_lora.SparseTable's `name`; a SparseEmbedding's layer name)
     dim: int
     ids: int  # ids written
-    left_out: int  # ids below --min-update-count, which now read as zero rows
-    keys: str  # the new variables' names
+    left_out: int  # ids below min_update_count, which now read as zero rows
+    keys: str | None  # the new variables' names (no keys variable for a table left with no ids)
     values: str
     lookups: list  # "function/node" of each pull replaced
-    probe_ids: np.ndarray = dataclasses.field(default=None, repr=False)  # for --verify: _probe_ids
+
+
+@dataclasses.dataclass
+class DensifyReport:
+    tables: list  # [Densified]
+    probe_ids: np.ndarray  # ids on which both models must read alike (--verify draws its inputs from them)
 
 
 @dataclasses.dataclass
@@ -59,25 +73,26 @@ class Table:
     path: str
     name: str
     dim: int
-    keys: dict  # checkpoint key of each saved attribute ("keys", "values", "update_counts", ...)
+    checkpoint_keys: dict  # of each saved attribute ("keys", "values", "update_counts", ...)
     own: set  # the concrete functions it holds: creator, initializer, destroyer, save and restore
 
 
-def densify(model_dir, out_dir, table=None, min_update_count=0, overwrite=False, progress=None) -> list:
+def densify(model_dir, out_dir, table=None, min_update_count=0, overwrite=False, progress=None):
     """Writes a copy of the TF2 SavedModel `model_dir` in which every tf_lora SparseTable (those whose name
-    or object-graph path fully matches `table`, when given) is replaced by variables holding its contents,
-    and every pull from it by core TensorFlow ops reading them: same outputs, no tf_lora op, so stock
-    TensorFlow and TF Serving load and run it. An id the table does not hold reads a zero row, as an
-    inference pull reads it. Ids pushed fewer than `min_update_count` times are left out (they read as zero
-    rows, as after `table.evict(min_update_count)`).
+    or object-graph path fully matches `table`, when given) is replaced by stock TensorFlow objects holding
+    its contents, and every pull from it by core TensorFlow ops reading them: same outputs, no tf_lora op,
+    so stock TensorFlow and TF Serving load and run it. An id the table does not hold reads a zero row, as
+    an inference pull reads it. Ids pushed fewer than `min_update_count` times are left out (they read as
+    zero rows, as after `table.evict(min_update_count)`). The densified tables' SparseEmbedding
+    `pulled_rows` (training's zeros) stay out of the output.
 
     Returns:
-      [Densified], one per table.
+      DensifyReport: one Densified per table, and ids to check the rewrite on.
 
     Raises:
       RewriteError: a TF1 graph, no table (or none matching), a table that a function uses other than by an
-        inference pull (a push, a training pull: a training graph, not a serving one), or a table whose
-        contents the checkpoint lacks; nothing written.
+        inference pull (a push, a training pull: a training graph, not a serving one; a pull under control
+        flow), or a table whose contents the checkpoint lacks; nothing written.
     """
     say = progress or (lambda _msg: None)
     if isinstance(min_update_count, bool) or not isinstance(min_update_count, (int, np.integer)):
@@ -106,47 +121,58 @@ def densify(model_dir, out_dir, table=None, min_update_count=0, overwrite=False,
         uses = "; ".join(f"{use} on table {tables[i].name}" for i, found in others.items() for use in found)
         raise RewriteError(
             f"densify: nothing written; the model does more than look rows up in its tables: {uses}. densify "
-            "writes a serving model: save one whose functions only pull without training (Keras: "
-            "model.export; a tf.Module: save the serving functions alone)"
+            "writes a serving model: save one whose functions only pull without training, outside control "
+            "flow (Keras: model.export; a tf.Module: save the serving functions alone)"
         )
+    contents = {i: _contents(files, t, min_update_count) for i, t in tables.items()}
 
     proto, meta = files.copy_proto()
     functions = {f.signature.name: f for f in meta.graph_def.library.function}
     objects, ckpt = meta.object_graph_def, checkpoint_graph(files)
     args = ArgumentAdder(files, meta, functions)
-    new_values, report, kept = {}, [], []
+    index_donor = donor(_IdIndex())
+    new_values, report = {}, []
     for table_id, found in sorted(tables.items()):
         say(f"table {found.name}")
-        keys, values, left_out = _contents(files, found, min_update_count)
-        kept.append(keys)
-        stem = f"tf_lora_densified_{re.sub(r'[^0-9A-Za-z_]', '_', found.name)}"
-        ids = {"index": None}
+        keys, rows, left_out, _ = contents[table_id]
+        stem = f"tf_lora_densified_{_identifier(found.name)}"
+        index_id = keys_name = None
         if len(keys):  # TensorFlow's hash tables refuse to be filled with nothing; no index reads zeros
-            names = {"keys": f"{stem}_keys", "index": f"{stem}_index"}
-            ids, checkpoint_keys = transplant(
-                meta, ckpt, donor(_IdIndex()), {k: unique_child(objects, v) for k, v in names.items()}
-            )
-            objects.nodes[ids["keys"]].variable.name = f"{found.name}/keys"
-            (key,) = checkpoint_keys[ids["keys"]].values()
-            new_values[key] = keys
-        local = unique_child(objects, f"{stem}_values")
-        key = f"{local}/.ATTRIBUTES/VARIABLE_VALUE"
-        new_values[key] = _padded(values, found.dim)
-        ids["values"] = add_variable(
-            objects, ckpt, local, f"{found.name}/values", new_values[key], key, trainable=False
+            names = {
+                "keys": unique_child(objects, f"{stem}_keys"),
+                "index": unique_child(objects, f"{stem}_index"),
+            }
+            ids, checkpoint_keys = transplant(meta, ckpt, index_donor, names)
+            keys_name, index_id = f"{found.name}/keys", ids["index"]
+            objects.nodes[ids["keys"]].variable.name = keys_name
+            list_variable(objects, ckpt, ids["keys"], trainable=False)
+            (keys_key,) = checkpoint_keys[ids["keys"]].values()
+            new_values[keys_key] = keys
+        values_local = unique_child(objects, f"{stem}_values")
+        values_key = f"{values_local}/.ATTRIBUTES/VARIABLE_VALUE"
+        new_values[values_key] = np.concatenate(
+            [rows.astype(np.float32), np.zeros((1, found.dim), np.float32)]
+        )
+        values_id = add_variable(
+            objects,
+            ckpt,
+            values_local,
+            f"{found.name}/values",
+            new_values[values_key],
+            values_key,
+            trainable=False,
         )
         # The functions that took the table's handle take the index's in its place (or the values', unread).
-        instead = ids["values"] if ids["index"] is None else ids["index"]
+        instead = values_id if index_id is None else index_id
         for name, concrete in objects.concrete_functions.items():
             if name not in found.own:
                 concrete.bound_inputs[:] = [instead if i == table_id else i for i in concrete.bound_inputs]
         _detach(objects, ckpt, table_id)
-        for key in found.keys.values():
-            new_values[key] = None
+        new_values.update((key, None) for key in found.checkpoint_keys.values())
         lookups = sites.get(table_id, [])
         for fn, node_name in lookups:
             say(f"replace {fn}/{node_name}")
-            _replace_pull(functions[fn], node_name, args.ensure(fn, ids["values"]), len(keys), found.dim)
+            _replace_pull(functions[fn], node_name, args.ensure(fn, values_id), len(keys), found.dim)
         report.append(
             Densified(
                 found.path,
@@ -154,25 +180,27 @@ def densify(model_dir, out_dir, table=None, min_update_count=0, overwrite=False,
                 found.dim,
                 len(keys),
                 left_out,
-                f"{found.name}/keys",
+                keys_name,
                 f"{found.name}/values",
                 [f"{fn}/{node}" for fn, node in lookups],
             )
         )
-    for node_id in _unused_pulled_rows(objects, set().union(*(t.own for t in every.values()))):
+    for node_id in _unused_pulled_rows(
+        objects, tables.values(), set().union(*(t.own for t in every.values()))
+    ):
         _detach(objects, ckpt, node_id)
-        for attribute in files.checkpoint_graph.nodes[node_id].attributes:
-            new_values[attribute.checkpoint_key] = None
-    probes = _probe_ids(files, tables.values(), kept)
-    for d in report:
-        d.probe_ids = probes
+        new_values.update((a.checkpoint_key, None) for a in files.checkpoint_graph.nodes[node_id].attributes)
     new_values[OBJECT_GRAPH_KEY] = np.array(ckpt.SerializeToString(), dtype=object)
     every_table = len(tables) == len(every)
     say(f"write {out_dir}")
     write_saved_model(
         files, proto, new_values, out_dir, overwrite=overwrite, finish=lambda d: _resave(d, every_table)
     )
-    return report
+    return DensifyReport(report, _probe_ids(files, tables, contents))
+
+
+def _identifier(name):
+    return re.sub(r"[^0-9A-Za-z_]", "_", name)
 
 
 def sparse_tables(files):
@@ -194,15 +222,17 @@ def sparse_tables(files):
         shared = creator.attr["shared_name"].s.decode()
         # SparseTable names its resource tf_lora_<name>_<k>; TensorFlow's loader appends _load (and more).
         name = re.sub(r"^tf_lora_(.*?)_\d+(?:_load(?:_\d+)?)*$", r"\1", shared) or shared
-        keys = {}
+        checkpoint_keys = {}
         if files.checkpoint_graph is not None and node_id < len(files.checkpoint_graph.nodes):
-            keys = {a.name: a.checkpoint_key for a in files.checkpoint_graph.nodes[node_id].attributes}
+            checkpoint_keys = {
+                a.name: a.checkpoint_key for a in files.checkpoint_graph.nodes[node_id].attributes
+            }
         found[node_id] = Table(
             node_id,
             paths.get(node_id, f"<node {node_id}>"),
             name,
             creator.attr["dim"].i,
-            keys,
+            checkpoint_keys,
             reached(objects, [node_id])[1],
         )
     return found
@@ -234,8 +264,9 @@ def _paths(objects):
 
 def table_uses(files, tables):
     """({table node id: [(function, pull node)]}, {table node id: ["function/node: how"]}): every inference
-    pull from the tables, and every other use of them (a push, a training pull, any other op; passing the
-    handle on to a called function, or through Identity, is looked through)."""
+    pull from the tables, and every other use of them (a push, a training pull, a control-flow op taking the
+    handle, any other op; passing the handle on to a called function, or through Identity, is looked
+    through, unless that function's argument takes another table from elsewhere)."""
     own = set().union(*(t.own for t in tables.values()))
     table_args = resource_arguments(files.meta, files.functions, tables)
     sites, others = {}, {}
@@ -251,24 +282,44 @@ def table_uses(files, tables):
             data = [ref for ref in node.input if not ref.startswith("^")]
             for position, ref in enumerate(data):
                 found = handles.get(split_ref(ref)[0])
-                if found is None or node.op in (*CALL_OPS, "Identity"):
+                if found is None or node.op == "Identity":
                     continue
-                if node.op == PULL and position == 0 and not node.attr["training"].b:
+                if node.op in CALL_OPS:
+                    callee = files.functions.get(node.attr["f"].func.name)
+                    args = callee.signature.input_arg if callee is not None else []
+                    other = (
+                        table_args.get((callee.signature.name, args[position].name))
+                        if position < len(args)
+                        else None
+                    )
+                    if other is not None and other.node_id != found.node_id:
+                        others.setdefault(found.node_id, []).append(
+                            f"{fn}/{node.name}: passed to {callee.signature.name}, which also takes table "
+                            f"{other.name} there"
+                        )
+                    continue
+                if node.op == SPARSE_TABLE_PULL and position == 0 and not node.attr["training"].b:
                     sites.setdefault(found.node_id, []).append((fn, node.name))
                 else:
-                    how = "a training pull (it inserts ids)" if node.op == PULL else node.op
+                    how = (
+                        "a training pull (it inserts ids)"
+                        if node.op == SPARSE_TABLE_PULL
+                        else f"{node.op} (a pull under control flow is not densified)"
+                        if node.op in _CONTROL_FLOW
+                        else node.op
+                    )
                     others.setdefault(found.node_id, []).append(f"{fn}/{node.name}: {how}")
     return sites, others
 
 
 def _contents(files, table, min_update_count):
     """(ids sorted, their rows, how many were left out) from the checkpoint."""
-    missing = {"keys", "values", "update_counts"} - set(table.keys)
+    missing = {"keys", "values", "update_counts"} - set(table.checkpoint_keys)
     if files.reader is None or missing:
         raise RewriteError(f"densify: the checkpoint holds no contents for table {table.name} ({table.path})")
     try:
         keys, values, counts = (
-            files.reader.get_tensor(table.keys[k]) for k in ("keys", "values", "update_counts")
+            files.reader.get_tensor(table.checkpoint_keys[k]) for k in ("keys", "values", "update_counts")
         )
     except (tf.errors.OpError, IndexError, ValueError) as e:  # a truncated data file: IndexError
         raise RewriteError(
@@ -281,53 +332,59 @@ def _contents(files, table, min_update_count):
         )
     kept = counts >= min_update_count
     order = np.argsort(keys[kept], kind="stable")
-    return keys[kept][order], values[kept][order], int(np.count_nonzero(~kept))
+    return keys[kept][order], values[kept][order], int(np.count_nonzero(~kept)), keys[~kept]
 
 
-def _padded(values, dim):
-    return np.concatenate([values.astype(np.float32), np.zeros((1, dim), np.float32)])
-
-
-def _probe_ids(files, tables, kept):
-    """Ids on which the densified model must read what the original reads (for --verify): some each table
-    holds, and ids no table held; never an id a table left out (min_update_count), which now reads zeros."""
+def _probe_ids(files, tables, contents):
+    """Ids on which the densified model must read what the original reads, whichever table's input they
+    reach: some each table kept, and ids no table held; never an id some table left out (min_update_count),
+    which that table now reads as zeros."""
     rng = np.random.default_rng(0)
-    every = [files.reader.get_tensor(t.keys["keys"]) for t in tables]
-    left_out = np.setdiff1d(np.concatenate(every), np.concatenate(kept))
+    kept = [contents[i][0] for i in tables]
+    left_out = np.concatenate([np.zeros(0, np.int64)] + [contents[i][3] for i in tables])
+    held = np.concatenate([np.zeros(0, np.int64), *kept, left_out])
     picked = [rng.choice(k, min(len(k), 48), replace=False) for k in kept if len(k)]
-    picked.append(
-        np.setdiff1d([-1, 0, 1, np.iinfo(np.int64).max, np.iinfo(np.int64).min], np.concatenate(every))
-    )
+    picked.append(np.setdiff1d([-1, 0, 1, np.iinfo(np.int64).max, np.iinfo(np.int64).min], held))
     return np.setdiff1d(np.concatenate(picked), left_out).astype(np.int64)
 
 
 def _detach(objects, ckpt, node_id):
     """The object is no longer anyone's child or dependency; its node stays (nodes are numbered), unreached,
     so that TensorFlow's re-save leaves it out. Its checkpoint attributes go: nothing restores it. Lists (a
-    Keras export's `variables`, `_misc_assets`) are numbered again, as a list's items are."""
-    lists = {
-        k for k, node in enumerate(objects.nodes) if node.user_object.identifier == "trackable_list_wrapper"
-    }
-    for graph in (objects, ckpt):
-        for k, node in enumerate(graph.nodes):
-            for references in (node.children, *([node.dependencies] if graph is objects else [])):
-                kept = [(c.node_id, c.local_name) for c in references if c.node_id != node_id]
-                if len(kept) == len(references):
-                    continue
-                del references[:]
-                for position, (child, local_name) in enumerate(kept):
-                    references.add(node_id=child, local_name=str(position) if k in lists else local_name)
+    Keras export's `variables`, `_misc_assets`) are numbered again, as a list's items are, by the object
+    graph's numbering (a list's checkpoint view may leave items out) in both graphs."""
+    for k, node in enumerate(objects.nodes):
+        if not any(c.node_id == node_id for c in [*node.children, *node.dependencies]):
+            continue
+        renamed = {}
+        if node.user_object.identifier == "trackable_list_wrapper":
+            kept = [c.local_name for c in node.children if c.node_id != node_id]
+            renamed = {old: str(position) for position, old in enumerate(kept)}
+        graphs = [(objects.nodes[k].children, objects.nodes[k].dependencies)]
+        if k < len(ckpt.nodes):
+            graphs.append((ckpt.nodes[k].children,))
+        for references in (r for group in graphs for r in group):
+            kept = [
+                (c.node_id, renamed.get(c.local_name, c.local_name))
+                for c in references
+                if c.node_id != node_id
+            ]
+            del references[:]
+            for child, local_name in kept:
+                references.add(node_id=child, local_name=local_name)
     del ckpt.nodes[node_id].attributes[:]
 
 
-def _unused_pulled_rows(objects, own):
-    """The node ids of SparseEmbedding's `pulled_rows` variables (always zero, `max_ids_per_step * dim`
-    floats, there for training) that no function of the model reads: a serving model does without them."""
+def _unused_pulled_rows(objects, tables, own):
+    """The node ids of the densified tables' SparseEmbedding `pulled_rows` variables (`<table>/pulled_rows`,
+    always zero, `max_ids_per_step * dim` floats, there for training) that no function of the model reads: a
+    serving model does without them."""
+    names = {f"{t.name}/pulled_rows" for t in tables}
     bound = {i for name, c in objects.concrete_functions.items() if name not in own for i in c.bound_inputs}
     return [
         k
         for k, node in enumerate(objects.nodes)
-        if node.HasField("variable") and node.variable.name.split("/")[-1] == "pulled_rows" and k not in bound
+        if node.HasField("variable") and node.variable.name in names and k not in bound
     ]
 
 
@@ -417,8 +474,14 @@ def _resave(staging, every_table):
     """TensorFlow re-saves the staged model (graph_edit.resave); with every table densified, no tf_lora op
     may remain in what it wrote."""
     out = resave(staging)
-    if every_table:
-        left = sorted(op for op in stripped_op_names(ModelFiles(out).meta) if op.startswith(PLUGIN_PREFIX))
-        if left:
-            raise RewriteError(f"densify: the rewritten model still uses {left}; nothing written")
+    try:
+        if every_table:
+            left = sorted(
+                op for op in stripped_op_names(ModelFiles(out).meta) if op.startswith(PLUGIN_PREFIX)
+            )
+            if left:
+                raise RewriteError(f"densify: the rewritten model still uses {left}; nothing written")
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
     return out

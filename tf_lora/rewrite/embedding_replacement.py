@@ -16,7 +16,7 @@ from tensorflow.core.framework import node_def_pb2, types_pb2
 
 from tf_lora.python.ops import sparse_table_ops
 from tf_lora.rewrite.errors import RewriteError
-from tf_lora.rewrite.graph_defs import rename_output, split_ref
+from tf_lora.rewrite.graph_defs import SPARSE_TABLE_PULL, rename_output, split_ref
 from tf_lora.rewrite.graph_edit import (
     ArgumentAdder,
     checkpoint_graph,
@@ -29,8 +29,6 @@ from tf_lora.rewrite.model_files import OBJECT_GRAPH_KEY, ModelFiles
 from tf_lora.rewrite.saved_model_writer import write_saved_model
 from tf_lora.rewrite.tf1_session import all_variables, rewire, session_model, variable_of, write_session
 from tf_lora.sparse.table import SparseTable
-
-PULL = "TfLora>SparseTablePull"
 
 v1 = tf.compat.v1
 
@@ -152,7 +150,7 @@ def _replace_with_pull(fdef, node_name, ids_ref, table_arg, dim):
     cast.attr["Truncate"].b = False
     fdef.node_def.append(cast)
     control = [i for i in node.input if i.startswith("^")]
-    node.op = PULL
+    node.op = SPARSE_TABLE_PULL
     del node.input[:]
     node.input.extend([table_arg, f"{cast.name}:y:0", *control])
     for key in list(node.attr):

@@ -5,6 +5,7 @@ and renaming a node's outputs."""
 import types
 
 PLUGIN_PREFIX = "TfLora>"
+SPARSE_TABLE_PULL = "TfLora>SparseTablePull"
 VARIABLE_OPS = ("VarHandleOp", "VariableV2", "Variable")
 CALL_OPS = ("StatefulPartitionedCall", "PartitionedCall")
 # Functions TensorFlow writes to save and restore the checkpoint: they touch every variable, never a model op.

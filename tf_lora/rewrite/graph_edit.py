@@ -61,8 +61,15 @@ def add_variable(objects, ckpt, local_name, name, value, key, trainable=True):
     )
     node = ckpt.nodes.add()
     node.attributes.add(name="VARIABLE_VALUE", full_name=name, checkpoint_key=key)
-    references = [(0, local_name)]
-    # Keras exports keep lists of the model's variables on the root: the new ones join them.
+    objects.nodes[0].children.add(node_id=node_id, local_name=local_name)
+    ckpt.nodes[0].children.add(node_id=node_id, local_name=local_name)
+    list_variable(objects, ckpt, node_id, trainable)
+    return node_id
+
+
+def list_variable(objects, ckpt, node_id, trainable):
+    """Keras exports keep lists of the model's variables on the root (`variables`, `trainable_variables`,
+    `non_trainable_variables`): a new variable joins them."""
     for child in objects.nodes[0].children:
         if child.local_name in (
             "variables",
@@ -70,16 +77,15 @@ def add_variable(objects, ckpt, local_name, name, value, key, trainable=True):
         ):
             listed = objects.nodes[child.node_id].children
             if all(c.local_name.isdigit() for c in listed):
-                references.append((child.node_id, str(len(listed))))
-    for parent, local in references:
-        objects.nodes[parent].children.add(node_id=node_id, local_name=local)
-        ckpt.nodes[parent].children.add(node_id=node_id, local_name=local)
-    return node_id
+                position = str(len(listed))
+                objects.nodes[child.node_id].children.add(node_id=node_id, local_name=position)
+                ckpt.nodes[child.node_id].children.add(node_id=node_id, local_name=position)
 
 
 def donor(module):
     """`module` saved by TensorFlow and read back (ModelFiles): the pieces its objects need in a SavedModel
-    (resource nodes, creator/initializer functions, save/restore functions), for `transplant`."""
+    (resource nodes, creator/initializer functions, save/restore functions), for `transplant`. Its protos
+    only: the directory is gone once this returns, so its checkpoint's values cannot be read."""
     with tempfile.TemporaryDirectory(prefix="tf_lora_donor_") as directory:
         tf.saved_model.save(module, directory)
         return ModelFiles(directory)
@@ -119,7 +125,7 @@ def transplant(meta, ckpt, donor_files, names):
     """
     objects, theirs = meta.object_graph_def, donor_files.meta.object_graph_def
     roots = {c.local_name: c.node_id for c in theirs.nodes[0].children}
-    order, _ = reached(theirs, [roots[name] for name in names])
+    order, reached_functions = reached(theirs, [roots[name] for name in names])
     base = len(objects.nodes)
     new_id = {k: base + i for i, k in enumerate(order)}
     suffix = f"_{uuid.uuid4().int % 10**9}"  # TensorFlow wants function names to end in an integer
@@ -129,7 +135,7 @@ def transplant(meta, ckpt, donor_files, names):
         fdef.CopyFrom(donor_files.functions[name])
         fdef.signature.name = new_name
     for name, concrete in theirs.concrete_functions.items():
-        if name in renamed:
+        if name in reached_functions:
             copy = objects.concrete_functions[renamed[name]]
             copy.CopyFrom(concrete)
             del copy.bound_inputs[:]
@@ -186,7 +192,7 @@ class ArgumentAdder:
         if (fn, node_id) in self.args:
             return self.args[(fn, node_id)]
         fdef = self.functions[fn]
-        name = f"tf_lora_inject_{node_id}_resource"
+        name = f"tf_lora_resource_{node_id}"
         index = len(fdef.signature.input_arg)
         fdef.signature.input_arg.add(name=name, type=types_pb2.DT_RESOURCE)
         if "_input_shapes" in fdef.attr:  # one shape per argument; a resource handle is a scalar

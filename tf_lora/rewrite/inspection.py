@@ -222,7 +222,7 @@ def _sparse_tables(files):
             "table": table.path,
             "name": table.name,
             "dim": table.dim,
-            "ids": shapes[table.keys["keys"]][0] if table.keys.get("keys") in shapes else None,
+            "ids": shapes[keys][0] if (keys := table.checkpoint_keys.get("keys")) in shapes else None,
             "pulls": [f"{fn}/{node}" for fn, node in pulls.get(node_id, [])],
             "other_uses": others.get(node_id, []),
         }
