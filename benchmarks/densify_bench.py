@@ -94,11 +94,11 @@ def main():
             )
             ms = {name: f"{t * 1e3:.3f} ms" for name, t in times.items()}
             print(
-                f"batch {batch:6d}: table {ms['table']}, densified {ms['densified']}, tf_hash {ms['tf_hash']}; "
+                f"batch {batch:6d}: table {ms['table']}, densified {ms['densified']}, "
+                f"tf_hash {ms['tf_hash']}; "
                 f"densified / table {times['densified'] / times['table']:.2f}x the time, "
                 f"densified / tf_hash {times['densified'] / times['tf_hash']:.2f}x"
             )
-
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
