@@ -22,7 +22,7 @@ with _quiet.command_line_start():
         merge_into_variable,
         unmerge_from_variable,
     )
-    from tf_lora.sparse import SparseTable
+    from tf_lora.sparse import ShardedSparseTable, SparseTable
     from tf_lora.sparse import initializers as sparse_initializers
     from tf_lora.sparse import optimizers as sparse_optimizers
 from tf_lora.version import __version__  # noqa: E402
@@ -40,6 +40,7 @@ def __getattr__(name):
 
 __all__ = [
     "__version__",
+    "ShardedSparseTable",
     "SparseTable",
     "adapters",
     "batched_lora_apply",

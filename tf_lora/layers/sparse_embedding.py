@@ -9,8 +9,8 @@ import numpy as np
 import tensorflow as tf
 
 from tf_lora.layers import _optimizer_hook
-from tf_lora.python.ops import sparse_table_ops
 from tf_lora.sparse import initializers, optimizers
+from tf_lora.sparse.sharded_table import ShardedSparseTable
 from tf_lora.sparse.table import SparseTable
 
 _COMBINERS = (None, "sum", "mean", "sqrtn")
@@ -57,6 +57,10 @@ class SparseEmbedding(keras.layers.Layer):
         steps (all micro-batches, with gradient accumulation) may read: the rows of `pulled_rows`
         (`max_ids_per_step * dim` floats, and the model optimizer's slots for it). More is an error naming
         this argument.
+      devices: None (one table, where the layer is built), or the devices of a `tf_lora.ShardedSparseTable`
+        over which the table's ids are spread, shard `id mod len(devices)` on each (the parameter servers of
+        a TensorFlow cluster: `["/job:ps/task:0", "/job:ps/task:1"]`). Kept in the config: a `.keras` file
+        written with shards loads with them (the devices must exist); its contents load into any layout.
 
     >>> layer = tf_lora.layers.SparseEmbedding(4, combiner="mean")
     >>> layer(tf.ragged.constant([[1, 2], [3]], dtype=tf.int64)).shape
@@ -64,7 +68,14 @@ class SparseEmbedding(keras.layers.Layer):
     """
 
     def __init__(
-        self, dim, combiner=None, initializer=None, optimizer=None, max_ids_per_step=65536, **kwargs
+        self,
+        dim,
+        combiner=None,
+        initializer=None,
+        optimizer=None,
+        max_ids_per_step=65536,
+        devices=None,
+        **kwargs,
     ):
         super().__init__(**kwargs)
         # Its table lives in host memory, which XLA cannot compile: Keras' jit_compile="auto" (XLA on GPUs)
@@ -80,7 +91,13 @@ class SparseEmbedding(keras.layers.Layer):
             initializer, initializers.RandomNormal(stddev=0.05, seed=initializers.new_seed())
         )
         self.table_optimizer = optimizers.resolve(optimizer, optimizers.Adagrad(0.05))
-        self.table = SparseTable(dim, self.initializer, self.table_optimizer, name=self.name)
+        self.devices = None if devices is None else list(devices)
+        if devices is None:
+            self.table = SparseTable(dim, self.initializer, self.table_optimizer, name=self.name)
+        else:
+            self.table = ShardedSparseTable(
+                dim, self.devices, self.initializer, self.table_optimizer, name=self.name
+            )
         self.dim = self.table.dim
         _optimizer_hook.install()
         self.pulled_rows = self.add_weight(
@@ -194,7 +211,7 @@ class SparseEmbedding(keras.layers.Layer):
             lr = self.table_optimizer.learning_rate_at(
                 getattr(optimizer, "_iterations", optimizer.iterations)
             )
-            return sparse_table_ops.push(self.table.resource_handle, ids, rows, lr)
+            return self.table.push_step(ids, rows, lr)
 
         context = tf.distribute.get_replica_context()
         if _replicas() > 1 and context is not None:
@@ -245,6 +262,7 @@ class SparseEmbedding(keras.layers.Layer):
             initializer=_serialize(self.initializer),
             optimizer=_serialize(self.table_optimizer),
             max_ids_per_step=self.max_ids_per_step,
+            devices=self.devices,
         )
         return config
 

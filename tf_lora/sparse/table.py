@@ -92,12 +92,17 @@ class SparseTable(tf.saved_model.experimental.TrackableResource):
         With `training=True` ids not yet in the table are inserted with their initial rows; otherwise they
         read as zeros and the table is unchanged.
         """
-        ids = _int64_ids(ids, "pull")
+        ids = int64_ids(ids, "pull")
         return sparse_table_ops.pull(self.resource_handle, ids, dim=self._dim, training=bool(training))
 
     def push(self, ids, grads, learning_rate=None):
         """Applies the optimizer to the rows of `ids` with `grads` (`ids.shape + [dim]`, float32)."""
-        ids = _int64_ids(ids, "push")
+        step = self.push_step(ids, grads, learning_rate)
+        return None if tf.inside_function() or tf.executing_eagerly() else step.op
+
+    def push_step(self, ids, grads, learning_rate=None) -> tf.Tensor:
+        """`push`, returning the table's step after it (int64: what control dependencies wait on)."""
+        ids = int64_ids(ids, "push")
         grads = tf.convert_to_tensor(grads, dtype=tf.float32)
         if learning_rate is None:
             learning_rate = self._optimizer.learning_rate
@@ -108,12 +113,11 @@ class SparseTable(tf.saved_model.experimental.TrackableResource):
                     "model optimizer's step)"
                 )
         learning_rate = tf.cast(tf.convert_to_tensor(learning_rate), tf.float32)
-        step = sparse_table_ops.push(self.resource_handle, ids, grads, learning_rate)
-        return None if tf.inside_function() or tf.executing_eagerly() else step.op
+        return sparse_table_ops.push(self.resource_handle, ids, grads, learning_rate)
 
     def remove(self, ids) -> tf.Tensor:
         """Removes `ids` (int64; ids not in the table are ignored). Returns how many were removed."""
-        return sparse_table_ops.remove(self.resource_handle, _int64_ids(ids, "remove"))
+        return sparse_table_ops.remove(self.resource_handle, int64_ids(ids, "remove"))
 
     def evict(self, min_update_count=0, max_age=None) -> tf.Tensor:
         """Removes rarely or long-ago updated ids, the memory bound CTR systems run with.
@@ -175,8 +179,10 @@ class SparseTable(tf.saved_model.experimental.TrackableResource):
         )
 
 
-def _int64_ids(ids, method):
+def int64_ids(ids, method):
+    """`ids` as an int64 tensor; other dtypes are an error naming `method` ("pull", or "Class.method")."""
     ids = tf.convert_to_tensor(ids, dtype_hint=tf.int64)
     if ids.dtype != tf.int64:
-        raise TypeError(f"SparseTable.{method}: ids must be int64, got {ids.dtype.name}")
+        where = method if "." in method else f"SparseTable.{method}"
+        raise TypeError(f"{where}: ids must be int64, got {ids.dtype.name}")
     return ids

@@ -1,0 +1,186 @@
+"""tf_lora.ShardedSparseTable: one table's ids spread over several devices (parameter servers of a TensorFlow
+cluster), with SparseTable's contract."""
+
+import numbers
+
+import tensorflow as tf
+
+from tf_lora.sparse import initializers, optimizers
+from tf_lora.sparse.table import SparseTable, int64_ids
+
+
+class ShardedSparseTable(tf.Module):
+    """A SparseTable whose ids live in `len(devices)` shards, shard `id mod len(devices)` on `devices[k]`:
+    the way to hold a table larger than one machine's memory on the parameter servers of a TensorFlow
+    cluster (`"/job:ps/task:0"`, ...), or to spread its work over several devices of one.
+
+    It reads and trains exactly as one SparseTable with the same initializer and optimizer (a new id's row
+    is the same pure function of (seed, id); duplicates are summed within the shard that holds them; every
+    push advances every shard's step, so update counts, last steps and `evict(max_age=...)` agree). Pulls
+    and pushes run on the shards' devices (TensorFlow places each shard's ops with its table), the ids and
+    rows travelling to and from them. `export()` gathers every shard; `import_` spreads the contents.
+    Checkpoints hold each shard's contents (restore into the same number of shards); `.keras` files hold
+    the gathered contents (a SparseEmbedding with any number of shards loads them).
+
+    Args:
+      dim: Row width, in [1, 2^20].
+      devices: The shards' devices, at least one (e.g. `["/job:ps/task:0", "/job:ps/task:1"]`).
+      initializer: A `tf_lora.sparse_initializers` object (default `Zeros()`).
+      optimizer: A `tf_lora.sparse_optimizers` object (default `SGD(0.01)`).
+      name: Name of the table; shard k is `<name>_shard_<k>`.
+    """
+
+    def __init__(self, dim, devices, initializer=None, optimizer=None, name="sparse_table"):
+        super().__init__(name=None)
+        if isinstance(devices, str) or not isinstance(devices, list | tuple) or not devices:
+            raise ValueError(
+                f"ShardedSparseTable: devices must be a non-empty list of devices, got {devices!r}"
+            )
+        if not all(isinstance(d, str) for d in devices):
+            raise TypeError(f"ShardedSparseTable: devices must be device strings, got {devices!r}")
+        if isinstance(dim, bool) or not isinstance(dim, numbers.Integral):
+            raise TypeError(f"ShardedSparseTable: dim must be an integer, got {dim!r}")
+        self._devices = list(devices)
+        self._initializer = initializer or initializers.Zeros()
+        self._optimizer = optimizer or optimizers.SGD()
+        self._table_name = name
+        self.shards = []
+        for k, device in enumerate(self._devices):
+            with tf.device(device):
+                self.shards.append(
+                    SparseTable(dim, self._initializer, self._optimizer, name=f"{name}_shard_{k}")
+                )
+        self._dim = self.shards[0].dim
+
+    @property
+    def name(self) -> str:
+        return self._table_name
+
+    @property
+    def dim(self) -> int:
+        return self._dim
+
+    @property
+    def devices(self) -> list:
+        return list(self._devices)
+
+    @property
+    def optimizer(self):
+        return self._optimizer
+
+    def _split(self, ids):
+        """(each shard's ids, their positions in the flat ids) of int64 `ids`."""
+        flat = tf.reshape(ids, [-1])
+        count = len(self.shards)
+        if count == 1:
+            return [flat], [tf.range(tf.size(flat))]
+        shard = tf.cast(tf.math.floormod(flat, count), tf.int32)
+        return (
+            tf.dynamic_partition(flat, shard, count),
+            tf.dynamic_partition(tf.range(tf.size(flat)), shard, count),
+        )
+
+    def pull(self, ids, training=False) -> tf.Tensor:
+        """The rows of `ids` (int64, any shape): `ids.shape + [dim]`, as SparseTable.pull."""
+        ids = int64_ids(ids, "ShardedSparseTable.pull")
+        parts, positions = self._split(ids)
+        rows = [table.pull(part, training=training) for table, part in zip(self.shards, parts, strict=True)]
+        flat = tf.dynamic_stitch(positions, rows)
+        return tf.reshape(flat, tf.concat([tf.shape(ids), [self._dim]], axis=0))
+
+    def push_step(self, ids, grads, learning_rate=None) -> tf.Tensor:
+        """Applies the optimizer to the rows of `ids` with `grads` (`ids.shape + [dim]`), as SparseTable.push,
+        every shard (those without ids of the push too, so that their steps agree); returns the step."""
+        ids = int64_ids(ids, "ShardedSparseTable.push")
+        grads = tf.reshape(tf.convert_to_tensor(grads, dtype=tf.float32), [-1, self._dim])
+        tf.debugging.assert_equal(
+            tf.shape(grads)[0],
+            tf.size(ids),
+            message="ShardedSparseTable.push: grads must be ids.shape + [dim]",
+        )
+        parts, positions = self._split(ids)
+        steps = [
+            table.push_step(part, tf.gather(grads, position), learning_rate)
+            for table, part, position in zip(self.shards, parts, positions, strict=True)
+        ]
+        return tf.reduce_max(tf.stack(steps))
+
+    def push(self, ids, grads, learning_rate=None):
+        """Applies the optimizer to the rows of `ids` with `grads` (`ids.shape + [dim]`, float32)."""
+        step = self.push_step(ids, grads, learning_rate)
+        return None if tf.inside_function() or tf.executing_eagerly() else step.op
+
+    def remove(self, ids) -> tf.Tensor:
+        """Removes `ids` (ids not in the table are ignored). Returns how many were removed."""
+        parts, _ = self._split(int64_ids(ids, "ShardedSparseTable.remove"))
+        return tf.add_n([table.remove(part) for table, part in zip(self.shards, parts, strict=True)])
+
+    def evict(self, min_update_count=0, max_age=None) -> tf.Tensor:
+        """As SparseTable.evict, on every shard. Returns how many ids were removed."""
+        return tf.add_n([table.evict(min_update_count, max_age) for table in self.shards])
+
+    def size(self) -> tf.Tensor:
+        """The number of ids in the table (int64 scalar)."""
+        return tf.add_n([table.size() for table in self.shards])
+
+    def export(self) -> dict:
+        """Every shard's ids with their values, slots, update counts and last steps, and the step."""
+        exports = [table.export() for table in self.shards]
+        contents = {name: tf.concat([e[name] for e in exports], 0) for name in exports[0] if name != "step"}
+        contents["step"] = tf.reduce_max(tf.stack([e["step"] for e in exports]))
+        return contents
+
+    def import_(self, contents: dict):
+        """Replaces the contents with an `export()` (of this table, of a SparseTable, or of one with another
+        number of shards), each id going to its shard. Eagerly, a refused import leaves every shard as it
+        was (shards already imported get their old contents back)."""
+        missing = {"keys", "values", "slots", "update_counts", "last_steps", "step"} - set(contents)
+        if missing:
+            raise ValueError(f"ShardedSparseTable.import_: missing {sorted(missing)}")
+        keys = int64_ids(contents["keys"], "ShardedSparseTable.import_")
+        parts, positions = self._split(keys)
+        columns = {
+            name: tf.convert_to_tensor(contents[name], tf.int64 if name in _INT64 else tf.float32)
+            for name in ("values", "slots", "update_counts", "last_steps")
+        }
+        for name, column in columns.items():  # a row per key, before the keys are spread over the shards
+            if column.shape.rank == 0:
+                raise ValueError(f"ShardedSparseTable.import_: {name} must have a row per key, got a scalar")
+            tf.debugging.assert_equal(
+                tf.shape(column, out_type=tf.int64)[0],
+                tf.size(keys, out_type=tf.int64),
+                message=f"ShardedSparseTable.import_: {name} must have a row per key",
+            )
+        if not tf.executing_eagerly():
+            return tf.group(
+                [
+                    table.import_(
+                        {
+                            "keys": part,
+                            **{name: tf.gather(column, position) for name, column in columns.items()},
+                            "step": contents["step"],
+                        }
+                    )
+                    for table, part, position in zip(self.shards, parts, positions, strict=True)
+                ]
+            )
+        before = [table.export() for table in self.shards]
+        done = 0
+        try:
+            for table, part, position in zip(self.shards, parts, positions, strict=True):
+                table.import_(
+                    {
+                        "keys": part,
+                        **{n: tf.gather(c, position) for n, c in columns.items()},
+                        "step": contents["step"],
+                    }
+                )
+                done += 1
+        except (tf.errors.OpError, ValueError):
+            for table, old in zip(self.shards[:done], before, strict=False):
+                table.import_(old)
+            raise
+        return None
+
+
+_INT64 = ("update_counts", "last_steps")
