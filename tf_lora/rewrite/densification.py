@@ -26,6 +26,7 @@ from tf_lora.rewrite.graph_defs import (
     CALL_OPS,
     PLUGIN_PREFIX,
     SPARSE_TABLE_PULL,
+    identifier,
     rename_output,
     split_ref,
     stripped_op_names,
@@ -135,7 +136,7 @@ def densify(model_dir, out_dir, table=None, min_update_count=0, overwrite=False,
     for table_id, found in sorted(tables.items()):
         say(f"table {found.name}")
         keys, rows, left_out, _ = contents[table_id]
-        stem = f"tf_lora_densified_{_identifier(found.name)}"
+        stem = f"tf_lora_densified_{identifier(found.name)}"
         index_id = keys_name = None
         if len(keys):  # TensorFlow's hash tables refuse to be filled with nothing; no index reads zeros
             names = {
@@ -197,10 +198,6 @@ def densify(model_dir, out_dir, table=None, min_update_count=0, overwrite=False,
         files, proto, new_values, out_dir, overwrite=overwrite, finish=lambda d: _resave(d, every_table)
     )
     return DensifyReport(report, _probe_ids(files, tables, contents))
-
-
-def _identifier(name):
-    return re.sub(r"[^0-9A-Za-z_]", "_", name)
 
 
 def sparse_tables(files):

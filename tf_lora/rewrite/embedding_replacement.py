@@ -16,7 +16,7 @@ from tensorflow.core.framework import node_def_pb2, types_pb2
 
 from tf_lora.python.ops import sparse_table_ops
 from tf_lora.rewrite.errors import RewriteError
-from tf_lora.rewrite.graph_defs import SPARSE_TABLE_PULL, rename_output, split_ref
+from tf_lora.rewrite.graph_defs import SPARSE_TABLE_PULL, identifier, rename_output, split_ref
 from tf_lora.rewrite.graph_edit import (
     ArgumentAdder,
     checkpoint_graph,
@@ -24,6 +24,7 @@ from tf_lora.rewrite.graph_edit import (
     name_matches,
     resave,
     transplant,
+    unique_child,
 )
 from tf_lora.rewrite.model_files import OBJECT_GRAPH_KEY, ModelFiles
 from tf_lora.rewrite.saved_model_writer import write_saved_model
@@ -95,7 +96,7 @@ def replace_embedding(model_dir, out_dir, target, overwrite=False, progress=None
     for variable_id, lookups in sorted(sites.items(), key=lambda item: str(item[0])):
         variable = files.variables[variable_id]
         rows, dim = variable.shape
-        local = f"tf_lora_table_{re.sub(r'[^0-9A-Za-z_]', '_', variable.name)}"
+        local = unique_child(meta.object_graph_def, f"tf_lora_table_{identifier(variable.name)}")
         say(f"table for {variable.name}")
         module = tf.Module()
         module.table = SparseTable(dim, name=f"replaced_{uuid.uuid4().hex[:12]}")  # a table of its own

@@ -2,6 +2,7 @@
 references (`node:out_arg:index` in functions, `node:index` in graphs), a TF1 graph read like a function,
 and renaming a node's outputs."""
 
+import re
 import types
 
 PLUGIN_PREFIX = "TfLora>"
@@ -10,6 +11,11 @@ VARIABLE_OPS = ("VarHandleOp", "VariableV2", "Variable")
 CALL_OPS = ("StatefulPartitionedCall", "PartitionedCall")
 # Functions TensorFlow writes to save and restore the checkpoint: they touch every variable, never a model op.
 SAVER_FUNCTIONS = ("__inference__traced_save_", "__inference__traced_restore_")
+
+
+def identifier(name):
+    """`name` with every character other than a letter, digit or `_` as `_`: an object graph attribute."""
+    return re.sub(r"[^0-9A-Za-z_]", "_", name)
 
 
 def split_ref(ref):

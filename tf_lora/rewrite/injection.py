@@ -14,6 +14,7 @@ from tf_lora.python.ops import lora_ops
 from tf_lora.rewrite.batch_matmuls import is_batch_projection, matrix_view
 from tf_lora.rewrite.einsum_kernels import einsum_view, equation, is_projection
 from tf_lora.rewrite.errors import RewriteError
+from tf_lora.rewrite.graph_defs import identifier
 from tf_lora.rewrite.graph_edit import (
     ArgumentAdder,
     add_variable,
@@ -142,7 +143,7 @@ def inject(model_dir, out_dir, target, rank, alpha, seed=0, overwrite=False, pro
         }
         ids = {}
         for part, value in values.items():
-            local = unique_child(objects, f"tf_lora_{re.sub(r'[^0-9A-Za-z_]', '_', weight.name)}_{part}")
+            local = unique_child(objects, f"tf_lora_{identifier(weight.name)}_{part}")
             key = f"{local}/.ATTRIBUTES/VARIABLE_VALUE"
             ids[part] = add_variable(objects, ckpt, local, f"{weight.name}/{part}", value, key)
             new_values[key] = value
