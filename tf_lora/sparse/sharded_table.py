@@ -81,11 +81,13 @@ class ShardedSparseTable(tf.Module):
         )
 
     def pull(self, ids, training=False) -> tf.Tensor:
-        """The rows of `ids` (int64, any shape): `ids.shape + [dim]`, as SparseTable.pull."""
+        """The rows of `ids` (int64, any shape): `ids.shape + [dim]`, as SparseTable.pull. Each distinct id
+        travels to its shard, and its row back, once."""
         ids = int64_ids(ids, "ShardedSparseTable.pull")
-        parts, positions = self._split(ids)
+        unique, index = tf.unique(tf.reshape(ids, [-1]), out_idx=tf.int64)
+        parts, positions = self._split(unique)
         rows = [table.pull(part, training=training) for table, part in zip(self.shards, parts, strict=True)]
-        flat = tf.dynamic_stitch(positions, rows)
+        flat = tf.gather(tf.dynamic_stitch(positions, rows), index)
         return tf.reshape(flat, tf.concat([tf.shape(ids), [self._dim]], axis=0))
 
     def push_step(self, ids, grads, learning_rate=None) -> tf.Tensor:
@@ -98,7 +100,11 @@ class ShardedSparseTable(tf.Module):
             tf.size(ids),
             message="ShardedSparseTable.push: grads must be ids.shape + [dim]",
         )
-        parts, positions = self._split(ids)
+        # Repeated ids' gradients are summed here (as the table sums them, in the same order), so each
+        # distinct id and its gradient travel to its shard once.
+        unique, index = tf.unique(tf.reshape(ids, [-1]), out_idx=tf.int64)
+        grads = tf.math.unsorted_segment_sum(grads, index, tf.size(unique, out_type=tf.int64))
+        parts, positions = self._split(unique)
         steps = [
             table.push_step(part, tf.gather(grads, position), learning_rate)
             for table, part, position in zip(self.shards, parts, positions, strict=True)
