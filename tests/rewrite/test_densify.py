@@ -343,3 +343,39 @@ def test_a_pull_under_control_flow_is_refused_with_that_reason(tmp_path):
     with pytest.raises(RewriteError, match=r"a pull under control flow is not densified"):
         tf_lora.rewrite.densify(src, tmp_path / "out")
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_a_keras_model_with_sparse_inputs_saved_from_a_module_densifies(tmp_path):
+    # tf.saved_model.save of a module holding a Keras model with a SparseEmbedding failed (the layer's list
+    # of step ids was serialized where SavedModel functions cannot reach its variables): the README's way to
+    # serve a model with sparse inputs, which model.export refuses.
+    keras.utils.set_random_seed(4)
+    ids = keras.Input((4,), dtype="int64", sparse=True)
+    model = keras.Model(ids, tf_lora.layers.SparseEmbedding(4, combiner="mean", name="emb")(ids))
+    model.compile(optimizer="sgd", loss="mse")
+    x = tf.sparse.from_dense(np.arange(1, 33, dtype=np.int64).reshape(8, 4) % 11)
+    model.fit(x, np.ones((8, 4)), verbose=0)
+
+    class Serve(tf.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        @tf.function(
+            input_signature=[
+                tf.TensorSpec([None, 2], tf.int64),
+                tf.TensorSpec([None], tf.int64),
+                tf.TensorSpec([2], tf.int64),
+            ]
+        )
+        def serve(self, indices, values, dense_shape):
+            return {"emb": self.model(tf.SparseTensor(indices, values, dense_shape), training=False)}
+
+    module = Serve(model)
+    tf.saved_model.save(module, str(tmp_path / "model"), signatures={"serving_default": module.serve})
+    (report,) = tf_lora.rewrite.densify(tmp_path / "model", tmp_path / "out").tables
+    assert report.name == "emb" and report.ids == 10  # from_dense drops the zeros: ids 1..10
+    probe = tf.sparse.from_dense(np.array([[3, 0, 12, 5], [10, 10, 0, 0]], np.int64))
+    args = {"indices": probe.indices, "values": probe.values, "dense_shape": probe.dense_shape}
+    got = tf.saved_model.load(str(tmp_path / "out")).signatures["serving_default"](**args)["emb"]
+    np.testing.assert_allclose(got, model(probe, training=False), rtol=1e-6)

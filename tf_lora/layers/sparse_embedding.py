@@ -234,6 +234,15 @@ class SparseEmbedding(keras.layers.Layer):
         skips a step."""
         self._step.fresh.assign(1)
 
+    def _trackable_children(self, save_type="checkpoint", **kwargs):
+        children = super()._trackable_children(save_type, **kwargs)
+        if save_type == "savedmodel":
+            # A SavedModel serves: it does not resume between micro-batches, and its functions cannot reach
+            # the list's variables (held apart from what TensorFlow tracks). Left in, tf.saved_model.save
+            # failed, and a loaded model could not be saved again.
+            children.pop("_step_state", None)
+        return children
+
     def compute_output_shape(self, input_shape):
         if self.combiner is None or len(input_shape) <= 1:
             return tuple(input_shape) + (self.dim,)
