@@ -88,6 +88,7 @@ def test_densified_lookup_matches_numpy_for_held_left_out_and_unheld_ids(tmp_pat
     # The nested function's traces: the one the signature calls, and the one saved as `_rows`.
     assert len(report[0].lookups) == 2 and all("_rows_" in x for x in report[0].lookups)
     assert _plugin_ops(tmp_path / "out") == []
+    assert b"TfLora" not in (tmp_path / "out" / "saved_model.pb").read_bytes()  # not even in node names
 
     loaded = tf.saved_model.load(str(tmp_path / "out"))
     rng = np.random.default_rng(0)
@@ -263,7 +264,7 @@ def test_table_option_densifies_the_chosen_table_only(tmp_path, capsys):
     args = ["densify", str(src), str(tmp_path / "out"), "--table", "items", "--verify"]
     assert cli.main(args) == 0
     out = capsys.readouterr().out
-    assert "table items (items, dim 4): 3 ids -> items/keys, items/values" in out
+    assert "table items (items, dim 4): 3 ids -> densified/items/keys, densified/items/values" in out
     assert "verify serving_default: max |difference| = 0" in out
     assert [t["name"] for t in tf_lora.rewrite.inspect(tmp_path / "out")["sparse_tables"]] == ["users"]
     loaded = tf.saved_model.load(str(tmp_path / "out"))
@@ -379,3 +380,63 @@ def test_a_keras_model_with_sparse_inputs_saved_from_a_module_densifies(tmp_path
     args = {"indices": probe.indices, "values": probe.values, "dense_shape": probe.dense_shape}
     got = tf.saved_model.load(str(tmp_path / "out")).signatures["serving_default"](**args)["emb"]
     np.testing.assert_allclose(got, model(probe, training=False), rtol=1e-6)
+
+
+def test_odd_table_names_int32_ids_shards_and_a_saved_model_pb_path(tmp_path, capsys):
+    # Names that are no TensorFlow scope name ("user emb", "a:b") failed to load back; --verify fed int32
+    # ids as zeros, so an id 0 left out by --min-update-count failed a correct rewrite; a sharded table is
+    # chosen by its own name.
+    class Module(tf.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = tf_lora.SparseTable(2, name="user emb")
+            self.b = tf_lora.SparseTable(2, name="a:b")
+            self.c = tf_lora.ShardedSparseTable(2, ["/cpu:0", "/cpu:0"], name="sharded")
+            self.a.import_(_contents([0, 1, 2], dim=2, counts=[1, 5, 5]))
+            self.b.import_(_contents([3, 4], dim=2, counts=[5, 5]))
+            self.c.import_(_contents([5, 6, 7], dim=2, counts=[5, 5, 5]))
+
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.int32)])
+        def __call__(self, ids):
+            ids = tf.cast(ids, tf.int64)
+            return {"a": self.a.pull(ids), "b": self.b.pull(ids), "c": self.c.pull(ids)}
+
+    src = _save(Module(), tmp_path / "model")
+    args = ["densify", str(src), str(tmp_path / "out"), "--min-update-count", "2", "--verify", "--json"]
+    assert cli.main(args) == 0, capsys.readouterr()
+    result = json.loads(capsys.readouterr().out)
+    assert sorted((d["name"], d["keys"]) for d in result["densified"]) == [
+        ("a:b", "densified/a_b/keys"),
+        ("sharded_shard_0", "densified/sharded_shard_0/keys"),
+        ("sharded_shard_1", "densified/sharded_shard_1/keys"),
+        ("user emb", "densified/user_emb/keys"),
+    ]
+    assert result["verify"]["max_difference"] == {"serving_default": 0.0}
+
+    assert cli.main(["densify", str(src), str(tmp_path / "c"), "--table", "sharded", "--json"]) == 0
+    assert [d["name"] for d in json.loads(capsys.readouterr().out)["densified"]] == [
+        "sharded_shard_0",
+        "sharded_shard_1",
+    ]
+    assert cli.main(["densify", str(src / "saved_model.pb"), str(tmp_path / "d")]) == 2
+    assert "a SavedModel's own file; pass its directory" in capsys.readouterr().err
+
+
+class Ragged(tf.Module):
+    def __init__(self):
+        super().__init__()
+        self.table = tf_lora.SparseTable(2, name="features")
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.int64), tf.TensorSpec([None], tf.int64)])
+    def __call__(self, values, row_splits):
+        ids = tf.RaggedTensor.from_row_splits(values, row_splits)
+        return {"sum": tf.reduce_sum(self.table.pull(ids.flat_values))}
+
+
+def test_verify_on_a_signature_generated_inputs_cannot_feed_says_so(tmp_path, capsys):
+    src = _save(Ragged(), tmp_path / "model")
+    assert cli.main(["densify", str(src), str(tmp_path / "out"), "--verify"]) == 2
+    err = capsys.readouterr().err
+    assert "verify: signature 'serving_default' does not run on generated inputs" in err
+    assert "do not form a valid RaggedTensor" in err and "nothing written" in err
+    assert cli.main(["densify", str(src), str(tmp_path / "out")]) == 0  # the rewrite itself is fine

@@ -21,6 +21,7 @@ from typing import ClassVar
 from rich.console import Console
 
 from tf_lora import _quiet
+from tf_lora.rewrite.errors import reason
 
 
 class _Parser(argparse.ArgumentParser):
@@ -654,16 +655,7 @@ def _io_message(error):
     if isinstance(error, OSError):
         text = error.strerror or str(error)
         return f"{error.filename}: {text}" if error.filename else text
-    # TensorFlow's run-time errors open with "Graph execution error:" and the Python stack of the node that
-    # failed (indented); the reason comes after it, then the node's name in [[...]].
-    lines = (getattr(error, "message", None) or str(error) or type(error).__name__).strip().splitlines()
-    noise = ("Graph execution error", "Detected at node", "[[", "<stack traces unavailable>", "Node:")
-    reason = [
-        line.strip()
-        for line in lines
-        if line.strip() and not line[:1].isspace() and not line.startswith(noise)
-    ]
-    return " ".join(reason) or (lines[0] if lines else type(error).__name__)
+    return reason(error)
 
 
 class _OutputNames:

@@ -27,7 +27,6 @@ from tf_lora.rewrite.graph_defs import (
     PLUGIN_PREFIX,
     SPARSE_TABLE_PULL,
     identifier,
-    rename_output,
     split_ref,
     stripped_op_names,
 )
@@ -105,14 +104,29 @@ def densify(model_dir, out_dir, table=None, min_update_count=0, overwrite=False,
         uses = any(n.op.startswith(PLUGIN_PREFIX) for f in files.model_functions() for n in f.node_def)
         raise RewriteError(
             f"densify: {model_dir} is a TF1 graph; densify reads TF2 SavedModels"
-            + (" (load it in TF2 and tf.saved_model.save it first)" if uses else " (and it holds no table)")
+            + (
+                " (densify needs the tables as saved objects: tf_lora.SparseTable in a tf.Module or Keras "
+                "model saved by tf.saved_model.save or model.export)"
+                if uses
+                else " (and it holds no table)"
+            )
         )
     tables = every = sparse_tables(files)
     if not tables:
-        raise RewriteError(f"densify: {model_dir} holds no tf_lora SparseTable")
+        pulls = any(n.op == SPARSE_TABLE_PULL for f in files.model_functions() for n in f.node_def)
+        raise RewriteError(
+            f"densify: {model_dir} holds no tf_lora SparseTable"
+            + (
+                " object, though its functions pull from tables (a TF1 graph saved as a TF2 SavedModel?): "
+                "densify needs the tables as saved objects (tf_lora.SparseTable in a tf.Module or Keras "
+                "model saved by tf.saved_model.save or model.export)"
+                if pulls
+                else ""
+            )
+        )
     if table is not None:
         pattern = re.compile(table)
-        chosen = {i: t for i, t in tables.items() if pattern.fullmatch(t.name) or pattern.fullmatch(t.path)}
+        chosen = {i: t for i, t in tables.items() if any(pattern.fullmatch(n) for n in _names(t))}
         if not chosen:
             listed = ", ".join(f"{t.name} ({t.path})" for t in tables.values())
             raise RewriteError(f"densify: no table matches {table!r} (tables: {listed})")
@@ -137,6 +151,7 @@ def densify(model_dir, out_dir, table=None, min_update_count=0, overwrite=False,
         say(f"table {found.name}")
         keys, rows, left_out, _ = contents[table_id]
         stem = f"tf_lora_densified_{identifier(found.name)}"
+        scope = f"densified/{identifier(found.name)}"  # a valid variable name whatever the table's name
         index_id = keys_name = None
         if len(keys):  # TensorFlow's hash tables refuse to be filled with nothing; no index reads zeros
             names = {
@@ -144,7 +159,7 @@ def densify(model_dir, out_dir, table=None, min_update_count=0, overwrite=False,
                 "index": unique_child(objects, f"{stem}_index"),
             }
             ids, checkpoint_keys = transplant(meta, ckpt, index_donor, names)
-            keys_name, index_id = f"{found.name}/keys", ids["index"]
+            keys_name, index_id = f"{scope}/keys", ids["index"]
             objects.nodes[ids["keys"]].variable.name = keys_name
             list_variable(objects, ckpt, ids["keys"], trainable=False)
             (keys_key,) = checkpoint_keys[ids["keys"]].values()
@@ -158,7 +173,7 @@ def densify(model_dir, out_dir, table=None, min_update_count=0, overwrite=False,
             objects,
             ckpt,
             values_local,
-            f"{found.name}/values",
+            f"{scope}/values",
             new_values[values_key],
             values_key,
             trainable=False,
@@ -182,7 +197,7 @@ def densify(model_dir, out_dir, table=None, min_update_count=0, overwrite=False,
                 len(keys),
                 left_out,
                 keys_name,
-                f"{found.name}/values",
+                f"{scope}/values",
                 [f"{fn}/{node}" for fn, node in lookups],
             )
         )
@@ -198,6 +213,12 @@ def densify(model_dir, out_dir, table=None, min_update_count=0, overwrite=False,
         files, proto, new_values, out_dir, overwrite=overwrite, finish=lambda d: _resave(d, every_table)
     )
     return DensifyReport(report, _probe_ids(files, tables, contents))
+
+
+def _names(table):
+    """What `table=` matches: the table's name, its object path, and for a shard of a ShardedSparseTable
+    (`<name>_shard_<k>`) the sharded table's name."""
+    return [table.name, table.path, re.sub(r"_shard_\d+$", "", table.name)]
 
 
 def sparse_tables(files):
@@ -395,7 +416,10 @@ def _replace_pull(fdef, node_name, values_arg, n, dim):
     pull = next(node for node in fdef.node_def if node.name == node_name)
     index_handle, ids = pull.input[0], pull.input[1]
     control = [ref for ref in pull.input if ref.startswith("^")]
-    prefix = f"{node_name}/tf_lora_densify"
+    # Named as a lookup, not as the pull (a search of the graph for tf_lora finds nothing).
+    name = node_name.replace(SPARSE_TABLE_PULL, "densified_lookup")
+    name = name if name != node_name else f"{node_name}_densified"
+    prefix = f"{name}/parts"
     new = []
 
     def node(name, op, inputs, out="output", **attrs):
@@ -437,12 +461,30 @@ def _replace_pull(fdef, node_name, values_arg, n, dim):
     dims = [ids_shape, const("dim", np.array([dim], np.int32)), const("axis", np.array(0, np.int32))]
     shape = node("shape", "ConcatV2", dims, T=i32, Tidx=i32, N=2)
     pull.Clear()
-    pull.name, pull.op = node_name, "Reshape"
+    pull.name, pull.op = name, "Reshape"
     pull.input.extend([gathered, shape, *control])
     pull.attr["T"].type = types_pb2.DT_FLOAT
     pull.attr["Tshape"].type = types_pb2.DT_INT32
     fdef.node_def.extend(new)
-    rename_output(fdef, node_name, "values", "output")
+    _rename_node(fdef, node_name, name, {"values": "output"})
+
+
+def _rename_node(fdef, old, new, outputs):
+    """References to node `old` become references to `new`, its outputs renamed by `outputs` {old: new}."""
+
+    def renamed(ref):
+        if ref == f"^{old}":
+            return f"^{new}"
+        node, arg, index = split_ref(ref)
+        return f"{new}:{outputs.get(arg, arg)}:{index}" if node == old and arg is not None else ref
+
+    for node in fdef.node_def:
+        node.input[:] = [renamed(ref) for ref in node.input]
+    for key, ref in fdef.ret.items():
+        fdef.ret[key] = renamed(ref)
+    for key, ref in fdef.control_ret.items():
+        if ref == old:
+            fdef.control_ret[key] = new
 
 
 class _IdIndex(tf.Module):

@@ -34,6 +34,13 @@ class ModelFiles:
             self.proto = _parse(meta_graph_pb2.MetaGraphDef(), self.path, "MetaGraphDef")
             self.meta = self.proto
             self.prefix = self.path[: -len(".meta")]
+        elif os.path.isfile(self.path) and os.path.basename(self.path) in (
+            "saved_model.pb",
+            "saved_model.pbtxt",
+        ):
+            raise RewriteError(
+                f"{self.path}: a SavedModel's own file; pass its directory, {os.path.dirname(self.path)}"
+            )
         elif os.path.isfile(self.path) and self.path.endswith((".pb", ".pbtxt")):
             # A bare GraphDef with its checkpoint beside it (model.pb + model.index): read as a MetaGraphDef
             # without saver or signatures; checkpoint keys are the variables' names, as a default Saver

@@ -6,21 +6,24 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.core.framework import types_pb2
 
-from tf_lora.rewrite.errors import RewriteError
+from tf_lora.rewrite.errors import RewriteError, reason
 from tf_lora.rewrite.model_files import ModelFiles
 from tf_lora.rewrite.tf1_session import load_into
 
 
 def _example(dtype, shape, rng, batch, integers=None):
     """Unknown dimensions become `batch`; floats are standard normal, integers 0 (a valid row id and adapter
-    id) or drawn from `integers` (for int64 inputs, when given), booleans False, strings empty."""
+    id) or drawn from `integers` (those the dtype holds, when given), booleans False, strings empty."""
     shape = [batch] if shape is None else [batch if d is None or d < 0 else d for d in shape]
     if dtype.is_floating:
         return rng.standard_normal(shape).astype(dtype.as_numpy_dtype)
     if dtype == tf.string:
         return np.full(shape, b"", object)
-    if dtype == tf.int64 and integers is not None and len(integers):
-        return rng.choice(np.asarray(integers, np.int64), shape)
+    if dtype.is_integer and integers is not None:  # those the dtype holds (int32 ids are cast to int64)
+        integers = np.asarray(integers, np.int64)
+        integers = integers[(integers >= dtype.min) & (integers <= dtype.max)]
+        if len(integers):
+            return rng.choice(integers, shape).astype(dtype.as_numpy_dtype)
     return np.zeros(shape, dtype.as_numpy_dtype)
 
 
@@ -137,10 +140,23 @@ def verify(
                 expected = original.run(name, probe)
                 inputs = probe
             except tf.errors.OpError:  # the ids also reach a lookup they do not fit, e.g. a dense table
-                expected = original.run(name, inputs)
+                expected = None
         else:
-            expected = original.run(name, inputs)
-        got = rewritten.run(name, inputs)
+            expected = None
+        try:
+            expected = original.run(name, inputs) if expected is None else expected
+        except (tf.errors.OpError, ValueError, TypeError) as e:
+            raise RewriteError(
+                f"verify: signature {name!r} does not run on generated inputs (zeros and normal floats; its "
+                f"inputs may need structure, as a ragged tensor's row splits do): {reason(e)}; check "
+                "the rewrite on inputs of your own"
+            ) from None
+        try:
+            got = rewritten.run(name, inputs)
+        except (tf.errors.OpError, ValueError, TypeError) as e:
+            raise RewriteError(
+                f"verify: the rewritten model fails on signature {name!r}: {reason(e)}"
+            ) from None
         worst = 0.0
         for key, e in expected.items():
             if key not in got:
