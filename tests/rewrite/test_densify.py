@@ -440,3 +440,17 @@ def test_verify_on_a_signature_generated_inputs_cannot_feed_says_so(tmp_path, ca
     assert "verify: signature 'serving_default' does not run on generated inputs" in err
     assert "do not form a valid RaggedTensor" in err and "nothing written" in err
     assert cli.main(["densify", str(src), str(tmp_path / "out")]) == 0  # the rewrite itself is fine
+
+
+def test_a_rewrite_failing_while_it_writes_leaves_no_parent_directories(tmp_path, monkeypatch):
+    # The Python API made OUT's missing parents and left them when the rewrite failed after that (the
+    # command line removed them).
+    src = _save(Lookup(_contents([1, 2])), tmp_path / "model")
+
+    def failing(staging):
+        raise RewriteError("the rewritten model does not load back (simulated)")
+
+    monkeypatch.setattr(tf_lora.rewrite.densification, "resave", failing)
+    with pytest.raises(RewriteError, match="simulated"):
+        tf_lora.rewrite.densify(src, tmp_path / "a" / "b" / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]

@@ -63,14 +63,22 @@ def remove_if_empty(directories):
             return
 
 
-def prepare_output(files, out, overwrite):
-    """Checks where a rewrite may write (`check_output`), creates OUT's missing parents and returns
-    (OUT, a fresh staging path beside it)."""
+@contextlib.contextmanager
+def prepared_output(files, out, overwrite):
+    """Checks where a rewrite may write (`check_output`), creates OUT's missing parents and yields (OUT, a
+    fresh staging path beside it). The staging path is removed when the block ends; when it raises, so are
+    the parents created for OUT."""
     out = check_output(files.path, out, overwrite)
-    make_parents(out)
+    created = make_parents(out)
     staging = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.tf_lora_tmp_{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
-    return out, staging
+    try:
+        yield out, staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        remove_if_empty(created)
+        raise
+    shutil.rmtree(staging, ignore_errors=True)
 
 
 @contextlib.contextmanager

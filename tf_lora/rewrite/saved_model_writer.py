@@ -9,7 +9,7 @@ import tensorflow as tf
 from tf_lora.rewrite.errors import RewriteError
 from tf_lora.rewrite.graph_defs import stripped_op_names
 from tf_lora.rewrite.model_files import ModelFiles
-from tf_lora.rewrite.output_dir import install_output, prepare_output
+from tf_lora.rewrite.output_dir import install_output, prepared_output
 
 
 def write_saved_model(files: ModelFiles, proto, new_values: dict, out, overwrite=False, finish=None):
@@ -18,41 +18,45 @@ def write_saved_model(files: ModelFiles, proto, new_values: dict, out, overwrite
     `<name>.meta` and the checkpoint `<name>`): staged in a temporary directory beside it and renamed into
     place only once complete. `finish(staging_dir) -> dir` may turn the staged copy into the final one
     (inject re-saves it)."""
-    out, staging = prepare_output(files, out, overwrite)
-    final = staging
-    try:
-        for meta in [proto] if files.kind in ("meta_graph", "graph_def") else proto.meta_graphs:
-            used = stripped_op_names(meta)
-            kept = [op for op in meta.meta_info_def.stripped_op_list.op if op.name in used]
-            del meta.meta_info_def.stripped_op_list.op[:]
-            meta.meta_info_def.stripped_op_list.op.extend(kept)
-        if files.kind in ("meta_graph", "graph_def"):  # OUT/<name>.meta (or .pb), checkpoint OUT/<name>
-            os.makedirs(staging)
-            base = os.path.basename(files.prefix)
-            if files.kind == "meta_graph":
-                with open(os.path.join(staging, base + ".meta"), "wb") as f:
-                    f.write(proto.SerializeToString())
-            else:
-                with open(os.path.join(staging, base + ".pb"), "wb") as f:
-                    f.write(proto.graph_def.SerializeToString())
-            _write_checkpoint(files.reader, new_values, os.path.join(staging, base))
-            with open(os.path.join(staging, "checkpoint"), "w") as f:
-                f.write(f'model_checkpoint_path: "{base}"\nall_model_checkpoint_paths: "{base}"\n')
-        else:
-            shutil.copytree(files.path, staging, ignore=shutil.ignore_patterns("variables", "fingerprint.pb"))
-            with open(os.path.join(staging, "saved_model.pb"), "wb") as f:
+    with prepared_output(files, out, overwrite) as (out, staging):
+        final = staging
+        try:
+            _write(files, proto, new_values, staging)
+            if finish is not None:
+                final = finish(staging)
+            install_output(final, out)
+        finally:
+            shutil.rmtree(final, ignore_errors=True)
+
+
+def _write(files, proto, new_values, staging):
+    """The proto and checkpoint, as the input's format has them, in `staging`."""
+    for meta in [proto] if files.kind in ("meta_graph", "graph_def") else proto.meta_graphs:
+        used = stripped_op_names(meta)
+        kept = [op for op in meta.meta_info_def.stripped_op_list.op if op.name in used]
+        del meta.meta_info_def.stripped_op_list.op[:]
+        meta.meta_info_def.stripped_op_list.op.extend(kept)
+    if files.kind in ("meta_graph", "graph_def"):  # OUT/<name>.meta (or .pb), checkpoint OUT/<name>
+        os.makedirs(staging)
+        base = os.path.basename(files.prefix)
+        if files.kind == "meta_graph":
+            with open(os.path.join(staging, base + ".meta"), "wb") as f:
                 f.write(proto.SerializeToString())
-            if files.reader is not None:
-                os.makedirs(os.path.join(staging, "variables"))
-                _write_checkpoint(files.reader, new_values, os.path.join(staging, "variables", "variables"))
-            if files.kind == "saved_model":
-                _write_fingerprint(staging)
-        if finish is not None:
-            final = finish(staging)
-        install_output(final, out)
-    finally:
-        for leftover in {staging, final}:
-            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            with open(os.path.join(staging, base + ".pb"), "wb") as f:
+                f.write(proto.graph_def.SerializeToString())
+        _write_checkpoint(files.reader, new_values, os.path.join(staging, base))
+        with open(os.path.join(staging, "checkpoint"), "w") as f:
+            f.write(f'model_checkpoint_path: "{base}"\nall_model_checkpoint_paths: "{base}"\n')
+    else:
+        shutil.copytree(files.path, staging, ignore=shutil.ignore_patterns("variables", "fingerprint.pb"))
+        with open(os.path.join(staging, "saved_model.pb"), "wb") as f:
+            f.write(proto.SerializeToString())
+        if files.reader is not None:
+            os.makedirs(os.path.join(staging, "variables"))
+            _write_checkpoint(files.reader, new_values, os.path.join(staging, "variables", "variables"))
+        if files.kind == "saved_model":
+            _write_fingerprint(staging)
 
 
 def _write_checkpoint(reader, new_values, prefix):

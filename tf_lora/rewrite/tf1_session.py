@@ -5,14 +5,13 @@ that add ops to TF1 graphs (inject, replace-embedding) are built on these."""
 
 import contextlib
 import os
-import shutil
 
 import tensorflow as tf
 from tensorflow.python.util import deprecation  # private: TensorFlow's own switch for its notices
 
 from tf_lora.rewrite.errors import RewriteError
 from tf_lora.rewrite.graph_defs import VARIABLE_OPS
-from tf_lora.rewrite.output_dir import install_output, prepare_output
+from tf_lora.rewrite.output_dir import install_output, prepared_output
 
 v1 = tf.compat.v1
 
@@ -76,8 +75,7 @@ def rewire(old, new, signatures, keep=()):
 def write_session(files, session, signatures, out, overwrite, var_list):
     """Writes the session's graph and values like the input: a SavedModel through SavedModelBuilder, or
     `<name>.meta` + checkpoint through a Saver (signatures kept in the MetaGraphDef); staged, then renamed."""
-    out, staging = prepare_output(files, out, overwrite)
-    try:
+    with prepared_output(files, out, overwrite) as (out, staging):
         saver = v1.train.Saver(var_list=var_list)
         if files.kind == "saved_model_v1":
             builder = v1.saved_model.Builder(staging)
@@ -95,8 +93,6 @@ def write_session(files, session, signatures, out, overwrite, var_list):
             with open(os.path.join(staging, base + ".meta"), "wb") as f:
                 f.write(meta.SerializeToString())
         install_output(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def all_variables(graph):
