@@ -329,6 +329,16 @@ def test_a_refused_rewrite_leaves_an_existing_out_as_it_was(tmp_path, capsys):
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]
 
 
+class UnderLoop(tf.Module):
+    def __init__(self):
+        super().__init__()
+        self.table = tf_lora.SparseTable(2, name="features")
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 3], tf.int64)])
+    def __call__(self, ids):
+        return tf.map_fn(lambda row: self.table.pull(row), ids, fn_output_signature=tf.float32)
+
+
 class UnderCond(tf.Module):
     def __init__(self):
         super().__init__()
@@ -339,11 +349,20 @@ class UnderCond(tf.Module):
         return tf.cond(tf.size(ids) > 0, lambda: self.table.pull(ids), lambda: tf.zeros([0, 2]))
 
 
-def test_a_pull_under_control_flow_is_refused_with_that_reason(tmp_path):
-    src = _save(UnderCond(), tmp_path / "model")
-    with pytest.raises(RewriteError, match=r"a pull under control flow is not densified"):
-        tf_lora.rewrite.densify(src, tmp_path / "out")
-    assert not os.path.exists(tmp_path / "out")
+def test_a_pull_under_tf_cond_is_densified_and_one_under_a_loop_refused(tmp_path):
+    module = UnderCond()
+    module.table.import_(_contents([3, 4], dim=2))
+    src = _save(module, tmp_path / "model")
+    (report,) = tf_lora.rewrite.densify(src, tmp_path / "out").tables
+    assert len(report.lookups) == 1 and _plugin_ops(tmp_path / "out") == []
+    loaded = tf.saved_model.load(str(tmp_path / "out"))
+    for ids in ([3, 9, 4], np.zeros(0, np.int64)):
+        np.testing.assert_array_equal(loaded.signatures["serving_default"](ids=ids)["output_0"], module(ids))
+
+    src = _save(UnderLoop(), tmp_path / "loop")
+    with pytest.raises(RewriteError, match=r"While \(a pull inside a loop is not densified\)"):
+        tf_lora.rewrite.densify(src, tmp_path / "loop_out")
+    assert not os.path.exists(tmp_path / "loop_out")
 
 
 def test_a_keras_model_with_sparse_inputs_saved_from_a_module_densifies(tmp_path):

@@ -115,7 +115,7 @@ def _parser(argv=None):
         "model loads, and each inference pull from it a lookup and a gather: the same outputs (an id the "
         "table does not hold reads the zero row, as the pull reads it) from core TensorFlow ops only, so the "
         "output loads in TF Serving or any TensorFlow without tf_lora. A function that pushes into a table, "
-        "pulls while training or pulls under control flow is an error (exit 2): densify a serving export "
+        "pulls while training or pulls inside a loop is an error (exit 2): densify a serving export "
         "(model.export). --verify runs both models on integer inputs drawn from ids the tables kept and ids "
         "no table held.",
     )

@@ -23,9 +23,9 @@ from tensorflow.python.ops import gen_lookup_ops, lookup_ops
 
 from tf_lora.rewrite.errors import RewriteError
 from tf_lora.rewrite.graph_defs import (
-    CALL_OPS,
     PLUGIN_PREFIX,
     SPARSE_TABLE_PULL,
+    called,
     identifier,
     split_ref,
     stripped_op_names,
@@ -45,7 +45,7 @@ from tf_lora.rewrite.model_files import OBJECT_GRAPH_KEY, ModelFiles
 from tf_lora.rewrite.saved_model_writer import write_saved_model
 from tf_lora.rewrite.variables import resource_arguments
 
-_CONTROL_FLOW = ("If", "StatelessIf", "While", "StatelessWhile", "Case", "StatelessCase")
+_CONTROL_FLOW = ("While", "StatelessWhile", "Case", "StatelessCase")  # an If's branches are looked into
 CREATE = "TfLora>SparseTable"
 
 
@@ -136,8 +136,8 @@ def densify(model_dir, out_dir, table=None, min_update_count=0, overwrite=False,
         uses = "; ".join(f"{use} on table {tables[i].name}" for i, found in others.items() for use in found)
         raise RewriteError(
             f"densify: nothing written; the model does more than look rows up in its tables: {uses}. densify "
-            "writes a serving model: save one whose functions only pull without training, outside control "
-            "flow (Keras: model.export; a tf.Module: save the serving functions alone)"
+            "writes a serving model: save one whose functions only pull without training, outside "
+            "loops (Keras: model.export; a tf.Module: save the serving functions alone)"
         )
     contents = {i: _contents(files, t, min_update_count) for i, t in tables.items()}
 
@@ -262,8 +262,8 @@ def _creating_node(functions, name, seen=()):
     for node in functions[name].node_def if name in functions and name not in seen else ():
         if node.op == CREATE:
             return node
-        if node.op in CALL_OPS:
-            found = _creating_node(functions, node.attr["f"].func.name, (*seen, name))
+        for callee, _ in called(node):
+            found = _creating_node(functions, callee, (*seen, name))
             if found is not None:
                 return found
     return None
@@ -302,19 +302,18 @@ def table_uses(files, tables):
                 found = handles.get(split_ref(ref)[0])
                 if found is None or node.op == "Identity":
                     continue
-                if node.op in CALL_OPS:
-                    callee = files.functions.get(node.attr["f"].func.name)
-                    args = callee.signature.input_arg if callee is not None else []
-                    other = (
-                        table_args.get((callee.signature.name, args[position].name))
-                        if position < len(args)
-                        else None
-                    )
-                    if other is not None and other.node_id != found.node_id:
-                        others.setdefault(found.node_id, []).append(
-                            f"{fn}/{node.name}: passed to {callee.signature.name}, which also takes table "
-                            f"{other.name} there"
+                if called(node):
+                    for callee, first in called(node):
+                        args = (
+                            files.functions[callee].signature.input_arg if callee in files.functions else []
                         )
+                        at = position - first
+                        other = table_args.get((callee, args[at].name)) if 0 <= at < len(args) else None
+                        if other is not None and other.node_id != found.node_id:
+                            others.setdefault(found.node_id, []).append(
+                                f"{fn}/{node.name}: passed to {callee}, which also takes table "
+                                f"{other.name} there"
+                            )
                     continue
                 if node.op == SPARSE_TABLE_PULL and position == 0 and not node.attr["training"].b:
                     sites.setdefault(found.node_id, []).append((fn, node.name))
@@ -322,7 +321,7 @@ def table_uses(files, tables):
                     how = (
                         "a training pull (it inserts ids)"
                         if node.op == SPARSE_TABLE_PULL
-                        else f"{node.op} (a pull under control flow is not densified)"
+                        else f"{node.op} (a pull inside a loop is not densified)"
                         if node.op in _CONTROL_FLOW
                         else node.op
                     )

@@ -9,8 +9,20 @@ PLUGIN_PREFIX = "TfLora>"
 SPARSE_TABLE_PULL = "TfLora>SparseTablePull"
 VARIABLE_OPS = ("VarHandleOp", "VariableV2", "Variable")
 CALL_OPS = ("StatefulPartitionedCall", "PartitionedCall")
+IF_OPS = ("If", "StatelessIf")
 # Functions TensorFlow writes to save and restore the checkpoint: they touch every variable, never a model op.
 SAVER_FUNCTIONS = ("__inference__traced_save_", "__inference__traced_restore_")
+
+
+def called(node):
+    """The functions a node runs with its data inputs as their arguments, as [(function, the first data
+    input that is their first argument)]: a call op's function, or both branches of an If (whose first
+    input is the condition). Empty for any other node."""
+    if node.op in CALL_OPS:
+        return [(node.attr["f"].func.name, 0)]
+    if node.op in IF_OPS:
+        return [(node.attr["then_branch"].func.name, 1), (node.attr["else_branch"].func.name, 1)]
+    return []
 
 
 def identifier(name):

@@ -13,7 +13,7 @@ from tensorflow.core.protobuf import saved_object_graph_pb2, trackable_object_gr
 from tensorflow.python.framework import dtypes
 
 from tf_lora.rewrite.errors import RewriteError
-from tf_lora.rewrite.graph_defs import CALL_OPS, SAVER_FUNCTIONS, layer_of
+from tf_lora.rewrite.graph_defs import SAVER_FUNCTIONS, called, layer_of
 from tf_lora.rewrite.model_files import ModelFiles
 
 
@@ -176,21 +176,20 @@ def transplant(meta, ckpt, donor_files, names):
 
 class ArgumentAdder:
     """Gives functions resource arguments for new variables: a concrete function of the object graph binds
-    it (bound_inputs); a function called by others gets it from each caller, which gets it the same way."""
+    it (bound_inputs); a function run by others (a call op's, an If's branch) gets it from each of them,
+    which gets it the same way. An If's two branches take the same arguments: both get it."""
 
     def __init__(self, files, meta, functions):
         self.functions = functions
         self.concrete = meta.object_graph_def.concrete_functions
-        self.callers = {}
+        self.callers = {}  # function -> [(caller, node)]
         for name, fdef in functions.items():
             for node in fdef.node_def:
-                if node.op in CALL_OPS:
-                    self.callers.setdefault(node.attr["f"].func.name, []).append((name, node.name))
+                for callee, _ in called(node):
+                    self.callers.setdefault(callee, []).append((name, node.name))
         self.args = {}  # (function, variable node id) -> argument name
 
-    def ensure(self, fn, node_id):
-        if (fn, node_id) in self.args:
-            return self.args[(fn, node_id)]
+    def _add(self, fn, node_id):
         fdef = self.functions[fn]
         name = f"tf_lora_resource_{node_id}"
         index = len(fdef.signature.input_arg)
@@ -199,6 +198,12 @@ class ArgumentAdder:
             fdef.attr["_input_shapes"].list.shape.add()
         fdef.arg_attr[index].attr["_user_specified_name"].s = b"resource"
         self.args[(fn, node_id)] = name
+        return name
+
+    def ensure(self, fn, node_id):
+        if (fn, node_id) in self.args:
+            return self.args[(fn, node_id)]
+        name = self._add(fn, node_id)
         if fn in self.concrete:
             self.concrete[fn].bound_inputs.append(node_id)
         for caller, call_node in self.callers.get(fn, []):
@@ -209,6 +214,9 @@ class ArgumentAdder:
             del node.input[:]
             node.input.extend([*data, caller_arg, *control])
             node.attr["Tin"].list.type.append(types_pb2.DT_RESOURCE)
+            for sibling, _ in called(node):  # the If's other branch takes the new input too
+                if (sibling, node_id) not in self.args:
+                    self._add(sibling, node_id)
         if fn not in self.concrete and fn not in self.callers:
             raise RewriteError(f"function {fn} is neither a saved concrete function nor called by one")
         return name

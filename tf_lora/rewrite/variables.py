@@ -5,7 +5,7 @@ import dataclasses
 
 from tensorflow.python.framework import tensor_util
 
-from tf_lora.rewrite.graph_defs import CALL_OPS, VARIABLE_OPS, split_ref
+from tf_lora.rewrite.graph_defs import VARIABLE_OPS, called, split_ref
 
 
 @dataclasses.dataclass
@@ -61,7 +61,7 @@ def saver_variables(meta, shapes, dtypes):
 def resource_arguments(meta, functions, variables):
     """{(function, argument name): Variable} for every resource argument of `functions` that is one of
     `variables` (by object graph node id): bound inputs of the saved concrete functions, then, through call
-    ops, the arguments of the functions they call."""
+    ops and If branches (graph_defs.called), the arguments of the functions they run."""
     resolved = {}
     for name, concrete in meta.object_graph_def.concrete_functions.items():
         fdef = functions.get(name)
@@ -72,18 +72,19 @@ def resource_arguments(meta, functions, variables):
             if node_id in variables:
                 resolved[(name, arg.name)] = variables[node_id]
     changed = True
-    while changed:  # into the functions that call ops call, until nothing new is learnt
+    while changed:  # into the functions that nodes run, until nothing new is learnt
         changed = False
         for name, fdef in functions.items():
             for node in fdef.node_def:
-                if node.op not in CALL_OPS or node.attr["f"].func.name not in functions:
-                    continue
-                callee = functions[node.attr["f"].func.name]
-                data_inputs = [i for i in node.input if not i.startswith("^")]
-                for arg, ref in zip(callee.signature.input_arg, data_inputs, strict=False):
-                    variable = resolved.get((name, ref))
-                    key = (callee.signature.name, arg.name)
-                    if variable is not None and key not in resolved:
-                        resolved[key] = variable
-                        changed = True
+                for callee_name, first in called(node):
+                    if callee_name not in functions:
+                        continue
+                    callee = functions[callee_name]
+                    data_inputs = [i for i in node.input if not i.startswith("^")][first:]
+                    for arg, ref in zip(callee.signature.input_arg, data_inputs, strict=False):
+                        variable = resolved.get((name, ref))
+                        key = (callee_name, arg.name)
+                        if variable is not None and key not in resolved:
+                            resolved[key] = variable
+                            changed = True
     return resolved
