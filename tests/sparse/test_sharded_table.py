@@ -104,6 +104,31 @@ def test_a_sharded_keras_layer_saves_and_loads_as_keras_files_do(tmp_path):
     np.testing.assert_array_equal(loaded.predict(x, verbose=0), model.predict(x, verbose=0))
 
 
+def test_a_non_finite_push_and_a_checkpoint_of_another_layout_change_nothing(tmp_path):
+    # A NaN in one shard's gradient was refused by that shard only: the other shards took the push and their
+    # steps parted. A checkpoint of 2 shards read into 3 put ids in the wrong shards (reading as zeros).
+    sharded = tf_lora.ShardedSparseTable(
+        2, ["/cpu:0", "/cpu:0"], optimizer=tf_lora.sparse_optimizers.SGD(1.0)
+    )
+    sharded.push([0, 1], np.ones((2, 2), np.float32))
+    before = [_sorted(table.export()) for table in sharded.shards]
+    grads = np.array([[1, 1], [np.nan, 1], [1, 1]], np.float32)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="the gradient of id.*1.*is not finite"):
+        sharded.push([0, 1, 2], grads)
+    for table, old in zip(sharded.shards, before, strict=True):
+        for name, value in _sorted(table.export()).items():
+            np.testing.assert_array_equal(value, old[name])
+
+    path = tf.train.Checkpoint(table=sharded).write(str(tmp_path / "ckpt"))
+    three = tf_lora.ShardedSparseTable(2, ["/cpu:0"] * 3)
+    with pytest.raises(ValueError, match=r"does not fit shard 0 of 3 .*saved: shard 0 of 2"):
+        tf.train.Checkpoint(table=three).read(path)
+    assert int(three.size()) == 0
+    again = tf_lora.ShardedSparseTable(2, ["/cpu:0", "/cpu:0"])
+    tf.train.Checkpoint(table=again).read(path).assert_consumed()
+    _assert_same(sharded, again)
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="devices must be a non-empty list of devices"):
         tf_lora.ShardedSparseTable(4, "/cpu:0")
@@ -113,6 +138,13 @@ def test_bad_arguments():
         tf_lora.ShardedSparseTable(4, ["/cpu:0"]).pull(tf.constant([1.0]))
     with pytest.raises(ValueError, match=r"dim must be in \[1, 1048576\]"):
         tf_lora.ShardedSparseTable(0, ["/cpu:0"])
+    with pytest.raises(ValueError, match="devices must be a non-empty list of devices, got '/cpu:0'"):
+        tf_lora.layers.SparseEmbedding(4, devices="/cpu:0")
+    table = tf_lora.ShardedSparseTable(4, ["/cpu:0", "/cpu:0"])
+    with pytest.raises(ValueError, match=r"grads must be ids.shape \+ \[dim\] = \(2, 4\), got \(3, 2, 4\)"):
+        table.push([2, 3], np.ones((3, 2, 4), np.float32))
+    with pytest.raises(ValueError, match="keys must be a vector"):
+        table.import_({**table.export(), "keys": np.zeros((0, 1), np.int64)})
 
 
 # Two parameter servers in this process's cluster; the test process is the worker (TensorFlow's distributed

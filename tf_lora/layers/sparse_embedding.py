@@ -11,10 +11,9 @@ import tensorflow as tf
 from tf_lora.layers import _optimizer_hook
 from tf_lora.sparse import initializers, optimizers
 from tf_lora.sparse.sharded_table import ShardedSparseTable
-from tf_lora.sparse.table import SparseTable
+from tf_lora.sparse.table import CONTENTS, SparseTable
 
 _COMBINERS = (None, "sum", "mean", "sqrtn")
-_CONTENTS = ("keys", "values", "slots", "update_counts", "last_steps", "step")
 
 
 @keras.saving.register_keras_serializable(package="tf_lora")
@@ -91,14 +90,14 @@ class SparseEmbedding(keras.layers.Layer):
             initializer, initializers.RandomNormal(stddev=0.05, seed=initializers.new_seed())
         )
         self.table_optimizer = optimizers.resolve(optimizer, optimizers.Adagrad(0.05))
-        self.devices = None if devices is None else list(devices)
         if devices is None:
             self.table = SparseTable(dim, self.initializer, self.table_optimizer, name=self.name)
         else:
             self.table = ShardedSparseTable(
-                dim, self.devices, self.initializer, self.table_optimizer, name=self.name
+                dim, devices, self.initializer, self.table_optimizer, name=self.name
             )
         self.dim = self.table.dim
+        self.devices = self.table.devices if devices is not None else None
         _optimizer_hook.install()
         self.pulled_rows = self.add_weight(
             shape=(self.max_ids_per_step, self.dim), initializer="zeros", trainable=True, name="pulled_rows"
@@ -252,7 +251,7 @@ class SparseEmbedding(keras.layers.Layer):
     # ids are the current step's only: neither is saved).
     def save_own_variables(self, store):
         contents = self.table.export()
-        for name in _CONTENTS:
+        for name in CONTENTS:
             store[f"table_{name}"] = np.asarray(contents[name])
         for name, value in self._step_state.values().items():
             store[f"step_{name}"] = np.asarray(value)
@@ -260,7 +259,7 @@ class SparseEmbedding(keras.layers.Layer):
     def load_own_variables(self, store):
         step = {name: np.asarray(store[f"step_{name}"]) for name in _STEP if f"step_{name}" in store}
         self._step_state.check(step)
-        self.table.import_({name: np.asarray(store[f"table_{name}"]) for name in _CONTENTS})
+        self.table.import_({name: np.asarray(store[f"table_{name}"]) for name in CONTENTS})
         self._step_state.assign(step)
 
     def get_config(self):

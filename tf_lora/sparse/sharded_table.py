@@ -6,7 +6,11 @@ import numbers
 import tensorflow as tf
 
 from tf_lora.sparse import initializers, optimizers
-from tf_lora.sparse.table import SparseTable, int64_ids
+from tf_lora.sparse.table import CONTENTS, SparseTable, int64_ids
+
+# Where the worker partitions ids, sums repeated ids' gradients and stitches rows back: its host, so that
+# sums keep the table's order (a GPU's segment sums add in no fixed order).
+_HOST = "/device:CPU:0"
 
 
 class ShardedSparseTable(tf.Module):
@@ -15,16 +19,18 @@ class ShardedSparseTable(tf.Module):
     cluster (`"/job:ps/task:0"`, ...), or to spread its work over several devices of one.
 
     It reads and trains exactly as one SparseTable with the same initializer and optimizer (a new id's row
-    is the same pure function of (seed, id); duplicates are summed within the shard that holds them; every
-    push advances every shard's step, so update counts, last steps and `evict(max_age=...)` agree). Pulls
-    and pushes run on the shards' devices (TensorFlow places each shard's ops with its table), the ids and
-    rows travelling to and from them. `export()` gathers every shard; `import_` spreads the contents.
-    Checkpoints hold each shard's contents (restore into the same number of shards); `.keras` files hold
-    the gathered contents (a SparseEmbedding with any number of shards loads them).
+    is the same pure function of (seed, id); repeated ids' gradients are summed on the worker in the order
+    the table sums them; every push advances every shard's step, so update counts, last steps and
+    `evict(max_age=...)` agree; a push with a non-finite gradient changes no shard). Pulls and pushes run on
+    the shards' devices (TensorFlow places each shard's ops with its table); each distinct id, with its
+    row or summed gradient, travels once. `export()` gathers every shard; `import_` spreads any export.
+    Checkpoints hold each shard's contents and its place (shard k of n): a restore into another number of
+    shards is refused (change the layout with `export()` / `import_`); `.keras` files hold the gathered
+    contents (a SparseEmbedding with any number of shards loads them).
 
     Args:
       dim: Row width, in [1, 2^20].
-      devices: The shards' devices, at least one (e.g. `["/job:ps/task:0", "/job:ps/task:1"]`).
+      devices: The shards' devices, a non-empty list (e.g. `["/job:ps/task:0", "/job:ps/task:1"]`).
       initializer: A `tf_lora.sparse_initializers` object (default `Zeros()`).
       optimizer: A `tf_lora.sparse_optimizers` object (default `SGD(0.01)`).
       name: Name of the table; shard k is `<name>_shard_<k>`.
@@ -48,7 +54,7 @@ class ShardedSparseTable(tf.Module):
         for k, device in enumerate(self._devices):
             with tf.device(device):
                 self.shards.append(
-                    SparseTable(dim, self._initializer, self._optimizer, name=f"{name}_shard_{k}")
+                    _Shard(dim, self._initializer, self._optimizer, f"{name}_shard_{k}", k, len(devices))
                 )
         self._dim = self.shards[0].dim
 
@@ -81,34 +87,46 @@ class ShardedSparseTable(tf.Module):
         )
 
     def pull(self, ids, training=False) -> tf.Tensor:
-        """The rows of `ids` (int64, any shape): `ids.shape + [dim]`, as SparseTable.pull. Each distinct id
-        travels to its shard, and its row back, once."""
+        """The rows of `ids` (int64, any shape): `ids.shape + [dim]`, as SparseTable.pull."""
         ids = int64_ids(ids, "ShardedSparseTable.pull")
-        unique, index = tf.unique(tf.reshape(ids, [-1]), out_idx=tf.int64)
-        parts, positions = self._split(unique)
+        with tf.device(_HOST):
+            unique, index = tf.unique(tf.reshape(ids, [-1]), out_idx=tf.int64)
+            parts, positions = self._split(unique)
         rows = [table.pull(part, training=training) for table, part in zip(self.shards, parts, strict=True)]
-        flat = tf.gather(tf.dynamic_stitch(positions, rows), index)
-        return tf.reshape(flat, tf.concat([tf.shape(ids), [self._dim]], axis=0))
+        with tf.device(_HOST):
+            flat = tf.gather(tf.dynamic_stitch(positions, rows), index)
+            return tf.reshape(flat, tf.concat([tf.shape(ids), [self._dim]], axis=0))
 
     def push_step(self, ids, grads, learning_rate=None) -> tf.Tensor:
         """Applies the optimizer to the rows of `ids` with `grads` (`ids.shape + [dim]`), as SparseTable.push,
-        every shard (those without ids of the push too, so that their steps agree); returns the step."""
+        on every shard (those without ids of the push too, so that their steps agree); returns the step. A
+        gradient that is not finite is refused before any shard changes."""
         ids = int64_ids(ids, "ShardedSparseTable.push")
-        grads = tf.reshape(tf.convert_to_tensor(grads, dtype=tf.float32), [-1, self._dim])
-        tf.debugging.assert_equal(
-            tf.shape(grads)[0],
-            tf.size(ids),
-            message="ShardedSparseTable.push: grads must be ids.shape + [dim]",
-        )
-        # Repeated ids' gradients are summed here (as the table sums them, in the same order), so each
-        # distinct id and its gradient travel to its shard once.
-        unique, index = tf.unique(tf.reshape(ids, [-1]), out_idx=tf.int64)
-        grads = tf.math.unsorted_segment_sum(grads, index, tf.size(unique, out_type=tf.int64))
-        parts, positions = self._split(unique)
-        steps = [
-            table.push_step(part, tf.gather(grads, position), learning_rate)
-            for table, part, position in zip(self.shards, parts, positions, strict=True)
-        ]
+        grads = tf.convert_to_tensor(grads, dtype=tf.float32)
+        expected = ids.shape.concatenate([self._dim])
+        if not grads.shape.is_compatible_with(expected):
+            raise ValueError(
+                f"ShardedSparseTable.push: grads must be ids.shape + [dim] = {expected}, got {grads.shape}"
+            )
+        with tf.device(_HOST):
+            sized = tf.debugging.assert_equal(
+                tf.shape(grads, out_type=tf.int64),
+                tf.concat([tf.shape(ids, out_type=tf.int64), [self._dim]], 0),
+                message="ShardedSparseTable.push: grads must be ids.shape + [dim]",
+            )
+            with tf.control_dependencies([sized]):
+                unique, index = tf.unique(tf.reshape(ids, [-1]), out_idx=tf.int64)
+                summed = tf.math.unsorted_segment_sum(
+                    tf.reshape(grads, [-1, self._dim]), index, tf.size(unique, out_type=tf.int64)
+                )
+            finite = tf.reduce_all(tf.math.is_finite(summed), axis=1)
+            checked = _refuse_non_finite(unique, finite)
+            parts, positions = self._split(unique)
+        with tf.control_dependencies([checked]):
+            steps = [
+                table.push_step(part, tf.gather(summed, position), learning_rate)
+                for table, part, position in zip(self.shards, parts, positions, strict=True)
+            ]
         return tf.reduce_max(tf.stack(steps))
 
     def push(self, ids, grads, learning_rate=None):
@@ -139,34 +157,43 @@ class ShardedSparseTable(tf.Module):
     def import_(self, contents: dict):
         """Replaces the contents with an `export()` (of this table, of a SparseTable, or of one with another
         number of shards), each id going to its shard. Eagerly, a refused import leaves every shard as it
-        was (shards already imported get their old contents back)."""
-        missing = {"keys", "values", "slots", "update_counts", "last_steps", "step"} - set(contents)
+        was (shards already imported get their old contents back); in a graph, each shard's import stands
+        alone."""
+        missing = set(CONTENTS) - set(contents)
         if missing:
             raise ValueError(f"ShardedSparseTable.import_: missing {sorted(missing)}")
         keys = int64_ids(contents["keys"], "ShardedSparseTable.import_")
-        parts, positions = self._split(keys)
+        if keys.shape.rank != 1:
+            raise ValueError(f"ShardedSparseTable.import_: keys must be a vector, got shape {keys.shape}")
         columns = {
             name: tf.convert_to_tensor(contents[name], tf.int64 if name in _INT64 else tf.float32)
             for name in ("values", "slots", "update_counts", "last_steps")
         }
+        checks = []
         for name, column in columns.items():  # a row per key, before the keys are spread over the shards
             if column.shape.rank == 0:
                 raise ValueError(f"ShardedSparseTable.import_: {name} must have a row per key, got a scalar")
-            tf.debugging.assert_equal(
-                tf.shape(column, out_type=tf.int64)[0],
-                tf.size(keys, out_type=tf.int64),
-                message=f"ShardedSparseTable.import_: {name} must have a row per key",
+            checks.append(
+                tf.debugging.assert_equal(
+                    tf.shape(column, out_type=tf.int64)[0],
+                    tf.size(keys, out_type=tf.int64),
+                    message=f"ShardedSparseTable.import_: {name} must have a row per key",
+                )
             )
+        with tf.control_dependencies(checks):
+            parts, positions = self._split(keys)
+
+        def shard_contents(part, position):
+            return {
+                "keys": part,
+                **{name: tf.gather(column, position) for name, column in columns.items()},
+                "step": contents["step"],
+            }
+
         if not tf.executing_eagerly():
             return tf.group(
                 [
-                    table.import_(
-                        {
-                            "keys": part,
-                            **{name: tf.gather(column, position) for name, column in columns.items()},
-                            "step": contents["step"],
-                        }
-                    )
+                    table.import_(shard_contents(part, position))
                     for table, part, position in zip(self.shards, parts, positions, strict=True)
                 ]
             )
@@ -174,19 +201,58 @@ class ShardedSparseTable(tf.Module):
         done = 0
         try:
             for table, part, position in zip(self.shards, parts, positions, strict=True):
-                table.import_(
-                    {
-                        "keys": part,
-                        **{n: tf.gather(c, position) for n, c in columns.items()},
-                        "step": contents["step"],
-                    }
-                )
+                table.import_(shard_contents(part, position))
                 done += 1
-        except (tf.errors.OpError, ValueError):
+        except Exception:
             for table, old in zip(self.shards[:done], before, strict=False):
                 table.import_(old)
             raise
         return None
+
+
+def _refuse_non_finite(ids, finite):
+    """An InvalidArgumentError naming the first id whose gradient is not finite, eagerly now, in a graph when
+    the returned op runs (before any shard's push)."""
+    message = "ShardedSparseTable.push: the gradient of id {} is not finite (NaN or Inf); nothing was pushed"
+    if tf.executing_eagerly():
+        if not bool(tf.reduce_all(finite)):
+            bad = int(tf.boolean_mask(ids, tf.logical_not(finite))[0])
+            raise tf.errors.InvalidArgumentError(None, None, message.format(bad))
+        return tf.no_op()
+    first = tf.boolean_mask(ids, tf.logical_not(finite))[:1]
+    return tf.debugging.Assert(tf.reduce_all(finite), [message.format("(below)"), first])
+
+
+class _Shard(SparseTable):
+    """One shard of a ShardedSparseTable. Its checkpoints also hold its place, `layout` (index, count): a
+    restore into a shard of another layout is refused before anything is imported (its ids would sit in
+    the wrong shard, reading as zeros)."""
+
+    def __init__(self, dim, initializer, optimizer, name, index, count):
+        self._layout = (index, count)
+        super().__init__(dim, initializer, optimizer, name=name)
+
+    def _serialize_to_tensors(self):
+        return {**super()._serialize_to_tensors(), "layout": tf.constant(self._layout, tf.int64)}
+
+    def _restore_from_tensors(self, restored_tensors):
+        restored = dict(restored_tensors)
+        layout = restored.pop("layout", None)
+        if layout is None:
+            return super()._restore_from_tensors(restored)
+        index, count = self._layout
+        message = (
+            f"ShardedSparseTable: the checkpoint's shard does not fit shard {index} of {count} "
+            f"({self.name}): restore into a table of as many shards as the one saved (then export() / "
+            "import_() to change the layout)"
+        )
+        if tf.executing_eagerly():
+            if tuple(int(v) for v in tf.convert_to_tensor(layout).numpy()) != self._layout:
+                raise ValueError(f"{message}; saved: shard {layout[0]} of {layout[1]}")
+            return super()._restore_from_tensors(restored)
+        fits = tf.debugging.assert_equal(layout, tf.constant(self._layout, tf.int64), message=message)
+        with tf.control_dependencies([fits]):
+            return super()._restore_from_tensors(restored)
 
 
 _INT64 = ("update_counts", "last_steps")

@@ -10,6 +10,9 @@ from tf_lora.sparse import initializers, optimizers
 
 _table_ids = itertools.count()
 
+# What export() gives and import_() takes.
+CONTENTS = ("keys", "values", "slots", "update_counts", "last_steps", "step")
+
 # The widest row the op library takes (sparse::Config::kMaxDim): 2^20 values, 12 MiB a row with Adam's slots.
 MAX_DIM = 1 << 20
 
@@ -165,7 +168,7 @@ class SparseTable(tf.saved_model.experimental.TrackableResource):
 
     def import_(self, contents: dict):
         """Replaces the table's contents with an `export()`; bad input leaves the table as it was."""
-        missing = {"keys", "values", "slots", "update_counts", "last_steps", "step"} - set(contents)
+        missing = set(CONTENTS) - set(contents)
         if missing:
             raise ValueError(f"SparseTable.import_: missing {sorted(missing)}")
         return sparse_table_ops.import_(
