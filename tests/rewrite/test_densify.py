@@ -473,3 +473,26 @@ def test_a_rewrite_failing_while_it_writes_leaves_no_parent_directories(tmp_path
     with pytest.raises(RewriteError, match="simulated"):
         tf_lora.rewrite.densify(src, tmp_path / "a" / "b" / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+class Mixed(tf.Module):
+    """An int32 input into a dense table beside an int64 input into a sparse one."""
+
+    def __init__(self):
+        super().__init__()
+        self.dense = tf.Variable(np.arange(20, dtype=np.float32).reshape(10, 2))
+        self.table = tf_lora.SparseTable(2, name="features")
+        self.table.import_(_contents([0, 5, 9], dim=2, counts=[1, 5, 5]))
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.int32), tf.TensorSpec([None], tf.int64)])
+    def __call__(self, dense_ids, ids):
+        return {"sum": tf.gather(self.dense, dense_ids) + self.table.pull(ids)}
+
+
+def test_verify_of_a_model_with_a_dense_int32_input_still_probes_the_table(tmp_path, capsys):
+    # Probing the int32 input with the table's ids failed in the dense gather; verify then fed zeros to both
+    # inputs, and id 0, left out by --min-update-count, failed a correct rewrite.
+    src = _save(Mixed(), tmp_path / "model")
+    args = ["densify", str(src), str(tmp_path / "out"), "--min-update-count", "2", "--verify"]
+    assert cli.main(args) == 0, capsys.readouterr().err
+    assert "verify serving_default: max |difference| = 0" in capsys.readouterr().out

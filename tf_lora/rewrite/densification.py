@@ -58,7 +58,7 @@ class Densified:
     left_out: int  # ids below min_update_count, which now read as zero rows
     keys: str | None  # the new variables' names (no keys variable for a table left with no ids)
     values: str
-    lookups: list  # "function/node" of each pull replaced
+    lookups: list  # "function/node" of each lookup that replaced a pull
 
 
 @dataclasses.dataclass
@@ -185,10 +185,13 @@ def densify(model_dir, out_dir, table=None, min_update_count=0, overwrite=False,
                 concrete.bound_inputs[:] = [instead if i == table_id else i for i in concrete.bound_inputs]
         _detach(objects, ckpt, table_id)
         new_values.update((key, None) for key in found.checkpoint_keys.values())
-        lookups = sites.get(table_id, [])
+        lookups, replaced = sites.get(table_id, []), []
         for fn, node_name in lookups:
             say(f"replace {fn}/{node_name}")
-            _replace_pull(functions[fn], node_name, args.ensure(fn, values_id), len(keys), found.dim)
+            new_name = _replace_pull(
+                functions[fn], node_name, args.ensure(fn, values_id), len(keys), found.dim
+            )
+            replaced.append(f"{fn}/{new_name}")
         report.append(
             Densified(
                 found.path,
@@ -198,7 +201,7 @@ def densify(model_dir, out_dir, table=None, min_update_count=0, overwrite=False,
                 left_out,
                 keys_name,
                 f"{scope}/values",
-                [f"{fn}/{node}" for fn, node in lookups],
+                replaced,
             )
         )
     for node_id in _unused_pulled_rows(
@@ -466,6 +469,7 @@ def _replace_pull(fdef, node_name, values_arg, n, dim):
     pull.attr["Tshape"].type = types_pb2.DT_INT32
     fdef.node_def.extend(new)
     _rename_node(fdef, node_name, name, {"values": "output"})
+    return name
 
 
 def _rename_node(fdef, old, new, outputs):

@@ -38,9 +38,8 @@ class ModelFiles:
             "saved_model.pb",
             "saved_model.pbtxt",
         ):
-            raise RewriteError(
-                f"{self.path}: a SavedModel's own file; pass its directory, {os.path.dirname(self.path)}"
-            )
+            directory = os.path.dirname(os.path.abspath(self.path))
+            raise RewriteError(f"{self.path}: a SavedModel's own file; pass its directory, {directory}")
         elif os.path.isfile(self.path) and self.path.endswith((".pb", ".pbtxt")):
             # A bare GraphDef with its checkpoint beside it (model.pb + model.index): read as a MetaGraphDef
             # without saver or signatures; checkpoint keys are the variables' names, as a default Saver

@@ -84,7 +84,7 @@ def prepared_output(files, out, overwrite):
 @contextlib.contextmanager
 def staged_output(source, out, overwrite=False):
     """For a caller that checks a rewrite before it is installed (the command line's --verify): checks OUT as
-    `prepare_output` does and yields a fresh path beside it for the rewrite to write. When the block ends
+    `prepared_output` does and yields a fresh path beside it for the rewrite to write. When the block ends
     without an exception, the directory written there replaces OUT (atomically, as `install_output` does);
     when it raises, that directory and the parents created for OUT are removed, and an existing OUT is left
     as it was."""

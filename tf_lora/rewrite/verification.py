@@ -13,17 +13,17 @@ from tf_lora.rewrite.tf1_session import load_into
 
 def _example(dtype, shape, rng, batch, integers=None):
     """Unknown dimensions become `batch`; floats are standard normal, integers 0 (a valid row id and adapter
-    id) or drawn from `integers` (those the dtype holds, when given), booleans False, strings empty."""
+    id) or drawn from `integers` ({dtype: values}, those the dtype holds), booleans False, strings empty."""
     shape = [batch] if shape is None else [batch if d is None or d < 0 else d for d in shape]
     if dtype.is_floating:
         return rng.standard_normal(shape).astype(dtype.as_numpy_dtype)
     if dtype == tf.string:
         return np.full(shape, b"", object)
-    if dtype.is_integer and integers is not None:  # those the dtype holds (int32 ids are cast to int64)
-        integers = np.asarray(integers, np.int64)
-        integers = integers[(integers >= dtype.min) & (integers <= dtype.max)]
-        if len(integers):
-            return rng.choice(integers, shape).astype(dtype.as_numpy_dtype)
+    if integers is not None and dtype in integers:
+        pool = np.asarray(integers[dtype], np.int64)
+        pool = pool[(pool >= dtype.min) & (pool <= dtype.max)]
+        if len(pool):
+            return rng.choice(pool, shape).astype(dtype.as_numpy_dtype)
     return np.zeros(shape, dtype.as_numpy_dtype)
 
 
@@ -90,6 +90,9 @@ class _TF1:
         return dict(zip(keys, values, strict=True))
 
 
+_INTEGERS = (tf.int8, tf.int16, tf.int32, tf.int64, tf.uint8, tf.uint16, tf.uint32, tf.uint64)
+
+
 def _open(path):
     return _TF2(path) if ModelFiles(path).kind == "saved_model" else _TF1(path)
 
@@ -110,9 +113,10 @@ def verify(
     rewritten MetaGraphDef is `rewritten_dir/<name>.meta`. The tolerance is relative to the outputs' size:
     a difference above `tolerance * max(1, max |output|)` raises RewriteError naming the signature and
     output. With `expect_equal=False` (a rewrite that changes the outputs on purpose, like swap-adapter) the
-    difference is only reported, and the rewritten outputs must be finite. `integers`: values to draw int64
-    inputs from (densify passes ids its tables hold and ids they do not); a signature that fails on them in
-    the original model runs on the default inputs instead.
+    difference is only reported, and the rewritten outputs must be finite. `integers`: values to draw integer
+    inputs from (densify passes ids its tables kept and ids no table held); a signature that fails on them
+    in the original model (an int32 input may index a dense table they do not fit) draws its int64 inputs
+    alone from them, then none.
     """
     original = _open(original_dir)
     rewritten_path = rewritten_dir
@@ -133,16 +137,15 @@ def verify(
         )
     differences = {}
     for name in names:
-        inputs = original.inputs(name, batch, seed)
-        if integers is not None:
-            probe = original.inputs(name, max(batch, 16), seed, integers)
+        inputs, expected = original.inputs(name, batch, seed), None
+        pools = [] if integers is None else [dict.fromkeys(_INTEGERS, integers), {tf.int64: integers}]
+        for pool in pools:
+            probe = original.inputs(name, max(batch, 16), seed, pool)
             try:
-                expected = original.run(name, probe)
-                inputs = probe
+                expected, inputs = original.run(name, probe), probe
+                break
             except tf.errors.OpError:  # the ids also reach a lookup they do not fit, e.g. a dense table
-                expected = None
-        else:
-            expected = None
+                continue
         try:
             expected = original.run(name, inputs) if expected is None else expected
         except (tf.errors.OpError, ValueError, TypeError) as e:
