@@ -197,14 +197,18 @@ class ShardedSparseTable(tf.Module):
                     for table, part, position in zip(self.shards, parts, positions, strict=True)
                 ]
             )
-        before = [table.export() for table in self.shards]
+        # On a parameter server, eager ops run asynchronously: each import is waited for (its shard's size
+        # read back), so that a refusal surfaces here, while the others can still be undone.
+        before = [{k: v.numpy() for k, v in table.export().items()} for table in self.shards]
         done = 0
         try:
             for table, part, position in zip(self.shards, parts, positions, strict=True):
                 table.import_(shard_contents(part, position))
+                int(table.size())
                 done += 1
         except Exception:
-            for table, old in zip(self.shards[:done], before, strict=False):
+            tf.experimental.async_clear_error()
+            for table, old in zip(self.shards[: done + 1], before, strict=False):
                 table.import_(old)
             raise
         return None
