@@ -26,6 +26,15 @@ def parser(description):
     return p
 
 
+def table_parser(description):
+    """`parser` with the sparse-table benchmarks' sizes: ids held, batch sizes, row width."""
+    p = parser(description)
+    p.add_argument("--keys", type=int, default=1_000_000)
+    p.add_argument("--batch", type=int, nargs="+", default=[4096, 65_536])
+    p.add_argument("--dim", type=int, default=16)
+    return p
+
+
 def header(args, timing=None):
     import tensorflow as tf
 

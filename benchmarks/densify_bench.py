@@ -50,11 +50,7 @@ class HashModel(tf.Module):
 
 
 def main():
-    parser = bench_util.parser(__doc__.splitlines()[0])
-    parser.add_argument("--keys", type=int, default=1_000_000)
-    parser.add_argument("--batch", type=int, nargs="+", default=[4096, 65_536])
-    parser.add_argument("--dim", type=int, default=16)
-    args = parser.parse_args()
+    args = bench_util.table_parser(__doc__.splitlines()[0]).parse_args()
     bench_util.header(args, "median of interleaved calls of loaded SavedModels' signatures")
     rng = np.random.default_rng(0)
     keys = rng.choice(1 << 40, args.keys, replace=False).astype(np.int64)  # sparse, unsorted ids

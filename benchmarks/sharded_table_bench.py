@@ -27,11 +27,7 @@ def free_port():
 
 
 def main():
-    parser = bench_util.parser(__doc__.splitlines()[0])
-    parser.add_argument("--keys", type=int, default=1_000_000)
-    parser.add_argument("--batch", type=int, nargs="+", default=[4096, 65_536])
-    parser.add_argument("--dim", type=int, default=16)
-    args = parser.parse_args()
+    args = bench_util.table_parser(__doc__.splitlines()[0]).parse_args()
     spec = {"worker": [f"localhost:{free_port()}"], "ps": [f"localhost:{free_port()}" for _ in range(2)]}
     cluster = tf.train.ClusterSpec(spec)
     servers = [tf.distribute.Server(cluster, job_name="ps", task_index=k, start=True) for k in range(2)]
