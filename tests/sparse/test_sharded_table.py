@@ -143,6 +143,13 @@ def test_bad_arguments():
     table = tf_lora.ShardedSparseTable(4, ["/cpu:0", "/cpu:0"])
     with pytest.raises(ValueError, match=r"grads must be ids.shape \+ \[dim\] = \(2, 4\), got \(3, 2, 4\)"):
         table.push([2, 3], np.ones((3, 2, 4), np.float32))
+    with pytest.raises(
+        tf.errors.InvalidArgumentError, match="learning_rate must be finite and >= 0, got -1.0"
+    ):
+        table.push([2, 3], np.ones((2, 4), np.float32), learning_rate=-1.0)
+    assert [int(shard.export()["step"]) for shard in table.shards] == [0, 0]
+    keras_adam = tf_lora.ShardedSparseTable(4, ["/cpu:0"], optimizer=keras.optimizers.Adam(0.01))
+    assert isinstance(keras_adam.optimizer, tf_lora.sparse_optimizers.Adam)  # translated, as a layer does
     with pytest.raises(ValueError, match="keys must be a vector"):
         table.import_({**table.export(), "keys": np.zeros((0, 1), np.int64)})
 

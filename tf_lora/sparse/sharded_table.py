@@ -47,8 +47,8 @@ class ShardedSparseTable(tf.Module):
         if isinstance(dim, bool) or not isinstance(dim, numbers.Integral):
             raise TypeError(f"ShardedSparseTable: dim must be an integer, got {dim!r}")
         self._devices = list(devices)
-        self._initializer = initializer or initializers.Zeros()
-        self._optimizer = optimizer or optimizers.SGD()
+        self._initializer = initializers.resolve(initializer, initializers.Zeros())
+        self._optimizer = optimizers.resolve(optimizer, optimizers.SGD())
         self._table_name = name
         self.shards = []
         for k, device in enumerate(self._devices):
@@ -119,8 +119,9 @@ class ShardedSparseTable(tf.Module):
                 summed = tf.math.unsorted_segment_sum(
                     tf.reshape(grads, [-1, self._dim]), index, tf.size(unique, out_type=tf.int64)
                 )
+            learning_rate = self.shards[0].learning_rate(learning_rate)
             finite = tf.reduce_all(tf.math.is_finite(summed), axis=1)
-            checked = _refuse_non_finite(unique, finite)
+            checked = [_refuse_non_finite(unique, finite), _refuse_bad_rate(learning_rate)]
             parts, positions = self._split(unique)
         with tf.control_dependencies([checked]):
             steps = [
@@ -214,6 +215,18 @@ class ShardedSparseTable(tf.Module):
         return None
 
 
+def _refuse_bad_rate(learning_rate):
+    """The kernel's check of the learning rate, made on the worker before any shard's push (a shard on a
+    parameter server refusing it reports through its transfers, not in these words)."""
+    message = "ShardedSparseTable.push: learning_rate must be finite and >= 0, got {}"
+    good = tf.logical_and(tf.math.is_finite(learning_rate), learning_rate >= 0)
+    if tf.executing_eagerly():
+        if not bool(good):
+            raise tf.errors.InvalidArgumentError(None, None, message.format(float(learning_rate)))
+        return tf.no_op()
+    return tf.debugging.Assert(good, [message.format("(below)"), learning_rate])
+
+
 def _refuse_non_finite(ids, finite):
     """An InvalidArgumentError naming the first id whose gradient is not finite, eagerly now, in a graph when
     the returned op runs (before any shard's push)."""
@@ -241,9 +254,7 @@ class _Shard(SparseTable):
 
     def _restore_from_tensors(self, restored_tensors):
         restored = dict(restored_tensors)
-        layout = restored.pop("layout", None)
-        if layout is None:
-            return super()._restore_from_tensors(restored)
+        layout = restored.pop("layout")
         index, count = self._layout
         message = (
             f"ShardedSparseTable: the checkpoint's shard does not fit shard {index} of {count} "

@@ -44,8 +44,8 @@ class SparseTable(tf.saved_model.experimental.TrackableResource):
         if not 1 <= int(dim) <= MAX_DIM:
             raise ValueError(f"SparseTable: dim must be in [1, {MAX_DIM}] (2^20), got {dim}")
         self._dim = int(dim)
-        self._initializer = initializer or initializers.Zeros()
-        self._optimizer = optimizer or optimizers.SGD()
+        self._initializer = initializers.resolve(initializer, initializers.Zeros())
+        self._optimizer = optimizers.resolve(optimizer, optimizers.SGD())
         self._name = name
         self._shared_name = f"tf_lora_{name}_{next(_table_ids)}"
         # The object that created the table frees it when it goes (copies, such as the one SavedModel export
@@ -107,6 +107,11 @@ class SparseTable(tf.saved_model.experimental.TrackableResource):
         """`push`, returning the table's step after it (int64: what control dependencies wait on)."""
         ids = int64_ids(ids, "push")
         grads = tf.convert_to_tensor(grads, dtype=tf.float32)
+        return sparse_table_ops.push(self.resource_handle, ids, grads, self.learning_rate(learning_rate))
+
+    def learning_rate(self, learning_rate=None) -> tf.Tensor:
+        """The float32 learning rate a push takes: `learning_rate`, or the optimizer's when None (a schedule
+        needs a step, so it must be given)."""
         if learning_rate is None:
             learning_rate = self._optimizer.learning_rate
             if isinstance(learning_rate, optimizers.LearningRateSchedule):
@@ -115,8 +120,7 @@ class SparseTable(tf.saved_model.experimental.TrackableResource):
                     "learning_rate= (or train through tf_lora.layers.SparseEmbedding, which follows the "
                     "model optimizer's step)"
                 )
-        learning_rate = tf.cast(tf.convert_to_tensor(learning_rate), tf.float32)
-        return sparse_table_ops.push(self.resource_handle, ids, grads, learning_rate)
+        return tf.cast(tf.convert_to_tensor(learning_rate), tf.float32)
 
     def remove(self, ids) -> tf.Tensor:
         """Removes `ids` (int64; ids not in the table are ignored). Returns how many were removed."""
