@@ -34,6 +34,16 @@ class ShardedSparseTable(tf.Module):
       initializer: A `tf_lora.sparse_initializers` object (default `Zeros()`).
       optimizer: A `tf_lora.sparse_optimizers` object (default `SGD(0.01)`).
       name: Name of the table; shard k is `<name>_shard_<k>`.
+
+    >>> sgd = tf_lora.sparse_optimizers.SGD(0.5)
+    >>> table = tf_lora.ShardedSparseTable(4, ["/cpu:0", "/cpu:0"], optimizer=sgd)
+    >>> table.pull([7, 42], training=True).shape
+    TensorShape([2, 4])
+    >>> table.push([7], tf.ones([1, 4]))
+    >>> [int(shard.size()) for shard in table.shards]  # 42 on shard 0, 7 on shard 1
+    [1, 1]
+    >>> table.pull([7]).numpy()
+    array([[-0.5, -0.5, -0.5, -0.5]], dtype=float32)
     """
 
     def __init__(self, dim, devices, initializer=None, optimizer=None, name="sparse_table"):
