@@ -7,6 +7,7 @@ runs) that output is held back, and shown only if the import fails.
 """
 
 import contextlib
+import json
 import os
 import sys
 import tempfile
@@ -23,9 +24,29 @@ def quiet_wanted(verbose):
 
 def command_line_start():
     """For `import tf_lora`: quiet when the process is the `tf-lora` command (its console script) without
-    --verbose; a no-op anywhere else."""
+    --verbose, and a Ctrl-C while TensorFlow starts ends it as one during a command does (exit 130, nothing
+    written); a no-op anywhere else."""
     is_command = os.path.basename(sys.argv[0] if sys.argv else "") == "tf-lora"
-    return tensorflow_start(verbose="--verbose" in sys.argv) if is_command else contextlib.nullcontext()
+    if not is_command:
+        return contextlib.nullcontext()
+    return interrupted_start(tensorflow_start(verbose="--verbose" in sys.argv), sys.argv[1:])
+
+
+@contextlib.contextmanager
+def interrupted_start(inner, argv):
+    """`inner`, whose Ctrl-C (KeyboardInterrupt) ends the process with status 130 and the command's failure
+    line (and, with --json, its failure object) instead of a traceback: no command has run yet."""
+    try:
+        with inner:
+            yield
+    except KeyboardInterrupt:
+        command = next((a for a in argv if not a.startswith("-")), None)
+        message = "interrupted while starting; nothing written"
+        print(f"tf-lora {command}: {message}" if command else f"tf-lora: {message}", file=sys.stderr)
+        if "--json" in argv:
+            failure = {"command": command, "ok": False, "error": message, "exit_code": 130}
+            print(json.dumps(failure, indent=2))
+        raise SystemExit(130) from None
 
 
 def tensorflow_start(verbose):

@@ -227,3 +227,24 @@ def test_messages_that_pointed_the_wrong_way(tmp_path, capsys):
     argv = ["swap-adapter", str(src), str(tmp_path / "out"), "--adapter", str(config)]
     assert cli.main(argv) == 0
     shutil.rmtree(tmp_path / "out")
+
+
+def test_ctrl_c_while_tensorflow_starts_exits_130_without_a_traceback(capsys):
+    # `import tf_lora` runs before the command's main: a Ctrl-C in those seconds (TensorFlow importing)
+    # printed a traceback and died of SIGINT instead of the command's interrupted line and status 130.
+    import contextlib  # noqa: PLC0415
+
+    from tf_lora import _quiet  # noqa: PLC0415
+
+    with pytest.raises(SystemExit) as exit_info:
+        with _quiet.interrupted_start(contextlib.nullcontext(), ["densify", "m", "out", "--json"]):
+            raise KeyboardInterrupt
+    assert exit_info.value.code == 130
+    captured = capsys.readouterr()
+    assert captured.err.strip() == "tf-lora densify: interrupted while starting; nothing written"
+    assert json.loads(captured.out) == {
+        "command": "densify",
+        "ok": False,
+        "error": "interrupted while starting; nothing written",
+        "exit_code": 130,
+    }
