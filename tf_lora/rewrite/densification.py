@@ -27,6 +27,7 @@ from tf_lora.rewrite.graph_defs import (
     SPARSE_TABLE_PULL,
     called,
     identifier,
+    rename_node,
     split_ref,
     stripped_op_names,
 )
@@ -468,26 +469,8 @@ def _replace_pull(fdef, node_name, values_arg, n, dim):
     pull.attr["T"].type = types_pb2.DT_FLOAT
     pull.attr["Tshape"].type = types_pb2.DT_INT32
     fdef.node_def.extend(new)
-    _rename_node(fdef, node_name, name, {"values": "output"})
+    rename_node(fdef, node_name, name, {"values": "output"})
     return name
-
-
-def _rename_node(fdef, old, new, outputs):
-    """References to node `old` become references to `new`, its outputs renamed by `outputs` {old: new}."""
-
-    def renamed(ref):
-        if ref == f"^{old}":
-            return f"^{new}"
-        node, arg, index = split_ref(ref)
-        return f"{new}:{outputs.get(arg, arg)}:{index}" if node == old and arg is not None else ref
-
-    for node in fdef.node_def:
-        node.input[:] = [renamed(ref) for ref in node.input]
-    for key, ref in fdef.ret.items():
-        fdef.ret[key] = renamed(ref)
-    for key, ref in fdef.control_ret.items():
-        if ref == old:
-            fdef.control_ret[key] = new
 
 
 class _IdIndex(tf.Module):

@@ -59,14 +59,26 @@ class GraphBody:
 def rename_output(fdef, node_name, old_arg, new_arg):
     """References to `node_name`'s output `old_arg` (FunctionDef naming) become `new_arg`: what a node that
     changes op in place needs (GraphDef references name outputs by index, so there is nothing to do)."""
-    old, new = f"{node_name}:{old_arg}:", f"{node_name}:{new_arg}:"
+    rename_node(fdef, node_name, node_name, {old_arg: new_arg})
+
+
+def rename_node(fdef, old, new, outputs):
+    """References to node `old` (data, control, the function's returns) become references to `new`, its
+    outputs renamed by `outputs` {old output arg: new}."""
+
+    def renamed(ref):
+        if ref == f"^{old}":
+            return f"^{new}"
+        node, arg, index = split_ref(ref)
+        return f"{new}:{outputs.get(arg, arg)}:{index}" if node == old and arg is not None else ref
+
     for node in fdef.node_def:
-        for k, ref in enumerate(node.input):
-            if ref.startswith(old):
-                node.input[k] = new + ref[len(old) :]
+        node.input[:] = [renamed(ref) for ref in node.input]
     for key, ref in fdef.ret.items():
-        if ref.startswith(old):
-            fdef.ret[key] = new + ref[len(old) :]
+        fdef.ret[key] = renamed(ref)
+    for key, ref in fdef.control_ret.items():
+        if ref == old:
+            fdef.control_ret[key] = new
 
 
 def stripped_op_names(meta):

@@ -140,10 +140,7 @@ class ShardedSparseTable(tf.Module):
             ]
         return tf.reduce_max(tf.stack(steps))
 
-    def push(self, ids, grads, learning_rate=None):
-        """Applies the optimizer to the rows of `ids` with `grads` (`ids.shape + [dim]`, float32)."""
-        step = self.push_step(ids, grads, learning_rate)
-        return None if tf.inside_function() or tf.executing_eagerly() else step.op
+    push = SparseTable.push  # the same contract over this table's push_step
 
     def remove(self, ids) -> tf.Tensor:
         """Removes `ids` (ids not in the table are ignored). Returns how many were removed."""
