@@ -76,7 +76,7 @@ def rename_node(fdef, old, new, outputs):
         node.input[:] = [renamed(ref) for ref in node.input]
     for key, ref in fdef.ret.items():
         fdef.ret[key] = renamed(ref)
-    for key, ref in fdef.control_ret.items():
+    for key, ref in getattr(fdef, "control_ret", {}).items():  # a TF1 graph (GraphBody) has none
         if ref == old:
             fdef.control_ret[key] = new
 
