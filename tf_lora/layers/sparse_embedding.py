@@ -59,7 +59,8 @@ class SparseEmbedding(keras.layers.Layer):
       devices: None (one table, where the layer is built), or the devices of a `tf_lora.ShardedSparseTable`
         over which the table's ids are spread, shard `id mod len(devices)` on each (the parameter servers of
         a TensorFlow cluster: `["/job:ps/task:0", "/job:ps/task:1"]`). Kept in the config: a `.keras` file
-        written with shards loads with them (the devices must exist); its contents load into any layout.
+        written with shards loads with them (the devices must exist); its contents load into any layout,
+        as a tf.train.Checkpoint's restore into any layout.
 
     >>> layer = tf_lora.layers.SparseEmbedding(4, combiner="mean")
     >>> layer(tf.ragged.constant([[1, 2], [3]], dtype=tf.int64)).shape

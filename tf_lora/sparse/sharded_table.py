@@ -5,7 +5,7 @@ import numbers
 
 import tensorflow as tf
 
-from tf_lora.sparse import initializers, optimizers
+from tf_lora.sparse import initializers, optimizers, resharding
 from tf_lora.sparse.table import CONTENTS, SparseTable, int64_ids
 
 # Where the worker partitions ids, sums repeated ids' gradients and stitches rows back: its host, so that
@@ -24,9 +24,10 @@ class ShardedSparseTable(tf.Module):
     `evict(max_age=...)` agree; a push with a non-finite gradient changes no shard). Pulls and pushes run on
     the shards' devices (TensorFlow places each shard's ops with its table); each distinct id, with its
     row or summed gradient, travels once. `export()` gathers every shard; `import_` spreads any export.
-    Checkpoints hold each shard's contents and its place (shard k of n): a restore into another number of
-    shards is refused (change the layout with `export()` / `import_`); `.keras` files hold the gathered
-    contents (a SparseEmbedding with any number of shards loads them).
+    Checkpoints hold each shard's contents and its place (shard k of n), each written where its shard is;
+    they restore into a table of any number of shards, or into a SparseTable, and a SparseTable's into this
+    one (eagerly; in a graph, into as many shards as were saved). `.keras` files hold the gathered contents
+    (a SparseEmbedding with any number of shards loads them).
 
     Args:
       dim: Row width, in [1, 2^20].
@@ -142,6 +143,15 @@ class ShardedSparseTable(tf.Module):
 
     push = SparseTable.push  # the same contract over this table's push_step
 
+    # Checkpointing: the shards save their own parts (each on its device); this table's own attributes are
+    # a stand-in, or, in a SparseTable's checkpoint, its contents, which restore spread over the shards.
+    def _gather_saveables_for_checkpoint(self):
+        return resharding.own_saveables(self, _HOST)
+
+    def _lookup_dependency(self, name, cached_dependencies=None):
+        gatherer = resharding.gatherer(self, name, cached_dependencies)
+        return gatherer or super()._lookup_dependency(name, cached_dependencies)
+
     def remove(self, ids) -> tf.Tensor:
         """Removes `ids` (ids not in the table are ignored). Returns how many were removed."""
         parts, _ = self._split(int64_ids(ids, "ShardedSparseTable.remove"))
@@ -171,7 +181,7 @@ class ShardedSparseTable(tf.Module):
         if missing:
             raise ValueError(f"ShardedSparseTable.import_: missing {sorted(missing)}")
         keys = int64_ids(contents["keys"], "ShardedSparseTable.import_")
-        if keys.shape.rank != 1:
+        if keys.shape.rank not in (1, None):  # unknown in a graph's restore: the shards' imports check it
             raise ValueError(f"ShardedSparseTable.import_: keys must be a vector, got shape {keys.shape}")
         columns = {
             name: tf.convert_to_tensor(contents[name], tf.int64 if name in _INT64 else tf.float32)
@@ -248,9 +258,10 @@ def _refuse_non_finite(ids, finite):
 
 
 class _Shard(SparseTable):
-    """One shard of a ShardedSparseTable. Its checkpoints also hold its place, `layout` (index, count): a
-    restore into a shard of another layout is refused before anything is imported (its ids would sit in
-    the wrong shard, reading as zeros)."""
+    """One shard of a ShardedSparseTable. Its checkpoints also hold its place, `layout` (index, count): the
+    part of a checkpoint of another layout goes to the restore's gatherer, which imports all parts
+    together; where there is none (a graph, or the shard restored alone), it is refused before anything is
+    imported (its ids would sit in the wrong shard, reading as zeros)."""
 
     def __init__(self, dim, initializer, optimizer, name, index, count):
         self._layout = (index, count)
@@ -262,19 +273,23 @@ class _Shard(SparseTable):
     def _restore_from_tensors(self, restored_tensors):
         restored = dict(restored_tensors)
         layout = restored.pop("layout")
+        gatherer = resharding.take_gatherer(self)
         index, count = self._layout
         message = (
             f"ShardedSparseTable: the checkpoint's shard does not fit shard {index} of {count} "
-            f"({self.name}): restore into a table of as many shards as the one saved (then export() / "
-            "import_() to change the layout)"
+            f"({self.name}): restore the whole table eagerly (it then takes any number of shards), or into "
+            "a table of as many shards as the one saved"
         )
         if tf.executing_eagerly():
-            if tuple(int(v) for v in tf.convert_to_tensor(layout).numpy()) != self._layout:
-                raise ValueError(f"{message}; saved: shard {layout[0]} of {layout[1]}")
-            return super()._restore_from_tensors(restored)
+            saved = tuple(int(v) for v in tf.convert_to_tensor(layout).numpy())
+            if saved == self._layout:
+                return self.import_(restored)
+            if gatherer is None:
+                raise ValueError(f"{message}; saved: shard {saved[0]} of {saved[1]}")
+            return gatherer.receive(layout, restored)
         fits = tf.debugging.assert_equal(layout, tf.constant(self._layout, tf.int64), message=message)
         with tf.control_dependencies([fits]):
-            return super()._restore_from_tensors(restored)
+            return self.import_(restored)
 
 
 _INT64 = ("update_counts", "last_steps")

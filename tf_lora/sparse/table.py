@@ -6,7 +6,7 @@ import numbers
 import tensorflow as tf
 
 from tf_lora.python.ops import sparse_table_ops
-from tf_lora.sparse import initializers, optimizers
+from tf_lora.sparse import initializers, optimizers, resharding
 
 _table_ids = itertools.count()
 
@@ -163,12 +163,17 @@ class SparseTable(tf.saved_model.experimental.TrackableResource):
         }
 
     # Checkpointing (tf.train.Checkpoint, and SavedModel's variables): every key with its values, slots
-    # and metadata, and the table's step, as TensorFlow's MutableHashTable does it.
+    # and metadata, and the table's step, as TensorFlow's MutableHashTable does it. A ShardedSparseTable's
+    # checkpoint restores here too (its shards gathered), and this one into it (resharding).
     def _serialize_to_tensors(self):
         return self.export()
 
     def _restore_from_tensors(self, restored_tensors):
-        return self.import_(restored_tensors)
+        return resharding.restore_contents(self, restored_tensors)
+
+    def _lookup_dependency(self, name, cached_dependencies=None):
+        gatherer = resharding.gatherer(self, name, cached_dependencies)
+        return gatherer or super()._lookup_dependency(name, cached_dependencies)
 
     def import_(self, contents: dict):
         """Replaces the table's contents with an `export()`; bad input leaves the table as it was."""
