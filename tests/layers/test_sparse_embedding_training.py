@@ -461,14 +461,22 @@ def test_the_model_optimizer_keeps_no_slots_for_the_rows_and_checkpoints_fit_any
     model.save(tmp_path / "m.keras")
     assert (tmp_path / "m.keras").stat().st_size < 200_000  # the two slots alone were 2 * 8192 * 4 * 4 bytes
     checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer).write(str(tmp_path / "ckpt"))
+    # Nor is pulled_rows itself in checkpoints: 8192 * DIM zeros were in every one.
+    assert not [name for name, shape in tf.train.list_variables(checkpoint) if shape == [8192, DIM]]
+    assert sum(f.stat().st_size for f in tmp_path.glob("ckpt*")) < 100_000
+    # A checkpoint written with it (as before) restores, and consumes it.
+    del emb.pulled_rows._serialize_to_tensors  # the variable's own method again
+    old = tf.train.Checkpoint(model=model, optimizer=model.optimizer).write(str(tmp_path / "old"))
+    assert [name for name, shape in tf.train.list_variables(old) if shape == [8192, DIM]]
 
-    for restore in ("load_weights", "checkpoint"):
+    for restore in ("load_weights", "checkpoint", "old checkpoint"):
         resumed, resumed_emb = _adam_model(16384, seed=4)  # another max_ids_per_step, other initial weights
         resumed.optimizer.build(resumed.trainable_variables)
         if restore == "load_weights":
             resumed.load_weights(tmp_path / "m.keras")
         else:
-            tf.train.Checkpoint(model=resumed, optimizer=resumed.optimizer).read(checkpoint).assert_consumed()
+            path = checkpoint if restore == "checkpoint" else old
+            tf.train.Checkpoint(model=resumed, optimizer=resumed.optimizer).read(path).assert_consumed()
         for key in ("keys", "values", "slots"):
             np.testing.assert_array_equal(resumed_emb.table.export()[key], emb.table.export()[key])
         resumed.fit(x, y, batch_size=32, epochs=1, verbose=0, shuffle=False)
