@@ -1,6 +1,8 @@
 """tf_lora.ShardedSparseTable: one table over several devices, the parameter servers of a TensorFlow cluster;
 it must read and train exactly as one SparseTable."""
 
+import zipfile
+
 import keras
 import numpy as np
 import pytest
@@ -102,6 +104,45 @@ def test_a_sharded_keras_layer_saves_and_loads_as_keras_files_do(tmp_path):
     assert isinstance(table, tf_lora.ShardedSparseTable) and len(table.shards) == 2
     _assert_same(emb.table, table)
     np.testing.assert_array_equal(loaded.predict(x, verbose=0), model.predict(x, verbose=0))
+
+
+def test_a_keras_file_trained_on_parameter_servers_loads_where_there_are_none(tmp_path):
+    # A .keras file whose layers' devices this process lacks failed in the table's op with TensorFlow's
+    # placement error; sparse_table_devices places the tables here (or on other devices) instead.
+    keras.utils.set_random_seed(2)
+    ids = keras.Input((2,), dtype="int64")
+    emb = tf_lora.layers.SparseEmbedding(4, combiner="sum", devices=["/cpu:0", "/cpu:0"], name="emb")
+    model = keras.Model(ids, keras.layers.Dense(1)(emb(ids)))
+    model.compile(optimizer="sgd", loss="mse")
+    x = np.arange(-20, 20, dtype=np.int64).reshape(20, 2)
+    model.fit(x, np.ones((20, 1)), verbose=0)
+    model.save(tmp_path / "local.keras")
+    with (
+        zipfile.ZipFile(tmp_path / "local.keras") as local,
+        zipfile.ZipFile(tmp_path / "ps.keras", "w") as ps,
+    ):
+        for name in local.namelist():  # as written by a worker of a cluster with two parameter servers
+            data = local.read(name)
+            if name == "config.json":
+                data = data.replace(b'["/cpu:0", "/cpu:0"]', b'["/job:ps/task:0", "/job:ps/task:1"]')
+                assert b"/job:ps/task:1" in data
+            ps.writestr(name, data)
+    with pytest.raises(
+        ValueError, match=r"'emb': this process has no device '/job:ps/task:0'.*sparse_table_devices"
+    ):
+        keras.models.load_model(tmp_path / "ps.keras")
+    for devices in (None, ["/cpu:0"] * 3):
+        with tf_lora.layers.sparse_table_devices(devices):
+            loaded = keras.models.load_model(tmp_path / "ps.keras")
+        table = loaded.get_layer("emb").table
+        assert loaded.get_layer("emb").devices == devices
+        assert len(getattr(table, "shards", [table])) == (1 if devices is None else 3)
+        _assert_same(emb.table, table)
+        np.testing.assert_array_equal(loaded.predict(x, verbose=0), model.predict(x, verbose=0))
+    assert keras.models.load_model(tmp_path / "local.keras").get_layer("emb").devices == ["/cpu:0"] * 2
+    with pytest.raises(ValueError, match="devices must be a list of devices or None, got '/cpu:0'"):
+        with tf_lora.layers.sparse_table_devices("/cpu:0"):
+            pass
 
 
 def test_a_non_finite_push_changes_nothing(tmp_path):

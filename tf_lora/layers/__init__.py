@@ -16,7 +16,7 @@ from tf_lora.layers.lora_model import (
     to_keras_lora,
     unmerge,
 )
-from tf_lora.layers.sparse_embedding import SparseEmbedding
+from tf_lora.layers.sparse_embedding import SparseEmbedding, sparse_table_devices
 
 __all__ = [
     "EinsumView",
@@ -32,6 +32,7 @@ __all__ = [
     "merge",
     "merge_and_unload",
     "set_active_adapter",
+    "sparse_table_devices",
     "to_keras_lora",
     "to_lora",
     "unmerge",

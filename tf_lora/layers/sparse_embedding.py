@@ -1,5 +1,7 @@
 """tf_lora.layers.SparseEmbedding: a Keras embedding over a tf_lora.SparseTable."""
 
+import contextlib
+import contextvars
 import dataclasses
 import types
 import warnings
@@ -92,6 +94,7 @@ class SparseEmbedding(keras.layers.Layer):
             initializer, initializers.RandomNormal(stddev=0.05, seed=initializers.new_seed())
         )
         self.table_optimizer = optimizers.resolve(optimizer, optimizers.Adagrad(0.05))
+        devices = _devices_here.get((devices,))[0]
         if devices is None:
             self.table = SparseTable(dim, self.initializer, self.table_optimizer, name=self.name)
         else:
@@ -286,6 +289,32 @@ class SparseEmbedding(keras.layers.Layer):
         config["initializer"] = _deserialize(config["initializer"], initializers)
         config["optimizer"] = _deserialize(config["optimizer"], optimizers)
         return cls(**config)
+
+
+# (devices,) that sparse_table_devices places the tables of the layers made in its block on, whatever they
+# ask; unset outside.
+_devices_here = contextvars.ContextVar("tf_lora_sparse_table_devices")
+
+
+@contextlib.contextmanager
+def sparse_table_devices(devices):
+    """Places the tables of the SparseEmbedding layers made inside the block on `devices` (a list of devices,
+    as the layer's `devices` argument), or on this machine (`None`), whatever their arguments or config ask:
+    to load a `.keras` file trained on parameter servers where they are not (serving, evaluation, a laptop),
+    or onto another cluster's. The tables' contents load into any layout.
+
+    >>> with tf_lora.layers.sparse_table_devices(None):  # e.g. around keras.models.load_model(path)
+    ...     layer = tf_lora.layers.SparseEmbedding(4, devices=["/job:ps/task:0", "/job:ps/task:1"])
+    >>> print(layer.devices)
+    None
+    """
+    if devices is not None and (isinstance(devices, str) or not isinstance(devices, list | tuple)):
+        raise ValueError(f"sparse_table_devices: devices must be a list of devices or None, got {devices!r}")
+    token = _devices_here.set((None if devices is None else list(devices),))
+    try:
+        yield
+    finally:
+        _devices_here.reset(token)
 
 
 _STEP = ("ids", "count", "fresh")

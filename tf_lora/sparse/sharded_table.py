@@ -63,10 +63,20 @@ class ShardedSparseTable(tf.Module):
         self._table_name = name
         self.shards = []
         for k, device in enumerate(self._devices):
-            with tf.device(device):
-                self.shards.append(
-                    _Shard(dim, self._initializer, self._optimizer, f"{name}_shard_{k}", k, len(devices))
-                )
+            try:
+                with tf.device(device):
+                    self.shards.append(
+                        _Shard(dim, self._initializer, self._optimizer, f"{name}_shard_{k}", k, len(devices))
+                    )
+            except tf.errors.InvalidArgumentError as e:
+                if "Could not satisfy device specification" not in str(e):
+                    raise
+                raise ValueError(
+                    f"ShardedSparseTable {name!r}: this process has no device {device!r}: connect it to the "
+                    "cluster first (tf.config.experimental_connect_to_cluster), or, to load a model trained "
+                    "there, place its tables here (`with tf_lora.layers.sparse_table_devices(None): "
+                    f"keras.models.load_model(path)`). TensorFlow: {e.message}"
+                ) from None
         self._dim = self.shards[0].dim
 
     @property
