@@ -9,7 +9,6 @@ import warnings
 import keras
 import numpy as np
 import tensorflow as tf
-from tensorflow.python.saved_model import save_context
 
 from tf_lora.layers import _optimizer_hook
 from tf_lora.sparse import initializers, optimizers
@@ -111,10 +110,6 @@ class SparseEmbedding(keras.layers.Layer):
         # Always zero: a checkpoint restores none of it, so one written with another max_ids_per_step (its
         # shape) restores into this layer too.
         self.pulled_rows._restore_from_tensors = lambda restored_tensors: None  # noqa: SLF001
-        # Nor does a checkpoint hold it (max_ids_per_step * dim zeros, 16 MiB at dim 64, were in every
-        # tf.train.Checkpoint). A SavedModel does: its loaders create each variable from the file.
-        values = self.pulled_rows._serialize_to_tensors  # noqa: SLF001
-        self.pulled_rows._serialize_to_tensors = lambda: values() if save_context.in_save_context() else {}  # noqa: SLF001
         # The ids read by training calls since the last optimizer step, in pulled_rows' order: per replica
         # under a tf.distribute strategy (each replica reads its own ids), never saved.
         # They are the current step's bookkeeping, not the layer's state: held where neither Keras nor
