@@ -480,6 +480,28 @@ def test_the_model_optimizer_keeps_no_slots_for_the_rows_and_checkpoints_fit_any
             )
 
 
+def test_a_step_with_a_non_finite_gradient_changes_neither_the_table_nor_the_dense_weights():
+    # The table refused the step (its push checks gradients), but Keras had already applied it to the other
+    # variables, in a graph not ordered after the push: the Dense kernel went NaN behind the error.
+    keras.utils.set_random_seed(0)
+    ids = keras.Input((2,), dtype="int64")
+    model = keras.Model(
+        ids, keras.layers.Dense(1, name="d")(tf_lora.layers.SparseEmbedding(4, combiner="sum", name="z")(ids))
+    )
+    model.compile(optimizer="sgd", loss="mse")
+    x = np.arange(4).reshape(2, 2)
+    model.fit(x, np.ones((2, 1)), verbose=0)
+    kernel, table = model.get_layer("d").kernel.numpy(), model.get_layer("z").table.export()
+    with pytest.raises(
+        tf.errors.InvalidArgumentError,
+        match="SparseEmbedding .{1,3}z.{1,3}: the model optimizer.{1,3}s gradient of the rows",
+    ):
+        model.fit(x, np.array([[np.nan], [1.0]]), verbose=0)
+    np.testing.assert_array_equal(model.get_layer("d").kernel.numpy(), kernel)
+    for name, value in model.get_layer("z").table.export().items():
+        np.testing.assert_array_equal(value, table[name], err_msg=name)
+
+
 def test_an_export_serves_in_the_session_loader(tmp_path):
     # Leaving pulled_rows out of checkpoints (by their save context) also left it out of SavedModels'
     # variables, written after that context ends: the session loader TF Serving uses failed on its key.

@@ -218,6 +218,28 @@ with tf.compat.v1.Session(graph=tf.Graph()) as session:
     np.testing.assert_array_equal(np.load(tmp_path / "session.npy"), np.load(tmp_path / "served.npy"))
 
 
+def test_a_keras_model_with_sharded_tables_densifies(tmp_path):
+    # The layers' pulled_rows were looked for under the shards' names (emb_shard_0/pulled_rows), never
+    # found, and kept; and the tables' restore functions, which branch, counted as model uses of the tables.
+    keras.utils.set_random_seed(5)
+    ids = keras.Input((3,), dtype="int64")
+    emb = tf_lora.layers.SparseEmbedding(4, combiner="sum", devices=["/cpu:0"] * 2, name="emb")
+    model = keras.Model(ids, keras.layers.Dense(1)(emb(ids)))
+    model.compile(optimizer="adam", loss="mse")
+    x = np.random.default_rng(0).integers(-500, 500, (256, 3))
+    model.fit(x, np.ones((256, 1)), batch_size=32, verbose=0)
+    model.export(str(tmp_path / "model"), verbose=False)
+    report = tf_lora.rewrite.densify(tmp_path / "model", tmp_path / "out")
+    assert sorted(t.name for t in report.tables) == ["emb_shard_0", "emb_shard_1"]
+    assert _plugin_ops(tmp_path / "out") == []
+    shapes = [
+        shape for _, shape in tf.train.list_variables(str(tmp_path / "out" / "variables" / "variables"))
+    ]
+    assert [emb.max_ids_per_step, 4] not in shapes  # pulled_rows left out
+    served = tf.saved_model.load(str(tmp_path / "out"))
+    np.testing.assert_array_equal(served.serve(tf.constant(x)), model.predict(x, verbose=0))
+
+
 def _size(path):
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 

@@ -247,6 +247,21 @@ spread, spread_emb = model(PS)
 tf.train.Checkpoint(model=spread).read(local_path)
 assert min(int(t.size()) for t in spread_emb.table.shards) > 0
 np.testing.assert_allclose(spread.predict(x, verbose=0), local.predict(x, verbose=0), rtol=1e-6, atol=1e-7)
+# A table's checkpoint on the servers into another number of shards there: TensorFlow restores values
+# spread over several tasks in a tf.function, where this was refused.
+adagrad = tf_lora.sparse_optimizers.Adagrad(0.1)
+on_two = tf_lora.ShardedSparseTable(3, PS, optimizer=adagrad)
+on_two.push(np.arange(-30, 30), np.arange(180, dtype=np.float32).reshape(60, 3))
+table_path = tf.train.Checkpoint(table=on_two).write({str(tmp_path / "table")!r})
+for devices in ([PS[0], PS[1], PS[0]], [PS[1]]):
+    moved_table = tf_lora.ShardedSparseTable(3, devices, optimizer=adagrad)
+    tf.train.Checkpoint(table=moved_table).read(table_path)
+    a, b = on_two.export(), moved_table.export()
+    order_a, order_b = np.argsort(a["keys"].numpy()), np.argsort(b["keys"].numpy())
+    for name in ("keys", "values", "slots", "update_counts", "last_steps"):
+        np.testing.assert_array_equal(a[name].numpy()[order_a], b[name].numpy()[order_b])
+    assert int(a["step"]) == int(b["step"])
+print("resharded")
 remote.export({str(tmp_path / "export")!r}, verbose=False)
 np.save({str(tmp_path / "x.npy")!r}, x[:16])
 np.save({str(tmp_path / "expected.npy")!r}, remote.predict(x[:16], verbose=0))
@@ -270,7 +285,7 @@ print("done")
     sizes, total = lines[1].rsplit("] ", 1)
     sizes = [int(s) for s in sizes.strip("[").split(",")]
     assert sum(sizes) == int(total) and min(sizes) > 0  # both servers hold ids
-    assert lines[-2:] == ["[0, 1, 2, 3]", "done"]
+    assert lines[-2:] == ["[0, 1, 2, 3]", "done"] and "resharded" in lines
 
     # Trained on the cluster, served anywhere: densified, the export runs in stock TensorFlow.
     tf_lora.rewrite.densify(tmp_path / "export", tmp_path / "served")

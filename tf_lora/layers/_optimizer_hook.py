@@ -18,6 +18,7 @@ import weakref
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 _ATTR = "_tf_lora_table_layer"
 _installed = False
@@ -50,14 +51,14 @@ def install():
     )
 
     def _backend_update_step(self, grads, trainable_variables, learning_rate):
-        keep_grads, keep_vars = [], []
+        keep_grads, keep_vars, pushes = [], [], []
         for grad, variable in zip(grads, trainable_variables, strict=True):
             layer = _layer_of(variable)
             if layer is None:
                 keep_grads.append(grad)
                 keep_vars.append(variable)
             elif grad is not None:
-                layer._apply_rows_gradient(grad, self)  # noqa: SLF001 - the layer's half of this hook
+                pushes.append(layer._apply_rows_gradient(grad, self))  # noqa: SLF001 - the layer's half
         # A layer whose rows got no gradient in this step (its output reached no loss, or went through a
         # stop_gradient) is left out by Keras before this method; it starts its list of ids over all the
         # same, as a push would have (a dense Embedding there simply does not train).
@@ -67,7 +68,11 @@ def install():
             if layer is not None and id(variable) not in given:
                 layer.forget_step_ids()
         if keep_vars:
-            original(self, keep_grads, keep_vars, learning_rate)
+            # After the pushes: a push refused (a gradient that is not finite) stops the other variables'
+            # updates too, in a graph as eagerly (Keras's weight decay and step count come before and after
+            # this method, out of its reach).
+            with tf.control_dependencies([p for p in pushes if p is not None]):
+                original(self, keep_grads, keep_vars, learning_rate)
 
     cls._backend_update_step = _backend_update_step
     _small_slots(cls)

@@ -207,6 +207,16 @@ class SparseEmbedding(keras.layers.Layer):
         # loss scaler skipped, a forward pass that was not trained on), which are still in the list.
         touched = tf.reduce_any(tf.not_equal(rows, 0), axis=1)
         ids, rows = tf.boolean_mask(ids, touched), tf.boolean_mask(rows, touched)
+        finite = tf.debugging.Assert(
+            tf.reduce_all(tf.math.is_finite(rows)),
+            [
+                f"SparseEmbedding {self.name!r}: the model optimizer's gradient of the rows read is not "
+                "finite (NaN or Inf): nothing was pushed into the table, nor applied to the variables Keras "
+                "updates with it (its weight decay and step count may have moved). A LossScaleOptimizer "
+                "(mixed precision's) skips such steps whole."
+            ],
+        )
+        ids, rows = _after(finite, ids), _after(finite, rows)
 
         def push(ids, rows):
             # Keras takes its own schedule at the count of apply calls (_iterations), which gradient
@@ -229,7 +239,7 @@ class SparseEmbedding(keras.layers.Layer):
         else:
             step = push(ids, rows)
         with tf.control_dependencies([step]):
-            self._step.fresh.assign(1)
+            return self._step.fresh.assign(1)
 
     def forget_step_ids(self):
         """Starts the list of ids read for training over, as an applied step does: for training calls whose
@@ -368,6 +378,12 @@ class _StepState(tf.__internal__.tracking.Trackable):
         values = {name: np.asarray(tensor) for name, tensor in restored_tensors.items()}
         self.check(values)
         self.assign(values)
+
+
+def _after(op, tensor):
+    """`tensor`, read once `op` ran (in a graph; eagerly it already has)."""
+    with tf.control_dependencies([op]):
+        return tf.identity(tensor)
 
 
 def _replicas():

@@ -30,6 +30,7 @@ from tf_lora.rewrite.graph_defs import (
     rename_node,
     split_ref,
     stripped_op_names,
+    with_callees,
 )
 from tf_lora.rewrite.graph_edit import (
     ArgumentAdder,
@@ -289,7 +290,8 @@ def table_uses(files, tables):
     pull from the tables, and every other use of them (a push, a training pull, a control-flow op taking the
     handle, any other op; passing the handle on to a called function, or through Identity, is looked
     through, unless that function's argument takes another table from elsewhere)."""
-    own = set().union(*(t.own for t in tables.values()))
+    # The tables' own functions (their save and restore, which may branch) use them as no model does.
+    own = with_callees(files.functions, set().union(*(t.own for t in tables.values())))
     table_args = resource_arguments(files.meta, files.functions, tables)
     sites, others = {}, {}
     for fdef in files.model_functions():
@@ -400,7 +402,7 @@ def _unused_pulled_rows(objects, tables, own):
     """The node ids of the densified tables' SparseEmbedding `pulled_rows` variables (`<table>/pulled_rows`,
     always zero, `max_ids_per_step * dim` floats, there for training) that no function of the model reads: a
     serving model does without them."""
-    names = {f"{t.name}/pulled_rows" for t in tables}
+    names = {f"{name}/pulled_rows" for t in tables for name in (t.name, re.sub(r"_shard_\d+$", "", t.name))}
     bound = {i for name, c in objects.concrete_functions.items() if name not in own for i in c.bound_inputs}
     return [
         k

@@ -25,6 +25,20 @@ def called(node):
     return []
 
 
+def with_callees(functions, names):
+    """`names` and every function of `functions` ({name: FunctionDef}) they call, at any depth (calls, If
+    branches)."""
+    found, queue = set(names), list(names)
+    while queue:
+        fdef = functions.get(queue.pop())
+        for node in fdef.node_def if fdef is not None else ():
+            for callee, _ in called(node):
+                if callee not in found:
+                    found.add(callee)
+                    queue.append(callee)
+    return found
+
+
 def identifier(name):
     """`name` with every character other than a letter, digit or `_` as `_`: an object graph attribute."""
     return re.sub(r"[^0-9A-Za-z_]", "_", name)

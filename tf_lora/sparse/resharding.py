@@ -2,17 +2,19 @@
 
 A SparseTable saves its contents as its own checkpoint attributes. A ShardedSparseTable saves each shard's
 contents and place (shard k of n) under `shards/<k>`, so that each parameter server writes its own part,
-and in its own attributes an empty stand-in of step -1 (no table has a negative step; SavedModels leave it
-out). On restore (eager, as TensorFlow 2 restores):
+and in its own attributes an empty stand-in of step -1 (no table has a negative step). On restore (eagerly,
+in a tf.function, as TensorFlow restores on parameter servers, or in a TF1 graph):
 
 - into as many shards as were saved, each shard reads its own part, as saved;
-- into another number of shards, or into a SparseTable, the saved shards are gathered and imported (each id
-  to its shard), through the `shards` dependency the restoring table looks up (`ShardGatherer`);
+- into another number of shards, or into a SparseTable, the saved shards' parts are gathered on the worker
+  and imported together (each id to its shard), through the `shards` dependency the restoring table looks
+  up (`ShardGatherer`): the whole table passes through the worker's memory then;
 - a SparseTable's checkpoint into a ShardedSparseTable: its contents are imported, spread over the shards;
 - the stand-in restores nothing.
 
 Restoring into more shards than were saved, or a SparseTable's checkpoint into a ShardedSparseTable,
-`assert_consumed()` reports the shards the checkpoint had no entry for, although their ids were restored.
+`assert_consumed()` and `assert_existing_objects_matched()` report the shards the checkpoint had no entry
+for, although their ids were restored.
 """
 
 import weakref
@@ -24,8 +26,9 @@ from tensorflow.python.training.saving import saveable_object
 # The step a ShardedSparseTable's own checkpoint attributes hold: no table's (the import refuses it).
 STAND_IN_STEP = -1
 
-# Each shard bound to the gatherer of the restore under way: a shard whose saved place differs from its own
-# hands its part to it. Held apart from the shard's attributes, which TensorFlow would track and save.
+# Each shard bound to (the gatherer of the restore under way, its saved index): a shard whose checkpoint has
+# another number of shards hands its part to it. Held apart from the shard's attributes, which TensorFlow
+# would track and save; the gatherer holds its table weakly.
 _GATHERERS = weakref.WeakKeyDictionary()
 # Each table's latest gatherer, kept while the table lives: TensorFlow's restore holds the objects it bound
 # weakly, and `assert_consumed()` would find the gatherer and its saved shards gone.
@@ -44,36 +47,36 @@ def stand_in(dim):
     }
 
 
-def restore_contents(table, restored, in_graphs=True):
-    """Restores a table's own checkpoint attributes: contents are imported (for a ShardedSparseTable, spread
-    over its shards); a ShardedSparseTable's stand-in changes nothing (its shards hold the rows).
+def merged(parts):
+    """One table's contents from the contents of its parts (shards): rows concatenated, the latest step."""
+    contents = {name: tf.concat([part[name] for part in parts], 0) for name in parts[0] if name != "step"}
+    contents["step"] = tf.reduce_max(tf.stack([part["step"] for part in parts]))
+    return contents
 
-    In a graph (TF1 sessions; SavedModel traces the restore), with `in_graphs` the contents are imported
-    as they come: a SparseTable never sees a stand-in alone there (the sharded checkpoint's shards refuse
-    a graph's restore first; the import would refuse step -1), and a condition around the import would hide
-    it from the rewrite tools. Without it (a ShardedSparseTable: SavedModel's graph reaches copies of its
-    shards, not its shards) anything but the stand-in is refused."""
+
+def restore_contents(table, restored):
+    """Restores a table's own checkpoint attributes: contents are imported (for a ShardedSparseTable, spread
+    over its shards); a ShardedSparseTable's stand-in changes nothing (its shards hold the rows). In a graph
+    the choice is made when the restore runs (the rewrite tools count a restore function's branches as
+    part of it)."""
     if tf.executing_eagerly():
         if int(restored["step"]) == STAND_IN_STEP:
             return None
         return table.import_(restored)
-    if not in_graphs:
-        return tf.debugging.Assert(
-            tf.equal(restored["step"], STAND_IN_STEP),
-            [
-                f"{type(table).__name__} {table.name!r}: a SparseTable's checkpoint restores into a "
-                "ShardedSparseTable eagerly only (TensorFlow 2's tf.train.Checkpoint.restore outside "
-                "tf.function)"
-            ],
-        )
-    return table.import_(restored)
+
+    def load():
+        with tf.control_dependencies([table.import_(restored)]):
+            return tf.constant(True)
+
+    return tf.cond(tf.equal(restored["step"], STAND_IN_STEP), lambda: tf.constant(False), load)
 
 
 def own_saveables(table, host):
     """A ShardedSparseTable's own checkpoint attributes (`_gather_saveables_for_checkpoint`): one saveable
-    named "" (it answers for any attribute, and its tensors take a SparseTable's names). None in a
-    SavedModel: a loaded SavedModel revives the table as a plain object, whose save functions TensorFlow
-    then tracks twice, and re-saving it failed."""
+    named "" (it answers for any attribute, and its tensors take a SparseTable's names). Left out of a
+    SavedModel's object graph: a loaded SavedModel revives the table as a plain object, whose save
+    functions TensorFlow then tracks twice, and re-saving it failed. (TensorFlow writes a SavedModel's
+    variables after its save context ends: the stand-in's six empty tensors are there, unused.)"""
     if save_context.in_save_context():
         return {}
     return {"": lambda name: _OwnContents(table, name, host)}
@@ -92,25 +95,31 @@ class _OwnContents(saveable_object.SaveableObject):
 
     def restore(self, restored_tensors, restored_shapes):
         del restored_shapes
-        return restore_contents(self._table, dict(zip(self._names, restored_tensors, strict=True)), False)
+        return restore_contents(self._table, dict(zip(self._names, restored_tensors, strict=True)))
 
 
-def gatherer(table, name, cached_dependencies):
-    """What `table` restores the checkpoint's `name` dependency into: a ShardGatherer for `shards` while
-    restoring (`cached_dependencies` is only given by the restore), else None (TensorFlow's own lookup)."""
-    if name == "shards" and cached_dependencies is not None:
-        _LATEST[table] = ShardGatherer(table)
-        return _LATEST[table]
-    return None
+class GathersShards:
+    """Mixed into the table classes: a checkpoint's `shards` (a ShardedSparseTable's) restore into this
+    table whatever its layout, through a ShardGatherer (`_lookup_dependency` is given `cached_dependencies`
+    by the restore only)."""
+
+    def _lookup_dependency(self, name, cached_dependencies=None):
+        if name == "shards" and cached_dependencies is not None:
+            _LATEST[self] = ShardGatherer(self)
+            return _LATEST[self]
+        return super()._lookup_dependency(name, cached_dependencies)
 
 
 class ShardGatherer(tf.__internal__.tracking.Trackable):
     """The `shards` of a checkpoint, as a table restores them: saved shard k goes to the table's shard k
-    where it has one (which reads its part directly when the layouts match), else to a stand-in that hands
-    its part here; once every saved shard's part came, they are imported into the table together."""
+    where it has one, else to a stand-in. With as many saved shards as the table has, each shard reads its
+    own part; else every part comes here, and once all came they are imported into the table together.
+    The saved shards are the checkpoint's, known before any part comes (TensorFlow looks up every object of
+    a restore before it reads any value)."""
 
     def __init__(self, table):
-        self._table = table
+        self._table = weakref.ref(table)
+        self._indices = set()
         self._parts = {}
         self._saved = []  # the stand-ins for saved shards the table has no shard for
 
@@ -118,47 +127,57 @@ class ShardGatherer(tf.__internal__.tracking.Trackable):
         if not name.isdigit():
             return None
         index = int(name)
-        shards = getattr(self._table, "shards", [])
+        self._indices.add(index)
+        table = self._table()
+        shards = getattr(table, "shards", [])
         if index < len(shards):
-            _GATHERERS[shards[index]] = self
+            _GATHERERS[shards[index]] = (self, index)
             return shards[index]
-        self._saved.append(_SavedShard(self, self._table.dim))
+        self._saved.append(_SavedShard(self, index, table.dim))
         return self._saved[-1]
 
-    def receive(self, layout, contents):
-        """Takes saved shard `layout` = (k, n)'s contents; imports all n once the last one came."""
-        if not tf.executing_eagerly():
-            raise ValueError(
-                f"{type(self._table).__name__} {self._table.name!r}: a checkpoint of a table of another "
-                "number of shards restores eagerly only (TensorFlow 2's tf.train.Checkpoint.restore outside "
-                "tf.function); in a graph, restore into a table of as many shards as the one saved"
-            )
-        index, count = (int(v) for v in tf.convert_to_tensor(layout).numpy())
+    def gathers(self):
+        """Whether the parts go to the table together (the checkpoint has another number of shards)."""
+        return len(self._indices) != len(getattr(self._table(), "shards", []))
+
+    def receive(self, index, layout, contents):
+        """Takes saved shard `index`'s contents (and its `layout`, checked against the checkpoint's);
+        imports all parts once the last one came."""
+        table = self._table()
+        count = len(self._indices)
+        message = (
+            f"{type(table).__name__} {table.name!r}: the checkpoint's shard {index} of {count} says it is "
+            "another shard"
+        )
+        if tf.executing_eagerly():
+            saved = tuple(int(v) for v in tf.convert_to_tensor(layout).numpy())
+            if saved != (index, count):
+                raise ValueError(f"{message} (shard {saved[0]} of {saved[1]})")
+        else:
+            fits = tf.debugging.assert_equal(layout, tf.constant([index, count], tf.int64), message=message)
+            with tf.control_dependencies([fits]):
+                contents = {name: tf.identity(value) for name, value in contents.items()}
         self._parts[index] = contents
-        if len(self._parts) < count:
+        if set(self._parts) != self._indices:
             return None
-        if sorted(self._parts) != list(range(count)):
-            raise ValueError(
-                f"{type(self._table).__name__} {self._table.name!r}: the checkpoint's shards "
-                f"{sorted(self._parts)} are not shards 0..{count - 1}"
-            )
-        parts = [self._parts[k] for k in range(count)]
+        parts = [self._parts[k] for k in sorted(self._parts)]
         self._parts = {}
-        merged = {name: tf.concat([part[name] for part in parts], 0) for name in parts[0] if name != "step"}
-        merged["step"] = tf.reduce_max(tf.stack([part["step"] for part in parts]))
-        return self._table.import_(merged)
+        return table.import_(merged(parts))
 
 
-def take_gatherer(shard):
-    """The gatherer of the restore under way that bound `shard`, or None; unbinds it."""
-    return _GATHERERS.pop(shard, None)
+def gatherer_of(shard):
+    """(the gatherer of the restore under way that bound `shard`, the saved index) if that gatherer gathers,
+    else None; unbinds it."""
+    bound = _GATHERERS.pop(shard, None)
+    return bound if bound is not None and bound[0].gathers() else None
 
 
 class _SavedShard(tf.__internal__.tracking.Trackable):
     """A saved shard the restoring table has no shard for: its part goes to the gatherer."""
 
-    def __init__(self, gatherer, dim):
+    def __init__(self, gatherer, index, dim):
         self._gatherer = gatherer
+        self._index = index
         self._dim = dim
 
     def _serialize_to_tensors(self):
@@ -168,4 +187,4 @@ class _SavedShard(tf.__internal__.tracking.Trackable):
     def _restore_from_tensors(self, restored_tensors):
         restored = dict(restored_tensors)
         layout = restored.pop("layout")
-        return self._gatherer.receive(layout, restored)
+        return self._gatherer.receive(self._index, layout, restored)

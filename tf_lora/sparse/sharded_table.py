@@ -13,7 +13,7 @@ from tf_lora.sparse.table import CONTENTS, SparseTable, int64_ids
 _HOST = "/device:CPU:0"
 
 
-class ShardedSparseTable(tf.Module):
+class ShardedSparseTable(resharding.GathersShards, tf.Module):
     """A SparseTable whose ids live in `len(devices)` shards, shard `id mod len(devices)` on `devices[k]`:
     the way to hold a table larger than one machine's memory on the parameter servers of a TensorFlow
     cluster (`"/job:ps/task:0"`, ...), or to spread its work over several devices of one.
@@ -26,7 +26,7 @@ class ShardedSparseTable(tf.Module):
     row or summed gradient, travels once. `export()` gathers every shard; `import_` spreads any export.
     Checkpoints hold each shard's contents and its place (shard k of n), each written where its shard is;
     they restore into a table of any number of shards, or into a SparseTable, and a SparseTable's into this
-    one (eagerly; in a graph, into as many shards as were saved). `.keras` files hold the gathered contents
+    one (another layout's parts pass through the worker's memory). `.keras` files hold the gathered contents
     (a SparseEmbedding with any number of shards loads them).
 
     Args:
@@ -158,10 +158,6 @@ class ShardedSparseTable(tf.Module):
     def _gather_saveables_for_checkpoint(self):
         return resharding.own_saveables(self, _HOST)
 
-    def _lookup_dependency(self, name, cached_dependencies=None):
-        gatherer = resharding.gatherer(self, name, cached_dependencies)
-        return gatherer or super()._lookup_dependency(name, cached_dependencies)
-
     def remove(self, ids) -> tf.Tensor:
         """Removes `ids` (ids not in the table are ignored). Returns how many were removed."""
         parts, _ = self._split(int64_ids(ids, "ShardedSparseTable.remove"))
@@ -177,10 +173,7 @@ class ShardedSparseTable(tf.Module):
 
     def export(self) -> dict:
         """Every shard's ids with their values, slots, update counts and last steps, and the step."""
-        exports = [table.export() for table in self.shards]
-        contents = {name: tf.concat([e[name] for e in exports], 0) for name in exports[0] if name != "step"}
-        contents["step"] = tf.reduce_max(tf.stack([e["step"] for e in exports]))
-        return contents
+        return resharding.merged([table.export() for table in self.shards])
 
     def import_(self, contents: dict):
         """Replaces the contents with an `export()` (of this table, of a SparseTable, or of one with another
@@ -269,8 +262,8 @@ def _refuse_non_finite(ids, finite):
 
 class _Shard(SparseTable):
     """One shard of a ShardedSparseTable. Its checkpoints also hold its place, `layout` (index, count): the
-    part of a checkpoint of another layout goes to the restore's gatherer, which imports all parts
-    together; where there is none (a graph, or the shard restored alone), it is refused before anything is
+    part of a checkpoint of another number of shards goes to the restore's gatherer, which imports all
+    parts together; a part of another place restored into the shard alone is refused before anything is
     imported (its ids would sit in the wrong shard, reading as zeros)."""
 
     def __init__(self, dim, initializer, optimizer, name, index, count):
@@ -283,20 +276,20 @@ class _Shard(SparseTable):
     def _restore_from_tensors(self, restored_tensors):
         restored = dict(restored_tensors)
         layout = restored.pop("layout")
-        gatherer = resharding.take_gatherer(self)
+        gathered = resharding.gatherer_of(self)
+        if gathered is not None:
+            gatherer, saved_index = gathered
+            return gatherer.receive(saved_index, layout, restored)
         index, count = self._layout
         message = (
             f"ShardedSparseTable: the checkpoint's shard does not fit shard {index} of {count} "
-            f"({self.name}): restore the whole table eagerly (it then takes any number of shards), or into "
-            "a table of as many shards as the one saved"
+            f"({self.name}): restore the whole table (it then takes any number of shards), not one shard"
         )
         if tf.executing_eagerly():
             saved = tuple(int(v) for v in tf.convert_to_tensor(layout).numpy())
-            if saved == self._layout:
-                return self.import_(restored)
-            if gatherer is None:
+            if saved != self._layout:
                 raise ValueError(f"{message}; saved: shard {saved[0]} of {saved[1]}")
-            return gatherer.receive(layout, restored)
+            return self.import_(restored)
         fits = tf.debugging.assert_equal(layout, tf.constant(self._layout, tf.int64), message=message)
         with tf.control_dependencies([fits]):
             return self.import_(restored)

@@ -17,7 +17,7 @@ CONTENTS = ("keys", "values", "slots", "update_counts", "last_steps", "step")
 MAX_DIM = 1 << 20
 
 
-class SparseTable(tf.saved_model.experimental.TrackableResource):
+class SparseTable(resharding.GathersShards, tf.saved_model.experimental.TrackableResource):
     """int64 ids -> float32 rows of `dim` that grow as ids arrive, trained by `push`.
 
     Rows live in sharded, lock-striped storage inside the op library. A new id's row comes from
@@ -171,24 +171,25 @@ class SparseTable(tf.saved_model.experimental.TrackableResource):
     def _restore_from_tensors(self, restored_tensors):
         return resharding.restore_contents(self, restored_tensors)
 
-    def _lookup_dependency(self, name, cached_dependencies=None):
-        gatherer = resharding.gatherer(self, name, cached_dependencies)
-        return gatherer or super()._lookup_dependency(name, cached_dependencies)
-
     def import_(self, contents: dict):
         """Replaces the table's contents with an `export()`; bad input leaves the table as it was."""
         missing = set(CONTENTS) - set(contents)
         if missing:
             raise ValueError(f"SparseTable.import_: missing {sorted(missing)}")
-        return sparse_table_ops.import_(
-            self.resource_handle,
-            tf.convert_to_tensor(contents["keys"], tf.int64),
-            tf.convert_to_tensor(contents["values"], tf.float32),
-            tf.convert_to_tensor(contents["slots"], tf.float32),
-            tf.convert_to_tensor(contents["update_counts"], tf.int64),
-            tf.convert_to_tensor(contents["last_steps"], tf.int64),
-            tf.convert_to_tensor(contents["step"], tf.int64),
-        )
+        try:
+            return sparse_table_ops.import_(
+                self.resource_handle,
+                tf.convert_to_tensor(contents["keys"], tf.int64),
+                tf.convert_to_tensor(contents["values"], tf.float32),
+                tf.convert_to_tensor(contents["slots"], tf.float32),
+                tf.convert_to_tensor(contents["update_counts"], tf.int64),
+                tf.convert_to_tensor(contents["last_steps"], tf.int64),
+                tf.convert_to_tensor(contents["step"], tf.int64),
+            )
+        except tf.errors.InvalidArgumentError as e:  # eagerly: say which table (a restore reads many)
+            raise tf.errors.InvalidArgumentError(
+                e.node_def, e.op, f"SparseTable {self.name!r}: {e.message}"
+            ) from None
 
 
 def int64_ids(ids, method):
