@@ -150,6 +150,27 @@ def test_graph_restores_into_any_layout(tmp_path, saved):
             )
 
 
+@pytest.mark.parametrize("older,newer", [(2, 0), (3, 2), (0, 3), (2, 3)])
+@pytest.mark.parametrize("layout", [0, 2, 3])
+def test_pending_restores_of_a_table_made_later_the_newest_wins(tmp_path, older, newer, layout):
+    # Two restores before the table exists (TensorFlow defers them, then runs the newest first and skips
+    # what it restored): the older one's gathered or direct parts overwrote the newer's rows.
+    paths = {}
+    for saved, value in ((older, 1.0), (newer, 2.0)):
+        module = tf.Module()
+        module.table = _table(saved)
+        module.table.push(np.arange(-6, 6), np.full((12, DIM), value, np.float32))
+        paths[value] = tf.train.Checkpoint(m=module).write(str(tmp_path / f"ckpt_{value}"))
+        expected = _contents(module.table)
+    module = tf.Module()
+    tf.train.Checkpoint(m=module).read(paths[1.0])
+    tf.train.Checkpoint(m=module).read(paths[2.0])
+    module.table = _table(layout)
+    got = _contents(module.table)
+    for name in expected:
+        np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
+
+
 def test_a_restored_table_is_freed(tmp_path):
     # The restore's gatherer held its table, kept for the table's life: no restored table was ever freed.
     original = _table(2)

@@ -59,6 +59,8 @@ def restore_contents(table, restored):
     over its shards); a ShardedSparseTable's stand-in changes nothing (its shards hold the rows). In a graph
     the choice is made when the restore runs (the rewrite tools count a restore function's branches as
     part of it)."""
+    for shard in getattr(table, "shards", []):  # restored with the table (see ShardGatherer.receive)
+        shard._update_uid = max(shard._update_uid, table._update_uid)  # noqa: SLF001
     if tf.executing_eagerly():
         if int(restored["step"]) == STAND_IN_STEP:
             return None
@@ -140,9 +142,12 @@ class ShardGatherer(tf.__internal__.tracking.Trackable):
         """Whether the parts go to the table together (the checkpoint has another number of shards)."""
         return len(self._indices) != len(getattr(self._table(), "shards", []))
 
-    def receive(self, index, layout, contents):
-        """Takes saved shard `index`'s contents (and its `layout`, checked against the checkpoint's);
-        imports all parts once the last one came."""
+    def receive(self, index, layout, contents, uid):
+        """Takes saved shard `index`'s contents (and its `layout`, checked against the checkpoint's) from
+        an object this restore bound (`uid`, its restore's number); imports all parts once the last one
+        came, unless a newer restore of the table came first (TensorFlow runs pending restores newest
+        first, and skips what a newer one restored: so do the parts, and the table's shards then count as
+        restored by this one)."""
         table = self._table()
         count = len(self._indices)
         message = (
@@ -158,10 +163,15 @@ class ShardGatherer(tf.__internal__.tracking.Trackable):
             with tf.control_dependencies([fits]):
                 contents = {name: tf.identity(value) for name, value in contents.items()}
         self._parts[index] = contents
+        self._uid = max(getattr(self, "_uid", uid), uid)
         if set(self._parts) != self._indices:
             return None
         parts = [self._parts[k] for k in sorted(self._parts)]
         self._parts = {}
+        if table._update_uid > self._uid:  # noqa: SLF001 - TensorFlow's restore bookkeeping
+            return None
+        for shard in getattr(table, "shards", []):
+            shard._update_uid = max(shard._update_uid, self._uid)  # noqa: SLF001
         return table.import_(merged(parts))
 
 
@@ -187,4 +197,4 @@ class _SavedShard(tf.__internal__.tracking.Trackable):
     def _restore_from_tensors(self, restored_tensors):
         restored = dict(restored_tensors)
         layout = restored.pop("layout")
-        return self._gatherer.receive(self._index, layout, restored)
+        return self._gatherer.receive(self._index, layout, restored, self._update_uid)

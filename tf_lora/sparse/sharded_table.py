@@ -279,7 +279,7 @@ class _Shard(SparseTable):
         gathered = resharding.gatherer_of(self)
         if gathered is not None:
             gatherer, saved_index = gathered
-            return gatherer.receive(saved_index, layout, restored)
+            return gatherer.receive(saved_index, layout, restored, self._update_uid)
         index, count = self._layout
         message = (
             f"ShardedSparseTable: the checkpoint's shard does not fit shard {index} of {count} "
