@@ -294,3 +294,76 @@ print("done")
     np.testing.assert_allclose(
         next(iter(got.values())).numpy(), np.load(tmp_path / "expected.npy"), rtol=1e-5
     )
+
+
+def test_parameter_server_strategy_trains_a_sparse_embedding_as_one_local_table(run_python):
+    # ParameterServerStrategy's ClusterCoordinator: a custom loop whose steps the coordinator schedules on a
+    # worker (in this process's cluster: a worker and two parameter servers), the table sharded over the
+    # servers; the same steps locally must give the same losses and table.
+    out = run_python(
+        """
+import socket
+import numpy as np, tensorflow as tf, keras, tf_lora
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+spec = {
+    "chief": [f"localhost:{free_port()}"],
+    "worker": [f"localhost:{free_port()}"],
+    "ps": [f"localhost:{free_port()}" for _ in range(2)],
+}
+cluster = tf.train.ClusterSpec(spec)
+servers = [tf.distribute.Server(cluster, job_name="worker", task_index=0, start=True)]
+servers += [tf.distribute.Server(cluster, job_name="ps", task_index=k, start=True) for k in range(2)]
+resolver = tf.distribute.cluster_resolver.SimpleClusterResolver(
+    cluster, task_type="chief", task_id=0, rpc_layer="grpc"
+)
+strategy = tf.distribute.ParameterServerStrategy(resolver)
+coordinator = tf.distribute.coordinator.ClusterCoordinator(strategy)
+
+def build(devices):
+    keras.utils.set_random_seed(0)
+    ids = keras.Input((3,), dtype="int64")
+    emb = tf_lora.layers.SparseEmbedding(
+        4, combiner="sum", devices=devices, optimizer=tf_lora.sparse_optimizers.Adagrad(0.1), name="emb"
+    )
+    return keras.Model(ids, keras.layers.Dense(1)(emb(ids))), emb, keras.optimizers.Adam(0.01)
+
+def train_step(model, optimizer, x, y):
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_mean((model(x, training=True) - y) ** 2)
+    grads = tape.gradient(loss, model.trainable_variables)
+    optimizer.apply_gradients(zip(grads, model.trainable_variables))
+    return loss
+
+rng = np.random.default_rng(0)
+x = rng.integers(-100, 100, (64, 3)).astype(np.int64)
+y = rng.standard_normal((64, 1)).astype(np.float32)
+with strategy.scope():
+    remote, remote_emb, remote_opt = build(["/job:ps/task:0", "/job:ps/task:1"])
+
+@tf.function
+def step(xb, yb):
+    return strategy.run(lambda a, b: train_step(remote, remote_opt, a, b), args=(xb, yb))
+
+local, local_emb, local_opt = build(None)
+for k in range(0, 64, 16):
+    result = coordinator.schedule(step, args=(tf.constant(x[k : k + 16]), tf.constant(y[k : k + 16])))
+    coordinator.join()
+    expected = float(train_step(local, local_opt, x[k : k + 16], y[k : k + 16]))
+    np.testing.assert_allclose(float(result.fetch()), expected, rtol=1e-6)
+a, b = remote_emb.table.export(), local_emb.table.export()
+order_a, order_b = np.argsort(a["keys"].numpy()), np.argsort(b["keys"].numpy())
+for name in ("keys", "values", "slots", "update_counts", "last_steps"):
+    np.testing.assert_array_equal(a[name].numpy()[order_a], b[name].numpy()[order_b])
+print([t.resource_handle.device for t in remote_emb.table.shards], len(a["keys"]))
+"""
+    )
+    assert (
+        out.strip()
+        .splitlines()[-1]
+        .startswith("['/job:ps/replica:0/task:0/device:CPU:0', '/job:ps/replica:0/task:1/device:CPU:0'] ")
+    )
