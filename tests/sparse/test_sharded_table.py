@@ -90,14 +90,20 @@ def test_checkpoints_import_and_a_refused_import(tmp_path):
         three.import_({**bad, "slots": bad["slots"][:-1]})
 
 
-def test_a_sharded_keras_layer_saves_and_loads_as_keras_files_do(tmp_path):
-    keras.utils.set_random_seed(1)
+def _trained_two_shard_model(seed, x):
+    """A model over a SparseEmbedding of two shards ("emb"), fit on `x` once: (model, layer)."""
+    keras.utils.set_random_seed(seed)
     ids = keras.Input((2,), dtype="int64")
     emb = tf_lora.layers.SparseEmbedding(4, combiner="sum", devices=["/cpu:0", "/cpu:0"], name="emb")
     model = keras.Model(ids, keras.layers.Dense(1)(emb(ids)))
     model.compile(optimizer="sgd", loss="mse")
+    model.fit(x, np.ones((len(x), 1)), verbose=0)
+    return model, emb
+
+
+def test_a_sharded_keras_layer_saves_and_loads_as_keras_files_do(tmp_path):
     x = np.arange(40, dtype=np.int64).reshape(20, 2)
-    model.fit(x, np.ones((20, 1)), verbose=0)
+    model, emb = _trained_two_shard_model(1, x)
     model.save(tmp_path / "m.keras")
     loaded = keras.models.load_model(tmp_path / "m.keras")
     table = loaded.get_layer("emb").table
@@ -109,13 +115,8 @@ def test_a_sharded_keras_layer_saves_and_loads_as_keras_files_do(tmp_path):
 def test_a_keras_file_trained_on_parameter_servers_loads_where_there_are_none(tmp_path):
     # A .keras file whose layers' devices this process lacks failed in the table's op with TensorFlow's
     # placement error; sparse_table_devices places the tables here (or on other devices) instead.
-    keras.utils.set_random_seed(2)
-    ids = keras.Input((2,), dtype="int64")
-    emb = tf_lora.layers.SparseEmbedding(4, combiner="sum", devices=["/cpu:0", "/cpu:0"], name="emb")
-    model = keras.Model(ids, keras.layers.Dense(1)(emb(ids)))
-    model.compile(optimizer="sgd", loss="mse")
     x = np.arange(-20, 20, dtype=np.int64).reshape(20, 2)
-    model.fit(x, np.ones((20, 1)), verbose=0)
+    model, emb = _trained_two_shard_model(2, x)
     model.save(tmp_path / "local.keras")
     with (
         zipfile.ZipFile(tmp_path / "local.keras") as local,
