@@ -360,8 +360,30 @@ a, b = remote_emb.table.export(), local_emb.table.export()
 order_a, order_b = np.argsort(a["keys"].numpy()), np.argsort(b["keys"].numpy())
 for name in ("keys", "values", "slots", "update_counts", "last_steps"):
     np.testing.assert_array_equal(a[name].numpy()[order_a], b[name].numpy()[order_b])
+# The ids a step reads stay in its function: the layer's list, one variable on the servers for all workers
+# (which running steps at once overwrote, pushing gradients into other steps' ids), is left alone.
+assert int(tf.convert_to_tensor(remote_emb._step.count)) == 0
+# An optimizer step in another function than the training call has no ids to push: a clear error.
+with strategy.scope():
+    grads_var = tf.Variable(tf.zeros_like(remote_emb.pulled_rows), trainable=False)
+
+@tf.function
+def apply_elsewhere():
+    grads = [(tf.ones_like(grads_var), remote_emb.pulled_rows)]
+    return strategy.run(lambda: remote_opt.apply_gradients(grads))
+
+try:
+    coordinator.schedule(apply_elsewhere)
+    coordinator.join()
+    print("applied")
+except ValueError as e:
+    print("refused:", str(e).split(";")[0])
 print([t.resource_handle.device for t in remote_emb.table.shards], len(a["keys"]))
 """
+    )
+    assert (
+        "refused: SparseEmbedding emb: under ParameterServerStrategy, the optimizer step must run in the "
+        "same tf.function as the training calls it applies" in out
     )
     assert (
         out.strip()

@@ -5,6 +5,7 @@ import contextvars
 import dataclasses
 import types
 import warnings
+import weakref
 
 import keras
 import numpy as np
@@ -161,6 +162,8 @@ class SparseEmbedding(keras.layers.Layer):
     def _pull_for_training(self, flat):
         """The rows of `flat` (inserting new ids), as a view whose gradient reaches pulled_rows."""
         ids = tf.reshape(flat, [-1])
+        if _parameter_servers():
+            return self._pull_in_step(flat, ids)
         step = self._step
         start = tf.where(tf.convert_to_tensor(step.fresh) > 0, 0, tf.convert_to_tensor(step.count))
         end = start + tf.size(ids)
@@ -191,12 +194,61 @@ class SparseEmbedding(keras.layers.Layer):
         )
         return tf.reshape(rows, tf.concat([tf.shape(flat), [self.dim]], axis=0))
 
+    def _pull_in_step(self, flat, ids):
+        """_pull_for_training under ParameterServerStrategy. Its variables are one copy on the parameter
+        servers, shared by every worker: workers running steps at once overwrote each other's list of ids,
+        and pushed gradients into the wrong ids. There the ids read stay tensors of the traced step (each
+        call's under the step's function graph, the positions in pulled_rows counted from 0 in it), which
+        the optimizer's step in the same function pushes (_apply_rows_gradient)."""
+        reads = _reads_of_step(
+            self,
+            "SparseEmbedding {}: under ParameterServerStrategy, training calls run in "
+            "a tf.function (the function the ClusterCoordinator schedules)",
+        )
+        start = tf.add_n([tf.size(r) for r in reads]) if reads else tf.constant(0)
+        end = start + tf.size(ids)
+        fits = tf.debugging.assert_less_equal(
+            end,
+            self.max_ids_per_step,
+            message=f"SparseEmbedding {self.name}: more ids were read for training in this step than "
+            f"max_ids_per_step={self.max_ids_per_step}: raise it",
+        )
+        with tf.control_dependencies([fits]):
+            positions = tf.range(start, end)
+        reads.append(ids)
+        rows = self.table.pull(ids, training=True) + tf.cast(
+            tf.gather(self.pulled_rows, positions), tf.float32
+        )
+        return tf.reshape(rows, tf.concat([tf.shape(flat), [self.dim]], axis=0))
+
     def _apply_rows_gradient(self, grad, optimizer):
         """The model optimizer applies a step: push the processed gradient of the rows pulled since the last
         one into the table, then start over (called by _optimizer_hook)."""
         _warn_unreached(self, optimizer)
-        count = tf.convert_to_tensor(self._step.count)
-        ids = tf.convert_to_tensor(self._step.ids)[:count]
+        in_step = _parameter_servers()
+        if in_step:
+            if getattr(optimizer, "gradient_accumulation_steps", None):
+                raise ValueError(
+                    f"SparseEmbedding {self.name}: gradient_accumulation_steps is not supported under "
+                    "ParameterServerStrategy (each step pushes the ids its own training calls read)"
+                )
+            reads = _reads_of_step(
+                self,
+                "SparseEmbedding {}: under ParameterServerStrategy, the optimizer step runs in the "
+                "tf.function of the training calls it applies (one scheduled step: forward, gradient, apply)",
+            )
+            if not reads:
+                raise ValueError(
+                    f"SparseEmbedding {self.name}: under ParameterServerStrategy, the optimizer step must "
+                    "run in the same tf.function as the training calls it applies (one scheduled step: "
+                    "forward, gradient, apply); this function read no ids for training"
+                )
+            ids = tf.concat(reads, 0)
+            del reads[:]  # the next step in this function (steps_per_execution) starts its own list
+            count = tf.size(ids)
+        else:
+            count = tf.convert_to_tensor(self._step.count)
+            ids = tf.convert_to_tensor(self._step.ids)[:count]
         if isinstance(grad, tf.IndexedSlices):
             rows = tf.math.unsorted_segment_sum(grad.values, grad.indices, count)
         else:
@@ -238,6 +290,8 @@ class SparseEmbedding(keras.layers.Layer):
             step = context.merge_call(push_all, args=(ids, rows))
         else:
             step = push(ids, rows)
+        if in_step:
+            return step
         with tf.control_dependencies([step]):
             return self._step.fresh.assign(1)
 
@@ -245,6 +299,9 @@ class SparseEmbedding(keras.layers.Layer):
         """Starts the list of ids read for training over, as an applied step does: for training calls whose
         gradients will never be applied (e.g. Monte Carlo dropout). Called by tf_lora when the loss scaler
         skips a step."""
+        if _parameter_servers() and not tf.executing_eagerly():
+            del _reads_of_step(self, "")[:]
+            return
         self._step.fresh.assign(1)
 
     def _trackable_children(self, save_type="checkpoint", **kwargs):
@@ -384,6 +441,29 @@ def _after(op, tensor):
     """`tensor`, read once `op` ran (in a graph; eagerly it already has)."""
     with tf.control_dependencies([op]):
         return tf.identity(tensor)
+
+
+def _parameter_servers():
+    """Whether the layer runs under ParameterServerStrategy (its steps may run on several workers at once)."""
+    return tf.distribute.has_strategy() and isinstance(
+        tf.distribute.get_strategy(), tf.distribute.ParameterServerStrategy
+    )
+
+
+# {outermost function graph: {id(layer): [id tensors read for training]}}, kept while the graph lives.
+_READS = weakref.WeakKeyDictionary()
+
+
+def _reads_of_step(layer, eager_message):
+    """The list of id tensors `layer`'s training calls read in the tf.function being traced (kept on its
+    outermost function graph, so that an apply in a branch, e.g. the loss scaler's, finds them); raises
+    `eager_message` eagerly."""
+    if tf.executing_eagerly():
+        raise RuntimeError(eager_message.format(layer.name))
+    graph = tf.compat.v1.get_default_graph()
+    while hasattr(getattr(graph, "outer_graph", None), "outer_graph"):  # a function graph within another
+        graph = graph.outer_graph
+    return _READS.setdefault(graph, {}).setdefault(id(layer), [])
 
 
 def _replicas():

@@ -134,6 +134,12 @@ def transplant(meta, ckpt, donor_files, names):
         fdef = meta.graph_def.library.function.add()
         fdef.CopyFrom(donor_files.functions[name])
         fdef.signature.name = new_name
+        for node in fdef.node_def:  # the functions it calls (call ops, If branches) by their new names
+            for value in node.attr.values():
+                if value.HasField("func") and value.func.name in renamed:
+                    value.func.name = renamed[value.func.name]
+                for func in value.list.func:
+                    func.name = renamed.get(func.name, func.name)
     for name, concrete in theirs.concrete_functions.items():
         if name in reached_functions:
             copy = objects.concrete_functions[renamed[name]]
