@@ -297,12 +297,15 @@ print("done")
     )
 
 
-def test_parameter_server_strategy_trains_a_sparse_embedding_as_one_local_table(run_python):
+@pytest.mark.parametrize("loss_scale", [False, True])
+def test_parameter_server_strategy_trains_a_sparse_embedding_as_one_local_table(run_python, loss_scale):
     # ParameterServerStrategy's ClusterCoordinator: a custom loop whose steps the coordinator schedules on a
     # worker (in this process's cluster: a worker and two parameter servers), the table sharded over the
-    # servers; the same steps locally must give the same losses and table.
+    # servers; the same steps locally must give the same losses and table. With a LossScaleOptimizer, the
+    # step is applied in one branch of its condition and skipped in the other.
     out = run_python(
-        """
+        f"LOSS_SCALE = {loss_scale}\n"
+        + """
 import socket
 import numpy as np, tensorflow as tf, keras, tf_lora
 
@@ -331,12 +334,16 @@ def build(devices):
     emb = tf_lora.layers.SparseEmbedding(
         4, combiner="sum", devices=devices, optimizer=tf_lora.sparse_optimizers.Adagrad(0.1), name="emb"
     )
-    return keras.Model(ids, keras.layers.Dense(1)(emb(ids))), emb, keras.optimizers.Adam(0.01)
+    optimizer = keras.optimizers.Adam(0.01)
+    if LOSS_SCALE:
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    return keras.Model(ids, keras.layers.Dense(1)(emb(ids))), emb, optimizer
 
 def train_step(model, optimizer, x, y):
     with tf.GradientTape() as tape:
         loss = tf.reduce_mean((model(x, training=True) - y) ** 2)
-    grads = tape.gradient(loss, model.trainable_variables)
+        scaled = optimizer.scale_loss(loss)
+    grads = tape.gradient(scaled, model.trainable_variables)
     optimizer.apply_gradients(zip(grads, model.trainable_variables))
     return loss
 
@@ -377,13 +384,13 @@ try:
     coordinator.join()
     print("applied")
 except ValueError as e:
-    print("refused:", str(e).split(";")[0])
+    print("refused:", " ".join(str(e).split()).split("emb: ")[-1].split(";")[0])
 print([t.resource_handle.device for t in remote_emb.table.shards], len(a["keys"]))
 """
     )
     assert (
-        "refused: SparseEmbedding emb: under ParameterServerStrategy, the optimizer step must run in the "
-        "same tf.function as the training calls it applies" in out
+        "refused: under ParameterServerStrategy, the optimizer step must run in the same tf.function as the "
+        "training calls it applies" in out
     )
     assert (
         out.strip()

@@ -157,6 +157,6 @@ def _forget_on_skipped_steps():
         for variable in self.inner_optimizer._trainable_variables:  # noqa: SLF001 - Keras's own list
             layer = _layer_of(variable)
             if layer is not None:
-                layer.forget_step_ids()
+                layer._step_skipped()  # noqa: SLF001 - the layer's half of this hook
 
     cls._stateful_handle_non_finite_grads = _stateful_handle_non_finite_grads

@@ -295,6 +295,13 @@ class SparseEmbedding(keras.layers.Layer):
         with tf.control_dependencies([step]):
             return self._step.fresh.assign(1)
 
+    def _step_skipped(self):
+        """The loss scaler skipped the step (called by _optimizer_hook): the list starts over, as after a
+        push. Under ParameterServerStrategy the step's reads are its traced function's and end with it (the
+        skipping branch may be traced before the applying one, which still needs them)."""
+        if not _parameter_servers():
+            self.forget_step_ids()
+
     def forget_step_ids(self):
         """Starts the list of ids read for training over, as an applied step does: for training calls whose
         gradients will never be applied (e.g. Monte Carlo dropout). Called by tf_lora when the loss scaler
