@@ -272,6 +272,35 @@ tf.saved_model.save(sparse, {str(tmp_path / "sm")!r})
     assert out.split() == ["True", "True", str(2 * 256 // 32)], out
 
 
+def test_mirrored_strategy_with_a_loss_scaler_trains_and_skips_as_a_dense_embedding(run_python):
+    # Mixed precision on several devices: the loss scaler's skipping branch runs in cross-replica context,
+    # where starting the list over (an assignment to a variable of no aggregation) failed the trace.
+    out = run_python(
+        f"""
+import sys
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import keras, numpy as np
+sys.path.insert(0, {str(pathlib.Path(__file__).parent)!r})
+import test_sparse_embedding_training as t
+with tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]).scope():
+    sparse, emb, dense, dense_emb = t._models(
+        lambda: keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.1))
+    )
+x, y = t._data()
+y[3] = np.nan  # the batch holding it is skipped, by both models
+for model in (sparse, dense):
+    model.fit(x, y, batch_size=32, epochs=2, shuffle=False, verbose=0)
+want = dense_emb.embeddings.numpy()
+print(np.abs(want).max() > 0.01, np.abs(t._rows(emb) - want).max() <= 1e-5 * np.abs(want).max() + 1e-7)
+print(int(emb.table.export()["step"]))
+""",
+        timeout=300,
+    )
+    assert out.split() == ["True", "True", str(2 * (256 // 32 - 1))], out
+
+
 def test_skipped_steps_do_not_fill_the_list_of_ids(mixed_precision):
     # Each step's ids were kept until an applied step: with room for one step's ids, a step the loss
     # scaler skipped left the list full and every later training call failed.

@@ -205,7 +205,7 @@ class SparseEmbedding(keras.layers.Layer):
             "SparseEmbedding {}: under ParameterServerStrategy, training calls run in "
             "a tf.function (the function the ClusterCoordinator schedules)",
         )
-        start = tf.add_n([tf.size(r) for r in reads]) if reads else tf.constant(0)
+        start = tf.add_n([tf.size(read()) for read in reads]) if reads else tf.constant(0)
         end = start + tf.size(ids)
         fits = tf.debugging.assert_less_equal(
             end,
@@ -215,7 +215,7 @@ class SparseEmbedding(keras.layers.Layer):
         )
         with tf.control_dependencies([fits]):
             positions = tf.range(start, end)
-        reads.append(ids)
+        reads.append(weakref.ref(ids))  # its graph holds it (held strongly, it would hold the graph)
         rows = self.table.pull(ids, training=True) + tf.cast(
             tf.gather(self.pulled_rows, positions), tf.float32
         )
@@ -243,7 +243,7 @@ class SparseEmbedding(keras.layers.Layer):
                     "run in the same tf.function as the training calls it applies (one scheduled step: "
                     "forward, gradient, apply); this function read no ids for training"
                 )
-            ids = tf.concat(reads, 0)
+            ids = tf.concat([read() for read in reads], 0)
             del reads[:]  # the next step in this function (steps_per_execution) starts its own list
             count = tf.size(ids)
         else:
@@ -308,8 +308,13 @@ class SparseEmbedding(keras.layers.Layer):
         skips a step."""
         if _parameter_servers() and not tf.executing_eagerly():
             del _reads_of_step(self, "")[:]
-            return
-        self._step.fresh.assign(1)
+            return None
+        fresh = self._step.fresh
+        if isinstance(fresh, tf.distribute.DistributedValues) and tf.distribute.in_cross_replica_context():
+            # Each replica's own (the loss scaler's skipping branch runs in cross-replica context, where an
+            # assignment to a variable of no aggregation failed): mixed precision on several GPUs.
+            return tf.group([component.assign(1) for component in fresh.values])
+        return fresh.assign(1)
 
     def _trackable_children(self, save_type="checkpoint", **kwargs):
         children = super()._trackable_children(save_type, **kwargs)
@@ -457,7 +462,9 @@ def _parameter_servers():
     )
 
 
-# {outermost function graph: {id(layer): [id tensors read for training]}}, kept while the graph lives.
+# {outermost function graph: {(id(layer), replica): [weak references to the id tensors read for training]}},
+# kept while the graph lives. By replica: the replicas of a worker with several devices are traced in one
+# graph, each with its forward and its apply.
 _READS = weakref.WeakKeyDictionary()
 
 
@@ -470,7 +477,14 @@ def _reads_of_step(layer, eager_message):
     graph = tf.compat.v1.get_default_graph()
     while hasattr(getattr(graph, "outer_graph", None), "outer_graph"):  # a function graph within another
         graph = graph.outer_graph
-    return _READS.setdefault(graph, {}).setdefault(id(layer), [])
+    return _READS.setdefault(graph, {}).setdefault((id(layer), _replica_id()), [])
+
+
+def _replica_id():
+    """The replica being traced (0 in cross-replica context, where a loss scaler may apply a step)."""
+    context = tf.distribute.get_replica_context()
+    replica = None if context is None else tf.get_static_value(context.replica_id_in_sync_group)
+    return 0 if replica is None else int(replica)
 
 
 def _replicas():
