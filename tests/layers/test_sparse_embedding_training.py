@@ -243,11 +243,8 @@ def test_sparse_tensor_ids_match_safe_embedding_lookup_sparse(combiner, weighted
     )
 
 
-def test_mirrored_strategy_counts_every_replica_s_gradient_once(run_python, tmp_path):
-    # Two replicas (two logical CPUs, in a fresh process): the table must move as a dense Embedding does
-    # under the same strategy, whose replicas' gradients Keras sums once.
-    out = run_python(
-        f"""
+# A fresh process with two logical CPUs and this module as `t`, for MirroredStrategy over two replicas.
+_TWO_REPLICAS = f"""
 import sys
 import tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
@@ -255,6 +252,15 @@ tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfigur
 import keras, numpy as np
 sys.path.insert(0, {str(pathlib.Path(__file__).parent)!r})
 import test_sparse_embedding_training as t
+"""
+
+
+def test_mirrored_strategy_counts_every_replica_s_gradient_once(run_python, tmp_path):
+    # Two replicas (two logical CPUs, in a fresh process): the table must move as a dense Embedding does
+    # under the same strategy, whose replicas' gradients Keras sums once.
+    out = run_python(
+        _TWO_REPLICAS
+        + f"""
 with tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]).scope():
     sparse, emb, dense, dense_emb = t._models(lambda: keras.optimizers.SGD(0.1, global_clipnorm=0.5))
 x, y = t._data()
@@ -276,14 +282,8 @@ def test_mirrored_strategy_with_a_loss_scaler_trains_and_skips_as_a_dense_embedd
     # Mixed precision on several devices: the loss scaler's skipping branch runs in cross-replica context,
     # where starting the list over (an assignment to a variable of no aggregation) failed the trace.
     out = run_python(
-        f"""
-import sys
-import tensorflow as tf
-cpu = tf.config.list_physical_devices("CPU")[0]
-tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-import keras, numpy as np
-sys.path.insert(0, {str(pathlib.Path(__file__).parent)!r})
-import test_sparse_embedding_training as t
+        _TWO_REPLICAS
+        + """
 with tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]).scope():
     sparse, emb, dense, dense_emb = t._models(
         lambda: keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.1))
