@@ -160,32 +160,43 @@ class SparseEmbedding(keras.layers.Layer):
         return tf.math.divide_no_nan(total, tf.sqrt(count))
 
     def _pull_for_training(self, flat):
-        """The rows of `flat` (inserting new ids), as a view whose gradient reaches pulled_rows."""
+        """The rows of `flat` (inserting new ids), as a view whose gradient reaches pulled_rows: row i of the
+        ids read since the last applied step is pulled_rows[i].
+
+        Under ParameterServerStrategy the layer's list of those ids (its variables: one copy on the parameter
+        servers, shared by every worker) is not used: workers running steps at once overwrote each other's
+        list and pushed gradients into the wrong ids. There the ids read stay tensors of the traced step,
+        counted from 0 in it, which the optimizer's step in the same function pushes (_apply_rows_gradient).
+        """
         ids = tf.reshape(flat, [-1])
         if _parameter_servers():
-            return self._pull_in_step(flat, ids)
-        step = self._step
-        start = tf.where(tf.convert_to_tensor(step.fresh) > 0, 0, tf.convert_to_tensor(step.count))
-        end = start + tf.size(ids)
-        fits = tf.debugging.assert_less_equal(
-            end,
-            self.max_ids_per_step,
-            message=f"SparseEmbedding {self.name}: more ids were read for training since the last optimizer "
-            f"step than max_ids_per_step={self.max_ids_per_step}: raise it (training calls whose gradients "
-            "are never applied count too: call with training=False, or forget_step_ids())",
-        )
-        with tf.control_dependencies([fits]):
-            positions = tf.range(start, end)
-        if _replicas() > 1:  # a replica's own copy, which takes whole assignments only
-            step.ids.assign(tf.tensor_scatter_nd_update(step.ids.read_value(), positions[:, None], ids))
+            reads = _reads_of_step(
+                self,
+                "SparseEmbedding {}: under ParameterServerStrategy, training calls run in "
+                "a tf.function (the function the ClusterCoordinator schedules)",
+            )
+            start = tf.add_n([tf.size(read()) for read in reads]) if reads else tf.constant(0)
+            positions = self._positions(start, ids, "in this step than max_ids_per_step={}: raise it")
+            reads.append(weakref.ref(ids))  # its graph holds it (held strongly, it would hold the graph)
         else:
-            step.ids.scatter_nd_update(positions[:, None], ids)
-        # Only once the ids exist: in a tf.function, an assign that does not depend on them runs even when
-        # reading them fails (an exhausted iterator at the end of an epoch of unknown length), and the step
-        # would forget that it had been applied.
-        with tf.control_dependencies([positions, ids]):
-            step.count.assign(end)
-            step.fresh.assign(0)
+            step = self._step
+            start = tf.where(tf.convert_to_tensor(step.fresh) > 0, 0, tf.convert_to_tensor(step.count))
+            positions = self._positions(
+                start,
+                ids,
+                "since the last optimizer step than max_ids_per_step={}: raise it (training calls whose "
+                "gradients are never applied count too: call with training=False, or forget_step_ids())",
+            )
+            if _replicas() > 1:  # a replica's own copy, which takes whole assignments only
+                step.ids.assign(tf.tensor_scatter_nd_update(step.ids.read_value(), positions[:, None], ids))
+            else:
+                step.ids.scatter_nd_update(positions[:, None], ids)
+            # Only once the ids exist: in a tf.function, an assign that does not depend on them runs even
+            # when reading them fails (an exhausted iterator at the end of an epoch of unknown length), and
+            # the step would forget that it had been applied.
+            with tf.control_dependencies([positions, ids]):
+                step.count.assign(start + tf.size(ids))
+                step.fresh.assign(0)
         # Each id read has its own row of pulled_rows (zero) beside the table's; the push sums the
         # gradients of repeated ids. pulled_rows may read as the compute dtype under mixed precision; the
         # rows stay float32.
@@ -194,32 +205,18 @@ class SparseEmbedding(keras.layers.Layer):
         )
         return tf.reshape(rows, tf.concat([tf.shape(flat), [self.dim]], axis=0))
 
-    def _pull_in_step(self, flat, ids):
-        """_pull_for_training under ParameterServerStrategy. Its variables are one copy on the parameter
-        servers, shared by every worker: workers running steps at once overwrote each other's list of ids,
-        and pushed gradients into the wrong ids. There the ids read stay tensors of the traced step (each
-        call's under the step's function graph, the positions in pulled_rows counted from 0 in it), which
-        the optimizer's step in the same function pushes (_apply_rows_gradient)."""
-        reads = _reads_of_step(
-            self,
-            "SparseEmbedding {}: under ParameterServerStrategy, training calls run in "
-            "a tf.function (the function the ClusterCoordinator schedules)",
-        )
-        start = tf.add_n([tf.size(read()) for read in reads]) if reads else tf.constant(0)
+    def _positions(self, start, ids, too_many):
+        """The rows of pulled_rows for `ids` read after `start` others; `too_many` ("... {}") is the error
+        when they pass max_ids_per_step."""
         end = start + tf.size(ids)
         fits = tf.debugging.assert_less_equal(
             end,
             self.max_ids_per_step,
-            message=f"SparseEmbedding {self.name}: more ids were read for training in this step than "
-            f"max_ids_per_step={self.max_ids_per_step}: raise it",
+            message=f"SparseEmbedding {self.name}: more ids were read for training "
+            + too_many.format(self.max_ids_per_step),
         )
         with tf.control_dependencies([fits]):
-            positions = tf.range(start, end)
-        reads.append(weakref.ref(ids))  # its graph holds it (held strongly, it would hold the graph)
-        rows = self.table.pull(ids, training=True) + tf.cast(
-            tf.gather(self.pulled_rows, positions), tf.float32
-        )
-        return tf.reshape(rows, tf.concat([tf.shape(flat), [self.dim]], axis=0))
+            return tf.range(start, end)
 
     def _apply_rows_gradient(self, grad, optimizer):
         """The model optimizer applies a step: push the processed gradient of the rows pulled since the last

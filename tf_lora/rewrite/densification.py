@@ -76,7 +76,7 @@ class Table:
     name: str
     dim: int
     checkpoint_keys: dict  # of each saved attribute ("keys", "values", "update_counts", ...)
-    own: set  # the concrete functions it holds: creator, initializer, destroyer, save and restore
+    own: set  # the functions it holds (creator, initializer, destroyer, save, restore) and those they call
 
 
 def densify(model_dir, out_dir, table=None, min_update_count=0, overwrite=False, progress=None):
@@ -256,7 +256,8 @@ def sparse_tables(files):
             name,
             creator.attr["dim"].i,
             checkpoint_keys,
-            reached(objects, [node_id])[1],
+            # Its own functions (save, restore, which may branch) use it as no model does.
+            with_callees(files.functions, reached(objects, [node_id])[1]),
         )
     return found
 
@@ -290,8 +291,7 @@ def table_uses(files, tables):
     pull from the tables, and every other use of them (a push, a training pull, a control-flow op taking the
     handle, any other op; passing the handle on to a called function, or through Identity, is looked
     through, unless that function's argument takes another table from elsewhere)."""
-    # The tables' own functions (their save and restore, which may branch) use them as no model does.
-    own = with_callees(files.functions, set().union(*(t.own for t in tables.values())))
+    own = set().union(*(t.own for t in tables.values()))
     table_args = resource_arguments(files.meta, files.functions, tables)
     sites, others = {}, {}
     for fdef in files.model_functions():

@@ -154,14 +154,8 @@ class ShardGatherer(tf.__internal__.tracking.Trackable):
             f"{type(table).__name__} {table.name!r}: the checkpoint's shard {index} of {count} says it is "
             "another shard"
         )
-        if tf.executing_eagerly():
-            saved = tuple(int(v) for v in tf.convert_to_tensor(layout).numpy())
-            if saved != (index, count):
-                raise ValueError(f"{message} (shard {saved[0]} of {saved[1]})")
-        else:
-            fits = tf.debugging.assert_equal(layout, tf.constant([index, count], tf.int64), message=message)
-            with tf.control_dependencies([fits]):
-                contents = {name: tf.identity(value) for name, value in contents.items()}
+        with tf.control_dependencies(layout_checked(layout, (index, count), message, " ({})")):
+            contents = {name: tf.identity(value) for name, value in contents.items()}
         self._parts[index] = contents
         self._uid = max(getattr(self, "_uid", uid), uid)
         if set(self._parts) != self._indices:
@@ -173,6 +167,17 @@ class ShardGatherer(tf.__internal__.tracking.Trackable):
         for shard in getattr(table, "shards", []):
             shard._update_uid = max(shard._update_uid, self._uid)  # noqa: SLF001
         return table.import_(merged(parts))
+
+
+def layout_checked(layout, expected, message, saved_format):
+    """Checks a saved shard's `layout` (its index and count) against `expected`: eagerly, a ValueError of
+    `message` + `saved_format` filled with "shard k of n" now ([] returned); in a graph, [the assertion]."""
+    if tf.executing_eagerly():
+        saved = tuple(int(v) for v in tf.convert_to_tensor(layout).numpy())
+        if saved != tuple(expected):
+            raise ValueError(message + saved_format.format(f"shard {saved[0]} of {saved[1]}"))
+        return []
+    return [tf.debugging.assert_equal(layout, tf.constant(expected, tf.int64), message=message)]
 
 
 def gatherer_of(shard):

@@ -285,13 +285,7 @@ class _Shard(SparseTable):
             f"ShardedSparseTable: the checkpoint's shard does not fit shard {index} of {count} "
             f"({self.name}): restore the whole table (it then takes any number of shards), not one shard"
         )
-        if tf.executing_eagerly():
-            saved = tuple(int(v) for v in tf.convert_to_tensor(layout).numpy())
-            if saved != self._layout:
-                raise ValueError(f"{message}; saved: shard {saved[0]} of {saved[1]}")
-            return self.import_(restored)
-        fits = tf.debugging.assert_equal(layout, tf.constant(self._layout, tf.int64), message=message)
-        with tf.control_dependencies([fits]):
+        with tf.control_dependencies(resharding.layout_checked(layout, self._layout, message, "; saved: {}")):
             return self.import_(restored)
 
 
